@@ -1,0 +1,21 @@
+"""batchfit: mini-batch training for PyTorch that measures batch size and learning rate.
+
+The public API is everything in ``__all__``; modules not listed here are private.
+"""
+
+from .data.batcher import Batcher
+from .data.sources import ArraySource, DatasetSource
+from .errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, ShardError
+
+__all__ = [
+    "ArraySource",
+    "BatchfitError",
+    "Batcher",
+    "CheckpointError",
+    "DatasetSource",
+    "DistributedError",
+    "NonFiniteLossError",
+    "ShardError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Data: sources of samples, the shard format, the batcher and prefetching."""

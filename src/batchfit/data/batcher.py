@@ -1,0 +1,167 @@
+"""The Batcher: divides a source into mini-batches, epoch after epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..errors import BatchfitError, check_choice, check_positive_int, expected
+from .order import SHUFFLES, epoch_order
+from .prefetch import prefetch_iter
+from .sources import Batch, Source, as_source
+
+
+class Batcher:
+    """Mini-batches of a source, gathered whole by vectorised indexing.
+
+    ``batch_size`` counts the samples of one batch across all ranks; rank ``rank`` of
+    ``world_size`` receives its contiguous share of every batch, so the union over ranks is
+    exactly the batch a single process would see. The order is a pure function of
+    ``(seed, epoch)``. The position inside an epoch is counted in samples, so
+    :meth:`state_dict` / :meth:`load_state_dict` restore it exactly, even when the batch
+    size changes between batches (adaptive batch sizes).
+
+    Iterating yields the batches left in the current epoch and then moves to the next epoch.
+    ``prefetch=k`` gathers up to ``k`` batches ahead in a background thread; ``transform`` is
+    applied to whole batches (vectorised augmentation), in that thread when prefetching.
+    """
+
+    def __init__(
+        self,
+        src: Any,
+        batch_size: int = 64,
+        shuffle: bool | str = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        pin_memory: bool = False,
+        prefetch: int = 0,
+        transform: Callable[[Batch], Batch] | None = None,
+        block_size: int = 4096,
+        window_blocks: int = 8,
+    ) -> None:
+        self.src: Source = as_source(src, "src")
+        self.num_samples = len(self.src)
+        check_choice("shuffle", shuffle, SHUFFLES)
+        if not isinstance(drop_last, bool):
+            raise expected("drop_last", "True or False", drop_last)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise expected("seed", "an integer", seed)
+        check_positive_int("world_size", world_size)
+        check_positive_int("rank", rank, allow_zero=True)
+        if rank >= world_size:
+            raise expected("rank", f"smaller than world_size={world_size}", rank)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world_size = rank, world_size
+        self.pin_memory = pin_memory
+        self.prefetch = check_positive_int("prefetch", prefetch, allow_zero=True)
+        self.transform = transform
+        self.block_size = check_positive_int("block_size", block_size)
+        self.window_blocks = check_positive_int("window_blocks", window_blocks)
+        self.batch_size = batch_size  # validated by the setter
+        self.epoch = 0
+        self.samples_done = 0  # position inside the current epoch
+        self.last_batch_size = 0  # global size of the batch yielded last
+        self._order: torch.Tensor | None = None
+        self._order_epoch = -1
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch across all ranks; may be changed between batches."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        check_positive_int("batch_size", value)
+        if self.drop_last and value > self.num_samples:
+            raise expected(
+                "batch_size",
+                f"at most the number of samples ({self.num_samples}) when drop_last=True",
+                value,
+            )
+        self._batch_size = value
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch at the current batch size."""
+        if self.drop_last:
+            return self.num_samples // self._batch_size
+        return -(-self.num_samples // self._batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning."""
+        self.epoch = check_positive_int("epoch", epoch, allow_zero=True)
+        self.samples_done = 0
+
+    def order(self) -> torch.Tensor:
+        """The sample indices of the current epoch, in the order they are served."""
+        if self._order_epoch != self.epoch:
+            self._order = epoch_order(
+                self.num_samples, self.shuffle, self.seed, self.epoch, self.block_size, self.window_blocks
+            )
+            self._order_epoch = self.epoch
+        assert self._order is not None
+        return self._order
+
+    def rank_slice(self, size: int) -> tuple[int, int]:
+        """The ``[lo, hi)`` offsets of this rank's share of a batch of ``size`` samples."""
+        base, extra = divmod(size, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (self.rank < extra)
+
+    def _plan(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(end position, global size, this rank's indices) for each batch left in the epoch."""
+        order, n = self.order(), self.num_samples
+        position = self.samples_done
+        while position < n:
+            size = min(self._batch_size, n - position)
+            if self.drop_last and size < self._batch_size:
+                break
+            lo, hi = self.rank_slice(size)
+            yield position + size, size, order[position + lo : position + hi]
+            position += size
+
+    def _load(self, plan: tuple[int, int, torch.Tensor]) -> tuple[int, int, Batch]:
+        end, size, indices = plan
+        batch = self.src.gather(indices, self.pin_memory)
+        if self.transform is not None:
+            batch = self.transform(batch)
+        return end, size, batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.samples_done >= self.num_samples:
+            self.set_epoch(self.epoch + 1)
+        loaded = map(self._load, self._plan())
+        if self.prefetch:
+            # Changing batch_size while prefetching takes effect after the queued batches.
+            loaded = prefetch_iter(loaded, self.prefetch)
+        for end, size, batch in loaded:
+            self.samples_done, self.last_batch_size = end, size
+            yield batch
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact position: epoch and samples served in it, plus what fixes the order."""
+        return {
+            "epoch": self.epoch,
+            "samples_done": self.samples_done,
+            "batch_size": self._batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the batcher that produced ``state`` stopped."""
+        for key in ("seed", "shuffle", "num_samples"):
+            if state[key] != getattr(self, key):
+                raise BatchfitError(
+                    f"Batcher state was saved with {key}={state[key]!r}, but this Batcher has "
+                    f"{key}={getattr(self, key)!r}; the sample order would differ."
+                )
+        self.batch_size = state["batch_size"]
+        self.epoch = state["epoch"]
+        self.samples_done = state["samples_done"]

@@ -1,0 +1,104 @@
+"""Background prefetching of batches, and host-to-device copies that overlap compute."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch_iter(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate ``items`` while a daemon thread produces up to ``depth`` of them ahead.
+
+    An exception in the producer is re-raised in the consumer. Stopping early (``break`` or
+    garbage collection of the generator) stops the producer.
+    """
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((True, _DONE))
+        except BaseException as error:  # handed to the consumer
+            slots.put((False, error))
+
+    thread = threading.Thread(target=produce, name="batchfit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = slots.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move a tuple/dict batch to ``device`` (non-blocking), casting floating tensors to ``dtype``."""
+    non_blocking = device.type == "cuda"
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        cast = dtype if (dtype is not None and t.is_floating_point() and t.dtype != dtype) else None
+        return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+    if isinstance(batch, dict):
+        return {k: move(v) for k, v in batch.items()}
+    return tuple(move(t) for t in batch)
+
+
+def device_prefetch(batches: Iterable[Any], device: torch.device, dtype: torch.dtype | None = None) -> Iterator[Any]:
+    """Yield batches already on ``device``, copying the next one while the current computes.
+
+    On CUDA the copy of batch k+1 is issued on a side stream before batch k is handed out,
+    and the compute stream waits on it only when k+1 is used, so copies overlap compute with
+    no host synchronisation. Elsewhere this is a plain ``to_device``.
+    """
+    if device.type != "cuda":
+        for batch in batches:
+            yield to_device(batch, device, dtype)
+        return
+    stream = torch.cuda.Stream(device=device)
+    iterator = iter(batches)
+
+    def issue() -> tuple[Any, torch.cuda.Event] | None:
+        try:
+            host = next(iterator)
+        except StopIteration:
+            return None
+        with torch.cuda.stream(stream):
+            moved = to_device(host, device, dtype)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return moved, ready
+
+    pending = issue()
+    while pending is not None:
+        moved, ready = pending
+        torch.cuda.current_stream(device).wait_event(ready)
+        for t in moved.values() if isinstance(moved, dict) else moved:
+            if isinstance(t, torch.Tensor):
+                # The tensor was allocated on the side stream; tell the allocator that the
+                # compute stream uses it so its memory is not reused too early.
+                t.record_stream(torch.cuda.current_stream(device))
+        pending = issue()
+        yield moved

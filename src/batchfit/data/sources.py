@@ -1,0 +1,174 @@
+"""Sources hold samples and hand out whole batches of them.
+
+A source is anything with ``len(src)`` (number of samples), ``src.names`` (``None`` for
+tuple batches, a tuple of names for dict batches) and ``src.gather(indices)``, which returns
+the batch for a 1-D ``int64`` tensor of sample indices as a tuple or dict of tensors.
+Gathering is one vectorised indexing call per array, never one Python call per sample.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, Union, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..errors import BatchfitError, expected
+
+Batch = Union[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What a :class:`~batchfit.Batcher` needs from its data."""
+
+    names: tuple[str, ...] | None
+
+    def __len__(self) -> int: ...
+
+    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch: ...
+
+
+def _as_tensor(name: str, array: Any) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        tensor = array
+    elif isinstance(array, np.ndarray):
+        if array.dtype == object:
+            raise expected(name, "a numeric array", f"an array of dtype {array.dtype}")
+        # from_numpy shares memory (also of read-only memory maps, which batchfit never
+        # writes to); only non-contiguous arrays are copied.
+        array = np.ascontiguousarray(array)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            tensor = torch.from_numpy(array)
+    elif isinstance(array, (list, tuple)):
+        tensor = torch.as_tensor(np.asarray(array))
+    else:
+        raise expected(name, "a numpy array or a torch tensor", type(array).__name__)
+    if tensor.dim() == 0:
+        raise expected(name, "an array whose first dimension counts samples", "a 0-d scalar")
+    if tensor.device.type != "cpu":
+        raise expected(name, "an array in host memory", f"a tensor on {tensor.device}")
+    return tensor.contiguous()
+
+
+class ArraySource:
+    """Aligned arrays in memory whose first dimension counts samples.
+
+    ``ArraySource(x, y)`` gives tuple batches ``(x, y)``; ``ArraySource(x=..., y=...)`` gives
+    dict batches. Numpy arrays are shared, not copied, when they are C-contiguous.
+    """
+
+    def __init__(self, *arrays: Any, **named: Any) -> None:
+        if arrays and named:
+            raise BatchfitError(
+                "`ArraySource` takes either positional arrays or named arrays, not both. "
+                f"Received: {len(arrays)} positional and names {sorted(named)}"
+            )
+        if not arrays and not named:
+            raise expected("arrays", "at least one array", "none")
+        if named:
+            self.names: tuple[str, ...] | None = tuple(named)
+            items = list(named.items())
+        else:
+            self.names = None
+            items = [(f"arrays[{i}]", a) for i, a in enumerate(arrays)]
+        self.tensors = tuple(_as_tensor(name, a) for name, a in items)
+        lengths = {name: t.shape[0] for (name, _), t in zip(items, self.tensors)}
+        if len(set(lengths.values())) > 1:
+            raise BatchfitError(
+                "All arrays of a source must have the same number of samples (first dimension). "
+                f"Received lengths: {lengths}"
+            )
+        self._len = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{tuple(t.shape)}:{t.dtype}" for t in self.tensors)
+        return f"ArraySource({shapes})"
+
+    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch:
+        """The batch of the samples at ``indices`` (1-D int64), each array gathered at once.
+
+        Outputs are fresh tensors from PyTorch's allocator (pinned when asked), so a batch a
+        caller still holds is never overwritten; the allocator recycles freed buffers.
+        """
+        out = []
+        for t in self.tensors:
+            buf = torch.empty((indices.shape[0],) + t.shape[1:], dtype=t.dtype, pin_memory=pin_memory)
+            torch.index_select(t, 0, indices, out=buf)
+            out.append(buf)
+        return pack(self.names, out)
+
+
+class DatasetSource:
+    """A map-style ``torch.utils.data.Dataset`` seen as a source.
+
+    Uses the dataset's ``__getitems__`` when it has one (one call per batch); otherwise it
+    falls back to one ``dataset[i]`` per sample and stacks them, which is as slow as a
+    ``DataLoader``. Samples must be tuples, dicts or single tensors/arrays.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise expected("dataset", "a map-style Dataset (with __getitem__ and __len__)", type(dataset).__name__)
+        self.dataset = dataset
+        first = dataset[0] if len(dataset) else None
+        self.names = tuple(first) if isinstance(first, Mapping) else None
+        self._single = first is not None and not isinstance(first, (Mapping, tuple, list))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch:
+        """The batch at ``indices``, collated with ``torch.utils.data.default_collate``."""
+        index_list = indices.tolist()
+        getitems = getattr(self.dataset, "__getitems__", None)
+        samples = getitems(index_list) if getitems is not None else [self.dataset[i] for i in index_list]
+        if isinstance(samples, (tuple, Mapping)) and not isinstance(samples, list):
+            batch = samples  # __getitems__ already returned a collated batch
+        else:
+            batch = torch.utils.data.default_collate(samples)
+        if self._single:
+            batch = (batch,)
+        tensors = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+        tensors = [torch.as_tensor(t) for t in tensors]
+        if pin_memory:
+            tensors = [t.pin_memory() for t in tensors]
+        return pack(self.names, tensors)
+
+
+def pack(names: tuple[str, ...] | None, tensors: Sequence[torch.Tensor]) -> Batch:
+    """A tuple batch, or a dict batch when the source has names."""
+    if names is None:
+        return tuple(tensors)
+    return dict(zip(names, tensors))
+
+
+def as_source(data: Any, name: str = "data") -> Source:
+    """Turn what users pass as training data into a source.
+
+    Accepts a source, a tuple/list of arrays, a dict of arrays, or a map-style ``Dataset``.
+    """
+    if isinstance(data, (ArraySource, DatasetSource)) or (
+        hasattr(data, "gather") and hasattr(data, "names") and hasattr(data, "__len__")
+    ):
+        source = data
+    elif isinstance(data, (tuple, list)) and data and all(isinstance(a, (np.ndarray, torch.Tensor)) for a in data):
+        source = ArraySource(*data)
+    elif isinstance(data, Mapping) and data:
+        source = ArraySource(**data)
+    elif isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        if isinstance(data, (np.ndarray, torch.Tensor)):
+            source = ArraySource(data)
+        else:
+            source = DatasetSource(data)
+    else:
+        raise expected(name, "a source, a tuple of arrays, a dict of arrays or a map-style Dataset", type(data).__name__)
+    if len(source) == 0:
+        raise expected(name, "at least one sample", "an empty source (0 samples)")
+    return source

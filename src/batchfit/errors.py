@@ -1,0 +1,63 @@
+"""Errors raised by batchfit.
+
+Every error is a ``ValueError`` so that code written against plain argument checks keeps
+working::
+
+    ValueError
+    └── BatchfitError            any refused input or broken promise of batchfit
+        ├── ShardError           a shard folder that is missing, corrupt or of unknown format
+        ├── CheckpointError      a checkpoint that cannot be read or does not fit the run
+        ├── NonFiniteLossError   a NaN or infinite loss (names the step and epoch)
+        └── DistributedError     another rank failed or stopped answering
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BatchfitError(ValueError):
+    """Base class of batchfit's errors."""
+
+
+class ShardError(BatchfitError):
+    """A shard folder or file is missing, truncated, corrupt or of an unknown format."""
+
+
+class CheckpointError(BatchfitError):
+    """A checkpoint cannot be read, or was written by a run that does not match."""
+
+
+class NonFiniteLossError(BatchfitError):
+    """The loss of a step was NaN or infinite."""
+
+    def __init__(self, message: str, *, step: int, epoch: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.epoch = epoch
+
+
+class DistributedError(BatchfitError):
+    """A rank of a distributed run failed, so every rank stops."""
+
+
+def expected(name: str, what: str, received: Any) -> BatchfitError:
+    """The standard refusal: names the argument, what was expected and what was received."""
+    return BatchfitError(f"`{name}` must be {what}. Received: {name}={received!r}")
+
+
+def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    """Return ``value`` if it is a (non-bool) positive integer, else raise naming ``name``."""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a non-negative integer" if allow_zero else "a positive integer"
+        raise expected(name, what, value)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    """Return ``value`` if it is one of ``choices``, else raise naming ``name``."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise expected(name, f"one of {options}", value)
+    return value

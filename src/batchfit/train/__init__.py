@@ -1,0 +1,1 @@
+"""Training: the trainer, one step, checkpoints, callbacks and history."""
