@@ -131,16 +131,26 @@ class Batcher:
             batch = self.transform(batch)
         return end, size, batch
 
-    def __iter__(self) -> Iterator[Batch]:
-        if self.samples_done >= self.num_samples:
-            self.set_epoch(self.epoch + 1)
-        loaded = map(self._load, self._plan())
+    @property
+    def epoch_done(self) -> bool:
+        """Whether no batch is left in the current epoch (``drop_last`` may leave a remainder)."""
+        left = self.num_samples - self.samples_done
+        return left == 0 or (self.drop_last and left < self._batch_size)
+
+    def remaining(self) -> Iterator[Batch]:
+        """The batches left in the current epoch, without moving to the next epoch afterwards."""
+        loaded: Iterator[tuple[int, int, Batch]] = map(self._load, self._plan())
         if self.prefetch:
             # Changing batch_size while prefetching takes effect after the queued batches.
             loaded = prefetch_iter(loaded, self.prefetch)
         for end, size, batch in loaded:
             self.samples_done, self.last_batch_size = end, size
             yield batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.epoch_done:
+            self.set_epoch(self.epoch + 1)
+        yield from self.remaining()
         self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,109 @@
+"""Callbacks: hooks into fit with no-op defaults, and the built-in early stopping."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from ..errors import check_choice, check_positive_int, expected
+
+if TYPE_CHECKING:
+    from .history import History
+    from .trainer import Trainer
+
+logger = logging.getLogger("batchfit")
+
+HOOKS = ("on_fit_begin", "on_fit_end", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_step_end")
+
+
+class Callback:
+    """Override any hook; the others cost nothing (the trainer only calls overridden hooks).
+
+    Set ``trainer.stop_training = True`` from a hook to end ``fit`` after the current step.
+    """
+
+    def on_fit_begin(self, trainer: Trainer) -> None:
+        """Called once before the first step."""
+
+    def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        """Called once after the last step (also when stopped early)."""
+
+    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+        """Called before the first step of each epoch."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+        """Called after each epoch with its record (train loss, validation metrics)."""
+
+    def on_step_begin(self, trainer: Trainer, step: int) -> None:
+        """Called before each step (``step`` counts completed steps so far)."""
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """Called after each step with its record (step, epoch, samples, batch_size, loss, lr, seconds)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to keep in checkpoints (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def overriding(callbacks: list[Callback], hook: str) -> list[Any]:
+    """The bound ``hook`` methods of the callbacks that override it."""
+    return [getattr(cb, hook) for cb in callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]
+
+
+class EarlyStopping(Callback):
+    """Stop when an epoch metric has not improved for ``patience`` epochs.
+
+    ``monitor`` names a key of the epoch record (``"val_loss"``, ``"val_accuracy"``, ``"loss"``);
+    ``mode="auto"`` maximises names containing "acc" and minimises the rest. With
+    ``restore_best=True`` the model gets back the weights of its best epoch at the end.
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 3, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best: bool = True) -> None:
+        self.monitor = monitor
+        self.patience = check_positive_int("patience", patience, allow_zero=True)
+        if not isinstance(min_delta, (int, float)) or min_delta < 0:
+            raise expected("min_delta", "a non-negative number", min_delta)
+        self.min_delta = float(min_delta)
+        check_choice("mode", mode, ("auto", "min", "max"))
+        self.maximize = ("acc" in monitor) if mode == "auto" else mode == "max"
+        self.restore_best = restore_best
+        self.best = -math.inf if self.maximize else math.inf
+        self.bad_epochs = 0
+        self.best_epoch: int | None = None
+        self._best_weights: dict[str, Any] | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.maximize:
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+        if self.monitor not in record:
+            raise expected("monitor", f"a key of the epoch record {sorted(record)}", self.monitor)
+        value = float(record[self.monitor])
+        if self._improved(value):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            if self.restore_best:
+                self._best_weights = copy.deepcopy(trainer.module.state_dict())
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            logger.info("early stopping: %s has not improved on %.4g (epoch %s) for %d epochs",
+                        self.monitor, self.best, self.best_epoch, self.bad_epochs)
+            trainer.stop_training = True
+
+    def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        if self.restore_best and self._best_weights is not None and self.bad_epochs:
+            trainer.module.load_state_dict(self._best_weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_epochs, self.best_epoch = state["best"], state["bad_epochs"], state["best_epoch"]

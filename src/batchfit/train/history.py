@@ -1,0 +1,126 @@
+"""History: one record per step and one per epoch, kept as columns."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+STEP_FIELDS = ("step", "epoch", "samples", "batch_size", "loss", "lr", "seconds")
+
+
+class History:
+    """What happened during :meth:`Trainer.fit`.
+
+    ``steps`` is a list of per-step records (step, epoch, samples seen, batch size, loss, lr,
+    seconds since the start of training, plus any extra per-step columns such as the noise
+    scale); ``epochs`` is a list of per-epoch records (train loss and validation metrics).
+    Losses may be held as device tensors while training runs so that no step waits for the
+    device; they are read back in bulk when the history is looked at.
+    """
+
+    def __init__(self) -> None:
+        self._columns: dict[str, list[Any]] = {name: [] for name in STEP_FIELDS}
+        self._pending_from = 0  # losses before this index are already floats
+        self.epochs: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # decisions such as batch-size changes
+
+    def __len__(self) -> int:
+        return len(self._columns["step"])
+
+    def add_step(self, step: int, epoch: int, samples: int, batch_size: int, loss: Any, lr: float,
+                 seconds: float, **extra: Any) -> None:
+        """Append one step's record; ``loss`` may be a float or a 0-d tensor."""
+        columns = self._columns
+        columns["step"].append(step)
+        columns["epoch"].append(epoch)
+        columns["samples"].append(samples)
+        columns["batch_size"].append(batch_size)
+        columns["loss"].append(loss)
+        columns["lr"].append(lr)
+        columns["seconds"].append(seconds)
+        for name, value in extra.items():
+            column = columns.setdefault(name, [math.nan] * (len(columns["step"]) - 1))
+            column.append(value)
+        if extra or len(columns) > len(STEP_FIELDS):
+            for column in columns.values():
+                if len(column) < len(columns["step"]):
+                    column.append(math.nan)
+
+    def losses(self) -> list[float]:
+        """Every step's loss as floats (reads pending device values back in one transfer)."""
+        losses = self._columns["loss"]
+        pending = losses[self._pending_from :]
+        if any(isinstance(v, torch.Tensor) for v in pending):
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device="cpu")
+                                  if not isinstance(v, torch.Tensor) else v.float().reshape(()).cpu()
+                                  for v in pending]).tolist()
+            losses[self._pending_from :] = values
+        self._pending_from = len(losses)
+        return losses
+
+    def column(self, name: str) -> list[Any]:
+        """One per-step column by name."""
+        if name == "loss":
+            return self.losses()
+        return self._columns[name]
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        """Per-step records as dicts."""
+        self.losses()
+        names = list(self._columns)
+        return [dict(zip(names, row)) for row in zip(*(self._columns[n] for n in names))]
+
+    def mean_loss(self, epoch: int) -> float:
+        """Mean training loss over the steps of ``epoch`` (NaN when it has none)."""
+        values = [v for v, e in zip(self.losses(), self._columns["epoch"]) if e == epoch]
+        return sum(values) / len(values) if values else math.nan
+
+    def add_event(self, **event: Any) -> None:
+        """Record a decision made during training (for example a batch-size change)."""
+        self.events.append(event)
+
+    def to_csv(self, path: str | os.PathLike[str], epochs_path: str | os.PathLike[str] | None = None) -> None:
+        """Write the per-step records to ``path`` (and per-epoch records to ``epochs_path``)."""
+        _write_csv(path, self.steps, list(self._columns))
+        if epochs_path is not None and self.epochs:
+            names = sorted({k for record in self.epochs for k in record}, key=_epoch_key_order)
+            _write_csv(epochs_path, self.epochs, names)
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Write a PNG of loss against step and samples seen, the lr, and validation metrics."""
+        from .plots import plot_history
+
+        plot_history(self, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists, safe for ``torch.load(weights_only=True)``."""
+        self.losses()
+        return {"columns": {k: list(v) for k, v in self._columns.items()}, "epochs": list(self.epochs),
+                "events": list(self.events)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore records saved by :meth:`state_dict`."""
+        self._columns = {k: list(v) for k, v in state["columns"].items()}
+        self._pending_from = len(self._columns["loss"])
+        self.epochs = list(state["epochs"])
+        self.events = list(state["events"])
+
+
+def _epoch_key_order(key: str) -> tuple[int, str]:
+    first = ("epoch", "loss", "seconds", "steps", "samples")
+    return (first.index(key), key) if key in first else (len(first), key)
+
+
+def _write_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(names), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

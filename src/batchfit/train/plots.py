@@ -1,0 +1,81 @@
+"""Training curves as a PNG (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .history import History
+
+
+def new_figure(rows: int, cols: int, size: tuple[float, float]):  # type: ignore[no-untyped-def]
+    """A figure on the Agg backend, so plotting works without a screen."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+
+
+def save_figure(fig, path: str | os.PathLike[str]) -> None:  # type: ignore[no-untyped-def]
+    """Save atomically (temporary file, then rename) and close."""
+    import matplotlib.pyplot as plt
+
+    tmp = f"{os.fspath(path)}.tmp.png"
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_history(history: History, path: str | os.PathLike[str]) -> None:
+    """Loss vs step and vs samples seen, lr and batch size vs step, validation metrics vs epoch."""
+    fig, axes = new_figure(2, 2, (11, 7))
+    steps, samples = history.column("step"), history.column("samples")
+    losses = history.losses()
+    (ax_step, ax_samples), (ax_lr, ax_val) = axes
+    ax_step.plot(steps, losses, lw=0.8, alpha=0.5, label="step loss")
+    ax_step.plot(steps, _smooth(losses), lw=1.5, label="smoothed")
+    ax_step.set(xlabel="step", ylabel="training loss", title="loss vs step")
+    ax_step.legend()
+    ax_samples.plot(samples, _smooth(losses), lw=1.5)
+    ax_samples.set(xlabel="samples seen", ylabel="training loss (smoothed)", title="loss vs samples seen")
+    ax_lr.plot(steps, history.column("lr"), color="tab:green", label="lr")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate and batch size")
+    ax_batch = ax_lr.twinx()
+    ax_batch.plot(steps, history.column("batch_size"), color="tab:purple", lw=1, label="batch size")
+    ax_batch.set_ylabel("batch size")
+    if "noise_scale" in history._columns:
+        ax_batch.plot(steps, history.column("noise_scale"), color="tab:orange", lw=1, alpha=0.7,
+                      label="noise scale B_simple")
+        ax_batch.legend(loc="upper left")
+    _plot_epochs(ax_val, history)
+    save_figure(fig, path)
+
+
+def _plot_epochs(ax, history: History) -> None:  # type: ignore[no-untyped-def]
+    epochs = history.epochs
+    ax.set(xlabel="epoch", title="per epoch")
+    if not epochs:
+        ax.text(0.5, 0.5, "no completed epoch", ha="center", va="center", transform=ax.transAxes)
+        return
+    x = [record["epoch"] for record in epochs]
+    ax.plot(x, [record.get("loss", math.nan) for record in epochs], marker="o", label="train loss")
+    metric_names = sorted({k for record in epochs for k in record if k.startswith("val_")})
+    for name in metric_names:
+        ax.plot(x, [record.get(name, math.nan) for record in epochs], marker="o", label=name)
+    ax.legend()
+
+
+def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average, skipping non-finite values."""
+    out, average, weight = [], 0.0, 0.0
+    for value in values:
+        if math.isfinite(value):
+            average = beta * average + (1 - beta) * value
+            weight = beta * weight + (1 - beta)
+        out.append(average / weight if weight else math.nan)
+    return out

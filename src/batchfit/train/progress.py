@@ -1,0 +1,55 @@
+"""A per-epoch progress bar that is refreshed by wall time, not by step."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class Progress:
+    """tqdm bar with batches done/total, samples/s, running loss and lr.
+
+    The trainer calls :meth:`due` (one float comparison) every step and :meth:`refresh` only
+    when it returns True, so the bar costs nothing measurable per step.
+    """
+
+    def __init__(self, enabled: bool, interval: float = 0.25) -> None:
+        self.enabled = enabled
+        self.interval = interval
+        self.next_refresh = float("inf")
+        self._bar: Any = None
+        self._shown = 0
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, already: int, now: float) -> None:
+        """Open the bar of one epoch (``already`` batches done when resuming)."""
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=already, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                         file=sys.stderr, dynamic_ncols=True, leave=True, mininterval=0)
+        self._shown = already
+        self.next_refresh = now + self.interval
+
+    def due(self, now: float) -> bool:
+        """Whether a refresh is due (cheap; called every step)."""
+        return now >= self.next_refresh
+
+    def refresh(self, now: float, batches_done: int, samples_per_s: float, loss: float, lr: float) -> None:
+        """Show the state at ``batches_done`` batches into the epoch."""
+        if self._bar is None:
+            return
+        self._bar.set_postfix_str(f"loss={loss:.4g} lr={lr:.3g} {samples_per_s:,.0f} samples/s", refresh=False)
+        self._bar.update(batches_done - self._shown)
+        self._shown = batches_done
+        self.next_refresh = now + self.interval
+
+    def end_epoch(self, summary: str) -> None:
+        """Close the bar, leaving ``summary`` on it."""
+        if self._bar is None:
+            return
+        self._bar.set_postfix_str(summary, refresh=False)
+        self._bar.update(self._bar.total - self._shown if self._bar.total else 0)
+        self._bar.close()
+        self._bar = None
+        self.next_refresh = float("inf")

@@ -1,0 +1,130 @@
+"""One training step, in the order of the algorithm.
+
+For each micro-batch: forward, loss weighted by the micro-batch's share of the whole batch
+(so the gradient is that of the mean over the batch, never a mean of micro-batch means),
+backward — with gradient sync across ranks only on the last micro-batch. Then the caller
+checks the loss, and :meth:`StepRunner.update` unscales, clips, steps and zeroes the grads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..data.sources import Batch
+from .batch import LossFn, batch_len, forward_loss, micro_batches
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+class StepRunner:
+    """Runs steps for one model/optimizer pair with a fixed precision and micro-batch size.
+
+    ``model`` is what is called (a DDP wrapper in a distributed run); ``world_size`` scales
+    the loss because DDP averages gradients over ranks while batchfit wants the mean over
+    all samples of the batch. ``loss_count(micro_batch)`` (optional) counts loss terms, e.g.
+    tokens, when the loss is a mean over tokens rather than samples.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer,
+                 micro_batch_size: int | None, device: torch.device, precision: str,
+                 max_grad_norm: float | None, world_size: int = 1,
+                 loss_count: Callable[[Batch], Any] | None = None,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.world_size = world_size
+        self.loss_count = loss_count
+        self.all_reduce = all_reduce
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast_dtype, self.device_type = dtype, device.type
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.micro_grad_sq: list[float] = []  # filled only when track_micro_norms is on
+        self.track_micro_norms = False
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return _NO_CONTEXT
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def accumulate(self, batch: Batch, global_size: int) -> torch.Tensor:
+        """Forward and backward over every micro-batch; returns this rank's share of the batch loss.
+
+        The shares of all ranks sum to the mean loss of the whole batch.
+        """
+        if self.loss_count is None and self.world_size == 1 and self.micro_batch_size is None \
+                and not self.track_micro_norms:
+            # The common case, kept as short as a hand-written loop.
+            with self._autocast():
+                loss, _ = forward_loss(self.model, self.loss_fn, batch)
+            self._backward(loss * (batch_len(batch) / global_size) if batch_len(batch) != global_size else loss)
+            return loss.detach()
+        pieces = list(micro_batches(batch, self.micro_batch_size))
+        counts, total = self._counts(pieces, global_size)
+        share = None
+        for index, ((micro, _), count) in enumerate(zip(pieces, counts)):
+            last = index == len(pieces) - 1
+            sync = _NO_CONTEXT if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, _ = forward_loss(self.model, self.loss_fn, micro)
+                weight = count / total
+                self._backward(loss * (weight * self.world_size))
+                if self.track_micro_norms:
+                    # Squared norm of this micro-batch's own mean gradient.
+                    self.micro_grad_sq.append(self._grad_sq_delta() / (weight * self.world_size) ** 2)
+            part = loss.detach() * weight
+            share = part if share is None else share + part
+        assert share is not None
+        return share
+
+    def _counts(self, pieces: list[tuple[Batch, int]], global_size: int) -> tuple[list[Any], Any]:
+        if self.loss_count is None:
+            return [size for _, size in pieces], global_size
+        counts = [self.loss_count(micro) for micro, _ in pieces]
+        total = torch.as_tensor(sum(counts), dtype=torch.float64)
+        if self.all_reduce is not None and self.world_size > 1:
+            total = self.all_reduce(total.to(self.params[0].device)).cpu()
+        return counts, float(total)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _grad_sq_delta(self) -> float:
+        """Squared norm of the gradient added by the last micro-batch (for the noise scale)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        previous = getattr(self, "_previous_sq_grads", None)
+        self._previous_sq_grads = [g.detach().clone() for g in grads]
+        if previous is None:
+            return float(total)
+        delta = torch.stack([(g.detach().float() - p.float()).pow(2).sum() for g, p in zip(grads, previous)]).sum()
+        return float(delta)
+
+    def update(self) -> torch.Tensor | None:
+        """Unscale, clip (returns the gradient norm when clipping), step, zero the grads."""
+        norm = None
+        if self.max_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.skip()
+        return norm
+
+    def skip(self) -> None:
+        """Drop the accumulated gradients without updating."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._previous_sq_grads = None

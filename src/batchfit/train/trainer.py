@@ -1,0 +1,588 @@
+"""The Trainer: the mini-batch loop, from data to updated weights, epoch after epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..data.batcher import Batcher
+from ..data.prefetch import device_prefetch
+from ..data.sources import Batch, Source, as_source
+from ..errors import (
+    BatchfitError,
+    CheckpointError,
+    NonFiniteLossError,
+    check_choice,
+    check_positive_int,
+    expected,
+)
+from . import checkpoint as ckpt
+from .batch import LossFn, batch_len, forward, loss_of, target_of
+from .callbacks import Callback, overriding
+from .history import History
+from .metrics import Metric, MetricSums, correct_count, is_classification
+from .progress import Progress
+from .step import StepRunner
+
+logger = logging.getLogger("batchfit")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ON_NAN = ("raise", "skip", "rollback")
+LR_RULES = (None, "linear", "sqrt")
+BATCH_MODES = ("full", "auto", "adaptive")
+# Settings that must match for a checkpoint to be resumed.
+RESUME_KEYS = ("batch_size", "shuffle", "drop_last", "seed", "num_samples")
+
+
+@dataclass
+class _Settings:
+    """The resolved configuration of a run, saved inside every checkpoint."""
+
+    batch_size: int | str
+    micro_batch_size: int | str | None
+    shuffle: bool | str
+    drop_last: bool
+    lr_scaling: str | None
+    base_batch_size: int | None
+    warmup_steps: int
+    precision: str
+    max_grad_norm: float | None
+    on_nan: str
+    checkpoint_every: int | None
+    keep_checkpoints: int
+    seed: int
+
+
+class Trainer:
+    """Trains ``model`` with ``optimizer`` on mini-batches; ``batch_size`` means samples per update.
+
+    ``batch_size`` is an int, ``"full"`` (gradient descent over the whole dataset each step),
+    ``"auto"`` (measured at the start) or ``"adaptive"`` (grows with the gradient noise scale).
+    ``micro_batch_size`` splits each batch for memory (gradient accumulation); the update is
+    the same for every split. See the README for every option.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn | None,
+        optimizer: torch.optim.Optimizer,
+        *,
+        batch_size: int | str = 64,
+        micro_batch_size: int | str | None = None,
+        shuffle: bool | str = True,
+        drop_last: bool = False,
+        lr_scaling: str | None = None,
+        base_batch_size: int | None = None,
+        warmup_steps: int = 0,
+        lr_schedule: Callable[[int], float] | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        max_grad_norm: float | None = None,
+        on_nan: str = "raise",
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int = 3,
+        callbacks: Sequence[Callback] = (),
+        metrics: dict[str, Metric] | None = None,
+        loss_count: Callable[[Batch], Any] | None = None,
+        eval_batch_size: int | None = None,
+        prefetch: int = 0,
+        transform: Callable[[Batch], Batch] | None = None,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise expected("model", "a torch.nn.Module", type(model).__name__)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise expected("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__)
+        if loss_fn is not None and not callable(loss_fn):
+            raise expected("loss_fn", "a callable (output, target) -> loss, or None", loss_fn)
+        _check_batch_size(batch_size)
+        if micro_batch_size is not None and micro_batch_size != "auto":
+            check_positive_int("micro_batch_size", micro_batch_size)
+            if isinstance(batch_size, int) and micro_batch_size > batch_size:
+                raise expected("micro_batch_size", f"at most batch_size={batch_size}", micro_batch_size)
+        check_choice("lr_scaling", lr_scaling, LR_RULES)
+        if lr_scaling is not None:
+            if base_batch_size is None:
+                raise expected("base_batch_size", "the batch size the optimizer's lr was tuned for "
+                               "(required with lr_scaling)", base_batch_size)
+        if base_batch_size is not None:
+            check_positive_int("base_batch_size", base_batch_size)
+        check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
+        check_choice("precision", precision, PRECISIONS)
+        check_choice("on_nan", on_nan, ON_NAN)
+        if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0):
+            raise expected("max_grad_norm", "a positive number or None", max_grad_norm)
+        if checkpoint_every is not None:
+            check_positive_int("checkpoint_every", checkpoint_every)
+            if checkpoint_dir is None:
+                raise expected("checkpoint_dir", "a folder when checkpoint_every is set", None)
+        if on_nan == "rollback" and checkpoint_dir is None:
+            raise expected("checkpoint_dir", "a folder when on_nan='rollback'", None)
+        check_positive_int("keep_checkpoints", keep_checkpoints)
+        if eval_batch_size is not None:
+            check_positive_int("eval_batch_size", eval_batch_size)
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise expected("callbacks", "a sequence of batchfit Callback objects", type(cb).__name__)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise expected("seed", "an integer", seed)
+
+        self.device = resolve_device(device)
+        self.dist = distributed.setup(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.module = model.to(self.device)
+        self.model: torch.nn.Module = self.module
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)
+        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self.settings = _Settings(batch_size, micro_batch_size, shuffle, drop_last, lr_scaling, base_batch_size,
+                                  warmup_steps, precision, None if max_grad_norm is None else float(max_grad_norm),
+                                  on_nan, checkpoint_every, keep_checkpoints, seed)
+        self.lr_schedule = lr_schedule
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.callbacks = list(callbacks)
+        self.metrics = dict(metrics or {})
+        self.loss_count = loss_count
+        self.eval_batch_size = eval_batch_size
+        self.prefetch = check_positive_int("prefetch", prefetch, allow_zero=True)
+        self.transform = transform
+        self.progress = bool(progress) and self.dist.is_main
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.param_dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
+
+        self.history = History()
+        self.step = 0  # completed weight updates
+        self.samples_seen = 0
+        self.skipped_steps = 0
+        self.stop_training = False
+        self.batcher: Batcher | None = None
+        self.runner: StepRunner | None = None
+        self._elapsed_before = 0.0
+        self._lr_factor = math.nan
+        self._lr_now = math.nan
+        self._checked = 0  # steps whose losses have been checked for NaN
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool = False) -> History:
+        """Train for ``epochs`` epochs (counted from the start of the run) and return the history.
+
+        ``train``/``val`` are sources, tuples of arrays or map-style datasets. With
+        ``resume=True`` training continues from the newest readable checkpoint in
+        ``checkpoint_dir`` (or starts fresh when there is none); the result is the same as a
+        run that was never interrupted.
+        """
+        check_positive_int("epochs", epochs, allow_zero=True)
+        if resume and self.checkpoint_dir is None:
+            raise expected("checkpoint_dir", "a folder when resume=True", None)
+        src = as_source(train, "train")
+        val_src = None if val is None else as_source(val, "val")
+        self._prepare(src)
+        assert self.batcher is not None
+        if resume:
+            self._resume()
+        with self._signal_handlers():
+            self._run(epochs, val_src)
+        return self.history
+
+    def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, float]:
+        """Mean loss over ``data`` (and accuracy for class-index targets, and user metrics)."""
+        src = as_source(data, "data")
+        sums = MetricSums()
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for batch in self._eval_batches(src, batch_size):
+                    with self._autocast():
+                        output = forward(self.model, batch)
+                        loss = loss_of(output, batch, self.loss_fn)
+                    n = batch_len(batch)
+                    sums.add("loss", loss, n)
+                    target = target_of(batch)
+                    if is_classification(output, target):
+                        assert target is not None
+                        sums.add_correct(correct_count(output, target), n)
+                    for name, metric in self.metrics.items():
+                        sums.add(name, metric(output, target), n)
+                    sums.count += n
+        finally:
+            self.module.train(was_training)
+        return sums.result()
+
+    def predict(self, data: Any, batch_size: int | None = None) -> torch.Tensor:
+        """Model outputs for every sample of ``data`` in order, concatenated on the CPU."""
+        src = as_source(data, "data")
+        outputs = []
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for batch in self._eval_batches(src, batch_size):
+                    with self._autocast():
+                        output = forward(self.model, batch)
+                    outputs.append(getattr(output, "logits", output).float().cpu())
+        finally:
+            self.module.train(was_training)
+        return torch.cat(outputs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: weights, optimizer, position, RNGs, history, config."""
+        assert self.batcher is not None and self.runner is not None
+        state = {
+            "format": 1,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.runner.scaler.state_dict() if self.runner.scaler is not None else None,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
+            "batcher": self.batcher.state_dict(),
+            "rng": ckpt.rng_state(),
+            "history": self.history.state_dict(),
+            "elapsed": self._elapsed(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "config": self._config(),
+            "world_size": self.dist.world_size,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` (the trainer must be prepared for the same data)."""
+        assert self.batcher is not None and self.runner is not None
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.runner.scaler is not None and state["scaler"] is not None:
+            self.runner.scaler.load_state_dict(state["scaler"])
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.skipped_steps = state["skipped_steps"]
+        self.batcher.load_state_dict(state["batcher"])
+        self.history.load_state_dict(state["history"])
+        self._checked = len(self.history)
+        self._elapsed_before = state["elapsed"]
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cb_state)
+        ckpt.set_rng_state(state["rng"])
+        self._lr_factor = math.nan  # re-applied before the next step
+
+    def save_checkpoint(self) -> str | None:
+        """Write a checkpoint now (rank 0 only); returns its path."""
+        if self.checkpoint_dir is None:
+            raise expected("checkpoint_dir", "a folder to save checkpoints in", None)
+        self._check_losses()
+        state = self.state_dict()
+        if not self.dist.is_main:
+            return None
+        path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.step, self.settings.keep_checkpoints)
+        return os.fspath(path)
+
+    # ------------------------------------------------------------------ setup
+    def _prepare(self, src: Source) -> None:
+        batch_size = self._resolve_batch_size(src)
+        micro = self.settings.micro_batch_size
+        if micro == "auto":
+            micro = self._auto_micro_batch_size(src, batch_size)
+        elif isinstance(micro, int) and micro >= batch_size:
+            micro = None
+        self.batcher = Batcher(src, batch_size, self.settings.shuffle, self.settings.drop_last, self.settings.seed,
+                               self.dist.rank, self.dist.world_size, pin_memory=self.device.type == "cuda",
+                               prefetch=self.prefetch, transform=self.transform)
+        self.runner = StepRunner(self.model, self.loss_fn, self.optimizer, micro, self.device,
+                                 self.settings.precision, self.settings.max_grad_norm, self.dist.world_size,
+                                 self.loss_count, self.dist.all_reduce_sum)
+        self.resolved_micro_batch_size = micro
+
+    def _resolve_batch_size(self, src: Source) -> int:
+        batch_size = self.settings.batch_size
+        if batch_size == "full":
+            return len(src)
+        if batch_size in ("auto", "adaptive"):
+            from ..tune.auto import choose_batch_size
+
+            return choose_batch_size(self, src)
+        assert isinstance(batch_size, int)
+        if self.settings.drop_last and batch_size > len(src):
+            raise expected("batch_size", f"at most the number of samples ({len(src)}) when drop_last=True",
+                           batch_size)
+        return batch_size
+
+    def _auto_micro_batch_size(self, src: Source, batch_size: int) -> int | None:
+        from ..tune.memory import find_micro_batch_size
+
+        fits = find_micro_batch_size(self.module, self.loss_fn, src, device=self.device, optimizer=self.optimizer,
+                                     max_size=batch_size)
+        logger.info("micro_batch_size='auto': %d fits in memory (batch_size stays %d)", fits, batch_size)
+        return None if fits >= batch_size else fits
+
+    def _resume(self) -> None:
+        assert self.checkpoint_dir is not None
+        found = ckpt.load_latest(self.checkpoint_dir)
+        if found is None:
+            logger.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
+            return
+        state, path = found
+        ckpt.check_compatible(state["config"], self._config(), RESUME_KEYS, path)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError) as error:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {error}") from error
+        logger.info("resumed from %s at step %d, epoch %d", path, self.step, self.batcher.epoch if self.batcher else 0)
+
+    def _config(self) -> dict[str, Any]:
+        assert self.batcher is not None
+        config = dict(vars(self.settings))
+        config.update(batch_size=self.batcher.batch_size, num_samples=self.batcher.num_samples,
+                      micro_batch_size=self.resolved_micro_batch_size, device=str(self.device),
+                      world_size=self.dist.world_size)
+        if self.settings.batch_size == "adaptive":
+            config["batch_size"] = "adaptive"
+        return config
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self, epochs: int, val: Source | None) -> None:
+        batcher, progress = self.batcher, Progress(self.progress)
+        assert batcher is not None
+        hooks = {name: overriding(self.callbacks, name) for name in
+                 ("on_fit_begin", "on_fit_end", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_step_end")}
+        for hook in hooks["on_fit_begin"]:
+            hook(self)
+        self.module.train()
+        self._start = time.perf_counter()
+        self.stop_training = False
+        while batcher.epoch < epochs and not self.stop_training:
+            epoch = batcher.epoch
+            for hook in hooks["on_epoch_begin"]:
+                hook(self, epoch)
+            self._run_epoch(epoch, epochs, progress, hooks)
+            if self._signal is not None:
+                self._exit_on_signal()
+            if not batcher.epoch_done:
+                break  # stopped early inside the epoch
+            record = self._end_epoch(epoch, val, progress)
+            batcher.set_epoch(epoch + 1)
+            for hook in hooks["on_epoch_end"]:
+                hook(self, epoch, record)
+            if self.checkpoint_dir is not None:
+                self.save_checkpoint()
+        self._check_losses()
+        for hook in hooks["on_fit_end"]:
+            hook(self, self.history)
+
+    def _run_epoch(self, epoch: int, epochs: int, progress: Progress, hooks: dict[str, list[Any]]) -> None:
+        batcher, runner, history = self.batcher, self.runner, self.history
+        assert batcher is not None and runner is not None
+        every = self.settings.checkpoint_every
+        check_each_step = self.settings.on_nan != "raise" or self.dist.enabled
+        step_begin, step_end = hooks["on_step_begin"], hooks["on_step_end"]
+        start_samples, start_time = self.samples_seen, time.perf_counter()
+        done_before = batcher.samples_done
+        progress.start_epoch(epoch, epochs, len(batcher), -(-done_before // batcher.batch_size), start_time)
+        batches_done = 0
+        dynamic_lr = bool(self.settings.warmup_steps or self.lr_schedule is not None
+                          or self.settings.batch_size == "adaptive")
+        self._apply_lr()
+        for batch in self._train_batches():
+            global_size = batcher.last_batch_size
+            for hook in step_begin:
+                hook(self, self.step)
+            if dynamic_lr:
+                self._apply_lr()
+            loss = runner.accumulate(batch, global_size)
+            if self.dist.enabled:
+                loss = self.dist.all_reduce_sum(loss)
+            if check_each_step and not math.isfinite(loss.item()):
+                self._non_finite(loss.item(), epoch)
+                continue
+            runner.update()
+            self.step += 1
+            self.samples_seen += global_size
+            batches_done += 1
+            now = time.perf_counter()
+            history.add_step(self.step, epoch, self.samples_seen, global_size, loss, self._lr_now,
+                             self._elapsed_before + now - self._start)
+            if step_end:
+                self._check_losses()
+                record = history.steps[-1]
+                for hook in step_end:
+                    hook(self, record)
+            if every is not None and self.step % every == 0:
+                self.save_checkpoint()
+            if progress.due(now):
+                self._check_losses()
+                rate = (self.samples_seen - start_samples) / max(now - start_time, 1e-9)
+                progress.refresh(now, -(-done_before // batcher.batch_size) + batches_done, rate,
+                                 history.losses()[-1], self._lr_now)
+            if self.stop_training or self._signal is not None:
+                break
+
+    def _train_batches(self) -> Iterator[Batch]:
+        assert self.batcher is not None
+        return device_prefetch(self.batcher.remaining(), self.device, self.param_dtype)
+
+    def _end_epoch(self, epoch: int, val: Source | None, progress: Progress) -> dict[str, Any]:
+        self._check_losses()
+        record: dict[str, Any] = {"epoch": epoch, "loss": self.history.mean_loss(epoch), "steps": self.step,
+                                  "samples": self.samples_seen, "seconds": self._elapsed()}
+        if val is not None:
+            record.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
+        if self.skipped_steps:
+            record["skipped_steps"] = self.skipped_steps
+        self.history.epochs.append(record)
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k in ("loss",) or k.startswith("val_"))
+        progress.end_epoch(shown)
+        return record
+
+    # ------------------------------------------------------------------ helpers
+    def _apply_lr(self) -> None:
+        factor = 1.0 if self._constant_lr() else self._lr_multiplier(self.step)
+        if factor != self._lr_factor:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
+            self._lr_factor = factor
+            self._lr_now = self.optimizer.param_groups[0]["lr"]
+
+    def _constant_lr(self) -> bool:
+        s = self.settings
+        return s.lr_scaling is None and not s.warmup_steps and self.lr_schedule is None
+
+    def _lr_multiplier(self, step: int) -> float:
+        """Batch-size scaling × warm-up × user schedule for the update after ``step`` steps."""
+        from ..tune.lr import scale_lr, warmup
+
+        s = self.settings
+        factor = 1.0
+        if s.lr_scaling is not None:
+            assert self.batcher is not None and s.base_batch_size is not None
+            factor = scale_lr(1.0, s.base_batch_size, self.batcher.batch_size, s.lr_scaling)
+        if s.warmup_steps:
+            factor *= warmup(step, s.warmup_steps)
+        if self.lr_schedule is not None:
+            factor *= float(self.lr_schedule(step))
+        return factor
+
+    def _check_losses(self) -> None:
+        """Read back pending losses and raise on the first non-finite one (on_nan='raise')."""
+        losses = self.history.losses()
+        if self._checked >= len(losses):
+            return
+        for index in range(self._checked, len(losses)):
+            if not math.isfinite(losses[index]):
+                record = self.history.steps[index]
+                raise NonFiniteLossError(
+                    f"the loss of step {record['step']} (epoch {record['epoch']}) is {losses[index]}; "
+                    f"lower the learning rate, set max_grad_norm, or use on_nan='skip'",
+                    step=record["step"], epoch=record["epoch"])
+        self._checked = len(losses)
+
+    def _non_finite(self, value: float, epoch: int) -> None:
+        assert self.runner is not None and self.batcher is not None
+        step = self.step + 1
+        self.runner.skip()
+        if self.settings.on_nan == "raise":
+            raise NonFiniteLossError(f"the loss of step {step} (epoch {epoch}) is {value}; lower the learning "
+                                     f"rate, set max_grad_norm, or use on_nan='skip'", step=step, epoch=epoch)
+        self.skipped_steps += 1
+        if self.settings.on_nan == "rollback":
+            position = self.batcher.state_dict()
+            found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
+            if found is not None:
+                self.load_state_dict(found[0])
+                skipped = self.skipped_steps
+                self.batcher.load_state_dict(position)  # continue after the offending batch
+                self.skipped_steps = skipped
+                logger.warning("non-finite loss at step %d (epoch %d): rolled back to %s and skipped the batch",
+                               step, epoch, found[1])
+                return
+        logger.warning("non-finite loss at step %d (epoch %d): skipped the update (%d skipped so far)",
+                       step, epoch, self.skipped_steps)
+
+    def _eval_batches(self, src: Source, batch_size: int | None) -> Iterator[Batch]:
+        size = batch_size or self.eval_batch_size or max(256, self.resolved_eval_size())
+        batcher = Batcher(src, min(size, len(src)), shuffle=False, seed=0, pin_memory=self.device.type == "cuda")
+        return device_prefetch(batcher.remaining(), self.device, self.param_dtype)
+
+    def resolved_eval_size(self) -> int:
+        """The micro-batch size used for training, as a default evaluation batch size."""
+        micro = getattr(self, "resolved_micro_batch_size", None)
+        if isinstance(micro, int):
+            return micro
+        return self.batcher.batch_size if self.batcher is not None else 256
+
+    def _autocast(self) -> Any:
+        if self.settings.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _elapsed(self) -> float:
+        start = getattr(self, "_start", None)
+        return self._elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        """On SIGTERM/SIGINT with a checkpoint folder: finish the step, save, then exit."""
+        if self.checkpoint_dir is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            self._signal = signum
+
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _exit_on_signal(self) -> None:
+        signum = self._signal
+        self._signal = None
+        path = self.save_checkpoint()
+        logger.warning("received %s: saved %s and stopped", signal.Signals(signum).name, path)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + int(signum or 0))
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, str):
+        if batch_size not in BATCH_MODES:
+            raise expected("batch_size", "a positive integer, 'full', 'auto' or 'adaptive'", batch_size)
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise expected("batch_size", "a positive integer, 'full', 'auto' or 'adaptive'", batch_size)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU; anything else must be a valid, present device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise expected("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", device) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BatchfitError(f"`device` must be a device this machine has. Received: device={device!r}, "
+                            f"but CUDA is not available")
+    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise expected("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", device)
+    return resolved
