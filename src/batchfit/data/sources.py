@@ -17,7 +17,7 @@ import torch
 
 from ..errors import BatchfitError, expected
 
-Batch = Union[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
+Batch = Union[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # noqa: UP007 (runtime alias, 3.10)
 
 
 @runtime_checkable
@@ -168,7 +168,8 @@ def as_source(data: Any, name: str = "data") -> Source:
         else:
             source = DatasetSource(data)
     else:
-        raise expected(name, "a source, a tuple of arrays, a dict of arrays or a map-style Dataset", type(data).__name__)
+        what = "a source, a tuple of arrays, a dict of arrays or a map-style Dataset"
+        raise expected(name, what, type(data).__name__)
     if len(source) == 0:
         raise expected(name, "at least one sample", "an empty source (0 samples)")
     return source
