@@ -1,0 +1,764 @@
+"""The shard format: data larger than memory, on disk, memory-mapped and checksummed.
+
+A shard folder holds ``manifest.json`` and, for every shard, one ``.npy`` file per array
+(``shard-00000.x.npy``), which numpy can memory-map. A variable-length array (token
+sequences) stores its samples end to end in ``shard-00000.tokens.npy`` and where each sample
+starts in ``shard-00000.tokens.offsets.npy`` (``int64``, one more entry than samples).
+
+The manifest records the format version, the array names (or positions), dtypes, per-sample
+shapes, samples per shard, and the size and BLAKE2b checksum of every file. A folder is
+written under a temporary sibling name, every file and the folder are fsynced, and only then
+is it renamed into place, so an interrupted write never leaves a folder that opens.
+
+Variable-length arrays come out of :meth:`ShardSource.gather` padded to the longest sample of
+the batch, followed by an ``int64`` tensor of lengths: named sources get an extra key
+``<name>_lengths`` right after ``<name>``; tuple sources get the lengths right after the array,
+except for the last array of a tuple of two or more (the target), whose lengths come just
+before it so the target stays last.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import itertools
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ShardError, check_choice, check_positive_int, expected
+from .sources import Batch, pack
+
+FORMAT = "batchfit-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+VERIFY_MODES = ("open", "full", "none")
+SHARD_BYTES = 128 * 2**20  # target size of a shard when shard_size is not given
+CHUNK_BYTES = 32 * 2**20  # how much of a source is gathered at once while writing
+MAPPED_BYTES = 256 * 2**20  # default bound on the file pages a ShardSource keeps mapped
+_FAULT_WINDOW = 64 * 1024  # Linux maps up to 64 KiB of cached pages around a page fault
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns: what one array of a batch looks like while it is written
+
+
+@dataclass
+class _Ragged:
+    """Variable-length samples: their values end to end, and where each sample starts."""
+
+    values: np.ndarray
+    offsets: np.ndarray  # int64, len(samples) + 1, offsets[0] == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def slice(self, lo: int, hi: int) -> _Ragged:
+        start, stop = int(self.offsets[lo]), int(self.offsets[hi])
+        return _Ragged(self.values[start:stop], self.offsets[lo : hi + 1] - start)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """One stored array: its key (name or position), dtype and per-sample shape."""
+
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # per sample; for a ragged array, the shape after the length
+    ragged: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "dtype": self.dtype.str, "shape": list(self.shape), "ragged": self.ragged}
+
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
+
+def _numpy(where: str, value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bfloat16:
+            raise expected(where, "an array with a numpy dtype", "a bfloat16 tensor")
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "biufc":
+        raise expected(where, "a numeric array", f"an array of dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+
+
+def _is_ragged(value: Any) -> bool:
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return True
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (np.ndarray, torch.Tensor, list)) for v in value
+    )
+
+
+def _column(where: str, value: Any) -> np.ndarray | _Ragged:
+    """A batch element as a dense array, or as a ragged column when it is a list of arrays."""
+    if isinstance(value, _Ragged):
+        return value
+    if not _is_ragged(value):
+        array = _numpy(where, value)
+        if array.ndim == 0:
+            raise expected(where, "an array whose first dimension counts samples", "a 0-d scalar")
+        return array
+    samples = [_numpy(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    for i, sample in enumerate(samples):
+        if sample.ndim == 0 or sample.shape[1:] != samples[0].shape[1:] or sample.dtype != samples[0].dtype:
+            raise expected(
+                f"{where}[{i}]",
+                f"a sequence like {where}[0] (dtype {samples[0].dtype}, shape (length, *{samples[0].shape[1:]}))",
+                f"dtype {sample.dtype}, shape {sample.shape}",
+            )
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in samples], out=offsets[1:])
+    return _Ragged(np.concatenate(samples), offsets)
+
+
+def _columns(batch: Any, where: str) -> tuple[tuple[str, ...] | None, list[np.ndarray | _Ragged]]:
+    """``(names, columns)`` of a tuple, dict or single-array batch."""
+    if isinstance(batch, Mapping):
+        names = tuple(batch)
+        for name in names:
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise expected(f"{where} key", "a name of letters, digits, '_' or '-'", name)
+        return names, [_column(f"{where}[{n!r}]", v) for n, v in batch.items()]
+    if isinstance(batch, (np.ndarray, torch.Tensor)):
+        batch = (batch,)
+    if not isinstance(batch, (tuple, list)) or not batch:
+        raise expected(where, "a tuple or dict of arrays", type(batch).__name__)
+    return None, [_column(f"{where}[{i}]", v) for i, v in enumerate(batch)]
+
+
+def _spec(key: str, column: np.ndarray | _Ragged) -> _Spec:
+    array = column.values if isinstance(column, _Ragged) else column
+    try:
+        torch.from_numpy(np.zeros(1, dtype=array.dtype))
+    except TypeError:
+        raise expected(f"array {key!r}", "a dtype torch supports", str(array.dtype)) from None
+    return _Spec(key, array.dtype, tuple(array.shape[1:]), isinstance(column, _Ragged))
+
+
+def _output_names(names: tuple[str, ...] | None, specs: list[_Spec]) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    taken = set(names)
+    out: list[str] = []
+    for spec in specs:
+        out.append(spec.key)
+        if spec.ragged:
+            if f"{spec.key}_lengths" in taken:
+                raise expected("names", f"no array named {spec.key}_lengths beside ragged {spec.key!r}", names)
+            out.append(f"{spec.key}_lengths")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    header = io.BytesIO()
+    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(header, fields)
+    return header.getvalue()
+
+
+def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], pieces: Iterable[np.ndarray]) -> dict:
+    """Write an .npy file from pieces along axis 0, hashing as it goes; fsync before returning."""
+    digest, size = hashlib.blake2b(), 0
+    with open(path, "xb") as f:
+        for chunk in (_npy_header(dtype, shape), *(p.reshape(-1).view(np.uint8) for p in pieces)):
+            digest.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"name": path.name, "bytes": size, "blake2b": digest.hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Writer:
+    """Collects batches and writes a shard each time ``shard_size`` samples are pending."""
+
+    def __init__(self, folder: Path, shard_size: int | None) -> None:
+        self.folder, self.shard_size = folder, shard_size
+        self.names: tuple[str, ...] | None = None
+        self.specs: list[_Spec] = []
+        self.pending: list[list[np.ndarray | _Ragged]] = []
+        self.pending_samples = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, batch: Any, number: int) -> None:
+        where = f"batch {number}"
+        names, columns = _columns(batch, where)
+        if number == 0:
+            self._start(names, columns)
+        self._check(names, columns, where)
+        self.pending.append(columns)
+        self.pending_samples += len(columns[0])
+        while self.shard_size and self.pending_samples >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _start(self, names: tuple[str, ...] | None, columns: list[np.ndarray | _Ragged]) -> None:
+        self.names = names
+        keys = names if names is not None else tuple(str(i) for i in range(len(columns)))
+        self.specs = [_spec(k, c) for k, c in zip(keys, columns)]
+        _output_names(names, self.specs)
+        if self.shard_size is None:
+            samples = max(1, len(columns[0]))
+            per_sample = sum(
+                c.values.nbytes / samples + 8 if isinstance(c, _Ragged) else s.row_bytes()
+                for s, c in zip(self.specs, columns)
+            )
+            self.shard_size = max(1, int(SHARD_BYTES // max(1.0, per_sample)))
+
+    def _check(self, names: tuple[str, ...] | None, columns: list[np.ndarray | _Ragged], where: str) -> None:
+        if names != self.names or len(columns) != len(self.specs):
+            layout = names if names is not None else f"{len(columns)} arrays"
+            first = self.names if self.names is not None else f"{len(self.specs)} arrays"
+            raise expected(where, f"the arrays of batch 0 ({first})", layout)
+        for spec, column in zip(self.specs, columns):
+            got = _spec(spec.key, column)
+            if got != spec:
+                raise expected(
+                    f"{where} array {spec.key!r}",
+                    f"dtype {spec.dtype}, per-sample shape {spec.shape}, ragged={spec.ragged} as in batch 0",
+                    f"dtype {got.dtype}, per-sample shape {got.shape}, ragged={got.ragged}",
+                )
+            if len(column) != len(columns[0]):
+                raise expected(f"{where} array {spec.key!r}", f"{len(columns[0])} samples like the others", len(column))
+
+    def _take(self, count: int) -> list[list[np.ndarray | _Ragged]]:
+        """Remove the first ``count`` pending samples, as a list of batch pieces."""
+        taken, need = [], count
+        while need:
+            columns = self.pending[0]
+            n = len(columns[0])
+            if n <= need:
+                taken.append(self.pending.pop(0))
+                need -= n
+            else:
+                taken.append([_slice(c, 0, need) for c in columns])
+                self.pending[0] = [_slice(c, need, n) for c in columns]
+                need = 0
+        self.pending_samples -= count
+        return taken
+
+    def _flush(self, count: int) -> None:
+        pieces = self._take(count)
+        prefix = f"shard-{len(self.shards):05d}"
+        files: dict[str, dict] = {}
+        for i, spec in enumerate(self.specs):
+            column = [p[i] for p in pieces]
+            path = self.folder / f"{prefix}.{spec.key}.npy"
+            if spec.ragged:
+                values = [c.values for c in column]
+                total = sum(len(v) for v in values)
+                files[spec.key] = _write_npy(path, spec.dtype, (total, *spec.shape), values)
+                files[f"{spec.key}.offsets"] = _write_npy(
+                    path.with_suffix(".offsets.npy"), np.dtype(np.int64), (count + 1,), [_join_offsets(column)]
+                )
+            else:
+                files[spec.key] = _write_npy(path, spec.dtype, (count, *spec.shape), column)
+        self.shards.append({"samples": count, "files": files})
+
+    def finish(self, pad_value: float, metadata: Mapping[str, Any] | None) -> None:
+        if self.pending_samples:
+            self._flush(self.pending_samples)
+        if not self.shards:
+            raise expected("data", "at least one sample", "no samples")
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_samples": sum(s["samples"] for s in self.shards),
+            "names": list(self.names) if self.names is not None else None,
+            "arrays": [s.to_json() for s in self.specs],
+            "pad_value": pad_value,
+            "shards": self.shards,
+            "metadata": dict(metadata or {}),
+        }
+        with open(self.folder / MANIFEST, "x", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.folder)
+
+
+def _slice(column: np.ndarray | _Ragged, lo: int, hi: int) -> np.ndarray | _Ragged:
+    return column.slice(lo, hi) if isinstance(column, _Ragged) else column[lo:hi]
+
+
+def _join_offsets(column: list[_Ragged]) -> np.ndarray:
+    lengths = np.concatenate([np.diff(c.offsets) for c in column])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def _as_batches(data: Any) -> Iterator[Any]:
+    """The batches to write: a source in chunks, in-memory arrays as one batch, or ``data`` itself."""
+    if isinstance(data, ShardSource):
+        return data._stored_batches()
+    if hasattr(data, "gather") and hasattr(data, "names") and hasattr(data, "__len__"):
+        return _source_batches(data)
+    if isinstance(data, (Mapping, np.ndarray, torch.Tensor)):
+        return iter([data])
+    if isinstance(data, (tuple, list)) and data and all(
+        isinstance(c, (np.ndarray, torch.Tensor)) or _is_ragged(c) for c in data
+    ):
+        return iter([tuple(data)])
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        return iter(data)
+    raise expected("data", "a source, arrays, or an iterable of batches", type(data).__name__)
+
+
+def _source_batches(src: Any) -> Iterator[Batch]:
+    n = len(src)
+    if n == 0:
+        return
+    first = src.gather(torch.zeros(1, dtype=torch.int64))
+    tensors = first.values() if isinstance(first, Mapping) else first
+    per_sample = max(1, sum(t.element_size() * t.numel() for t in tensors))
+    chunk = max(1, CHUNK_BYTES // per_sample)
+    for lo in range(0, n, chunk):
+        yield src.gather(torch.arange(lo, min(n, lo + chunk), dtype=torch.int64))
+
+
+def _prepare_destination(path: Path, overwrite: bool) -> None:
+    if path.exists() or path.is_symlink():
+        is_shards = path.is_dir() and (path / MANIFEST).is_file()
+        if not overwrite:
+            raise expected("path", "a folder that does not exist yet (or pass overwrite=True)", str(path))
+        if not (is_shards or (path.is_dir() and not any(path.iterdir()))):
+            raise expected("path", "a shard folder or an empty folder to overwrite", f"{path}, which is neither")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        pid = stale.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Move a complete temporary folder to ``path``, replacing an old shard folder there."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_shards(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    pad_value: float = 0,
+    metadata: Mapping[str, Any] | None = None,
+) -> ShardSource:
+    """Write ``data`` as a shard folder at ``path`` and return it opened as a :class:`ShardSource`.
+
+    ``data`` is a source (``len``, ``.names``, ``.gather``), aligned arrays (a tuple or dict, as
+    for :class:`ArraySource`), or an iterable of batches (tuples or dicts of numpy arrays or
+    tensors, e.g. a generator), so data larger than memory can be written piece by piece. A
+    batch element given as a list of arrays of different lengths is a variable-length array.
+    ``shard_size`` is the number of samples per shard (default: about 128 MiB per shard).
+    ``pad_value`` pads variable-length arrays in batches; ``metadata`` (JSON-able) is kept in
+    the manifest. The write is atomic: an existing ``path`` is refused unless ``overwrite``.
+    """
+    path = Path(path)
+    if shard_size is not None:
+        check_positive_int("shard_size", shard_size)
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
+        raise expected("pad_value", "a number", pad_value)
+    _prepare_destination(path, overwrite)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.mkdir()
+    try:
+        writer = _Writer(tmp, shard_size)
+        for number, batch in enumerate(_as_batches(data)):
+            writer.add(batch, number)
+        writer.finish(pad_value, metadata)
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ShardSource(path, verify="none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _manifest_error(path: Path, problem: str) -> ShardError:
+    return ShardError(f"Shard manifest {path} {problem}")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed and checked ``manifest.json`` of a shard folder; raises :class:`ShardError`."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ShardError(f"Shard folder {folder} does not exist (an interrupted write leaves none)")
+    if not path.is_file():
+        raise ShardError(f"Shard manifest {path} is missing: {folder} is not a complete shard folder")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _manifest_error(path, f"cannot be read as JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _manifest_error(path, f"is not a {FORMAT!r} manifest (expected format={FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise _manifest_error(
+            path, f"has format version {manifest.get('version')!r}; this batchfit reads version {VERSION}"
+        )
+    try:
+        _check_manifest(manifest)
+    except (KeyError, TypeError, ValueError) as error:
+        raise _manifest_error(path, f"is malformed: {type(error).__name__}: {error}") from None
+    return manifest
+
+
+def _check_manifest(manifest: dict[str, Any]) -> None:
+    specs = [_Spec(a["key"], np.dtype(a["dtype"]), tuple(a["shape"]), bool(a["ragged"])) for a in manifest["arrays"]]
+    names = manifest["names"]
+    if names is not None and list(names) != [s.key for s in specs]:
+        raise ValueError(f"names {names} differ from array keys {[s.key for s in specs]}")
+    counts = [int(s["samples"]) for s in manifest["shards"]]
+    if sum(counts) != manifest["num_samples"] or not counts or min(counts) < 1:
+        raise ValueError(f"samples per shard {counts} do not add up to num_samples={manifest['num_samples']}")
+    for shard in manifest["shards"]:
+        wanted = {s.key for s in specs} | {f"{s.key}.offsets" for s in specs if s.ragged}
+        if set(shard["files"]) != wanted:
+            raise ValueError(f"a shard lists files {sorted(shard['files'])}, expected {sorted(wanted)}")
+        for entry in shard["files"].values():
+            name = entry["name"]
+            if Path(name).name != name or name.startswith(".") or int(entry["bytes"]) < 0:
+                raise ValueError(f"bad file entry {entry}")
+            str(entry["blake2b"])
+
+
+def _file_problem(path: Path, entry: dict[str, Any], full: bool) -> str | None:
+    """What is wrong with one shard file (missing, wrong size, wrong checksum), or ``None``."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if size != entry["bytes"]:
+        return f"has {size} bytes, but the manifest says {entry['bytes']} (truncated or overwritten)"
+    if full:
+        digest, buffer = hashlib.blake2b(), bytearray(4 * 2**20)
+        view = memoryview(buffer)
+        with open(path, "rb", buffering=0) as f:
+            while count := f.readinto(buffer):
+                digest.update(view[:count])
+        found, wanted = digest.hexdigest(), entry["blake2b"]
+        if found != wanted:
+            return f"is corrupt: its blake2b checksum is {found[:16]}..., the manifest says {wanted[:16]}..."
+    return None
+
+
+class _MappedArray:
+    """One .npy shard file, memory-mapped read-only, whose resident pages can be dropped."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                found_shape, fortran, found_dtype = read(f)
+            except ValueError as error:
+                raise ShardError(f"Shard file {path} has no valid .npy header: {error}") from None
+            if (found_dtype, tuple(found_shape), fortran) != (dtype, shape, False):
+                raise ShardError(
+                    f"Shard file {path} holds dtype {found_dtype}, shape {tuple(found_shape)}; "
+                    f"the manifest says dtype {dtype}, shape {shape}"
+                )
+            self.header_bytes = f.tell()
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        count = math.prod(shape)
+        array = np.empty(0, dtype)
+        if count:
+            array = np.frombuffer(self._map, dtype=dtype, count=count, offset=self.header_bytes)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            self.tensor = torch.from_numpy(array.reshape(shape))
+        self.nbytes = len(self._map)
+
+    def drop(self) -> None:
+        """Unmap the pages read so far (they stay in the page cache, but leave this process's RSS)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
+class ShardSource:
+    """A shard folder written by :func:`write_shards`, read as a source.
+
+    ``verify="open"`` (default) checks every file's size against the manifest, ``"full"`` also
+    every checksum, ``"none"`` only reads the manifest; any problem is a :class:`ShardError`
+    naming the file. Files are memory-mapped lazily, on first use. Batches are gathered by
+    vectorised indexing, a few tensor calls per shard touched, never one per sample. Pages of
+    the maps that reading touched are dropped whenever they may exceed ``max_mapped_bytes``,
+    so resident memory stays bounded however large the data. ``pad_value`` (default: the one
+    stored by :func:`write_shards`) pads variable-length arrays.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        verify: str = "open",
+        *,
+        pad_value: float | None = None,
+        max_mapped_bytes: int = MAPPED_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        check_choice("verify", verify, VERIFY_MODES)
+        self.max_mapped_bytes = check_positive_int("max_mapped_bytes", max_mapped_bytes)
+        manifest = read_manifest(self.path)
+        self.manifest = manifest
+        self.specs = [_Spec(a["key"], np.dtype(a["dtype"]), tuple(a["shape"]), a["ragged"]) for a in manifest["arrays"]]
+        stored_names = tuple(manifest["names"]) if manifest["names"] is not None else None
+        self.names: tuple[str, ...] | None = _output_names(stored_names, self.specs)
+        self.pad_value = manifest["pad_value"] if pad_value is None else pad_value
+        self.shard_sizes = [s["samples"] for s in manifest["shards"]]
+        self._start_list = [0, *itertools.accumulate(self.shard_sizes)]
+        self._starts = torch.tensor(self._start_list, dtype=torch.int64)
+        self._len = int(manifest["num_samples"])
+        if verify != "none":
+            self.verify(full=verify == "full")
+        self._lock = threading.Lock()
+        self._maps: dict[tuple[int, str], _MappedArray] = {}
+        self._mapped: dict[tuple[int, str], int] = {}  # estimated resident bytes per map
+        self._mapped_total = 0
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The ``metadata`` given to :func:`write_shards` (e.g. class names of an image folder)."""
+        return self.manifest.get("metadata", {})
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"ShardSource({str(self.path)!r}, samples={self._len}, shards={len(self.shard_sizes)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_lock", "_maps", "_mapped", "_mapped_total"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._maps, self._mapped, self._mapped_total = threading.Lock(), {}, {}, 0
+
+    def verify(self, full: bool = True) -> None:
+        """Check every shard file's size against the manifest, and its checksum when ``full``."""
+        for shard in self.manifest["shards"]:
+            for entry in shard["files"].values():
+                problem = _file_problem(self.path / entry["name"], entry, full)
+                if problem is not None:
+                    raise ShardError(f"Shard file {self.path / entry['name']} {problem}")
+
+    def summary(self) -> str:
+        """A few lines describing the folder: samples, shards, bytes and arrays."""
+        total = sum(e["bytes"] for s in self.manifest["shards"] for e in s["files"].values())
+        lines = [f"{self.path}: {self._len} samples in {len(self.shard_sizes)} shards, {total / 2**20:.1f} MiB"]
+        for spec in self.specs:
+            shape = ("length", *spec.shape) if spec.ragged else spec.shape
+            lines.append(f"  {spec.key}: {spec.dtype} per-sample shape {tuple(shape)}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Release the memory maps (they are opened again when needed)."""
+        with self._lock:
+            self._maps.clear()
+            self._mapped.clear()
+            self._mapped_total = 0
+
+    def _array(self, shard: int, part: str) -> torch.Tensor:
+        key = (shard, part)
+        mapped = self._maps.get(key)
+        if mapped is None:
+            with self._lock:
+                mapped = self._maps.get(key)
+                if mapped is None:
+                    mapped = self._map_file(shard, part)
+                    self._maps[key] = mapped
+        return mapped.tensor
+
+    def _map_file(self, shard: int, part: str) -> _MappedArray:
+        entry = self.manifest["shards"][shard]["files"][part]
+        path = self.path / entry["name"]
+        problem = _file_problem(path, entry, full=False)
+        if problem is not None:
+            raise ShardError(f"Shard file {path} {problem}")
+        count = self.shard_sizes[shard]
+        if part.endswith(".offsets"):
+            return _MappedArray(path, np.dtype(np.int64), (count + 1,))
+        spec = next(s for s in self.specs if s.key == part)
+        rows = count
+        if spec.ragged:
+            rows = int(self._array(shard, f"{part}.offsets")[-1])
+        return _MappedArray(path, spec.dtype, (rows, *spec.shape))
+
+    def _touched(self, shard: int, part: str, samples: int, row_bytes: int) -> None:
+        """Account for the pages a read may have mapped; drop all maps past the bound."""
+        key = (shard, part)
+        estimate = samples * (_FAULT_WINDOW + row_bytes)
+        before = self._mapped.get(key, 0)
+        after = min(self._maps[key].nbytes, before + estimate)
+        self._mapped[key] = after
+        self._mapped_total += after - before
+        if self._mapped_total > self.max_mapped_bytes:
+            with self._lock:
+                for mapped in self._maps.values():
+                    mapped.drop()
+                self._mapped.clear()
+                self._mapped_total = 0
+
+    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch:
+        """The batch of the samples at ``indices`` (1-D int64 tensor), in that order.
+
+        Indices are sorted and grouped by shard; each shard is indexed once and the rows are
+        scattered back into the requested order.
+        """
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
+            raise expected("indices", "a 1-D int64 tensor", type(indices).__name__)
+        indices = indices.to(torch.int64)
+        groups, order = self._groups(indices)
+        out: list[torch.Tensor] = []
+        for position, spec in enumerate(self.specs):
+            if spec.ragged:
+                padded, lengths = self._gather_ragged(spec, groups, order, len(indices), pin_memory)
+                last = position == len(self.specs) - 1 and position > 0 and self.names is None
+                out.extend([lengths, padded] if last else [padded, lengths])
+            else:
+                out.append(self._gather_dense(spec, groups, order, len(indices), pin_memory))
+        return pack(self.names, out)
+
+    def _groups(self, indices: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor, int, int]], torch.Tensor | None]:
+        """``([(shard, local indices, lo, hi)], order)``: rows ``lo:hi`` of the sorted batch come
+        from ``shard``; ``order`` maps sorted rows to output rows (``None``: already in order)."""
+        if len(indices) == 0:
+            return [], None
+        low, high = (int(v) for v in torch.aminmax(indices))
+        if low < 0 or high >= self._len:
+            raise expected("indices", f"sample indices in [0, {self._len})", f"indices from {low} to {high}")
+        first = bisect.bisect_right(self._start_list, low) - 1
+        if first == bisect.bisect_right(self._start_list, high) - 1:  # one shard: no sorting needed
+            start = self._start_list[first]
+            return [(first, indices - start if start else indices, 0, len(indices))], None
+        ordered, order = torch.sort(indices)
+        shard_of = torch.searchsorted(self._starts, ordered, right=True) - 1
+        shards, counts = torch.unique_consecutive(shard_of, return_counts=True)
+        groups, lo = [], 0
+        for shard, count in zip(shards.tolist(), counts.tolist()):
+            groups.append((shard, ordered[lo : lo + count] - self._starts[shard], lo, lo + count))
+            lo += count
+        return groups, order
+
+    def _gather_dense(
+        self, spec: _Spec, groups: list, order: torch.Tensor | None, size: int, pin: bool
+    ) -> torch.Tensor:
+        out = torch.empty((size, *spec.shape), dtype=_torch_dtype(spec.dtype), pin_memory=pin)
+        rows = out if order is None else torch.empty_like(out, pin_memory=False)
+        for shard, local, lo, hi in groups:
+            torch.index_select(self._array(shard, spec.key), 0, local, out=rows[lo:hi])
+            self._touched(shard, spec.key, hi - lo, spec.row_bytes())
+        if order is not None:
+            out.index_copy_(0, order, rows)
+        return out
+
+    def _gather_ragged(
+        self, spec: _Spec, groups: list, order: torch.Tensor | None, size: int, pin: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets_key = f"{spec.key}.offsets"
+        starts = torch.empty(size, dtype=torch.int64)
+        lengths_sorted = torch.empty(size, dtype=torch.int64)
+        for shard, local, lo, hi in groups:
+            offsets = self._array(shard, offsets_key)
+            starts[lo:hi] = offsets[local]
+            lengths_sorted[lo:hi] = offsets[local + 1] - starts[lo:hi]
+            self._touched(shard, offsets_key, hi - lo, 16)
+        rows = torch.arange(size) if order is None else order
+        lengths = torch.empty(size, dtype=torch.int64, pin_memory=pin)
+        lengths.index_copy_(0, rows, lengths_sorted)
+        longest = int(lengths.max()) if size else 0
+        padded = torch.empty((size, longest, *spec.shape), dtype=_torch_dtype(spec.dtype), pin_memory=pin)
+        padded.fill_(self.pad_value)
+        for shard, _, lo, hi in groups:
+            group_lengths = lengths_sorted[lo:hi]
+            row = torch.repeat_interleave(rows[lo:hi], group_lengths)
+            first = torch.cumsum(group_lengths, 0) - group_lengths
+            column = torch.arange(int(group_lengths.sum())) - torch.repeat_interleave(first, group_lengths)
+            source = torch.repeat_interleave(starts[lo:hi], group_lengths) + column
+            padded[row, column] = self._array(shard, spec.key)[source]
+            self._touched(shard, spec.key, hi - lo, spec.row_bytes() * max(1, longest))
+        return padded, lengths
+
+    def _stored_batches(self) -> Iterator[tuple | dict]:
+        """The stored columns, shard by shard (variable-length arrays kept variable-length)."""
+        for shard in range(len(self.shard_sizes)):
+            columns: list[np.ndarray | _Ragged] = []
+            for spec in self.specs:
+                values = self._array(shard, spec.key).numpy().copy()
+                if spec.ragged:
+                    offsets = self._array(shard, f"{spec.key}.offsets").numpy().copy()
+                    columns.append(_Ragged(values, offsets))
+                else:
+                    columns.append(values)
+            self.close()
+            keys = [s.key for s in self.specs]
+            yield dict(zip(keys, columns)) if self.manifest["names"] is not None else tuple(columns)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def verify(path: str | os.PathLike, mode: str = "full") -> ShardSource:
+    """Check a shard folder (``mode="full"``: every checksum; ``"open"``: sizes only).
+
+    Returns the folder opened as a :class:`ShardSource`; raises :class:`ShardError` naming the
+    first file that is missing, truncated or corrupt.
+    """
+    check_choice("mode", mode, ("open", "full"))
+    return ShardSource(path, verify=mode)
+
