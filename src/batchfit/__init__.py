@@ -12,8 +12,8 @@ from .train.trainer import Trainer
 
 __all__ = [
     "ArraySource",
-    "BatchfitError",
     "Batcher",
+    "BatchfitError",
     "Callback",
     "CheckpointError",
     "DatasetSource",
