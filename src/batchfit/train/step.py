@@ -78,7 +78,9 @@ class StepRunner:
                 if self.track_micro_norms:
                     # Squared norm of this micro-batch's own mean gradient.
                     self.micro_grad_sq.append(self._grad_sq_delta() / (weight * self.world_size) ** 2)
-            part = loss.detach() * weight
+            # A rank's share of a batch smaller than the world is empty: its loss is NaN (a mean over
+            # nothing) but it still runs backward so that DDP's gradient sync happens on every rank.
+            part = loss.detach() * weight if count else torch.zeros_like(loss.detach())
             share = part if share is None else share + part
         assert share is not None
         return share
