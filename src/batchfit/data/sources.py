@@ -39,7 +39,7 @@ def _as_tensor(name: str, array: Any) -> torch.Tensor:
             raise expected(name, "a numeric array", f"an array of dtype {array.dtype}")
         # from_numpy shares memory (also of read-only memory maps, which batchfit never
         # writes to); only non-contiguous arrays are copied.
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array) if array.ndim else array  # (it would make a 0-d array 1-d)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             tensor = torch.from_numpy(array)
