@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
+import numpy as np
 
 from ..errors import BatchfitError, check_choice, check_positive_int, expected
 from .order import SHUFFLES, epoch_order
@@ -66,7 +66,7 @@ class Batcher:
         self.epoch = 0
         self.samples_done = 0  # position inside the current epoch
         self.last_batch_size = 0  # global size of the batch yielded last
-        self._order: torch.Tensor | None = None
+        self._order: np.ndarray | None = None
         self._order_epoch = -1
 
     @property
@@ -96,7 +96,7 @@ class Batcher:
         self.epoch = check_positive_int("epoch", epoch, allow_zero=True)
         self.samples_done = 0
 
-    def order(self) -> torch.Tensor:
+    def order(self) -> np.ndarray:
         """The sample indices of the current epoch, in the order they are served."""
         if self._order_epoch != self.epoch:
             self._order = epoch_order(
@@ -112,7 +112,7 @@ class Batcher:
         lo = self.rank * base + min(self.rank, extra)
         return lo, lo + base + (self.rank < extra)
 
-    def _plan(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def _plan(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(end position, global size, this rank's indices) for each batch left in the epoch."""
         order, n = self.order(), self.num_samples
         position = self.samples_done
@@ -120,11 +120,11 @@ class Batcher:
             size = min(self._batch_size, n - position)
             if self.drop_last and size < self._batch_size:
                 break
-            lo, hi = self.rank_slice(size)
+            lo, hi = self.rank_slice(size) if self.world_size > 1 else (0, size)
             yield position + size, size, order[position + lo : position + hi]
             position += size
 
-    def _load(self, plan: tuple[int, int, torch.Tensor]) -> tuple[int, int, Batch]:
+    def _load(self, plan: tuple[int, int, np.ndarray]) -> tuple[int, int, Batch]:
         end, size, indices = plan
         batch = self.src.gather(indices, self.pin_memory)
         if self.transform is not None:
@@ -139,11 +139,17 @@ class Batcher:
 
     def remaining(self) -> Iterator[Batch]:
         """The batches left in the current epoch, without moving to the next epoch afterwards."""
-        loaded: Iterator[tuple[int, int, Batch]] = map(self._load, self._plan())
         if self.prefetch:
             # Changing batch_size while prefetching takes effect after the queued batches.
-            loaded = prefetch_iter(loaded, self.prefetch)
-        for end, size, batch in loaded:
+            for end, size, batch in prefetch_iter(map(self._load, self._plan()), self.prefetch):
+                self.samples_done, self.last_batch_size = end, size
+                yield batch
+            return
+        gather, transform, pin = self.src.gather, self.transform, self.pin_memory
+        for end, size, indices in self._plan():
+            batch = gather(indices, pin)
+            if transform is not None:
+                batch = transform(batch)
             self.samples_done, self.last_batch_size = end, size
             yield batch
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..errors import expected
 
 SHUFFLES = (False, True, "full", "block")
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed mixed from ``seed`` and ``epoch`` (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """A generator seeded from ``(seed, epoch)`` alone (NumPy's SeedSequence mixing)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch]))
 
 
 def epoch_order(
@@ -22,8 +21,8 @@ def epoch_order(
     epoch: int,
     block_size: int = 4096,
     window_blocks: int = 8,
-) -> torch.Tensor:
-    """The sample indices of epoch ``epoch`` as a 1-D int64 tensor.
+) -> np.ndarray:
+    """The sample indices of epoch ``epoch`` as a 1-D int64 array.
 
     ``shuffle=False`` keeps the stored order; ``True``/``"full"`` is a uniform random
     permutation; ``"block"`` shuffles the order of contiguous blocks of ``block_size`` samples
@@ -31,25 +30,24 @@ def epoch_order(
     stay mostly sequential (CorgiPile, Xu et al., SIGMOD 2022).
     """
     if shuffle is False:
-        return torch.arange(num_samples, dtype=torch.int64)
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        return np.arange(num_samples, dtype=np.int64)
+    rng = epoch_rng(seed, epoch)
     if shuffle is True or shuffle == "full":
-        return torch.randperm(num_samples, generator=generator)
+        return rng.permutation(num_samples).astype(np.int64, copy=False)
     if shuffle == "block":
-        return _block_order(num_samples, generator, block_size, window_blocks)
+        return _block_order(num_samples, rng, block_size, window_blocks)
     raise expected("shuffle", "True, False, 'full' or 'block'", shuffle)
 
 
-def _block_order(num_samples: int, generator: torch.Generator, block_size: int, window_blocks: int) -> torch.Tensor:
+def _block_order(num_samples: int, rng: np.random.Generator, block_size: int, window_blocks: int) -> np.ndarray:
     num_blocks = -(-num_samples // block_size)
-    block_perm = torch.randperm(num_blocks, generator=generator)
-    starts = block_perm * block_size
-    lengths = torch.clamp(num_samples - starts, max=block_size)
-    # The indices of the blocks in their shuffled order, concatenated.
-    offsets = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-    indices = torch.arange(num_samples, dtype=torch.int64) + offsets
+    starts = rng.permutation(num_blocks).astype(np.int64) * block_size
+    lengths = np.minimum(num_samples - starts, block_size)
+    # Concatenate the blocks in their shuffled order: index = position + (block start - block offset).
+    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    indices = np.arange(num_samples, dtype=np.int64) + offsets
     window = block_size * window_blocks
     for start in range(0, num_samples, window):
         chunk = indices[start : start + window]
-        indices[start : start + window] = chunk[torch.randperm(chunk.shape[0], generator=generator)]
+        rng.shuffle(chunk)  # in place: chunk is a view
     return indices

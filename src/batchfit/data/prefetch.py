@@ -66,6 +66,10 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None
     return tuple(move(t) for t in batch)
 
 
+def _tensors(batch: Any) -> list[Any]:
+    return list(batch.values()) if isinstance(batch, dict) else list(batch)
+
+
 def device_prefetch(batches: Iterable[Any], device: torch.device, dtype: torch.dtype | None = None) -> Iterator[Any]:
     """Yield batches already on ``device``, copying the next one while the current computes.
 
@@ -74,8 +78,15 @@ def device_prefetch(batches: Iterable[Any], device: torch.device, dtype: torch.d
     no host synchronisation. Elsewhere this is a plain ``to_device``.
     """
     if device.type != "cuda":
+        passthrough = None  # decided on the first batch: batches of a source keep their dtypes
         for batch in batches:
-            yield to_device(batch, device, dtype)
+            if passthrough:
+                yield batch
+                continue
+            moved = to_device(batch, device, dtype)
+            if passthrough is None:
+                passthrough = all(a is b for a, b in zip(_tensors(moved), _tensors(batch)))
+            yield moved
         return
     stream = torch.cuda.Stream(device=device)
     iterator = iter(batches)
@@ -95,7 +106,7 @@ def device_prefetch(batches: Iterable[Any], device: torch.device, dtype: torch.d
     while pending is not None:
         moved, ready = pending
         torch.cuda.current_stream(device).wait_event(ready)
-        for t in moved.values() if isinstance(moved, dict) else moved:
+        for t in _tensors(moved):
             if isinstance(t, torch.Tensor):
                 # The tensor was allocated on the side stream; tell the allocator that the
                 # compute stream uses it so its memory is not reused too early.

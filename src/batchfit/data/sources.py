@@ -2,7 +2,7 @@
 
 A source is anything with ``len(src)`` (number of samples), ``src.names`` (``None`` for
 tuple batches, a tuple of names for dict batches) and ``src.gather(indices)``, which returns
-the batch for a 1-D ``int64`` tensor of sample indices as a tuple or dict of tensors.
+the batch for a 1-D ``int64`` NumPy array of sample indices as a tuple or dict of tensors.
 Gathering is one vectorised indexing call per array, never one Python call per sample.
 """
 
@@ -28,7 +28,7 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
-    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch: ...
+    def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch: ...
 
 
 def _as_tensor(name: str, array: Any) -> torch.Tensor:
@@ -83,6 +83,8 @@ class ArraySource:
                 f"Received lengths: {lengths}"
             )
         self._len = next(iter(lengths.values()))
+        self._arrays = [_numpy_view(t) for t in self.tensors]
+        self._numpy_only = all(a is not None for a in self._arrays)
 
     def __len__(self) -> int:
         return self._len
@@ -91,18 +93,38 @@ class ArraySource:
         shapes = ", ".join(f"{tuple(t.shape)}:{t.dtype}" for t in self.tensors)
         return f"ArraySource({shapes})"
 
-    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch:
+    def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch:
         """The batch of the samples at ``indices`` (1-D int64), each array gathered at once.
 
-        Outputs are fresh tensors from PyTorch's allocator (pinned when asked), so a batch a
-        caller still holds is never overwritten; the allocator recycles freed buffers.
+        Outputs are fresh tensors (pinned when asked), so a batch a caller still holds is never
+        overwritten; NumPy's and PyTorch's allocators recycle the memory of freed batches.
         """
+        if self._numpy_only and not pin_memory:
+            # mode="clip" skips NumPy's bounds-check buffering; indices come from the batcher.
+            return pack(self.names, [torch.from_numpy(a.take(indices, 0, None, "clip")) for a in self._arrays])
+        indices = np.asarray(indices)
         out = []
-        for t in self.tensors:
-            buf = torch.empty((indices.shape[0],) + t.shape[1:], dtype=t.dtype, pin_memory=pin_memory)
-            torch.index_select(t, 0, indices, out=buf)
-            out.append(buf)
+        for tensor, array in zip(self.tensors, self._arrays):
+            if array is None:  # a dtype NumPy lacks (bfloat16): gather in torch
+                out.append(_pin(tensor[torch.from_numpy(indices)], pin_memory))
+            elif pin_memory:
+                buffer = torch.empty((len(indices),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
+                np.take(array, indices, axis=0, out=buffer.numpy(), mode="clip")
+                out.append(buffer)
+            else:
+                out.append(torch.from_numpy(array.take(indices, 0, None, "clip")))
         return pack(self.names, out)
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray | None:
+    try:
+        return tensor.numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _pin(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    return tensor.pin_memory() if pin_memory else tensor
 
 
 class DatasetSource:
@@ -124,7 +146,7 @@ class DatasetSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch:
+    def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch:
         """The batch at ``indices``, collated with ``torch.utils.data.default_collate``."""
         index_list = indices.tolist()
         getitems = getattr(self.dataset, "__getitems__", None)
@@ -136,9 +158,7 @@ class DatasetSource:
         if self._single:
             batch = (batch,)
         tensors = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
-        tensors = [torch.as_tensor(t) for t in tensors]
-        if pin_memory:
-            tensors = [t.pin_memory() for t in tensors]
+        tensors = [_pin(torch.as_tensor(t), pin_memory) for t in tensors]
         return pack(self.names, tensors)
 
 

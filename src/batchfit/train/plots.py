@@ -44,14 +44,22 @@ def plot_history(history: History, path: str | os.PathLike[str]) -> None:
     ax_samples.plot(samples, _smooth(losses), lw=1.5)
     ax_samples.set(xlabel="samples seen", ylabel="training loss (smoothed)", title="loss vs samples seen")
     ax_lr.plot(steps, history.column("lr"), color="tab:green", label="lr")
-    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate and batch size")
-    ax_batch = ax_lr.twinx()
-    ax_batch.plot(steps, history.column("batch_size"), color="tab:purple", lw=1, label="batch size")
-    ax_batch.set_ylabel("batch size")
-    if "noise_scale" in history._columns:
-        ax_batch.plot(steps, history.column("noise_scale"), color="tab:orange", lw=1, alpha=0.7,
-                      label="noise scale B_simple")
+    ax_lr.set(xlabel="step", ylabel="learning rate")
+    sizes = history.column("batch_size")
+    epochs = history.column("epoch")
+    # The last batch of an epoch may be smaller; only other changes count as a varying batch size.
+    varying = len({size for size, epoch, nxt in zip(sizes, epochs, epochs[1:] + [None]) if nxt == epoch}) > 1
+    noise = history.column("noise_scale") if "noise_scale" in history._columns else None
+    if varying or noise is not None:
+        ax_batch = ax_lr.twinx()
+        ax_batch.plot(steps, sizes, color="tab:purple", lw=1, label="batch size")
+        if noise is not None:
+            ax_batch.plot(steps, noise, color="tab:orange", lw=1, alpha=0.7, label="noise scale B_simple")
+        ax_batch.set_ylabel("samples")
         ax_batch.legend(loc="upper left")
+        ax_lr.set_title("learning rate, batch size")
+    else:
+        ax_lr.set_title(f"learning rate (batch size {sizes[0] if sizes else '-'})")
     _plot_epochs(ax_val, history)
     save_figure(fig, path)
 

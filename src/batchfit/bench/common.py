@@ -1,0 +1,65 @@
+"""Timing helpers shared by the benchmarks: interleaved repeats, medians, a printed table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class Row:
+    """One line of a benchmark table: a measured rate, its baseline and their ratio."""
+
+    what: str
+    baseline: str
+    rate: float  # median of the measured thing, in `unit`
+    baseline_rate: float
+    ratio: float  # median of per-repeat ratios rate / baseline_rate
+    target: str
+    unit: str = "samples/s"
+
+    @property
+    def ok(self) -> bool | None:
+        """Whether the ratio meets a target of the form '>= x' (None for other targets)."""
+        if self.target.startswith(">="):
+            return self.ratio >= float(self.target[2:])
+        if self.target.startswith("<="):
+            return self.ratio <= float(self.target[2:])
+        return None
+
+
+def interleaved(candidates: dict[str, Callable[[], int]], repeats: int) -> dict[str, list[float]]:
+    """Run each candidate ``repeats`` times, alternating, and return its rates (units per second).
+
+    A candidate returns how many units (samples, bytes) it processed. Alternating the runs
+    spreads machine noise evenly over all candidates.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            units = run()
+            rates[name].append(units / (time.perf_counter() - start))
+    return rates
+
+
+def ratio_row(what: str, baseline: str, rates: dict[str, list[float]], target: str,
+              unit: str = "samples/s") -> Row:
+    """A row comparing ``rates[what]`` with ``rates[baseline]`` (median of paired ratios)."""
+    ratios = [a / b for a, b in zip(rates[what], rates[baseline])]
+    return Row(what, baseline, statistics.median(rates[what]), statistics.median(rates[baseline]),
+               statistics.median(ratios), target, unit)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table."""
+    header = ("measured", "baseline", "median", "baseline median", "ratio", "target", "")
+    lines = [header]
+    for row in rows:
+        verdict = {True: "ok", False: "MISSED", None: ""}[row.ok]
+        lines.append((row.what, row.baseline, f"{row.rate:,.0f} {row.unit}", f"{row.baseline_rate:,.0f}",
+                      f"{row.ratio:.2f}x", row.target, verdict))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

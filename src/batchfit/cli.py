@@ -1,0 +1,158 @@
+"""The ``batchfit`` command: a thin layer over the library.
+
+    batchfit demo                 train a small CNN on scikit-learn's handwritten digits
+    batchfit train CONFIG.toml    a run described by a TOML file (--nproc N for N processes)
+    batchfit tune CONFIG.toml     measure and recommend batch size, micro-batch size and lr
+    batchfit shards write IN OUT  .npy/.npz/.csv/image folder into a shard folder
+    batchfit shards verify PATH   check every checksum of a shard folder
+    batchfit bench                the performance table of DESIGN.md, on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from .errors import BatchfitError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``batchfit`` script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="batchfit: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except BatchfitError as error:
+        print(f"batchfit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("batchfit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchfit", description="Mini-batch training that measures batch size "
+                                     "and learning rate instead of guessing them.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="train a small CNN on real handwritten digits (scikit-learn)")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--lr", type=float, default=2e-3)
+    demo.add_argument("--out", default="runs", help="folder for the run's files (default: runs)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(run=_demo)
+
+    train = commands.add_parser("train", help="a run described by a TOML file")
+    train.add_argument("config", help="the TOML file (see examples/)")
+    train.add_argument("--nproc", type=int, default=1, help="local processes (torch.distributed, gloo/nccl)")
+    train.add_argument("--epochs", type=int, help="override train.epochs")
+    train.add_argument("--out", help="override train.out")
+    train.set_defaults(run=_train)
+
+    tune = commands.add_parser("tune", help="measure and recommend batch size, micro-batch size and lr")
+    tune.add_argument("config", help="the TOML file (see examples/)")
+    tune.add_argument("--out", help="override tune.out")
+    tune.set_defaults(run=_tune)
+
+    shards = commands.add_parser("shards", help="write or verify a shard folder")
+    shard_commands = shards.add_subparsers(dest="shard_command", required=True, metavar="ACTION")
+    write = shard_commands.add_parser("write", help=".npy/.npz/.csv/image folder -> shard folder")
+    write.add_argument("input")
+    write.add_argument("output")
+    write.add_argument("--target", help="target column of a .csv / target array of an .npz")
+    write.add_argument("--image-size", type=int, help="resize images to this square size")
+    write.add_argument("--shard-size", type=int, help="samples per shard file")
+    write.set_defaults(run=_shards_write)
+    verify = shard_commands.add_parser("verify", help="check every shard's checksum")
+    verify.add_argument("path")
+    verify.set_defaults(run=_shards_verify)
+
+    bench = commands.add_parser("bench", help="the performance table, on this machine")
+    bench.add_argument("--quick", action="store_true", help="smaller workloads (a rough check in seconds)")
+    bench.add_argument("--only", choices=("data", "train", "shards"), help="run one group of rows")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import format_summary, run_demo
+
+    summary = run_demo(batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, out=args.out,
+                       progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        return _launch(args)
+    from .config import load_config
+    from .run import run_config
+
+    config = load_config(args.config)
+    if args.epochs is not None:
+        config["train"]["epochs"] = args.epochs
+    if args.out is not None:
+        config["train"]["out"] = args.out
+    summary = run_config(config)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Start ``nproc`` local processes through torch.distributed.run (torchrun)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "batchfit", "train", args.config]
+    if args.epochs is not None:
+        command += ["--epochs", str(args.epochs)]
+    if args.out is not None:
+        command += ["--out", args.out]
+    return subprocess.call(command, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import tune_config
+
+    config = load_config(args.config)
+    if args.out is not None:
+        config["tune"]["out"] = args.out
+    print(tune_config(config))
+    return 0
+
+
+def _shards_write(args: argparse.Namespace) -> int:
+    from .data.convert import convert
+
+    start = time.perf_counter()
+    source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
+                     shard_size=args.shard_size)
+    print(f"wrote {len(source)} samples to {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from .data.convert import verify_path
+
+    print(verify_path(args.path))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.run import run_bench
+
+    print(run_bench(quick=args.quick, only=args.only))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

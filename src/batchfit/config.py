@@ -1,0 +1,232 @@
+"""Run configurations in TOML: parsed, checked key by key, and turned into a Trainer and data.
+
+Sections: ``[data]``, ``[model]``, ``[optimizer]``, ``[loss]``, ``[train]`` (and ``[tune]`` for
+``batchfit tune``). Unknown keys and values of the wrong type are errors naming the key.
+See ``examples/digits.toml``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import BatchfitError
+from .models import BUILTIN
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_INT, _FLOAT, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+_LIST, _TABLE = (list,), (dict,)
+
+# key -> (accepted types, default); a type tuple with str accepts the listed words too.
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
+    "data": {
+        "train": (_STR + _TABLE, None), "val": (_STR + _TABLE, None), "val_split": (_FLOAT, None),
+        "x": (_STR, "x"), "y": (_STR, "y"), "split_seed": (_INT, 0),
+    },
+    "model": {"name": (_STR, "mlp"), "args": (_TABLE, {})},
+    "optimizer": {"name": (_STR, "sgd"), "lr": (_FLOAT, 0.01), "args": (_TABLE, {})},
+    "loss": {"name": (_STR, "cross_entropy")},
+    "train": {
+        "epochs": (_INT, 1), "batch_size": (_INT + _STR, 64), "micro_batch_size": (_INT + _STR, None),
+        "shuffle": (_BOOL + _STR, True), "drop_last": (_BOOL, False), "lr_scaling": (_STR, None),
+        "base_batch_size": (_INT, None), "warmup_steps": (_INT, 0), "device": (_STR, "auto"),
+        "precision": (_STR, "fp32"), "max_grad_norm": (_FLOAT, None), "on_nan": (_STR, "raise"),
+        "checkpoint_dir": (_STR, None), "checkpoint_every": (_INT, None), "keep_checkpoints": (_INT, 3),
+        "progress": (_BOOL, True), "seed": (_INT, 0), "prefetch": (_INT, 0), "eval_batch_size": (_INT, None),
+        "resume": (_BOOL, False), "out": (_STR, "runs"),
+    },
+    "tune": {
+        "target_loss": (_FLOAT, None), "max_batch_size": (_INT, None), "budget_steps": (_INT, None),
+        "out": (_STR, "runs"),
+    },
+}
+TRAINER_KEYS = ("batch_size", "micro_batch_size", "shuffle", "drop_last", "lr_scaling", "base_batch_size",
+                "warmup_steps", "device", "precision", "max_grad_norm", "on_nan", "checkpoint_dir",
+                "checkpoint_every", "keep_checkpoints", "progress", "seed", "prefetch", "eval_batch_size")
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
+}
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": torch.nn.functional.cross_entropy, "mse": torch.nn.functional.mse_loss,
+    "l1": torch.nn.functional.l1_loss, "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
+}
+
+
+class ConfigError(BatchfitError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+@dataclass
+class Config:
+    """A checked configuration: one dict per section, defaults filled in."""
+
+    path: Path
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a TOML run configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    return check_config(raw, path)
+
+
+def check_config(raw: dict[str, Any], path: Path) -> Config:
+    """Fill defaults and refuse unknown sections, unknown keys and wrong types (naming the key)."""
+    unknown = sorted(set(raw) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}]; expected one of {sorted(SCHEMA)}")
+    config = Config(path)
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"{path}: `{section}` must be a table [{section}]. Received: {given!r}")
+        for key in given:
+            if key not in keys:
+                raise ConfigError(f"{path}: unknown key `{section}.{key}`; expected one of {sorted(keys)}")
+        values = {}
+        for key, (types, default) in keys.items():
+            value = given.get(key, default)
+            if value is not None and not _has_type(value, types):
+                names = " or ".join(sorted({t.__name__ for t in types}))
+                raise ConfigError(f"{path}: `{section}.{key}` must be {names}. Received: {section}.{key}={value!r}")
+            values[key] = value
+        config.sections[section] = values
+    if config["data"]["train"] is None:
+        raise ConfigError(f"{path}: `data.train` is required (an .npz file or a table of .npy files)")
+    return config
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types)
+
+
+def resolve_path(config: Config, value: str) -> Path:
+    """A path from the config, relative to the config file's folder."""
+    path = Path(value)
+    return path if path.is_absolute() else config.path.parent / path
+
+
+def load_arrays(config: Config, which: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``(x, y)`` arrays of ``data.train`` or ``data.val``."""
+    data = config["data"]
+    spec = data[which]
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        path = resolve_path(config, spec)
+        if path.suffix != ".npz":
+            raise ConfigError(f"`data.{which}` must be an .npz file or a table {{x = ..., y = ...}} of .npy files. "
+                              f"Received: {spec!r}")
+        arrays = _load(path)
+        missing = [k for k in (data["x"], data["y"]) if k not in arrays]
+        if missing:
+            raise ConfigError(f"`data.{which}`: {path} has no array {missing[0]!r} (has {sorted(arrays)}); "
+                              f"set data.x / data.y")
+        return arrays[data["x"]], arrays[data["y"]]
+    unknown = sorted(set(spec) - {"x", "y"})
+    if unknown or "x" not in spec or "y" not in spec:
+        raise ConfigError(f"`data.{which}` as a table needs exactly the keys x and y (.npy paths). Received: {spec}")
+    return tuple(np.load(resolve_path(config, spec[k]), allow_pickle=False) for k in ("x", "y"))  # type: ignore
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise ConfigError(f"data file not found: {path}")
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def split_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Hold out ``fraction`` of the samples (stratified by class when targets are integers)."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"`data.val_split` must be a fraction in (0, 1). Received: data.val_split={fraction}")
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1:
+        val_idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: max(1, round(fraction * (y == c).sum()))]
+                                  for c in np.unique(y)])
+    else:
+        val_idx = rng.permutation(len(y))[: max(1, round(fraction * len(y)))]
+    mask = np.zeros(len(y), dtype=bool)
+    mask[val_idx] = True
+    return x[~mask], y[~mask], x[mask], y[mask]
+
+
+def import_object(spec: str, what: str) -> Any:
+    """``package.module:attribute`` imported."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"`{what}` must be a built-in name or 'package.module:function'. Received: {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"`{what}`: cannot import {spec!r}: {error}") from error
+
+
+def build_model(config: Config, x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
+    """The model of ``[model]``; built-ins get their input and output sizes from the data."""
+    spec, args = config["model"]["name"], dict(config["model"]["args"])
+    classes = int(y.max()) + 1 if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 else None
+    outputs = classes if classes is not None else int(np.prod(y.shape[1:])) or 1
+    if spec == "mlp":
+        args.setdefault("in_features", int(np.prod(x.shape[1:])))
+        args.setdefault("out_features", outputs)
+    elif spec == "cnn":
+        args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
+        args.setdefault("image_size", int(x.shape[-1]))
+        args.setdefault("num_classes", outputs)
+    builder = BUILTIN.get(spec) or import_object(spec, "model.name")
+    try:
+        model = builder(**args)
+    except TypeError as error:
+        raise ConfigError(f"`model.args` do not fit {spec!r}: {error}") from error
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"`model.name` {spec!r} must return a torch.nn.Module. Received: {type(model).__name__}")
+    return model
+
+
+def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``[optimizer]`` over the model's parameters."""
+    name = config["optimizer"]["name"]
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"`optimizer.name` must be one of {sorted(OPTIMIZERS)}. Received: optimizer.name={name!r}")
+    try:
+        return OPTIMIZERS[name](model.parameters(), lr=config["optimizer"]["lr"], **config["optimizer"]["args"])
+    except TypeError as error:
+        raise ConfigError(f"`optimizer.args` do not fit {name!r}: {error}") from error
+
+
+def build_loss(config: Config) -> Callable[..., torch.Tensor]:
+    """The loss function of ``[loss]``."""
+    name = config["loss"]["name"]
+    return LOSSES.get(name) or import_object(name, "loss.name")
+
+
+def trainer_options(config: Config) -> dict[str, Any]:
+    """The ``[train]`` keys that are Trainer arguments, paths resolved."""
+    train = config["train"]
+    options = {key: train[key] for key in TRAINER_KEYS}
+    if options["checkpoint_dir"] is not None:
+        options["checkpoint_dir"] = str(resolve_path(config, options["checkpoint_dir"]))
+    return options

@@ -1,0 +1,81 @@
+"""Runs described by a configuration: build the pieces, train, write the run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import (
+    Config,
+    build_loss,
+    build_model,
+    build_optimizer,
+    load_arrays,
+    split_val,
+    trainer_options,
+)
+from .train.history import History
+from .train.trainer import Trainer
+
+
+def new_run_dir(out: str | Path) -> Path:
+    """A fresh ``out/<timestamp>`` folder."""
+    run_dir = Path(out) / time.strftime("%Y%m%d-%H%M%S")
+    while run_dir.exists():  # two runs in the same second
+        run_dir = run_dir.with_name(run_dir.name + "_")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def write_run_files(run_dir: Path, history: History, summary: dict[str, Any], config_path: Path | None = None) -> None:
+    """metrics.csv, epochs.csv, curves.png, summary.json (and a copy of the config) in ``run_dir``."""
+    history.to_csv(run_dir / "metrics.csv", run_dir / "epochs.csv")
+    if len(history):
+        history.plot(run_dir / "curves.png")
+    if config_path is not None:
+        shutil.copyfile(config_path, run_dir / config_path.name)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...] | None]:
+    """The trainer, training data and validation data of a configuration."""
+    train = load_arrays(config, "train")
+    assert train is not None
+    val = load_arrays(config, "val")
+    if val is None and config["data"]["val_split"] is not None:
+        x_train, y_train, x_val, y_val = split_val(*train, config["data"]["val_split"], config["data"]["split_seed"])
+        train, val = (x_train, y_train), (x_val, y_val)
+    torch.manual_seed(config["train"]["seed"])
+    model = build_model(config, *train)
+    trainer = Trainer(model, build_loss(config), build_optimizer(config, model), **trainer_options(config))
+    return trainer, train, val
+
+
+def run_config(config: Config) -> dict[str, Any] | None:
+    """Train as configured; rank 0 writes the run folder and returns the summary."""
+    trainer, train, val = build_run(config)
+    start = time.perf_counter()
+    history = trainer.fit(train, epochs=config["train"]["epochs"], val=val, resume=config["train"]["resume"])
+    if not trainer.dist.is_main:
+        return None
+    summary: dict[str, Any] = {"steps": trainer.step, "samples": trainer.samples_seen,
+                               "seconds": round(time.perf_counter() - start, 3),
+                               "world_size": trainer.dist.world_size}
+    if history.epochs:
+        summary.update({k: v for k, v in history.epochs[-1].items() if k not in ("steps", "samples", "seconds")})
+    run_dir = new_run_dir(config["train"]["out"])
+    write_run_files(run_dir, history, summary, config.path)
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def tune_config(config: Config) -> str:
+    """Measure batch size, micro-batch size and lr for a configuration; returns the printed report."""
+    from .tune.report import tune_from_config
+
+    return tune_from_config(config)
