@@ -17,6 +17,7 @@ import torch
 
 from .. import distributed
 from ..data.batcher import Batcher
+from ..data.order import SHUFFLES
 from ..data.prefetch import device_prefetch
 from ..data.sources import Batch, Source, as_source
 from ..errors import (
@@ -114,6 +115,9 @@ class Trainer:
             check_positive_int("micro_batch_size", micro_batch_size)
             if isinstance(batch_size, int) and micro_batch_size > batch_size:
                 raise expected("micro_batch_size", f"at most batch_size={batch_size}", micro_batch_size)
+        check_choice("shuffle", shuffle, SHUFFLES)
+        if not isinstance(drop_last, bool):
+            raise expected("drop_last", "True or False", drop_last)
         check_choice("lr_scaling", lr_scaling, LR_RULES)
         if lr_scaling is not None:
             if base_batch_size is None:
