@@ -139,12 +139,19 @@ class Batcher:
 
     def remaining(self) -> Iterator[Batch]:
         """The batches left in the current epoch, without moving to the next epoch afterwards."""
-        if self.prefetch:
-            # Changing batch_size while prefetching takes effect after the queued batches.
-            for end, size, batch in prefetch_iter(map(self._load, self._plan()), self.prefetch):
+        while self.prefetch:
+            # A batch_size change drops the batches gathered ahead at the old size, so what is
+            # served next (and what a state_dict taken now restores) does not depend on prefetch.
+            batch_size = self._batch_size
+            queued = prefetch_iter(map(self._load, self._plan()), self.prefetch)
+            for end, size, batch in queued:
                 self.samples_done, self.last_batch_size = end, size
                 yield batch
-            return
+                if self._batch_size != batch_size:
+                    queued.close()
+                    break
+            else:
+                return
         gather, transform, pin = self.src.gather, self.transform, self.pin_memory
         for end, size, indices in self._plan():
             batch = gather(indices, pin)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -13,7 +13,7 @@ T = TypeVar("T")
 _DONE = object()
 
 
-def prefetch_iter(items: Iterable[T], depth: int) -> Iterator[T]:
+def prefetch_iter(items: Iterable[T], depth: int) -> Generator[T, None, None]:
     """Iterate ``items`` while a daemon thread produces up to ``depth`` of them ahead.
 
     An exception in the producer is re-raised in the consumer. Stopping early (``break`` or
