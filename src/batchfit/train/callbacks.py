@@ -93,7 +93,7 @@ class EarlyStopping(Callback):
                 self._best_weights = copy.deepcopy(trainer.module.state_dict())
             return
         self.bad_epochs += 1
-        if self.bad_epochs > self.patience:
+        if self.bad_epochs >= self.patience:
             logger.info("early stopping: %s has not improved on %.4g (epoch %s) for %d epochs",
                         self.monitor, self.best, self.best_epoch, self.bad_epochs)
             trainer.stop_training = True
