@@ -55,7 +55,9 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str], step:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(folder)
-    for old in list_checkpoints(folder)[keep:]:
+    # The file just written always stays, even when a newer-named one exists (an unreadable
+    # file that a resume skipped): pruning it could leave no readable checkpoint at all.
+    for old in [p for p in list_checkpoints(folder) if p != final][keep - 1 :]:
         old.unlink(missing_ok=True)
     for stale in folder.glob(".step-*.tmp"):
         # Left by a process killed while writing; never a complete checkpoint.

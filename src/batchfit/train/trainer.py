@@ -508,8 +508,8 @@ class Trainer:
             position = self.batcher.state_dict()
             found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
             if found is not None:
+                skipped = self.skipped_steps  # counts this skip, which the checkpoint does not know
                 self.load_state_dict(found[0])
-                skipped = self.skipped_steps
                 self.batcher.load_state_dict(position)  # continue after the offending batch
                 self.skipped_steps = skipped
                 logger.warning("non-finite loss at step %d (epoch %d): rolled back to %s and skipped the batch",
