@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import threading
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,9 +515,7 @@ class _MappedArray:
         array = np.empty(0, dtype)
         if count:
             array = np.frombuffer(self._map, dtype=dtype, count=count, offset=self.header_bytes)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            self.tensor = torch.from_numpy(array.reshape(shape))
+        self.array = array.reshape(shape)
         self.nbytes = len(self._map)
 
     def drop(self) -> None:
@@ -558,11 +555,11 @@ class ShardSource:
         self.pad_value = manifest["pad_value"] if pad_value is None else pad_value
         self.shard_sizes = [s["samples"] for s in manifest["shards"]]
         self._start_list = [0, *itertools.accumulate(self.shard_sizes)]
-        self._starts = torch.tensor(self._start_list, dtype=torch.int64)
+        self._starts = np.array(self._start_list, dtype=np.int64)
         self._len = int(manifest["num_samples"])
         if verify != "none":
             self.verify(full=verify == "full")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._maps: dict[tuple[int, str], _MappedArray] = {}
         self._mapped: dict[tuple[int, str], int] = {}  # estimated resident bytes per map
         self._mapped_total = 0
@@ -586,7 +583,7 @@ class ShardSource:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock, self._maps, self._mapped, self._mapped_total = threading.Lock(), {}, {}, 0
+        self._lock, self._maps, self._mapped, self._mapped_total = threading.RLock(), {}, {}, 0
 
     def verify(self, full: bool = True) -> None:
         """Check every shard file's size against the manifest, and its checksum when ``full``."""
@@ -612,7 +609,7 @@ class ShardSource:
             self._mapped.clear()
             self._mapped_total = 0
 
-    def _array(self, shard: int, part: str) -> torch.Tensor:
+    def _array(self, shard: int, part: str) -> np.ndarray:
         key = (shard, part)
         mapped = self._maps.get(key)
         if mapped is None:
@@ -621,7 +618,7 @@ class ShardSource:
                 if mapped is None:
                     mapped = self._map_file(shard, part)
                     self._maps[key] = mapped
-        return mapped.tensor
+        return mapped.array
 
     def _map_file(self, shard: int, part: str) -> _MappedArray:
         entry = self.manifest["shards"][shard]["files"][part]
@@ -653,15 +650,17 @@ class ShardSource:
                 self._mapped.clear()
                 self._mapped_total = 0
 
-    def gather(self, indices: torch.Tensor, pin_memory: bool = False) -> Batch:
-        """The batch of the samples at ``indices`` (1-D int64 tensor), in that order.
+    def gather(self, indices: np.ndarray | torch.Tensor, pin_memory: bool = False) -> Batch:
+        """The batch of the samples at ``indices`` (1-D integer array or tensor), in that order.
 
         Indices are sorted and grouped by shard; each shard is indexed once and the rows are
         scattered back into the requested order.
         """
-        if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
-            raise expected("indices", "a 1-D int64 tensor", type(indices).__name__)
-        indices = indices.to(torch.int64)
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise expected("indices", "a 1-D array of integers", f"shape {indices.shape}, dtype {indices.dtype}")
         groups, order = self._groups(indices)
         out: list[torch.Tensor] = []
         for position, spec in enumerate(self.specs):
@@ -673,63 +672,66 @@ class ShardSource:
                 out.append(self._gather_dense(spec, groups, order, len(indices), pin_memory))
         return pack(self.names, out)
 
-    def _groups(self, indices: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor, int, int]], torch.Tensor | None]:
+    def _groups(self, indices: np.ndarray) -> tuple[list[tuple[int, np.ndarray, int, int]], np.ndarray | None]:
         """``([(shard, local indices, lo, hi)], order)``: rows ``lo:hi`` of the sorted batch come
         from ``shard``; ``order`` maps sorted rows to output rows (``None``: already in order)."""
         if len(indices) == 0:
             return [], None
-        low, high = (int(v) for v in torch.aminmax(indices))
+        low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= self._len:
             raise expected("indices", f"sample indices in [0, {self._len})", f"indices from {low} to {high}")
         first = bisect.bisect_right(self._start_list, low) - 1
         if first == bisect.bisect_right(self._start_list, high) - 1:  # one shard: no sorting needed
             start = self._start_list[first]
             return [(first, indices - start if start else indices, 0, len(indices))], None
-        ordered, order = torch.sort(indices)
-        shard_of = torch.searchsorted(self._starts, ordered, right=True) - 1
-        shards, counts = torch.unique_consecutive(shard_of, return_counts=True)
-        groups, lo = [], 0
-        for shard, count in zip(shards.tolist(), counts.tolist()):
-            groups.append((shard, ordered[lo : lo + count] - self._starts[shard], lo, lo + count))
-            lo += count
+        order = np.argsort(indices)
+        ordered = indices[order]
+        cuts = np.searchsorted(ordered, self._starts)  # where each shard's samples begin in `ordered`
+        groups = []
+        for shard in range(first, bisect.bisect_right(self._start_list, high)):
+            lo, hi = int(cuts[shard]), int(cuts[shard + 1])
+            if hi > lo:
+                groups.append((shard, ordered[lo:hi] - self._start_list[shard], lo, hi))
         return groups, order
 
     def _gather_dense(
-        self, spec: _Spec, groups: list, order: torch.Tensor | None, size: int, pin: bool
+        self, spec: _Spec, groups: list, order: np.ndarray | None, size: int, pin: bool
     ) -> torch.Tensor:
-        out = torch.empty((size, *spec.shape), dtype=_torch_dtype(spec.dtype), pin_memory=pin)
-        rows = out if order is None else torch.empty_like(out, pin_memory=False)
+        out = _empty((size, *spec.shape), spec.dtype, pin)
+        rows = out.numpy() if order is None else np.empty((size, *spec.shape), spec.dtype)
         for shard, local, lo, hi in groups:
-            torch.index_select(self._array(shard, spec.key), 0, local, out=rows[lo:hi])
+            # mode="clip" skips NumPy's bounds-check buffering; _groups checked the bounds.
+            np.take(self._array(shard, spec.key), local, axis=0, out=rows[lo:hi], mode="clip")
             self._touched(shard, spec.key, hi - lo, spec.row_bytes())
         if order is not None:
-            out.index_copy_(0, order, rows)
+            out.numpy()[order] = rows
         return out
 
     def _gather_ragged(
-        self, spec: _Spec, groups: list, order: torch.Tensor | None, size: int, pin: bool
+        self, spec: _Spec, groups: list, order: np.ndarray | None, size: int, pin: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         offsets_key = f"{spec.key}.offsets"
-        starts = torch.empty(size, dtype=torch.int64)
-        lengths_sorted = torch.empty(size, dtype=torch.int64)
+        starts = np.empty(size, dtype=np.int64)
+        lengths_sorted = np.empty(size, dtype=np.int64)
         for shard, local, lo, hi in groups:
             offsets = self._array(shard, offsets_key)
             starts[lo:hi] = offsets[local]
             lengths_sorted[lo:hi] = offsets[local + 1] - starts[lo:hi]
             self._touched(shard, offsets_key, hi - lo, 16)
-        rows = torch.arange(size) if order is None else order
-        lengths = torch.empty(size, dtype=torch.int64, pin_memory=pin)
-        lengths.index_copy_(0, rows, lengths_sorted)
-        longest = int(lengths.max()) if size else 0
-        padded = torch.empty((size, longest, *spec.shape), dtype=_torch_dtype(spec.dtype), pin_memory=pin)
+        rows = np.arange(size) if order is None else order
+        lengths = _empty((size,), np.dtype(np.int64), pin)
+        lengths.numpy()[rows] = lengths_sorted
+        longest = int(lengths_sorted.max()) if size else 0
+        padded = _empty((size, longest, *spec.shape), spec.dtype, pin)
         padded.fill_(self.pad_value)
+        target = padded.numpy()
         for shard, _, lo, hi in groups:
             group_lengths = lengths_sorted[lo:hi]
-            row = torch.repeat_interleave(rows[lo:hi], group_lengths)
-            first = torch.cumsum(group_lengths, 0) - group_lengths
-            column = torch.arange(int(group_lengths.sum())) - torch.repeat_interleave(first, group_lengths)
-            source = torch.repeat_interleave(starts[lo:hi], group_lengths) + column
-            padded[row, column] = self._array(shard, spec.key)[source]
+            row = np.repeat(rows[lo:hi], group_lengths)
+            first = np.cumsum(group_lengths) - group_lengths
+            column = np.arange(int(group_lengths.sum())) - np.repeat(first, group_lengths)
+            source = np.repeat(starts[lo:hi], group_lengths) + column
+            target[row, column] = self._array(shard, spec.key)[source]
             self._touched(shard, spec.key, hi - lo, spec.row_bytes() * max(1, longest))
         return padded, lengths
 
@@ -738,9 +740,9 @@ class ShardSource:
         for shard in range(len(self.shard_sizes)):
             columns: list[np.ndarray | _Ragged] = []
             for spec in self.specs:
-                values = self._array(shard, spec.key).numpy().copy()
+                values = self._array(shard, spec.key).copy()
                 if spec.ragged:
-                    offsets = self._array(shard, f"{spec.key}.offsets").numpy().copy()
+                    offsets = self._array(shard, f"{spec.key}.offsets").copy()
                     columns.append(_Ragged(values, offsets))
                 else:
                     columns.append(values)
@@ -749,8 +751,11 @@ class ShardSource:
             yield dict(zip(keys, columns)) if self.manifest["names"] is not None else tuple(columns)
 
 
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+def _empty(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> torch.Tensor:
+    """A fresh tensor; pinned ones come from PyTorch, the others from NumPy (cheaper for small batches)."""
+    if pin:
+        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+    return torch.from_numpy(np.empty(shape, dtype))
 
 
 def verify(path: str | os.PathLike, mode: str = "full") -> ShardSource:
