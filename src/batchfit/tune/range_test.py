@@ -1,0 +1,217 @@
+"""The learning-rate range test: train briefly with an exponentially growing learning rate.
+
+Smith (2017), "Cyclical Learning Rates for Training Neural Networks", section 3.3, in the
+exponential form popularised by fastai: the loss first barely moves, then falls, then blows
+up. A good learning rate is where it falls fastest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.batcher import Batcher
+from ..data.sources import as_source
+from ..errors import BatchfitError, check_positive_int, expected
+from ..train.batch import LossFn, batch_len, forward_loss, micro_batches
+from .state import batch_to, probe, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+def exponential_lrs(min_lr: float, max_lr: float, num_steps: int) -> list[float]:
+    """``num_steps`` learning rates from ``min_lr`` to ``max_lr``, equally spaced in ``log lr``."""
+    if num_steps == 1:
+        return [float(min_lr)]
+    ratio = max_lr / min_lr
+    return [min_lr * ratio ** (i / (num_steps - 1)) for i in range(num_steps)]
+
+
+def smooth(losses: Sequence[float], smoothing: float) -> list[float]:
+    """Bias-corrected exponential moving average: ``a_t = s·x_t + (1 − s)·a_{t−1}``, divided by ``1 − (1 − s)^t``."""
+    average, out = 0.0, []
+    for t, loss in enumerate(losses, start=1):
+        average = smoothing * loss + (1 - smoothing) * average
+        out.append(average / (1 - (1 - smoothing) ** t))
+    return out
+
+
+def steepest_descent_lr(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
+    """The learning rate where ``d loss / d log(lr)`` is most negative, before the loss minimum.
+
+    ``None`` when there are fewer than 3 points up to the minimum or the loss never falls.
+    """
+    stop = int(np.argmin(losses)) + 1
+    if stop < 3:
+        return None
+    slopes = np.gradient(np.asarray(losses[:stop], dtype=float), np.log(np.asarray(lrs[:stop], dtype=float)))
+    best = int(np.argmin(slopes))
+    return float(lrs[best]) if slopes[best] < 0 else None
+
+
+@dataclass(frozen=True)
+class LRRangeResult:
+    """What :func:`lr_range_test` saw: learning rates, losses (smoothed and raw), suggestion."""
+
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    raw_losses: tuple[float, ...]
+    suggested_lr: float
+    diverged: bool
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a PNG of the smoothed loss against the learning rate (log axis), marking the suggestion."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        path = Path(path)
+        figure = Figure(figsize=(6, 4))
+        FigureCanvasAgg(figure)  # render with Agg without touching pyplot's global backend
+        axes = figure.subplots()
+        axes.plot(self.lrs, self.raw_losses, color="0.75", linewidth=0.8, label="loss")
+        axes.plot(self.lrs, self.losses, color="C0", label="smoothed loss")
+        axes.axvline(self.suggested_lr, color="C3", linestyle="--", label=f"suggested lr = {self.suggested_lr:.3g}")
+        axes.set_xscale("log")
+        axes.set_xlabel("learning rate")
+        axes.set_ylabel("loss")
+        finite = [v for v in self.losses if math.isfinite(v)]
+        if finite:  # keep the blow-up from squashing the part that matters
+            low = min(finite)
+            top = max(finite[: finite.index(low) + 1])
+            span = (top - low) or abs(top) or 1.0
+            axes.set_ylim(low - 0.1 * span, top + 0.5 * span)
+        axes.legend()
+        axes.set_title("learning-rate range test")
+        figure.tight_layout()
+        figure.savefig(path, format="png", dpi=100)
+        return path
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float, ratios: Sequence[float]) -> None:
+    # Groups keep their relative learning rates (e.g. a smaller lr for a pretrained backbone).
+    for group, ratio in zip(optimizer.param_groups, ratios):
+        group["lr"] = lr * ratio
+
+
+def _check_args(min_lr: Any, max_lr: Any, smoothing: Any, diverge_factor: Any) -> None:
+    for name, value in (("min_lr", min_lr), ("max_lr", max_lr), ("diverge_factor", diverge_factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise expected(name, "a positive finite number", value)
+    if max_lr <= min_lr:
+        raise expected("max_lr", f"larger than min_lr={min_lr}", max_lr)
+    if diverge_factor <= 1:
+        raise expected("diverge_factor", "a number larger than 1", diverge_factor)
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
+        raise expected("smoothing", "a number in (0, 1]", smoothing)
+
+
+def lr_range_test(
+    model: torch.nn.Module,
+    loss_fn: LossFn | None,
+    optimizer: torch.optim.Optimizer,
+    src: Any,
+    min_lr: float = 1e-7,
+    max_lr: float = 10.0,
+    num_steps: int = 100,
+    batch_size: int = 64,
+    smoothing: float = 0.05,
+    diverge_factor: float = 4.0,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    micro_batch_size: int | None = None,
+) -> LRRangeResult:
+    """Train ``num_steps`` steps with the learning rate rising exponentially from ``min_lr`` to ``max_lr``.
+
+    Each step is a real training step on a fresh batch of ``batch_size`` samples (split into
+    micro-batches of ``micro_batch_size`` when given). The test stops early once the smoothed
+    loss exceeds ``diverge_factor`` times the best one so far, or turns non-finite. The
+    suggestion is the learning rate where the smoothed loss falls fastest per unit of
+    ``log(lr)``; when the loss never falls, a tenth of the learning rate of the lowest loss.
+    Model, optimizer (state and learning rates) and random state are restored exactly.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise expected("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__)
+    _check_args(min_lr, max_lr, smoothing, diverge_factor)
+    check_positive_int("num_steps", num_steps)
+    check_positive_int("batch_size", batch_size)
+    if micro_batch_size is not None:
+        check_positive_int("micro_batch_size", micro_batch_size)
+    source = as_source(src, "src")
+    batch_size = min(batch_size, len(source))
+    batches = iter(_endless(Batcher(source, batch_size=batch_size, shuffle=True, drop_last=True, seed=seed)))
+    target = resolve_device(device, model)
+    base = optimizer.param_groups[0]["lr"]
+    ratios = [group["lr"] / base if base else 1.0 for group in optimizer.param_groups]
+    lrs: list[float] = []
+    raw: list[float] = []
+    smoothed: list[float] = []
+    diverged = False
+    with probe(model, optimizer, target) as (net, opt):
+        assert opt is not None
+        net.train()
+        torch.manual_seed(seed)  # dropout and the like; the RNG is restored afterwards
+        for lr in exponential_lrs(min_lr, max_lr, num_steps):
+            _set_lr(opt, lr, ratios)
+            loss = _train_step(net, loss_fn, opt, batch_to(next(batches), target), micro_batch_size)
+            lrs.append(lr)
+            raw.append(loss)
+            if not math.isfinite(loss):
+                diverged = True
+                smoothed.append(math.inf)
+                break
+            smoothed.append(smooth(raw, smoothing)[-1])
+            if _diverged(smoothed[-1], min(smoothed), diverge_factor):
+                diverged = True
+                break
+    if not math.isfinite(raw[0]):
+        raise BatchfitError(f"The loss is not finite even at min_lr={min_lr}: lower `min_lr` or check the model.")
+    finite = len(smoothed) - (not math.isfinite(smoothed[-1]))
+    suggestion = steepest_descent_lr(lrs[:finite], smoothed[:finite])
+    if suggestion is None:
+        suggestion = lrs[int(np.argmin(smoothed[:finite]))] / 10
+        warnings.warn(
+            "The loss did not fall during the learning-rate range test; suggesting a tenth of the learning "
+            f"rate of the lowest loss ({suggestion:.3g}). Widen min_lr/max_lr or add steps.",
+            stacklevel=2,
+        )
+    logger.info("lr range test: %d steps%s, suggested lr %.3g", len(lrs), " (diverged)" if diverged else "", suggestion)
+    return LRRangeResult(tuple(lrs), tuple(smoothed), tuple(raw), suggestion, diverged)
+
+
+def _diverged(loss: float, best: float, factor: float) -> bool:
+    """``loss > factor · best`` for positive losses, stated so that it also works for negative ones."""
+    return loss - best > (factor - 1) * abs(best)
+
+
+def _endless(batcher: Batcher) -> Any:
+    while True:
+        yield from batcher
+
+
+def _train_step(
+    model: torch.nn.Module,
+    loss_fn: LossFn | None,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    micro_batch_size: int | None,
+) -> float:
+    """One training step (mean loss over the batch, accumulated over micro-batches); its loss."""
+    optimizer.zero_grad(set_to_none=True)
+    size = batch_len(batch)
+    total: torch.Tensor | None = None
+    for micro, micro_size in micro_batches(batch, micro_batch_size):
+        loss, _ = forward_loss(model, loss_fn, micro)
+        (loss * (micro_size / size)).backward()
+        part = loss.detach().double() * (micro_size / size)
+        total = part if total is None else total + part
+    optimizer.step()
+    assert total is not None
+    return float(total)  # one device sync per step

@@ -1,0 +1,203 @@
+"""Probes leave no trace: snapshots of model, optimizer and random state, and probe devices.
+
+Every measurement in :mod:`batchfit.tune` runs real forward and backward passes (and some run
+optimizer steps) on the user's model. :func:`probe` makes that invisible: on exit the
+parameters, buffers, gradients, train/eval modes, optimizer state and hyperparameters and the
+random number generators are exactly (bit for bit) what they were on entry. Snapshots live in
+host memory so that they do not take device memory away from the measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.sources import Batch
+from ..errors import BatchfitError, expected
+
+
+def resolve_device(device: str | torch.device, model: torch.nn.Module | None = None) -> torch.device:
+    """The device a probe runs on.
+
+    ``"auto"`` is the model's device when it is not the CPU, else the first GPU when there is
+    one, else the CPU.
+    """
+    if isinstance(device, str) and device == "auto":
+        if model is not None:
+            for tensor in model.parameters():
+                if tensor.device.type != "cpu":
+                    return tensor.device
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise expected("device", '"auto", "cpu", "cuda" or a torch.device', device) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise expected("device", "a device this machine has (no CUDA device is available)", device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """The batch with every tensor on ``device`` (non-blocking from pinned memory)."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def _host_copy(value: Any) -> Any:
+    """A deep copy of a (nested) state with every tensor copied to host memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+@dataclass
+class Snapshot:
+    """What :func:`snapshot` saved; :meth:`restore` puts it back."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    tensors: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor | None]
+    modes: list[bool]
+    optimizer_state: dict[str, Any] | None
+    rng: dict[str, Any]
+
+    def restore(self) -> None:
+        """Put model, optimizer and random state back exactly as they were."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in _named_tensors(self.model):
+                tensor.copy_(self.tensors[name])
+        for name, grad in self.grads.items():
+            param = params[name]
+            if grad is None:
+                param.grad = None
+            elif param.grad is not None and param.grad.shape == grad.shape and param.grad.dtype == grad.dtype:
+                param.grad.copy_(grad)
+            else:
+                param.grad = grad.to(param.device)
+        for module, training in zip(self.model.modules(), self.modes):
+            module.training = training
+        if self.optimizer is not None and self.optimizer_state is not None:
+            # load_state_dict replaces lr and every hyperparameter as well as the state.
+            self.optimizer.load_state_dict(self.optimizer_state)
+        _set_rng_state(self.rng)
+
+
+def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    # All buffers, also those left out of state_dict (persistent=False).
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _rng_state(cuda: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, cuda: bool = False
+) -> Snapshot:
+    """A host-memory copy of everything a probe may change (``cuda``: save GPU RNGs too)."""
+    return Snapshot(
+        model=model,
+        optimizer=optimizer,
+        tensors={name: _host_copy(t) for name, t in _named_tensors(model)},
+        grads={name: None if p.grad is None else _host_copy(p.grad) for name, p in model.named_parameters()},
+        modes=[m.training for m in model.modules()],
+        optimizer_state=None if optimizer is None else _host_copy(optimizer.state_dict()),
+        rng=_rng_state(cuda),
+    )
+
+
+@contextlib.contextmanager
+def preserved(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, cuda: bool = False
+) -> Iterator[Snapshot]:
+    """Run the body, then restore model, optimizer and RNGs bit-exactly, also after an error."""
+    saved = snapshot(model, optimizer, cuda=cuda)
+    try:
+        yield saved
+    finally:
+        saved.restore()
+
+
+def _optimizer_for(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, twin: torch.nn.Module
+) -> torch.optim.Optimizer:
+    """An optimizer of the same kind and state as ``optimizer`` but over ``twin``'s parameters."""
+    twin_of = {id(p): q for p, q in zip(model.parameters(), twin.parameters())}
+    groups = []
+    for group in optimizer.param_groups:
+        missing = [p for p in group["params"] if id(p) not in twin_of]
+        if missing:
+            raise BatchfitError(
+                "`optimizer` holds parameters that are not the model's, so the probe cannot move it to "
+                "another device. Move the model to the probe device before creating the optimizer."
+            )
+        groups.append({**group, "params": [twin_of[id(p)] for p in group["params"]]})
+    try:
+        twin_optimizer = type(optimizer)(groups, **optimizer.defaults)
+    except TypeError as error:
+        raise BatchfitError(
+            f"Cannot rebuild optimizer {type(optimizer).__name__} on the probe device ({error}). Move the "
+            "model to the probe device before creating the optimizer, or pass device= the model's device."
+        ) from None
+    twin_optimizer.load_state_dict(optimizer.state_dict())  # copies state onto the twin's device
+    return twin_optimizer
+
+
+@contextlib.contextmanager
+def probe(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    device: torch.device,
+) -> Iterator[tuple[torch.nn.Module, torch.optim.Optimizer | None]]:
+    """``(model, optimizer)`` on ``device`` for a probe that must leave no trace.
+
+    When the model already lives on ``device`` the probe works on it and everything is restored
+    afterwards. Otherwise it works on a copy moved to ``device`` (with an optimizer of the same
+    kind and state) and the originals are never touched. Random state is restored in both cases.
+    """
+    cuda = device.type == "cuda"
+    on_device = all(p.device == device for p in model.parameters())
+    if on_device:
+        with preserved(model, optimizer, cuda=cuda):
+            yield model, optimizer
+        return
+    rng = _rng_state(cuda)
+    twin = copy.deepcopy(model).to(device)
+    twin_optimizer = None if optimizer is None else _optimizer_for(optimizer, model, twin)
+    try:
+        yield twin, twin_optimizer
+    finally:
+        del twin, twin_optimizer
+        _set_rng_state(rng)
