@@ -19,7 +19,6 @@ before it so the target stays last.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import itertools
@@ -45,7 +44,7 @@ FORMAT = "batchfit-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 VERIFY_MODES = ("open", "full", "none")
-SHARD_BYTES = 128 * 2**20  # target size of a shard when shard_size is not given
+SHARD_BYTES = 512 * 2**20  # target size of a shard when shard_size is not given
 CHUNK_BYTES = 32 * 2**20  # how much of a source is gathered at once while writing
 MAPPED_BYTES = 256 * 2**20  # default bound on the file pages a ShardSource keeps mapped
 _FAULT_WINDOW = 64 * 1024  # Linux maps up to 64 KiB of cached pages around a page fault
@@ -177,17 +176,13 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return header.getvalue()
 
 
-def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], pieces: Iterable[np.ndarray]) -> dict:
-    """Write an .npy file from pieces along axis 0, hashing as it goes; fsync before returning."""
-    digest, size = hashlib.blake2b(), 0
-    with open(path, "xb") as f:
-        for chunk in (_npy_header(dtype, shape), *(p.reshape(-1).view(np.uint8) for p in pieces)):
-            digest.update(chunk)
-            f.write(chunk)
-            size += len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"name": path.name, "bytes": size, "blake2b": digest.hexdigest()}
+def _hash_file(path: Path) -> str:
+    digest, buffer = hashlib.blake2b(), bytearray(4 * 2**20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -198,16 +193,72 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _NpyFile:
+    """An .npy file written row block by row block; the header is completed on close.
+
+    NumPy pads .npy headers so that the first dimension can grow to 21 digits without the
+    header changing length, so a header written for 0 rows is overwritten in place.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape, self.rows = path, dtype, shape, 0
+        self.file = open(path, "xb")  # noqa: SIM115 (closed in close())
+        self.header_bytes = self.file.write(_npy_header(dtype, (0, *shape)))
+
+    def write(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+        self.rows += len(rows)
+
+    def close(self) -> dict[str, Any]:
+        header = _npy_header(self.dtype, (self.rows, *self.shape))
+        assert len(header) == self.header_bytes, "npy header changed length"
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"name": self.path.name, "bytes": self.path.stat().st_size, "blake2b": _hash_file(self.path)}
+
+
+class _OpenShard:
+    """The files of the shard being written; batches are appended as they arrive."""
+
+    def __init__(self, folder: Path, number: int, specs: list[_Spec]) -> None:
+        self.samples = 0
+        self.files: dict[str, _NpyFile] = {}
+        self.ends: dict[str, int] = {}  # values written so far, per ragged array
+        for spec in specs:
+            path = folder / f"shard-{number:05d}.{spec.key}.npy"
+            self.files[spec.key] = _NpyFile(path, spec.dtype, spec.shape)
+            if spec.ragged:
+                offsets = _NpyFile(path.with_suffix(".offsets.npy"), np.dtype(np.int64), ())
+                offsets.write(np.zeros(1, dtype=np.int64))
+                self.files[f"{spec.key}.offsets"] = offsets
+                self.ends[spec.key] = 0
+
+    def append(self, specs: list[_Spec], columns: list[np.ndarray | _Ragged]) -> None:
+        for spec, column in zip(specs, columns):
+            if isinstance(column, _Ragged):
+                self.files[spec.key].write(column.values)
+                self.files[f"{spec.key}.offsets"].write(column.offsets[1:] + self.ends[spec.key])
+                self.ends[spec.key] += int(column.offsets[-1])
+            else:
+                self.files[spec.key].write(column)
+        self.samples += len(columns[0])
+
+    def close(self) -> dict[str, Any]:
+        return {"samples": self.samples, "files": {key: f.close() for key, f in self.files.items()}}
+
+
 class _Writer:
-    """Collects batches and writes a shard each time ``shard_size`` samples are pending."""
+    """Writes batches into shards of ``shard_size`` samples, holding no more than one batch."""
 
     def __init__(self, folder: Path, shard_size: int | None) -> None:
         self.folder, self.shard_size = folder, shard_size
         self.names: tuple[str, ...] | None = None
         self.specs: list[_Spec] = []
-        self.pending: list[list[np.ndarray | _Ragged]] = []
-        self.pending_samples = 0
         self.shards: list[dict[str, Any]] = []
+        self.open: _OpenShard | None = None
 
     def add(self, batch: Any, number: int) -> None:
         where = f"batch {number}"
@@ -215,10 +266,17 @@ class _Writer:
         if number == 0:
             self._start(names, columns)
         self._check(names, columns, where)
-        self.pending.append(columns)
-        self.pending_samples += len(columns[0])
-        while self.shard_size and self.pending_samples >= self.shard_size:
-            self._flush(self.shard_size)
+        assert self.shard_size is not None
+        done, size = 0, len(columns[0])
+        while done < size:
+            if self.open is None:
+                self.open = _OpenShard(self.folder, len(self.shards), self.specs)
+            take = min(size - done, self.shard_size - self.open.samples)
+            self.open.append(self.specs, [_slice(c, done, done + take) for c in columns])
+            done += take
+            if self.open.samples == self.shard_size:
+                self.shards.append(self.open.close())
+                self.open = None
 
     def _start(self, names: tuple[str, ...] | None, columns: list[np.ndarray | _Ragged]) -> None:
         self.names = names
@@ -249,43 +307,9 @@ class _Writer:
             if len(column) != len(columns[0]):
                 raise expected(f"{where} array {spec.key!r}", f"{len(columns[0])} samples like the others", len(column))
 
-    def _take(self, count: int) -> list[list[np.ndarray | _Ragged]]:
-        """Remove the first ``count`` pending samples, as a list of batch pieces."""
-        taken, need = [], count
-        while need:
-            columns = self.pending[0]
-            n = len(columns[0])
-            if n <= need:
-                taken.append(self.pending.pop(0))
-                need -= n
-            else:
-                taken.append([_slice(c, 0, need) for c in columns])
-                self.pending[0] = [_slice(c, need, n) for c in columns]
-                need = 0
-        self.pending_samples -= count
-        return taken
-
-    def _flush(self, count: int) -> None:
-        pieces = self._take(count)
-        prefix = f"shard-{len(self.shards):05d}"
-        files: dict[str, dict] = {}
-        for i, spec in enumerate(self.specs):
-            column = [p[i] for p in pieces]
-            path = self.folder / f"{prefix}.{spec.key}.npy"
-            if spec.ragged:
-                values = [c.values for c in column]
-                total = sum(len(v) for v in values)
-                files[spec.key] = _write_npy(path, spec.dtype, (total, *spec.shape), values)
-                files[f"{spec.key}.offsets"] = _write_npy(
-                    path.with_suffix(".offsets.npy"), np.dtype(np.int64), (count + 1,), [_join_offsets(column)]
-                )
-            else:
-                files[spec.key] = _write_npy(path, spec.dtype, (count, *spec.shape), column)
-        self.shards.append({"samples": count, "files": files})
-
     def finish(self, pad_value: float, metadata: Mapping[str, Any] | None) -> None:
-        if self.pending_samples:
-            self._flush(self.pending_samples)
+        if self.open is not None and self.open.samples:
+            self.shards.append(self.open.close())
         if not self.shards:
             raise expected("data", "at least one sample", "no samples")
         manifest = {
@@ -304,16 +328,16 @@ class _Writer:
             os.fsync(f.fileno())
         _fsync_dir(self.folder)
 
+    def abandon(self) -> None:
+        if self.open is not None:
+            for f in self.open.files.values():
+                f.file.close()
+
 
 def _slice(column: np.ndarray | _Ragged, lo: int, hi: int) -> np.ndarray | _Ragged:
+    if lo == 0 and hi == len(column):
+        return column
     return column.slice(lo, hi) if isinstance(column, _Ragged) else column[lo:hi]
-
-
-def _join_offsets(column: list[_Ragged]) -> np.ndarray:
-    lengths = np.concatenate([np.diff(c.offsets) for c in column])
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
 
 
 def _as_batches(data: Any) -> Iterator[Any]:
@@ -396,7 +420,7 @@ def write_shards(
     for :class:`ArraySource`), or an iterable of batches (tuples or dicts of numpy arrays or
     tensors, e.g. a generator), so data larger than memory can be written piece by piece. A
     batch element given as a list of arrays of different lengths is a variable-length array.
-    ``shard_size`` is the number of samples per shard (default: about 128 MiB per shard).
+    ``shard_size`` is the number of samples per shard (default: about 512 MiB per shard).
     ``pad_value`` pads variable-length arrays in batches; ``metadata`` (JSON-able) is kept in
     the manifest. The write is atomic: an existing ``path`` is refused unless ``overwrite``.
     """
@@ -408,13 +432,14 @@ def write_shards(
     _prepare_destination(path, overwrite)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     tmp.mkdir()
+    writer = _Writer(tmp, shard_size)
     try:
-        writer = _Writer(tmp, shard_size)
         for number, batch in enumerate(_as_batches(data)):
             writer.add(batch, number)
         writer.finish(pad_value, metadata)
         _commit(tmp, path)
     except BaseException:
+        writer.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ShardSource(path, verify="none")
@@ -481,12 +506,7 @@ def _file_problem(path: Path, entry: dict[str, Any], full: bool) -> str | None:
     if size != entry["bytes"]:
         return f"has {size} bytes, but the manifest says {entry['bytes']} (truncated or overwritten)"
     if full:
-        digest, buffer = hashlib.blake2b(), bytearray(4 * 2**20)
-        view = memoryview(buffer)
-        with open(path, "rb", buffering=0) as f:
-            while count := f.readinto(buffer):
-                digest.update(view[:count])
-        found, wanted = digest.hexdigest(), entry["blake2b"]
+        found, wanted = _hash_file(path), entry["blake2b"]
         if found != wanted:
             return f"is corrupt: its blake2b checksum is {found[:16]}..., the manifest says {wanted[:16]}..."
     return None
@@ -496,7 +516,6 @@ class _MappedArray:
     """One .npy shard file, memory-mapped read-only, whose resident pages can be dropped."""
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        self.path = path
         with open(path, "rb") as f:
             try:
                 version = np.lib.format.read_magic(f)
@@ -509,19 +528,22 @@ class _MappedArray:
                     f"Shard file {path} holds dtype {found_dtype}, shape {tuple(found_shape)}; "
                     f"the manifest says dtype {dtype}, shape {shape}"
                 )
-            self.header_bytes = f.tell()
+            header_bytes = f.tell()
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         count = math.prod(shape)
-        array = np.empty(0, dtype)
-        if count:
-            array = np.frombuffer(self._map, dtype=dtype, count=count, offset=self.header_bytes)
+        array = np.frombuffer(self._map, dtype, count, header_bytes) if count else np.empty(0, dtype)
         self.array = array.reshape(shape)
         self.nbytes = len(self._map)
+        self.resident = 0  # an upper estimate of the bytes of this map in the process's RSS
 
     def drop(self) -> None:
-        """Unmap the pages read so far (they stay in the page cache, but leave this process's RSS)."""
+        """Unmap the pages read so far: they stay in the page cache but leave this process's RSS."""
         if hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
+        self.resident = 0
+
+
+_Group = tuple[int, np.ndarray, int, int]  # shard, indices inside it, rows lo:hi of the sorted batch
 
 
 class ShardSource:
@@ -530,7 +552,7 @@ class ShardSource:
     ``verify="open"`` (default) checks every file's size against the manifest, ``"full"`` also
     every checksum, ``"none"`` only reads the manifest; any problem is a :class:`ShardError`
     naming the file. Files are memory-mapped lazily, on first use. Batches are gathered by
-    vectorised indexing, a few tensor calls per shard touched, never one per sample. Pages of
+    vectorised indexing, one call per array and shard touched, never one per sample. Pages of
     the maps that reading touched are dropped whenever they may exceed ``max_mapped_bytes``,
     so resident memory stays bounded however large the data. ``pad_value`` (default: the one
     stored by :func:`write_shards`) pads variable-length arrays.
@@ -553,16 +575,17 @@ class ShardSource:
         stored_names = tuple(manifest["names"]) if manifest["names"] is not None else None
         self.names: tuple[str, ...] | None = _output_names(stored_names, self.specs)
         self.pad_value = manifest["pad_value"] if pad_value is None else pad_value
-        self.shard_sizes = [s["samples"] for s in manifest["shards"]]
+        self.shard_sizes: list[int] = [s["samples"] for s in manifest["shards"]]
         self._start_list = [0, *itertools.accumulate(self.shard_sizes)]
         self._starts = np.array(self._start_list, dtype=np.int64)
         self._len = int(manifest["num_samples"])
+        self._row_bytes = {spec.key: spec.row_bytes() for spec in self.specs}
+        self._any_ragged = any(spec.ragged for spec in self.specs)
         if verify != "none":
             self.verify(full=verify == "full")
         self._lock = threading.RLock()
         self._maps: dict[tuple[int, str], _MappedArray] = {}
-        self._mapped: dict[tuple[int, str], int] = {}  # estimated resident bytes per map
-        self._mapped_total = 0
+        self._resident = 0  # sum of the maps' resident estimates
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -577,13 +600,12 @@ class ShardSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_lock", "_maps", "_mapped", "_mapped_total"):
-            del state[key]
+        del state["_lock"], state["_maps"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock, self._maps, self._mapped, self._mapped_total = threading.RLock(), {}, {}, 0
+        self._lock, self._maps, self._resident = threading.RLock(), {}, 0
 
     def verify(self, full: bool = True) -> None:
         """Check every shard file's size against the manifest, and its checksum when ``full``."""
@@ -599,28 +621,27 @@ class ShardSource:
         lines = [f"{self.path}: {self._len} samples in {len(self.shard_sizes)} shards, {total / 2**20:.1f} MiB"]
         for spec in self.specs:
             shape = ("length", *spec.shape) if spec.ragged else spec.shape
-            lines.append(f"  {spec.key}: {spec.dtype} per-sample shape {tuple(shape)}")
+            lines.append(f"  {spec.key}: {spec.dtype}, per-sample shape {tuple(shape)}")
         return "\n".join(lines)
 
     def close(self) -> None:
         """Release the memory maps (they are opened again when needed)."""
         with self._lock:
             self._maps.clear()
-            self._mapped.clear()
-            self._mapped_total = 0
+            self._resident = 0
 
-    def _array(self, shard: int, part: str) -> np.ndarray:
-        key = (shard, part)
-        mapped = self._maps.get(key)
+    # -- memory maps --------------------------------------------------------------------------
+
+    def _map(self, shard: int, part: str) -> _MappedArray:
+        mapped = self._maps.get((shard, part))
         if mapped is None:
             with self._lock:
-                mapped = self._maps.get(key)
+                mapped = self._maps.get((shard, part))
                 if mapped is None:
-                    mapped = self._map_file(shard, part)
-                    self._maps[key] = mapped
-        return mapped.array
+                    mapped = self._maps[(shard, part)] = self._open_map(shard, part)
+        return mapped
 
-    def _map_file(self, shard: int, part: str) -> _MappedArray:
+    def _open_map(self, shard: int, part: str) -> _MappedArray:
         entry = self.manifest["shards"][shard]["files"][part]
         path = self.path / entry["name"]
         problem = _file_problem(path, entry, full=False)
@@ -630,109 +651,128 @@ class ShardSource:
         if part.endswith(".offsets"):
             return _MappedArray(path, np.dtype(np.int64), (count + 1,))
         spec = next(s for s in self.specs if s.key == part)
-        rows = count
         if spec.ragged:
-            rows = int(self._array(shard, f"{part}.offsets")[-1])
-        return _MappedArray(path, spec.dtype, (rows, *spec.shape))
+            count = int(self._map(shard, f"{part}.offsets").array[-1])
+        return _MappedArray(path, spec.dtype, (count, *spec.shape))
 
-    def _touched(self, shard: int, part: str, samples: int, row_bytes: int) -> None:
-        """Account for the pages a read may have mapped; drop all maps past the bound."""
-        key = (shard, part)
-        estimate = samples * (_FAULT_WINDOW + row_bytes)
-        before = self._mapped.get(key, 0)
-        after = min(self._maps[key].nbytes, before + estimate)
-        self._mapped[key] = after
-        self._mapped_total += after - before
-        if self._mapped_total > self.max_mapped_bytes:
+    def _touched(self, mapped: _MappedArray, samples: int, row_bytes: int) -> None:
+        """Count the pages a read may have mapped; past ``max_mapped_bytes``, drop every map.
+
+        A page fault maps up to 64 KiB of cached file around it, so each sample read counts
+        that much plus its own size, up to the size of the file.
+        """
+        before = mapped.resident
+        mapped.resident = min(mapped.nbytes, before + samples * (_FAULT_WINDOW + row_bytes))
+        self._resident += mapped.resident - before
+        if self._resident > self.max_mapped_bytes:
             with self._lock:
-                for mapped in self._maps.values():
-                    mapped.drop()
-                self._mapped.clear()
-                self._mapped_total = 0
+                for each in self._maps.values():
+                    each.drop()
+                self._resident = 0
+
+    # -- gathering -----------------------------------------------------------------------------
 
     def gather(self, indices: np.ndarray | torch.Tensor, pin_memory: bool = False) -> Batch:
         """The batch of the samples at ``indices`` (1-D integer array or tensor), in that order.
 
         Indices are sorted and grouped by shard; each shard is indexed once and the rows are
-        scattered back into the requested order.
+        put back into the requested order.
         """
+        indices = self._check_indices(indices)
+        groups, order = self._groups(indices)
+        if order is None and not pin_memory and groups and not self._any_ragged:  # the common case
+            shard, local = groups[0][0], groups[0][1]
+            return pack(self.names, [self._take(shard, spec, local) for spec in self.specs])
+        inverse = None
+        if order is not None:  # row i of the output is row inverse[i] of the sorted batch
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+        out: list[torch.Tensor] = []
+        for position, spec in enumerate(self.specs):
+            if spec.ragged:
+                padded, lengths = self._gather_ragged(spec, groups, order, len(indices), pin_memory)
+                target_last = position == len(self.specs) - 1 and position > 0 and self.names is None
+                out.extend([lengths, padded] if target_last else [padded, lengths])
+            else:
+                out.append(self._gather_dense(spec, groups, inverse, len(indices), pin_memory))
+        return pack(self.names, out)
+
+    def _check_indices(self, indices: Any) -> np.ndarray:
         if isinstance(indices, torch.Tensor):
             indices = indices.numpy()
         indices = np.asarray(indices)
         if indices.ndim != 1 or indices.dtype.kind not in "iu":
             raise expected("indices", "a 1-D array of integers", f"shape {indices.shape}, dtype {indices.dtype}")
-        groups, order = self._groups(indices)
-        out: list[torch.Tensor] = []
-        for position, spec in enumerate(self.specs):
-            if spec.ragged:
-                padded, lengths = self._gather_ragged(spec, groups, order, len(indices), pin_memory)
-                last = position == len(self.specs) - 1 and position > 0 and self.names is None
-                out.extend([lengths, padded] if last else [padded, lengths])
-            else:
-                out.append(self._gather_dense(spec, groups, order, len(indices), pin_memory))
-        return pack(self.names, out)
+        indices = indices.astype(np.int64, copy=False)
+        # Seen as unsigned, a negative index is huge, so one max() checks both bounds.
+        if len(indices) and int(indices.view(np.uint64).max()) >= self._len:
+            low, high = int(indices.min()), int(indices.max())
+            raise expected("indices", f"sample indices in [0, {self._len})", f"indices from {low} to {high}")
+        return indices
 
-    def _groups(self, indices: np.ndarray) -> tuple[list[tuple[int, np.ndarray, int, int]], np.ndarray | None]:
-        """``([(shard, local indices, lo, hi)], order)``: rows ``lo:hi`` of the sorted batch come
-        from ``shard``; ``order`` maps sorted rows to output rows (``None``: already in order)."""
+    def _groups(self, indices: np.ndarray) -> tuple[list[_Group], np.ndarray | None]:
+        """The shard groups of a batch, and the order that sorts it (``None``: left unsorted)."""
         if len(indices) == 0:
             return [], None
-        low, high = int(indices.min()), int(indices.max())
-        if low < 0 or high >= self._len:
-            raise expected("indices", f"sample indices in [0, {self._len})", f"indices from {low} to {high}")
-        first = bisect.bisect_right(self._start_list, low) - 1
-        if first == bisect.bisect_right(self._start_list, high) - 1:  # one shard: no sorting needed
-            start = self._start_list[first]
-            return [(first, indices - start if start else indices, 0, len(indices))], None
+        if len(self.shard_sizes) == 1:
+            return [(0, indices, 0, len(indices))], None
         order = np.argsort(indices)
         ordered = indices[order]
-        cuts = np.searchsorted(ordered, self._starts)  # where each shard's samples begin in `ordered`
-        groups = []
-        for shard in range(first, bisect.bisect_right(self._start_list, high)):
-            lo, hi = int(cuts[shard]), int(cuts[shard + 1])
-            if hi > lo:
-                groups.append((shard, ordered[lo:hi] - self._start_list[shard], lo, hi))
-        return groups, order
+        shard_of = np.searchsorted(self._starts, ordered, side="right") - 1
+        cuts = [0, *(np.flatnonzero(shard_of[1:] != shard_of[:-1]) + 1).tolist(), len(ordered)]
+        shards = shard_of[cuts[:-1]].tolist()
+        if len(shards) == 1:  # all in one shard: no need to reorder
+            return [(shards[0], indices - self._start_list[shards[0]], 0, len(indices))], None
+        starts = self._start_list
+        return [(s, ordered[lo:hi] - starts[s], lo, hi) for s, lo, hi in zip(shards, cuts, cuts[1:])], order
+
+    def _take(
+        self, shard: int, spec: _Spec, local: np.ndarray, out: np.ndarray | None = None, numpy: bool = False
+    ) -> Any:
+        """Rows ``local`` of one shard's array: a tensor, or a NumPy array (``out`` when given)."""
+        mapped = self._maps.get((shard, spec.key)) or self._map(shard, spec.key)
+        # mode="clip" skips NumPy's bounds-check buffering; _check_indices checked the bounds.
+        rows = mapped.array.take(local, axis=0, out=out, mode="clip")
+        if mapped.resident < mapped.nbytes:
+            self._touched(mapped, len(local), self._row_bytes[spec.key])
+        return rows if numpy or out is not None else torch.from_numpy(rows)
 
     def _gather_dense(
-        self, spec: _Spec, groups: list, order: np.ndarray | None, size: int, pin: bool
+        self, spec: _Spec, groups: list[_Group], inverse: np.ndarray | None, size: int, pin: bool
     ) -> torch.Tensor:
         out = _empty((size, *spec.shape), spec.dtype, pin)
-        rows = out.numpy() if order is None else np.empty((size, *spec.shape), spec.dtype)
-        for shard, local, lo, hi in groups:
-            # mode="clip" skips NumPy's bounds-check buffering; _groups checked the bounds.
-            np.take(self._array(shard, spec.key), local, axis=0, out=rows[lo:hi], mode="clip")
-            self._touched(shard, spec.key, hi - lo, spec.row_bytes())
-        if order is not None:
-            out.numpy()[order] = rows
+        if inverse is None:
+            for shard, local, lo, hi in groups:
+                self._take(shard, spec, local, out=out.numpy()[lo:hi])
+            return out
+        rows = np.concatenate([self._take(shard, spec, local, numpy=True) for shard, local, _, _ in groups])
+        rows.take(inverse, axis=0, out=out.numpy(), mode="clip")
         return out
 
     def _gather_ragged(
-        self, spec: _Spec, groups: list, order: np.ndarray | None, size: int, pin: bool
+        self, spec: _Spec, groups: list[_Group], order: np.ndarray | None, size: int, pin: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets_key = f"{spec.key}.offsets"
         starts = np.empty(size, dtype=np.int64)
         lengths_sorted = np.empty(size, dtype=np.int64)
         for shard, local, lo, hi in groups:
-            offsets = self._array(shard, offsets_key)
-            starts[lo:hi] = offsets[local]
-            lengths_sorted[lo:hi] = offsets[local + 1] - starts[lo:hi]
-            self._touched(shard, offsets_key, hi - lo, 16)
-        rows = np.arange(size) if order is None else order
+            offsets = self._map(shard, f"{spec.key}.offsets")
+            starts[lo:hi] = offsets.array[local]
+            lengths_sorted[lo:hi] = offsets.array[local + 1] - starts[lo:hi]
+            self._touched(offsets, hi - lo, 16)
+        rows = np.arange(size) if order is None else order  # output row of each sorted row
         lengths = _empty((size,), np.dtype(np.int64), pin)
         lengths.numpy()[rows] = lengths_sorted
         longest = int(lengths_sorted.max()) if size else 0
         padded = _empty((size, longest, *spec.shape), spec.dtype, pin)
         padded.fill_(self.pad_value)
-        target = padded.numpy()
         for shard, _, lo, hi in groups:
             group_lengths = lengths_sorted[lo:hi]
             row = np.repeat(rows[lo:hi], group_lengths)
             first = np.cumsum(group_lengths) - group_lengths
             column = np.arange(int(group_lengths.sum())) - np.repeat(first, group_lengths)
-            source = np.repeat(starts[lo:hi], group_lengths) + column
-            target[row, column] = self._array(shard, spec.key)[source]
-            self._touched(shard, spec.key, hi - lo, spec.row_bytes() * max(1, longest))
+            values = self._map(shard, spec.key)
+            padded.numpy()[row, column] = values.array[np.repeat(starts[lo:hi], group_lengths) + column]
+            self._touched(values, hi - lo, self._row_bytes[spec.key] * max(1, longest))
         return padded, lengths
 
     def _stored_batches(self) -> Iterator[tuple | dict]:
@@ -740,10 +780,9 @@ class ShardSource:
         for shard in range(len(self.shard_sizes)):
             columns: list[np.ndarray | _Ragged] = []
             for spec in self.specs:
-                values = self._array(shard, spec.key).copy()
+                values = self._map(shard, spec.key).array.copy()
                 if spec.ragged:
-                    offsets = self._array(shard, f"{spec.key}.offsets").copy()
-                    columns.append(_Ragged(values, offsets))
+                    columns.append(_Ragged(values, self._map(shard, f"{spec.key}.offsets").array.copy()))
                 else:
                     columns.append(values)
             self.close()
@@ -766,4 +805,3 @@ def verify(path: str | os.PathLike, mode: str = "full") -> ShardSource:
     """
     check_choice("mode", mode, ("open", "full"))
     return ShardSource(path, verify=mode)
-
