@@ -245,14 +245,12 @@ def test_lr_scaling_scales_the_lr_with_the_batch_size(make_mlp, classification, 
 
 def test_warmup_steps_ramp_the_lr_up(make_mlp, classification):
     lrs = lr_history(make_mlp, classification, warmup_steps=4)
-    assert 0 < lrs[0] < lrs[1] < lrs[2] < lrs[3] <= 0.1
-    assert lrs[4:] == pytest.approx([0.1] * 6)
+    assert lrs == pytest.approx([0.025, 0.05, 0.075] + [0.1] * 7)  # lr * min(1, (step + 1) / warmup_steps)
 
 
 def test_warmup_after_lr_scaling(make_mlp, classification):
     lrs = lr_history(make_mlp, classification, lr_scaling="linear", base_batch_size=10, warmup_steps=3)
-    assert lrs[0] < lrs[1] < lrs[2] <= 0.2
-    assert lrs[3:] == pytest.approx([0.2] * 7)
+    assert lrs == pytest.approx([0.2 / 3, 0.4 / 3] + [0.2] * 8)
 
 
 def test_lr_schedule_multiplies_the_lr(make_mlp, classification):
