@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..data.sources import Batch
+from ..tune.noise import squared_grad_norm
 from .batch import LossFn, batch_len, forward_loss, micro_batches
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -44,8 +45,11 @@ class StepRunner:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast_dtype, self.device_type = dtype, device.type
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.micro_grad_sq: list[float] = []  # filled only when track_micro_norms is on
-        self.track_micro_norms = False
+        # Gradient noise measurement (McCandlish et al. 2018): when on, each step records the
+        # squared norm of its first micro-batch's gradient (before any cross-rank sync) and of
+        # the whole batch's gradient, at no cost beyond two norms.
+        self.measure_noise = False
+        self.noise_pair: tuple[float, float, int, int] | None = None  # (small², big², b_small, b_big)
 
     def _autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -58,14 +62,18 @@ class StepRunner:
         The shares of all ranks sum to the mean loss of the whole batch.
         """
         if self.loss_count is None and self.world_size == 1 and self.micro_batch_size is None \
-                and not self.track_micro_norms:
+                and not self.measure_noise:
             # The common case, kept as short as a hand-written loop.
             with self._autocast():
                 loss, _ = forward_loss(self.model, self.loss_fn, batch)
             self._backward(loss * (batch_len(batch) / global_size) if batch_len(batch) != global_size else loss)
             return loss.detach()
         pieces = list(micro_batches(batch, self.micro_batch_size))
+        if self.measure_noise and len(pieces) == 1 and batch_len(batch) >= 2:
+            # Two halves give the same gradient and a smaller batch to measure the noise with.
+            pieces = list(micro_batches(batch, -(-batch_len(batch) // 2)))
         counts, total = self._counts(pieces, global_size)
+        small_sq = None
         share = None
         for index, ((micro, _), count) in enumerate(zip(pieces, counts)):
             last = index == len(pieces) - 1
@@ -75,14 +83,16 @@ class StepRunner:
                     loss, _ = forward_loss(self.model, self.loss_fn, micro)
                 weight = count / total
                 self._backward(loss * (weight * self.world_size))
-                if self.track_micro_norms:
-                    # Squared norm of this micro-batch's own mean gradient.
-                    self.micro_grad_sq.append(self._grad_sq_delta() / (weight * self.world_size) ** 2)
+                if self.measure_noise and index == 0 and len(pieces) > 1:
+                    # The accumulated gradient is still the first micro-batch's alone (and local).
+                    small_sq = squared_grad_norm(p.grad for p in self.params) / (weight * self.world_size) ** 2
             # A rank's share of a batch smaller than the world is empty: its loss is NaN (a mean over
             # nothing) but it still runs backward so that DDP's gradient sync happens on every rank.
             part = loss.detach() * weight if count else torch.zeros_like(loss.detach())
             share = part if share is None else share + part
         assert share is not None
+        if small_sq is not None:
+            self.noise_pair = (small_sq, squared_grad_norm(p.grad for p in self.params), pieces[0][1], global_size)
         return share
 
     def _counts(self, pieces: list[tuple[Batch, int]], global_size: int) -> tuple[list[Any], Any]:
@@ -99,17 +109,6 @@ class StepRunner:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-
-    def _grad_sq_delta(self) -> float:
-        """Squared norm of the gradient added by the last micro-batch (for the noise scale)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        total = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        previous = getattr(self, "_previous_sq_grads", None)
-        self._previous_sq_grads = [g.detach().clone() for g in grads]
-        if previous is None:
-            return float(total)
-        delta = torch.stack([(g.detach().float() - p.float()).pow(2).sum() for g, p in zip(grads, previous)]).sum()
-        return float(delta)
 
     def update(self) -> torch.Tensor | None:
         """Unscale, clip (returns the gradient norm when clipping), step, zero the grads."""
@@ -129,4 +128,3 @@ class StepRunner:
     def skip(self) -> None:
         """Drop the accumulated gradients without updating."""
         self.optimizer.zero_grad(set_to_none=True)
-        self._previous_sq_grads = None

@@ -40,7 +40,7 @@ logger = logging.getLogger("batchfit")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ON_NAN = ("raise", "skip", "rollback")
-LR_RULES = (None, "linear", "sqrt")
+LR_RULES = (None, "linear", "sqrt", "adascale")
 BATCH_MODES = ("full", "auto", "adaptive")
 # Settings that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("batch_size", "shuffle", "drop_last", "seed", "num_samples")
@@ -99,6 +99,8 @@ class Trainer:
         metrics: dict[str, Metric] | None = None,
         loss_count: Callable[[Batch], Any] | None = None,
         eval_batch_size: int | None = None,
+        noise_scale: bool = False,
+        max_batch_size: int | None = None,
         prefetch: int = 0,
         transform: Callable[[Batch], Batch] | None = None,
         progress: bool = True,
@@ -139,6 +141,8 @@ class Trainer:
         check_positive_int("keep_checkpoints", keep_checkpoints)
         if eval_batch_size is not None:
             check_positive_int("eval_batch_size", eval_batch_size)
+        if max_batch_size is not None:
+            check_positive_int("max_batch_size", max_batch_size)
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise expected("callbacks", "a sequence of batchfit Callback objects", type(cb).__name__)
@@ -166,6 +170,11 @@ class Trainer:
         self.metrics = dict(metrics or {})
         self.loss_count = loss_count
         self.eval_batch_size = eval_batch_size
+        self.max_batch_size = max_batch_size
+        # The continuous noise-scale estimate: asked for, or needed by adaptive batches / AdaScale.
+        self.track_noise = bool(noise_scale) or batch_size == "adaptive" or lr_scaling == "adascale"
+        self.noise_tracker: Any = None
+        self.adaptive: Any = None  # set by batch_size="adaptive"
         self.prefetch = check_positive_int("prefetch", prefetch, allow_zero=True)
         self.transform = transform
         self.progress = bool(progress) and self.dist.is_main
@@ -199,10 +208,10 @@ class Trainer:
             raise expected("checkpoint_dir", "a folder when resume=True", None)
         src = as_source(train, "train")
         val_src = None if val is None else as_source(val, "val")
-        self._prepare(src)
-        assert self.batcher is not None
-        if resume:
-            self._resume()
+        found = self._find_checkpoint() if resume else None
+        self._prepare(src, None if found is None else found[0])
+        if found is not None:
+            self._resume(*found)
         with self._signal_handlers():
             self._run(epochs, val_src)
         return self.history
@@ -266,6 +275,8 @@ class Trainer:
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "config": self._config(),
             "world_size": self.dist.world_size,
+            "noise_tracker": None if self.noise_tracker is None else self.noise_tracker.state_dict(),
+            "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
         }
         return state
 
@@ -284,6 +295,10 @@ class Trainer:
         self._elapsed_before = state["elapsed"]
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
+        if self.noise_tracker is not None and state.get("noise_tracker") is not None:
+            self.noise_tracker.load_state_dict(state["noise_tracker"])
+        if self.adaptive is not None and state.get("adaptive") is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
         ckpt.set_rng_state(state["rng"])
         self._lr_factor = math.nan  # re-applied before the next step
 
@@ -299,8 +314,9 @@ class Trainer:
         return os.fspath(path)
 
     # ------------------------------------------------------------------ setup
-    def _prepare(self, src: Source) -> None:
-        batch_size = self._resolve_batch_size(src)
+    def _prepare(self, src: Source, saved: dict[str, Any] | None = None) -> None:
+        self.adaptive = None
+        batch_size = self._resolve_batch_size(src, saved)
         micro = self.settings.micro_batch_size
         if micro == "auto":
             micro = self._auto_micro_batch_size(src, batch_size)
@@ -313,15 +329,27 @@ class Trainer:
                                  self.settings.precision, self.settings.max_grad_norm, self.dist.world_size,
                                  self.loss_count, self.dist.all_reduce_sum)
         self.resolved_micro_batch_size = micro
+        self.runner.measure_noise = self.track_noise
+        if self.adaptive is not None:
+            self.noise_tracker = self.adaptive.tracker
+        elif self.track_noise:
+            from ..tune.noise import NoiseScaleTracker
 
-    def _resolve_batch_size(self, src: Source) -> int:
+            self.noise_tracker = NoiseScaleTracker(beta=0.95)
+
+    def _resolve_batch_size(self, src: Source, saved: dict[str, Any] | None) -> int:
         batch_size = self.settings.batch_size
         if batch_size == "full":
             return len(src)
         if batch_size in ("auto", "adaptive"):
-            from ..tune.auto import choose_batch_size
+            from ..tune.auto import AdaptiveBatch, choose_batch_size
 
-            return choose_batch_size(self, src)
+            if saved is None:
+                return choose_batch_size(self, src)
+            # Resuming: the measured choice is part of the run, not measured again.
+            if batch_size == "adaptive":
+                self.adaptive = AdaptiveBatch(start=saved["batcher"]["batch_size"], max_batch=len(src))
+            return int(saved["batcher"]["batch_size"])
         assert isinstance(batch_size, int)
         if self.settings.drop_last and batch_size > len(src):
             raise expected("batch_size", f"at most the number of samples ({len(src)}) when drop_last=True",
@@ -336,13 +364,14 @@ class Trainer:
         logger.info("micro_batch_size='auto': %d fits in memory (batch_size stays %d)", fits, batch_size)
         return None if fits >= batch_size else fits
 
-    def _resume(self) -> None:
+    def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
         found = ckpt.load_latest(self.checkpoint_dir)
         if found is None:
             logger.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
-            return
-        state, path = found
+        return found
+
+    def _resume(self, state: dict[str, Any], path: Any) -> None:
         ckpt.check_compatible(state["config"], self._config(), RESUME_KEYS, path)
         try:
             self.load_state_dict(state)
@@ -356,8 +385,8 @@ class Trainer:
         config.update(batch_size=self.batcher.batch_size, num_samples=self.batcher.num_samples,
                       micro_batch_size=self.resolved_micro_batch_size, device=str(self.device),
                       world_size=self.dist.world_size)
-        if self.settings.batch_size == "adaptive":
-            config["batch_size"] = "adaptive"
+        if self.settings.batch_size in ("auto", "adaptive"):
+            config["batch_size"] = self.settings.batch_size
         return config
 
     # ------------------------------------------------------------------ the loop
@@ -366,11 +395,11 @@ class Trainer:
         assert batcher is not None
         hooks = {name: overriding(self.callbacks, name) for name in
                  ("on_fit_begin", "on_fit_end", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_step_end")}
+        self.stop_training = False  # before on_fit_begin, so that a callback can stop at once
         for hook in hooks["on_fit_begin"]:
             hook(self)
         self.module.train()
         self._start = time.perf_counter()
-        self.stop_training = False
         while batcher.epoch < epochs and not self.stop_training:
             epoch = batcher.epoch
             for hook in hooks["on_epoch_begin"]:
@@ -401,7 +430,7 @@ class Trainer:
         progress.start_epoch(epoch, epochs, len(batcher), -(-done_before // batcher.batch_size), start_time)
         batches_done = 0
         dynamic_lr = bool(self.settings.warmup_steps or self.lr_schedule is not None
-                          or self.settings.batch_size == "adaptive")
+                          or self.settings.batch_size == "adaptive" or self.settings.lr_scaling == "adascale")
         self._apply_lr()
         for batch in self._train_batches():
             global_size = batcher.last_batch_size
@@ -420,8 +449,11 @@ class Trainer:
             self.samples_seen += global_size
             batches_done += 1
             now = time.perf_counter()
-            history.add_step(self.step, epoch, self.samples_seen, global_size, loss, self._lr_now,
-                             self._elapsed_before + now - self._start)
+            if self.noise_tracker is None:
+                history.add_step(self.step, epoch, self.samples_seen, global_size, loss, self._lr_now,
+                                 self._elapsed_before + now - self._start)
+            else:
+                self._track_noise(epoch, global_size, loss, now)
             if step_end:
                 self._check_losses()
                 record = history.steps[-1]
@@ -436,6 +468,17 @@ class Trainer:
                                  history.losses()[-1], self._lr_now)
             if self.stop_training or self._signal is not None:
                 break
+
+    def _track_noise(self, epoch: int, global_size: int, loss: torch.Tensor, now: float) -> None:
+        """Fold the step's gradient norms into the noise scale; let adaptive batches react."""
+        assert self.runner is not None
+        pair, self.runner.noise_pair = self.runner.noise_pair, None
+        if self.adaptive is not None:
+            self.adaptive.update(self, pair)
+        elif pair is not None:
+            self.noise_tracker.update(*pair)
+        self.history.add_step(self.step, epoch, self.samples_seen, global_size, loss, self._lr_now,
+                              self._elapsed_before + now - self._start, noise_scale=self.noise_tracker.b_simple)
 
     def _train_batches(self) -> Iterator[Batch]:
         assert self.batcher is not None
@@ -473,7 +516,9 @@ class Trainer:
 
         s = self.settings
         factor = 1.0
-        if s.lr_scaling is not None:
+        if s.lr_scaling == "adascale":
+            factor = self._adascale_gain()
+        elif s.lr_scaling is not None:
             assert self.batcher is not None and s.base_batch_size is not None
             factor = scale_lr(1.0, s.base_batch_size, self.batcher.batch_size, s.lr_scaling)
         if s.warmup_steps:
@@ -481,6 +526,17 @@ class Trainer:
         if self.lr_schedule is not None:
             factor *= float(self.lr_schedule(step))
         return factor
+
+    def _adascale_gain(self) -> float:
+        """AdaScale's gain for the current batch over ``base_batch_size`` (1 until measured)."""
+        from ..tune.lr import adascale_gain
+
+        assert self.batcher is not None and self.settings.base_batch_size is not None
+        scale = self.batcher.batch_size / self.settings.base_batch_size
+        tracker = self.noise_tracker
+        if scale <= 1 or tracker is None or tracker.count == 0 or not math.isfinite(tracker.grad_sq):
+            return 1.0 if scale >= 1 else scale
+        return adascale_gain(tracker.grad_sq, tracker.trace_cov, scale, self.settings.base_batch_size)
 
     def _check_losses(self) -> None:
         """Read back pending losses and raise on the first non-finite one (on_nan='raise')."""

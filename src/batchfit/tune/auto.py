@@ -1,0 +1,154 @@
+"""``batch_size="auto"`` and ``"adaptive"``: the batch size chosen from measurements.
+
+The choice trades the two costs of a batch size B (McCandlish et al. 2018): the samples needed
+to reach a given loss grow as ``E_min (1 + B / B_noise)`` while the samples processed per
+second, ``throughput(B)``, grow with B until the hardware saturates. The time to a given loss
+is therefore proportional to
+
+    cost(B) = (1 + B / B_noise) / throughput(B)
+
+and the batch size is the power of two that minimises it, with ``B_noise`` the measured simple
+noise scale of the model at its starting weights and ``throughput`` measured by real forward and
+backward passes. ``"adaptive"`` keeps measuring the noise scale during training (from the
+micro-batch gradients that accumulation computes anyway) and grows the batch as it grows, as
+Smith et al. 2018 ("Don't decay the learning rate, increase the batch size") and Pollux's
+goodput (Qiao et al., OSDI 2021) suggest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..data.sources import Source
+from ..train.batch import forward_loss
+from .noise import NoiseScaleTracker, estimate_noise_scale
+from .state import batch_to, probe
+
+if TYPE_CHECKING:
+    from ..train.trainer import Trainer
+
+logger = logging.getLogger("batchfit")
+
+
+def powers_of_two(low: int, high: int) -> list[int]:
+    """Powers of two from the one at or above ``low`` up to ``high`` (``[high]`` if none)."""
+    sizes, size = [], 1
+    while size < low:
+        size *= 2
+    while size <= high:
+        sizes.append(size)
+        size *= 2
+    return sizes or [high]
+
+
+def round_to_power_of_two(value: float, low: int, high: int) -> int:
+    """The power of two nearest ``value`` in log scale, within ``[low, high]``."""
+    if not math.isfinite(value):
+        return powers_of_two(low, high)[-1]
+    exponent = round(math.log2(max(value, 1.0)))
+    return int(min(max(2**exponent, low), high))
+
+
+def measure_throughput(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int],
+                       device: torch.device, repeats: int = 3, seed: int = 0) -> dict[int, float]:
+    """Samples per second of forward + backward at each batch size (best of ``repeats``; state restored)."""
+    rng = np.random.default_rng(seed)
+    rates: dict[int, float] = {}
+    with probe(model, None, device) as (net, _):
+        net.train()
+        for size in sizes:
+            times = []
+            for repeat in range(repeats + 1):  # the first run warms up allocations
+                batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
+                start = time.perf_counter()
+                loss, _ = forward_loss(net, loss_fn, batch)
+                loss.backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if repeat:
+                    times.append(time.perf_counter() - start)
+                net.zero_grad(set_to_none=True)
+            rates[size] = size / min(times)  # the least disturbed run: other load only adds time
+    return rates
+
+
+def batch_cost(size: int, noise_scale: float, throughput: float) -> float:
+    """Relative time to a given loss: ``(1 + B / B_noise) / throughput(B)``."""
+    return (1.0 + size / max(noise_scale, 1e-12)) / throughput
+
+
+def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_batch: int | None = None) -> int:
+    """Measure the noise scale and throughput at the current weights and pick the batch size.
+
+    Logs the decision and its evidence, records it in ``trainer.history.events``, and for
+    ``"adaptive"`` runs starts the continuous noise-scale tracker.
+    """
+    n = len(src)
+    cap = min(max_batch or n, max(1, n // 4), getattr(trainer, "max_batch_size", None) or n)
+    low = min(min_batch, cap)
+    small = max(1, min(32, cap // 8))
+    big = small * 8
+    noise = estimate_noise_scale(trainer.module, trainer.loss_fn, src, small_batch=small, big_batch=big,
+                                 num_batches=8, seed=trainer.settings.seed, device=trainer.device)
+    b_noise = noise.b_simple if math.isfinite(noise.b_simple) else float(cap)
+    sizes = powers_of_two(low, cap)
+    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, seed=trainer.settings.seed)
+    costs = {size: batch_cost(size, b_noise, rate) for size, rate in rates.items()}
+    best = min(costs, key=costs.__getitem__)
+    reason = (f"noise scale B_simple={noise.b_simple:.4g} (|G|²={noise.grad_sq:.3g}, tr Σ={noise.trace_cov:.3g}); "
+              f"throughput " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items())
+              + f"; cost (1+B/B_noise)/throughput is least at {best}")
+    logger.info("batch_size=%r: chose %d — %s", trainer.settings.batch_size, best, reason)
+    trainer.history.add_event(step=trainer.step, kind="batch_size", batch_size=best, reason=reason,
+                              b_simple=noise.b_simple, throughput={str(k): v for k, v in rates.items()})
+    if trainer.settings.batch_size == "adaptive":
+        trainer.adaptive = AdaptiveBatch(start=best, max_batch=cap, noise_scale=noise.b_simple)
+    return best
+
+
+class AdaptiveBatch:
+    """Grows the batch size as the measured noise scale grows (never shrinks it).
+
+    Every ``every`` steps, once the tracker has ``warmup`` measurements, the target is the
+    power of two nearest the noise scale, within ``[current, max_batch]``; the batch changes
+    when the target is at least twice the current size. The learning rate follows through the
+    trainer's ``lr_scaling`` rule (``"linear"``, ``"sqrt"`` or ``"adascale"``).
+    """
+
+    def __init__(self, start: int, max_batch: int, noise_scale: float = math.nan, every: int = 20,
+                 warmup: int = 20, beta: float = 0.95) -> None:
+        self.batch_size, self.max_batch = start, max_batch
+        self.every, self.warmup = every, warmup
+        self.tracker = NoiseScaleTracker(beta=beta)
+        self.initial_noise_scale = noise_scale
+
+    def update(self, trainer: Trainer, pair: tuple[float, float, int, int] | None) -> None:
+        """Fold in this step's measurement; change the batch size when it is due."""
+        if pair is not None:
+            self.tracker.update(*pair)
+        if trainer.step % self.every or self.tracker.count < self.warmup:
+            return
+        target = round_to_power_of_two(self.tracker.b_simple, self.batch_size, self.max_batch)
+        if target >= 2 * self.batch_size:
+            reason = f"noise scale B_simple={self.tracker.b_simple:.4g} grew past {self.batch_size}"
+            logger.info("step %d: batch_size %d -> %d (%s)", trainer.step, self.batch_size, target, reason)
+            trainer.history.add_event(step=trainer.step, kind="batch_size", batch_size=target, reason=reason,
+                                      b_simple=self.tracker.b_simple)
+            self.batch_size = target
+            assert trainer.batcher is not None
+            trainer.batcher.batch_size = target
+
+    def state_dict(self) -> dict[str, Any]:
+        """Current size and the tracker's averages."""
+        return {"batch_size": self.batch_size, "max_batch": self.max_batch, "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.batch_size, self.max_batch = state["batch_size"], state["max_batch"]
+        self.tracker.load_state_dict(state["tracker"])
