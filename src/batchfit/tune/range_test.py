@@ -44,17 +44,23 @@ def smooth(losses: Sequence[float], smoothing: float) -> list[float]:
     return out
 
 
-def steepest_descent_lr(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
+def steepest_descent_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: int = 0) -> float | None:
     """The learning rate where ``d loss / d log(lr)`` is most negative, before the loss minimum.
 
-    ``None`` when there are fewer than 3 points up to the minimum or the loss never falls.
+    The first ``skip_start`` points are left out of the search (a moving average of only a few
+    losses is too noisy to read a slope from). ``None`` when fewer than 3 points remain up to
+    the minimum or the loss does not fall there.
     """
     stop = int(np.argmin(losses)) + 1
-    if stop < 3:
+    if stop - skip_start < 3:
         return None
-    slopes = np.gradient(np.asarray(losses[:stop], dtype=float), np.log(np.asarray(lrs[:stop], dtype=float)))
+    start_loss = losses[skip_start]
+    if start_loss - losses[stop - 1] <= 1e-6 * abs(start_loss):
+        return None  # a fall within rounding error is no fall
+    log_lrs = np.log(np.asarray(lrs[skip_start:stop], dtype=float))
+    slopes = np.gradient(np.asarray(losses[skip_start:stop], dtype=float), log_lrs)
     best = int(np.argmin(slopes))
-    return float(lrs[best]) if slopes[best] < 0 else None
+    return float(lrs[skip_start + best]) if slopes[best] < 0 else None
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,9 @@ def lr_range_test(
     micro-batches of ``micro_batch_size`` when given). The test stops early once the smoothed
     loss exceeds ``diverge_factor`` times the best one so far, or turns non-finite. The
     suggestion is the learning rate where the smoothed loss falls fastest per unit of
-    ``log(lr)``; when the loss never falls, a tenth of the learning rate of the lowest loss.
-    Model, optimizer (state and learning rates) and random state are restored exactly.
+    ``log(lr)``, leaving out the first ``1/(2·smoothing)`` steps whose average is still noisy;
+    when the loss never falls, a tenth of the learning rate of the lowest loss. Model,
+    optimizer (state and learning rates) and random state are restored exactly.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise expected("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__)
@@ -174,7 +181,9 @@ def lr_range_test(
     if not math.isfinite(raw[0]):
         raise BatchfitError(f"The loss is not finite even at min_lr={min_lr}: lower `min_lr` or check the model.")
     finite = len(smoothed) - (not math.isfinite(smoothed[-1]))
-    suggestion = steepest_descent_lr(lrs[:finite], smoothed[:finite])
+    # The moving average rests on ~1/smoothing losses; skip the steps before it has half of them.
+    skip = min(math.ceil(0.5 / smoothing), finite // 4)
+    suggestion = steepest_descent_lr(lrs[:finite], smoothed[:finite], skip)
     if suggestion is None:
         suggestion = lrs[int(np.argmin(smoothed[:finite]))] / 10
         warnings.warn(
