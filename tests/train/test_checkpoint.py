@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchfit import Callback, CheckpointError, Trainer
+from batchfit import Callback, CheckpointError, EarlyStopping, Trainer
 from batchfit.train import checkpoint as ckpt
 
 
@@ -294,3 +294,38 @@ def test_checkpoint_folder_has_no_temporary_files_after_fit(tmp_path, classifica
     make_run(tmp_path, checkpoint_every=1, keep_checkpoints=50).fit(classification, epochs=1)
     assert all(name.startswith("step-") and name.endswith(".pt") for name in os.listdir(tmp_path))
     assert len(os.listdir(tmp_path)) == 7
+
+
+# ---------------------------------------------------------------------------- early stopping across resumes
+def early_stopped_run(folder, classification, *callbacks):
+    x, y = classification
+    flipped = (x, (y + 1) % 3)  # validation gets worse as training goes on: early stopping triggers
+    trainer = make_run(folder, optimizer="sgd", checkpoint_every=3,
+                       callbacks=[EarlyStopping(monitor="val_loss", patience=1), *callbacks])
+    trainer.optimizer.param_groups[0]["lr"] = 0.5
+    trainer.base_lrs = [0.5]
+    return trainer, flipped
+
+
+def test_resume_with_early_stopping_is_exact(tmp_path, classification):
+    uninterrupted, flipped = early_stopped_run(tmp_path / "a", classification)
+    uninterrupted.fit(classification, epochs=30, val=flipped)
+    stopped_after = len(uninterrupted.history.epochs)
+    assert stopped_after < 30
+    crashing, _ = early_stopped_run(tmp_path / "b", classification, CrashAt(7 * stopped_after - 2))
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(classification, epochs=30, val=flipped)
+    resumed, _ = early_stopped_run(tmp_path / "b", classification)
+    resumed.fit(classification, epochs=30, val=flipped, resume=True)
+    assert_same_weights(uninterrupted, resumed)
+    assert len(resumed.history.epochs) == stopped_after
+
+
+def test_resume_of_an_early_stopped_run_trains_no_further(tmp_path, classification):
+    done, flipped = early_stopped_run(tmp_path, classification)
+    done.fit(classification, epochs=30, val=flipped)
+    again, _ = early_stopped_run(tmp_path, classification)
+    again.fit(classification, epochs=30, val=flipped, resume=True)
+    assert again.step == done.step
+    assert len(again.history.epochs) == len(done.history.epochs)
+    assert_same_weights(done, again)

@@ -411,3 +411,14 @@ def test_fit_with_prefetch_equals_fit_without(make_mlp, classification, assert_c
         weights.append(model.state_dict())
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name])
+
+
+def test_early_stopping_used_again_starts_afresh(make_mlp, classification):
+    x, y = classification
+    stopper = EarlyStopping(monitor="val_loss", patience=1)
+    first = sgd_trainer(make_mlp(), lr=0.5, batch_size=20, callbacks=[stopper])
+    first.fit((x, y), epochs=20, val=(x, (y + 1) % 3))
+    assert stopper.stopped
+    second = sgd_trainer(make_mlp(), lr=0.5, batch_size=20, callbacks=[stopper])
+    history = second.fit((x, y), epochs=20, val=(x, (y + 1) % 3))
+    assert len(history.epochs) == len(first.history.epochs)

@@ -61,6 +61,8 @@ class EarlyStopping(Callback):
     ``monitor`` names a key of the epoch record (``"val_loss"``, ``"val_accuracy"``, ``"loss"``);
     ``mode="auto"`` maximises names containing "acc" and minimises the rest. With
     ``restore_best=True`` the model gets back the weights of its best epoch at the end.
+    Its state (best weights included) goes into checkpoints, so a resumed run stops where the
+    uninterrupted run would have, and resuming a run that has stopped trains no further.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 3, min_delta: float = 0.0,
@@ -73,10 +75,22 @@ class EarlyStopping(Callback):
         check_choice("mode", mode, ("auto", "min", "max"))
         self.maximize = ("acc" in monitor) if mode == "auto" else mode == "max"
         self.restore_best = restore_best
+        self._reset()
+        self._resumed = False
+
+    def _reset(self) -> None:
         self.best = -math.inf if self.maximize else math.inf
         self.bad_epochs = 0
         self.best_epoch: int | None = None
+        self.stopped = False
         self._best_weights: dict[str, Any] | None = None
+
+    def on_fit_begin(self, trainer: Trainer) -> None:
+        if not self._resumed:
+            self._reset()  # a new run starts from scratch, also with a callback used before
+        elif self.stopped:
+            trainer.stop_training = True  # the run had already stopped when it was checkpointed
+        self._resumed = False
 
     def _improved(self, value: float) -> bool:
         if self.maximize:
@@ -96,14 +110,18 @@ class EarlyStopping(Callback):
         if self.bad_epochs >= self.patience:
             logger.info("early stopping: %s has not improved on %.4g (epoch %s) for %d epochs",
                         self.monitor, self.best, self.best_epoch, self.bad_epochs)
-            trainer.stop_training = True
+            self.stopped = trainer.stop_training = True
 
     def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        self._resumed = False  # (a rollback inside fit loads the state too)
         if self.restore_best and self._best_weights is not None and self.bad_epochs:
             trainer.module.load_state_dict(self._best_weights)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch}
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch,
+                "stopped": self.stopped, "best_weights": self._best_weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.bad_epochs, self.best_epoch = state["best"], state["bad_epochs"], state["best_epoch"]
+        self.stopped, self._best_weights = state.get("stopped", False), state.get("best_weights")
+        self._resumed = True
