@@ -102,6 +102,12 @@ def test_history_records_every_step(make_mlp, classification):
     assert {"val_loss", "val_accuracy", "steps", "samples"} <= set(history.epochs[1])
 
 
+def test_history_record_is_one_row_of_steps(make_mlp, classification):
+    history = sgd_trainer(make_mlp(), batch_size=32).fit(classification, epochs=1)
+    assert [history.record(i) for i in range(len(history))] == history.steps
+    assert history.record(-1) == history.steps[-1]
+
+
 def test_history_to_csv(make_mlp, classification, tmp_path):
     history = sgd_trainer(make_mlp(), batch_size=25).fit(classification, epochs=2, val=classification)
     history.to_csv(tmp_path / "steps.csv", tmp_path / "epochs.csv")

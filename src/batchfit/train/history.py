@@ -76,6 +76,12 @@ class History:
         names = list(self._columns)
         return [dict(zip(names, row)) for row in zip(*(self._columns[n] for n in names))]
 
+    def record(self, index: int) -> dict[str, Any]:
+        """One step's record, e.g. ``record(-1)`` for the latest (without building all of ``steps``)."""
+        if self._columns["loss"] and isinstance(self._columns["loss"][index], torch.Tensor):
+            self.losses()
+        return {name: column[index] for name, column in self._columns.items()}
+
     def mean_loss(self, epoch: int) -> float:
         """Mean training loss over the steps of ``epoch`` (NaN when it has none)."""
         values = [v for v, e in zip(self.losses(), self._columns["epoch"]) if e == epoch]

@@ -456,7 +456,7 @@ class Trainer:
                 self._track_noise(epoch, global_size, loss, now)
             if step_end:
                 self._check_losses()
-                record = history.steps[-1]
+                record = history.record(-1)
                 for hook in step_end:
                     hook(self, record)
             if every is not None and self.step % every == 0:
