@@ -224,3 +224,14 @@ def test_step_runner_ranks_average_to_the_single_process_gradient(make_mlp, num_
         torch.testing.assert_close(loss0 + loss1, loss, rtol=1e-6, atol=1e-7)
         for g, g0, g1 in zip(grads, grads0, grads1):
             torch.testing.assert_close((g0 + g1) / 2, g, rtol=1e-5, atol=1e-7)  # DDP averages over ranks
+
+
+def test_evaluate_with_loss_count_is_the_mean_over_tokens():
+    tokens, labels = token_data()
+    model = TokenModel()
+    trainer = Trainer(model, token_loss, torch.optim.SGD(model.parameters(), lr=0.5), progress=False,
+                      loss_count=lambda batch: (batch["labels"] != -100).sum())
+    result = trainer.evaluate({"tokens": tokens, "labels": labels}, batch_size=6)  # batches of 6, 6, 6, 2
+    with torch.no_grad():
+        expected = token_loss(model(tokens), {"labels": labels}).item()  # all tokens of the data at once
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)

@@ -34,14 +34,16 @@ class MetricSums:
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, Any] = {}
         self.count = 0
         self.correct: torch.Tensor | None = None
         self.scored = 0
 
-    def add(self, name: str, value: Any, weight: int) -> None:
-        """Add a batch mean ``value`` that covers ``weight`` samples."""
+    def add(self, name: str, value: Any, weight: Any) -> None:
+        """Add a batch mean ``value`` that covers ``weight`` samples (or tokens: any count)."""
         value = torch.as_tensor(value).detach().float()
         self.sums[name] = self.sums[name] + value * weight if name in self.sums else value * weight
+        self.weights[name] = self.weights.get(name, 0) + weight
 
     def add_correct(self, correct: torch.Tensor, scored: int) -> None:
         """Add a count of correct predictions out of ``scored``."""
@@ -49,8 +51,8 @@ class MetricSums:
         self.scored += scored
 
     def result(self) -> dict[str, float]:
-        """Means over all samples."""
-        out = {name: (total / self.count).item() for name, total in self.sums.items()}
+        """Means over all samples (or all of whatever each metric's weights counted)."""
+        out = {name: (total / self.weights[name]).item() for name, total in self.sums.items()}
         if self.correct is not None and self.scored:
             out["accuracy"] = self.correct.item() / self.scored
         return out

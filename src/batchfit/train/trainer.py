@@ -229,7 +229,8 @@ class Trainer:
                         output = forward(self.model, batch)
                         loss = loss_of(output, batch, self.loss_fn)
                     n = batch_len(batch)
-                    sums.add("loss", loss, n)
+                    # The mean over tokens when the loss counts tokens, as in training.
+                    sums.add("loss", loss, n if self.loss_count is None else self.loss_count(batch))
                     target = target_of(batch)
                     if is_classification(output, target):
                         assert target is not None
