@@ -9,6 +9,11 @@ from .errors import BatchfitError, CheckpointError, DistributedError, NonFiniteL
 from .train.callbacks import Callback, EarlyStopping
 from .train.history import History
 from .train.trainer import Trainer
+from .tune.lr import scale_lr
+from .tune.memory import find_micro_batch_size
+from .tune.noise import NoiseScale, estimate_noise_scale
+from .tune.range_test import LRRangeResult, lr_range_test
+from .tune.report import TuneReport, tune
 
 __all__ = [
     "ArraySource",
@@ -20,9 +25,17 @@ __all__ = [
     "DistributedError",
     "EarlyStopping",
     "History",
+    "LRRangeResult",
+    "NoiseScale",
     "NonFiniteLossError",
     "ShardError",
     "Trainer",
+    "TuneReport",
+    "estimate_noise_scale",
+    "find_micro_batch_size",
+    "lr_range_test",
+    "scale_lr",
+    "tune",
 ]
 
 __version__ = "0.1.0"

@@ -47,8 +47,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "resume": (_BOOL, False), "out": (_STR, "runs"),
     },
     "tune": {
-        "target_loss": (_FLOAT, None), "max_batch_size": (_INT, None), "budget_steps": (_INT, None),
-        "out": (_STR, "runs"),
+        "target_loss": (_FLOAT, None), "batch_sizes": (_LIST, None), "epochs": (_INT, 3), "out": (_STR, "runs"),
     },
 }
 TRAINER_KEYS = ("batch_size", "micro_batch_size", "shuffle", "drop_last", "lr_scaling", "base_batch_size",

@@ -38,10 +38,10 @@ def plot_history(history: History, path: str | os.PathLike[str]) -> None:
     losses = history.losses()
     (ax_step, ax_samples), (ax_lr, ax_val) = axes
     ax_step.plot(steps, losses, lw=0.8, alpha=0.5, label="step loss")
-    ax_step.plot(steps, _smooth(losses), lw=1.5, label="smoothed")
+    ax_step.plot(steps, ema(losses), lw=1.5, label="smoothed")
     ax_step.set(xlabel="step", ylabel="training loss", title="loss vs step")
     ax_step.legend()
-    ax_samples.plot(samples, _smooth(losses), lw=1.5)
+    ax_samples.plot(samples, ema(losses), lw=1.5)
     ax_samples.set(xlabel="samples seen", ylabel="training loss (smoothed)", title="loss vs samples seen")
     ax_lr.plot(steps, history.column("lr"), color="tab:green", label="lr")
     ax_lr.set(xlabel="step", ylabel="learning rate")
@@ -78,7 +78,7 @@ def _plot_epochs(ax, history: History) -> None:  # type: ignore[no-untyped-def]
     ax.legend()
 
 
-def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
+def ema(values: list[float], beta: float = 0.9) -> list[float]:
     """Bias-corrected exponential moving average, skipping non-finite values."""
     out, average, weight = [], 0.0, 0.0
     for value in values:

@@ -90,7 +90,8 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     ``"adaptive"`` runs starts the continuous noise-scale tracker.
     """
     n = len(src)
-    cap = min(max_batch or n, max(1, n // 4), getattr(trainer, "max_batch_size", None) or n)
+    # At least four steps per epoch; a power of two unless the data is tiny.
+    cap = powers_of_two(1, min(max_batch or n, max(1, n // 4), getattr(trainer, "max_batch_size", None) or n))[-1]
     low = min(min_batch, cap)
     small = max(1, min(32, cap // 8))
     big = small * 8
