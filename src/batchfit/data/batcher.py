@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import BatchfitError, check_choice, check_positive_int, expected
 from .order import SHUFFLES, epoch_order
@@ -26,6 +27,9 @@ class Batcher:
     Iterating yields the batches left in the current epoch and then moves to the next epoch.
     ``prefetch=k`` gathers up to ``k`` batches ahead in a background thread; ``transform`` is
     applied to whole batches (vectorised augmentation), in that thread when prefetching.
+    ``workers=n`` gathers (and transforms) whole batches in ``n`` worker processes instead, for
+    sources whose samples are costly to decode; PyTorch's DataLoader runs the workers, one
+    call per batch, in order.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class Batcher:
         pin_memory: bool = False,
         prefetch: int = 0,
         transform: Callable[[Batch], Batch] | None = None,
+        workers: int = 0,
         block_size: int = 4096,
         window_blocks: int = 8,
     ) -> None:
@@ -60,6 +65,7 @@ class Batcher:
         self.pin_memory = pin_memory
         self.prefetch = check_positive_int("prefetch", prefetch, allow_zero=True)
         self.transform = transform
+        self.workers = check_positive_int("workers", workers, allow_zero=True)
         self.block_size = check_positive_int("block_size", block_size)
         self.window_blocks = check_positive_int("window_blocks", window_blocks)
         self.batch_size = batch_size  # validated by the setter
@@ -139,11 +145,12 @@ class Batcher:
 
     def remaining(self) -> Iterator[Batch]:
         """The batches left in the current epoch, without moving to the next epoch afterwards."""
-        while self.prefetch:
+        while self.prefetch or self.workers:
             # A batch_size change drops the batches gathered ahead at the old size, so what is
             # served next (and what a state_dict taken now restores) does not depend on prefetch.
             batch_size = self._batch_size
-            queued = prefetch_iter(map(self._load, self._plan()), self.prefetch)
+            queued = self._in_workers() if self.workers else prefetch_iter(map(self._load, self._plan()),
+                                                                            self.prefetch)
             for end, size, batch in queued:
                 self.samples_done, self.last_batch_size = end, size
                 yield batch
@@ -159,6 +166,17 @@ class Batcher:
                 batch = transform(batch)
             self.samples_done, self.last_batch_size = end, size
             yield batch
+
+    def _in_workers(self) -> Iterator[tuple[int, int, Batch]]:
+        """(end, size, batch) of the planned batches, gathered in worker processes."""
+        plan = list(self._plan())
+        if not plan:
+            return
+        loader = torch.utils.data.DataLoader(
+            _GatherInWorker(self.src, self.transform), batch_size=None, sampler=[indices for _, _, indices in plan],
+            num_workers=self.workers, pin_memory=self.pin_memory, prefetch_factor=max(2, self.prefetch))
+        for (end, size, _), batch in zip(plan, loader):
+            yield end, size, batch
 
     def __iter__(self) -> Iterator[Batch]:
         if self.epoch_done:
@@ -188,3 +206,17 @@ class Batcher:
         self.batch_size = state["batch_size"]
         self.epoch = state["epoch"]
         self.samples_done = state["samples_done"]
+
+
+class _GatherInWorker(torch.utils.data.Dataset):
+    """A source seen as a dataset whose items are whole batches, for DataLoader workers."""
+
+    def __init__(self, src: Source, transform: Callable[[Batch], Batch] | None) -> None:
+        self.src, self.transform = src, transform
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, indices: np.ndarray) -> Batch:  # type: ignore[override]
+        batch = self.src.gather(indices, False)
+        return self.transform(batch) if self.transform is not None else batch

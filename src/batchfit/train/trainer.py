@@ -103,6 +103,7 @@ class Trainer:
         max_batch_size: int | None = None,
         prefetch: int = 0,
         transform: Callable[[Batch], Batch] | None = None,
+        workers: int = 0,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -177,6 +178,7 @@ class Trainer:
         self.adaptive: Any = None  # set by batch_size="adaptive"
         self.prefetch = check_positive_int("prefetch", prefetch, allow_zero=True)
         self.transform = transform
+        self.workers = check_positive_int("workers", workers, allow_zero=True)
         self.progress = bool(progress) and self.dist.is_main
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.param_dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
@@ -325,7 +327,7 @@ class Trainer:
             micro = None
         self.batcher = Batcher(src, batch_size, self.settings.shuffle, self.settings.drop_last, self.settings.seed,
                                self.dist.rank, self.dist.world_size, pin_memory=self.device.type == "cuda",
-                               prefetch=self.prefetch, transform=self.transform)
+                               prefetch=self.prefetch, transform=self.transform, workers=self.workers)
         self.runner = StepRunner(self.model, self.loss_fn, self.optimizer, micro, self.device,
                                  self.settings.precision, self.settings.max_grad_norm, self.dist.world_size,
                                  self.loss_count, self.dist.all_reduce_sum)
