@@ -72,7 +72,7 @@ def test_save_checkpoint_interrupted_write_leaves_nothing(tmp_path, monkeypatch)
     assert names(tmp_path) == step_files(1)
 
 
-def test_stale_temporary_file_is_ignored_and_removed(tmp_path):
+def test_checkpoint_stale_temporary_file_is_ignored_and_removed(tmp_path):
     ckpt.save_checkpoint({"w": torch.ones(1)}, tmp_path, 3, keep=3)
     stale = tmp_path / ".step-000000004.pt.999999.tmp"  # left by a process killed while writing
     stale.write_bytes(b"\x00" * 10)
