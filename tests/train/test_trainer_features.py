@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchfit import ArraySource, Callback, DatasetSource, EarlyStopping, Trainer
+from batchfit import ArraySource, Callback, DatasetSource, EarlyStopping, History, Trainer
 
 
 def sgd_trainer(model, loss_fn=F.cross_entropy, lr=0.1, **options):
@@ -428,3 +428,14 @@ def test_early_stopping_used_again_starts_afresh(make_mlp, classification):
     second = sgd_trainer(make_mlp(), lr=0.5, batch_size=20, callbacks=[stopper])
     history = second.fit((x, y), epochs=20, val=(x, (y + 1) % 3))
     assert len(history.epochs) == len(first.history.epochs)
+
+
+def test_history_reads_pending_losses_back_in_bounded_chunks():
+    from batchfit.train.history import READBACK_EVERY
+
+    history = History()
+    for step in range(1, 3 * READBACK_EVERY + 2):
+        history.add_step(step, 0, step, 1, torch.tensor(float(step)), 0.1, 0.0)
+        assert len(history) - history._pending_from < READBACK_EVERY  # tensors are only ever at the end
+    assert not any(isinstance(v, torch.Tensor) for v in history._columns["loss"][: 3 * READBACK_EVERY])
+    assert history.losses() == [float(s) for s in range(1, 3 * READBACK_EVERY + 2)]

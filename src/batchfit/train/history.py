@@ -11,6 +11,9 @@ from typing import Any
 import torch
 
 STEP_FIELDS = ("step", "epoch", "samples", "batch_size", "loss", "lr", "seconds")
+# Losses held as tensors are read back once this many are pending: one device sync per that many
+# steps, and memory that does not grow with the length of an epoch (a 0-d tensor costs ~600 bytes).
+READBACK_EVERY = 1024
 
 
 class History:
@@ -50,6 +53,8 @@ class History:
             for column in columns.values():
                 if len(column) < len(columns["step"]):
                     column.append(math.nan)
+        if len(columns["loss"]) - self._pending_from >= READBACK_EVERY:
+            self.losses()
 
     def losses(self) -> list[float]:
         """Every step's loss as floats (reads pending device values back in one transfer)."""
