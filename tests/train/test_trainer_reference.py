@@ -235,3 +235,19 @@ def test_evaluate_with_loss_count_is_the_mean_over_tokens():
     with torch.no_grad():
         expected = token_loss(model(tokens), {"labels": labels}).item()  # all tokens of the data at once
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_trainer_loss_count_micro_batch_without_tokens():
+    tokens, labels = token_data(8)
+    labels[:2] = -100  # the first micro-batch has no token that counts: its own mean is NaN
+    model, reference = TokenModel(), TokenModel()
+    trainer = Trainer(model, token_loss, torch.optim.SGD(model.parameters(), lr=0.5), batch_size=8,
+                      micro_batch_size=2, shuffle=False, progress=False, on_nan="raise",
+                      loss_count=lambda batch: (batch["labels"] != -100).sum())
+    history = trainer.fit({"tokens": tokens, "labels": labels}, epochs=1)
+    loss = token_loss(reference(tokens), {"labels": labels})
+    loss.backward()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    assert history.losses() == pytest.approx([loss.item()], rel=1e-6)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-7)
