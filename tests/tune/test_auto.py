@@ -1,0 +1,125 @@
+"""batch_size="auto" and "adaptive": the choice, its evidence, growth, lr rules, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchfit as bf
+from batchfit.tune.auto import AdaptiveBatch, batch_cost, powers_of_two, round_to_power_of_two
+
+
+def _noisy_classification(n: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 6)).astype(np.float32)
+    y = ((x[:, 0] + 0.8 * rng.standard_normal(n)) > 0).astype(np.int64)
+    return x, y
+
+
+def test_powers_of_two_range():
+    assert powers_of_two(8, 100) == [8, 16, 32, 64]
+    assert powers_of_two(5, 5) == [5]  # no power of two inside: the bound itself
+    assert round_to_power_of_two(300, 8, 1024) == 256
+    assert round_to_power_of_two(math.inf, 8, 1024) == 1024
+    assert round_to_power_of_two(2, 8, 1024) == 8
+
+
+def test_batch_cost_trades_noise_against_throughput():
+    # Same throughput: the smaller batch needs fewer samples, so it is cheaper.
+    assert batch_cost(32, 100.0, 1000.0) < batch_cost(256, 100.0, 1000.0)
+    # Throughput that grows 8x wins for a large noise scale.
+    assert batch_cost(256, 1e6, 8000.0) < batch_cost(32, 1e6, 1000.0)
+
+
+def test_auto_batch_size_is_a_measured_power_of_two_and_probe_leaves_weights(make_mlp):
+    x, y = _noisy_classification()
+    model = make_mlp(6, 16, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    trainer = bf.Trainer(model, F.cross_entropy, optimizer, batch_size="auto", progress=False)
+    trainer._prepare(bf.ArraySource(x, y))
+    chosen = trainer.batcher.batch_size
+    assert chosen in powers_of_two(8, 128)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert optimizer.state == {}  # the probe never stepped the user's optimizer
+    event = trainer.history.events[0]
+    assert event["kind"] == "batch_size" and event["batch_size"] == chosen
+    assert "noise scale" in event["reason"] and "throughput" in event["reason"]
+
+
+def test_adaptive_batch_grows_with_noise_scale_and_is_capped():
+    class FakeTrainer:
+        step = 0
+        history = bf.History()
+
+        class batcher:  # noqa: N801 - a stand-in with the one attribute used
+            batch_size = 16
+
+    trainer = FakeTrainer()
+    policy = AdaptiveBatch(start=16, max_batch=128, every=5, warmup=5, beta=0.5)
+    # Pairs with |G|² = 1 and tr Σ = 400 give B_simple = 400: the target is capped at 128.
+    b_small, b_big = 8, 64
+    small_sq = 1 + 400 / b_small
+    big_sq = 1 + 400 / b_big
+    sizes = []
+    for step in range(1, 21):
+        trainer.step = step
+        policy.update(trainer, (small_sq, big_sq, b_small, b_big))
+        sizes.append(trainer.batcher.batch_size)
+    assert sizes == sorted(sizes)  # never shrinks
+    assert sizes[3] == 16 and sizes[-1] == 128  # waits for its warm-up, then grows to the cap
+    assert trainer.history.events and trainer.history.events[0]["batch_size"] == 128
+    assert math.isclose(policy.tracker.b_simple, 400, rel_tol=1e-6)
+
+
+def test_adaptive_fit_records_noise_scale_and_events(make_mlp):
+    x, y = _noisy_classification(1024)
+    model = make_mlp(6, 16, 2)
+    trainer = bf.Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.05),
+                         batch_size="adaptive", progress=False)
+    history = trainer.fit((x, y), epochs=3)
+    steps = history.steps
+    assert all("noise_scale" in record for record in steps)
+    assert any(math.isfinite(record["noise_scale"]) for record in steps)
+    changes = [e for e in history.events if e["kind"] == "batch_size"]
+    assert changes, "the first decision is always logged"
+    sizes = [r["batch_size"] for r in steps if r["step"] < steps[-1]["step"]]
+    epochs = [r["epoch"] for r in steps]
+    # Within an epoch the batch never shrinks except for the epoch's last, partial batch.
+    for (size, epoch), (next_size, next_epoch) in zip(zip(sizes, epochs), zip(sizes[1:], epochs[1:])):
+        if epoch == next_epoch and next_size < size:
+            pytest.fail(f"batch shrank from {size} to {next_size} inside epoch {epoch}")
+    assert sum(r["batch_size"] for r in steps if r["epoch"] == 0) == len(x)  # every sample once
+
+
+def test_adascale_lr_gain_within_one_and_scale(make_mlp):
+    x, y = _noisy_classification(512)
+    model = make_mlp(6, 16, 2)
+    base_lr, base_batch, batch = 0.01, 16, 128
+    trainer = bf.Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=base_lr), batch_size=batch,
+                         lr_scaling="adascale", base_batch_size=base_batch, progress=False)
+    history = trainer.fit((x, y), epochs=2)
+    gains = [r["lr"] / base_lr for r in history.steps]
+    assert all(1 - 1e-9 <= g <= batch / base_batch + 1e-9 for g in gains)
+    assert len(set(gains)) > 1, "the gain follows the measured noise"
+
+
+def test_auto_resume_keeps_measured_batch_size(make_mlp, tmp_path):
+    x, y = _noisy_classification(256)
+
+    def run(epochs: int, resume: bool) -> bf.Trainer:
+        model = make_mlp(6, 16, 2)
+        trainer = bf.Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.05),
+                             batch_size="auto", progress=False, checkpoint_dir=tmp_path)
+        trainer.fit((x, y), epochs=epochs, resume=resume)
+        return trainer
+
+    first = run(1, resume=False)
+    second = run(2, resume=True)
+    assert second.batcher.batch_size == first.batcher.batch_size
+    assert [e["kind"] for e in second.history.events] == ["batch_size"]  # no second probe
