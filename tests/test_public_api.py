@@ -19,3 +19,13 @@ def test_all_has_no_duplicates():
 def test_errors_subclass_value_error():
     for name in ("BatchfitError", "CheckpointError", "NonFiniteLossError", "ShardError", "DistributedError"):
         assert issubclass(getattr(batchfit, name), ValueError), name
+
+
+def test_check_choice_refuses_ints_posing_as_bools():
+    import numpy as np
+    import pytest
+
+    import batchfit as bf
+
+    with pytest.raises(ValueError, match="`shuffle` must be one of False, True, 'full', 'block'. Received: shuffle=1"):
+        bf.Batcher((np.zeros((4, 1)), np.zeros(4)), batch_size=2, shuffle=1)

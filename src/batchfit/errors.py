@@ -57,7 +57,8 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> in
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
     """Return ``value`` if it is one of ``choices``, else raise naming ``name``."""
-    if value not in choices:
+    # Compare types too: 1 == True and 0 == False, but shuffle=1 is not shuffle=True.
+    if not any(value == choice and type(value) is type(choice) for choice in choices):
         options = ", ".join(repr(c) for c in choices)
         raise expected(name, f"one of {options}", value)
     return value
