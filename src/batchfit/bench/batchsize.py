@@ -1,0 +1,164 @@
+"""batch_size="auto" and "adaptive" against a sweep of fixed batch sizes, on three workloads.
+
+For each workload every run starts from the same initial weights and trains until a target
+validation metric is reached (checked every ``eval_every`` of an epoch), or a budget of epochs
+runs out. A fixed batch size B gets the learning rate ``scale_lr(base_lr, base_batch, B, rule)``;
+"auto" and "adaptive" get the same base lr and rule and choose their batch themselves, their
+probe counted in their time. Times exclude the validation checks (the same for all runs).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import cnn, mlp
+from ..train.callbacks import Callback
+from ..train.trainer import Trainer
+from ..tune.lr import scale_lr
+
+
+@dataclass
+class Workload:
+    """A model, data, optimizer and a validation target."""
+
+    name: str
+    make_model: Callable[[], torch.nn.Module]
+    make_optimizer: Callable[[torch.nn.Module, float], torch.optim.Optimizer]
+    loss_fn: Callable[..., torch.Tensor]
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    metric: str  # key of Trainer.evaluate
+    target: float
+    maximize: bool
+    base_lr: float
+    base_batch: int
+    rule: str
+    max_epochs: int
+
+
+class _Watch(Callback):
+    """Evaluates on the validation set every so many samples; stops at the target."""
+
+    def __init__(self, workload: Workload, every_samples: int) -> None:
+        self.workload, self.every = workload, every_samples
+        self.next_check = every_samples
+        self.start = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.steps: int | None = None
+        self.seconds: float | None = None
+        self.best = -math.inf if workload.maximize else math.inf
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["samples"] < self.next_check:
+            return
+        self.next_check += self.every
+        begin = time.perf_counter()
+        value = trainer.evaluate(self.workload.val)[self.workload.metric]
+        self.eval_seconds += time.perf_counter() - begin
+        self.best = max(self.best, value) if self.workload.maximize else min(self.best, value)
+        reached = value >= self.workload.target if self.workload.maximize else value <= self.workload.target
+        if reached:
+            self.steps = record["step"]
+            self.seconds = time.perf_counter() - self.start - self.eval_seconds
+            trainer.stop_training = True
+
+
+def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = workload.make_model()
+    if isinstance(batch_size, int):
+        lr = scale_lr(workload.base_lr, workload.base_batch, batch_size, workload.rule)
+        options: dict[str, Any] = {}
+    else:
+        lr = workload.base_lr
+        options = {"lr_scaling": workload.rule, "base_batch_size": workload.base_batch}
+    watch = _Watch(workload, max(1, int(eval_every * len(workload.train[1]))))
+    trainer = Trainer(model, workload.loss_fn, workload.make_optimizer(model, lr), batch_size=batch_size,
+                      progress=False, seed=seed, callbacks=[watch], device="cpu", **options)
+    trainer.fit(workload.train, epochs=workload.max_epochs)
+    chosen = [e["batch_size"] for e in trainer.history.events if e["kind"] == "batch_size"]
+    return {"workload": workload.name, "batch_size": batch_size, "lr": lr, "steps": watch.steps,
+            "seconds": watch.seconds, "best": watch.best,
+            "chosen": chosen or [batch_size]}
+
+
+def digits_workload() -> Workload:
+    """The demo's CNN on scikit-learn's digits; target: 95 % validation accuracy."""
+    from ..demo import load_digits_split
+
+    x_train, x_test, y_train, y_test = load_digits_split()
+    return Workload("digits CNN", lambda: cnn(), lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr),
+                    F.cross_entropy, (x_train, y_train), (x_test, y_test), "accuracy", 0.95, True,
+                    2e-3, 32, "sqrt", 40)
+
+
+def regression_workload(noise: float = 0.5, seed: int = 0) -> Workload:
+    """Linear targets plus Gaussian noise of known variance; target: validation MSE within 10 % of it."""
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((32, 1)).astype(np.float32)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.standard_normal((n, 32)).astype(np.float32)
+        return x, (x @ weights + noise * rng.standard_normal((n, 1))).astype(np.float32)
+
+    return Workload("noisy regression", lambda: mlp(32, 1, hidden=(64,)),
+                    lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), F.mse_loss,
+                    draw(16_384), draw(4_096), "loss", 1.1 * noise**2, False, 0.01, 32, "linear", 40)
+
+
+def classification_workload(seed: int = 0) -> Workload:
+    """A harder synthetic task: 10 classes, 40 features with interactions; target 85 % accuracy."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(n_samples=24_000, n_features=40, n_informative=20, n_redundant=10, n_classes=10,
+                               n_clusters_per_class=2, class_sep=1.5, flip_y=0.02, random_state=seed)
+    x, y = x.astype(np.float32), y.astype(np.int64)
+    return Workload("synthetic 10-class", lambda: mlp(40, 10, hidden=(128, 128)),
+                    lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), F.cross_entropy,
+                    (x[:20_000], y[:20_000]), (x[20_000:], y[20_000:]), "accuracy", 0.85, True,
+                    0.02, 32, "linear", 40)
+
+
+def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows per workload and mode: steps and seconds to target, and the ratio to the best fixed batch."""
+    workloads = [digits_workload(), regression_workload(), classification_workload()]
+    sizes = [16, 32, 64, 128, 256] if quick else [16, 32, 64, 128, 256, 512]
+    rows = []
+    for workload in workloads:
+        runs = []
+        for batch_size in [*sizes, "auto", "adaptive"]:
+            trials = [_run(workload, batch_size, 0.25, seed + r) for r in range(repeats)]
+            seconds = [t["seconds"] for t in trials if t["seconds"] is not None]
+            steps = [t["steps"] for t in trials if t["steps"] is not None]
+            runs.append({**trials[0], "seconds": statistics.median(seconds) if len(seconds) == repeats else None,
+                         "steps": int(statistics.median(steps)) if len(steps) == repeats else None})
+        fixed = [r for r in runs if isinstance(r["batch_size"], int) and r["seconds"] is not None]
+        best = min(fixed, key=lambda r: r["seconds"]) if fixed else None
+        for run in runs:
+            run["ratio_to_best_fixed"] = (run["seconds"] / best["seconds"]
+                                          if best is not None and run["seconds"] is not None else None)
+            run["best_fixed"] = best["batch_size"] if best is not None else None
+        rows += runs
+    return rows
+
+
+def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`batch_size_table` rows."""
+    lines = ["| workload | batch size | lr | steps to target | seconds to target | × best fixed |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        size = row["batch_size"] if isinstance(row["batch_size"], int) else \
+            f"{row['batch_size']} ({'→'.join(str(s) for s in row['chosen'])})"
+        seconds = "not reached" if row["seconds"] is None else f"{row['seconds']:.2f}"
+        ratio = "—" if row["ratio_to_best_fixed"] is None else f"{row['ratio_to_best_fixed']:.2f}"
+        lines.append(f"| {row['workload']} | {size} | {row['lr']:.4g} | {row['steps'] or '—'} | {seconds} | {ratio} |")
+    return "\n".join(lines)
