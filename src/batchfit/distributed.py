@@ -3,18 +3,34 @@
 A run started by ``torchrun`` has ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in its
 environment; the trainer then initialises the process group (nccl on CUDA, gloo on CPU)
 unless the user already did, and wraps the model in ``DistributedDataParallel``.
+
+Failures: a rank that raises leaves the process group at once (:meth:`DistContext.abort`),
+after posting its error in the group's key-value store, so that the other ranks stop within
+moments with a :class:`DistributedError` that names it, instead of waiting for the timeout.
+A rank that dies without a word (SIGKILL) closes its connections, which the others see as a
+failed collective; a rank that hangs is caught by the process-group timeout
+(``BATCHFIT_DIST_TIMEOUT`` seconds, default 300).
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .errors import DistributedError
+from .errors import DistributedError, expected
+
+TIMEOUT_ENV = "BATCHFIT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+_ERROR_KEY = "batchfit/failed"  # where a failing rank posts its error for the others
+# Words of the errors a collective raises when a peer is gone (gloo, nccl, the c10d store).
+_PEER_GONE = ("connection closed", "connection reset", "broken pipe", "timed out", "gloo", "nccl")
 
 
 @dataclass
@@ -38,21 +54,79 @@ class DistContext:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks (in place; returned for convenience)."""
-        if self.enabled:
-            try:
-                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            except Exception as error:  # a peer died or timed out
-                raise DistributedError(
-                    f"rank {self.rank}: a collective operation failed, another rank has probably "
-                    f"failed or stopped ({type(error).__name__}: {error})"
-                ) from error
+        return self._all_reduce(tensor, dist.ReduceOp.SUM) if self.enabled else tensor
+
+    def all_equal(self, value: int) -> bool:
+        """Whether every rank passed the same ``value`` (one small collective)."""
+        if not self.enabled:
+            return True
+        both = self._all_reduce(torch.tensor([value, -value], dtype=torch.int64, device=self._device()),
+                                dist.ReduceOp.MAX)
+        return int(both[0]) == -int(both[1])
+
+    def _all_reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
+        try:
+            dist.all_reduce(tensor, op=op)
+        except Exception as error:  # a peer died, left or timed out
+            raise self.peer_failure(error) from error
         return tensor
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+    def peer_failure(self, error: BaseException) -> DistributedError:
+        """The error to raise on this rank when ``error`` came from a collective that another rank broke."""
+        if isinstance(error, DistributedError):
+            return error
+        posted = self._posted_error()
+        if posted is not None:
+            return DistributedError(f"rank {self.rank}: stopped because {posted}")
+        return DistributedError(
+            f"rank {self.rank}: a collective operation failed; another rank has probably died or stopped "
+            f"responding ({type(error).__name__}: {_first_line(error)})")
+
+    def abort(self, error: BaseException) -> DistributedError | None:
+        """Leave the process group after ``error`` so that the other ranks stop now, not at the timeout.
+
+        Returns the :class:`DistributedError` to raise instead of ``error`` when ``error`` was caused
+        by another rank's failure, or None when it is this rank's own error; that one is posted
+        first, so that the other ranks can name it. The group is destroyed even when the user
+        created it: a group whose ranks have left mid-step cannot be used again.
+        """
+        replacement = None
+        if _is_peer_gone(error) or (isinstance(error, RuntimeError) and self._posted_error() is not None):
+            replacement = self.peer_failure(error)
+        else:
+            self._post_error(f"rank {self.rank} failed: {type(error).__name__}: {_first_line(error)}")
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # leaving a broken group may fail too; the ranks stop either way
+                pass
+        self.owns_group = False
+        return replacement
+
+    def _post_error(self, message: str) -> None:
+        try:
+            _store().set(_ERROR_KEY, message)
+        except Exception:  # no store (or it went with a dead rank 0): the others get the generic message
+            pass
+
+    def _posted_error(self) -> str | None:
+        try:
+            store = _store()
+            if store.check([_ERROR_KEY]):  # never waits, unlike get
+                return store.get(_ERROR_KEY).decode(errors="replace")
+        except Exception:
+            pass
+        return None
 
     def close(self) -> None:
         """Destroy the process group if batchfit created it."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-            self.owns_group = False
+        self.owns_group = False
 
 
 def env_world() -> tuple[int, int, int] | None:
@@ -63,8 +137,26 @@ def env_world() -> tuple[int, int, int] | None:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def setup(device_type: str, timeout_s: float = 300.0) -> DistContext:
-    """Join the process group of a torchrun launch (or the one the user created)."""
+def timeout_from_env() -> float:
+    """Seconds a collective may wait for the other ranks: ``BATCHFIT_DIST_TIMEOUT`` or 300."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise expected(TIMEOUT_ENV, "a positive number of seconds", text)
+    return seconds
+
+
+def setup(device_type: str, timeout_s: float | None = None) -> DistContext:
+    """Join the process group of a torchrun launch (or the one the user created).
+
+    ``timeout_s`` (default :func:`timeout_from_env`) bounds how long a collective waits for a
+    rank that stopped answering; a rank that died is usually noticed at once (closed connections).
+    """
     if dist.is_available() and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         return DistContext(dist.get_rank(), dist.get_world_size(), local)
@@ -75,6 +167,30 @@ def setup(device_type: str, timeout_s: float = 300.0) -> DistContext:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
+    timeout = timeout_from_env() if timeout_s is None else timeout_s
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return DistContext(rank, world, local, owns_group=True)
+                            timeout=datetime.timedelta(seconds=timeout))
+    context = DistContext(rank, world, local, owns_group=True)
+    atexit.register(context.close)
+    return context
+
+
+def _store() -> Any:
+    """The key-value store every rank of the default process group shares."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of an error message: its first line without a ``[file.cc:123]`` prefix, at most 300 characters."""
+    lines = str(error).strip().splitlines()
+    line = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else "")
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _is_peer_gone(error: BaseException) -> bool:
+    """Whether ``error`` is what a collective raises when another rank died, left or hung."""
+    if isinstance(error, (DistributedError, dist.DistError)):
+        return True
+    return isinstance(error, RuntimeError) and any(word in str(error).lower() for word in _PEER_GONE)

@@ -50,6 +50,23 @@ class MetricSums:
         self.correct = correct if self.correct is None else self.correct + correct
         self.scored += scored
 
+    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum every total over the ranks of a distributed run with one ``reduce_sum`` call.
+
+        Every rank must hold the same metric names (each evaluated a non-empty share of the data).
+        """
+        names = sorted(self.sums)
+        device = self.sums[names[0]].device if names else torch.device("cpu")
+        values = [self.sums[n] for n in names] + [self.weights[n] for n in names]
+        values += [self.correct if self.correct is not None else 0, self.scored, self.count]
+        totals = reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                                         for v in values]))
+        k = len(names)
+        self.sums = dict(zip(names, totals[:k]))
+        self.weights = dict(zip(names, totals[k : 2 * k]))
+        self.correct = totals[2 * k] if self.correct is not None else None
+        self.scored, self.count = (int(v) for v in totals[2 * k + 1 :].tolist())
+
     def result(self) -> dict[str, float]:
         """Means over all samples (or all of whatever each metric's weights counted)."""
         out = {name: (total / self.weights[name]).item() for name, total in self.sums.items()}

@@ -23,6 +23,7 @@ from ..data.sources import Batch, Source, as_source
 from ..errors import (
     BatchfitError,
     CheckpointError,
+    DistributedError,
     NonFiniteLossError,
     check_choice,
     check_positive_int,
@@ -195,6 +196,7 @@ class Trainer:
         self._lr_now = math.nan
         self._checked = 0  # steps whose losses have been checked for NaN
         self._signal: int | None = None
+        self._agreed_signal: int | None = None  # a signal some rank received, known to all (distributed)
 
     # ------------------------------------------------------------------ public API
     def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool = False) -> History:
@@ -210,27 +212,49 @@ class Trainer:
             raise expected("checkpoint_dir", "a folder when resume=True", None)
         src = as_source(train, "train")
         val_src = None if val is None else as_source(val, "val")
-        found = self._find_checkpoint() if resume else None
-        self._prepare(src, None if found is None else found[0])
-        if found is not None:
-            self._resume(*found)
-        with self._signal_handlers():
-            self._run(epochs, val_src)
+        try:
+            found = self._find_checkpoint() if resume else None
+            self._prepare(src, None if found is None else found[0])
+            if found is not None:
+                self._resume(*found)
+            if resume and not self.dist.all_equal(self.step):
+                raise DistributedError(f"rank {self.dist.rank}: the ranks resumed from checkpoints of different "
+                                       f"steps (this one: step {self.step}); every rank must see the same "
+                                       f"checkpoint_dir (a shared folder)")
+            with self._signal_handlers():
+                self._run(epochs, val_src)
+        except BaseException as error:
+            if not self.dist.enabled or self._all_ranks_raise(error):
+                raise
+            # Leave the process group now, so that the other ranks stop at once instead of waiting
+            # for this one until the timeout; an error caused by another rank becomes a DistributedError.
+            replacement = self.dist.abort(error)
+            if replacement is None:
+                raise
+            raise replacement from error
         return self.history
 
     def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, float]:
-        """Mean loss over ``data`` (and accuracy for class-index targets, and user metrics)."""
-        src = as_source(data, "data")
+        """Mean loss over ``data`` (and accuracy for class-index targets, and user metrics).
+
+        This process evaluates all of ``data`` by itself (no collectives), so in a distributed run
+        any rank may call it, alone or with the others.
+        """
+        return self._metric_sums(as_source(data, "data"), batch_size).result()
+
+    def _metric_sums(self, src: Source, batch_size: int | None, shard: bool = False) -> MetricSums:
         sums = MetricSums()
         was_training = self.module.training
         self.module.eval()
         try:
             with torch.no_grad():
-                for batch in self._eval_batches(src, batch_size):
-                    with self._autocast():
-                        output = forward(self.model, batch)
-                        loss = loss_of(output, batch, self.loss_fn)
+                for batch in self._eval_batches(src, batch_size, shard):
                     n = batch_len(batch)
+                    if n == 0:  # this rank's share of a last batch smaller than the world
+                        continue
+                    with self._autocast():
+                        output = forward(self.module, batch)
+                        loss = loss_of(output, batch, self.loss_fn)
                     # The mean over tokens when the loss counts tokens, as in training.
                     sums.add("loss", loss, n if self.loss_count is None else self.loss_count(batch))
                     target = target_of(batch)
@@ -242,6 +266,19 @@ class Trainer:
                     sums.count += n
         finally:
             self.module.train(was_training)
+        return sums
+
+    def _validate(self, val: Source) -> dict[str, float]:
+        """Validation metrics, the same on every rank.
+
+        In a distributed run each rank evaluates its share of ``val`` and one all-reduce sums the
+        shares: world-size times less work than each rank evaluating everything, and the sums
+        that every rank divides are the same numbers.
+        """
+        if not self.dist.enabled or len(val) < self.dist.world_size:
+            return self.evaluate(val)
+        sums = self._metric_sums(val, None, shard=True)
+        sums.all_reduce(self.dist.all_reduce_sum)
         return sums.result()
 
     def predict(self, data: Any, batch_size: int | None = None) -> torch.Tensor:
@@ -254,7 +291,7 @@ class Trainer:
             with torch.no_grad():
                 for batch in self._eval_batches(src, batch_size):
                     with self._autocast():
-                        output = forward(self.model, batch)
+                        output = forward(self.module, batch)
                     outputs.append(getattr(output, "logits", output).float().cpu())
         finally:
             self.module.train(was_training)
@@ -310,16 +347,21 @@ class Trainer:
         if self.checkpoint_dir is None:
             raise expected("checkpoint_dir", "a folder to save checkpoints in", None)
         self._check_losses()
-        state = self.state_dict()
         if not self.dist.is_main:
             return None
-        path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.step, self.settings.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.settings.keep_checkpoints)
         return os.fspath(path)
 
     # ------------------------------------------------------------------ setup
     def _prepare(self, src: Source, saved: dict[str, Any] | None = None) -> None:
         self.adaptive = None
         batch_size = self._resolve_batch_size(src, saved)
+        if self.dist.enabled and saved is None and self.settings.batch_size in ("auto", "adaptive"):
+            # Each rank measured its own throughput; all must train with the same batch size: rank 0's.
+            choice = torch.tensor([batch_size if self.dist.is_main else 0], dtype=torch.int64, device=self.device)
+            batch_size = int(self.dist.all_reduce_sum(choice))
+            if self.adaptive is not None:
+                self.adaptive.batch_size = batch_size
         micro = self.settings.micro_batch_size
         if micro == "auto":
             micro = self._auto_micro_batch_size(src, batch_size)
@@ -399,16 +441,17 @@ class Trainer:
         hooks = {name: overriding(self.callbacks, name) for name in
                  ("on_fit_begin", "on_fit_end", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_step_end")}
         self.stop_training = False  # before on_fit_begin, so that a callback can stop at once
+        self._agreed_signal = None
         for hook in hooks["on_fit_begin"]:
             hook(self)
         self.module.train()
         self._start = time.perf_counter()
-        while batcher.epoch < epochs and not self.stop_training:
+        while batcher.epoch < epochs and not self._stop_between_epochs():
             epoch = batcher.epoch
             for hook in hooks["on_epoch_begin"]:
                 hook(self, epoch)
             self._run_epoch(epoch, epochs, progress, hooks)
-            if self._signal is not None:
+            if self._pending_signal() is not None:
                 self._exit_on_signal()
             if not batcher.epoch_done:
                 break  # stopped early inside the epoch
@@ -437,13 +480,21 @@ class Trainer:
         self._apply_lr()
         for batch in self._train_batches():
             global_size = batcher.last_batch_size
+            stop_requested = self.stop_training  # asked for after the previous step
             for hook in step_begin:
                 hook(self, self.step)
             if dynamic_lr:
                 self._apply_lr()
             loss = runner.accumulate(batch, global_size)
             if self.dist.enabled:
-                loss = self.dist.all_reduce_sum(loss)
+                loss, stop = self._agree(stop_requested, loss, global_size)
+                if stop:
+                    # A rank asked to stop after the previous step, and the others learn it only now:
+                    # every rank drops this step, so that all end where one process would have.
+                    runner.skip()
+                    runner.noise_pair = None
+                    batcher.samples_done -= global_size
+                    break
             if check_each_step and not math.isfinite(loss.item()):
                 self._non_finite(loss.item(), epoch)
                 continue
@@ -469,8 +520,58 @@ class Trainer:
                 rate = (self.samples_seen - start_samples) / max(now - start_time, 1e-9)
                 progress.refresh(now, -(-done_before // batcher.batch_size) + batches_done, rate,
                                  history.losses()[-1], self._lr_now)
-            if self.stop_training or self._signal is not None:
+            if self._stop_after_step():
                 break
+
+    def _agree(self, stop_requested: bool, loss: torch.Tensor | None = None,
+               global_size: int = 0) -> tuple[torch.Tensor | None, bool]:
+        """One all-reduce: the step loss summed over ranks, with what every rank must decide alike.
+
+        Besides the loss it carries whether any rank asked to stop or received a signal, and each
+        rank's noise-scale measurement, whose first micro-batch gradient is local to the rank: the
+        ranks' measurements are averaged, so every rank's tracker (and so its batch size and
+        learning rate) stays the same. Returns the summed loss and whether any rank asked to stop.
+        """
+        assert self.runner is not None
+        pair = self.runner.noise_pair if loss is not None else None
+        small_sq, big_sq, b_small = (pair[0], pair[1], pair[2]) if pair is not None else (0.0, 0.0, math.inf)
+        values = torch.tensor([0.0, float(stop_requested), float(self._signal is not None), small_sq, big_sq,
+                               1.0 / b_small, float(pair is not None)], dtype=torch.float64, device=self.device)
+        if loss is not None:
+            values[0] = loss.detach()
+        total = self.dist.all_reduce_sum(values)
+        _, stops, signals, small_sum, big_sum, inverse_b_sum, measured = total.tolist()
+        if signals and self._agreed_signal is None:
+            self._agreed_signal = self._signal or signal.SIGTERM  # another rank's signal acts as SIGTERM here
+        if measured:
+            # E|G_b|² = |G|² + tr(Σ)/b, so the mean over ranks of sizes b_r is measured at their harmonic mean.
+            self.runner.noise_pair = (small_sum / measured, big_sum / measured, measured / inverse_b_sum, global_size)
+        return (None if loss is None else total[0].to(loss.dtype)), stops > 0
+
+    def _stop_between_epochs(self) -> bool:
+        """Whether to stop before the next epoch; in a distributed run, whether any rank asked to."""
+        if not self.dist.enabled:
+            return self.stop_training
+        stop = self._agree(self.stop_training)[1]
+        if self._agreed_signal is not None:
+            self._exit_on_signal()
+        return stop
+
+    def _stop_after_step(self) -> bool:
+        """Whether to end the epoch after this step (distributed: only on what every rank knows)."""
+        if self.dist.enabled:
+            return self._agreed_signal is not None  # stop requests are agreed at the next step
+        return self.stop_training or self._signal is not None
+
+    def _pending_signal(self) -> int | None:
+        """The signal to stop for: this process's, or in a distributed run the one all ranks agreed on."""
+        return self._agreed_signal if self.dist.enabled else self._signal
+
+    def _all_ranks_raise(self, error: BaseException) -> bool:
+        """Whether every rank raises ``error`` at the same point (nothing to abort): a NaN loss, or a signal."""
+        if isinstance(error, NonFiniteLossError):
+            return True
+        return isinstance(error, (SystemExit, KeyboardInterrupt)) and self._agreed_signal is not None
 
     def _track_noise(self, epoch: int, global_size: int, loss: torch.Tensor, now: float) -> None:
         """Fold the step's gradient norms into the noise scale; let adaptive batches react."""
@@ -492,7 +593,7 @@ class Trainer:
         record: dict[str, Any] = {"epoch": epoch, "loss": self.history.mean_loss(epoch), "steps": self.step,
                                   "samples": self.samples_seen, "seconds": self._elapsed()}
         if val is not None:
-            record.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
+            record.update({f"val_{k}": v for k, v in self._validate(val).items()})
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
         self.history.epochs.append(record)
@@ -577,9 +678,12 @@ class Trainer:
         logger.warning("non-finite loss at step %d (epoch %d): skipped the update (%d skipped so far)",
                        step, epoch, self.skipped_steps)
 
-    def _eval_batches(self, src: Source, batch_size: int | None) -> Iterator[Batch]:
+    def _eval_batches(self, src: Source, batch_size: int | None, shard: bool = False) -> Iterator[Batch]:
+        """Batches of ``src`` in order; with ``shard``, this rank's share of each (batches of size x world)."""
         size = batch_size or self.eval_batch_size or max(256, self.resolved_eval_size())
-        batcher = Batcher(src, min(size, len(src)), shuffle=False, seed=0, pin_memory=self.device.type == "cuda")
+        rank, world_size = (self.dist.rank, self.dist.world_size) if shard else (0, 1)
+        batcher = Batcher(src, min(size * world_size, len(src)), shuffle=False, seed=0, rank=rank,
+                          world_size=world_size, pin_memory=self.device.type == "cuda")
         return device_prefetch(batcher.remaining(), self.device, self.param_dtype)
 
     def resolved_eval_size(self) -> int:
@@ -617,7 +721,7 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _exit_on_signal(self) -> None:
-        signum = self._signal
+        signum = self._pending_signal()
         self._signal = None
         path = self.save_checkpoint()
         logger.warning("received %s: saved %s and stopped", signal.Signals(signum).name, path)
