@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -586,7 +587,9 @@ class Trainer:
 
     def _train_batches(self) -> Iterator[Batch]:
         assert self.batcher is not None
-        return device_prefetch(self.batcher.remaining(), self.device, self.param_dtype)
+        if self.device.type != "cuda":
+            return device_prefetch(self.batcher.remaining(), self.device, self.param_dtype)
+        return _at_own_position(self.batcher, self.device, self.param_dtype)
 
     def _end_epoch(self, epoch: int, val: Source | None, progress: Progress) -> dict[str, Any]:
         self._check_losses()
@@ -728,6 +731,25 @@ class Trainer:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + int(signum or 0))
+
+
+def _at_own_position(batcher: Batcher, device: torch.device, dtype: torch.dtype | None) -> Iterator[Batch]:
+    """Batches copied ahead to ``device``, each handed out with the batcher's position just after it.
+
+    The copy of batch k+1 starts while batch k computes, which moves the batcher one batch on;
+    restoring its position per batch keeps ``last_batch_size`` (the weight of the batch's loss)
+    and the position a checkpoint saves those of the batch being trained on.
+    """
+    positions: deque[tuple[int, int]] = deque()
+
+    def taken() -> Iterator[Batch]:
+        for batch in batcher.remaining():
+            positions.append((batcher.samples_done, batcher.last_batch_size))
+            yield batch
+
+    for batch in device_prefetch(taken(), device, dtype):
+        batcher.samples_done, batcher.last_batch_size = positions.popleft()
+        yield batch
 
 
 def _check_batch_size(batch_size: Any) -> None:
