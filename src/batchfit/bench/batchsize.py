@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import NonFiniteLossError
 from ..models import cnn, mlp
 from ..train.callbacks import Callback
 from ..train.trainer import Trainer
@@ -84,10 +85,14 @@ def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int
     watch = _Watch(workload, max(1, int(eval_every * len(workload.train[1]))))
     trainer = Trainer(model, workload.loss_fn, workload.make_optimizer(model, lr), batch_size=batch_size,
                       progress=False, seed=seed, callbacks=[watch], device="cpu", **options)
-    trainer.fit(workload.train, epochs=workload.max_epochs)
+    diverged = False
+    try:
+        trainer.fit(workload.train, epochs=workload.max_epochs)
+    except NonFiniteLossError:
+        diverged = True  # the lr the rule gives is too large for this batch: never reaches the target
     chosen = [e["batch_size"] for e in trainer.history.events if e["kind"] == "batch_size"]
     return {"workload": workload.name, "batch_size": batch_size, "lr": lr, "steps": watch.steps,
-            "seconds": watch.seconds, "best": watch.best,
+            "seconds": watch.seconds, "best": watch.best, "diverged": diverged,
             "chosen": chosen or [batch_size]}
 
 
@@ -158,7 +163,8 @@ def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         size = row["batch_size"] if isinstance(row["batch_size"], int) else \
             f"{row['batch_size']} ({'→'.join(str(s) for s in row['chosen'])})"
-        seconds = "not reached" if row["seconds"] is None else f"{row['seconds']:.2f}"
+        seconds = ("diverged" if row.get("diverged") else "not reached") if row["seconds"] is None \
+            else f"{row['seconds']:.2f}"
         ratio = "—" if row["ratio_to_best_fixed"] is None else f"{row['ratio_to_best_fixed']:.2f}"
         lines.append(f"| {row['workload']} | {size} | {row['lr']:.4g} | {row['steps'] or '—'} | {seconds} | {ratio} |")
     return "\n".join(lines)
