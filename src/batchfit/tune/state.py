@@ -153,25 +153,17 @@ def preserved(
 def _optimizer_for(
     optimizer: torch.optim.Optimizer, model: torch.nn.Module, twin: torch.nn.Module
 ) -> torch.optim.Optimizer:
-    """An optimizer of the same kind and state as ``optimizer`` but over ``twin``'s parameters."""
+    """A copy of ``optimizer`` (same class, hyperparameters and state) over ``twin``'s parameters."""
     twin_of = {id(p): q for p, q in zip(model.parameters(), twin.parameters())}
-    groups = []
-    for group in optimizer.param_groups:
-        missing = [p for p in group["params"] if id(p) not in twin_of]
-        if missing:
-            raise BatchfitError(
-                "`optimizer` holds parameters that are not the model's, so the probe cannot move it to "
-                "another device. Move the model to the probe device before creating the optimizer."
-            )
-        groups.append({**group, "params": [twin_of[id(p)] for p in group["params"]]})
-    try:
-        twin_optimizer = type(optimizer)(groups, **optimizer.defaults)
-    except TypeError as error:
+    if any(id(p) not in twin_of for group in optimizer.param_groups for p in group["params"]):
         raise BatchfitError(
-            f"Cannot rebuild optimizer {type(optimizer).__name__} on the probe device ({error}). Move the "
-            "model to the probe device before creating the optimizer, or pass device= the model's device."
-        ) from None
-    twin_optimizer.load_state_dict(optimizer.state_dict())  # copies state onto the twin's device
+            "`optimizer` holds parameters that are not the model's, so the probe cannot move it to another "
+            "device. Move the model to the probe device before creating the optimizer."
+        )
+    twin_optimizer = copy.deepcopy(optimizer, memo=dict(twin_of))  # the twin's parameters stand in
+    # An lr scheduler wraps `step` with a reference to the original optimizer; use the class's own.
+    twin_optimizer.__dict__.pop("step", None)
+    twin_optimizer.load_state_dict(twin_optimizer.state_dict())  # moves the state to the twin's device
     return twin_optimizer
 
 
