@@ -439,3 +439,25 @@ def test_history_reads_pending_losses_back_in_bounded_chunks():
         assert len(history) - history._pending_from < READBACK_EVERY  # tensors are only ever at the end
     assert not any(isinstance(v, torch.Tensor) for v in history._columns["loss"][: 3 * READBACK_EVERY])
     assert history.losses() == [float(s) for s in range(1, 3 * READBACK_EVERY + 2)]
+
+
+def test_fit_second_call_continues_with_next_epochs(make_mlp, classification):
+    import batchfit as bf
+    from batchfit.data.order import epoch_order
+
+    x, y = classification
+    model = make_mlp()
+    trainer = bf.Trainer(model, torch.nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         batch_size=25, progress=False, seed=3)
+    trainer.fit((x, y), epochs=2)
+    seen = []
+
+    class Spy(bf.Callback):
+        def on_epoch_begin(self, trainer, epoch):
+            seen.append((epoch, trainer.batcher.order().copy()))
+
+    trainer.callbacks.append(Spy())
+    history = trainer.fit((x, y), epochs=1)
+    assert [record["epoch"] for record in history.epochs] == [0, 1, 2]
+    assert trainer.step == 12
+    assert seen[0][0] == 2 and np.array_equal(seen[0][1], epoch_order(len(y), True, 3, 2))

@@ -201,29 +201,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ public API
     def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool = False) -> History:
-        """Train for ``epochs`` epochs (counted from the start of the run) and return the history.
+        """Train ``epochs`` more epochs and return the history (also of earlier calls).
 
-        ``train``/``val`` are sources, tuples of arrays or map-style datasets. With
-        ``resume=True`` training continues from the newest readable checkpoint in
-        ``checkpoint_dir`` (or starts fresh when there is none); the result is the same as a
-        run that was never interrupted.
+        ``train``/``val`` are sources, tuples of arrays or map-style datasets. A second call
+        continues with the next epochs (and their sample orders). With ``resume=True``,
+        ``epochs`` counts from the start of the run instead, and training continues from the
+        newest readable checkpoint in ``checkpoint_dir`` (or starts fresh when there is none):
+        running the same command again after a crash finishes the same run, with the weights
+        of a run that was never interrupted.
         """
         check_positive_int("epochs", epochs, allow_zero=True)
         if resume and self.checkpoint_dir is None:
             raise expected("checkpoint_dir", "a folder when resume=True", None)
         src = as_source(train, "train")
         val_src = None if val is None else as_source(val, "val")
+        first_epoch = self.batcher.epoch if self.batcher is not None and not resume else 0
         try:
             found = self._find_checkpoint() if resume else None
             self._prepare(src, None if found is None else found[0])
             if found is not None:
                 self._resume(*found)
+            else:
+                self.batcher.set_epoch(first_epoch)
             if resume and not self.dist.all_equal(self.step):
                 raise DistributedError(f"rank {self.dist.rank}: the ranks resumed from checkpoints of different "
                                        f"steps (this one: step {self.step}); every rank must see the same "
                                        f"checkpoint_dir (a shared folder)")
             with self._signal_handlers():
-                self._run(epochs, val_src)
+                self._run(epochs if resume else first_epoch + epochs, val_src)
         except BaseException as error:
             if not self.dist.enabled or self._all_ranks_raise(error):
                 raise
@@ -670,6 +675,9 @@ class Trainer:
         if self.settings.on_nan == "rollback":
             position = self.batcher.state_dict()
             found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
+            if not self.dist.all_equal(-1 if found is None else int(found[0]["step"])):
+                raise DistributedError(f"rank {self.dist.rank}: the ranks found different checkpoints to roll back "
+                                       f"to; every rank must see the same checkpoint_dir (a shared folder)")
             if found is not None:
                 skipped = self.skipped_steps  # counts this skip, which the checkpoint does not know
                 self.load_state_dict(found[0])
@@ -727,7 +735,8 @@ class Trainer:
         signum = self._pending_signal()
         self._signal = None
         path = self.save_checkpoint()
-        logger.warning("received %s: saved %s and stopped", signal.Signals(signum).name, path)
+        if self.dist.is_main:  # the rank that wrote the checkpoint
+            logger.warning("received %s: saved %s and stopped", signal.Signals(signum).name, path)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + int(signum or 0))
