@@ -21,6 +21,7 @@ import gc
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -211,6 +212,24 @@ def host_budget() -> int:
     return int(CPU_BUDGET_FRACTION * available_host_memory())
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 briefly: some profiler builds print a line at every start and stop."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profiled_peak(run: Callable[[], None]) -> float:
     """Peak bytes PyTorch's CPU allocator held while ``run()`` ran, above what it held at the start.
 
@@ -219,8 +238,14 @@ def profiled_peak(run: Callable[[], None]) -> float:
     """
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recording:
+    recording = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        recording.start()
+    try:
         run()
+    finally:
+        with _quiet_stderr():
+            recording.stop()
     results = getattr(recording.profiler, "kineto_results", None)
     if results is None:
         raise RuntimeError("the profiler recorded no allocation events")
