@@ -1,0 +1,110 @@
+"""Data-parallel scaling: the same training on 1 and on 2 processes of this machine.
+
+Reference workload (DESIGN.md): the MLP 64-256-256-10 on 200,000 x 64 float32 samples,
+shuffled, batch 256 — the global batch, so the 2-process run makes the same updates. Every
+process gets one intra-op thread, so 2 processes use twice the cores of 1, and the scaling
+efficiency is ``samples/s with 2 / (2 x samples/s with 1)``; 1 means no cost for the gradient
+all-reduce. A second row compares 2 processes with 1 process that has the same 2 threads.
+
+Each measurement starts fresh processes (as torchrun would: MASTER_ADDR, RANK, WORLD_SIZE),
+which train one epoch to warm up and then ``epochs`` timed epochs; the runs of the different
+setups alternate, and the rows give medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .common import Row
+
+WORKER_FLAG = "--worker"
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID")
+
+
+def distributed_rows(quick: bool = False) -> list[Row]:
+    """Samples/s of one training on 1 and 2 processes, and the scaling efficiency."""
+    job = {"num_samples": 50_000 if quick else 200_000, "batch_size": 256, "epochs": 1 if quick else 2}
+    repeats = 1 if quick else 3
+    setups = {"1 process x 1 thread": (1, 1), "2 processes x 1 thread": (2, 1), "1 process x 2 threads": (1, 2)}
+    rates: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name, (processes, threads) in setups.items():
+            rates[name].append(measure(job, processes, threads))
+    one, two, threaded = (rates[name] for name in setups)
+    efficiency = [b / (2 * a) for a, b in zip(one, two)]
+    return [
+        Row("Trainer.fit, 2 processes (gloo), batch 256", "2 x (1 process)", statistics.median(two),
+            2 * statistics.median(one), statistics.median(efficiency), ">=0.8"),
+        Row("Trainer.fit, 2 processes (gloo), batch 256", "1 process, 2 threads", statistics.median(two),
+            statistics.median(threaded), statistics.median([b / a for a, b in zip(threaded, two)]), ""),
+    ]
+
+
+def measure(job: dict[str, Any], processes: int, threads: int, timeout: float = 900.0) -> float:
+    """Median samples/s over the timed epochs of one launch of ``processes`` fresh processes."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    command = [sys.executable, "-m", "batchfit.bench.distributed", WORKER_FLAG, json.dumps({**job, "threads": threads})]
+    ranks = []
+    for rank in range(processes):
+        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes)) if processes > 1 else env
+        ranks.append(subprocess.Popen(command, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    deadline = time.monotonic() + timeout
+    outputs = []
+    for process in ranks:
+        try:
+            outputs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for other in ranks:
+                other.kill()
+            raise RuntimeError(f"the {processes}-process benchmark run took over {timeout} s") from None
+    for process, (_, stderr) in zip(ranks, outputs):
+        if process.returncode:
+            raise RuntimeError(f"a benchmark process failed (exit {process.returncode}):\n{stderr[-3000:]}")
+    return float(json.loads(outputs[0][0].strip().splitlines()[-1])["samples_per_s"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def worker(job: dict[str, Any]) -> dict[str, float]:
+    """One process of a measurement: warm-up epoch, then timed epochs; rank 0's rate is the run's."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..train.trainer import Trainer
+    from .core import mlp, reference_data
+
+    torch.set_num_threads(job["threads"])
+    x, y = reference_data(job["num_samples"])
+    model = mlp()
+    trainer = Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                      batch_size=job["batch_size"], device="cpu", progress=False, seed=0)
+    trainer.fit((x, y), epochs=1)  # warm-up: allocations, lazy imports, the process group's first use
+    rates = []
+    for _ in range(job["epochs"]):
+        start = time.perf_counter()
+        trainer.fit((x, y), epochs=1)  # every rank finishes the epoch's last all-reduce together
+        rates.append(len(x) / (time.perf_counter() - start))
+    trainer.dist.close()
+    return {"samples_per_s": statistics.median(rates), "world_size": trainer.dist.world_size}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
+        print(json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
+    else:
+        raise SystemExit(f"usage: python -m batchfit.bench.distributed {WORKER_FLAG} JOB_JSON "
+                         f"(started by distributed_rows)")
