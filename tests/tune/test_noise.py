@@ -19,7 +19,7 @@ from batchfit.tune.noise import (
     trace_cov_estimate,
 )
 
-SMALL, BIG, DRAWS = 8, 64, 300
+SMALL, BIG, DRAWS = 8, 64, 200
 
 
 @pytest.fixture(autouse=True)

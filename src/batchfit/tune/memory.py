@@ -345,6 +345,8 @@ def _step_peaks(
         raise expected("seed", "an integer", seed)
     cap = len(source) if max_size is None else min(len(source), max_size)
     target = resolve_device(device, model)
+    if target.type not in ("cpu", "cuda"):
+        raise expected("device", '"cpu" or a CUDA device (memory is measured there only)', device)
     draw = _drawer(source, seed)
     with probe(model, optimizer, target) as (net, opt):
         net.train()

@@ -164,7 +164,11 @@ def lr_range_test(
     with probe(model, optimizer, target) as (net, opt):
         assert opt is not None
         net.train()
-        torch.manual_seed(seed)  # dropout and the like; the RNG is restored afterwards
+        # Dropout and the like draw from the global generators; probe() restores them afterwards.
+        torch.default_generator.manual_seed(seed)
+        if target.type == "cuda":
+            with torch.cuda.device(target):
+                torch.cuda.manual_seed(seed)
         for lr in exponential_lrs(min_lr, max_lr, num_steps):
             _set_lr(opt, lr, ratios)
             loss = _train_step(net, loss_fn, opt, batch_to(next(batches), target), micro_batch_size)

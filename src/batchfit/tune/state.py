@@ -34,15 +34,18 @@ def resolve_device(device: str | torch.device, model: torch.nn.Module | None = N
             for tensor in model.parameters():
                 if tensor.device.type != "cpu":
                     return tensor.device
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise expected("device", '"auto", "cpu", "cuda" or a torch.device', device) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise expected("device", "a device this machine has (no CUDA device is available)", device)
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", torch.cuda.current_device())
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise expected("device", "a device this machine has (no CUDA device is available)", device)
+        index = torch.cuda.current_device() if resolved.index is None else resolved.index
+        if index >= torch.cuda.device_count():
+            raise expected("device", f"a CUDA device below cuda:{torch.cuda.device_count()}", device)
+        resolved = torch.device("cuda", index)  # with its index, so it compares equal to a tensor's
     return resolved
 
 
@@ -59,7 +62,7 @@ def _host_copy(value: Any) -> Any:
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
         return {k: _host_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return type(value)(_host_copy(v) for v in value)
     return copy.deepcopy(value)
 
@@ -77,7 +80,7 @@ class Snapshot:
     rng: dict[str, Any]
 
     def restore(self) -> None:
-        """Put model, optimizer and random state back exactly as they were."""
+        """Put model, optimizer and random state back exactly as they were (once: the state is handed over)."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in _named_tensors(self.model):
