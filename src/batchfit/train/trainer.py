@@ -500,6 +500,7 @@ class Trainer:
                     runner.skip()
                     runner.noise_pair = None
                     batcher.samples_done -= global_size
+                    self.stop_training = True
                     break
             if check_each_step and not math.isfinite(loss.item()):
                 self._non_finite(loss.item(), epoch)
@@ -558,10 +559,10 @@ class Trainer:
         """Whether to stop before the next epoch; in a distributed run, whether any rank asked to."""
         if not self.dist.enabled:
             return self.stop_training
-        stop = self._agree(self.stop_training)[1]
+        self.stop_training = self._agree(self.stop_training)[1]
         if self._agreed_signal is not None:
             self._exit_on_signal()
-        return stop
+        return self.stop_training
 
     def _stop_after_step(self) -> bool:
         """Whether to end the epoch after this step (distributed: only on what every rank knows)."""
