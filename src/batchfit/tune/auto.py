@@ -90,16 +90,18 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     ``"adaptive"`` runs starts the continuous noise-scale tracker.
     """
     n = len(src)
-    # At least four steps per epoch; a power of two unless the data is tiny.
-    cap = powers_of_two(1, min(max_batch or n, max(1, n // 4), getattr(trainer, "max_batch_size", None) or n))[-1]
+    # At least 16 steps per epoch; a power of two unless the data is tiny.
+    cap = powers_of_two(1, min(max_batch or n, max(1, n // 16), getattr(trainer, "max_batch_size", None) or n))[-1]
     low = min(min_batch, cap)
-    small = max(1, min(32, cap // 8))
-    big = small * 8
-    noise = estimate_noise_scale(trainer.module, trainer.loss_fn, src, small_batch=small, big_batch=big,
-                                 num_batches=8, seed=trainer.settings.seed, device=trainer.device)
-    b_noise = noise.b_simple if math.isfinite(noise.b_simple) else float(cap)
-    sizes = powers_of_two(low, cap)
-    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, seed=trainer.settings.seed)
+    # A short probe: 6 draws of 8 small batches, then throughput only near the noise scale.
+    small = max(1, min(16, cap // 8))
+    noise = estimate_noise_scale(trainer.module, trainer.loss_fn, src, small_batch=small, big_batch=8 * small,
+                                 num_batches=6, seed=trainer.settings.seed, device=trainer.device)
+    b_noise = min(max(noise.b_simple if math.isfinite(noise.b_simple) else float(cap), 1.0), float(n))
+    sizes = [size for size in powers_of_two(low, cap) if b_noise / 8 <= size <= 8 * b_noise] or [
+        round_to_power_of_two(b_noise, low, cap)]
+    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, repeats=2,
+                               seed=trainer.settings.seed)
     costs = {size: batch_cost(size, b_noise, rate) for size, rate in rates.items()}
     best = min(costs, key=costs.__getitem__)
     reason = (f"noise scale B_simple={noise.b_simple:.4g} (|G|²={noise.grad_sq:.3g}, tr Σ={noise.trace_cov:.3g}); "
@@ -123,8 +125,8 @@ class AdaptiveBatch:
     """
 
     def __init__(self, start: int, max_batch: int, noise_scale: float = math.nan, every: int = 20,
-                 warmup: int = 20, beta: float = 0.95) -> None:
-        self.batch_size, self.max_batch = start, max_batch
+                 warmup: int = 10, beta: float = 0.9) -> None:
+        self.start, self.batch_size, self.max_batch = start, start, max_batch
         self.every, self.warmup = every, warmup
         self.tracker = NoiseScaleTracker(beta=beta)
         self.initial_noise_scale = noise_scale
@@ -147,9 +149,10 @@ class AdaptiveBatch:
 
     def state_dict(self) -> dict[str, Any]:
         """Current size and the tracker's averages."""
-        return {"batch_size": self.batch_size, "max_batch": self.max_batch, "tracker": self.tracker.state_dict()}
+        return {"start": self.start, "batch_size": self.batch_size, "max_batch": self.max_batch,
+                "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.batch_size, self.max_batch = state["batch_size"], state["max_batch"]
+        self.start, self.batch_size, self.max_batch = state["start"], state["batch_size"], state["max_batch"]
         self.tracker.load_state_dict(state["tracker"])
