@@ -45,6 +45,8 @@ ON_NAN = ("raise", "skip", "rollback")
 LR_RULES = (None, "linear", "sqrt", "adascale")
 BATCH_MODES = ("full", "auto", "adaptive")
 # Settings that must match for a checkpoint to be resumed.
+# Steps between two noise-scale measurements (each splits its batch in two micro-batches).
+NOISE_EVERY = 4
 RESUME_KEYS = ("batch_size", "shuffle", "drop_last", "seed", "num_samples")
 
 
@@ -380,7 +382,6 @@ class Trainer:
                                  self.settings.precision, self.settings.max_grad_norm, self.dist.world_size,
                                  self.loss_count, self.dist.all_reduce_sum)
         self.resolved_micro_batch_size = micro
-        self.runner.measure_noise = self.track_noise
         if self.adaptive is not None:
             self.noise_tracker = self.adaptive.tracker
         elif self.track_noise:
@@ -491,6 +492,7 @@ class Trainer:
                 hook(self, self.step)
             if dynamic_lr:
                 self._apply_lr()
+            runner.measure_noise = self.track_noise and self.step % NOISE_EVERY == 0
             loss = runner.accumulate(batch, global_size)
             if self.dist.enabled:
                 loss, stop = self._agree(stop_requested, loss, global_size)
@@ -633,7 +635,10 @@ class Trainer:
             factor = self._adascale_gain()
         elif s.lr_scaling is not None:
             assert self.batcher is not None and s.base_batch_size is not None
-            factor = scale_lr(1.0, s.base_batch_size, self.batcher.batch_size, s.lr_scaling)
+            # Adaptive batches scale the lr to the starting batch only: growing the batch afterwards
+            # takes the place of decaying the lr (Smith et al. 2018).
+            size = self.adaptive.start if self.adaptive is not None else self.batcher.batch_size
+            factor = scale_lr(1.0, s.base_batch_size, size, s.lr_scaling)
         if s.warmup_steps:
             factor *= warmup(step, s.warmup_steps)
         if self.lr_schedule is not None:
