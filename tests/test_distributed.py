@@ -167,8 +167,13 @@ def run_rank(rank: int, port: int, scenario: str, kwargs: dict[str, Any], result
 
 @pytest.fixture(scope="module")
 def forkserver():
+    """A multiprocessing context whose processes fork from one that has imported what a rank needs."""
     context = multiprocessing.get_context("forkserver")
+    # torch._dynamo is what the first optimizer imports: seconds that every rank would spend again.
     context.set_forkserver_preload(["torch", "torch._dynamo", "torch.nn.parallel", "batchfit", __name__])
+    warm_up = context.Process(target=time.sleep, args=(0,))  # starts the server, so that no test times it
+    warm_up.start()
+    warm_up.join(RANK_TIMEOUT * 2)
     return context
 
 
