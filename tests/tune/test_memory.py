@@ -294,3 +294,15 @@ def test_probe_twin_optimizer_has_same_kind_state_and_groups():
     twin_optimizer.step()  # steps the twin, never the original
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
     assert not any(torch.equal(w, p) for w, p in zip(weights, twin.parameters()))
+
+
+def test_find_micro_batch_size_inside_user_profiler_keeps_it_running():
+    from torch.profiler import ProfilerActivity, profile
+
+    model, src = tiny_mlp(), data((32,), 1_000)
+    with profile(activities=[ProfilerActivity.CPU]) as recording:
+        with pytest.warns(UserWarning, match="another profiler is running"):
+            size = find_micro_batch_size(model, cross_entropy, src, memory_budget=MiB)
+        torch.cdist(src[0][:4], src[0][:4])  # the caller's session still records after the probe
+    assert 1 <= size <= 1_000
+    assert any(event.key == "aten::cdist" for event in recording.key_averages())

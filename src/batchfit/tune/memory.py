@@ -238,6 +238,9 @@ def profiled_peak(run: Callable[[], None]) -> float:
     """
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
+    running = getattr(torch._C._autograd, "_profiler_enabled", lambda: False)
+    if running():
+        raise RuntimeError("another profiler is running")  # starting ours would end the caller's session
     recording = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():
         recording.start()
@@ -301,7 +304,7 @@ def _cpu_peak(
             lambda: _train_step(model, loss_fn, optimizer, draw(size))
         )
     except RuntimeError as error:
-        warnings.warn(f"PyTorch's profiler is unavailable ({error}); micro-batch memory is estimated.", stacklevel=3)
+        warnings.warn(f"PyTorch's profiler is unavailable ({error}); micro-batch memory is estimated.", stacklevel=5)
         measure = lambda size: accounted_peak(model, loss_fn, draw(size))  # noqa: E731
     new_state = _state_bytes(optimizer) - state_before
     return lambda size: measure(size) + new_state
