@@ -306,3 +306,11 @@ def test_find_micro_batch_size_inside_user_profiler_keeps_it_running():
         torch.cdist(src[0][:4], src[0][:4])  # the caller's session still records after the probe
     assert 1 <= size <= 1_000
     assert any(event.key == "aten::cdist" for event in recording.key_averages())
+
+
+def test_find_micro_batch_size_model_error_surfaces_and_model_is_restored():
+    model = tiny_mlp()
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        find_micro_batch_size(model, cross_entropy, data((31,), 100), memory_budget=MiB)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

@@ -297,17 +297,22 @@ def _cpu_peak(
     # A first, small step: errors in the user's model surface here, and it creates the optimizer
     # state a fresh optimizer would, which every later step holds too.
     state_before = _state_bytes(optimizer)
-    small = min(2, cap)
+    _train_step(model, loss_fn, optimizer, draw(min(2, cap)))
+    new_state = _state_bytes(optimizer) - state_before
     try:
-        profiled_peak(lambda: _train_step(model, loss_fn, optimizer, draw(small)))
-        measure: Callable[[int], float] = lambda size: profiled_peak(  # noqa: E731
-            lambda: _train_step(model, loss_fn, optimizer, draw(size))
-        )
+        profiled_peak(lambda: None)
     except RuntimeError as error:
         warnings.warn(f"PyTorch's profiler is unavailable ({error}); micro-batch memory is estimated.", stacklevel=5)
-        measure = lambda size: accounted_peak(model, loss_fn, draw(size))  # noqa: E731
-    new_state = _state_bytes(optimizer) - state_before
-    return lambda size: measure(size) + new_state
+
+        def estimate(size: int) -> float:
+            return accounted_peak(model, loss_fn, draw(size)) + new_state
+
+        return estimate
+
+    def measure(size: int) -> float:
+        return profiled_peak(lambda: _train_step(model, loss_fn, optimizer, draw(size))) + new_state
+
+    return measure
 
 
 # ----------------------------------------------------------------------------- the API
