@@ -90,6 +90,30 @@ def test_shard_source_batches_equal_array_source(tmp_path, shuffle, named):
             _assert_batches_equal(batch_a, batch_b)
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_shard_source_batches_equal_when_maps_are_dropped_all_the_time(tmp_path, named):
+    x, y = _data(300)
+    arrays = {"x": x, "y": y} if named else (x, y)
+    memory = ArraySource(**arrays) if named else ArraySource(*arrays)
+    shards = write_shards(tmp_path / "s", arrays, shard_size=70)
+    tiny = ShardSource(tmp_path / "s", max_mapped_bytes=1)  # every read is counted, split and dropped
+    for shuffle in (False, "full"):
+        pairs = zip(Batcher(memory, batch_size=64, shuffle=shuffle), Batcher(tiny, batch_size=64, shuffle=shuffle))
+        for batch_a, batch_b in pairs:
+            _assert_batches_equal(batch_a, batch_b)
+    assert len(shards) == 300
+
+
+def test_write_shards_variable_length_with_maps_dropped_all_the_time(tmp_path):
+    tokens = _tokens(inner=(2,))
+    write_shards(tmp_path / "s", {"tokens": tokens}, shard_size=30)
+    tiny = ShardSource(tmp_path / "s", max_mapped_bytes=1)
+    indices = torch.randperm(200)[:50]
+    padded, lengths = _padded([tokens[i] for i in indices], 0)
+    batch = tiny.gather(indices)
+    assert torch.equal(batch["tokens"], padded) and torch.equal(batch["tokens_lengths"], lengths)
+
+
 def test_shard_source_batches_equal_with_prefetch(tmp_path):
     x, y = _data(500)
     shards = write_shards(tmp_path / "s", (x, y), shard_size=64)
@@ -400,10 +424,11 @@ def _rss_file_kib():
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_shard_source_resident_memory_stays_bounded(tmp_path):
-    rows = 2**16  # 64 MiB of 1 KiB samples
+@pytest.mark.parametrize("shard_size", [8192, None])
+def test_shard_source_resident_memory_stays_bounded(tmp_path, shard_size):
+    rows = 2**16  # 64 MiB of 1 KiB samples, in 8 shards or in one
     batches = (np.full((4096, 256), i, dtype=np.float32) for i in range(rows // 4096))
-    write_shards(tmp_path / "s", batches, shard_size=8192)
+    write_shards(tmp_path / "s", batches, shard_size=shard_size)
     bound = 8 * 2**20
     src = ShardSource(tmp_path / "s", max_mapped_bytes=bound)
     before = _rss_file_kib()

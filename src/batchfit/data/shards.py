@@ -47,7 +47,9 @@ VERIFY_MODES = ("open", "full", "none")
 SHARD_BYTES = 512 * 2**20  # target size of a shard when shard_size is not given
 CHUNK_BYTES = 32 * 2**20  # how much of a source is gathered at once while writing
 MAPPED_BYTES = 256 * 2**20  # default bound on the file pages a ShardSource keeps mapped
-_FAULT_WINDOW = 64 * 1024  # Linux maps up to 64 KiB of cached pages around a page fault
+# A page fault on a memory map can map a whole large folio of the page cache (2 MiB on x86-64
+# Linux with large folios), so every sample read may add that much to the resident set.
+_FAULT_BYTES = 2 * 2**20
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -361,12 +363,12 @@ def _source_batches(src: Any) -> Iterator[Batch]:
     n = len(src)
     if n == 0:
         return
-    first = src.gather(torch.zeros(1, dtype=torch.int64))
+    first = src.gather(np.zeros(1, dtype=np.int64))
     tensors = first.values() if isinstance(first, Mapping) else first
     per_sample = max(1, sum(t.element_size() * t.numel() for t in tensors))
     chunk = max(1, CHUNK_BYTES // per_sample)
     for lo in range(0, n, chunk):
-        yield src.gather(torch.arange(lo, min(n, lo + chunk), dtype=torch.int64))
+        yield src.gather(np.arange(lo, min(n, lo + chunk), dtype=np.int64))
 
 
 def _prepare_destination(path: Path, overwrite: bool) -> None:
@@ -377,7 +379,8 @@ def _prepare_destination(path: Path, overwrite: bool) -> None:
         if not (is_shards or (path.is_dir() and not any(path.iterdir()))):
             raise expected("path", "a shard folder or an empty folder to overwrite", f"{path}, which is neither")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.partial-*"):
+    # Leftovers of writers that died: .NAME.partial-PID-* (and .NAME.old-PID-* of an overwrite).
+    for stale in [*path.parent.glob(f".{path.name}.partial-*"), *path.parent.glob(f".{path.name}.old-*")]:
         pid = stale.name.rsplit("-", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
@@ -533,14 +536,23 @@ class _MappedArray:
         count = math.prod(shape)
         array = np.frombuffer(self._map, dtype, count, header_bytes) if count else np.empty(0, dtype)
         self.array = array.reshape(shape)
-        self.nbytes = len(self._map)
-        self.resident = 0  # an upper estimate of the bytes of this map in the process's RSS
+        self.header_bytes = header_bytes
+        self.seen = np.zeros(len(self._map) // _FAULT_BYTES + 1, dtype=bool)  # regions read since the last drop
+
+    def mark(self, first: np.ndarray, last: np.ndarray) -> int:
+        """Mark the regions holding bytes ``first[i]..last[i]`` as read; return how many are new."""
+        if len(first) and int((last - first).max()) >= _FAULT_BYTES:  # rows spanning 3+ regions
+            return len(first) * (int((last - first).max()) // _FAULT_BYTES + 2)
+        before = int(np.count_nonzero(self.seen))
+        self.seen[first // _FAULT_BYTES] = True
+        self.seen[last // _FAULT_BYTES] = True
+        return int(np.count_nonzero(self.seen)) - before
 
     def drop(self) -> None:
         """Unmap the pages read so far: they stay in the page cache but leave this process's RSS."""
         if hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
-        self.resident = 0
+        self.seen[:] = False
 
 
 _Group = tuple[int, np.ndarray, int, int]  # shard, indices inside it, rows lo:hi of the sorted batch
@@ -581,11 +593,14 @@ class ShardSource:
         self._len = int(manifest["num_samples"])
         self._row_bytes = {spec.key: spec.row_bytes() for spec in self.specs}
         self._any_ragged = any(spec.ragged for spec in self.specs)
+        total = sum(e["bytes"] for shard in manifest["shards"] for e in shard["files"].values())
+        self._fits = total <= self.max_mapped_bytes  # then maps stay whole: nothing to count
         if verify != "none":
             self.verify(full=verify == "full")
         self._lock = threading.RLock()
         self._maps: dict[tuple[int, str], _MappedArray] = {}
-        self._resident = 0  # sum of the maps' resident estimates
+        self._resident = 0  # bytes of the maps that may be resident since the last drop
+        self._baseline = _mapped_file_bytes()  # the process's mapped file bytes after the last drop
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -606,6 +621,7 @@ class ShardSource:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock, self._maps, self._resident = threading.RLock(), {}, 0
+        self._baseline = _mapped_file_bytes()
 
     def verify(self, full: bool = True) -> None:
         """Check every shard file's size against the manifest, and its checksum when ``full``."""
@@ -655,20 +671,45 @@ class ShardSource:
             count = int(self._map(shard, f"{part}.offsets").array[-1])
         return _MappedArray(path, spec.dtype, (count, *spec.shape))
 
-    def _touched(self, mapped: _MappedArray, samples: int, row_bytes: int) -> None:
-        """Count the pages a read may have mapped; past ``max_mapped_bytes``, drop every map.
+    def _count(self, grow: int) -> bool:
+        """Count ``grow`` more bytes that reading may have mapped; past ``max_mapped_bytes``,
+        measure the real growth (``/proc/self/statm``) and drop every map if it is large too.
 
-        A page fault maps up to 64 KiB of cached file around it, so each sample read counts
-        that much plus its own size, up to the size of the file.
+        Returns whether the maps were dropped.
         """
-        before = mapped.resident
-        mapped.resident = min(mapped.nbytes, before + samples * (_FAULT_WINDOW + row_bytes))
-        self._resident += mapped.resident - before
-        if self._resident > self.max_mapped_bytes:
-            with self._lock:
-                for each in self._maps.values():
-                    each.drop()
-                self._resident = 0
+        self._resident += grow
+        if self._resident <= self.max_mapped_bytes:
+            return False
+        with self._lock:
+            now = _mapped_file_bytes()
+            if now is not None and self._baseline is not None and now - self._baseline < self.max_mapped_bytes // 2:
+                self._resident = max(0, now - self._baseline)  # count on from the measured growth
+                return False
+            for each in self._maps.values():
+                each.drop()
+            self._resident = 0
+            self._baseline = _mapped_file_bytes()
+            return True
+
+    def _read(self, mapped: _MappedArray, first: np.ndarray, last: np.ndarray, read: Any) -> Any:
+        """``read()`` the bytes ``first[i]..last[i]`` of a map, keeping the mapped bytes bounded.
+
+        A page fault can map a whole 2 MiB region of the file, so the bound counts regions.
+        Sparse reads that would touch many new regions are done in pieces, counted in between.
+        """
+        if self._fits:  # all maps together fit the bound: nothing to count
+            return read(slice(None))
+        new = mapped.mark(first, last)
+        if new * _FAULT_BYTES <= self.max_mapped_bytes // 2:
+            if self._count(new * _FAULT_BYTES):  # dropped: these regions are mapped again
+                self._count(mapped.mark(first, last) * _FAULT_BYTES)
+            return read(slice(None))
+        step = max(1, self.max_mapped_bytes // 4 // _FAULT_BYTES)
+        pieces = []
+        for lo in range(0, len(first), step):
+            pieces.append(read(slice(lo, lo + step)))
+            self._count(len(first[lo : lo + step]) * _FAULT_BYTES)
+        return pieces
 
     # -- gathering -----------------------------------------------------------------------------
 
@@ -731,10 +772,17 @@ class ShardSource:
     ) -> Any:
         """Rows ``local`` of one shard's array: a tensor, or a NumPy array (``out`` when given)."""
         mapped = self._maps.get((shard, spec.key)) or self._map(shard, spec.key)
-        # mode="clip" skips NumPy's bounds-check buffering; _check_indices checked the bounds.
-        rows = mapped.array.take(local, axis=0, out=out, mode="clip")
-        if mapped.resident < mapped.nbytes:
-            self._touched(mapped, len(local), self._row_bytes[spec.key])
+        if self._fits:  # the common case, kept short
+            rows = mapped.array.take(local, axis=0, out=out, mode="clip")
+            return rows if numpy or out is not None else torch.from_numpy(rows)
+        rows = np.empty((len(local), *spec.shape), spec.dtype) if out is None else out
+
+        def read(part: slice) -> None:
+            # mode="clip" skips NumPy's bounds-check buffering; _check_indices checked the bounds.
+            mapped.array.take(local[part], axis=0, out=rows[part], mode="clip")
+
+        first = mapped.header_bytes + local * self._row_bytes[spec.key]
+        self._read(mapped, first, first + max(0, self._row_bytes[spec.key] - 1), read)
         return rows if numpy or out is not None else torch.from_numpy(rows)
 
     def _gather_dense(
@@ -755,10 +803,7 @@ class ShardSource:
         starts = np.empty(size, dtype=np.int64)
         lengths_sorted = np.empty(size, dtype=np.int64)
         for shard, local, lo, hi in groups:
-            offsets = self._map(shard, f"{spec.key}.offsets")
-            starts[lo:hi] = offsets.array[local]
-            lengths_sorted[lo:hi] = offsets.array[local + 1] - starts[lo:hi]
-            self._touched(offsets, hi - lo, 16)
+            self._read_offsets(self._map(shard, f"{spec.key}.offsets"), local, starts[lo:hi], lengths_sorted[lo:hi])
         rows = np.arange(size) if order is None else order  # output row of each sorted row
         lengths = _empty((size,), np.dtype(np.int64), pin)
         lengths.numpy()[rows] = lengths_sorted
@@ -767,13 +812,31 @@ class ShardSource:
         padded.fill_(self.pad_value)
         for shard, _, lo, hi in groups:
             group_lengths = lengths_sorted[lo:hi]
+            ends = np.cumsum(group_lengths)
             row = np.repeat(rows[lo:hi], group_lengths)
-            first = np.cumsum(group_lengths) - group_lengths
-            column = np.arange(int(group_lengths.sum())) - np.repeat(first, group_lengths)
+            column = np.arange(int(ends[-1])) - np.repeat(ends - group_lengths, group_lengths)
+            source = np.repeat(starts[lo:hi], group_lengths) + column
             values = self._map(shard, spec.key)
-            padded.numpy()[row, column] = values.array[np.repeat(starts[lo:hi], group_lengths) + column]
-            self._touched(values, hi - lo, self._row_bytes[spec.key] * max(1, longest))
+
+            def read(part: slice, row=row, column=column, source=source, values=values, ends=ends) -> None:
+                first, stop, _ = part.indices(len(ends))
+                flat = slice(int(ends[first - 1]) if first else 0, int(ends[stop - 1]) if stop else 0)
+                padded.numpy()[row[flat], column[flat]] = values.array[source[flat]]
+
+            row_bytes = self._row_bytes[spec.key]
+            first = values.header_bytes + starts[lo:hi] * row_bytes
+            self._read(values, first, first + np.maximum(group_lengths * row_bytes - 1, 0), read)
         return padded, lengths
+
+    def _read_offsets(self, offsets: _MappedArray, local: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Where samples ``local`` of one shard start in its values, and their lengths."""
+
+        def read(part: slice) -> None:
+            starts[part] = offsets.array[local[part]]
+            lengths[part] = offsets.array[local[part] + 1] - starts[part]
+
+        first = offsets.header_bytes + local * 8
+        self._read(offsets, first, first + 15, read)
 
     def _stored_batches(self) -> Iterator[tuple | dict]:
         """The stored columns, shard by shard (variable-length arrays kept variable-length)."""
@@ -788,6 +851,20 @@ class ShardSource:
             self.close()
             keys = [s.key for s in self.specs]
             yield dict(zip(keys, columns)) if self.manifest["names"] is not None else tuple(columns)
+
+
+_STATM: tuple[int, int] | None = None  # (pid, fd) of this process's /proc/self/statm
+
+
+def _mapped_file_bytes() -> int | None:
+    """Resident bytes of this process's shared (file-backed) mappings, or ``None`` off Linux."""
+    global _STATM
+    try:
+        if _STATM is None or _STATM[0] != os.getpid():  # a forked child must open its own
+            _STATM = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
+        return int(os.pread(_STATM[1], 200, 0).split()[2]) * mmap.PAGESIZE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> torch.Tensor:
