@@ -21,4 +21,6 @@ rows = distributed_rows(quick=args.quick)
 print(f"batchfit distributed bench ({'quick' if args.quick else 'full'}; {platform.machine()}, {os.cpu_count()} cores, "
       f"torch {torch.__version__}); medians of alternating runs")
 print(format_table(rows))
-print(f"scaling efficiency (2 processes): {rows[0].ratio:.2f}")
+row = rows[0]
+print(f"1 process: {row.baseline_rate / 2:,.0f} samples/s; 2 processes: {row.rate:,.0f} samples/s; "
+      f"scaling efficiency: {row.ratio:.2f}")

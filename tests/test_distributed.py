@@ -184,23 +184,28 @@ def free_port() -> int:
 
 
 def launch(forkserver, tmp_path: Path, scenario: str, env: dict[str, str] | None = None,
-           timeout: float = RANK_TIMEOUT, **kwargs: Any) -> tuple[list[dict[str, Any]], float]:
-    """Run ``scenario`` on 2 ranks; returns each rank's outcome and the wall time until all ended."""
+           timeout: float = RANK_TIMEOUT, frozen: int | None = None,
+           **kwargs: Any) -> tuple[list[dict[str, Any]], float]:
+    """Run ``scenario`` on 2 ranks; returns each rank's outcome and the wall time until all ended.
+
+    Rank ``frozen`` is expected to stop answering: it is killed once the other has ended.
+    """
     port, start = free_port(), time.monotonic()
     results = [str(tmp_path / f"{scenario}-{time.monotonic_ns()}-rank{rank}.pt") for rank in range(WORLD)]
     ranks = [forkserver.Process(target=run_rank, args=(rank, port, scenario, kwargs, results[rank], env or {}))
              for rank in range(WORLD)]
     for process in ranks:
         process.start()
-    for process in ranks:
-        process.join(max(0.1, start + timeout - time.monotonic()))
-    hung = [rank for rank, process in enumerate(ranks) if process.is_alive()]
+    for rank, process in enumerate(ranks):
+        if rank != frozen:
+            process.join(max(0.1, start + timeout - time.monotonic()))
+    seconds = time.monotonic() - start
+    hung = [rank for rank, process in enumerate(ranks) if process.is_alive() and rank != frozen]
     for process in ranks:
         if process.is_alive():
             process.kill()
             process.join()
     assert not hung, f"ranks {hung} of {scenario!r} still ran after {timeout} s"
-    seconds = time.monotonic() - start
     return [torch.load(path, weights_only=False) if os.path.exists(path) else {"exitcode": process.exitcode}
             for path, process in zip(results, ranks)], seconds
 
@@ -328,6 +333,14 @@ def test_ddp_killed_rank_does_not_leave_the_other_hanging(forkserver, tmp_path):
     assert outcomes[0]["error"] == "DistributedError", outcomes[0].get("traceback")
     assert outcomes[0]["message"].startswith("rank 0: ")
     assert seconds < 30
+
+
+def test_ddp_rank_that_stops_answering_fails_the_other_at_the_timeout(forkserver, tmp_path):
+    outcomes, seconds = launch(forkserver, tmp_path, "train", env={"BATCHFIT_DIST_TIMEOUT": "3"}, frozen=1,
+                               at_step=(3, 1, "SIGSTOP"))
+    assert outcomes[0]["error"] == "DistributedError", outcomes[0].get("traceback")
+    assert "stopped responding" in outcomes[0]["message"]
+    assert 3 <= seconds < 30
 
 
 def test_dist_timeout_env_is_checked(monkeypatch):
