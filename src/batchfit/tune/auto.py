@@ -56,25 +56,36 @@ def round_to_power_of_two(value: float, low: int, high: int) -> int:
 
 
 def measure_throughput(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int],
-                       device: torch.device, repeats: int = 3, seed: int = 0) -> dict[int, float]:
-    """Samples per second of forward + backward at each batch size (best of ``repeats``; state restored)."""
+                       device: torch.device, repeats: int = 3, seed: int = 0,
+                       window: float = 0.02) -> dict[int, float]:
+    """Samples per second of forward + backward at each batch size (state restored).
+
+    Each of ``repeats`` measurements runs steps until ``window`` seconds have passed, so tiny
+    models are timed over many steps; the best measurement counts, since other load on the
+    machine only ever adds time.
+    """
     rng = np.random.default_rng(seed)
     rates: dict[int, float] = {}
     with probe(model, None, device) as (net, _):
         net.train()
         for size in sizes:
-            times = []
-            for repeat in range(repeats + 1):  # the first run warms up allocations
-                batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
-                start = time.perf_counter()
-                loss, _ = forward_loss(net, loss_fn, batch)
-                loss.backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+            batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
+            best = 0.0
+            for repeat in range(repeats + 1):  # the first measurement warms up allocations
+                start, steps = time.perf_counter(), 0
+                while True:
+                    loss, _ = forward_loss(net, loss_fn, batch)
+                    loss.backward()
+                    net.zero_grad(set_to_none=True)
+                    steps += 1
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    elapsed = time.perf_counter() - start
+                    if elapsed >= window:
+                        break
                 if repeat:
-                    times.append(time.perf_counter() - start)
-                net.zero_grad(set_to_none=True)
-            rates[size] = size / min(times)  # the least disturbed run: other load only adds time
+                    best = max(best, steps * size / elapsed)
+            rates[size] = best
     return rates
 
 
@@ -100,19 +111,57 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     b_noise = min(max(noise.b_simple if math.isfinite(noise.b_simple) else float(cap), 1.0), float(n))
     sizes = [size for size in powers_of_two(low, cap) if b_noise / 8 <= size <= 8 * b_noise] or [
         round_to_power_of_two(b_noise, low, cap)]
-    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, repeats=2,
-                               seed=trainer.settings.seed)
+    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, seed=trainer.settings.seed)
     costs = {size: batch_cost(size, b_noise, rate) for size, rate in rates.items()}
-    best = min(costs, key=costs.__getitem__)
+    ranked = sorted(costs, key=costs.__getitem__)
+    unstable = []
+    for best in ranked:
+        if trainer.settings.lr_scaling in (None, "adascale") or best == ranked[-1] or _stable(trainer, src, best):
+            break
+        unstable.append(best)
     reason = (f"noise scale B_simple={noise.b_simple:.4g} (|G|²={noise.grad_sq:.3g}, tr Σ={noise.trace_cov:.3g}); "
               f"throughput " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items())
-              + f"; cost (1+B/B_noise)/throughput is least at {best}")
+              + f"; cost (1+B/B_noise)/throughput is least at {ranked[0]}")
+    if unstable:
+        reason += (f"; the loss rose in a short trial at the lr the {trainer.settings.lr_scaling} rule gives for "
+                   f"{', '.join(map(str, unstable))}, so {best}")
     logger.info("batch_size=%r: chose %d — %s", trainer.settings.batch_size, best, reason)
     trainer.history.add_event(step=trainer.step, kind="batch_size", batch_size=best, reason=reason,
                               b_simple=noise.b_simple, throughput={str(k): v for k, v in rates.items()})
     if trainer.settings.batch_size == "adaptive":
         trainer.adaptive = AdaptiveBatch(start=best, max_batch=cap, noise_scale=noise.b_simple)
     return best
+
+
+def _stable(trainer: Trainer, src: Source, size: int, steps: int = 8) -> bool:
+    """Whether a few real steps at ``size``, with the lr the scaling rule gives it, lower the loss.
+
+    The noise scale says how large a batch can be used efficiently, not whether the lr that
+    a scaling rule gives it is stable; a short trial (state restored afterwards) checks that.
+    """
+    from .lr import scale_lr
+
+    s = trainer.settings
+    assert s.lr_scaling is not None and s.base_batch_size is not None
+    factor = scale_lr(1.0, s.base_batch_size, size, s.lr_scaling)
+    rng = np.random.default_rng(s.seed)
+    losses = []
+    with probe(trainer.module, trainer.optimizer, trainer.device) as (net, optimizer):
+        assert optimizer is not None
+        for group, base in zip(optimizer.param_groups, trainer.base_lrs):
+            group["lr"] = base * factor
+        net.train()
+        for _ in range(steps):
+            batch = batch_to(src.gather(rng.integers(0, len(src), size)), trainer.device)
+            loss, _ = forward_loss(net, trainer.loss_fn, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                return False
+    head, tail = losses[: steps // 3], losses[-(steps // 3):]
+    return sum(tail) <= sum(head)
 
 
 class AdaptiveBatch:
