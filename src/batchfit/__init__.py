@@ -9,9 +9,9 @@ from .errors import BatchfitError, CheckpointError, DistributedError, NonFiniteL
 from .train.callbacks import Callback, EarlyStopping
 from .train.history import History
 from .train.trainer import Trainer
-from .tune.lr import scale_lr
+from .tune.lr import adascale_gain, scale_lr, warmup
 from .tune.memory import find_micro_batch_size
-from .tune.noise import NoiseScale, estimate_noise_scale
+from .tune.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
 from .tune.range_test import LRRangeResult, lr_range_test
 from .tune.report import TuneReport, tune
 
@@ -27,15 +27,18 @@ __all__ = [
     "History",
     "LRRangeResult",
     "NoiseScale",
+    "NoiseScaleTracker",
     "NonFiniteLossError",
     "ShardError",
     "Trainer",
     "TuneReport",
+    "adascale_gain",
     "estimate_noise_scale",
     "find_micro_batch_size",
     "lr_range_test",
     "scale_lr",
     "tune",
+    "warmup",
 ]
 
 __version__ = "0.1.0"
