@@ -34,7 +34,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchfit import Callback, Trainer
+from batchfit import ArraySource, Batcher, Callback, Trainer
+from batchfit.tune.noise import grad_sq_estimate, simple_noise_scale, trace_cov_estimate
 
 pytestmark = pytest.mark.slow
 
@@ -268,6 +269,23 @@ def test_ddp_noise_scale_is_the_same_on_every_rank(equivalence):
     noise = [rank_result["noise"] for rank_result in equivalence]
     assert noise[0] == noise[1]
     assert np.isfinite(noise[0][-1])
+
+
+def test_ddp_noise_scale_compares_each_ranks_first_micro_batch_with_the_whole_batch(equivalence):
+    """Step 1: |G_16|² of each rank's own first micro-batch (before the all-reduce), averaged, against |G_64|²."""
+    source = ArraySource(*data())
+
+    def squared_norm(batch: tuple[torch.Tensor, ...]) -> float:
+        model = IdNet()
+        loss = F.cross_entropy(model(*batch[:-1]), batch[-1])
+        return sum(float(g.double().pow(2).sum()) for g in torch.autograd.grad(loss, list(model.parameters())))
+
+    whole = next(iter(Batcher(source, 64, seed=3)))
+    firsts = [tuple(t[:16] for t in next(iter(Batcher(source, 64, seed=3, rank=r, world_size=WORLD))))
+              for r in range(WORLD)]
+    small, big = sum(map(squared_norm, firsts)) / WORLD, squared_norm(whole)
+    expected = simple_noise_scale(grad_sq_estimate(small, big, 16, 64), trace_cov_estimate(small, big, 16, 64))
+    assert equivalence[0]["noise"][0] == pytest.approx(expected, rel=1e-4)
 
 
 def test_ddp_evaluate_and_predict_on_one_rank_alone(equivalence):
