@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -691,25 +691,25 @@ class ShardSource:
             self._baseline = _mapped_file_bytes()
             return True
 
-    def _read(self, mapped: _MappedArray, first: np.ndarray, last: np.ndarray, read: Any) -> Any:
+    def _read(self, mapped: _MappedArray, first: np.ndarray, last: np.ndarray, read: Callable[[slice], None]) -> None:
         """``read()`` the bytes ``first[i]..last[i]`` of a map, keeping the mapped bytes bounded.
 
         A page fault can map a whole 2 MiB region of the file, so the bound counts regions.
         Sparse reads that would touch many new regions are done in pieces, counted in between.
         """
         if self._fits:  # all maps together fit the bound: nothing to count
-            return read(slice(None))
+            read(slice(None))
+            return
         new = mapped.mark(first, last)
         if new * _FAULT_BYTES <= self.max_mapped_bytes // 2:
             if self._count(new * _FAULT_BYTES):  # dropped: these regions are mapped again
                 self._count(mapped.mark(first, last) * _FAULT_BYTES)
-            return read(slice(None))
+            read(slice(None))
+            return
         step = max(1, self.max_mapped_bytes // 4 // _FAULT_BYTES)
-        pieces = []
         for lo in range(0, len(first), step):
-            pieces.append(read(slice(lo, lo + step)))
+            read(slice(lo, lo + step))
             self._count(len(first[lo : lo + step]) * _FAULT_BYTES)
-        return pieces
 
     # -- gathering -----------------------------------------------------------------------------
 
