@@ -4,6 +4,7 @@ The public API is everything in ``__all__``; modules not listed here are private
 """
 
 from .data.batcher import Batcher
+from .data.shards import ShardSource, write_shards
 from .data.sources import ArraySource, DatasetSource
 from .errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, ShardError
 from .train.callbacks import Callback, EarlyStopping
@@ -30,6 +31,7 @@ __all__ = [
     "NoiseScaleTracker",
     "NonFiniteLossError",
     "ShardError",
+    "ShardSource",
     "Trainer",
     "TuneReport",
     "adascale_gain",
@@ -39,6 +41,7 @@ __all__ = [
     "scale_lr",
     "tune",
     "warmup",
+    "write_shards",
 ]
 
 __version__ = "0.1.0"
