@@ -1,0 +1,110 @@
+"""The command line: demo, train from a TOML file, shards, errors that name the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchfit.cli import main
+
+
+def _write_data(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(folder / "train.npz", x=x, y=y)
+
+
+def _config(folder: Path, extra: str = "") -> Path:
+    path = folder / "run.toml"
+    path.write_text(f"""
+[data]
+train = "train.npz"
+val_split = 0.25
+
+[model]
+name = "mlp"
+args = {{ hidden = [16] }}
+
+[optimizer]
+name = "sgd"
+lr = 0.1
+
+[train]
+epochs = 2
+batch_size = 16
+micro_batch_size = 8
+progress = false
+out = "{folder / 'runs'}"
+{extra}
+""")
+    return path
+
+
+def test_cli_train_writes_run_folder(tmp_path, capsys):
+    _write_data(tmp_path)
+    assert main(["train", str(_config(tmp_path))]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    run_dir = Path(summary["run_dir"])
+    assert summary["epoch"] == 1 and 0.0 <= summary["val_accuracy"] <= 1.0
+    for name in ("metrics.csv", "epochs.csv", "curves.png", "summary.json", "run.toml"):
+        assert (run_dir / name).stat().st_size > 0, name
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,epoch,samples,batch_size,loss,lr,seconds")
+    assert len(lines) == 1 + summary["steps"]
+
+
+def test_cli_train_resume_continues_from_checkpoint(tmp_path, capsys):
+    _write_data(tmp_path)
+    config = _config(tmp_path, 'checkpoint_dir = "ckpt"\nresume = true')
+    assert main(["train", str(config), "--epochs", "1"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["train", str(config), "--epochs", "2"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["steps"] == 2 * first["steps"]  # the second run trained only the missing epoch
+    assert (tmp_path / "ckpt").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("bacth_size = 3", r"unknown key `train.bacth_size`"),
+        ('epochs = "two"', r"`train.epochs` must be int. Received: train.epochs='two'"),
+        ("batch_size = 0", r"`batch_size` must be a positive integer, 'full', 'auto' or 'adaptive'. Received: "),
+    ],
+)
+def test_cli_train_bad_config_names_the_key(tmp_path, capsys, extra, message):
+    _write_data(tmp_path)
+    text = _config(tmp_path).read_text().replace("batch_size = 16\n", "") if "batch_size" in extra else \
+        _config(tmp_path).read_text().replace("epochs = 2\n", "")
+    path = tmp_path / "bad.toml"
+    path.write_text(text.replace("[train]\n", f"[train]\n{extra}\n"))
+    assert main(["train", str(path)]) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+def test_cli_unknown_section_refused(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[data]\ntrain = 'x.npz'\n[trainer]\nepochs = 1\n")
+    assert main(["train", str(path)]) == 2
+    assert "unknown section [trainer]" in capsys.readouterr().err
+
+
+def test_cli_shards_write_and_verify(tmp_path, capsys):
+    _write_data(tmp_path)
+    assert main(["shards", "write", str(tmp_path / "train.npz"), str(tmp_path / "shards")]) == 0
+    assert "wrote 120 samples" in capsys.readouterr().out
+    assert main(["shards", "verify", str(tmp_path / "shards")]) == 0
+    assert "checksums" in capsys.readouterr().out
+
+
+def test_cli_demo_short_run(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy 0." in out
+    run_dir = next(tmp_path.iterdir())
+    assert (run_dir / "curves.png").exists() and (run_dir / "metrics.csv").exists()
