@@ -5,6 +5,7 @@ The public API is everything in ``__all__``; modules not listed here are private
 
 from .data.batcher import Batcher
 from .data.shards import ShardSource, write_shards
+from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
 from .errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, ShardError
 from .train.callbacks import Callback, EarlyStopping
@@ -40,6 +41,7 @@ __all__ = [
     "lr_range_test",
     "scale_lr",
     "tune",
+    "verify_shards",
     "warmup",
     "write_shards",
 ]

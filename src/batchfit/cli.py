@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="the performance table, on this machine")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a rough check in seconds)")
-    bench.add_argument("--only", choices=("data", "train", "shards"), help="run one group of rows")
+    bench.add_argument("--only", choices=("data", "train", "shards", "distributed"), help="run one group of rows")
     bench.set_defaults(run=_bench)
     return parser
 
@@ -134,8 +134,11 @@ def _shards_write(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
     start = time.perf_counter()
-    source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
-                     shard_size=args.shard_size)
+    try:
+            source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
+                         shard_size=args.shard_size)
+    except ImportError as error:  # Pillow, for image folders
+        raise BatchfitError(f"{error} (pip install 'batchfit[images]')") from error
     print(f"wrote {len(source)} samples to {args.output} in {time.perf_counter() - start:.1f} s")
     return 0
 

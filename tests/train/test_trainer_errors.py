@@ -71,7 +71,8 @@ def test_trainer_negative_epochs(classification):
     ("device", "tpu", r"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'\. Received: device='tpu'"),
     ("device", "meta", r"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'\. Received: device='meta'"),
     ("max_grad_norm", -1.0, r"`max_grad_norm` must be a positive number or None\. Received: max_grad_norm=-1.0"),
-    ("seed", 1.5, r"`seed` must be an integer\. Received: seed=1.5"),
+    ("seed", 1.5, r"`seed` must be a non-negative integer\. Received: seed=1.5"),
+    ("seed", -1, r"`seed` must be a non-negative integer\. Received: seed=-1"),
     ("warmup_steps", -2, r"`warmup_steps` must be a non-negative integer\. Received: warmup_steps=-2"),
 ])
 def test_trainer_unknown_option_value(option, value, match):

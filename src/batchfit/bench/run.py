@@ -10,7 +10,7 @@ from .common import Row, format_table
 
 
 def run_bench(quick: bool = False, only: str | None = None) -> str:
-    """Run the benchmark groups (``only``: "data", "train" or "shards") and format one table."""
+    """Run the benchmark groups (``only``: "data", "train", "shards", "distributed") and format one table."""
     from .core import data_path_rows, step_overhead_rows
 
     rows: list[Row] = []
@@ -19,9 +19,13 @@ def run_bench(quick: bool = False, only: str | None = None) -> str:
     if only in (None, "train"):
         rows += step_overhead_rows(num_samples=10_000 if quick else 50_000, repeats=3 if quick else 9)
     if only in (None, "shards"):
-        from .shards import shard_rows
+        from .shards import run as shard_rows
 
-        rows += shard_rows(quick=quick)
+        rows += [Row(**row) for row in shard_rows(quick=quick)]
+    if only in (None, "distributed"):
+        from .distributed import distributed_rows
+
+        rows += distributed_rows(quick=quick)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     return f"batchfit bench ({'quick' if quick else 'full'}; {machine}); medians of interleaved repeats\n" \
            + format_table(rows)

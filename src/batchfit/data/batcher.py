@@ -46,16 +46,16 @@ class Batcher:
         prefetch: int = 0,
         transform: Callable[[Batch], Batch] | None = None,
         workers: int = 0,
-        block_size: int = 4096,
-        window_blocks: int = 8,
+        block_size: int = 512,
+        window_blocks: int = 16,
     ) -> None:
         self.src: Source = as_source(src, "src")
         self.num_samples = len(self.src)
         check_choice("shuffle", shuffle, SHUFFLES)
         if not isinstance(drop_last, bool):
             raise expected("drop_last", "True or False", drop_last)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise expected("seed", "an integer", seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise expected("seed", "a non-negative integer", seed)
         check_positive_int("world_size", world_size)
         check_positive_int("rank", rank, allow_zero=True)
         if rank >= world_size:

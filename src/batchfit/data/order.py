@@ -19,8 +19,8 @@ def epoch_order(
     shuffle: bool | str,
     seed: int,
     epoch: int,
-    block_size: int = 4096,
-    window_blocks: int = 8,
+    block_size: int = 512,
+    window_blocks: int = 16,
 ) -> np.ndarray:
     """The sample indices of epoch ``epoch`` as a 1-D int64 array.
 

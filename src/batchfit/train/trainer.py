@@ -151,8 +151,8 @@ class Trainer:
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise expected("callbacks", "a sequence of batchfit Callback objects", type(cb).__name__)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise expected("seed", "an integer", seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise expected("seed", "a non-negative integer", seed)
 
         self.device = resolve_device(device)
         self.dist = distributed.setup(self.device.type)
@@ -200,6 +200,8 @@ class Trainer:
         self._checked = 0  # steps whose losses have been checked for NaN
         self._signal: int | None = None
         self._agreed_signal: int | None = None  # a signal some rank received, known to all (distributed)
+        self._stop_requested = False  # distributed: stop_training as it was when the step began
+        self._agreement: tuple[torch.Tensor, Any] | None = None  # the step's all-reduce under way
 
     # ------------------------------------------------------------------ public API
     def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool = False) -> History:
@@ -382,6 +384,8 @@ class Trainer:
                                  self.settings.precision, self.settings.max_grad_norm, self.dist.world_size,
                                  self.loss_count, self.dist.all_reduce_sum)
         self.resolved_micro_batch_size = micro
+        if self.dist.enabled:
+            self.runner.before_sync = self._start_agreement
         if self.adaptive is not None:
             self.noise_tracker = self.adaptive.tracker
         elif self.track_noise:
@@ -487,7 +491,7 @@ class Trainer:
         self._apply_lr()
         for batch in self._train_batches():
             global_size = batcher.last_batch_size
-            stop_requested = self.stop_training  # asked for after the previous step
+            self._stop_requested = self.stop_training  # asked for after the previous step
             for hook in step_begin:
                 hook(self, self.step)
             if dynamic_lr:
@@ -495,7 +499,7 @@ class Trainer:
             runner.measure_noise = self.track_noise and self.step % NOISE_EVERY == 0
             loss = runner.accumulate(batch, global_size)
             if self.dist.enabled:
-                loss, stop = self._agree(stop_requested, loss, global_size)
+                loss, stop = self._finish_agreement(global_size)  # started by the runner before the last backward
                 if stop:
                     # A rank asked to stop after the previous step, and the others learn it only now:
                     # every rank drops this step, so that all end where one process would have.
@@ -532,36 +536,48 @@ class Trainer:
             if self._stop_after_step():
                 break
 
-    def _agree(self, stop_requested: bool, loss: torch.Tensor | None = None,
-               global_size: int = 0) -> tuple[torch.Tensor | None, bool]:
-        """One all-reduce: the step loss summed over ranks, with what every rank must decide alike.
+    def _start_agreement(self, loss: torch.Tensor | None, noise: tuple[float, int] | None = None) -> None:
+        """Start a step's one all-reduce: the loss summed over ranks, with what all must decide alike.
 
         Besides the loss it carries whether any rank asked to stop or received a signal, and each
-        rank's noise-scale measurement, whose first micro-batch gradient is local to the rank: the
-        ranks' measurements are averaged, so every rank's tracker (and so its batch size and
-        learning rate) stays the same. Returns the summed loss and whether any rank asked to stop.
+        rank's (small², b_small) noise measurement, whose first micro-batch gradient is local to the
+        rank: the measurements are averaged, so every rank's tracker (and so its batch size and
+        learning rate) stays the same. The runner starts it just before the step's last backward,
+        so that it travels while the backward computes instead of adding a wait of its own.
         """
-        assert self.runner is not None
-        pair = self.runner.noise_pair if loss is not None else None
-        small_sq, big_sq, b_small = (pair[0], pair[1], pair[2]) if pair is not None else (0.0, 0.0, math.inf)
-        values = torch.tensor([0.0, float(stop_requested), float(self._signal is not None), small_sq, big_sq,
-                               1.0 / b_small, float(pair is not None)], dtype=torch.float64, device=self.device)
+        small_sq, b_small = noise if noise is not None else (0.0, math.inf)
+        values = torch.tensor([0.0, float(self._stop_requested), float(self._signal is not None), small_sq,
+                               1.0 / b_small, float(noise is not None)], dtype=torch.float64, device=self.device)
         if loss is not None:
             values[0] = loss.detach()
-        total = self.dist.all_reduce_sum(values)
-        _, stops, signals, small_sum, big_sum, inverse_b_sum, measured = total.tolist()
+        self._agreement = (values, self.dist.start_all_reduce_sum(values))
+
+    def _finish_agreement(self, global_size: int = 0) -> tuple[torch.Tensor, bool]:
+        """The summed loss and whether any rank asked to stop; notes an agreed signal and noise measurement."""
+        assert self.runner is not None and self._agreement is not None
+        values, work = self._agreement
+        self._agreement = None
+        self.dist.wait(work)
+        _, stops, signals, small_sum, inverse_b_sum, measured = values.tolist()
         if signals and self._agreed_signal is None:
             self._agreed_signal = self._signal or signal.SIGTERM  # another rank's signal acts as SIGTERM here
         if measured:
-            # E|G_b|² = |G|² + tr(Σ)/b, so the mean over ranks of sizes b_r is measured at their harmonic mean.
-            self.runner.noise_pair = (small_sum / measured, big_sum / measured, measured / inverse_b_sum, global_size)
-        return (None if loss is None else total[0].to(loss.dtype)), stops > 0
+            from ..tune.noise import squared_grad_norm
+
+            # The whole batch's gradient is the same on every rank (all-reduced); E|G_b|² = |G|² + tr(Σ)/b,
+            # so the mean over ranks of measurements at sizes b_r is one at their harmonic mean.
+            pair = self.runner.noise_pair
+            big_sq = pair[1] if pair is not None else squared_grad_norm(p.grad for p in self.runner.params)
+            self.runner.noise_pair = (small_sum / measured, big_sq, measured / inverse_b_sum, global_size)
+        return values[0].float(), stops > 0
 
     def _stop_between_epochs(self) -> bool:
         """Whether to stop before the next epoch; in a distributed run, whether any rank asked to."""
         if not self.dist.enabled:
             return self.stop_training
-        self.stop_training = self._agree(self.stop_training)[1]
+        self._stop_requested = self.stop_training
+        self._start_agreement(None)
+        self.stop_training = self._finish_agreement()[1]
         if self._agreed_signal is not None:
             self._exit_on_signal()
         return self.stop_training
