@@ -229,3 +229,14 @@ def trainer_options(config: Config) -> dict[str, Any]:
     if options["checkpoint_dir"] is not None:
         options["checkpoint_dir"] = str(resolve_path(config, options["checkpoint_dir"]))
     return options
+
+
+def load_train_val(config: Config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """The training arrays and the validation arrays (``data.val``, or ``data.val_split`` held out)."""
+    train = load_arrays(config, "train")
+    assert train is not None
+    val = load_arrays(config, "val")
+    if val is None and config["data"]["val_split"] is not None:
+        x_train, y_train, x_val, y_val = split_val(*train, config["data"]["val_split"], config["data"]["split_seed"])
+        train, val = (x_train, y_train), (x_val, y_val)
+    return train, val

@@ -15,8 +15,7 @@ from .config import (
     build_loss,
     build_model,
     build_optimizer,
-    load_arrays,
-    split_val,
+    load_train_val,
     trainer_options,
 )
 from .train.history import History
@@ -44,12 +43,7 @@ def write_run_files(run_dir: Path, history: History, summary: dict[str, Any], co
 
 def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...] | None]:
     """The trainer, training data and validation data of a configuration."""
-    train = load_arrays(config, "train")
-    assert train is not None
-    val = load_arrays(config, "val")
-    if val is None and config["data"]["val_split"] is not None:
-        x_train, y_train, x_val, y_val = split_val(*train, config["data"]["val_split"], config["data"]["split_seed"])
-        train, val = (x_train, y_train), (x_val, y_val)
+    train, val = load_train_val(config)
     torch.manual_seed(config["train"]["seed"])
     model = build_model(config, *train)
     trainer = Trainer(model, build_loss(config), build_optimizer(config, model), **trainer_options(config))

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..durable import fsync_dir
 from ..errors import ShardError, check_choice, check_positive_int, expected
 from .sources import Batch, pack
 
@@ -187,14 +188,6 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _NpyFile:
     """An .npy file written row block by row block; the header is completed on close.
 
@@ -328,7 +321,7 @@ class _Writer:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def abandon(self) -> None:
         if self.open is not None:
@@ -403,7 +396,7 @@ def _commit(tmp: Path, path: Path) -> None:
         old = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
         os.rename(path, old)
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old)
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..durable import fsync_dir
 from ..errors import CheckpointError
 
 logger = logging.getLogger("batchfit")
@@ -54,7 +55,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str], step:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(folder)
+    fsync_dir(folder)
     # The file just written always stays, even when a newer-named one exists (an unreadable
     # file that a resume skipped): pruning it could leave no readable checkpoint at all.
     for old in [p for p in list_checkpoints(folder) if p != final][keep - 1 :]:
@@ -77,14 +78,6 @@ def load_latest(folder: str | os.PathLike[str], map_location: Any = "cpu") -> tu
         except Exception as error:  # a damaged file of any kind: fall back to an older one
             warnings.warn(f"skipping unreadable checkpoint {path}: {error}", RuntimeWarning, stacklevel=2)
     return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:

@@ -264,15 +264,10 @@ def _reach(point: SweepPoint, target: float) -> None:
 
 def tune_from_config(config: Any) -> str:
     """``batchfit tune CONFIG``: tune the configured model and data, save the report, return its summary."""
-    from ..config import build_loss, build_model, build_optimizer, load_arrays, split_val
+    from ..config import build_loss, build_model, build_optimizer, load_train_val
     from ..run import new_run_dir
 
-    train = load_arrays(config, "train")
-    assert train is not None
-    val = load_arrays(config, "val")
-    if val is None and config["data"]["val_split"] is not None:
-        x_train, y_train, x_val, y_val = split_val(*train, config["data"]["val_split"], config["data"]["split_seed"])
-        train, val = (x_train, y_train), (x_val, y_val)
+    train, val = load_train_val(config)
     seed = config["train"]["seed"]
 
     def make_model() -> torch.nn.Module:
