@@ -56,6 +56,20 @@ class DistContext:
         """Sum ``tensor`` over ranks (in place; returned for convenience)."""
         return self._all_reduce(tensor, dist.ReduceOp.SUM) if self.enabled else tensor
 
+    def start_all_reduce_sum(self, tensor: torch.Tensor) -> Any:
+        """Start summing ``tensor`` over ranks in the background; :meth:`wait` for the returned work."""
+        try:
+            return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+        except Exception as error:
+            raise self.peer_failure(error) from error
+
+    def wait(self, work: Any) -> None:
+        """Wait for a collective started in the background."""
+        try:
+            work.wait()
+        except Exception as error:  # a peer died, left or timed out
+            raise self.peer_failure(error) from error
+
     def all_equal(self, value: int) -> bool:
         """Whether every rank passed the same ``value`` (one small collective)."""
         if not self.enabled:

@@ -50,6 +50,10 @@ class StepRunner:
         # the whole batch's gradient, at no cost beyond two norms.
         self.measure_noise = False
         self.noise_pair: tuple[float, float, int, int] | None = None  # (small², big², b_small, b_big)
+        # Distributed: called just before the last backward, whose gradient all-reduce syncs the
+        # ranks, with this rank's loss share and (small², b_small) or None, so that the caller can
+        # start its own small all-reduce and let it overlap the backward.
+        self.before_sync: Callable[[torch.Tensor, tuple[float, int] | None], None] | None = None
 
     def _autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -82,14 +86,16 @@ class StepRunner:
                 with self._autocast():
                     loss, _ = forward_loss(self.model, self.loss_fn, micro)
                 weight = count / total
+                # A rank's share of a batch smaller than the world is empty: its loss is NaN (a mean over
+                # nothing) but it still runs backward so that DDP's gradient sync happens on every rank.
+                part = loss.detach() * weight if count else torch.zeros_like(loss.detach())
+                share = part if share is None else share + part
+                if last and self.before_sync is not None:
+                    self.before_sync(share, None if small_sq is None else (small_sq, pieces[0][1]))
                 self._backward(loss * (weight * self.world_size))
                 if self.measure_noise and index == 0 and len(pieces) > 1:
                     # The accumulated gradient is still the first micro-batch's alone (and local).
                     small_sq = squared_grad_norm(p.grad for p in self.params) / (weight * self.world_size) ** 2
-            # A rank's share of a batch smaller than the world is empty: its loss is NaN (a mean over
-            # nothing) but it still runs backward so that DDP's gradient sync happens on every rank.
-            part = loss.detach() * weight if count else torch.zeros_like(loss.detach())
-            share = part if share is None else share + part
         assert share is not None
         if small_sq is not None:
             self.noise_pair = (small_sq, squared_grad_norm(p.grad for p in self.params), pieces[0][1], global_size)
