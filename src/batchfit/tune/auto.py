@@ -104,14 +104,15 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     # At least 16 steps per epoch; a power of two unless the data is tiny.
     cap = powers_of_two(1, min(max_batch or n, max(1, n // 16), getattr(trainer, "max_batch_size", None) or n))[-1]
     low = min(min_batch, cap)
-    # A short probe: 6 draws of 8 small batches, then throughput only near the noise scale.
+    # A short probe: 6 draws of 8 small batches, then throughput only within 4x of the noise scale.
     small = max(1, min(16, cap // 8))
     noise = estimate_noise_scale(trainer.module, trainer.loss_fn, src, small_batch=small, big_batch=8 * small,
                                  num_batches=6, seed=trainer.settings.seed, device=trainer.device)
     b_noise = min(max(noise.b_simple if math.isfinite(noise.b_simple) else float(cap), 1.0), float(n))
-    sizes = [size for size in powers_of_two(low, cap) if b_noise / 8 <= size <= 8 * b_noise] or [
+    sizes = [size for size in powers_of_two(low, cap) if b_noise / 4 <= size <= 4 * b_noise] or [
         round_to_power_of_two(b_noise, low, cap)]
-    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, seed=trainer.settings.seed)
+    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, repeats=2, window=0.01,
+                               seed=trainer.settings.seed)
     costs = {size: batch_cost(size, b_noise, rate) for size, rate in rates.items()}
     ranked = sorted(costs, key=costs.__getitem__)
     unstable = []
