@@ -2,11 +2,15 @@
 
 1. Batch means batch: the weights after an epoch equal those of one process, for a global batch
    of 64 as 2 x 32 and as 2 x (2 x 16) micro-batches.
-2. Every sample once per epoch, across the ranks.
+2. Every sample once per epoch, across the ranks; validation metrics and the noise scale are
+   the same on every rank, and the noise scale compares each rank's own first micro-batch
+   gradient with the whole batch's.
 3. A checkpoint written by 2 ranks resumes on 1 and on 2 processes to the same weights.
 4. A stop request or a signal on one rank stops every rank at the same step.
 5. An exception on one rank, or a rank killed by SIGKILL, makes the others stop at once with a
-   DistributedError instead of waiting for the process-group timeout.
+   DistributedError instead of waiting for the process-group timeout; a rank that stops
+   answering fails the others at BATCHFIT_DIST_TIMEOUT.
+6. ``batchfit train CONFIG --nproc 2`` end to end.
 
 Ranks are forked from a multiprocessing forkserver that has already imported torch and
 batchfit, so that a rank starts in milliseconds rather than seconds. A rank runs one of the
