@@ -461,3 +461,18 @@ def test_fit_second_call_continues_with_next_epochs(make_mlp, classification):
     assert [record["epoch"] for record in history.epochs] == [0, 1, 2]
     assert trainer.step == 12
     assert seen[0][0] == 2 and np.array_equal(seen[0][1], epoch_order(len(y), True, 3, 2))
+
+
+def test_on_nan_raise_on_cpu_never_applies_the_bad_update(make_mlp, classification):
+    import batchfit as bf
+
+    x, y = classification
+    x = x.copy()
+    x[40:50] = np.nan  # the third batch of 20 (no shuffle) has a NaN loss
+    model = make_mlp()
+    trainer = bf.Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=20,
+                         shuffle=False, progress=False)
+    with pytest.raises(bf.NonFiniteLossError, match="step 3 \\(epoch 0\\)"):
+        trainer.fit((x, y), epochs=1)
+    assert trainer.step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
