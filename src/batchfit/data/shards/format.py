@@ -1,0 +1,238 @@
+"""The shard format: constants, per-array specs, checksums and the manifest.
+
+A shard folder holds ``manifest.json`` and, for every shard, one ``.npy`` file per array
+(``shard-00000.x.npy``), which numpy can memory-map. A variable-length array (token
+sequences) stores its samples end to end in ``shard-00000.tokens.npy`` and where each sample
+starts in ``shard-00000.tokens.offsets.npy`` (``int64``, one more entry than samples).
+
+The manifest records the format version, the array names (or positions), dtypes, per-sample
+shapes, samples per shard, and the size and BLAKE2b checksum of every file. A folder is
+written under a temporary sibling name, every file and the folder are fsynced, and only then
+is it renamed into place, so an interrupted write never leaves a folder that opens.
+
+Variable-length arrays come out of :meth:`ShardSource.gather` padded to the longest sample of
+the batch, followed by an ``int64`` tensor of lengths: named sources get an extra key
+``<name>_lengths`` right after ``<name>``; tuple sources get the lengths right after the array,
+except for the last array of a tuple of two or more (the target), whose lengths come just
+before it so the target stays last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import ShardError, expected
+
+FORMAT = "batchfit-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+VERIFY_MODES = ("open", "full", "none")
+SHARD_BYTES = 512 * 2**20  # target size of a shard when shard_size is not given
+CHUNK_BYTES = 32 * 2**20  # how much of a source is gathered at once while writing
+MAPPED_BYTES = 256 * 2**20  # default bound on the file pages a ShardSource keeps mapped
+# A page fault on a memory map can map a whole large folio of the page cache (2 MiB on x86-64
+# Linux with large folios), so every sample read may add that much to the resident set.
+_FAULT_BYTES = 2 * 2**20
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns: what one array of a batch looks like while it is written
+
+
+@dataclass
+class _Ragged:
+    """Variable-length samples: their values end to end, and where each sample starts."""
+
+    values: np.ndarray
+    offsets: np.ndarray  # int64, len(samples) + 1, offsets[0] == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def slice(self, lo: int, hi: int) -> _Ragged:
+        start, stop = int(self.offsets[lo]), int(self.offsets[hi])
+        return _Ragged(self.values[start:stop], self.offsets[lo : hi + 1] - start)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """One stored array: its key (name or position), dtype and per-sample shape."""
+
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # per sample; for a ragged array, the shape after the length
+    ragged: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "dtype": self.dtype.str, "shape": list(self.shape), "ragged": self.ragged}
+
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
+
+def _numpy(where: str, value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bfloat16:
+            raise expected(where, "an array with a numpy dtype", "a bfloat16 tensor")
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "biufc":
+        raise expected(where, "a numeric array", f"an array of dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+
+
+def _is_ragged(value: Any) -> bool:
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return True
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (np.ndarray, torch.Tensor, list)) for v in value
+    )
+
+
+def _column(where: str, value: Any) -> np.ndarray | _Ragged:
+    """A batch element as a dense array, or as a ragged column when it is a list of arrays."""
+    if isinstance(value, _Ragged):
+        return value
+    if not _is_ragged(value):
+        array = _numpy(where, value)
+        if array.ndim == 0:
+            raise expected(where, "an array whose first dimension counts samples", "a 0-d scalar")
+        return array
+    samples = [_numpy(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    for i, sample in enumerate(samples):
+        if sample.ndim == 0 or sample.shape[1:] != samples[0].shape[1:] or sample.dtype != samples[0].dtype:
+            raise expected(
+                f"{where}[{i}]",
+                f"a sequence like {where}[0] (dtype {samples[0].dtype}, shape (length, *{samples[0].shape[1:]}))",
+                f"dtype {sample.dtype}, shape {sample.shape}",
+            )
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in samples], out=offsets[1:])
+    return _Ragged(np.concatenate(samples), offsets)
+
+
+def _columns(batch: Any, where: str) -> tuple[tuple[str, ...] | None, list[np.ndarray | _Ragged]]:
+    """``(names, columns)`` of a tuple, dict or single-array batch."""
+    if isinstance(batch, Mapping):
+        names = tuple(batch)
+        for name in names:
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise expected(f"{where} key", "a name of letters, digits, '_' or '-'", name)
+        return names, [_column(f"{where}[{n!r}]", v) for n, v in batch.items()]
+    if isinstance(batch, (np.ndarray, torch.Tensor)):
+        batch = (batch,)
+    if not isinstance(batch, (tuple, list)) or not batch:
+        raise expected(where, "a tuple or dict of arrays", type(batch).__name__)
+    return None, [_column(f"{where}[{i}]", v) for i, v in enumerate(batch)]
+
+
+def _spec(key: str, column: np.ndarray | _Ragged) -> _Spec:
+    array = column.values if isinstance(column, _Ragged) else column
+    try:
+        torch.from_numpy(np.zeros(1, dtype=array.dtype))
+    except TypeError:
+        raise expected(f"array {key!r}", "a dtype torch supports", str(array.dtype)) from None
+    return _Spec(key, array.dtype, tuple(array.shape[1:]), isinstance(column, _Ragged))
+
+
+def _output_names(names: tuple[str, ...] | None, specs: list[_Spec]) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    taken = set(names)
+    out: list[str] = []
+    for spec in specs:
+        out.append(spec.key)
+        if spec.ragged:
+            if f"{spec.key}_lengths" in taken:
+                raise expected("names", f"no array named {spec.key}_lengths beside ragged {spec.key!r}", names)
+            out.append(f"{spec.key}_lengths")
+    return tuple(out)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _manifest_error(path: Path, problem: str) -> ShardError:
+    return ShardError(f"Shard manifest {path} {problem}")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed and checked ``manifest.json`` of a shard folder; raises :class:`ShardError`."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ShardError(f"Shard folder {folder} does not exist (an interrupted write leaves none)")
+    if not path.is_file():
+        raise ShardError(f"Shard manifest {path} is missing: {folder} is not a complete shard folder")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _manifest_error(path, f"cannot be read as JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _manifest_error(path, f"is not a {FORMAT!r} manifest (expected format={FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise _manifest_error(
+            path, f"has format version {manifest.get('version')!r}; this batchfit reads version {VERSION}"
+        )
+    try:
+        _check_manifest(manifest)
+    except (KeyError, TypeError, ValueError) as error:
+        raise _manifest_error(path, f"is malformed: {type(error).__name__}: {error}") from None
+    return manifest
+
+
+def _check_manifest(manifest: dict[str, Any]) -> None:
+    specs = [_Spec(a["key"], np.dtype(a["dtype"]), tuple(a["shape"]), bool(a["ragged"])) for a in manifest["arrays"]]
+    names = manifest["names"]
+    if names is not None and list(names) != [s.key for s in specs]:
+        raise ValueError(f"names {names} differ from array keys {[s.key for s in specs]}")
+    counts = [int(s["samples"]) for s in manifest["shards"]]
+    if sum(counts) != manifest["num_samples"] or not counts or min(counts) < 1:
+        raise ValueError(f"samples per shard {counts} do not add up to num_samples={manifest['num_samples']}")
+    for shard in manifest["shards"]:
+        wanted = {s.key for s in specs} | {f"{s.key}.offsets" for s in specs if s.ragged}
+        if set(shard["files"]) != wanted:
+            raise ValueError(f"a shard lists files {sorted(shard['files'])}, expected {sorted(wanted)}")
+        for entry in shard["files"].values():
+            name = entry["name"]
+            if Path(name).name != name or name.startswith(".") or int(entry["bytes"]) < 0:
+                raise ValueError(f"bad file entry {entry}")
+            str(entry["blake2b"])
+
+
+def _file_problem(path: Path, entry: dict[str, Any], full: bool) -> str | None:
+    """What is wrong with one shard file (missing, wrong size, wrong checksum), or ``None``."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if size != entry["bytes"]:
+        return f"has {size} bytes, but the manifest says {entry['bytes']} (truncated or overwritten)"
+    if full:
+        found, wanted = _hash_file(path), entry["blake2b"]
+        if found != wanted:
+            return f"is corrupt: its blake2b checksum is {found[:16]}..., the manifest says {wanted[:16]}..."
+    return None
+
+
+def _hash_file(path: Path) -> str:
+    digest, buffer = hashlib.blake2b(), bytearray(4 * 2**20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()

@@ -1,0 +1,397 @@
+"""Reading a shard folder: ShardSource, memory maps with a bounded resident set, verify."""
+from __future__ import annotations
+
+import itertools
+import math
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import ShardError, check_choice, check_positive_int, expected
+from ..sources import Batch, pack
+from .format import (
+    _FAULT_BYTES,
+    MAPPED_BYTES,
+    VERIFY_MODES,
+    _file_problem,
+    _output_names,
+    _Ragged,
+    _Spec,
+    read_manifest,
+)
+
+
+class _MappedArray:
+    """One .npy shard file, memory-mapped read-only, whose resident pages can be dropped."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                found_shape, fortran, found_dtype = read(f)
+            except ValueError as error:
+                raise ShardError(f"Shard file {path} has no valid .npy header: {error}") from None
+            if (found_dtype, tuple(found_shape), fortran) != (dtype, shape, False):
+                raise ShardError(
+                    f"Shard file {path} holds dtype {found_dtype}, shape {tuple(found_shape)}; "
+                    f"the manifest says dtype {dtype}, shape {shape}"
+                )
+            header_bytes = f.tell()
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        count = math.prod(shape)
+        array = np.frombuffer(self._map, dtype, count, header_bytes) if count else np.empty(0, dtype)
+        self.array = array.reshape(shape)
+        self.header_bytes = header_bytes
+        self.seen = np.zeros(len(self._map) // _FAULT_BYTES + 1, dtype=bool)  # regions read since the last drop
+
+    def mark(self, first: np.ndarray, last: np.ndarray) -> int:
+        """Mark the regions holding bytes ``first[i]..last[i]`` as read; return how many are new."""
+        if len(first) and int((last - first).max()) >= _FAULT_BYTES:  # rows spanning 3+ regions
+            return len(first) * (int((last - first).max()) // _FAULT_BYTES + 2)
+        before = int(np.count_nonzero(self.seen))
+        self.seen[first // _FAULT_BYTES] = True
+        self.seen[last // _FAULT_BYTES] = True
+        return int(np.count_nonzero(self.seen)) - before
+
+    def drop(self) -> None:
+        """Unmap the pages read so far: they stay in the page cache but leave this process's RSS."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+        self.seen[:] = False
+
+
+_Group = tuple[int, np.ndarray, int, int]  # shard, indices inside it, rows lo:hi of the sorted batch
+
+
+class ShardSource:
+    """A shard folder written by :func:`write_shards`, read as a source.
+
+    ``verify="open"`` (default) checks every file's size against the manifest, ``"full"`` also
+    every checksum, ``"none"`` only reads the manifest; any problem is a :class:`ShardError`
+    naming the file. Files are memory-mapped lazily, on first use. Batches are gathered by
+    vectorised indexing, one call per array and shard touched, never one per sample. Pages of
+    the maps that reading touched are dropped whenever they may exceed ``max_mapped_bytes``,
+    so resident memory stays bounded however large the data. ``pad_value`` (default: the one
+    stored by :func:`write_shards`) pads variable-length arrays.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        verify: str = "open",
+        *,
+        pad_value: float | None = None,
+        max_mapped_bytes: int = MAPPED_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        check_choice("verify", verify, VERIFY_MODES)
+        self.max_mapped_bytes = check_positive_int("max_mapped_bytes", max_mapped_bytes)
+        manifest = read_manifest(self.path)
+        self.manifest = manifest
+        self.specs = [_Spec(a["key"], np.dtype(a["dtype"]), tuple(a["shape"]), a["ragged"]) for a in manifest["arrays"]]
+        stored_names = tuple(manifest["names"]) if manifest["names"] is not None else None
+        self.names: tuple[str, ...] | None = _output_names(stored_names, self.specs)
+        self.pad_value = manifest["pad_value"] if pad_value is None else pad_value
+        self.shard_sizes: list[int] = [s["samples"] for s in manifest["shards"]]
+        self._start_list = [0, *itertools.accumulate(self.shard_sizes)]
+        self._starts = np.array(self._start_list, dtype=np.int64)
+        self._len = int(manifest["num_samples"])
+        self._row_bytes = {spec.key: spec.row_bytes() for spec in self.specs}
+        self._any_ragged = any(spec.ragged for spec in self.specs)
+        total = sum(e["bytes"] for shard in manifest["shards"] for e in shard["files"].values())
+        self._fits = total <= self.max_mapped_bytes  # then maps stay whole: nothing to count
+        if verify != "none":
+            self.verify(full=verify == "full")
+        self._lock = threading.RLock()
+        self._maps: dict[tuple[int, str], _MappedArray] = {}
+        self._resident = 0  # bytes of the maps that may be resident since the last drop
+        self._baseline = _mapped_file_bytes()  # the process's mapped file bytes after the last drop
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The ``metadata`` given to :func:`write_shards` (e.g. class names of an image folder)."""
+        return self.manifest.get("metadata", {})
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"ShardSource({str(self.path)!r}, samples={self._len}, shards={len(self.shard_sizes)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"], state["_maps"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._maps, self._resident = threading.RLock(), {}, 0
+        self._baseline = _mapped_file_bytes()
+
+    def verify(self, full: bool = True) -> None:
+        """Check every shard file's size against the manifest, and its checksum when ``full``."""
+        for shard in self.manifest["shards"]:
+            for entry in shard["files"].values():
+                problem = _file_problem(self.path / entry["name"], entry, full)
+                if problem is not None:
+                    raise ShardError(f"Shard file {self.path / entry['name']} {problem}")
+
+    def summary(self) -> str:
+        """A few lines describing the folder: samples, shards, bytes and arrays."""
+        total = sum(e["bytes"] for s in self.manifest["shards"] for e in s["files"].values())
+        lines = [f"{self.path}: {self._len} samples in {len(self.shard_sizes)} shards, {total / 2**20:.1f} MiB"]
+        for spec in self.specs:
+            shape = ("length", *spec.shape) if spec.ragged else spec.shape
+            lines.append(f"  {spec.key}: {spec.dtype}, per-sample shape {tuple(shape)}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Release the memory maps (they are opened again when needed)."""
+        with self._lock:
+            self._maps.clear()
+            self._resident = 0
+
+    # -- memory maps --------------------------------------------------------------------------
+
+    def _map(self, shard: int, part: str) -> _MappedArray:
+        mapped = self._maps.get((shard, part))
+        if mapped is None:
+            with self._lock:
+                mapped = self._maps.get((shard, part))
+                if mapped is None:
+                    mapped = self._maps[(shard, part)] = self._open_map(shard, part)
+        return mapped
+
+    def _open_map(self, shard: int, part: str) -> _MappedArray:
+        entry = self.manifest["shards"][shard]["files"][part]
+        path = self.path / entry["name"]
+        problem = _file_problem(path, entry, full=False)
+        if problem is not None:
+            raise ShardError(f"Shard file {path} {problem}")
+        count = self.shard_sizes[shard]
+        if part.endswith(".offsets"):
+            return _MappedArray(path, np.dtype(np.int64), (count + 1,))
+        spec = next(s for s in self.specs if s.key == part)
+        if spec.ragged:
+            count = int(self._map(shard, f"{part}.offsets").array[-1])
+        return _MappedArray(path, spec.dtype, (count, *spec.shape))
+
+    def _count(self, grow: int) -> bool:
+        """Count ``grow`` more bytes that reading may have mapped; past ``max_mapped_bytes``,
+        measure the real growth (``/proc/self/statm``) and drop every map if it is large too.
+
+        Returns whether the maps were dropped.
+        """
+        self._resident += grow
+        if self._resident <= self.max_mapped_bytes:
+            return False
+        with self._lock:
+            now = _mapped_file_bytes()
+            if now is not None and self._baseline is not None and now - self._baseline < self.max_mapped_bytes // 2:
+                self._resident = max(0, now - self._baseline)  # count on from the measured growth
+                return False
+            for each in self._maps.values():
+                each.drop()
+            self._resident = 0
+            self._baseline = _mapped_file_bytes()
+            return True
+
+    def _read(self, mapped: _MappedArray, first: np.ndarray, last: np.ndarray, read: Callable[[slice], None]) -> None:
+        """``read()`` the bytes ``first[i]..last[i]`` of a map, keeping the mapped bytes bounded.
+
+        A page fault can map a whole 2 MiB region of the file, so the bound counts regions.
+        Sparse reads that would touch many new regions are done in pieces, counted in between.
+        """
+        if self._fits:  # all maps together fit the bound: nothing to count
+            read(slice(None))
+            return
+        new = mapped.mark(first, last)
+        if new * _FAULT_BYTES <= self.max_mapped_bytes // 2:
+            if self._count(new * _FAULT_BYTES):  # dropped: these regions are mapped again
+                self._count(mapped.mark(first, last) * _FAULT_BYTES)
+            read(slice(None))
+            return
+        step = max(1, self.max_mapped_bytes // 4 // _FAULT_BYTES)
+        for lo in range(0, len(first), step):
+            read(slice(lo, lo + step))
+            self._count(len(first[lo : lo + step]) * _FAULT_BYTES)
+
+    # -- gathering -----------------------------------------------------------------------------
+
+    def gather(self, indices: np.ndarray | torch.Tensor, pin_memory: bool = False) -> Batch:
+        """The batch of the samples at ``indices`` (1-D integer array or tensor), in that order.
+
+        Indices are sorted and grouped by shard; each shard is indexed once and the rows are
+        put back into the requested order.
+        """
+        indices = self._check_indices(indices)
+        groups, order = self._groups(indices)
+        if order is None and not pin_memory and groups and not self._any_ragged:  # the common case
+            shard, local = groups[0][0], groups[0][1]
+            return pack(self.names, [self._take(shard, spec, local) for spec in self.specs])
+        inverse = None
+        if order is not None:  # row i of the output is row inverse[i] of the sorted batch
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+        out: list[torch.Tensor] = []
+        for position, spec in enumerate(self.specs):
+            if spec.ragged:
+                padded, lengths = self._gather_ragged(spec, groups, order, len(indices), pin_memory)
+                target_last = position == len(self.specs) - 1 and position > 0 and self.names is None
+                out.extend([lengths, padded] if target_last else [padded, lengths])
+            else:
+                out.append(self._gather_dense(spec, groups, inverse, len(indices), pin_memory))
+        return pack(self.names, out)
+
+    def _check_indices(self, indices: Any) -> np.ndarray:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise expected("indices", "a 1-D array of integers", f"shape {indices.shape}, dtype {indices.dtype}")
+        indices = indices.astype(np.int64, copy=False)
+        # Seen as unsigned, a negative index is huge, so one max() checks both bounds.
+        if len(indices) and int(indices.view(np.uint64).max()) >= self._len:
+            low, high = int(indices.min()), int(indices.max())
+            raise expected("indices", f"sample indices in [0, {self._len})", f"indices from {low} to {high}")
+        return indices
+
+    def _groups(self, indices: np.ndarray) -> tuple[list[_Group], np.ndarray | None]:
+        """The shard groups of a batch, and the order that sorts it (``None``: left unsorted)."""
+        if len(indices) == 0:
+            return [], None
+        if len(self.shard_sizes) == 1:
+            return [(0, indices, 0, len(indices))], None
+        order = np.argsort(indices)
+        ordered = indices[order]
+        shard_of = np.searchsorted(self._starts, ordered, side="right") - 1
+        cuts = [0, *(np.flatnonzero(shard_of[1:] != shard_of[:-1]) + 1).tolist(), len(ordered)]
+        shards = shard_of[cuts[:-1]].tolist()
+        if len(shards) == 1:  # all in one shard: no need to reorder
+            return [(shards[0], indices - self._start_list[shards[0]], 0, len(indices))], None
+        starts = self._start_list
+        return [(s, ordered[lo:hi] - starts[s], lo, hi) for s, lo, hi in zip(shards, cuts, cuts[1:])], order
+
+    def _take(
+        self, shard: int, spec: _Spec, local: np.ndarray, out: np.ndarray | None = None, numpy: bool = False
+    ) -> Any:
+        """Rows ``local`` of one shard's array: a tensor, or a NumPy array (``out`` when given)."""
+        mapped = self._maps.get((shard, spec.key)) or self._map(shard, spec.key)
+        if self._fits:  # the common case, kept short
+            rows = mapped.array.take(local, axis=0, out=out, mode="clip")
+            return rows if numpy or out is not None else torch.from_numpy(rows)
+        rows = np.empty((len(local), *spec.shape), spec.dtype) if out is None else out
+
+        def read(part: slice) -> None:
+            # mode="clip" skips NumPy's bounds-check buffering; _check_indices checked the bounds.
+            mapped.array.take(local[part], axis=0, out=rows[part], mode="clip")
+
+        first = mapped.header_bytes + local * self._row_bytes[spec.key]
+        self._read(mapped, first, first + max(0, self._row_bytes[spec.key] - 1), read)
+        return rows if numpy or out is not None else torch.from_numpy(rows)
+
+    def _gather_dense(
+        self, spec: _Spec, groups: list[_Group], inverse: np.ndarray | None, size: int, pin: bool
+    ) -> torch.Tensor:
+        out = _empty((size, *spec.shape), spec.dtype, pin)
+        if inverse is None:
+            for shard, local, lo, hi in groups:
+                self._take(shard, spec, local, out=out.numpy()[lo:hi])
+            return out
+        rows = np.concatenate([self._take(shard, spec, local, numpy=True) for shard, local, _, _ in groups])
+        rows.take(inverse, axis=0, out=out.numpy(), mode="clip")
+        return out
+
+    def _gather_ragged(
+        self, spec: _Spec, groups: list[_Group], order: np.ndarray | None, size: int, pin: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = np.empty(size, dtype=np.int64)
+        lengths_sorted = np.empty(size, dtype=np.int64)
+        for shard, local, lo, hi in groups:
+            self._read_offsets(self._map(shard, f"{spec.key}.offsets"), local, starts[lo:hi], lengths_sorted[lo:hi])
+        rows = np.arange(size) if order is None else order  # output row of each sorted row
+        lengths = _empty((size,), np.dtype(np.int64), pin)
+        lengths.numpy()[rows] = lengths_sorted
+        longest = int(lengths_sorted.max()) if size else 0
+        padded = _empty((size, longest, *spec.shape), spec.dtype, pin)
+        padded.fill_(self.pad_value)
+        for shard, _, lo, hi in groups:
+            group_lengths = lengths_sorted[lo:hi]
+            ends = np.cumsum(group_lengths)
+            row = np.repeat(rows[lo:hi], group_lengths)
+            column = np.arange(int(ends[-1])) - np.repeat(ends - group_lengths, group_lengths)
+            source = np.repeat(starts[lo:hi], group_lengths) + column
+            values = self._map(shard, spec.key)
+
+            def read(part: slice, row=row, column=column, source=source, values=values, ends=ends) -> None:
+                first, stop, _ = part.indices(len(ends))
+                flat = slice(int(ends[first - 1]) if first else 0, int(ends[stop - 1]) if stop else 0)
+                padded.numpy()[row[flat], column[flat]] = values.array[source[flat]]
+
+            row_bytes = self._row_bytes[spec.key]
+            first = values.header_bytes + starts[lo:hi] * row_bytes
+            self._read(values, first, first + np.maximum(group_lengths * row_bytes - 1, 0), read)
+        return padded, lengths
+
+    def _read_offsets(self, offsets: _MappedArray, local: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Where samples ``local`` of one shard start in its values, and their lengths."""
+
+        def read(part: slice) -> None:
+            starts[part] = offsets.array[local[part]]
+            lengths[part] = offsets.array[local[part] + 1] - starts[part]
+
+        first = offsets.header_bytes + local * 8
+        self._read(offsets, first, first + 15, read)
+
+    def _stored_batches(self) -> Iterator[tuple | dict]:
+        """The stored columns, shard by shard (variable-length arrays kept variable-length)."""
+        for shard in range(len(self.shard_sizes)):
+            columns: list[np.ndarray | _Ragged] = []
+            for spec in self.specs:
+                values = self._map(shard, spec.key).array.copy()
+                if spec.ragged:
+                    columns.append(_Ragged(values, self._map(shard, f"{spec.key}.offsets").array.copy()))
+                else:
+                    columns.append(values)
+            self.close()
+            keys = [s.key for s in self.specs]
+            yield dict(zip(keys, columns)) if self.manifest["names"] is not None else tuple(columns)
+
+
+_STATM: tuple[int, int] | None = None  # (pid, fd) of this process's /proc/self/statm
+
+
+def _mapped_file_bytes() -> int | None:
+    """Resident bytes of this process's shared (file-backed) mappings, or ``None`` off Linux."""
+    global _STATM
+    try:
+        if _STATM is None or _STATM[0] != os.getpid():  # a forked child must open its own
+            _STATM = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
+        return int(os.pread(_STATM[1], 200, 0).split()[2]) * mmap.PAGESIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> torch.Tensor:
+    """A fresh tensor; pinned ones come from PyTorch, the others from NumPy (cheaper for small batches)."""
+    if pin:
+        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+    return torch.from_numpy(np.empty(shape, dtype))
+
+
+def verify(path: str | os.PathLike, mode: str = "full") -> ShardSource:
+    """Check a shard folder (``mode="full"``: every checksum; ``"open"``: sizes only).
+
+    Returns the folder opened as a :class:`ShardSource`; raises :class:`ShardError` naming the
+    first file that is missing, truncated or corrupt.
+    """
+    check_choice("mode", mode, ("open", "full"))
+    return ShardSource(path, verify=mode)
+

@@ -1,0 +1,297 @@
+"""Writing a shard folder: atomically, from a source or an iterable of batches."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...durable import fsync_dir
+from ...errors import check_positive_int, expected
+from ..sources import Batch
+from .format import (
+    CHUNK_BYTES,
+    FORMAT,
+    MANIFEST,
+    SHARD_BYTES,
+    VERSION,
+    _columns,
+    _hash_file,
+    _is_ragged,
+    _output_names,
+    _Ragged,
+    _Spec,
+    _spec,
+)
+from .read import ShardSource
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    header = io.BytesIO()
+    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(header, fields)
+    return header.getvalue()
+
+
+class _NpyFile:
+    """An .npy file written row block by row block; the header is completed on close.
+
+    NumPy pads .npy headers so that the first dimension can grow to 21 digits without the
+    header changing length, so a header written for 0 rows is overwritten in place.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape, self.rows = path, dtype, shape, 0
+        self.file = open(path, "xb")  # noqa: SIM115 (closed in close())
+        self.header_bytes = self.file.write(_npy_header(dtype, (0, *shape)))
+
+    def write(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+        self.rows += len(rows)
+
+    def close(self) -> dict[str, Any]:
+        header = _npy_header(self.dtype, (self.rows, *self.shape))
+        assert len(header) == self.header_bytes, "npy header changed length"
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"name": self.path.name, "bytes": self.path.stat().st_size, "blake2b": _hash_file(self.path)}
+
+
+class _OpenShard:
+    """The files of the shard being written; batches are appended as they arrive."""
+
+    def __init__(self, folder: Path, number: int, specs: list[_Spec]) -> None:
+        self.samples = 0
+        self.files: dict[str, _NpyFile] = {}
+        self.ends: dict[str, int] = {}  # values written so far, per ragged array
+        for spec in specs:
+            path = folder / f"shard-{number:05d}.{spec.key}.npy"
+            self.files[spec.key] = _NpyFile(path, spec.dtype, spec.shape)
+            if spec.ragged:
+                offsets = _NpyFile(path.with_suffix(".offsets.npy"), np.dtype(np.int64), ())
+                offsets.write(np.zeros(1, dtype=np.int64))
+                self.files[f"{spec.key}.offsets"] = offsets
+                self.ends[spec.key] = 0
+
+    def append(self, specs: list[_Spec], columns: list[np.ndarray | _Ragged]) -> None:
+        for spec, column in zip(specs, columns):
+            if isinstance(column, _Ragged):
+                self.files[spec.key].write(column.values)
+                self.files[f"{spec.key}.offsets"].write(column.offsets[1:] + self.ends[spec.key])
+                self.ends[spec.key] += int(column.offsets[-1])
+            else:
+                self.files[spec.key].write(column)
+        self.samples += len(columns[0])
+
+    def close(self) -> dict[str, Any]:
+        return {"samples": self.samples, "files": {key: f.close() for key, f in self.files.items()}}
+
+
+class _Writer:
+    """Writes batches into shards of ``shard_size`` samples, holding no more than one batch."""
+
+    def __init__(self, folder: Path, shard_size: int | None) -> None:
+        self.folder, self.shard_size = folder, shard_size
+        self.names: tuple[str, ...] | None = None
+        self.specs: list[_Spec] = []
+        self.shards: list[dict[str, Any]] = []
+        self.open: _OpenShard | None = None
+
+    def add(self, batch: Any, number: int) -> None:
+        where = f"batch {number}"
+        names, columns = _columns(batch, where)
+        if number == 0:
+            self._start(names, columns)
+        self._check(names, columns, where)
+        assert self.shard_size is not None
+        done, size = 0, len(columns[0])
+        while done < size:
+            if self.open is None:
+                self.open = _OpenShard(self.folder, len(self.shards), self.specs)
+            take = min(size - done, self.shard_size - self.open.samples)
+            self.open.append(self.specs, [_slice(c, done, done + take) for c in columns])
+            done += take
+            if self.open.samples == self.shard_size:
+                self.shards.append(self.open.close())
+                self.open = None
+
+    def _start(self, names: tuple[str, ...] | None, columns: list[np.ndarray | _Ragged]) -> None:
+        self.names = names
+        keys = names if names is not None else tuple(str(i) for i in range(len(columns)))
+        self.specs = [_spec(k, c) for k, c in zip(keys, columns)]
+        _output_names(names, self.specs)
+        if self.shard_size is None:
+            samples = max(1, len(columns[0]))
+            per_sample = sum(
+                c.values.nbytes / samples + 8 if isinstance(c, _Ragged) else s.row_bytes()
+                for s, c in zip(self.specs, columns)
+            )
+            self.shard_size = max(1, int(SHARD_BYTES // max(1.0, per_sample)))
+
+    def _check(self, names: tuple[str, ...] | None, columns: list[np.ndarray | _Ragged], where: str) -> None:
+        if names != self.names or len(columns) != len(self.specs):
+            layout = names if names is not None else f"{len(columns)} arrays"
+            first = self.names if self.names is not None else f"{len(self.specs)} arrays"
+            raise expected(where, f"the arrays of batch 0 ({first})", layout)
+        for spec, column in zip(self.specs, columns):
+            got = _spec(spec.key, column)
+            if got != spec:
+                raise expected(
+                    f"{where} array {spec.key!r}",
+                    f"dtype {spec.dtype}, per-sample shape {spec.shape}, ragged={spec.ragged} as in batch 0",
+                    f"dtype {got.dtype}, per-sample shape {got.shape}, ragged={got.ragged}",
+                )
+            if len(column) != len(columns[0]):
+                raise expected(f"{where} array {spec.key!r}", f"{len(columns[0])} samples like the others", len(column))
+
+    def finish(self, pad_value: float, metadata: Mapping[str, Any] | None) -> None:
+        if self.open is not None and self.open.samples:
+            self.shards.append(self.open.close())
+        if not self.shards:
+            raise expected("data", "at least one sample", "no samples")
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_samples": sum(s["samples"] for s in self.shards),
+            "names": list(self.names) if self.names is not None else None,
+            "arrays": [s.to_json() for s in self.specs],
+            "pad_value": pad_value,
+            "shards": self.shards,
+            "metadata": dict(metadata or {}),
+        }
+        with open(self.folder / MANIFEST, "x", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(self.folder)
+
+    def abandon(self) -> None:
+        if self.open is not None:
+            for f in self.open.files.values():
+                f.file.close()
+
+
+def _slice(column: np.ndarray | _Ragged, lo: int, hi: int) -> np.ndarray | _Ragged:
+    if lo == 0 and hi == len(column):
+        return column
+    return column.slice(lo, hi) if isinstance(column, _Ragged) else column[lo:hi]
+
+
+def _as_batches(data: Any) -> Iterator[Any]:
+    """The batches to write: a source in chunks, in-memory arrays as one batch, or ``data`` itself."""
+    if isinstance(data, ShardSource):
+        return data._stored_batches()
+    if hasattr(data, "gather") and hasattr(data, "names") and hasattr(data, "__len__"):
+        return _source_batches(data)
+    if isinstance(data, (Mapping, np.ndarray, torch.Tensor)):
+        return iter([data])
+    if isinstance(data, (tuple, list)) and data and all(
+        isinstance(c, (np.ndarray, torch.Tensor)) or _is_ragged(c) for c in data
+    ):
+        return iter([tuple(data)])
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        return iter(data)
+    raise expected("data", "a source, arrays, or an iterable of batches", type(data).__name__)
+
+
+def _source_batches(src: Any) -> Iterator[Batch]:
+    n = len(src)
+    if n == 0:
+        return
+    first = src.gather(np.zeros(1, dtype=np.int64))
+    tensors = first.values() if isinstance(first, Mapping) else first
+    per_sample = max(1, sum(t.element_size() * t.numel() for t in tensors))
+    chunk = max(1, CHUNK_BYTES // per_sample)
+    for lo in range(0, n, chunk):
+        yield src.gather(np.arange(lo, min(n, lo + chunk), dtype=np.int64))
+
+
+def _prepare_destination(path: Path, overwrite: bool) -> None:
+    if path.exists() or path.is_symlink():
+        is_shards = path.is_dir() and (path / MANIFEST).is_file()
+        if not overwrite:
+            raise expected("path", "a folder that does not exist yet (or pass overwrite=True)", str(path))
+        if not (is_shards or (path.is_dir() and not any(path.iterdir()))):
+            raise expected("path", "a shard folder or an empty folder to overwrite", f"{path}, which is neither")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of writers that died: .NAME.partial-PID-* (and .NAME.old-PID-* of an overwrite).
+    for stale in [*path.parent.glob(f".{path.name}.partial-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        pid = stale.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Move a complete temporary folder to ``path``, replacing an old shard folder there."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_shards(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    pad_value: float = 0,
+    metadata: Mapping[str, Any] | None = None,
+) -> ShardSource:
+    """Write ``data`` as a shard folder at ``path`` and return it opened as a :class:`ShardSource`.
+
+    ``data`` is a source (``len``, ``.names``, ``.gather``), aligned arrays (a tuple or dict, as
+    for :class:`ArraySource`), or an iterable of batches (tuples or dicts of numpy arrays or
+    tensors, e.g. a generator), so data larger than memory can be written piece by piece. A
+    batch element given as a list of arrays of different lengths is a variable-length array.
+    ``shard_size`` is the number of samples per shard (default: about 512 MiB per shard).
+    ``pad_value`` pads variable-length arrays in batches; ``metadata`` (JSON-able) is kept in
+    the manifest. The write is atomic: an existing ``path`` is refused unless ``overwrite``.
+    """
+    path = Path(path)
+    if shard_size is not None:
+        check_positive_int("shard_size", shard_size)
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
+        raise expected("pad_value", "a number", pad_value)
+    _prepare_destination(path, overwrite)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.mkdir()
+    writer = _Writer(tmp, shard_size)
+    try:
+        for number, batch in enumerate(_as_batches(data)):
+            writer.add(batch, number)
+        writer.finish(pad_value, metadata)
+        _commit(tmp, path)
+    except BaseException:
+        writer.abandon()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ShardSource(path, verify="none")
+
+
