@@ -11,22 +11,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import distributed
 from ..data.batcher import Batcher
-from ..data.order import SHUFFLES
 from ..data.prefetch import device_prefetch
 from ..data.sources import Batch, Source, as_source
 from ..errors import (
-    BatchfitError,
     CheckpointError,
     DistributedError,
     NonFiniteLossError,
-    check_choice,
     check_positive_int,
     expected,
 )
@@ -36,38 +32,10 @@ from .callbacks import Callback, overriding
 from .history import History
 from .metrics import Metric, MetricSums, correct_count, is_classification
 from .progress import Progress
+from .settings import NOISE_EVERY, RESUME_KEYS, Settings, check_options, resolve_device
 from .step import StepRunner
 
 logger = logging.getLogger("batchfit")
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-ON_NAN = ("raise", "skip", "rollback")
-LR_RULES = (None, "linear", "sqrt", "adascale")
-BATCH_MODES = ("full", "auto", "adaptive")
-# Settings that must match for a checkpoint to be resumed.
-# Steps between two noise-scale measurements (each splits its batch in two micro-batches).
-NOISE_EVERY = 4
-RESUME_KEYS = ("batch_size", "shuffle", "drop_last", "seed", "num_samples")
-
-
-@dataclass
-class _Settings:
-    """The resolved configuration of a run, saved inside every checkpoint."""
-
-    batch_size: int | str
-    micro_batch_size: int | str | None
-    shuffle: bool | str
-    drop_last: bool
-    lr_scaling: str | None
-    base_batch_size: int | None
-    warmup_steps: int
-    precision: str
-    max_grad_norm: float | None
-    on_nan: str
-    checkpoint_every: int | None
-    keep_checkpoints: int
-    seed: int
-
 
 class Trainer:
     """Trains ``model`` with ``optimizer`` on mini-batches; ``batch_size`` means samples per update.
@@ -111,48 +79,9 @@ class Trainer:
         progress: bool = True,
         seed: int = 0,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise expected("model", "a torch.nn.Module", type(model).__name__)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise expected("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__)
-        if loss_fn is not None and not callable(loss_fn):
-            raise expected("loss_fn", "a callable (output, target) -> loss, or None", loss_fn)
-        _check_batch_size(batch_size)
-        if micro_batch_size is not None and micro_batch_size != "auto":
-            check_positive_int("micro_batch_size", micro_batch_size)
-            if isinstance(batch_size, int) and micro_batch_size > batch_size:
-                raise expected("micro_batch_size", f"at most batch_size={batch_size}", micro_batch_size)
-        check_choice("shuffle", shuffle, SHUFFLES)
-        if not isinstance(drop_last, bool):
-            raise expected("drop_last", "True or False", drop_last)
-        check_choice("lr_scaling", lr_scaling, LR_RULES)
-        if lr_scaling is not None:
-            if base_batch_size is None:
-                raise expected("base_batch_size", "the batch size the optimizer's lr was tuned for "
-                               "(required with lr_scaling)", base_batch_size)
-        if base_batch_size is not None:
-            check_positive_int("base_batch_size", base_batch_size)
-        check_positive_int("warmup_steps", warmup_steps, allow_zero=True)
-        check_choice("precision", precision, PRECISIONS)
-        check_choice("on_nan", on_nan, ON_NAN)
-        if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0):
-            raise expected("max_grad_norm", "a positive number or None", max_grad_norm)
-        if checkpoint_every is not None:
-            check_positive_int("checkpoint_every", checkpoint_every)
-            if checkpoint_dir is None:
-                raise expected("checkpoint_dir", "a folder when checkpoint_every is set", None)
-        if on_nan == "rollback" and checkpoint_dir is None:
-            raise expected("checkpoint_dir", "a folder when on_nan='rollback'", None)
-        check_positive_int("keep_checkpoints", keep_checkpoints)
-        if eval_batch_size is not None:
-            check_positive_int("eval_batch_size", eval_batch_size)
-        if max_batch_size is not None:
-            check_positive_int("max_batch_size", max_batch_size)
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise expected("callbacks", "a sequence of batchfit Callback objects", type(cb).__name__)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise expected("seed", "a non-negative integer", seed)
+        check_options(model, loss_fn, optimizer, batch_size, micro_batch_size, shuffle, drop_last, lr_scaling,
+                      base_batch_size, warmup_steps, precision, on_nan, max_grad_norm, checkpoint_dir,
+                      checkpoint_every, keep_checkpoints, eval_batch_size, max_batch_size, callbacks, seed)
 
         self.device = resolve_device(device)
         self.dist = distributed.setup(self.device.type)
@@ -166,7 +95,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
         self.loss_fn, self.optimizer = loss_fn, optimizer
-        self.settings = _Settings(batch_size, micro_batch_size, shuffle, drop_last, lr_scaling, base_batch_size,
+        self.settings = Settings(batch_size, micro_batch_size, shuffle, drop_last, lr_scaling, base_batch_size,
                                   warmup_steps, precision, None if max_grad_norm is None else float(max_grad_norm),
                                   on_nan, checkpoint_every, keep_checkpoints, seed)
         self.lr_schedule = lr_schedule
@@ -783,28 +712,3 @@ def _at_own_position(batcher: Batcher, device: torch.device, dtype: torch.dtype 
     for batch in device_prefetch(taken(), device, dtype):
         batcher.samples_done, batcher.last_batch_size = positions.popleft()
         yield batch
-
-
-def _check_batch_size(batch_size: Any) -> None:
-    if isinstance(batch_size, str):
-        if batch_size not in BATCH_MODES:
-            raise expected("batch_size", "a positive integer, 'full', 'auto' or 'adaptive'", batch_size)
-        return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise expected("batch_size", "a positive integer, 'full', 'auto' or 'adaptive'", batch_size)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; anything else must be a valid, present device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise expected("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", device) from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BatchfitError(f"`device` must be a device this machine has. Received: device={device!r}, "
-                            f"but CUDA is not available")
-    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise expected("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", device)
-    return resolved

@@ -20,33 +20,21 @@ import numpy as np
 import torch
 
 from ..data.sources import Batch
-from ..errors import BatchfitError, expected
+from ..errors import BatchfitError
+from ..train.settings import resolve_device as resolve_trainer_device
 
 
 def resolve_device(device: str | torch.device, model: torch.nn.Module | None = None) -> torch.device:
     """The device a probe runs on.
 
     ``"auto"`` is the model's device when it is not the CPU, else the first GPU when there is
-    one, else the CPU.
+    one, else the CPU; anything else is checked as the Trainer checks its ``device``.
     """
-    if isinstance(device, str) and device == "auto":
-        if model is not None:
-            for tensor in model.parameters():
-                if tensor.device.type != "cpu":
-                    return tensor.device
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise expected("device", '"auto", "cpu", "cuda" or a torch.device', device) from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise expected("device", "a device this machine has (no CUDA device is available)", device)
-        index = torch.cuda.current_device() if resolved.index is None else resolved.index
-        if index >= torch.cuda.device_count():
-            raise expected("device", f"a CUDA device below cuda:{torch.cuda.device_count()}", device)
-        resolved = torch.device("cuda", index)  # with its index, so it compares equal to a tensor's
-    return resolved
+    if isinstance(device, str) and device == "auto" and model is not None:
+        for tensor in model.parameters():
+            if tensor.device.type != "cpu":
+                return tensor.device
+    return resolve_trainer_device(device)
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
