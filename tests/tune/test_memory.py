@@ -22,13 +22,6 @@ MiB = 2**20
 cross_entropy = torch.nn.functional.cross_entropy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small steps: OpenMP's thread handoff costs more than the work on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_mlp() -> torch.nn.Module:

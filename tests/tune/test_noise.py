@@ -22,13 +22,6 @@ from batchfit.tune.noise import (
 SMALL, BIG, DRAWS = 8, 64, 200
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: OpenMP's thread handoff costs more than the work on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def classification(n: int = 1000, features: int = 10, classes: int = 2, seed: int = 0):

@@ -19,15 +19,6 @@ from batchfit.tune.range_test import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: OpenMP's thread handoff costs more than the work on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regression(n: int = 1000, features: int = 5):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, features, generator=generator)

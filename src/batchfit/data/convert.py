@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import BatchfitError, check_positive_int, expected
 from .shards import CHUNK_BYTES, ShardSource, verify, write_shards
+from .shards.format import read_npy_header
 
 IMAGE_BATCH = 256
 CSV_LINES = 65536
@@ -91,9 +92,7 @@ class _NpyReader:
     def __init__(self, stream: IO[bytes], where: str) -> None:
         self.stream, self.where = stream, where
         try:
-            version = np.lib.format.read_magic(stream)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(stream)
+            shape, fortran, dtype = read_npy_header(stream)
         except ValueError as error:
             raise BatchfitError(f"{where} is not a readable .npy array: {error}") from None
         if dtype.hasobject or fortran or not shape:

@@ -236,3 +236,15 @@ def _hash_file(path: Path) -> str:
         while count := f.readinto(buffer):
             digest.update(view[:count])
     return digest.hexdigest()
+
+
+def read_npy_header(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of an .npy stream, leaving it at the first data byte.
+
+    Raises ``ValueError`` when the stream does not start with a valid .npy header.
+    """
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    return tuple(shape), fortran, dtype
+

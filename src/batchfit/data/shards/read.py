@@ -24,6 +24,7 @@ from .format import (
     _Ragged,
     _Spec,
     read_manifest,
+    read_npy_header,
 )
 
 
@@ -33,9 +34,7 @@ class _MappedArray:
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         with open(path, "rb") as f:
             try:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                found_shape, fortran, found_dtype = read(f)
+                found_shape, fortran, found_dtype = read_npy_header(f)
             except ValueError as error:
                 raise ShardError(f"Shard file {path} has no valid .npy header: {error}") from None
             if (found_dtype, tuple(found_shape), fortran) != (dtype, shape, False):
