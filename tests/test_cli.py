@@ -108,3 +108,21 @@ def test_cli_demo_short_run(tmp_path, capsys):
     assert "test accuracy 0." in out
     run_dir = next(tmp_path.iterdir())
     assert (run_dir / "curves.png").exists() and (run_dir / "metrics.csv").exists()
+
+
+def test_cli_tune_prints_recommendation_and_writes_report(tmp_path, capsys):
+    _write_data(tmp_path)
+    config = _config(tmp_path, "").read_text() + f"""
+[tune]
+batch_sizes = [8, 16]
+epochs = 1
+out = "{tmp_path / 'tune'}"
+"""
+    path = tmp_path / "tune.toml"
+    path.write_text(config.replace("micro_batch_size = 8\n", ""))
+    assert main(["tune", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "recommended batch_size=" in out and "lr=" in out
+    report_dir = next((tmp_path / "tune").iterdir())
+    for name in ("report.md", "report.json", "sweep.png", "lr_range.png", "throughput.png"):
+        assert (report_dir / name).exists(), name
