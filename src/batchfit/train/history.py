@@ -60,10 +60,11 @@ class History:
         """Every step's loss as floats (reads pending device values back in one transfer)."""
         losses = self._columns["loss"]
         pending = losses[self._pending_from :]
-        if any(isinstance(v, torch.Tensor) for v in pending):
-            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device="cpu")
-                                  if not isinstance(v, torch.Tensor) else v.float().reshape(()).cpu()
-                                  for v in pending]).tolist()
+        device = next((v.device for v in pending if isinstance(v, torch.Tensor)), None)
+        if device is not None:
+            # Stacked where they live, then copied once (one device sync for all of them).
+            values = torch.stack([v.detach().float().reshape(()) if isinstance(v, torch.Tensor)
+                                  else torch.tensor(float(v), device=device) for v in pending]).tolist()
             losses[self._pending_from :] = values
         self._pending_from = len(losses)
         return losses

@@ -70,7 +70,7 @@ class StepRunner:
             # The common case, kept as short as a hand-written loop.
             with self._autocast():
                 loss, _ = forward_loss(self.model, self.loss_fn, batch)
-            self._backward(loss * (batch_len(batch) / global_size) if batch_len(batch) != global_size else loss)
+            self._backward(loss)  # one process, one micro-batch: the batch is the whole global batch
             return loss.detach()
         pieces = list(micro_batches(batch, self.micro_batch_size))
         if self.measure_noise and len(pieces) == 1 and batch_len(batch) >= 2:

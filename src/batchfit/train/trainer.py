@@ -439,9 +439,12 @@ class Trainer:
                     batcher.samples_done -= global_size
                     self.stop_training = True
                     break
-            if check_each_step and not math.isfinite(loss.item()):
-                self._non_finite(loss.item(), epoch)
-                continue
+            if check_each_step:
+                value = loss.item()
+                if not math.isfinite(value):
+                    self._non_finite(value, epoch)
+                    continue
+                loss = value  # already read back: the history keeps the float
             runner.update()
             self.step += 1
             self.samples_seen += global_size
@@ -529,7 +532,7 @@ class Trainer:
             return True
         return isinstance(error, (SystemExit, KeyboardInterrupt)) and self._agreed_signal is not None
 
-    def _track_noise(self, epoch: int, global_size: int, loss: torch.Tensor, now: float) -> None:
+    def _track_noise(self, epoch: int, global_size: int, loss: Any, now: float) -> None:
         """Fold the step's gradient norms into the noise scale; let adaptive batches react."""
         assert self.runner is not None
         pair, self.runner.noise_pair = self.runner.noise_pair, None
