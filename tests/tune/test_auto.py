@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import batchfit as bf
-from batchfit.tune.auto import AdaptiveBatch, batch_cost, powers_of_two, round_to_power_of_two
+from batchfit.tune.auto import AdaptiveBatch, batch_cost, powers_of_two, round_to_power_of_two, rule_lr_ratio
 
 
 def _noisy_classification(n: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +33,41 @@ def test_batch_cost_trades_noise_against_throughput():
     assert batch_cost(32, 100.0, 1000.0) < batch_cost(256, 100.0, 1000.0)
     # Throughput that grows 8x wins for a large noise scale.
     assert batch_cost(256, 1e6, 8000.0) < batch_cost(32, 1e6, 1000.0)
+
+
+def test_batch_cost_penalises_an_lr_away_from_the_optimum():
+    at_optimum = batch_cost(64, 100.0, 1000.0, lr_ratio=1.0)
+    assert batch_cost(64, 100.0, 1000.0) == at_optimum
+    # r (2 - r): half the optimal lr and 1.5x of it both give 3/4 of the best progress per step.
+    assert batch_cost(64, 100.0, 1000.0, lr_ratio=0.5) == pytest.approx(at_optimum / 0.75)
+    assert batch_cost(64, 100.0, 1000.0, lr_ratio=1.5) == pytest.approx(at_optimum / 0.75)
+    assert batch_cost(64, 100.0, 1000.0, lr_ratio=2.0) == math.inf  # no longer converges
+
+
+def test_rule_lr_ratio_is_one_at_base_and_overshoots_past_the_noise_scale():
+    assert rule_lr_ratio(32, 32, 100.0, "linear") == pytest.approx(1.0)
+    # Far below the noise scale the optimal lr grows linearly with the batch: the linear rule stays near 1.
+    assert rule_lr_ratio(8, 4, 1e6, "linear") == pytest.approx(1.0, rel=1e-4)
+    # Far above it the optimal lr is flat: the linear rule overshoots by about the batch ratio.
+    assert rule_lr_ratio(4096, 32, 10.0, "linear") > 2
+    assert 1 < rule_lr_ratio(4096, 32, 10.0, "sqrt") < rule_lr_ratio(4096, 32, 10.0, "linear")
+    # A fixed lr is too small for batches above the base, too large below it.
+    assert rule_lr_ratio(128, 32, 100.0, None) < 1 < rule_lr_ratio(8, 32, 100.0, None)
+    assert rule_lr_ratio(128, None, 100.0, "linear") == 1.0  # unknown base: taken as optimal
+    assert rule_lr_ratio(128, 32, 100.0, "adascale") == 1.0
+
+
+def test_auto_never_picks_a_batch_whose_rule_lr_diverges(make_mlp):
+    x, y = _noisy_classification(4096)
+    model = make_mlp(6, 16, 2)
+    trainer = bf.Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), batch_size="auto",
+                         lr_scaling="linear", base_batch_size=8, progress=False)
+    trainer._prepare(bf.ArraySource(x, y))
+    chosen = trainer.batcher.batch_size
+    b_simple = trainer.history.events[0]["b_simple"]
+    assert math.isfinite(b_simple)
+    assert rule_lr_ratio(chosen, 8, b_simple, "linear") < 2
+    assert "lr / optimal lr" in trainer.history.events[0]["reason"]
 
 
 def test_auto_batch_size_is_a_measured_power_of_two_and_probe_leaves_weights(make_mlp):

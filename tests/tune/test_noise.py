@@ -14,6 +14,7 @@ from batchfit.tune.noise import (
     NoiseScaleTracker,
     estimate_noise_scale,
     grad_sq_estimate,
+    noise_from_sizes,
     simple_noise_scale,
     squared_grad_norm,
     trace_cov_estimate,
@@ -210,3 +211,45 @@ def test_noise_scale_tracker_state_dict_resumes_exactly():
 def test_noise_scale_tracker_bad_beta_names_argument():
     with pytest.raises(BatchfitError, match=r"`beta` must be a number in \[0, 1\). Received: beta=1.0"):
         NoiseScaleTracker(beta=1.0)
+
+
+def test_noise_from_sizes_two_sizes_equal_the_two_size_estimators():
+    small_sq, big_sq = 3.0, 1.25
+    grad_sq, trace_cov = noise_from_sizes([8, 8, 64, 64], [small_sq, small_sq, big_sq, big_sq])
+    assert grad_sq == pytest.approx(grad_sq_estimate(small_sq, big_sq, 8, 64))
+    assert trace_cov == pytest.approx(trace_cov_estimate(small_sq, big_sq, 8, 64))
+
+
+@pytest.mark.parametrize(("make_model", "classes"), [(logistic_regression, 2), (small_mlp, 3)])
+def test_noise_from_sizes_matches_exact_oracle(make_model, classes):
+    model = make_model()
+    x, y = classification(classes=classes)
+    loss_fn = torch.nn.functional.cross_entropy
+    true_grad_sq, true_trace_cov = exact_grad_sq_and_trace_cov(model, loss_fn, x, y)
+    generator = torch.Generator().manual_seed(0)
+    sizes, norms, fits = [], [], []
+    params = list(model.parameters())
+    for _ in range(DRAWS):
+        draw_sizes, draw_norms = [], []
+        for size in (4, 16, 64):  # batches drawn with replacement: independent samples
+            index = torch.randint(len(x), (size,), generator=generator)
+            grads = torch.autograd.grad(loss_fn(model(x[index]), y[index]), params)
+            draw_sizes.append(size)
+            draw_norms.append(squared_grad_norm(grads))
+        fits.append(noise_from_sizes(draw_sizes, draw_norms))
+        sizes += draw_sizes
+        norms += draw_norms
+    # Every draw's fit is unbiased: the mean over draws is within a few standard errors of the truth.
+    mean, stderr = mean_and_stderr([grad_sq for grad_sq, _ in fits])
+    assert abs(mean - true_grad_sq) < 4 * stderr
+    mean, stderr = mean_and_stderr([trace_cov for _, trace_cov in fits])
+    assert abs(mean - true_trace_cov) < 4 * stderr
+    grad_sq, trace_cov = noise_from_sizes(sizes, norms)
+    assert simple_noise_scale(grad_sq, trace_cov) == pytest.approx(true_trace_cov / true_grad_sq, rel=0.2)
+
+
+def test_noise_from_sizes_needs_two_sizes_and_one_norm_each():
+    with pytest.raises(ValueError, match="sizes"):
+        noise_from_sizes([8, 8], [1.0, 2.0])
+    with pytest.raises(ValueError, match="squared_norms"):
+        noise_from_sizes([8, 16], [1.0])

@@ -27,7 +27,9 @@ import torch
 
 from ..data.sources import Source
 from ..train.batch import forward_loss
-from .noise import NoiseScaleTracker, estimate_noise_scale
+from .batch_probe import probe_batch_sizes
+from .lr import scale_lr
+from .noise import NoiseScaleTracker
 from .state import batch_to, probe
 
 if TYPE_CHECKING:
@@ -89,13 +91,39 @@ def measure_throughput(model: torch.nn.Module, loss_fn: Any, src: Source, sizes:
     return rates
 
 
-def batch_cost(size: int, noise_scale: float, throughput: float) -> float:
-    """Relative time to a given loss: ``(1 + B / B_noise) / throughput(B)``."""
-    return (1.0 + size / max(noise_scale, 1e-12)) / throughput
+def batch_cost(size: int, noise_scale: float, throughput: float, lr_ratio: float = 1.0) -> float:
+    """Relative time to a given loss: ``(1 + B / B_noise) / throughput(B) / (r · (2 − r))``.
+
+    ``r`` (``lr_ratio``) is the learning rate used at ``B`` over the optimal one. In the
+    quadratic model of McCandlish et al. (2018, eq. 2.6) a step of size ``ε`` lowers the loss
+    by ``ΔL_max · r (2 − r)`` with ``r = ε / ε_opt(B)``: ``r = 1`` gives the optimum and the
+    cost ``(1 + B / B_noise) / throughput(B)``; ``r ≥ 2`` does not converge (cost ``inf``).
+    """
+    progress = lr_ratio * (2.0 - lr_ratio)
+    if progress <= 0:
+        return math.inf
+    return (1.0 + size / max(noise_scale, 1e-12)) / throughput / progress
+
+
+def rule_lr_ratio(size: int, base_batch: int | None, noise_scale: float, rule: str | None) -> float:
+    """The lr a scaling rule gives at ``size`` over the optimal lr there, if the user's is optimal at ``base_batch``.
+
+    McCandlish et al. (2018, eq. 2.7): ``ε_opt(B) = ε_max / (1 + B_noise / B)``, so
+    ``ε_opt(B) / ε_opt(B₀) = (1 + B_noise / B₀) / (1 + B_noise / B)``: linear in ``B`` well
+    below the noise scale, flat well above it. A rule (``"linear"``, ``"sqrt"``, or ``None`` for
+    a fixed lr) that keeps scaling past the noise scale overshoots: the ratio exceeds 1, and
+    beyond 2 training diverges. Without a ``base_batch`` (or for ``"adascale"``, which follows
+    the measured noise) the lr is taken as optimal: 1.
+    """
+    if base_batch is None or rule == "adascale":
+        return 1.0
+    optimal = (1.0 + noise_scale / base_batch) / (1.0 + noise_scale / size)
+    given = scale_lr(1.0, base_batch, size, rule) if rule is not None else 1.0
+    return given / optimal
 
 
 def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_batch: int | None = None) -> int:
-    """Measure the noise scale and throughput at the current weights and pick the batch size.
+    """Measure the noise scale and step times at the current weights and pick the batch size.
 
     Logs the decision and its evidence, records it in ``trainer.history.events``, and for
     ``"adaptive"`` runs starts the continuous noise-scale tracker.
@@ -103,34 +131,36 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     n = len(src)
     # At least 16 steps per epoch; a power of two unless the data is tiny.
     cap = powers_of_two(1, min(max_batch or n, max(1, n // 16), getattr(trainer, "max_batch_size", None) or n))[-1]
-    low = min(min_batch, cap)
-    # A short probe: 6 draws of 8 small batches, then throughput only within 4x of the noise scale.
-    small = max(1, min(16, cap // 8))
-    noise = estimate_noise_scale(trainer.module, trainer.loss_fn, src, small_batch=small, big_batch=8 * small,
-                                 num_batches=6, seed=trainer.settings.seed, device=trainer.device)
-    b_noise = min(max(noise.b_simple if math.isfinite(noise.b_simple) else float(cap), 1.0), float(n))
-    sizes = [size for size in powers_of_two(low, cap) if b_noise / 4 <= size <= 4 * b_noise] or [
-        round_to_power_of_two(b_noise, low, cap)]
-    rates = measure_throughput(trainer.module, trainer.loss_fn, src, sizes, trainer.device, repeats=2, window=0.01,
-                               seed=trainer.settings.seed)
-    costs = {size: batch_cost(size, b_noise, rate) for size, rate in rates.items()}
+    sizes = powers_of_two(min(min_batch, cap), cap)
+    if len(sizes) == 1 and sizes[0] > 1:
+        sizes = [sizes[0] // 2, sizes[0]]  # the noise scale needs two sizes
+    measured = probe_batch_sizes(trainer.module, trainer.loss_fn, src, sizes, trainer.device,
+                                 optimizer=trainer.optimizer, seed=trainer.settings.seed)
+    b_simple = measured.b_simple
+    b_noise = min(max(b_simple if math.isfinite(b_simple) else float(cap), 1.0), float(n))
+    s = trainer.settings
+    ratios = {size: rule_lr_ratio(size, s.base_batch_size, b_noise, s.lr_scaling)
+              for size in measured.pass_seconds if size <= cap}
+    costs = {size: batch_cost(size, b_noise, measured.throughput(size), ratio) for size, ratio in ratios.items()}
     ranked = sorted(costs, key=costs.__getitem__)
     unstable = []
     for best in ranked:
-        if trainer.settings.lr_scaling in (None, "adascale") or best == ranked[-1] or _stable(trainer, src, best):
+        # Above the optimal lr a short trial checks that the rule's lr still lowers the loss.
+        if ratios[best] <= 1 or best == ranked[-1] or not math.isfinite(costs[best]) or _stable(trainer, src, best):
             break
         unstable.append(best)
-    reason = (f"noise scale B_simple={noise.b_simple:.4g} (|G|²={noise.grad_sq:.3g}, tr Σ={noise.trace_cov:.3g}); "
-              f"throughput " + ", ".join(f"{s}: {r:,.0f}/s" for s, r in rates.items())
-              + f"; cost (1+B/B_noise)/throughput is least at {ranked[0]}")
+    reason = (f"noise scale B_simple={b_simple:.4g} (|G|²={measured.grad_sq:.3g}, tr Σ={measured.trace_cov:.3g}); "
+              f"throughput " + ", ".join(f"{size}: {measured.throughput(size):,.0f}/s" for size in costs)
+              + "; lr / optimal lr " + ", ".join(f"{size}: {ratio:.2f}" for size, ratio in ratios.items())
+              + f"; cost (1+B/B_noise)/throughput/(r(2-r)) is least at {ranked[0]}; probe {measured.seconds:.2f} s")
     if unstable:
-        reason += (f"; the loss rose in a short trial at the lr the {trainer.settings.lr_scaling} rule gives for "
+        reason += (f"; the loss rose in a short trial at the lr the {s.lr_scaling} rule gives for "
                    f"{', '.join(map(str, unstable))}, so {best}")
-    logger.info("batch_size=%r: chose %d — %s", trainer.settings.batch_size, best, reason)
+    logger.info("batch_size=%r: chose %d — %s", s.batch_size, best, reason)
     trainer.history.add_event(step=trainer.step, kind="batch_size", batch_size=best, reason=reason,
-                              b_simple=noise.b_simple, throughput={str(k): v for k, v in rates.items()})
-    if trainer.settings.batch_size == "adaptive":
-        trainer.adaptive = AdaptiveBatch(start=best, max_batch=cap, noise_scale=noise.b_simple)
+                              b_simple=b_simple, throughput={str(k): measured.throughput(k) for k in costs})
+    if s.batch_size == "adaptive":
+        trainer.adaptive = AdaptiveBatch(start=best, max_batch=cap, noise_scale=b_simple)
     return best
 
 
@@ -140,8 +170,6 @@ def _stable(trainer: Trainer, src: Source, size: int, steps: int = 8) -> bool:
     The noise scale says how large a batch can be used efficiently, not whether the lr that
     a scaling rule gives it is stable; a short trial (state restored afterwards) checks that.
     """
-    from .lr import scale_lr
-
     s = trainer.settings
     assert s.lr_scaling is not None and s.base_batch_size is not None
     factor = scale_lr(1.0, s.base_batch_size, size, s.lr_scaling)

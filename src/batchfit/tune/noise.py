@@ -61,6 +61,28 @@ def trace_cov_estimate(small_sq: float, big_sq: float, b_small: float, b_big: fl
     return (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
 
 
+def noise_from_sizes(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[float, float]:
+    """Unbiased ``(|G|², tr(Σ))`` from squared batch-gradient norms measured at several batch sizes.
+
+    ``squared_norms[i]`` is ``|G_B|²`` of one batch of ``sizes[i]`` samples drawn independently.
+    Since ``E|G_B|² = |G|² + tr(Σ)·(1/B)`` is exactly linear in ``1/B``, the least-squares line
+    through the points ``(1/B, |G_B|²)`` has unbiased intercept ``|G|²`` and slope ``tr(Σ)``:
+    McCandlish et al. (2018, Appendix A)'s two-size estimators, extended to any number of sizes
+    (with two sizes and equal counts it is exactly :func:`grad_sq_estimate` and
+    :func:`trace_cov_estimate` of the averages). At least two distinct sizes are needed.
+    """
+    if len(sizes) != len(squared_norms):
+        raise expected("squared_norms", f"one value per size ({len(sizes)})", len(squared_norms))
+    inverse = [1.0 / size for size in sizes]
+    if len(set(inverse)) < 2:
+        raise expected("sizes", "at least two distinct batch sizes", sorted(set(sizes)))
+    mean_x = sum(inverse) / len(inverse)
+    mean_y = sum(squared_norms) / len(squared_norms)
+    spread = sum((x - mean_x) ** 2 for x in inverse)
+    trace_cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(inverse, squared_norms)) / spread
+    return mean_y - trace_cov * mean_x, trace_cov
+
+
 def simple_noise_scale(grad_sq: float, trace_cov: float) -> float:
     """``B_simple = tr(Σ) / |G|²`` (McCandlish et al. 2018, eq. 2.8).
 

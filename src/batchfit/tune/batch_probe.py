@@ -1,0 +1,117 @@
+"""One probe for ``batch_size="auto"``: step time and gradient noise from the same passes.
+
+Choosing a batch size needs two measurements at the current weights: how long a step takes
+at each candidate size, and the gradient noise scale. Both come from forward and backward
+passes over random batches, so one set of passes serves both: every pass is timed, and the
+squared norm of its gradient is one point on the line ``E|G_B|² = |G|² + tr(Σ)/B`` that
+:func:`~batchfit.tune.noise.noise_from_sizes` fits. Sizes are probed in ascending order and
+the probe stops once a size is well past the noise scale measured so far, where bigger
+batches only waste samples, so large sizes are never timed for nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.sources import Source
+from ..train.batch import forward_loss
+from .noise import noise_from_sizes, simple_noise_scale, squared_grad_norm
+from .state import batch_to, probe
+
+
+@dataclass(frozen=True)
+class BatchProbe:
+    """What :func:`probe_batch_sizes` measured.
+
+    ``pass_seconds[B]`` is the fastest forward + backward over ``B`` samples (other load on the
+    machine only ever adds time), ``update_seconds`` the fastest optimizer step (0 without an
+    optimizer); ``grad_sq``, ``trace_cov`` and ``b_simple`` are the noise-scale estimates fitted
+    to the squared gradient norms of all passes.
+    """
+
+    pass_seconds: dict[int, float]
+    update_seconds: float
+    grad_sq: float
+    trace_cov: float
+    passes: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def b_simple(self) -> float:
+        """``tr(Σ) / |G|²`` of the fitted estimates (``inf`` when ``|G|²`` is not positive)."""
+        return simple_noise_scale(self.grad_sq, self.trace_cov)
+
+    def step_seconds(self, size: int) -> float:
+        """Time of one training step at ``size``: forward, backward and the optimizer step."""
+        return self.pass_seconds[size] + self.update_seconds
+
+    def throughput(self, size: int) -> float:
+        """Samples per second of training steps at ``size``."""
+        return size / self.step_seconds(size)
+
+
+def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int], device: torch.device,
+                      optimizer: torch.optim.Optimizer | None = None, min_passes: int = 3, window: float = 0.004,
+                      max_passes: int = 32, stop_above_noise: float | None = 4.0, seed: int = 0) -> BatchProbe:
+    """Time forward + backward at each of ``sizes`` and fit the noise scale to the same passes.
+
+    Each size gets one warm-up pass (whose gradient still counts for the noise) and then timed
+    passes until there are ``min_passes`` of them and ``window`` seconds have passed (at most
+    ``max_passes``), each over a fresh batch drawn with replacement so that the squared norms
+    are independent draws. With ``stop_above_noise``, sizes stop once one is that many times
+    the noise scale measured so far. Model, optimizer and random state are left as they were.
+    """
+    rng = np.random.default_rng(seed)
+    begin = time.perf_counter()
+    pass_seconds: dict[int, float] = {}
+    passes: dict[int, int] = {}
+    drawn: list[int] = []
+    norms: list[float] = []
+    update = 0.0
+    with probe(model, optimizer, device) as (net, opt):
+        net.train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        for size in sorted(sizes):
+            times: list[float] = []
+            while len(times) <= min_passes or (sum(times[1:]) < window and len(times) <= max_passes):
+                batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
+                net.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                loss, _ = forward_loss(net, loss_fn, batch)
+                loss.backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+                drawn.append(size)
+                norms.append(squared_grad_norm(p.grad for p in params))
+            pass_seconds[size], passes[size] = min(times[1:]), len(times) - 1  # the first pass warms up
+            if stop_above_noise is not None and len(pass_seconds) >= 2:
+                grad_sq, trace_cov = noise_from_sizes(drawn, norms)
+                if size >= stop_above_noise * simple_noise_scale(grad_sq, trace_cov):
+                    break
+        if opt is not None:
+            update = _time_updates(opt, device)
+        net.zero_grad(set_to_none=True)
+    if len(pass_seconds) >= 2:
+        grad_sq, trace_cov = noise_from_sizes(drawn, norms)
+    else:
+        grad_sq, trace_cov = math.nan, math.nan  # one size says nothing about how the noise scales
+    return BatchProbe(pass_seconds, update, grad_sq, trace_cov, passes, time.perf_counter() - begin)
+
+
+def _time_updates(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int = 3) -> float:
+    """The fastest of a few optimizer steps on the gradients in place (the first one warms up)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])

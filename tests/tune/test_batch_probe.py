@@ -1,0 +1,69 @@
+"""The batch-size probe: step times and noise scale from one set of passes, state left alone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import batchfit as bf
+from batchfit.tune.batch_probe import probe_batch_sizes
+
+
+def _data(n: int = 2048, seed: int = 0) -> bf.ArraySource:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 6)).astype(np.float32)
+    y = ((x[:, 0] + 0.8 * rng.standard_normal(n)) > 0).astype(np.int64)
+    return bf.ArraySource(x, y)
+
+
+def test_probe_batch_sizes_leaves_model_optimizer_and_rng_bit_identical(make_mlp):
+    model = make_mlp(6, 16, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # Give the optimizer some state first, so that restoring it is not trivially "empty".
+    F.cross_entropy(model(torch.randn(8, 6)), torch.zeros(8, dtype=torch.long)).backward()
+    optimizer.step()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    state = {k: {n: t.clone() for n, t in v.items()} for k, v in optimizer.state_dict()["state"].items()}
+    rng = torch.get_rng_state()
+
+    probe_batch_sizes(model, F.cross_entropy, _data(), [8, 16, 32], torch.device("cpu"), optimizer=optimizer)
+
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    for param, grad in zip(model.parameters(), grads):
+        assert torch.equal(param.grad, grad)
+    for key, saved in state.items():
+        for name, tensor in saved.items():
+            assert torch.equal(optimizer.state_dict()["state"][key][name], tensor), (key, name)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_probe_batch_sizes_times_every_size_and_fits_the_noise(make_mlp):
+    model = make_mlp(6, 16, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sizes = [8, 16, 32, 64]
+    measured = probe_batch_sizes(model, F.cross_entropy, _data(), sizes, torch.device("cpu"),
+                                 optimizer=optimizer, stop_above_noise=None, min_passes=4)
+    assert sorted(measured.pass_seconds) == sizes
+    assert all(measured.passes[size] >= 4 for size in sizes)
+    assert all(seconds > 0 for seconds in measured.pass_seconds.values())
+    assert measured.update_seconds > 0
+    assert math.isclose(measured.throughput(32), 32 / (measured.pass_seconds[32] + measured.update_seconds))
+    assert math.isfinite(measured.trace_cov) and measured.trace_cov > 0
+
+
+def test_probe_batch_sizes_stops_well_past_the_noise_scale(make_mlp):
+    # Pure-noise labels: the gradient is almost all noise, so the noise scale is large; clean labels: small.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4096, 6)).astype(np.float32)
+    clean = bf.ArraySource(x, (x[:, 0] > 0).astype(np.int64))
+    sizes = [2**k for k in range(1, 12)]
+    measured = probe_batch_sizes(make_mlp(6, 16, 2), F.cross_entropy, clean, sizes, torch.device("cpu"),
+                                 stop_above_noise=4.0)
+    largest = max(measured.pass_seconds)
+    assert largest < sizes[-1], "the probe went on past 4x the noise scale"
+    assert largest >= 4 * measured.b_simple or not math.isfinite(measured.b_simple) or largest == sizes[-1]
