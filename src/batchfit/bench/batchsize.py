@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,9 +92,10 @@ def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int
     except NonFiniteLossError:
         diverged = True  # the lr the rule gives is too large for this batch: never reaches the target
     chosen = [e["batch_size"] for e in trainer.history.events if e["kind"] == "batch_size"]
+    probe_seconds = sum(e.get("probe_seconds", 0.0) for e in trainer.history.events)
     return {"workload": workload.name, "batch_size": batch_size, "lr": lr, "steps": watch.steps,
             "seconds": watch.seconds, "best": watch.best, "diverged": diverged,
-            "chosen": chosen or [batch_size]}
+            "chosen": chosen or [batch_size], "probe_seconds": probe_seconds}
 
 
 def digits_workload() -> Workload:
@@ -140,12 +142,19 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> li
     rows = []
     for workload in workloads:
         runs = []
-        for batch_size in [*sizes, "auto", "adaptive"]:
-            trials = [_run(workload, batch_size, 0.25, seed + r) for r in range(repeats)]
+        modes: list[int | str] = [*sizes, "auto", "adaptive"]
+        # Interleaved: each repeat runs every mode once, so a slow spell of the machine hits all modes alike.
+        by_mode: dict[int | str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        for r in range(repeats):
+            for mode in modes:
+                by_mode[mode].append(_run(workload, mode, 0.25, seed + r))
+        for trials in by_mode.values():
             seconds = [t["seconds"] for t in trials if t["seconds"] is not None]
             steps = [t["steps"] for t in trials if t["steps"] is not None]
             runs.append({**trials[0], "seconds": statistics.median(seconds) if len(seconds) == repeats else None,
-                         "steps": int(statistics.median(steps)) if len(steps) == repeats else None})
+                         "steps": int(statistics.median(steps)) if len(steps) == repeats else None,
+                         "chosen_per_trial": [t["chosen"] for t in trials],
+                         "probe_seconds": statistics.median(t["probe_seconds"] for t in trials)})
         fixed = [r for r in runs if isinstance(r["batch_size"], int) and r["seconds"] is not None]
         best = min(fixed, key=lambda r: r["seconds"]) if fixed else None
         for run in runs:
@@ -156,15 +165,23 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> li
     return rows
 
 
+def _choices(row: dict[str, Any]) -> str:
+    """The batch sizes a mode chose, per trial when they differ: ``64`` or ``64, 128×2``."""
+    counts = Counter("→".join(str(size) for size in chosen) for chosen in row.get("chosen_per_trial", [row["chosen"]]))
+    return ", ".join(choice if count == 1 else f"{choice}×{count}" for choice, count in counts.items()) \
+        if len(counts) > 1 else next(iter(counts))
+
+
 def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`batch_size_table` rows."""
-    lines = ["| workload | batch size | lr | steps to target | seconds to target | × best fixed |",
+    lines = ["| workload | batch size | lr | steps to target | seconds to target (probe) | × best fixed |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        size = row["batch_size"] if isinstance(row["batch_size"], int) else \
-            f"{row['batch_size']} ({'→'.join(str(s) for s in row['chosen'])})"
+        size = row["batch_size"] if isinstance(row["batch_size"], int) else f"{row['batch_size']} ({_choices(row)})"
         seconds = ("diverged" if row.get("diverged") else "not reached") if row["seconds"] is None \
             else f"{row['seconds']:.2f}"
+        if row.get("probe_seconds"):
+            seconds += f" ({row['probe_seconds']:.2f})"
         ratio = "—" if row["ratio_to_best_fixed"] is None else f"{row['ratio_to_best_fixed']:.2f}"
         lines.append(f"| {row['workload']} | {size} | {row['lr']:.4g} | {row['steps'] or '—'} | {seconds} | {ratio} |")
     return "\n".join(lines)

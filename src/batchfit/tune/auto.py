@@ -7,12 +7,17 @@ is therefore proportional to
 
     cost(B) = (1 + B / B_noise) / throughput(B)
 
-and the batch size is the power of two that minimises it, with ``B_noise`` the measured simple
-noise scale of the model at its starting weights and ``throughput`` measured by real forward and
-backward passes. ``"adaptive"`` keeps measuring the noise scale during training (from the
-micro-batch gradients that accumulation computes anyway) and grows the batch as it grows, as
-Smith et al. 2018 ("Don't decay the learning rate, increase the batch size") and Pollux's
-goodput (Qiao et al., OSDI 2021) suggest.
+when the learning rate is the optimal one for each ``B``. The learning rate actually used is
+the one the trainer's ``lr_scaling`` rule gives, so the cost is divided by the share of the
+optimal progress per step that lr achieves (:func:`batch_cost`, :func:`rule_lr_ratio`). The
+batch size is the power of two that minimises it, with ``B_noise`` and ``throughput`` measured
+by one probe of real forward and backward passes at the starting weights
+(:func:`~batchfit.tune.batch_probe.probe_batch_sizes`).
+
+``"adaptive"`` keeps measuring the noise scale during training (from the micro-batch gradients
+that accumulation computes anyway) and grows the batch as it grows, as Smith et al. 2018
+("Don't decay the learning rate, increase the batch size") and Pollux's goodput (Qiao et al.,
+OSDI 2021) suggest.
 """
 
 from __future__ import annotations
@@ -58,37 +63,14 @@ def round_to_power_of_two(value: float, low: int, high: int) -> int:
 
 
 def measure_throughput(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int],
-                       device: torch.device, repeats: int = 3, seed: int = 0,
-                       window: float = 0.02) -> dict[int, float]:
+                       device: torch.device, seed: int = 0, window: float = 0.02) -> dict[int, float]:
     """Samples per second of forward + backward at each batch size (state restored).
 
-    Each of ``repeats`` measurements runs steps until ``window`` seconds have passed, so tiny
-    models are timed over many steps; the best measurement counts, since other load on the
-    machine only ever adds time.
+    The fastest pass of each size counts, over at least ``window`` seconds of passes, since
+    other load on the machine only ever adds time (:func:`~batchfit.tune.batch_probe.probe_batch_sizes`).
     """
-    rng = np.random.default_rng(seed)
-    rates: dict[int, float] = {}
-    with probe(model, None, device) as (net, _):
-        net.train()
-        for size in sizes:
-            batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
-            best = 0.0
-            for repeat in range(repeats + 1):  # the first measurement warms up allocations
-                start, steps = time.perf_counter(), 0
-                while True:
-                    loss, _ = forward_loss(net, loss_fn, batch)
-                    loss.backward()
-                    net.zero_grad(set_to_none=True)
-                    steps += 1
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    elapsed = time.perf_counter() - start
-                    if elapsed >= window:
-                        break
-                if repeat:
-                    best = max(best, steps * size / elapsed)
-            rates[size] = best
-    return rates
+    measured = probe_batch_sizes(model, loss_fn, src, sizes, device, window=window, stop_above_noise=None, seed=seed)
+    return {size: measured.throughput(size) for size in measured.pass_seconds}
 
 
 def batch_cost(size: int, noise_scale: float, throughput: float, lr_ratio: float = 1.0) -> float:
@@ -128,6 +110,7 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     Logs the decision and its evidence, records it in ``trainer.history.events``, and for
     ``"adaptive"`` runs starts the continuous noise-scale tracker.
     """
+    begin = time.perf_counter()
     n = len(src)
     # At least 16 steps per epoch; a power of two unless the data is tiny.
     cap = powers_of_two(1, min(max_batch or n, max(1, n // 16), getattr(trainer, "max_batch_size", None) or n))[-1]
@@ -158,7 +141,8 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
                    f"{', '.join(map(str, unstable))}, so {best}")
     logger.info("batch_size=%r: chose %d — %s", s.batch_size, best, reason)
     trainer.history.add_event(step=trainer.step, kind="batch_size", batch_size=best, reason=reason,
-                              b_simple=b_simple, throughput={str(k): measured.throughput(k) for k in costs})
+                              b_simple=b_simple, throughput={str(k): measured.throughput(k) for k in costs},
+                              probe_seconds=time.perf_counter() - begin)
     if s.batch_size == "adaptive":
         trainer.adaptive = AdaptiveBatch(start=best, max_batch=cap, noise_scale=b_simple)
     return best
