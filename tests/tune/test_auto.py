@@ -35,13 +35,10 @@ def test_batch_cost_trades_noise_against_throughput():
     assert batch_cost(256, 1e6, 8000.0) < batch_cost(32, 1e6, 1000.0)
 
 
-def test_batch_cost_penalises_an_lr_away_from_the_optimum():
-    at_optimum = batch_cost(64, 100.0, 1000.0, lr_ratio=1.0)
-    assert batch_cost(64, 100.0, 1000.0) == at_optimum
-    # r (2 - r): half the optimal lr and 1.5x of it both give 3/4 of the best progress per step.
-    assert batch_cost(64, 100.0, 1000.0, lr_ratio=0.5) == pytest.approx(at_optimum / 0.75)
-    assert batch_cost(64, 100.0, 1000.0, lr_ratio=1.5) == pytest.approx(at_optimum / 0.75)
-    assert batch_cost(64, 100.0, 1000.0, lr_ratio=2.0) == math.inf  # no longer converges
+def test_batch_cost_is_infinite_where_the_lr_diverges():
+    at_optimum = batch_cost(64, 100.0, 1000.0)
+    assert batch_cost(64, 100.0, 1000.0, lr_ratio=1.9) == at_optimum
+    assert batch_cost(64, 100.0, 1000.0, lr_ratio=2.0) == math.inf  # the loss no longer falls
 
 
 def test_rule_lr_ratio_is_one_at_base_and_overshoots_past_the_noise_scale():

@@ -8,11 +8,11 @@ is therefore proportional to
     cost(B) = (1 + B / B_noise) / throughput(B)
 
 when the learning rate is the optimal one for each ``B``. The learning rate actually used is
-the one the trainer's ``lr_scaling`` rule gives, so the cost is divided by the share of the
-optimal progress per step that lr achieves (:func:`batch_cost`, :func:`rule_lr_ratio`). The
-batch size is the power of two that minimises it, with ``B_noise`` and ``throughput`` measured
-by one probe of real forward and backward passes at the starting weights
-(:func:`~batchfit.tune.batch_probe.probe_batch_sizes`).
+the one the trainer's ``lr_scaling`` rule gives, and a batch size whose rule-scaled lr is
+twice the optimal one or more, where the loss stops falling, is never chosen
+(:func:`batch_cost`, :func:`rule_lr_ratio`). The batch size is the power of two that
+minimises the cost, with ``B_noise`` and ``throughput`` measured by one probe of real forward
+and backward passes at the starting weights (:func:`~batchfit.tune.batch_probe.probe_batch_sizes`).
 
 ``"adaptive"`` keeps measuring the noise scale during training (from the micro-batch gradients
 that accumulation computes anyway) and grows the batch as it grows, as Smith et al. 2018
@@ -74,17 +74,18 @@ def measure_throughput(model: torch.nn.Module, loss_fn: Any, src: Source, sizes:
 
 
 def batch_cost(size: int, noise_scale: float, throughput: float, lr_ratio: float = 1.0) -> float:
-    """Relative time to a given loss: ``(1 + B / B_noise) / throughput(B) / (r · (2 − r))``.
+    """Relative time to a given loss: ``(1 + B / B_noise) / throughput(B)``; ``inf`` if the lr diverges.
 
-    ``r`` (``lr_ratio``) is the learning rate used at ``B`` over the optimal one. In the
-    quadratic model of McCandlish et al. (2018, eq. 2.6) a step of size ``ε`` lowers the loss
-    by ``ΔL_max · r (2 − r)`` with ``r = ε / ε_opt(B)``: ``r = 1`` gives the optimum and the
-    cost ``(1 + B / B_noise) / throughput(B)``; ``r ≥ 2`` does not converge (cost ``inf``).
+    ``lr_ratio`` is the learning rate used at ``B`` over the optimal one there. In the quadratic
+    model of McCandlish et al. (2018, eq. 2.6) a step of ``r`` times the optimal lr lowers the
+    loss by ``r (2 − r)`` of the most a step can, so from ``r = 2`` on the loss no longer falls.
+    Below that the lr is taken as the optimal one: the ratio itself is an estimate from the
+    noise scale at the starting weights, which grows as training goes on and so brings the
+    rule's lr closer to the optimum (a short trial guards the choice when ``r > 1``).
     """
-    progress = lr_ratio * (2.0 - lr_ratio)
-    if progress <= 0:
+    if lr_ratio >= 2.0:
         return math.inf
-    return (1.0 + size / max(noise_scale, 1e-12)) / throughput / progress
+    return (1.0 + size / max(noise_scale, 1e-12)) / throughput
 
 
 def rule_lr_ratio(size: int, base_batch: int | None, noise_scale: float, rule: str | None) -> float:
@@ -135,7 +136,8 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     reason = (f"noise scale B_simple={b_simple:.4g} (|G|²={measured.grad_sq:.3g}, tr Σ={measured.trace_cov:.3g}); "
               f"throughput " + ", ".join(f"{size}: {measured.throughput(size):,.0f}/s" for size in costs)
               + "; lr / optimal lr " + ", ".join(f"{size}: {ratio:.2f}" for size, ratio in ratios.items())
-              + f"; cost (1+B/B_noise)/throughput/(r(2-r)) is least at {ranked[0]}; probe {measured.seconds:.2f} s")
+              + f"; cost (1+B/B_noise)/throughput (none where r ≥ 2) is least at {ranked[0]}"
+              + f"; probe {measured.seconds:.2f} s")
     if unstable:
         reason += (f"; the loss rose in a short trial at the lr the {s.lr_scaling} rule gives for "
                    f"{', '.join(map(str, unstable))}, so {best}")
