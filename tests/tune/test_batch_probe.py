@@ -52,7 +52,8 @@ def test_probe_batch_sizes_times_every_size_and_fits_the_noise(make_mlp):
     assert all(measured.passes[size] >= 4 for size in sizes)
     assert all(seconds > 0 for seconds in measured.pass_seconds.values())
     assert measured.update_seconds > 0
-    assert math.isclose(measured.throughput(32), 32 / (measured.pass_seconds[32] + measured.update_seconds))
+    assert math.isclose(measured.throughput(32), 32 / measured.step_seconds(32))
+    assert measured.step_seconds(32) > measured.update_seconds
     assert math.isfinite(measured.trace_cov) and measured.trace_cov > 0
 
 
@@ -67,3 +68,18 @@ def test_probe_batch_sizes_stops_well_past_the_noise_scale(make_mlp):
     largest = max(measured.pass_seconds)
     assert largest < sizes[-1], "the probe went on past 4x the noise scale"
     assert largest >= 4 * measured.b_simple or not math.isfinite(measured.b_simple) or largest == sizes[-1]
+
+
+def test_step_seconds_follow_the_fitted_line_through_every_size():
+    from batchfit.tune.batch_probe import BatchProbe
+
+    # Passes of 1 ms + 0.1 ms per sample, one of them slowed down by other load on the machine.
+    times = {8: 0.0018, 16: 0.0026, 32: 0.0042 * 1.5, 64: 0.0074}
+    measured = BatchProbe(times, update_seconds=0.0005, grad_sq=1.0, trace_cov=10.0)
+    fitted = [measured.step_seconds(size) - 0.0005 for size in times]
+    # The line sits between the slowed pass and the true time, and is exact where the load was not.
+    assert 0.0042 < fitted[2] < 0.0042 * 1.5
+    assert measured.throughput(64) > measured.throughput(32)
+    # A line that falls with the batch size is no model of compute: the measured times count.
+    falling = BatchProbe({8: 0.004, 16: 0.003}, update_seconds=0.0, grad_sq=1.0, trace_cov=1.0)
+    assert falling.step_seconds(16) == 0.003

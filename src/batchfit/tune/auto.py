@@ -119,9 +119,11 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     if len(sizes) == 1 and sizes[0] > 1:
         sizes = [sizes[0] // 2, sizes[0]]  # the noise scale needs two sizes
     measured = probe_batch_sizes(trainer.module, trainer.loss_fn, src, sizes, trainer.device,
-                                 optimizer=trainer.optimizer, seed=trainer.settings.seed)
+                                 optimizer=trainer.optimizer, min_passes=2, seed=trainer.settings.seed)
     b_simple = measured.b_simple
-    b_noise = min(max(b_simple if math.isfinite(b_simple) else float(cap), 1.0), float(n))
+    # An infinite (or huge) estimate means the noise swamps the signal at every size probed: the
+    # noise scale is beyond them all, so only throughput matters; no estimate exceeds the data set.
+    b_noise = min(max(b_simple, 1.0), float(n)) if not math.isnan(b_simple) else float(cap)
     s = trainer.settings
     ratios = {size: rule_lr_ratio(size, s.base_batch_size, b_noise, s.lr_scaling)
               for size in measured.pass_seconds if size <= cap}

@@ -48,12 +48,35 @@ class BatchProbe:
         return simple_noise_scale(self.grad_sq, self.trace_cov)
 
     def step_seconds(self, size: int) -> float:
-        """Time of one training step at ``size``: forward, backward and the optimizer step."""
-        return self.pass_seconds[size] + self.update_seconds
+        """Time of one training step at ``size``: forward, backward and the optimizer step.
+
+        Forward + backward follows the line ``α + β·B`` fitted to the fastest pass of every size
+        probed, the compute-time model of Pollux (Qiao et al., OSDI 2021): a fixed cost per pass
+        plus a cost per sample. One line through all sizes is steadier than each size's own
+        few passes; where it does not fit (a slope that is not positive) the measured times count.
+        """
+        line = _line(self.pass_seconds)
+        if line is None:
+            return self.pass_seconds[size] + self.update_seconds
+        fixed, per_sample = line
+        return max(fixed + per_sample * size, 1e-12) + self.update_seconds
 
     def throughput(self, size: int) -> float:
         """Samples per second of training steps at ``size``."""
         return size / self.step_seconds(size)
+
+
+def _line(points: dict[int, float]) -> tuple[float, float] | None:
+    """Least-squares ``(α, β)`` of ``t = α + β·B`` through ``points``; ``None`` unless ``β > 0``."""
+    if len(points) < 2:
+        return None
+    sizes, times = list(points), list(points.values())
+    mean_b, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
+    spread = sum((b - mean_b) ** 2 for b in sizes)
+    per_sample = sum((b - mean_b) * (t - mean_t) for b, t in zip(sizes, times)) / spread
+    if not per_sample > 0:
+        return None
+    return mean_t - per_sample * mean_b, per_sample
 
 
 def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int], device: torch.device,
