@@ -14,6 +14,7 @@ from batchfit.tune.noise import (
     NoiseScaleTracker,
     estimate_noise_scale,
     grad_sq_estimate,
+    noise_fit_errors,
     noise_from_sizes,
     simple_noise_scale,
     squared_grad_norm,
@@ -253,3 +254,25 @@ def test_noise_from_sizes_needs_two_sizes_and_one_norm_each():
         noise_from_sizes([8, 8], [1.0, 2.0])
     with pytest.raises(ValueError, match="squared_norms"):
         noise_from_sizes([8, 16], [1.0])
+
+
+def test_noise_fit_errors_shrink_with_more_draws_and_cover_the_truth():
+    model = logistic_regression()
+    x, y = classification()
+    loss_fn = torch.nn.functional.cross_entropy
+    true_grad_sq, true_trace_cov = exact_grad_sq_and_trace_cov(model, loss_fn, x, y)
+    generator = torch.Generator().manual_seed(1)
+    params = list(model.parameters())
+    sizes, norms = [], []
+    for _ in range(400):
+        for size in (4, 16, 64):
+            index = torch.randint(len(x), (size,), generator=generator)
+            sizes.append(size)
+            norms.append(squared_grad_norm(torch.autograd.grad(loss_fn(model(x[index]), y[index]), params)))
+    few = noise_fit_errors(sizes[:60], norms[:60])
+    many = noise_fit_errors(sizes, norms)
+    assert many[0] < few[0] and many[1] < few[1]
+    grad_sq, trace_cov = noise_from_sizes(sizes, norms)
+    assert abs(grad_sq - true_grad_sq) < 4 * many[0]
+    assert abs(trace_cov - true_trace_cov) < 4 * many[1]
+    assert noise_fit_errors([4, 16], [2.0, 1.0]) == (math.inf, math.inf)  # two points: no scatter to judge by

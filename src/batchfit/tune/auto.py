@@ -124,8 +124,12 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     # An infinite (or huge) estimate means the noise swamps the signal at every size probed: the
     # noise scale is beyond them all, so only throughput matters; no estimate exceeds the data set.
     b_noise = min(max(b_simple, 1.0), float(n)) if not math.isnan(b_simple) else float(cap)
+    # Whether the rule's lr diverges is judged on a cautious noise scale, so that a lucky estimate
+    # never lets a large batch through; the cost uses the estimate itself.
+    b_low = measured.b_simple_low
+    b_cautious = min(max(b_low, 1.0), b_noise) if not math.isnan(b_low) else b_noise
     s = trainer.settings
-    ratios = {size: rule_lr_ratio(size, s.base_batch_size, b_noise, s.lr_scaling)
+    ratios = {size: rule_lr_ratio(size, s.base_batch_size, b_cautious, s.lr_scaling)
               for size in measured.pass_seconds if size <= cap}
     costs = {size: batch_cost(size, b_noise, measured.throughput(size), ratio) for size, ratio in ratios.items()}
     ranked = sorted(costs, key=costs.__getitem__)
@@ -135,7 +139,8 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
         if ratios[best] <= 1 or best == ranked[-1] or not math.isfinite(costs[best]) or _stable(trainer, src, best):
             break
         unstable.append(best)
-    reason = (f"noise scale B_simple={b_simple:.4g} (|G|²={measured.grad_sq:.3g}, tr Σ={measured.trace_cov:.3g}); "
+    reason = (f"noise scale B_simple={b_simple:.4g} (|G|²={measured.grad_sq:.3g}, tr Σ={measured.trace_cov:.3g}; "
+              f"cautious {b_cautious:.4g}); "
               f"throughput " + ", ".join(f"{size}: {measured.throughput(size):,.0f}/s" for size in costs)
               + "; lr / optimal lr " + ", ".join(f"{size}: {ratio:.2f}" for size, ratio in ratios.items())
               + f"; cost (1+B/B_noise)/throughput (none where r ≥ 2) is least at {ranked[0]}"

@@ -4,9 +4,11 @@ Choosing a batch size needs two measurements at the current weights: how long a 
 at each candidate size, and the gradient noise scale. Both come from forward and backward
 passes over random batches, so one set of passes serves both: every pass is timed, and the
 squared norm of its gradient is one point on the line ``E|G_B|² = |G|² + tr(Σ)/B`` that
-:func:`~batchfit.tune.noise.noise_from_sizes` fits. Sizes are probed in ascending order and
-the probe stops once a size is well past the noise scale measured so far, where bigger
-batches only waste samples, so large sizes are never timed for nothing.
+:func:`~batchfit.tune.noise.noise_from_sizes` fits, as is the mean gradient of all passes
+together (the whole probe's samples as one large batch, as in McCandlish et al.'s estimator).
+Sizes are probed in ascending order and the probe stops once a size is well past the noise
+scale measured so far, where bigger batches only waste samples, so large sizes are never timed
+for nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from ..data.sources import Source
 from ..train.batch import forward_loss
-from .noise import noise_from_sizes, simple_noise_scale, squared_grad_norm
+from .noise import noise_fit_errors, noise_from_sizes, simple_noise_scale, squared_grad_norm
 from .state import batch_to, probe
 
 
@@ -41,11 +43,18 @@ class BatchProbe:
     trace_cov: float
     passes: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    grad_sq_error: float = math.inf
+    trace_cov_error: float = math.inf
 
     @property
     def b_simple(self) -> float:
         """``tr(Σ) / |G|²`` of the fitted estimates (``inf`` when ``|G|²`` is not positive)."""
         return simple_noise_scale(self.grad_sq, self.trace_cov)
+
+    @property
+    def b_simple_low(self) -> float:
+        """A cautious noise scale: ``tr(Σ)`` one standard error lower over ``|G|²`` one higher."""
+        return simple_noise_scale(self.grad_sq + self.grad_sq_error, self.trace_cov - self.trace_cov_error)
 
     def step_seconds(self, size: int) -> float:
         """Time of one training step at ``size``: forward, backward and the optimizer step.
@@ -100,6 +109,13 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
     with probe(model, optimizer, device) as (net, opt):
         net.train()
         params = [p for p in net.parameters() if p.requires_grad]
+        # The mean gradient over every sample drawn so far: one more point, of the largest size.
+        union = [torch.zeros_like(p) for p in params]
+
+        def fitted() -> tuple[list[int], list[float]]:
+            total = sum(drawn)
+            return [*drawn, total], [*norms, squared_grad_norm(g / total for g in union)]
+
         for size in sorted(sizes):
             times: list[float] = []
             while len(times) <= min_passes or (sum(times[1:]) < window and len(times) <= max_passes):
@@ -113,19 +129,23 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
                 times.append(time.perf_counter() - start)
                 drawn.append(size)
                 norms.append(squared_grad_norm(p.grad for p in params))
+                for total, param in zip(union, params):
+                    if param.grad is not None:
+                        total.add_(param.grad, alpha=size)
             pass_seconds[size], passes[size] = min(times[1:]), len(times) - 1  # the first pass warms up
             if stop_above_noise is not None and len(pass_seconds) >= 2:
-                grad_sq, trace_cov = noise_from_sizes(drawn, norms)
+                grad_sq, trace_cov = noise_from_sizes(*fitted())
                 if size >= stop_above_noise * simple_noise_scale(grad_sq, trace_cov):
                     break
+        points = fitted() if len(pass_seconds) >= 2 else None
         if opt is not None:
             update = _time_updates(opt, device)
         net.zero_grad(set_to_none=True)
-    if len(pass_seconds) >= 2:
-        grad_sq, trace_cov = noise_from_sizes(drawn, norms)
-    else:
-        grad_sq, trace_cov = math.nan, math.nan  # one size says nothing about how the noise scales
-    return BatchProbe(pass_seconds, update, grad_sq, trace_cov, passes, time.perf_counter() - begin)
+    if points is None:  # one size says nothing about how the noise scales
+        return BatchProbe(pass_seconds, update, math.nan, math.nan, passes, time.perf_counter() - begin)
+    grad_sq, trace_cov = noise_from_sizes(*points)
+    errors = noise_fit_errors(*points)
+    return BatchProbe(pass_seconds, update, grad_sq, trace_cov, passes, time.perf_counter() - begin, *errors)
 
 
 def _time_updates(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int = 3) -> float:

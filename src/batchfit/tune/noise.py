@@ -61,26 +61,53 @@ def trace_cov_estimate(small_sq: float, big_sq: float, b_small: float, b_big: fl
     return (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
 
 
-def noise_from_sizes(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[float, float]:
-    """Unbiased ``(|G|², tr(Σ))`` from squared batch-gradient norms measured at several batch sizes.
-
-    ``squared_norms[i]`` is ``|G_B|²`` of one batch of ``sizes[i]`` samples drawn independently.
-    Since ``E|G_B|² = |G|² + tr(Σ)·(1/B)`` is exactly linear in ``1/B``, the least-squares line
-    through the points ``(1/B, |G_B|²)`` has unbiased intercept ``|G|²`` and slope ``tr(Σ)``:
-    McCandlish et al. (2018, Appendix A)'s two-size estimators, extended to any number of sizes
-    (with two sizes and equal counts it is exactly :func:`grad_sq_estimate` and
-    :func:`trace_cov_estimate` of the averages). At least two distinct sizes are needed.
-    """
+def _weighted_line(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[list[float], float, float, float]:
+    """Weights, weighted mean of ``1/B``, and intercept and slope of the weighted least-squares line."""
     if len(sizes) != len(squared_norms):
         raise expected("squared_norms", f"one value per size ({len(sizes)})", len(squared_norms))
     inverse = [1.0 / size for size in sizes]
     if len(set(inverse)) < 2:
         raise expected("sizes", "at least two distinct batch sizes", sorted(set(sizes)))
-    mean_x = sum(inverse) / len(inverse)
-    mean_y = sum(squared_norms) / len(squared_norms)
-    spread = sum((x - mean_x) ** 2 for x in inverse)
-    trace_cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(inverse, squared_norms)) / spread
-    return mean_y - trace_cov * mean_x, trace_cov
+    weights = [float(size) for size in sizes]
+    total = sum(weights)
+    mean_x = sum(w * x for w, x in zip(weights, inverse)) / total
+    mean_y = sum(w * y for w, y in zip(weights, squared_norms)) / total
+    spread = sum(w * (x - mean_x) ** 2 for w, x in zip(weights, inverse))
+    slope = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(weights, inverse, squared_norms)) / spread
+    return weights, mean_x, mean_y - slope * mean_x, slope
+
+
+def noise_from_sizes(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[float, float]:
+    """Unbiased ``(|G|², tr(Σ))`` from squared batch-gradient norms measured at several batch sizes.
+
+    ``squared_norms[i]`` is ``|G_B|²`` of a batch of ``sizes[i]`` samples drawn independently
+    (a point may also be the mean gradient of several such batches together, with their total
+    size). Since ``E|G_B|² = |G|² + tr(Σ)·(1/B)`` is exactly linear in ``1/B``, a least-squares
+    line through the points ``(1/B, |G_B|²)`` has unbiased intercept ``|G|²`` and slope
+    ``tr(Σ)`` for any fixed weights. The points are weighted by ``B``, as a bigger batch's
+    squared norm scatters less. This extends McCandlish et al. (2018, Appendix A)'s two-size
+    estimators to any number of sizes: with two sizes it is exactly :func:`grad_sq_estimate`
+    and :func:`trace_cov_estimate` of each size's average. At least two distinct sizes are needed.
+    """
+    _, _, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
+    return grad_sq, trace_cov
+
+
+def noise_fit_errors(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[float, float]:
+    """Standard errors of the ``(|G|², tr(Σ))`` that :func:`noise_from_sizes` fits to the same points.
+
+    The weighted least-squares errors of intercept and slope, from the scatter of the points
+    about the line (``inf`` with fewer than three points): a yardstick of how far the noise
+    scale may be off, for decisions that must not trust a lucky estimate.
+    """
+    weights, mean_x, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
+    if len(sizes) < 3:
+        return math.inf, math.inf
+    inverse = [1.0 / size for size in sizes]
+    spread = sum(w * (x - mean_x) ** 2 for w, x in zip(weights, inverse))
+    residuals = (y - grad_sq - trace_cov * x for x, y in zip(inverse, squared_norms))
+    scatter = sum(w * r**2 for w, r in zip(weights, residuals)) / (len(sizes) - 2)
+    return math.sqrt(scatter * (1.0 / sum(weights) + mean_x**2 / spread)), math.sqrt(scatter / spread)
 
 
 def simple_noise_scale(grad_sq: float, trace_cov: float) -> float:
