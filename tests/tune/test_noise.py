@@ -62,13 +62,28 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return float(tensor.mean()), float(tensor.std() / math.sqrt(len(values)))
 
 
-@pytest.mark.parametrize(("make_model", "classes"), [(logistic_regression, 2), (small_mlp, 3)])
-def test_estimate_noise_scale_matches_exact_oracle(make_model, classes):
+@pytest.fixture(params=[(logistic_regression, 2), (small_mlp, 3)], ids=["logistic", "mlp"])
+def oracle(request):
+    """A model, its data, the loss, and the exact ``|G|²`` and ``tr(Σ)`` over that data."""
+    make_model, classes = request.param
     model = make_model()
     x, y = classification(classes=classes)
     loss_fn = torch.nn.functional.cross_entropy
-    true_grad_sq, true_trace_cov = exact_grad_sq_and_trace_cov(model, loss_fn, x, y)
+    return (model, x, y, loss_fn, *exact_grad_sq_and_trace_cov(model, loss_fn, x, y))
 
+
+def squared_norms_of_draws(model, loss_fn, x, y, sizes, generator) -> list[float]:
+    """``|G_B|²`` of one batch drawn with replacement for each size in ``sizes``."""
+    params = list(model.parameters())
+    norms = []
+    for size in sizes:
+        index = torch.randint(len(x), (size,), generator=generator)
+        norms.append(squared_grad_norm(torch.autograd.grad(loss_fn(model(x[index]), y[index]), params)))
+    return norms
+
+
+def test_estimate_noise_scale_matches_exact_oracle(oracle):
+    model, x, y, loss_fn, true_grad_sq, true_trace_cov = oracle
     noise = estimate_noise_scale(model, loss_fn, (x, y), small_batch=SMALL, big_batch=BIG, num_batches=DRAWS)
 
     pairs = list(zip(noise.small_sq, noise.big_sq))
@@ -221,22 +236,13 @@ def test_noise_from_sizes_two_sizes_equal_the_two_size_estimators():
     assert trace_cov == pytest.approx(trace_cov_estimate(small_sq, big_sq, 8, 64))
 
 
-@pytest.mark.parametrize(("make_model", "classes"), [(logistic_regression, 2), (small_mlp, 3)])
-def test_noise_from_sizes_matches_exact_oracle(make_model, classes):
-    model = make_model()
-    x, y = classification(classes=classes)
-    loss_fn = torch.nn.functional.cross_entropy
-    true_grad_sq, true_trace_cov = exact_grad_sq_and_trace_cov(model, loss_fn, x, y)
+def test_noise_from_sizes_matches_exact_oracle(oracle):
+    model, x, y, loss_fn, true_grad_sq, true_trace_cov = oracle
     generator = torch.Generator().manual_seed(0)
     sizes, norms, fits = [], [], []
-    params = list(model.parameters())
     for _ in range(DRAWS):
-        draw_sizes, draw_norms = [], []
-        for size in (4, 16, 64):  # batches drawn with replacement: independent samples
-            index = torch.randint(len(x), (size,), generator=generator)
-            grads = torch.autograd.grad(loss_fn(model(x[index]), y[index]), params)
-            draw_sizes.append(size)
-            draw_norms.append(squared_grad_norm(grads))
+        draw_sizes = [4, 16, 64]
+        draw_norms = squared_norms_of_draws(model, loss_fn, x, y, draw_sizes, generator)
         fits.append(noise_from_sizes(draw_sizes, draw_norms))
         sizes += draw_sizes
         norms += draw_norms
@@ -256,19 +262,10 @@ def test_noise_from_sizes_needs_two_sizes_and_one_norm_each():
         noise_from_sizes([8, 16], [1.0])
 
 
-def test_noise_fit_errors_shrink_with_more_draws_and_cover_the_truth():
-    model = logistic_regression()
-    x, y = classification()
-    loss_fn = torch.nn.functional.cross_entropy
-    true_grad_sq, true_trace_cov = exact_grad_sq_and_trace_cov(model, loss_fn, x, y)
-    generator = torch.Generator().manual_seed(1)
-    params = list(model.parameters())
-    sizes, norms = [], []
-    for _ in range(400):
-        for size in (4, 16, 64):
-            index = torch.randint(len(x), (size,), generator=generator)
-            sizes.append(size)
-            norms.append(squared_grad_norm(torch.autograd.grad(loss_fn(model(x[index]), y[index]), params)))
+def test_noise_fit_errors_shrink_with_more_draws_and_cover_the_truth(oracle):
+    model, x, y, loss_fn, true_grad_sq, true_trace_cov = oracle
+    sizes = [4, 16, 64] * 400
+    norms = squared_norms_of_draws(model, loss_fn, x, y, sizes, torch.Generator().manual_seed(1))
     few = noise_fit_errors(sizes[:60], norms[:60])
     many = noise_fit_errors(sizes, norms)
     assert many[0] < few[0] and many[1] < few[1]

@@ -143,15 +143,18 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> li
     for workload in workloads:
         runs = []
         modes: list[int | str] = [*sizes, "auto", "adaptive"]
-        # Interleaved: each repeat runs every mode once, so a slow spell of the machine hits all modes alike.
+        # Interleaved: each repeat runs every mode once (in a rotated order), so a slow spell of the
+        # machine, or a cost that depends on what ran just before, hits all modes alike.
         by_mode: dict[int | str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for r in range(repeats):
-            for mode in modes:
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:  # each repeat starts elsewhere
                 by_mode[mode].append(_run(workload, mode, 0.25, seed + r))
         for trials in by_mode.values():
             seconds = [t["seconds"] for t in trials if t["seconds"] is not None]
+            training = [t["seconds"] - t["probe_seconds"] for t in trials if t["seconds"] is not None]
             steps = [t["steps"] for t in trials if t["steps"] is not None]
             runs.append({**trials[0], "seconds": statistics.median(seconds) if len(seconds) == repeats else None,
+                         "training_seconds": statistics.median(training) if len(training) == repeats else None,
                          "steps": int(statistics.median(steps)) if len(steps) == repeats else None,
                          "chosen_per_trial": [t["chosen"] for t in trials],
                          "probe_seconds": statistics.median(t["probe_seconds"] for t in trials)})
@@ -160,6 +163,9 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> li
         for run in runs:
             run["ratio_to_best_fixed"] = (run["seconds"] / best["seconds"]
                                           if best is not None and run["seconds"] is not None else None)
+            # The probe's cost apart: how good the choice itself was.
+            run["ratio_without_probe"] = (run["training_seconds"] / best["seconds"]
+                                          if best is not None and run["training_seconds"] is not None else None)
             run["best_fixed"] = best["batch_size"] if best is not None else None
         rows += runs
     return rows
@@ -174,8 +180,8 @@ def _choices(row: dict[str, Any]) -> str:
 
 def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`batch_size_table` rows."""
-    lines = ["| workload | batch size | lr | steps to target | seconds to target (probe) | × best fixed |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| workload | batch size | lr | steps to target | seconds to target (probe) | × best fixed "
+             "(without the probe) |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         size = row["batch_size"] if isinstance(row["batch_size"], int) else f"{row['batch_size']} ({_choices(row)})"
         seconds = ("diverged" if row.get("diverged") else "not reached") if row["seconds"] is None \
@@ -183,5 +189,7 @@ def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
         if row.get("probe_seconds"):
             seconds += f" ({row['probe_seconds']:.2f})"
         ratio = "—" if row["ratio_to_best_fixed"] is None else f"{row['ratio_to_best_fixed']:.2f}"
+        if row.get("probe_seconds") and row.get("ratio_without_probe") is not None:
+            ratio += f" ({row['ratio_without_probe']:.2f})"
         lines.append(f"| {row['workload']} | {size} | {row['lr']:.4g} | {row['steps'] or '—'} | {seconds} | {ratio} |")
     return "\n".join(lines)

@@ -89,7 +89,7 @@ def _line(points: dict[int, float]) -> tuple[float, float] | None:
 
 
 def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int], device: torch.device,
-                      optimizer: torch.optim.Optimizer | None = None, min_passes: int = 3, window: float = 0.004,
+                      optimizer: torch.optim.Optimizer | None = None, min_passes: int = 2, window: float = 0.0,
                       max_passes: int = 32, stop_above_noise: float | None = 4.0, seed: int = 0) -> BatchProbe:
     """Time forward + backward at each of ``sizes`` and fit the noise scale to the same passes.
 
