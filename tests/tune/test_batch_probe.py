@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +84,24 @@ def test_step_seconds_follow_the_fitted_line_through_every_size():
     # A line that falls with the batch size is no model of compute: the measured times count.
     falling = BatchProbe({8: 0.004, 16: 0.003}, update_seconds=0.0, grad_sq=1.0, trace_cov=1.0)
     assert falling.step_seconds(16) == 0.003
+
+
+def test_probe_batch_sizes_runs_under_autocast_for_bf16(make_mlp):
+    model = make_mlp(6, 16, 2)
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    measured = probe_batch_sizes(model, F.cross_entropy, _data(), [8, 16, 32], torch.device("cpu"),
+                                 stop_above_noise=None, precision="bf16")
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen), "the forward pass ran outside autocast"
+    assert math.isfinite(measured.trace_cov) and measured.trace_cov > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_probe_batch_sizes_fp16_unscales_to_the_fp32_measurement(make_mlp):
+    model = make_mlp(6, 16, 2)
+    args = (model, F.cross_entropy, _data(), [8, 16, 32], torch.device("cpu"))
+    half = probe_batch_sizes(*args, stop_above_noise=None, precision="fp16")
+    full = probe_batch_sizes(*args, stop_above_noise=None)
+    # Same draws (same seed): the loss scale is undone, so only fp16 rounding is left.
+    assert half.trace_cov == pytest.approx(full.trace_cov, rel=0.02)
+    assert half.grad_sq == pytest.approx(full.grad_sq, rel=0.02, abs=1e-3 * full.trace_cov)

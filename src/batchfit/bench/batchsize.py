@@ -14,7 +14,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -136,39 +136,49 @@ def classification_workload(seed: int = 0) -> Workload:
 
 
 def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows per workload and mode: steps and seconds to target, and the ratio to the best fixed batch."""
+    """Rows per workload and mode: steps and seconds to target, and the ratio to the best fixed batch.
+
+    Every repeat runs every mode once from the same seed, in an order rotated from one repeat to
+    the next, after one untimed warm-up of each workload (the first run in a process pays for
+    allocations and kernels the later ones reuse). The ratio to the best fixed batch (the fixed
+    size with the least median time) is the median over repeats of each repeat's own ratio:
+    runs of the same seed take the same steps, so pairing them removes the scatter between seeds.
+    """
     workloads = [digits_workload(), regression_workload(), classification_workload()]
     sizes = [16, 32, 64, 128, 256] if quick else [16, 32, 64, 128, 256, 512]
     rows = []
     for workload in workloads:
-        runs = []
         modes: list[int | str] = [*sizes, "auto", "adaptive"]
-        # Interleaved: each repeat runs every mode once (in a rotated order), so a slow spell of the
-        # machine, or a cost that depends on what ran just before, hits all modes alike.
+        _run(replace(workload, max_epochs=1), "auto", 0.25, seed)  # warm-up, not counted
         by_mode: dict[int | str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for r in range(repeats):
-            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:  # each repeat starts elsewhere
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 by_mode[mode].append(_run(workload, mode, 0.25, seed + r))
-        for trials in by_mode.values():
-            seconds = [t["seconds"] for t in trials if t["seconds"] is not None]
-            training = [t["seconds"] - t["probe_seconds"] for t in trials if t["seconds"] is not None]
-            steps = [t["steps"] for t in trials if t["steps"] is not None]
-            runs.append({**trials[0], "seconds": statistics.median(seconds) if len(seconds) == repeats else None,
-                         "training_seconds": statistics.median(training) if len(training) == repeats else None,
-                         "steps": int(statistics.median(steps)) if len(steps) == repeats else None,
-                         "chosen_per_trial": [t["chosen"] for t in trials],
-                         "probe_seconds": statistics.median(t["probe_seconds"] for t in trials)})
-        fixed = [r for r in runs if isinstance(r["batch_size"], int) and r["seconds"] is not None]
-        best = min(fixed, key=lambda r: r["seconds"]) if fixed else None
-        for run in runs:
-            run["ratio_to_best_fixed"] = (run["seconds"] / best["seconds"]
-                                          if best is not None and run["seconds"] is not None else None)
+        runs = [_summary(trials) for trials in by_mode.values()]
+        fixed = [mode for mode in sizes if all(t["seconds"] is not None for t in by_mode[mode])]
+        best = min(fixed, key=lambda mode: statistics.median(t["seconds"] for t in by_mode[mode])) if fixed else None
+        for run, trials in zip(runs, by_mode.values()):
+            run["best_fixed"] = best
+            run["ratio_to_best_fixed"] = run["ratio_without_probe"] = None
+            if best is None or run["seconds"] is None:
+                continue
+            pairs = list(zip(trials, by_mode[best]))
+            run["ratio_to_best_fixed"] = statistics.median(t["seconds"] / b["seconds"] for t, b in pairs)
             # The probe's cost apart: how good the choice itself was.
-            run["ratio_without_probe"] = (run["training_seconds"] / best["seconds"]
-                                          if best is not None and run["training_seconds"] is not None else None)
-            run["best_fixed"] = best["batch_size"] if best is not None else None
+            run["ratio_without_probe"] = statistics.median((t["seconds"] - t["probe_seconds"]) / b["seconds"]
+                                                           for t, b in pairs)
         rows += runs
     return rows
+
+
+def _summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's row: medians over its trials (``None`` when any trial missed the target)."""
+    reached = all(t["seconds"] is not None for t in trials)
+    return {**trials[0], "seconds": statistics.median(t["seconds"] for t in trials) if reached else None,
+            "steps": int(statistics.median(t["steps"] for t in trials)) if reached else None,
+            "seconds_per_trial": [t["seconds"] for t in trials],
+            "chosen_per_trial": [t["chosen"] for t in trials],
+            "probe_seconds": statistics.median(t["probe_seconds"] for t in trials)}
 
 
 def _choices(row: dict[str, Any]) -> str:

@@ -119,7 +119,8 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     if len(sizes) == 1 and sizes[0] > 1:
         sizes = [sizes[0] // 2, sizes[0]]  # the noise scale needs two sizes
     measured = probe_batch_sizes(trainer.module, trainer.loss_fn, src, sizes, trainer.device,
-                                 optimizer=trainer.optimizer, seed=trainer.settings.seed)
+                                 optimizer=trainer.optimizer, seed=trainer.settings.seed,
+                                 precision=trainer.settings.precision)
     b_simple = measured.b_simple
     # An infinite (or huge) estimate means the noise swamps the signal at every size probed: the
     # noise scale is beyond them all, so only throughput matters; no estimate exceeds the data set.

@@ -13,6 +13,7 @@ for nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -90,17 +91,23 @@ def _line(points: dict[int, float]) -> tuple[float, float] | None:
 
 def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int], device: torch.device,
                       optimizer: torch.optim.Optimizer | None = None, min_passes: int = 2, window: float = 0.0,
-                      max_passes: int = 32, stop_above_noise: float | None = 4.0, seed: int = 0) -> BatchProbe:
+                      max_passes: int = 32, stop_above_noise: float | None = 4.0, seed: int = 0,
+                      precision: str = "fp32") -> BatchProbe:
     """Time forward + backward at each of ``sizes`` and fit the noise scale to the same passes.
 
     Each size gets one warm-up pass (whose gradient still counts for the noise) and then timed
     passes until there are ``min_passes`` of them and ``window`` seconds have passed (at most
     ``max_passes``), each over a fresh batch drawn with replacement so that the squared norms
     are independent draws. With ``stop_above_noise``, sizes stop once one is that many times
-    the noise scale measured so far. Model, optimizer and random state are left as they were.
+    the noise scale measured so far. ``precision`` (``"bf16"``, ``"fp16"``) runs the forward
+    pass under autocast, as training will; fp16 losses are scaled for the backward pass and the
+    gradients unscaled, as a GradScaler does. Model, optimizer and random state are left as they were.
     """
     rng = np.random.default_rng(seed)
     begin = time.perf_counter()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    scale = 2.0**12 if precision == "fp16" else 1.0  # keeps small fp16 gradients from underflowing
     pass_seconds: dict[int, float] = {}
     passes: dict[int, int] = {}
     drawn: list[int] = []
@@ -122,26 +129,34 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
                 batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
                 net.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                loss, _ = forward_loss(net, loss_fn, batch)
-                loss.backward()
+                with autocast:
+                    loss, _ = forward_loss(net, loss_fn, batch)
+                (loss * scale).backward()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
+                if scale != 1.0:
+                    for param in params:
+                        if param.grad is not None:
+                            param.grad.div_(scale)
+                norm = squared_grad_norm(p.grad for p in params)
+                if not math.isfinite(norm):
+                    continue  # an fp16 overflow: timed, but no point for the noise scale
                 drawn.append(size)
-                norms.append(squared_grad_norm(p.grad for p in params))
+                norms.append(norm)
                 for total, param in zip(union, params):
                     if param.grad is not None:
                         total.add_(param.grad, alpha=size)
             pass_seconds[size], passes[size] = min(times[1:]), len(times) - 1  # the first pass warms up
-            if stop_above_noise is not None and len(pass_seconds) >= 2:
+            if stop_above_noise is not None and len(set(drawn)) >= 2:
                 grad_sq, trace_cov = noise_from_sizes(*fitted())
                 if size >= stop_above_noise * simple_noise_scale(grad_sq, trace_cov):
                     break
-        points = fitted() if len(pass_seconds) >= 2 else None
+        points = fitted() if len(set(drawn)) >= 2 else None  # one size says nothing of how the noise scales
         if opt is not None:
             update = _time_updates(opt, device)
         net.zero_grad(set_to_none=True)
-    if points is None:  # one size says nothing about how the noise scales
+    if points is None:
         return BatchProbe(pass_seconds, update, math.nan, math.nan, passes, time.perf_counter() - begin)
     grad_sq, trace_cov = noise_from_sizes(*points)
     errors = noise_fit_errors(*points)
