@@ -126,3 +126,20 @@ out = "{tmp_path / 'tune'}"
     report_dir = next((tmp_path / "tune").iterdir())
     for name in ("report.md", "report.json", "sweep.png", "lr_range.png", "throughput.png"):
         assert (report_dir / name).exists(), name
+
+
+def test_cli_bench_only_batchsize_prints_the_batch_size_table(capsys, monkeypatch):
+    import batchfit.bench.batchsize as batchsize
+
+    calls = []
+
+    def table(quick: bool, repeats: int) -> list[dict]:
+        calls.append((quick, repeats))
+        return [{"workload": "w", "batch_size": 64, "lr": 0.01, "steps": 5, "seconds": 0.5, "chosen": [64],
+                 "ratio_to_best_fixed": 1.0}]
+
+    monkeypatch.setattr(batchsize, "batch_size_table", table)
+    assert main(["bench", "--only", "batchsize", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [(True, 1)]
+    assert "| w | 64 | 0.01 | 5 | 0.50 | 1.00 |" in out

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="the performance table, on this machine")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a rough check in seconds)")
-    bench.add_argument("--only", choices=("data", "train", "shards", "distributed"), help="run one group of rows")
+    bench.add_argument("--only", choices=("data", "train", "shards", "distributed", "batchsize"),
+                       help="run one group of rows; batchsize: the batch-size table (minutes)")
     bench.set_defaults(run=_bench)
     return parser
 

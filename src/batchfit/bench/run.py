@@ -10,8 +10,19 @@ from .common import Row, format_table
 
 
 def run_bench(quick: bool = False, only: str | None = None) -> str:
-    """Run the benchmark groups (``only``: "data", "train", "shards", "distributed") and format one table."""
+    """Run the benchmark groups (``only``: "data", "train", "shards", "distributed") and format one table.
+
+    ``only="batchsize"`` runs the batch-size table instead (time to a target for fixed batch sizes,
+    ``"auto"`` and ``"adaptive"``; not part of the default run, it takes minutes).
+    """
     from .core import data_path_rows, step_overhead_rows
+
+    if only == "batchsize":
+        from .batchsize import batch_size_table, format_batch_size_table
+
+        repeats = 1 if quick else 5
+        return f"batchfit bench --only batchsize (medians of {repeats} runs a mode)\n" \
+            + format_batch_size_table(batch_size_table(quick=quick, repeats=repeats))
 
     rows: list[Row] = []
     if only in (None, "data"):

@@ -146,6 +146,9 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
               + "; lr / optimal lr " + ", ".join(f"{size}: {ratio:.2f}" for size, ratio in ratios.items())
               + f"; cost (1+B/B_noise)/throughput (none where r ≥ 2) is least at {ranked[0]}"
               + f"; probe {measured.seconds:.2f} s")
+    if not math.isfinite(costs[best]):
+        reason += f"; the {s.lr_scaling} rule's lr is at least twice the optimal at every size, so the smallest"
+        logger.warning("batch_size=%r: %s", s.batch_size, reason)
     if unstable:
         reason += (f"; the loss rose in a short trial at the lr the {s.lr_scaling} rule gives for "
                    f"{', '.join(map(str, unstable))}, so {best}")
