@@ -105,3 +105,11 @@ def test_probe_batch_sizes_fp16_unscales_to_the_fp32_measurement(make_mlp):
     # Same draws (same seed): the loss scale is undone, so only fp16 rounding is left.
     assert half.trace_cov == pytest.approx(full.trace_cov, rel=0.02)
     assert half.grad_sq == pytest.approx(full.grad_sq, rel=0.02, abs=1e-3 * full.trace_cov)
+
+
+def test_step_seconds_ignore_a_line_with_a_negative_fixed_cost():
+    from batchfit.tune.batch_probe import BatchProbe
+
+    # Superlinear times give a line below zero at small sizes: no model of compute, so not used.
+    measured = BatchProbe({8: 0.001, 16: 0.002, 32: 0.006, 64: 0.02}, update_seconds=0.0, grad_sq=1.0, trace_cov=1.0)
+    assert measured.step_seconds(8) == 0.001

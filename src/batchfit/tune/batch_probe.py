@@ -63,7 +63,8 @@ class BatchProbe:
         Forward + backward follows the line ``α + β·B`` fitted to the fastest pass of every size
         probed, the compute-time model of Pollux (Qiao et al., OSDI 2021): a fixed cost per pass
         plus a cost per sample. One line through all sizes is steadier than each size's own
-        few passes; where it does not fit (a slope that is not positive) the measured times count.
+        few passes; where it does not fit (a slope that is not positive, a negative fixed cost)
+        the measured times count.
         """
         line = _line(self.pass_seconds)
         if line is None:
@@ -77,16 +78,17 @@ class BatchProbe:
 
 
 def _line(points: dict[int, float]) -> tuple[float, float] | None:
-    """Least-squares ``(α, β)`` of ``t = α + β·B`` through ``points``; ``None`` unless ``β > 0``."""
+    """Least-squares ``(α, β)`` of ``t = α + β·B`` through ``points``; ``None`` unless ``β > 0`` and ``α ≥ 0``."""
     if len(points) < 2:
         return None
     sizes, times = list(points), list(points.values())
     mean_b, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
     spread = sum((b - mean_b) ** 2 for b in sizes)
     per_sample = sum((b - mean_b) * (t - mean_t) for b, t in zip(sizes, times)) / spread
-    if not per_sample > 0:
-        return None
-    return mean_t - per_sample * mean_b, per_sample
+    fixed = mean_t - per_sample * mean_b
+    if not per_sample > 0 or fixed < 0:
+        return None  # not the shape of compute time: the measured times are all there is to go by
+    return fixed, per_sample
 
 
 def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int], device: torch.device,
