@@ -97,13 +97,13 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
                       precision: str = "fp32") -> BatchProbe:
     """Time forward + backward at each of ``sizes`` and fit the noise scale to the same passes.
 
-    Each size gets one warm-up pass (whose gradient still counts for the noise) and then timed
-    passes until there are ``min_passes`` of them and ``window`` seconds have passed (at most
-    ``max_passes``), each over a fresh batch drawn with replacement so that the squared norms
-    are independent draws. With ``stop_above_noise``, sizes stop once one is that many times
-    the noise scale measured so far. ``precision`` (``"bf16"``, ``"fp16"``) runs the forward
-    pass under autocast, as training will; fp16 losses are scaled for the backward pass and the
-    gradients unscaled, as a GradScaler does. Model, optimizer and random state are left as they were.
+    Each size gets passes until there are ``min_passes`` of them and ``window`` seconds have
+    passed (at most ``max_passes``), each over a fresh batch drawn with replacement so that the
+    squared norms are independent draws; the fastest pass of a size is its time. With
+    ``stop_above_noise``, sizes stop once one is that many times the noise scale measured so
+    far. ``precision`` (``"bf16"``, ``"fp16"``) runs the forward pass under autocast, as
+    training will; fp16 losses are scaled for the backward pass and the gradients unscaled, as a
+    GradScaler does. Model, optimizer and random state are left as they were.
     """
     rng = np.random.default_rng(seed)
     begin = time.perf_counter()
@@ -127,7 +127,7 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
 
         for size in sorted(sizes):
             times: list[float] = []
-            while len(times) <= min_passes or (sum(times[1:]) < window and len(times) <= max_passes):
+            while len(times) < min_passes or (sum(times) < window and len(times) < max_passes):
                 batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
                 net.zero_grad(set_to_none=True)
                 start = time.perf_counter()
@@ -149,7 +149,8 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
                 for total, param in zip(union, params):
                     if param.grad is not None:
                         total.add_(param.grad, alpha=size)
-            pass_seconds[size], passes[size] = min(times[1:]), len(times) - 1  # the first pass warms up
+            # The fastest pass counts: a first pass at a new size that pays for allocations is not it.
+            pass_seconds[size], passes[size] = min(times), len(times)
             if stop_above_noise is not None and len(set(drawn)) >= 2:
                 grad_sq, trace_cov = noise_from_sizes(*fitted())
                 if size >= stop_above_noise * simple_noise_scale(grad_sq, trace_cov):
