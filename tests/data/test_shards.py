@@ -443,3 +443,79 @@ def test_shard_source_resident_memory_stays_bounded(tmp_path, shard_size):
     assert (_rss_file_kib() - before) * 1024 > 32 * 2**20  # the measurement can see the difference
     del unbounded
     time.sleep(0)
+
+
+# --- many shards: several batches gathered in one call -----------------------------------------
+
+
+def _many_shards(tmp_path, named=False, n=1000, shard_size=25):
+    x, y = _data(n)
+    arrays = {"x": x, "y": y} if named else (x, y)
+    memory = ArraySource(**arrays) if named else ArraySource(*arrays)
+    return memory, write_shards(tmp_path / "s", arrays, shard_size=shard_size)
+
+
+def test_batches_per_gather_joins_batches_only_where_it_pays(tmp_path):
+    _, shards = _many_shards(tmp_path)  # 40 shards
+    assert shards.batches_per_gather(32) == 16  # a batch touches up to 32 of the 40 shards
+    wide = write_shards(tmp_path / "wide", (np.zeros((400, 2**12), np.float32),), shard_size=10)
+    assert wide.batches_per_gather(1024) == 2  # 16 MiB batches: two fit GATHER_BYTES (32 MiB)
+    assert shards.batches_per_gather(4) == 1  # a batch touches too few shards
+    few = write_shards(tmp_path / "few", _data(100), shard_size=50)
+    assert few.batches_per_gather(64) == 1
+    tokens = write_shards(tmp_path / "tokens", {"tokens": _tokens(400)}, shard_size=10)
+    assert tokens.batches_per_gather(64) == 1  # variable-length arrays are padded per batch
+
+
+@pytest.mark.parametrize("shuffle", [False, "full", "block"])
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_many_shards_batches_equal_array_source(tmp_path, shuffle, named, prefetch):
+    memory, shards = _many_shards(tmp_path, named)
+    options = dict(batch_size=48, shuffle=shuffle, seed=5, block_size=40, window_blocks=4)
+    assert shards.batches_per_gather(48) > 1
+    for epoch in range(2):
+        a, b = Batcher(memory, **options), Batcher(shards, prefetch=prefetch, **options)
+        a.set_epoch(epoch), b.set_epoch(epoch)
+        for batch_a, batch_b in zip(a, b, strict=True):
+            _assert_batches_equal(batch_a, batch_b)
+
+
+def test_many_shards_two_ranks_share_each_batch_as_one_process(tmp_path):
+    memory, shards = _many_shards(tmp_path)
+    whole = list(Batcher(memory, batch_size=64, seed=2))
+    ranks = [list(Batcher(shards, batch_size=64, seed=2, rank=r, world_size=2)) for r in range(2)]
+    for batch, first, second in zip(whole, *ranks, strict=True):
+        joined = tuple(torch.cat([a, b]) for a, b in zip(first, second))
+        _assert_batches_equal(batch, joined)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_many_shards_batch_size_change_mid_gather_serves_the_new_size(tmp_path, prefetch):
+    memory, shards = _many_shards(tmp_path)
+    a, b = Batcher(memory, batch_size=32, seed=1), Batcher(shards, batch_size=32, seed=1, prefetch=prefetch)
+    served_a, served_b = [], []
+    for batcher, served in ((a, served_a), (b, served_b)):
+        for index, batch in enumerate(batcher.remaining()):
+            served.append(batch)
+            if index == 2:  # inside the first joined gather of 16 batches
+                batcher.batch_size = 80
+    assert [len(batch[1]) for batch in served_b][:5] == [32, 32, 32, 80, 80]
+    for batch_a, batch_b in zip(served_a, served_b, strict=True):
+        _assert_batches_equal(batch_a, batch_b)
+
+
+def test_many_shards_state_dict_resumes_inside_a_joined_gather(tmp_path):
+    memory, shards = _many_shards(tmp_path)
+    expected_batches = list(Batcher(memory, batch_size=32, seed=4))
+    first = Batcher(shards, batch_size=32, seed=4)
+    served = []
+    for batch in first.remaining():
+        served.append(batch)
+        if len(served) == 5:  # the gather that served it joined batches 1-16
+            break
+    resumed = Batcher(shards, batch_size=32, seed=4)
+    resumed.load_state_dict(first.state_dict())
+    served += list(resumed.remaining())
+    for batch_a, batch_b in zip(expected_batches, served, strict=True):
+        _assert_batches_equal(batch_a, batch_b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from ..errors import BatchfitError, check_choice, check_positive_int, expected
 from .order import SHUFFLES, epoch_order
 from .prefetch import prefetch_iter
-from .sources import Batch, Source, as_source
+from .sources import Batch, Source, as_source, slice_batch
 
 
 class Batcher:
@@ -137,6 +138,29 @@ class Batcher:
             batch = self.transform(batch)
         return end, size, batch
 
+    def _batches_per_gather(self) -> int:
+        """How many planned batches one gather serves: more than one where the source asks (many shards)."""
+        ask = getattr(self.src, "batches_per_gather", None)
+        return 1 if ask is None or self.workers else max(1, int(ask(max(1, self._batch_size // self.world_size))))
+
+    def _loads(self, per_gather: int) -> Iterator[tuple[int, int, Batch]]:
+        """(end, size, batch) of the planned batches, ``per_gather`` of them gathered in one call.
+
+        A batch of a source split into many shards touches many of them, at one call each; the
+        batches of one gather share those calls and are served as views of it, in order.
+        """
+        if per_gather == 1:
+            yield from map(self._load, self._plan())
+            return
+        plans = self._plan()
+        while group := list(itertools.islice(plans, per_gather)):
+            rows = self.src.gather(np.concatenate([indices for _, _, indices in group]), self.pin_memory)
+            start = 0
+            for end, size, indices in group:
+                batch = slice_batch(rows, start, start + len(indices))
+                start += len(indices)
+                yield end, size, batch if self.transform is None else self.transform(batch)
+
     @property
     def epoch_done(self) -> bool:
         """Whether no batch is left in the current epoch (``drop_last`` may leave a remainder)."""
@@ -145,12 +169,15 @@ class Batcher:
 
     def remaining(self) -> Iterator[Batch]:
         """The batches left in the current epoch, without moving to the next epoch afterwards."""
-        while self.prefetch or self.workers:
+        while self.prefetch or self.workers or self._batches_per_gather() > 1:
             # A batch_size change drops the batches gathered ahead at the old size, so what is
             # served next (and what a state_dict taken now restores) does not depend on prefetch.
             batch_size = self._batch_size
-            queued = self._in_workers() if self.workers else prefetch_iter(map(self._load, self._plan()),
-                                                                            self.prefetch)
+            if self.workers:
+                queued = self._in_workers()
+            else:
+                loads = self._loads(self._batches_per_gather())
+                queued = prefetch_iter(loads, self.prefetch) if self.prefetch else loads
             for end, size, batch in queued:
                 self.samples_done, self.last_batch_size = end, size
                 yield batch

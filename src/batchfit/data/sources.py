@@ -169,6 +169,13 @@ def pack(names: tuple[str, ...] | None, tensors: Sequence[torch.Tensor]) -> Batc
     return dict(zip(names, tensors))
 
 
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``[start, stop)`` of a batch, as views."""
+    if isinstance(batch, dict):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return tuple(t[start:stop] for t in batch)
+
+
 def as_source(data: Any, name: str = "data") -> Source:
     """Turn what users pass as training data into a source.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..data.sources import Batch
+from ..data.sources import Batch, slice_batch
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -67,13 +67,6 @@ def target_of(batch: Batch) -> torch.Tensor | None:
                 return batch[key]
         return None
     return batch[-1] if len(batch) > 1 else None
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Samples ``[start, stop)`` of a batch, as views."""
-    if isinstance(batch, dict):
-        return {k: v[start:stop] for k, v in batch.items()}
-    return tuple(t[start:stop] for t in batch)
 
 
 def micro_batches(batch: Batch, micro_batch_size: int | None) -> Iterator[tuple[Batch, int]]:

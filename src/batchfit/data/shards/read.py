@@ -27,6 +27,8 @@ from .format import (
     read_npy_header,
 )
 
+GATHER_BYTES = 32 * 2**20  # the most a Batcher gathers in one call when it joins batches
+
 
 class _MappedArray:
     """One .npy shard file, memory-mapped read-only, whose resident pages can be dropped."""
@@ -223,6 +225,22 @@ class ShardSource:
             self._count(len(first[lo : lo + step]) * _FAULT_BYTES)
 
     # -- gathering -----------------------------------------------------------------------------
+
+    def batches_per_gather(self, batch_size: int) -> int:
+        """How many batches of ``batch_size`` a :class:`~batchfit.Batcher` should gather in one call.
+
+        Each shard a batch touches costs one indexing call per array, and a shuffled batch can
+        touch one shard per sample; gathering several batches at once shares those calls. Where
+        a batch touches 8 shards or more: 16 batches (the fastest measured on 13 and 98 shards,
+        against 1 to 32), fewer if they would exceed :data:`GATHER_BYTES`; and only for dense
+        arrays (variable-length ones are padded per batch).
+        """
+        touched = min(len(self.shard_sizes), batch_size)
+        if self._any_ragged or touched < 8:
+            return 1
+        sample_bytes = max(1, sum(self._row_bytes.values()))
+        return int(max(1, min(16, GATHER_BYTES // (sample_bytes * batch_size))))
+
 
     def gather(self, indices: np.ndarray | torch.Tensor, pin_memory: bool = False) -> Batch:
         """The batch of the samples at ``indices`` (1-D integer array or tensor), in that order.
