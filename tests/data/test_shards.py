@@ -519,3 +519,12 @@ def test_many_shards_state_dict_resumes_inside_a_joined_gather(tmp_path):
     served += list(resumed.remaining())
     for batch_a, batch_b in zip(expected_batches, served, strict=True):
         _assert_batches_equal(batch_a, batch_b)
+
+
+def test_many_shards_joined_gathers_equal_when_maps_are_dropped_all_the_time(tmp_path):
+    memory, _ = _many_shards(tmp_path)
+    tiny = ShardSource(tmp_path / "s", max_mapped_bytes=1)  # every read is counted, split and dropped
+    assert tiny.batches_per_gather(64) > 1
+    for batch_a, batch_b in zip(Batcher(memory, batch_size=64, seed=7), Batcher(tiny, batch_size=64, seed=7),
+                                strict=True):
+        _assert_batches_equal(batch_a, batch_b)
