@@ -18,6 +18,7 @@ import atexit
 import datetime
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from .errors import DistributedError, expected
 
 TIMEOUT_ENV = "BATCHFIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
+ABORT_LEAVE_S = 5.0  # how long a failing rank waits to leave the group before it goes on
 _ERROR_KEY = "batchfit/failed"  # where a failing rank posts its error for the others
 # Words of the errors a collective raises when a peer is gone (gloo, nccl, the c10d store).
 _PEER_GONE = ("connection closed", "connection reset", "broken pipe", "timed out", "gloo", "nccl")
@@ -114,10 +116,7 @@ class DistContext:
         else:
             self._post_error(f"rank {self.rank} failed: {type(error).__name__}: {_first_line(error)}")
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # leaving a broken group may fail too; the ranks stop either way
-                pass
+            _leave_group(ABORT_LEAVE_S)
         self.owns_group = False
         return replacement
 
@@ -137,10 +136,43 @@ class DistContext:
         return None
 
     def close(self) -> None:
-        """Destroy the process group if batchfit created it."""
+        """Destroy the process group if batchfit created it, once every rank has come to close it.
+
+        The ranks wait for each other first (at most a minute), so that no rank tears its
+        connections down while another is still finishing; a rank that has already gone ends
+        the wait at once.
+        """
         if self.owns_group and dist.is_initialized():
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except Exception:  # another rank failed or left: leave all the same
+                pass
             dist.destroy_process_group()
         self.owns_group = False
+
+
+def _leave_group(seconds: float) -> None:
+    """Destroy the process group, waiting at most ``seconds`` for it.
+
+    Destroying a group while another rank is still inside a collective can block (seen with
+    gloo); the error that led here must not wait on it. If it blocks, this rank goes on and its
+    exit closes the connections, which is what the other ranks need to notice.
+    """
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # leaving a broken group may fail too; the ranks stop either way
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=destroy, name="batchfit-leave-group", daemon=True).start()
+    done.wait(seconds)
 
 
 def env_world() -> tuple[int, int, int] | None:

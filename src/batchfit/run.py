@@ -53,6 +53,16 @@ def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...]
 def run_config(config: Config) -> dict[str, Any] | None:
     """Train as configured; rank 0 writes the run folder and returns the summary."""
     trainer, train, val = build_run(config)
+    try:
+        return _train_and_write(trainer, train, val, config)
+    finally:
+        # Every rank leaves the process group here, together and while everything is alive, not
+        # at interpreter exit: a rank whose gloo threads are torn down during finalisation can
+        # abort, and torchrun then kills the others mid-write.
+        trainer.dist.close()
+
+
+def _train_and_write(trainer: Trainer, train: Any, val: Any, config: Config) -> dict[str, Any] | None:
     start = time.perf_counter()
     history = trainer.fit(train, epochs=config["train"]["epochs"], val=val, resume=config["train"]["resume"])
     if not trainer.dist.is_main:
