@@ -156,12 +156,12 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> li
         runs = [_summary(trials) for trials in by_mode.values()]
         fixed = [mode for mode in sizes if all(t["seconds"] is not None for t in by_mode[mode])]
         best = min(fixed, key=lambda mode: statistics.median(t["seconds"] for t in by_mode[mode])) if fixed else None
+        best_seconds = statistics.median(t["seconds"] for t in by_mode[best]) if best is not None else None
         for run, trials in zip(runs, by_mode.values()):
             run["best_fixed"] = best
             run["ratio_to_best_fixed"] = run["ratio_without_probe"] = None
-            if best is None or run["seconds"] is None:
+            if best_seconds is None or run["seconds"] is None:
                 continue
-            best_seconds = statistics.median(t["seconds"] for t in by_mode[best])
             run["ratio_to_best_fixed"] = run["seconds"] / best_seconds
             # The probe's cost apart: how good the choice itself was.
             run["ratio_without_probe"] = statistics.median(t["seconds"] - t["probe_seconds"] for t in trials) \

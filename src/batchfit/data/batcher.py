@@ -169,14 +169,14 @@ class Batcher:
 
     def remaining(self) -> Iterator[Batch]:
         """The batches left in the current epoch, without moving to the next epoch afterwards."""
-        while self.prefetch or self.workers or self._batches_per_gather() > 1:
+        while (per_gather := self._batches_per_gather()) > 1 or self.prefetch or self.workers:
             # A batch_size change drops the batches gathered ahead at the old size, so what is
             # served next (and what a state_dict taken now restores) does not depend on prefetch.
             batch_size = self._batch_size
             if self.workers:
                 queued = self._in_workers()
             else:
-                loads = self._loads(self._batches_per_gather())
+                loads = self._loads(per_gather)
                 queued = prefetch_iter(loads, self.prefetch) if self.prefetch else loads
             for end, size, batch in queued:
                 self.samples_done, self.last_batch_size = end, size

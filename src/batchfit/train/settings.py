@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from ..errors import BatchfitError, check_choice, check_positive_int, expected
 from .callbacks import Callback
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the others run in the weights' dtype
 ON_NAN = ("raise", "skip", "rollback")
 LR_RULES = (None, "linear", "sqrt", "adascale")
 BATCH_MODES = ("full", "auto", "adaptive")
@@ -123,3 +125,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise expected("device", f"a CUDA device below cuda:{torch.cuda.device_count()}", device)
         resolved = torch.device("cuda", index)
     return resolved
+
+
+def autocast(precision: str, device_type: str) -> Any:
+    """The context a forward pass of ``precision`` runs in: autocast for bf16/fp16, nothing for fp32."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)

@@ -17,6 +17,7 @@ import torch
 from ..data.sources import Batch
 from ..tune.noise import squared_grad_norm
 from .batch import LossFn, batch_len, forward_loss, micro_batches
+from .settings import AUTOCAST_DTYPES
 
 _NO_CONTEXT = contextlib.nullcontext()
 
@@ -42,7 +43,7 @@ class StepRunner:
         self.loss_count = loss_count
         self.all_reduce = all_reduce
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        dtype = AUTOCAST_DTYPES.get(precision)
         self.autocast_dtype, self.device_type = dtype, device.type
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         # Gradient noise measurement (McCandlish et al. 2018): when on, each step records the

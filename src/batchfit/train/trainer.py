@@ -32,7 +32,7 @@ from .callbacks import Callback, overriding
 from .history import History
 from .metrics import Metric, MetricSums, correct_count, is_classification
 from .progress import Progress
-from .settings import NOISE_EVERY, RESUME_KEYS, Settings, check_options, resolve_device
+from .settings import NOISE_EVERY, RESUME_KEYS, Settings, autocast, check_options, resolve_device
 from .step import StepRunner
 
 logger = logging.getLogger("batchfit")
@@ -661,10 +661,7 @@ class Trainer:
         return self.batcher.batch_size if self.batcher is not None else 256
 
     def _autocast(self) -> Any:
-        if self.settings.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.settings.precision, self.device.type)
 
     def _elapsed(self) -> float:
         start = getattr(self, "_start", None)

@@ -13,7 +13,6 @@ for nothing.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 
 from ..data.sources import Source
 from ..train.batch import forward_loss
+from ..train.settings import autocast
 from .noise import noise_fit_errors, noise_from_sizes, simple_noise_scale, squared_grad_norm
 from .state import batch_to, probe
 
@@ -107,8 +107,7 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
     """
     rng = np.random.default_rng(seed)
     begin = time.perf_counter()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    forward_context = autocast(precision, device.type)
     scale = 2.0**12 if precision == "fp16" else 1.0  # keeps small fp16 gradients from underflowing
     pass_seconds: dict[int, float] = {}
     passes: dict[int, int] = {}
@@ -131,7 +130,7 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
                 batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
                 net.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                with autocast:
+                with forward_context:
                     loss, _ = forward_loss(net, loss_fn, batch)
                 (loss * scale).backward()
                 if device.type == "cuda":

@@ -61,8 +61,9 @@ def trace_cov_estimate(small_sq: float, big_sq: float, b_small: float, b_big: fl
     return (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
 
 
-def _weighted_line(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[list[float], float, float, float]:
-    """Weights, weighted mean of ``1/B``, and intercept and slope of the weighted least-squares line."""
+def _weighted_line(sizes: Sequence[float], squared_norms: Sequence[float]
+                   ) -> tuple[list[float], float, float, float, float]:
+    """Weights, weighted mean and spread of ``1/B``, and intercept and slope of the weighted least-squares line."""
     if len(sizes) != len(squared_norms):
         raise expected("squared_norms", f"one value per size ({len(sizes)})", len(squared_norms))
     inverse = [1.0 / size for size in sizes]
@@ -74,7 +75,7 @@ def _weighted_line(sizes: Sequence[float], squared_norms: Sequence[float]) -> tu
     mean_y = sum(w * y for w, y in zip(weights, squared_norms)) / total
     spread = sum(w * (x - mean_x) ** 2 for w, x in zip(weights, inverse))
     slope = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(weights, inverse, squared_norms)) / spread
-    return weights, mean_x, mean_y - slope * mean_x, slope
+    return weights, mean_x, spread, mean_y - slope * mean_x, slope
 
 
 def noise_from_sizes(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[float, float]:
@@ -89,7 +90,7 @@ def noise_from_sizes(sizes: Sequence[float], squared_norms: Sequence[float]) -> 
     estimators to any number of sizes: with two sizes it is exactly :func:`grad_sq_estimate`
     and :func:`trace_cov_estimate` of each size's average. At least two distinct sizes are needed.
     """
-    _, _, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
+    *_, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
     return grad_sq, trace_cov
 
 
@@ -100,11 +101,10 @@ def noise_fit_errors(sizes: Sequence[float], squared_norms: Sequence[float]) -> 
     about the line (``inf`` with fewer than three points): a yardstick of how far the noise
     scale may be off, for decisions that must not trust a lucky estimate.
     """
-    weights, mean_x, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
+    weights, mean_x, spread, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
     if len(sizes) < 3:
         return math.inf, math.inf
     inverse = [1.0 / size for size in sizes]
-    spread = sum(w * (x - mean_x) ** 2 for w, x in zip(weights, inverse))
     residuals = (y - grad_sq - trace_cov * x for x, y in zip(inverse, squared_norms))
     scatter = sum(w * r**2 for w, r in zip(weights, residuals)) / (len(sizes) - 2)
     return math.sqrt(scatter * (1.0 / sum(weights) + mean_x**2 / spread)), math.sqrt(scatter / spread)

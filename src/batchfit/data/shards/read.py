@@ -241,7 +241,6 @@ class ShardSource:
         sample_bytes = max(1, sum(self._row_bytes.values()))
         return int(max(1, min(16, GATHER_BYTES // (sample_bytes * batch_size))))
 
-
     def gather(self, indices: np.ndarray | torch.Tensor, pin_memory: bool = False) -> Batch:
         """The batch of the samples at ``indices`` (1-D integer array or tensor), in that order.
 
