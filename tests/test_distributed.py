@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from batchfit import ArraySource, Batcher, Callback, Trainer
-from batchfit.tune.noise import grad_sq_estimate, simple_noise_scale, trace_cov_estimate
+from batchfit.measure.noise import grad_sq_estimate, simple_noise_scale, trace_cov_estimate
 
 pytestmark = pytest.mark.slow
 

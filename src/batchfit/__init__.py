@@ -8,14 +8,14 @@ from .data.shards import ShardSource, write_shards
 from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
 from .errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, ShardError
+from .measure.lr import adascale_gain, scale_lr, warmup
+from .measure.memory import find_micro_batch_size
+from .measure.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
+from .measure.range_test import LRRangeResult, lr_range_test
+from .report import TuneReport, tune
 from .train.callbacks import Callback, EarlyStopping
 from .train.history import History
 from .train.trainer import Trainer
-from .tune.lr import adascale_gain, scale_lr, warmup
-from .tune.memory import find_micro_batch_size
-from .tune.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
-from .tune.range_test import LRRangeResult, lr_range_test
-from .tune.report import TuneReport, tune
 
 __all__ = [
     "ArraySource",

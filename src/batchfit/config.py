@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BatchfitError
+from .errors import BatchfitError, ConfigError
 from .models import BUILTIN
+from .train.options import TrainerOptions, option_names, toml_types
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,22 +38,13 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "model": {"name": (_STR, "mlp"), "args": (_TABLE, {})},
     "optimizer": {"name": (_STR, "sgd"), "lr": (_FLOAT, 0.01), "args": (_TABLE, {})},
     "loss": {"name": (_STR, "cross_entropy")},
-    "train": {
-        "epochs": (_INT, 1), "batch_size": (_INT + _STR, 64), "micro_batch_size": (_INT + _STR, None),
-        "shuffle": (_BOOL + _STR, True), "drop_last": (_BOOL, False), "lr_scaling": (_STR, None),
-        "base_batch_size": (_INT, None), "warmup_steps": (_INT, 0), "device": (_STR, "auto"),
-        "precision": (_STR, "fp32"), "max_grad_norm": (_FLOAT, None), "on_nan": (_STR, "raise"),
-        "checkpoint_dir": (_STR, None), "checkpoint_every": (_INT, None), "keep_checkpoints": (_INT, 3),
-        "progress": (_BOOL, True), "seed": (_INT, 0), "prefetch": (_INT, 0), "eval_batch_size": (_INT, None),
-        "resume": (_BOOL, False), "out": (_STR, "runs"),
-    },
+    # Every Trainer option (derived from TrainerOptions), plus what a run adds around the trainer.
+    "train": {**toml_types(), "epochs": (_INT, 1), "resume": (_BOOL, False), "out": (_STR, "runs")},
     "tune": {
         "target_loss": (_FLOAT, None), "batch_sizes": (_LIST, None), "epochs": (_INT, 3), "out": (_STR, "runs"),
     },
 }
-TRAINER_KEYS = ("batch_size", "micro_batch_size", "shuffle", "drop_last", "lr_scaling", "base_batch_size",
-                "warmup_steps", "device", "precision", "max_grad_norm", "on_nan", "checkpoint_dir",
-                "checkpoint_every", "keep_checkpoints", "progress", "seed", "prefetch", "eval_batch_size")
+TRAINER_KEYS = option_names()
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
 }
@@ -60,10 +52,6 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "cross_entropy": torch.nn.functional.cross_entropy, "mse": torch.nn.functional.mse_loss,
     "l1": torch.nn.functional.l1_loss, "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
 }
-
-
-class ConfigError(BatchfitError):
-    """A configuration file that cannot be used; the message names the key."""
 
 
 @dataclass
@@ -110,6 +98,12 @@ def check_config(raw: dict[str, Any], path: Path) -> Config:
                 raise ConfigError(f"{path}: `{section}.{key}` must be {names}. Received: {section}.{key}={value!r}")
             values[key] = value
         config.sections[section] = values
+    try:
+        trainer_options(config)  # every [train] value checked now, not when the run starts
+    except ConfigError:
+        raise
+    except BatchfitError as error:
+        raise ConfigError(f"{path}: [train] {error}") from error
     if config["data"]["train"] is None:
         raise ConfigError(f"{path}: `data.train` is required (an .npz file or a table of .npy files)")
     return config
@@ -222,13 +216,13 @@ def build_loss(config: Config) -> Callable[..., torch.Tensor]:
     return LOSSES.get(name) or import_object(name, "loss.name")
 
 
-def trainer_options(config: Config) -> dict[str, Any]:
-    """The ``[train]`` keys that are Trainer arguments, paths resolved."""
+def trainer_options(config: Config) -> TrainerOptions:
+    """The Trainer's options from ``[train]``, paths resolved (checked: errors name the option)."""
     train = config["train"]
     options = {key: train[key] for key in TRAINER_KEYS}
     if options["checkpoint_dir"] is not None:
         options["checkpoint_dir"] = str(resolve_path(config, options["checkpoint_dir"]))
-    return options
+    return TrainerOptions(**options)
 
 
 def load_train_val(config: Config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .core.step import NoiseSample
 from .errors import DistributedError, expected
 
 TIMEOUT_ENV = "BATCHFIT_DIST_TIMEOUT"
@@ -152,6 +153,52 @@ class DistContext:
                 pass
             dist.destroy_process_group()
         self.owns_group = False
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What every rank learns from a step's agreement, identically."""
+
+    loss: torch.Tensor  # the batch's mean loss (the ranks' shares summed)
+    stop: bool  # some rank asked to stop after the previous step
+    signal: bool  # some rank received SIGTERM/SIGINT
+    noise: NoiseSample | None  # the ranks' noise samples averaged (at the harmonic mean of their sizes)
+
+
+class StepAgreement:
+    """The one small all-reduce of each distributed step: the loss, and what all ranks must decide alike.
+
+    Besides this rank's loss share it carries whether this rank asked to stop or received a
+    signal, and its noise sample, whose first micro-batch gradient is local to the rank: the
+    samples are averaged, so every rank's noise tracker (and with it the batch size and the
+    learning rate) stays the same. :meth:`start` is called just before the step's last backward,
+    so that the all-reduce travels while the backward computes instead of adding a wait of its own.
+    """
+
+    def __init__(self, context: DistContext, device: torch.device) -> None:
+        self.context, self.device = context, device
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    def start(self, loss: torch.Tensor | None, noise: NoiseSample | None, stop: bool, signal: bool) -> None:
+        """Start summing this rank's ``loss`` share, ``stop``/``signal`` flags and ``noise`` over ranks."""
+        small_sq, inverse_b = (noise.small_sq, 1.0 / noise.b_small) if noise is not None else (0.0, 0.0)
+        values = torch.tensor([0.0, float(stop), float(signal), small_sq, inverse_b, float(noise is not None)],
+                              dtype=torch.float64, device=self.device)
+        if loss is not None:
+            values[0] = loss.detach()
+        self._pending = (values, self.context.start_all_reduce_sum(values))
+
+    def finish(self) -> Agreed:
+        """Wait for the all-reduce :meth:`start` began; what every rank now knows."""
+        assert self._pending is not None, "finish() without start()"
+        values, work = self._pending
+        self._pending = None
+        self.context.wait(work)
+        loss, stops, signals, small_sum, inverse_b_sum, measured = values.tolist()
+        # E|G_b|² = |G|² + tr(Σ)/b, so the mean over ranks of measurements at sizes b_r is one
+        # at their harmonic mean.
+        noise = NoiseSample(small_sum / measured, measured / inverse_b_sum) if measured else None
+        return Agreed(values[0].float(), stops > 0, signals > 0, noise)
 
 
 def _leave_group(seconds: float) -> None:

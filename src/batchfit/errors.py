@@ -8,7 +8,8 @@ working::
         ├── ShardError           a shard folder that is missing, corrupt or of unknown format
         ├── CheckpointError      a checkpoint that cannot be read or does not fit the run
         ├── NonFiniteLossError   a NaN or infinite loss (names the step and epoch)
-        └── DistributedError     another rank failed or stopped answering
+        ├── DistributedError     another rank failed or stopped answering
+        └── ConfigError          a run configuration (TOML) that cannot be used (names the key)
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class NonFiniteLossError(BatchfitError):
 
 class DistributedError(BatchfitError):
     """A rank of a distributed run failed, so every rank stops."""
+
+
+class ConfigError(BatchfitError):
+    """A configuration file that cannot be used; the message names the key."""
 
 
 def expected(name: str, what: str, received: Any) -> BatchfitError:

@@ -18,6 +18,7 @@ from .config import (
     load_train_val,
     trainer_options,
 )
+from .report import tune
 from .train.history import History
 from .train.trainer import Trainer
 
@@ -46,7 +47,7 @@ def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...]
     train, val = load_train_val(config)
     torch.manual_seed(config["train"]["seed"])
     model = build_model(config, *train)
-    trainer = Trainer(model, build_loss(config), build_optimizer(config, model), **trainer_options(config))
+    trainer = Trainer(model, build_loss(config), build_optimizer(config, model), options=trainer_options(config))
     return trainer, train, val
 
 
@@ -79,7 +80,19 @@ def _train_and_write(trainer: Trainer, train: Any, val: Any, config: Config) -> 
 
 
 def tune_config(config: Config) -> str:
-    """Measure batch size, micro-batch size and lr for a configuration; returns the printed report."""
-    from .tune.report import tune_from_config
+    """``batchfit tune CONFIG``: tune the configured model and data, save the report, return its summary."""
+    train, val = load_train_val(config)
+    seed = config["train"]["seed"]
 
-    return tune_from_config(config)
+    def make_model() -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_model(config, *train)
+
+    options = config["tune"]
+    base = config["train"]["base_batch_size"] or config["train"]["batch_size"]
+    report = tune(make_model, build_loss(config), lambda model: build_optimizer(config, model), train, val=val,
+                  base_batch_size=base if isinstance(base, int) else 32, epochs=options["epochs"],
+                  target_loss=options["target_loss"], device=config["train"]["device"], seed=seed,
+                  batch_sizes=options["batch_sizes"], precision=config["train"]["precision"])
+    folder = report.save(new_run_dir(options["out"]))
+    return report.summary() + f"\nwrote {folder}/report.md, report.json, sweep.png, lr_range.png, throughput.png"

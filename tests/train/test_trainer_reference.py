@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from batchfit import ArraySource, Batcher, Trainer
+from batchfit.core.step import Step
 from batchfit.data.order import epoch_order
-from batchfit.train.step import StepRunner
 
 
 def order_of(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -198,7 +198,7 @@ def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(("num_samples", "batch_size", "micro_batch_size"),
                          [(40, 8, None), (23, 7, None), (23, 7, 2), (5, 1, None), (9, 9, 4)])
-def test_step_runner_ranks_average_to_the_single_process_gradient(make_mlp, num_samples, batch_size,
+def test_step_ranks_average_to_the_single_process_gradient(make_mlp, num_samples, batch_size,
                                                                    micro_batch_size):
     """What DDP does on two ranks, replayed on one process: each rank's gradient, then their mean."""
     rng = np.random.default_rng(num_samples)
@@ -208,14 +208,14 @@ def test_step_runner_ranks_average_to_the_single_process_gradient(make_mlp, num_
     model = make_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    def step_grads(runner: StepRunner, batch, global_size: int):
+    def step_grads(runner: Step, batch, global_size: int):
         optimizer.zero_grad()
-        loss = runner.accumulate(batch, global_size)
+        loss = runner.accumulate(batch, global_size).loss
         return loss, grads_of(model)
 
-    one = StepRunner(model, F.cross_entropy, optimizer, None, torch.device("cpu"), "fp32", None)
-    two = StepRunner(model, F.cross_entropy, optimizer, micro_batch_size, torch.device("cpu"), "fp32", None,
-                     world_size=2)
+    one = Step(model, F.cross_entropy, optimizer, device=torch.device("cpu"))
+    two = Step(model, F.cross_entropy, optimizer, device=torch.device("cpu"), micro_batch_size=micro_batch_size,
+               world_size=2)
     for whole, share0, share1 in zip(single, *ranks):
         size = whole[0].shape[0]
         loss, grads = step_grads(one, whole, size)

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NonFiniteLossError
+from ..measure.lr import scale_lr
 from ..models import cnn, mlp
 from ..train.callbacks import Callback
 from ..train.trainer import Trainer
-from ..tune.lr import scale_lr
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -13,6 +13,15 @@ from ..errors import BatchfitError, check_choice, check_positive_int, expected
 from .order import SHUFFLES, epoch_order
 from .prefetch import prefetch_iter
 from .sources import Batch, Source, as_source, slice_batch
+
+
+class Position(NamedTuple):
+    """Where a batch leaves its batcher: the epoch, the samples served in it with this batch, and
+    the batch's global size (the weight of its loss)."""
+
+    epoch: int
+    samples_done: int
+    batch_size: int
 
 
 class Batcher:
@@ -169,6 +178,18 @@ class Batcher:
 
     def remaining(self) -> Iterator[Batch]:
         """The batches left in the current epoch, without moving to the next epoch afterwards."""
+        for batch, _ in self.positioned():
+            yield batch
+
+    def positioned(self) -> Iterator[tuple[Batch, Position]]:
+        """``(batch, position just after it)`` for the batches left in the current epoch.
+
+        A consumer that runs ahead of its use of the batches (a device copy of the next batch
+        while the current one computes) keeps the position of the batch it used and hands it
+        back to :meth:`seek` or :meth:`state_dict`, so that a checkpoint never counts a batch
+        that was fetched but not trained on.
+        """
+        epoch = self.epoch
         while (per_gather := self._batches_per_gather()) > 1 or self.prefetch or self.workers:
             # A batch_size change drops the batches gathered ahead at the old size, so what is
             # served next (and what a state_dict taken now restores) does not depend on prefetch.
@@ -180,7 +201,7 @@ class Batcher:
                 queued = prefetch_iter(loads, self.prefetch) if self.prefetch else loads
             for end, size, batch in queued:
                 self.samples_done, self.last_batch_size = end, size
-                yield batch
+                yield batch, Position(epoch, end, size)
                 if self._batch_size != batch_size:
                     queued.close()
                     break
@@ -192,7 +213,11 @@ class Batcher:
             if transform is not None:
                 batch = transform(batch)
             self.samples_done, self.last_batch_size = end, size
-            yield batch
+            yield batch, Position(epoch, end, size)
+
+    def seek(self, position: Position) -> None:
+        """Continue just after the batch that ``position`` was handed out with."""
+        self.epoch, self.samples_done, self.last_batch_size = position
 
     def _in_workers(self) -> Iterator[tuple[int, int, Batch]]:
         """(end, size, batch) of the planned batches, gathered in worker processes."""
@@ -211,11 +236,16 @@ class Batcher:
         yield from self.remaining()
         self.set_epoch(self.epoch + 1)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The exact position: epoch and samples served in it, plus what fixes the order."""
+    def state_dict(self, position: Position | None = None) -> dict[str, Any]:
+        """The exact position — epoch and samples served in it — plus what fixes the order.
+
+        ``position`` (from :meth:`positioned`) gives the state just after that batch instead of
+        after the last one served.
+        """
+        epoch, samples_done = (self.epoch, self.samples_done) if position is None else position[:2]
         return {
-            "epoch": self.epoch,
-            "samples_done": self.samples_done,
+            "epoch": epoch,
+            "samples_done": samples_done,
             "batch_size": self._batch_size,
             "seed": self.seed,
             "shuffle": self.shuffle,

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..core.batch import Batch, tensors_of, to_device
+
 T = TypeVar("T")
 _DONE = object()
 
@@ -51,65 +53,47 @@ def prefetch_iter(items: Iterable[T], depth: int) -> Generator[T, None, None]:
         stop.set()
 
 
-def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move a tuple/dict batch to ``device`` (non-blocking), casting floating tensors to ``dtype``."""
-    non_blocking = device.type == "cuda"
+def device_prefetch(items: Iterable[tuple[Batch, T]], device: torch.device,
+                    dtype: torch.dtype | None = None) -> Iterator[tuple[Batch, T]]:
+    """``(batch, tag)`` pairs with each batch already on ``device``, the next copied while the current computes.
 
-    def move(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        cast = dtype if (dtype is not None and t.is_floating_point() and t.dtype != dtype) else None
-        return t.to(device=device, dtype=cast, non_blocking=non_blocking)
-
-    if isinstance(batch, dict):
-        return {k: move(v) for k, v in batch.items()}
-    return tuple(move(t) for t in batch)
-
-
-def _tensors(batch: Any) -> list[Any]:
-    return list(batch.values()) if isinstance(batch, dict) else list(batch)
-
-
-def device_prefetch(batches: Iterable[Any], device: torch.device, dtype: torch.dtype | None = None) -> Iterator[Any]:
-    """Yield batches already on ``device``, copying the next one while the current computes.
-
-    On CUDA the copy of batch k+1 is issued on a side stream before batch k is handed out,
-    and the compute stream waits on it only when k+1 is used, so copies overlap compute with
-    no host synchronisation. Elsewhere this is a plain ``to_device``.
+    The tag (a batcher's :class:`~batchfit.data.batcher.Position`, or anything) travels with its
+    batch untouched. On CUDA the copy of batch k+1 is issued on a side stream before batch k is
+    handed out, and the compute stream waits on it only when k+1 is used, so copies overlap
+    compute with no host synchronisation. Elsewhere this is a plain ``to_device``.
     """
     if device.type != "cuda":
         passthrough = None  # decided on the first batch: batches of a source keep their dtypes
-        for batch in batches:
+        for batch, tag in items:
             if passthrough:
-                yield batch
+                yield batch, tag
                 continue
             moved = to_device(batch, device, dtype)
             if passthrough is None:
-                passthrough = all(a is b for a, b in zip(_tensors(moved), _tensors(batch)))
-            yield moved
+                passthrough = all(a is b for a, b in zip(tensors_of(moved), tensors_of(batch)))
+            yield moved, tag
         return
     stream = torch.cuda.Stream(device=device)
-    iterator = iter(batches)
+    iterator = iter(items)
 
-    def issue() -> tuple[Any, torch.cuda.Event] | None:
+    def issue() -> tuple[Batch, T, torch.cuda.Event] | None:
         try:
-            host = next(iterator)
+            host, tag = next(iterator)
         except StopIteration:
             return None
         with torch.cuda.stream(stream):
             moved = to_device(host, device, dtype)
             ready = torch.cuda.Event()
             ready.record(stream)
-        return moved, ready
+        return moved, tag, ready
 
     pending = issue()
     while pending is not None:
-        moved, ready = pending
+        moved, tag, ready = pending
         torch.cuda.current_stream(device).wait_event(ready)
-        for t in _tensors(moved):
-            if isinstance(t, torch.Tensor):
-                # The tensor was allocated on the side stream; tell the allocator that the
-                # compute stream uses it so its memory is not reused too early.
-                t.record_stream(torch.cuda.current_stream(device))
+        for t in tensors_of(moved):
+            # The tensor was allocated on the side stream; tell the allocator that the
+            # compute stream uses it so its memory is not reused too early.
+            t.record_stream(torch.cuda.current_stream(device))
         pending = issue()
-        yield moved
+        yield moved, tag

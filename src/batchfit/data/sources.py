@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from ..core.batch import Batch, slice_batch
 from ..errors import BatchfitError, expected
 
-Batch = Union[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # noqa: UP007 (runtime alias, 3.10)
+__all__ = ["ArraySource", "Batch", "DatasetSource", "Source", "as_source", "pack", "slice_batch"]
 
 
 @runtime_checkable
@@ -167,13 +168,6 @@ def pack(names: tuple[str, ...] | None, tensors: Sequence[torch.Tensor]) -> Batc
     if names is None:
         return tuple(tensors)
     return dict(zip(names, tensors))
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Samples ``[start, stop)`` of a batch, as views."""
-    if isinstance(batch, dict):
-        return {k: v[start:stop] for k, v in batch.items()}
-    return tuple(t[start:stop] for t in batch)
 
 
 def as_source(data: Any, name: str = "data") -> Source:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..durable import fsync_dir
+from ..core.durable import fsync_dir
 from ..errors import CheckpointError
 
 logger = logging.getLogger("batchfit")
@@ -78,30 +76,6 @@ def load_latest(folder: str | os.PathLike[str], map_location: Any = "cpu") -> tu
         except Exception as error:  # a damaged file of any kind: fall back to an older one
             warnings.warn(f"skipping unreadable checkpoint {path}: {error}", RuntimeWarning, stacklevel=2)
     return None
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random number generator's state, as tensors and plain values."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:

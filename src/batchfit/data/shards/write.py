@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...durable import fsync_dir
+from ...core.durable import fsync_dir
 from ...errors import check_positive_int, expected
 from ..sources import Batch
 from .format import (

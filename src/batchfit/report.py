@@ -21,16 +21,19 @@ from typing import Any
 
 import torch
 
-from ..data.sources import as_source
-from ..errors import check_positive_int
-from ..train.batch import LossFn
-from ..train.plots import ema, new_figure, save_figure
-from .auto import measure_throughput, powers_of_two
-from .lr import scale_lr
-from .memory import find_micro_batch_size
-from .noise import estimate_noise_scale
-from .range_test import lr_range_test
-from .state import resolve_device
+from .core.batch import LossFn
+from .core.device import resolve_device
+from .core.maths import ema
+from .core.precision import PRECISIONS
+from .data.sources import as_source
+from .errors import check_choice, check_positive_int
+from .measure.auto import measure_throughput, powers_of_two
+from .measure.lr import scale_lr
+from .measure.memory import find_micro_batch_size
+from .measure.noise import estimate_noise_scale
+from .measure.range_test import lr_range_test
+from .train.plots import new_figure, save_figure
+from .train.trainer import Trainer
 
 logger = logging.getLogger("batchfit")
 ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
@@ -168,19 +171,20 @@ def tune(
     device: str | torch.device = "auto",
     memory_budget: float | None = None,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> TuneReport:
     """Measure and recommend ``batch_size``, ``micro_batch_size`` and ``lr`` for this model and data.
 
     ``make_model()`` and ``make_optimizer(model)`` build fresh copies (the sweep trains several
     from the same initial weights). ``epochs`` is each sweep point's budget. The target is
     ``target_loss`` on ``val`` (or the training loss without ``val``); by default the loosest
-    best loss among the sweep points, so that every point can be compared.
+    best loss among the sweep points, so that every point can be compared. Every measurement
+    and the sweep run under ``precision``, as training will.
     """
-    from ..train.trainer import Trainer
-
     source = as_source(src, "src")
     check_positive_int("base_batch_size", base_batch_size)
     check_positive_int("epochs", epochs)
+    check_choice("precision", precision, PRECISIONS)
     target_device = resolve_device(device)
     torch.manual_seed(seed)
     model = make_model().to(target_device)
@@ -189,13 +193,14 @@ def tune(
     rule = lr_rule or lr_rule_for(optimizer)
 
     fit = find_micro_batch_size(model, loss_fn, source, device=target_device, memory_budget=memory_budget,
-                                optimizer=optimizer, seed=seed)
+                                optimizer=optimizer, seed=seed, precision=precision)
     throughput = measure_throughput(model, loss_fn, source, powers_of_two(1, min(fit, len(source))), target_device,
-                                    seed=seed)
+                                    seed=seed, precision=precision)
     range_result = lr_range_test(model, loss_fn, optimizer, source, batch_size=min(base_batch_size, len(source)),
-                                 seed=seed, device=target_device)
-    noise = estimate_noise_scale(model, loss_fn, source, small_batch=min(32, max(1, len(source) // 16)),
-                                 big_batch=8 * min(32, max(1, len(source) // 16)), seed=seed, device=target_device)
+                                 seed=seed, device=target_device, precision=precision)
+    small = min(32, max(1, len(source) // 16))
+    noise = estimate_noise_scale(model, loss_fn, source, small_batch=small, big_batch=8 * small, seed=seed,
+                                 device=target_device, precision=precision)
     # The steepest descent can sit close to divergence; a tenth of the lr of the lowest loss is
     # the classic cap (Smith 2017, "Cyclical Learning Rates").
     lowest = min(range(len(range_result.losses)), key=range_result.losses.__getitem__)
@@ -210,7 +215,7 @@ def tune(
         for group in sweep_optimizer.param_groups:
             group["lr"] = scaled
         trainer = Trainer(model, loss_fn, sweep_optimizer, batch_size=size, progress=False, seed=seed,
-                          device=target_device, micro_batch_size=fit if size > fit else None)
+                          device=target_device, micro_batch_size=fit if size > fit else None, precision=precision)
         sweep.append(_sweep_point(trainer, source, val, size, scaled, epochs))
     target = target_loss if target_loss is not None else default_target(sweep)
     for point in sweep:
@@ -235,7 +240,7 @@ def tune(
                       target, sweep, reasons)
 
 
-def _sweep_point(trainer: Any, source: Any, val: Any, size: int, lr: float, epochs: int) -> SweepPoint:
+def _sweep_point(trainer: Trainer, source: Any, val: Any, size: int, lr: float, epochs: int) -> SweepPoint:
     """Train one batch size for ``epochs`` epochs, recording (step, samples, seconds, loss)."""
     history = trainer.fit(source, epochs=epochs, val=val)
     if val is not None:
@@ -260,25 +265,3 @@ def _reach(point: SweepPoint, target: float) -> None:
         if loss <= target:
             point.steps_to_target, point.samples_to_target, point.seconds_to_target = step, samples, seconds
             return
-
-
-def tune_from_config(config: Any) -> str:
-    """``batchfit tune CONFIG``: tune the configured model and data, save the report, return its summary."""
-    from ..config import build_loss, build_model, build_optimizer, load_train_val
-    from ..run import new_run_dir
-
-    train, val = load_train_val(config)
-    seed = config["train"]["seed"]
-
-    def make_model() -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return build_model(config, *train)
-
-    options = config["tune"]
-    base = config["train"]["base_batch_size"] or config["train"]["batch_size"]
-    report = tune(make_model, build_loss(config), lambda model: build_optimizer(config, model), train, val=val,
-                  base_batch_size=base if isinstance(base, int) else 32, epochs=options["epochs"],
-                  target_loss=options["target_loss"], device=config["train"]["device"], seed=seed,
-                  batch_sizes=options["batch_sizes"])
-    folder = report.save(new_run_dir(options["out"]))
-    return report.summary() + f"\nwrote {folder}/report.md, report.json, sweep.png, lr_range.png, throughput.png"

@@ -12,7 +12,7 @@ the one the trainer's ``lr_scaling`` rule gives, and a batch size whose rule-sca
 twice the optimal one or more, where the loss stops falling, is never chosen
 (:func:`batch_cost`, :func:`rule_lr_ratio`). The batch size is the power of two that
 minimises the cost, with ``B_noise`` and ``throughput`` measured by one probe of real forward
-and backward passes at the starting weights (:func:`~batchfit.tune.batch_probe.probe_batch_sizes`).
+and backward passes at the starting weights (:func:`~batchfit.measure.probe.probe_batch_sizes`).
 
 ``"adaptive"`` keeps measuring the noise scale during training (from the micro-batch gradients
 that accumulation computes anyway) and grows the batch as it grows, as Smith et al. 2018
@@ -25,20 +25,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..core.batch import LossFn, param_dtype, to_device
+from ..core.step import Step
 from ..data.sources import Source
-from ..train.batch import forward_loss
-from .batch_probe import probe_batch_sizes
 from .lr import scale_lr
 from .noise import NoiseScaleTracker
-from .state import batch_to, probe
-
-if TYPE_CHECKING:
-    from ..train.trainer import Trainer
+from .probe import probe_batch_sizes
+from .state import probe
 
 logger = logging.getLogger("batchfit")
 
@@ -63,13 +63,15 @@ def round_to_power_of_two(value: float, low: int, high: int) -> int:
 
 
 def measure_throughput(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int],
-                       device: torch.device, seed: int = 0, window: float = 0.02) -> dict[int, float]:
+                       device: torch.device, seed: int = 0, window: float = 0.02,
+                       precision: str = "fp32") -> dict[int, float]:
     """Samples per second of forward + backward at each batch size (state restored).
 
     The fastest pass of each size counts, over at least ``window`` seconds of passes, since
-    other load on the machine only ever adds time (:func:`~batchfit.tune.batch_probe.probe_batch_sizes`).
+    other load on the machine only ever adds time (:func:`~batchfit.measure.probe.probe_batch_sizes`).
     """
-    measured = probe_batch_sizes(model, loss_fn, src, sizes, device, window=window, stop_above_noise=None, seed=seed)
+    measured = probe_batch_sizes(model, loss_fn, src, sizes, device, window=window, stop_above_noise=None, seed=seed,
+                                 precision=precision)
     return {size: measured.throughput(size) for size in measured.pass_seconds}
 
 
@@ -105,22 +107,43 @@ def rule_lr_ratio(size: int, base_batch: int | None, noise_scale: float, rule: s
     return given / optimal
 
 
-def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_batch: int | None = None) -> int:
+@dataclass(frozen=True)
+class BatchChoice:
+    """What :func:`choose_batch_size` decided, and its evidence.
+
+    ``batch_size`` is the choice; ``largest`` the largest size it considered (the cap for
+    adaptive growth); ``reason`` says why in words; ``throughput`` is samples per second of
+    each size probed; ``probe_seconds`` what the measurement cost.
+    """
+
+    batch_size: int
+    largest: int
+    b_simple: float
+    reason: str
+    throughput: dict[int, float] = field(default_factory=dict)
+    probe_seconds: float = 0.0
+
+
+def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer,
+                      src: Source, *, device: torch.device, precision: str = "fp32", seed: int = 0,
+                      lr_scaling: str | None = None, base_batch_size: int | None = None,
+                      base_lrs: Sequence[float] | None = None, min_batch: int = 8,
+                      max_batch: int | None = None) -> BatchChoice:
     """Measure the noise scale and step times at the current weights and pick the batch size.
 
-    Logs the decision and its evidence, records it in ``trainer.history.events``, and for
-    ``"adaptive"`` runs starts the continuous noise-scale tracker.
+    ``lr_scaling`` and ``base_batch_size`` are the rule the run will scale its learning rate
+    by, ``base_lrs`` the lrs (one per parameter group) it scales (the optimizer's by default).
+    Model, optimizer and random state are left as they were.
     """
     begin = time.perf_counter()
     n = len(src)
     # At least 16 steps per epoch; a power of two unless the data is tiny.
-    cap = powers_of_two(1, min(max_batch or n, max(1, n // 16), getattr(trainer, "max_batch_size", None) or n))[-1]
+    cap = powers_of_two(1, min(max_batch or n, max(1, n // 16)))[-1]
     sizes = powers_of_two(min(min_batch, cap), cap)
     if len(sizes) == 1 and sizes[0] > 1:
         sizes = [sizes[0] // 2, sizes[0]]  # the noise scale needs two sizes
-    measured = probe_batch_sizes(trainer.module, trainer.loss_fn, src, sizes, trainer.device,
-                                 optimizer=trainer.optimizer, seed=trainer.settings.seed,
-                                 precision=trainer.settings.precision)
+    measured = probe_batch_sizes(model, loss_fn, src, sizes, device, optimizer=optimizer, seed=seed,
+                                 precision=precision)
     b_simple = measured.b_simple
     # An infinite (or huge) estimate means the noise swamps the signal at every size probed: the
     # noise scale is beyond them all, so only throughput matters; no estimate exceeds the data set.
@@ -129,15 +152,19 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
     # never lets a large batch through; the cost uses the estimate itself.
     b_low = measured.b_simple_low
     b_cautious = min(max(b_low, 1.0), b_noise) if not math.isnan(b_low) else b_noise
-    s = trainer.settings
-    ratios = {size: rule_lr_ratio(size, s.base_batch_size, b_cautious, s.lr_scaling)
+    ratios = {size: rule_lr_ratio(size, base_batch_size, b_cautious, lr_scaling)
               for size in measured.pass_seconds if size <= cap}
     costs = {size: batch_cost(size, b_noise, measured.throughput(size), ratio) for size, ratio in ratios.items()}
     ranked = sorted(costs, key=costs.__getitem__)
+    lrs = list(base_lrs) if base_lrs is not None else [group["lr"] for group in optimizer.param_groups]
     unstable = []
     for best in ranked:
         # Above the optimal lr a short trial checks that the rule's lr still lowers the loss.
-        if ratios[best] <= 1 or best == ranked[-1] or not math.isfinite(costs[best]) or _stable(trainer, src, best):
+        if ratios[best] <= 1 or best == ranked[-1] or not math.isfinite(costs[best]):
+            break
+        assert lr_scaling is not None and base_batch_size is not None
+        factor = scale_lr(1.0, base_batch_size, best, lr_scaling)
+        if _stable(model, loss_fn, optimizer, src, best, [lr * factor for lr in lrs], device, precision, seed):
             break
         unstable.append(best)
     reason = (f"noise scale B_simple={b_simple:.4g} (|G|²={measured.grad_sq:.3g}, tr Σ={measured.trace_cov:.3g}; "
@@ -147,47 +174,46 @@ def choose_batch_size(trainer: Trainer, src: Source, min_batch: int = 8, max_bat
               + f"; cost (1+B/B_noise)/throughput (none where r ≥ 2) is least at {ranked[0]}"
               + f"; probe {measured.seconds:.2f} s")
     if not math.isfinite(costs[best]):
-        reason += f"; the {s.lr_scaling} rule's lr is at least twice the optimal at every size, so the smallest"
-        logger.warning("batch_size=%r: %s", s.batch_size, reason)
+        reason += f"; the {lr_scaling} rule's lr is at least twice the optimal at every size, so the smallest"
+        logger.warning("batch size: %s", reason)
     if unstable:
-        reason += (f"; the loss rose in a short trial at the lr the {s.lr_scaling} rule gives for "
+        reason += (f"; the loss rose in a short trial at the lr the {lr_scaling} rule gives for "
                    f"{', '.join(map(str, unstable))}, so {best}")
-    logger.info("batch_size=%r: chose %d — %s", s.batch_size, best, reason)
-    trainer.history.add_event(step=trainer.step, kind="batch_size", batch_size=best, reason=reason,
-                              b_simple=b_simple, throughput={str(k): measured.throughput(k) for k in costs},
-                              probe_seconds=time.perf_counter() - begin)
-    if s.batch_size == "adaptive":
-        trainer.adaptive = AdaptiveBatch(start=best, max_batch=cap, noise_scale=b_simple)
-    return best
+    return BatchChoice(best, cap, b_simple, reason, {k: measured.throughput(k) for k in costs},
+                       time.perf_counter() - begin)
 
 
-def _stable(trainer: Trainer, src: Source, size: int, steps: int = 8) -> bool:
-    """Whether a few real steps at ``size``, with the lr the scaling rule gives it, lower the loss.
+def _stable(model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer, src: Source,
+            size: int, lrs: list[float], device: torch.device, precision: str, seed: int, steps: int = 8) -> bool:
+    """Whether a few real steps at ``size`` with learning rates ``lrs`` lower the loss (state restored).
 
     The noise scale says how large a batch can be used efficiently, not whether the lr that
-    a scaling rule gives it is stable; a short trial (state restored afterwards) checks that.
+    a scaling rule gives it is stable; a short trial of the training step itself checks that.
     """
-    s = trainer.settings
-    assert s.lr_scaling is not None and s.base_batch_size is not None
-    factor = scale_lr(1.0, s.base_batch_size, size, s.lr_scaling)
-    rng = np.random.default_rng(s.seed)
+    rng = np.random.default_rng(seed)
     losses = []
-    with probe(trainer.module, trainer.optimizer, trainer.device) as (net, optimizer):
-        assert optimizer is not None
-        for group, base in zip(optimizer.param_groups, trainer.base_lrs):
-            group["lr"] = base * factor
+    with probe(model, optimizer, device) as (net, opt):
+        assert opt is not None
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
         net.train()
+        step, dtype = Step(net, loss_fn, opt, device=device, precision=precision), param_dtype(net)
+        step.skip()
         for _ in range(steps):
-            batch = batch_to(src.gather(rng.integers(0, len(src), size)), trainer.device)
-            loss, _ = forward_loss(net, trainer.loss_fn, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(float(step.run(to_device(src.gather(rng.integers(0, len(src), size)), device, dtype))))
             if not math.isfinite(losses[-1]):
                 return False
     head, tail = losses[: steps // 3], losses[-(steps // 3):]
     return sum(tail) <= sum(head)
+
+
+@dataclass(frozen=True)
+class BatchChange:
+    """A batch size :class:`AdaptiveBatch` proposes, with its reason."""
+
+    batch_size: int
+    reason: str
+    b_simple: float
 
 
 class AdaptiveBatch:
@@ -196,7 +222,8 @@ class AdaptiveBatch:
     Every ``every`` steps, once the tracker has ``warmup`` measurements, the target is the
     power of two nearest the noise scale, within ``[current, max_batch]``; the batch changes
     when the target is at least twice the current size. The learning rate follows through the
-    trainer's ``lr_scaling`` rule (``"linear"``, ``"sqrt"`` or ``"adascale"``).
+    trainer's ``lr_scaling`` rule (``"linear"``, ``"sqrt"`` or ``"adascale"``). The policy
+    proposes (:meth:`propose`); the training loop applies.
     """
 
     def __init__(self, start: int, max_batch: int, noise_scale: float = math.nan, every: int = 20,
@@ -206,21 +233,25 @@ class AdaptiveBatch:
         self.tracker = NoiseScaleTracker(beta=beta)
         self.initial_noise_scale = noise_scale
 
-    def update(self, trainer: Trainer, pair: tuple[float, float, int, int] | None) -> None:
-        """Fold in this step's measurement; change the batch size when it is due."""
-        if pair is not None:
-            self.tracker.update(*pair)
-        if trainer.step % self.every or self.tracker.count < self.warmup:
-            return
+    def propose(self, step: int, noise: tuple[float, float, float, float] | None) -> BatchChange | None:
+        """Fold in the measurement of the step just done (``None``: none this step); the new batch size, when due.
+
+        ``noise`` is ``(|G_small|², |G_big|², b_small, b_big)``. The policy only proposes: the
+        caller applies a change and then calls :meth:`accept`.
+        """
+        if noise is not None:
+            self.tracker.update(*noise)
+        if step % self.every or self.tracker.count < self.warmup:
+            return None
         target = round_to_power_of_two(self.tracker.b_simple, self.batch_size, self.max_batch)
-        if target >= 2 * self.batch_size:
-            reason = f"noise scale B_simple={self.tracker.b_simple:.4g} grew past {self.batch_size}"
-            logger.info("step %d: batch_size %d -> %d (%s)", trainer.step, self.batch_size, target, reason)
-            trainer.history.add_event(step=trainer.step, kind="batch_size", batch_size=target, reason=reason,
-                                      b_simple=self.tracker.b_simple)
-            self.batch_size = target
-            assert trainer.batcher is not None
-            trainer.batcher.batch_size = target
+        if target < 2 * self.batch_size:
+            return None
+        reason = f"noise scale B_simple={self.tracker.b_simple:.4g} grew past {self.batch_size}"
+        return BatchChange(target, reason, self.tracker.b_simple)
+
+    def accept(self, change: BatchChange) -> None:
+        """Record that the batch size is now ``change.batch_size``."""
+        self.batch_size = change.batch_size
 
     def state_dict(self) -> dict[str, Any]:
         """Current size and the tracker's averages."""

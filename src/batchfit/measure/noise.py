@@ -18,16 +18,21 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..data.sources import Batch, as_source
-from ..errors import check_positive_int, expected
-from ..train.batch import LossFn, forward_loss, micro_batches
-from .state import batch_to, probe, resolve_device
+from ..core.batch import LossFn, micro_batches, param_dtype, to_device
+from ..core.device import resolve_device
+from ..core.grads import squared_grad_norm
+from ..core.maths import Line, fit_line
+from ..core.precision import PRECISIONS
+from ..core.step import Step
+from ..data.sources import as_source
+from ..errors import check_choice, check_positive_int, expected
+from .state import probe
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +66,14 @@ def trace_cov_estimate(small_sq: float, big_sq: float, b_small: float, b_big: fl
     return (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
 
 
-def _weighted_line(sizes: Sequence[float], squared_norms: Sequence[float]
-                   ) -> tuple[list[float], float, float, float, float]:
-    """Weights, weighted mean and spread of ``1/B``, and intercept and slope of the weighted least-squares line."""
+def _weighted_line(sizes: Sequence[float], squared_norms: Sequence[float]) -> Line:
+    """The least-squares line of ``|G_B|²`` against ``1/B``, weighted by ``B``."""
     if len(sizes) != len(squared_norms):
         raise expected("squared_norms", f"one value per size ({len(sizes)})", len(squared_norms))
     inverse = [1.0 / size for size in sizes]
     if len(set(inverse)) < 2:
         raise expected("sizes", "at least two distinct batch sizes", sorted(set(sizes)))
-    weights = [float(size) for size in sizes]
-    total = sum(weights)
-    mean_x = sum(w * x for w, x in zip(weights, inverse)) / total
-    mean_y = sum(w * y for w, y in zip(weights, squared_norms)) / total
-    spread = sum(w * (x - mean_x) ** 2 for w, x in zip(weights, inverse))
-    slope = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(weights, inverse, squared_norms)) / spread
-    return weights, mean_x, spread, mean_y - slope * mean_x, slope
+    return fit_line(inverse, squared_norms, sizes)
 
 
 def noise_from_sizes(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[float, float]:
@@ -90,8 +88,8 @@ def noise_from_sizes(sizes: Sequence[float], squared_norms: Sequence[float]) -> 
     estimators to any number of sizes: with two sizes it is exactly :func:`grad_sq_estimate`
     and :func:`trace_cov_estimate` of each size's average. At least two distinct sizes are needed.
     """
-    *_, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
-    return grad_sq, trace_cov
+    line = _weighted_line(sizes, squared_norms)
+    return line.intercept, line.slope
 
 
 def noise_fit_errors(sizes: Sequence[float], squared_norms: Sequence[float]) -> tuple[float, float]:
@@ -101,13 +99,7 @@ def noise_fit_errors(sizes: Sequence[float], squared_norms: Sequence[float]) -> 
     about the line (``inf`` with fewer than three points): a yardstick of how far the noise
     scale may be off, for decisions that must not trust a lucky estimate.
     """
-    weights, mean_x, spread, grad_sq, trace_cov = _weighted_line(sizes, squared_norms)
-    if len(sizes) < 3:
-        return math.inf, math.inf
-    inverse = [1.0 / size for size in sizes]
-    residuals = (y - grad_sq - trace_cov * x for x, y in zip(inverse, squared_norms))
-    scatter = sum(w * r**2 for w, r in zip(weights, residuals)) / (len(sizes) - 2)
-    return math.sqrt(scatter * (1.0 / sum(weights) + mean_x**2 / spread)), math.sqrt(scatter / spread)
+    return _weighted_line(sizes, squared_norms).standard_errors([1.0 / size for size in sizes], squared_norms)
 
 
 def simple_noise_scale(grad_sq: float, trace_cov: float) -> float:
@@ -119,19 +111,6 @@ def simple_noise_scale(grad_sq: float, trace_cov: float) -> float:
     if grad_sq <= 0:
         return math.inf
     return max(trace_cov, 0.0) / grad_sq
-
-
-def squared_grad_norm(grads: Iterable[torch.Tensor | None]) -> float:
-    """``Σ_i |g_i|²`` over gradient tensors (``None`` counts as zero); one device sync in all."""
-    norms = [
-        torch.linalg.vector_norm(g.detach(), dtype=torch.promote_types(g.dtype, torch.float32))
-        for g in grads
-        if g is not None
-    ]
-    if not norms:
-        return 0.0
-    device = norms[0].device
-    return float(torch.stack([n.to(device) for n in norms]).double().pow(2).sum())
 
 
 class NoiseScaleTracker:
@@ -219,23 +198,12 @@ class NoiseScale:
         return len(self.big_sq)
 
 
-def _mean_grad(
-    model: torch.nn.Module,
-    loss_fn: LossFn | None,
-    batch: Batch,
-    size: int,
-    params: Sequence[torch.Tensor],
-    micro_batch_size: int | None,
-) -> list[torch.Tensor]:
-    """Gradient of the mean loss of ``batch`` (``size`` samples); ``.grad`` is not touched."""
-    total = [torch.zeros_like(p) for p in params]
-    for micro, micro_size in micro_batches(batch, micro_batch_size):
-        loss, _ = forward_loss(model, loss_fn, micro)
-        grads = torch.autograd.grad(loss * (micro_size / size), params, allow_unused=True)
-        for acc, grad in zip(total, grads):
-            if grad is not None:
-                acc.add_(grad)
-    return total
+def _mean_grad(step: Step, batch: Any, size: int) -> list[torch.Tensor]:
+    """Gradient of the mean loss of ``batch`` (``size`` samples), unscaled, through the training step."""
+    step.skip()
+    step.accumulate(batch, size)
+    scale = step.grad_scale()
+    return [torch.zeros_like(p) if p.grad is None else p.grad / scale for p in step.params]
 
 
 def estimate_noise_scale(
@@ -248,6 +216,7 @@ def estimate_noise_scale(
     seed: int = 0,
     device: str | torch.device = "auto",
     micro_batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> NoiseScale:
     """Measure the gradient noise scale of ``model`` on ``src`` at its current weights.
 
@@ -256,7 +225,8 @@ def estimate_noise_scale(
     them into ``big_batch // small_batch`` small batches, and records the mean ``|G_small|²``
     over the small batches and ``|G_big|²`` of their mean. ``|G|²`` and ``tr(Σ)`` are
     estimated from the averages over draws and only then divided (McCandlish et al. 2018,
-    Appendix A). ``micro_batch_size`` caps how many samples go through the model at once.
+    Appendix A). ``micro_batch_size`` caps how many samples go through the model at once;
+    every gradient comes from the training step itself under ``precision``.
 
     The model runs in training mode; weights, buffers, gradients, modes, random state are
     restored afterwards, and no optimizer is involved.
@@ -271,22 +241,24 @@ def estimate_noise_scale(
         raise expected("big_batch", f"a multiple of small_batch={small_batch} larger than it", big_batch)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise expected("seed", "an integer", seed)
+    check_choice("precision", precision, PRECISIONS)
     target = resolve_device(device, model)
     generator = torch.Generator().manual_seed(seed)
     small_sqs: list[float] = []
     big_sqs: list[float] = []
     with probe(model, None, target) as (net, _):
         net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
+        step = Step(net, loss_fn, None, device=target, precision=precision, micro_batch_size=micro_batch_size)
+        if not step.params:
             raise expected("model", "a model with trainable parameters", type(model).__name__)
+        dtype = param_dtype(net)
         for draw in range(num_batches):
             indices = torch.randint(len(source), (big_batch,), generator=generator)
-            batch = batch_to(source.gather(indices), target)
-            big = [torch.zeros_like(p) for p in params]
+            batch = to_device(source.gather(indices), target, dtype)
+            big = [torch.zeros_like(p) for p in step.params]
             small_sq = 0.0
             for small, size in micro_batches(batch, small_batch):
-                grads = _mean_grad(net, loss_fn, small, size, params, micro_batch_size)
+                grads = _mean_grad(step, small, size)
                 small_sq += squared_grad_norm(grads)
                 for acc, grad in zip(big, grads):
                     acc.add_(grad)

@@ -29,11 +29,14 @@ from typing import Any
 
 import torch
 
+from ..core.batch import Batch, LossFn, param_dtype, tensors_of, to_device
+from ..core.device import resolve_device
+from ..core.precision import PRECISIONS
+from ..core.step import Step
 from ..data.batcher import Batcher
-from ..data.sources import Batch, Source, as_source
-from ..errors import BatchfitError, check_positive_int, expected
-from ..train.batch import LossFn, forward_loss
-from .state import batch_to, probe, resolve_device
+from ..data.sources import Source, as_source
+from ..errors import BatchfitError, check_choice, check_positive_int, expected
+from .state import probe
 
 logger = logging.getLogger(__name__)
 
@@ -101,21 +104,16 @@ def search_largest(peak_of: Callable[[int], float], limit: float, cap: int, star
 # ----------------------------------------------------------------------------- one step
 
 
-def _train_step(
-    model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None, batch: Batch
-) -> None:
+def _train_step(step: Step, batch: Batch) -> None:
     # Gradients are allocated afresh each step, as zero_grad(set_to_none=True) makes a trainer do.
-    model.zero_grad(set_to_none=True)
-    loss, _ = forward_loss(model, loss_fn, batch)
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
+    step.model.zero_grad(set_to_none=True)
+    step.run(batch)
+    step.model.zero_grad(set_to_none=True)
 
 
-def _drawer(source: Source, seed: int) -> Callable[[int], Batch]:
+def _drawer(source: Source, seed: int, device: torch.device, dtype: torch.dtype | None) -> Callable[[int], Batch]:
     def draw(size: int) -> Batch:
-        return next(iter(Batcher(source, batch_size=size, shuffle=True, seed=seed)))
+        return to_device(next(iter(Batcher(source, batch_size=size, shuffle=True, seed=seed))), device, dtype)
 
     return draw
 
@@ -154,26 +152,21 @@ def _free_cuda(device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
-def _cuda_peak(
-    model: torch.nn.Module,
-    loss_fn: LossFn | None,
-    optimizer: torch.optim.Optimizer | None,
-    draw: Callable[[int], Batch],
-    device: torch.device,
-) -> Callable[[int], float]:
+def _cuda_peak(step: Step, draw: Callable[[int], Batch], device: torch.device) -> Callable[[int], float]:
     def peak_of(size: int) -> float:
-        host_batch = draw(size)
         _free_cuda(device)
-        torch.cuda.reset_peak_memory_stats(device)
         out_of_memory = False
         try:
-            _train_step(model, loss_fn, optimizer, batch_to(host_batch, device))
+            batch = draw(size)
+            torch.cuda.reset_peak_memory_stats(device)
+            _train_step(step, batch)
+            del batch
             torch.cuda.synchronize(device)
         except Exception as error:  # noqa: BLE001 - only out-of-memory is expected here
             if not _is_out_of_memory(error):
                 raise
             out_of_memory = True  # leave the except block first, so its traceback frees the tensors
-        model.zero_grad(set_to_none=True)
+        step.model.zero_grad(set_to_none=True)
         peak = math.inf if out_of_memory else float(torch.cuda.max_memory_allocated(device))
         _free_cuda(device)
         return peak
@@ -260,15 +253,16 @@ def profiled_peak(run: Callable[[], None]) -> float:
     return float(peak)
 
 
-def accounted_peak(model: torch.nn.Module, loss_fn: LossFn | None, batch: Batch) -> float:
+def accounted_peak(step: Step, batch: Batch) -> float:
     """A rough estimate of a step's peak bytes, for where the profiler is unavailable.
 
     The batch, plus the tensors autograd saves for backward (weights excluded), plus twice the
     largest of them (the gradient flowing in and out of one layer during backward), plus one
     gradient per parameter. Optimizer state and kernel temporaries are not seen.
     """
+    model = step.model
     resident = _storage_bytes(model.parameters()) | _storage_bytes(model.buffers())
-    inputs = _storage_bytes(batch.values() if isinstance(batch, dict) else batch)
+    inputs = _storage_bytes(tensors_of(batch))
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -279,38 +273,31 @@ def accounted_peak(model: torch.nn.Module, loss_fn: LossFn | None, batch: Batch)
 
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss, _ = forward_loss(model, loss_fn, batch)
-    loss.backward()
+        step.accumulate(batch, len(tensors_of(batch)[0]))
     grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
     largest = max(saved.values(), default=0)
     return float(sum(inputs.values()) + sum(saved.values()) + 2 * largest + grads)
 
 
-def _cpu_peak(
-    model: torch.nn.Module,
-    loss_fn: LossFn | None,
-    optimizer: torch.optim.Optimizer | None,
-    draw: Callable[[int], Batch],
-    cap: int,
-) -> Callable[[int], float]:
+def _cpu_peak(step: Step, draw: Callable[[int], Batch], cap: int) -> Callable[[int], float]:
     # A first, small step: errors in the user's model surface here, and it creates the optimizer
     # state a fresh optimizer would, which every later step holds too.
-    state_before = _state_bytes(optimizer)
-    _train_step(model, loss_fn, optimizer, draw(min(2, cap)))
-    new_state = _state_bytes(optimizer) - state_before
+    state_before = _state_bytes(step.optimizer)
+    _train_step(step, draw(min(2, cap)))
+    new_state = _state_bytes(step.optimizer) - state_before
     try:
         profiled_peak(lambda: None)
     except RuntimeError as error:
         warnings.warn(f"PyTorch's profiler is unavailable ({error}); micro-batch memory is estimated.", stacklevel=5)
 
         def estimate(size: int) -> float:
-            return accounted_peak(model, loss_fn, draw(size)) + new_state
+            return accounted_peak(step, draw(size)) + new_state
 
         return estimate
 
     def measure(size: int) -> float:
-        return profiled_peak(lambda: _train_step(model, loss_fn, optimizer, draw(size))) + new_state
+        return profiled_peak(lambda: _train_step(step, draw(size))) + new_state
 
     return measure
 
@@ -341,6 +328,7 @@ def _step_peaks(
     optimizer: torch.optim.Optimizer | None,
     max_size: int | None,
     seed: int,
+    precision: str,
 ) -> Iterator[tuple[Callable[[int], float], float, int, torch.device]]:
     """``(size -> peak bytes, budget, largest size allowed, device)`` inside a probe of the model."""
     source = as_source(src, "src")
@@ -351,19 +339,21 @@ def _step_peaks(
         raise expected("optimizer", "None or a torch.optim.Optimizer", type(optimizer).__name__)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise expected("seed", "an integer", seed)
+    check_choice("precision", precision, PRECISIONS)
     cap = len(source) if max_size is None else min(len(source), max_size)
     target = resolve_device(device, model)
     if target.type not in ("cpu", "cuda"):
         raise expected("device", '"cpu" or a CUDA device (memory is measured there only)', device)
-    draw = _drawer(source, seed)
     with probe(model, optimizer, target) as (net, opt):
         net.train()
+        step = Step(net, loss_fn, opt, device=target, precision=precision)
+        draw = _drawer(source, seed, target, param_dtype(net))
         if target.type == "cuda":
             budget = cuda_budget(target) if budget is None else budget
-            yield _cuda_peak(net, loss_fn, opt, draw, target), budget, cap, target
+            yield _cuda_peak(step, draw, target), budget, cap, target
         else:
             budget = host_budget() if budget is None else budget
-            yield _cpu_peak(net, loss_fn, opt, draw, cap), budget, cap, target
+            yield _cpu_peak(step, draw, cap), budget, cap, target
 
 
 def find_micro_batch_size(
@@ -375,6 +365,7 @@ def find_micro_batch_size(
     optimizer: torch.optim.Optimizer | None = None,
     max_size: int | None = None,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> int:
     """The largest micro-batch whose forward pass, backward pass and ``optimizer`` step fit in memory.
 
@@ -386,9 +377,11 @@ def find_micro_batch_size(
     host memory, leaving the other half for what the allocator keeps but does not use. Without
     ``optimizer`` the optimizer's state and update are not counted. The result is at most
     ``len(src)`` and ``max_size``. Every trial is a real step on samples of ``src``; weights,
-    gradients, optimizer state and random state are restored afterwards.
+    gradients, optimizer state and random state are restored afterwards. Each trial is the
+    training step itself under ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``), with the
+    batch cast to the model's dtype, so the memory measured is the memory training will use.
     """
-    with _step_peaks(model, loss_fn, src, device, memory_budget, optimizer, max_size, seed) as (
+    with _step_peaks(model, loss_fn, src, device, memory_budget, optimizer, max_size, seed, precision) as (
         peak_of,
         budget,
         cap,
@@ -412,13 +405,14 @@ def measure_step_peak(
     device: str | torch.device = "auto",
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> float:
     """Peak bytes of one training step on ``size`` samples, measured as :func:`find_micro_batch_size` does.
 
     ``inf`` when a CUDA step runs out of memory. Model, optimizer and random state are restored.
     """
     check_positive_int("size", size)
-    with _step_peaks(model, loss_fn, src, device, None, optimizer, size, seed) as (peak_of, _, cap, _):
+    with _step_peaks(model, loss_fn, src, device, None, optimizer, size, seed, precision) as (peak_of, _, cap, _):
         if size > cap:
             raise expected("size", f"at most the number of samples ({cap})", size)
         return peak_of(size)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchfit.errors import BatchfitError
-from batchfit.tune.range_test import (
+from batchfit.measure.range_test import (
     LRRangeResult,
     exponential_lrs,
     lr_range_test,

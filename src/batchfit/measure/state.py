@@ -1,6 +1,6 @@
 """Probes leave no trace: snapshots of model, optimizer and random state, and probe devices.
 
-Every measurement in :mod:`batchfit.tune` runs real forward and backward passes (and some run
+Every measurement in :mod:`batchfit.measure` runs real forward and backward passes (and some run
 optimizer steps) on the user's model. :func:`probe` makes that invisible: on exit the
 parameters, buffers, gradients, train/eval modes, optimizer state and hyperparameters and the
 random number generators are exactly (bit for bit) what they were on entry. Snapshots live in
@@ -11,37 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.sources import Batch
+from ..core.rng import rng_state, set_rng_state
 from ..errors import BatchfitError
-from ..train.settings import resolve_device as resolve_trainer_device
-
-
-def resolve_device(device: str | torch.device, model: torch.nn.Module | None = None) -> torch.device:
-    """The device a probe runs on.
-
-    ``"auto"`` is the model's device when it is not the CPU, else the first GPU when there is
-    one, else the CPU; anything else is checked as the Trainer checks its ``device``.
-    """
-    if isinstance(device, str) and device == "auto" and model is not None:
-        for tensor in model.parameters():
-            if tensor.device.type != "cpu":
-                return tensor.device
-    return resolve_trainer_device(device)
-
-
-def batch_to(batch: Batch, device: torch.device) -> Batch:
-    """The batch with every tensor on ``device`` (non-blocking from pinned memory)."""
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def _host_copy(value: Any) -> Any:
@@ -86,32 +63,13 @@ class Snapshot:
         if self.optimizer is not None and self.optimizer_state is not None:
             # load_state_dict replaces lr and every hyperparameter as well as the state.
             self.optimizer.load_state_dict(self.optimizer_state)
-        _set_rng_state(self.rng)
+        set_rng_state(self.rng)
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     # All buffers, also those left out of state_dict (persistent=False).
     yield from model.named_parameters()
     yield from model.named_buffers()
-
-
-def _rng_state(cuda: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def snapshot(
@@ -125,7 +83,7 @@ def snapshot(
         grads={name: None if p.grad is None else _host_copy(p.grad) for name, p in model.named_parameters()},
         modes=[m.training for m in model.modules()],
         optimizer_state=None if optimizer is None else _host_copy(optimizer.state_dict()),
-        rng=_rng_state(cuda),
+        rng=rng_state(cuda),
     )
 
 
@@ -176,11 +134,11 @@ def probe(
         with preserved(model, optimizer, cuda=cuda):
             yield model, optimizer
         return
-    rng = _rng_state(cuda)
+    rng = rng_state(cuda)
     twin = copy.deepcopy(model).to(device)
     twin_optimizer = None if optimizer is None else _optimizer_for(optimizer, model, twin)
     try:
         yield twin, twin_optimizer
     finally:
         del twin, twin_optimizer
-        _set_rng_state(rng)
+        set_rng_state(rng)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import batchfit as bf
-from batchfit.tune.auto import AdaptiveBatch, batch_cost, powers_of_two, round_to_power_of_two, rule_lr_ratio
+from batchfit.measure.auto import AdaptiveBatch, batch_cost, powers_of_two, round_to_power_of_two, rule_lr_ratio
 
 
 def _noisy_classification(n: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -85,14 +85,18 @@ def test_auto_batch_size_is_a_measured_power_of_two_and_probe_leaves_weights(mak
 
 
 def test_adaptive_batch_grows_with_noise_scale_and_is_capped():
-    class FakeTrainer:
-        step = 0
+    class Loop:  # what the training loop does with the policy's proposals
         history = bf.History()
+        batch_size = 16
 
-        class batcher:  # noqa: N801 - a stand-in with the one attribute used
-            batch_size = 16
+        def apply(self, step, change):
+            if change is not None:
+                self.history.add_event(step=step, kind="batch_size", batch_size=change.batch_size,
+                                       reason=change.reason)
+                policy.accept(change)
+                self.batch_size = change.batch_size
 
-    trainer = FakeTrainer()
+    trainer = Loop()
     policy = AdaptiveBatch(start=16, max_batch=128, every=5, warmup=5, beta=0.5)
     # Pairs with |G|² = 1 and tr Σ = 400 give B_simple = 400: the target is capped at 128.
     b_small, b_big = 8, 64
@@ -100,9 +104,8 @@ def test_adaptive_batch_grows_with_noise_scale_and_is_capped():
     big_sq = 1 + 400 / b_big
     sizes = []
     for step in range(1, 21):
-        trainer.step = step
-        policy.update(trainer, (small_sq, big_sq, b_small, b_big))
-        sizes.append(trainer.batcher.batch_size)
+        trainer.apply(step, policy.propose(step, (small_sq, big_sq, b_small, b_big)))
+        sizes.append(trainer.batch_size)
     assert sizes == sorted(sizes)  # never shrinks
     assert sizes[3] == 16 and sizes[-1] == 128  # waits for its warm-up, then grows to the cap
     assert trainer.history.events and trainer.history.events[0]["batch_size"] == 128

@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from batchfit.errors import BatchfitError
-from batchfit.tune.noise import (
+from batchfit.measure.noise import (
     NoiseScaleTracker,
     estimate_noise_scale,
     grad_sq_estimate,

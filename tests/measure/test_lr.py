@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from batchfit.errors import BatchfitError
-from batchfit.tune.lr import adascale_gain, scale_lr, warmup
+from batchfit.measure.lr import adascale_gain, scale_lr, warmup
 
 
 def test_scale_lr_linear_multiplies_by_batch_ratio():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import batchfit as bf
-from batchfit.tune.report import SweepPoint, default_target
+from batchfit.report import SweepPoint, default_target
 
 
 def test_default_target_is_loosest_best_loss_of_points_that_learned():

@@ -4,7 +4,7 @@ Choosing a batch size needs two measurements at the current weights: how long a 
 at each candidate size, and the gradient noise scale. Both come from forward and backward
 passes over random batches, so one set of passes serves both: every pass is timed, and the
 squared norm of its gradient is one point on the line ``E|G_B|² = |G|² + tr(Σ)/B`` that
-:func:`~batchfit.tune.noise.noise_from_sizes` fits, as is the mean gradient of all passes
+:func:`~batchfit.measure.noise.noise_from_sizes` fits, as is the mean gradient of all passes
 together (the whole probe's samples as one large batch, as in McCandlish et al.'s estimator).
 Sizes are probed in ascending order and the probe stops once a size is well past the noise
 scale measured so far, where bigger batches only waste samples, so large sizes are never timed
@@ -21,11 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.batch import param_dtype, to_device
+from ..core.device import synchronize
+from ..core.grads import squared_grad_norm
+from ..core.maths import fit_line
+from ..core.precision import PRECISIONS
+from ..core.step import Step
 from ..data.sources import Source
-from ..train.batch import forward_loss
-from ..train.settings import autocast
-from .noise import noise_fit_errors, noise_from_sizes, simple_noise_scale, squared_grad_norm
-from .state import batch_to, probe
+from ..errors import check_choice
+from .noise import noise_fit_errors, noise_from_sizes, simple_noise_scale
+from .state import probe
 
 
 @dataclass(frozen=True)
@@ -81,14 +86,10 @@ def _line(points: dict[int, float]) -> tuple[float, float] | None:
     """Least-squares ``(α, β)`` of ``t = α + β·B`` through ``points``; ``None`` unless ``β > 0`` and ``α ≥ 0``."""
     if len(points) < 2:
         return None
-    sizes, times = list(points), list(points.values())
-    mean_b, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
-    spread = sum((b - mean_b) ** 2 for b in sizes)
-    per_sample = sum((b - mean_b) * (t - mean_t) for b, t in zip(sizes, times)) / spread
-    fixed = mean_t - per_sample * mean_b
-    if not per_sample > 0 or fixed < 0:
+    line = fit_line(list(points), list(points.values()))
+    if not line.slope > 0 or line.intercept < 0:
         return None  # not the shape of compute time: the measured times are all there is to go by
-    return fixed, per_sample
+    return line.intercept, line.slope
 
 
 def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int], device: torch.device,
@@ -101,14 +102,13 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
     passed (at most ``max_passes``), each over a fresh batch drawn with replacement so that the
     squared norms are independent draws; the fastest pass of a size is its time. With
     ``stop_above_noise``, sizes stop once one is that many times the noise scale measured so
-    far. ``precision`` (``"bf16"``, ``"fp16"``) runs the forward pass under autocast, as
-    training will; fp16 losses are scaled for the backward pass and the gradients unscaled, as a
-    GradScaler does. Model, optimizer and random state are left as they were.
+    far. Every pass is the training step's own forward and backward under ``precision``
+    (:class:`~batchfit.core.step.Step`: autocast for bf16/fp16, fp16 losses scaled and the norms
+    unscaled). Model, optimizer and random state are left as they were.
     """
+    check_choice("precision", precision, PRECISIONS)
     rng = np.random.default_rng(seed)
     begin = time.perf_counter()
-    forward_context = autocast(precision, device.type)
-    scale = 2.0**12 if precision == "fp16" else 1.0  # keeps small fp16 gradients from underflowing
     pass_seconds: dict[int, float] = {}
     passes: dict[int, int] = {}
     drawn: list[int] = []
@@ -116,7 +116,8 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
     update = 0.0
     with probe(model, optimizer, device) as (net, opt):
         net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
+        step = Step(net, loss_fn, None, device=device, precision=precision)  # gradients only
+        params, dtype = step.params, param_dtype(net)
         # The mean gradient over every sample drawn so far: one more point, of the largest size.
         union = [torch.zeros_like(p) for p in params]
 
@@ -127,27 +128,20 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
         for size in sorted(sizes):
             times: list[float] = []
             while len(times) < min_passes or (sum(times) < window and len(times) < max_passes):
-                batch = batch_to(src.gather(rng.integers(0, len(src), size)), device)
-                net.zero_grad(set_to_none=True)
+                batch = to_device(src.gather(rng.integers(0, len(src), size)), device, dtype)
+                step.skip()
                 start = time.perf_counter()
-                with forward_context:
-                    loss, _ = forward_loss(net, loss_fn, batch)
-                (loss * scale).backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                step.accumulate(batch, size)
+                synchronize(device)
                 times.append(time.perf_counter() - start)
-                if scale != 1.0:
-                    for param in params:
-                        if param.grad is not None:
-                            param.grad.div_(scale)
-                norm = squared_grad_norm(p.grad for p in params)
+                norm = step.grad_sq()
                 if not math.isfinite(norm):
                     continue  # an fp16 overflow: timed, but no point for the noise scale
                 drawn.append(size)
                 norms.append(norm)
                 for total, param in zip(union, params):
                     if param.grad is not None:
-                        total.add_(param.grad, alpha=size)
+                        total.add_(param.grad, alpha=size / step.grad_scale())
             # The fastest pass counts: a first pass at a new size that pays for allocations is not it.
             pass_seconds[size], passes[size] = min(times), len(times)
             if stop_above_noise is not None and len(set(drawn)) >= 2:
@@ -157,7 +151,7 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
         points = fitted() if len(set(drawn)) >= 2 else None  # one size says nothing of how the noise scales
         if opt is not None:
             update = _time_updates(opt, device)
-        net.zero_grad(set_to_none=True)
+        step.skip()
     if points is None:
         return BatchProbe(pass_seconds, update, math.nan, math.nan, passes, time.perf_counter() - begin)
     grad_sq, trace_cov = noise_from_sizes(*points)
@@ -171,7 +165,6 @@ def _time_updates(optimizer: torch.optim.Optimizer, device: torch.device, repeat
     for _ in range(repeats + 1):
         start = time.perf_counter()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times[1:])

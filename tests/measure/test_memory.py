@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from batchfit.core.step import Step
 from batchfit.errors import BatchfitError
-from batchfit.tune import memory
-from batchfit.tune.memory import (
+from batchfit.measure import memory
+from batchfit.measure.memory import (
     available_host_memory,
     find_micro_batch_size,
     measure_step_peak,
@@ -173,7 +174,9 @@ def test_find_micro_batch_size_without_profiler_estimates(monkeypatch):
     with pytest.warns(UserWarning, match="profiler is unavailable"):
         size = find_micro_batch_size(model, cross_entropy, src, memory_budget=24 * MiB)
     assert 1 < size < 4_000
-    assert memory.accounted_peak(model, cross_entropy, memory._drawer(memory.as_source(src), 0)(size)) <= 24 * MiB
+    cpu = torch.device("cpu")
+    draw = memory._drawer(memory.as_source(src), 0, cpu, torch.float32)
+    assert memory.accounted_peak(Step(model, cross_entropy, None, device=cpu), draw(size)) <= 24 * MiB
 
 
 @pytest.mark.parametrize(
@@ -261,7 +264,7 @@ def test_find_micro_batch_size_cuda_result_runs_without_out_of_memory():
 
 def test_probe_twin_optimizer_has_same_kind_state_and_groups():
     # What a probe on another device uses: an optimizer of the same kind and state over a copy.
-    from batchfit.tune.state import _optimizer_for
+    from batchfit.measure.state import _optimizer_for
 
     model, (x, y) = tiny_mlp(), data((32,), 64)
     optimizer = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3}, {"params": model[2].parameters()}])

@@ -18,11 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.batch import LossFn, param_dtype, to_device
+from ..core.device import resolve_device
+from ..core.maths import ema
+from ..core.precision import PRECISIONS
+from ..core.step import Step
 from ..data.batcher import Batcher
 from ..data.sources import as_source
-from ..errors import BatchfitError, check_positive_int, expected
-from ..train.batch import LossFn, batch_len, forward_loss, micro_batches
-from .state import batch_to, probe, resolve_device
+from ..errors import BatchfitError, check_choice, check_positive_int, expected
+from .state import probe
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +41,7 @@ def exponential_lrs(min_lr: float, max_lr: float, num_steps: int) -> list[float]
 
 def smooth(losses: Sequence[float], smoothing: float) -> list[float]:
     """Bias-corrected exponential moving average: ``a_t = s·x_t + (1 − s)·a_{t−1}``, divided by ``1 − (1 − s)^t``."""
-    average, out = 0.0, []
-    for t, loss in enumerate(losses, start=1):
-        average = smoothing * loss + (1 - smoothing) * average
-        out.append(average / (1 - (1 - smoothing) ** t))
-    return out
+    return ema(losses, beta=1 - smoothing)
 
 
 def steepest_descent_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: int = 0) -> float | None:
@@ -133,11 +133,13 @@ def lr_range_test(
     seed: int = 0,
     device: str | torch.device = "auto",
     micro_batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> LRRangeResult:
     """Train ``num_steps`` steps with the learning rate rising exponentially from ``min_lr`` to ``max_lr``.
 
     Each step is a real training step on a fresh batch of ``batch_size`` samples (split into
-    micro-batches of ``micro_batch_size`` when given). The test stops early once the smoothed
+    micro-batches of ``micro_batch_size`` when given), the training step itself under
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``). The test stops early once the smoothed
     loss exceeds ``diverge_factor`` times the best one so far, or turns non-finite. The
     suggestion is the learning rate where the smoothed loss falls fastest per unit of
     ``log(lr)``, leaving out the first ``1/(2·smoothing)`` steps whose average is still noisy;
@@ -151,6 +153,7 @@ def lr_range_test(
     check_positive_int("batch_size", batch_size)
     if micro_batch_size is not None:
         check_positive_int("micro_batch_size", micro_batch_size)
+    check_choice("precision", precision, PRECISIONS)
     source = as_source(src, "src")
     batch_size = min(batch_size, len(source))
     batches = iter(_endless(Batcher(source, batch_size=batch_size, shuffle=True, drop_last=True, seed=seed)))
@@ -164,6 +167,8 @@ def lr_range_test(
     with probe(model, optimizer, target) as (net, opt):
         assert opt is not None
         net.train()
+        step, dtype = Step(net, loss_fn, opt, device=target, precision=precision,
+                           micro_batch_size=micro_batch_size), param_dtype(net)
         # Dropout and the like draw from the global generators; probe() restores them afterwards.
         torch.default_generator.manual_seed(seed)
         if target.type == "cuda":
@@ -171,7 +176,8 @@ def lr_range_test(
                 torch.cuda.manual_seed(seed)
         for lr in exponential_lrs(min_lr, max_lr, num_steps):
             _set_lr(opt, lr, ratios)
-            loss = _train_step(net, loss_fn, opt, batch_to(next(batches), target), micro_batch_size)
+            step.skip()
+            loss = float(step.run(to_device(next(batches), target, dtype)))  # one device sync per step
             lrs.append(lr)
             raw.append(loss)
             if not math.isfinite(loss):
@@ -207,24 +213,3 @@ def _diverged(loss: float, best: float, factor: float) -> bool:
 def _endless(batcher: Batcher) -> Any:
     while True:
         yield from batcher
-
-
-def _train_step(
-    model: torch.nn.Module,
-    loss_fn: LossFn | None,
-    optimizer: torch.optim.Optimizer,
-    batch: Any,
-    micro_batch_size: int | None,
-) -> float:
-    """One training step (mean loss over the batch, accumulated over micro-batches); its loss."""
-    optimizer.zero_grad(set_to_none=True)
-    size = batch_len(batch)
-    total: torch.Tensor | None = None
-    for micro, micro_size in micro_batches(batch, micro_batch_size):
-        loss, _ = forward_loss(model, loss_fn, micro)
-        (loss * (micro_size / size)).backward()
-        part = loss.detach().double() * (micro_size / size)
-        total = part if total is None else total + part
-    optimizer.step()
-    assert total is not None
-    return float(total)  # one device sync per step

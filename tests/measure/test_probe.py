@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import batchfit as bf
-from batchfit.tune.batch_probe import probe_batch_sizes
+from batchfit.measure.probe import probe_batch_sizes
 
 
 def _data(n: int = 2048, seed: int = 0) -> bf.ArraySource:
@@ -72,7 +72,7 @@ def test_probe_batch_sizes_stops_well_past_the_noise_scale(make_mlp):
 
 
 def test_step_seconds_follow_the_fitted_line_through_every_size():
-    from batchfit.tune.batch_probe import BatchProbe
+    from batchfit.measure.probe import BatchProbe
 
     # Passes of 1 ms + 0.1 ms per sample, one of them slowed down by other load on the machine.
     times = {8: 0.0018, 16: 0.0026, 32: 0.0042 * 1.5, 64: 0.0074}
@@ -108,7 +108,7 @@ def test_probe_batch_sizes_fp16_unscales_to_the_fp32_measurement(make_mlp):
 
 
 def test_step_seconds_ignore_a_line_with_a_negative_fixed_cost():
-    from batchfit.tune.batch_probe import BatchProbe
+    from batchfit.measure.probe import BatchProbe
 
     # Superlinear times give a line below zero at small sizes: no model of compute, so not used.
     measured = BatchProbe({8: 0.001, 16: 0.002, 32: 0.006, 64: 0.02}, update_seconds=0.0, grad_sq=1.0, trace_cov=1.0)

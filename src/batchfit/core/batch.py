@@ -1,4 +1,4 @@
-"""How a batch meets a model: forward, loss, size, splitting into micro-batches.
+"""How a batch meets a model: structure, size, slicing, device copies, forward, loss, micro-batches.
 
 Tuple batches: the last element is the target, the others are the model's inputs, and the
 loss is ``loss_fn(model(*inputs), target)``. Dict batches are passed as ``model(**batch)``;
@@ -9,12 +9,13 @@ an output with a ``.loss`` (Hugging Face models) is used as is, otherwise the lo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Union
 
 import torch
 
-from ..data.sources import Batch, slice_batch
+from ..errors import BatchfitError
 
+Batch = Union[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # noqa: UP007 (runtime alias, 3.10)
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -22,6 +23,42 @@ def batch_len(batch: Batch) -> int:
     """Number of samples in a batch."""
     first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
     return int(first.shape[0])
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``[start, stop)`` of a batch, as views."""
+    if isinstance(batch, dict):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return tuple(t[start:stop] for t in batch)
+
+
+def tensors_of(batch: Batch) -> list[torch.Tensor]:
+    """The tensors of a batch, in order."""
+    return list(batch.values()) if isinstance(batch, dict) else list(batch)
+
+
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+    """The batch on ``device`` (non-blocking on CUDA), floating tensors cast to ``dtype``.
+
+    The one way a batch reaches a model: the trainer, evaluation and every probe copy batches
+    with it, so float64 NumPy data meets a float32 model as float32 everywhere.
+    """
+    non_blocking = device.type == "cuda"
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        cast = dtype if (dtype is not None and t.is_floating_point() and t.dtype != dtype) else None
+        return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+    if isinstance(batch, dict):
+        return {k: move(v) for k, v in batch.items()}
+    return tuple(move(t) for t in batch)
+
+
+def param_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter: what floating inputs are cast to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def forward(model: torch.nn.Module, batch: Batch) -> Any:
@@ -42,12 +79,12 @@ def loss_of(output: Any, batch: Batch, loss_fn: LossFn | None) -> torch.Tensor:
         if loss is not None:
             return loss
         if loss_fn is None:
-            raise ValueError("`loss_fn` is required when the model output has no `.loss`. Received: loss_fn=None")
+            raise BatchfitError("`loss_fn` is required when the model output has no `.loss`. Received: loss_fn=None")
         return loss_fn(output, batch)
     if loss_fn is None:
-        raise ValueError("`loss_fn` is required for tuple batches. Received: loss_fn=None")
+        raise BatchfitError("`loss_fn` is required for tuple batches. Received: loss_fn=None")
     if len(batch) == 1:
-        raise ValueError(
+        raise BatchfitError(
             "A tuple batch needs a target as its last element. Received: a batch with 1 element"
         )
     return loss_fn(output, batch[-1])

@@ -1,0 +1,177 @@
+"""THE training step, in the order of the algorithm; the trainer and every probe run this one.
+
+For each micro-batch: forward (under the run's precision), loss weighted by the micro-batch's
+share of the whole batch — of its samples, or of its tokens when ``loss_count`` counts them — so
+that the gradient is that of the mean over the batch, never a mean of micro-batch means; backward,
+with gradient sync across ranks only on the last micro-batch. Then :meth:`Step.update` unscales,
+clips, steps and zeroes the gradients (or :meth:`Step.skip` drops them).
+
+Everything a caller learns from a step comes back in its :class:`StepResult`; everything it
+wants done inside one goes in as an argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .batch import Batch, LossFn, batch_len, forward_loss, micro_batches
+from .grads import squared_grad_norm
+from .precision import autocast
+
+# Called just before the last backward (whose gradient all-reduce syncs the ranks) with this
+# rank's loss share and its noise sample, so that a small all-reduce of the caller's own can
+# travel while the backward computes.
+BeforeLastBackward = Callable[[torch.Tensor, "NoiseSample | None"], None]
+
+
+@dataclass(frozen=True)
+class NoiseSample:
+    """``|G_small|²`` of a step's first micro-batch (``b_small`` samples), before any sync between ranks.
+
+    With the squared norm of the whole batch's gradient (:meth:`Step.grad_sq`) it is one
+    measurement of the gradient noise scale (McCandlish et al. 2018, Appendix A).
+    """
+
+    small_sq: float
+    b_small: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step's forward and backward passes gave.
+
+    ``loss`` is this rank's share of the batch's mean loss (detached; the shares of all ranks sum
+    to the mean loss of the whole batch); ``noise`` the noise sample when one was asked for.
+    """
+
+    loss: torch.Tensor
+    noise: NoiseSample | None = None
+
+
+class Step:
+    """Runs steps for one model/optimizer pair with a fixed precision and micro-batch size.
+
+    ``model`` is what is called (a DDP wrapper in a distributed run); ``world_size`` scales the
+    loss because DDP averages gradients over ranks while batchfit wants the mean over all samples
+    of the batch. ``loss_count(micro_batch)`` (optional) counts loss terms, e.g. tokens, when the
+    loss is a mean over tokens rather than samples; ``all_reduce`` sums those counts over ranks.
+    Without an ``optimizer`` a step only computes gradients (of the model's trainable parameters).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
+                 *, device: torch.device, precision: str = "fp32", micro_batch_size: int | None = None,
+                 max_grad_norm: float | None = None, world_size: int = 1,
+                 loss_count: Callable[[Batch], Any] | None = None,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.device, self.precision = device, precision
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.world_size = world_size
+        self.loss_count = loss_count
+        self.all_reduce = all_reduce
+        if optimizer is not None:
+            self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def accumulate(self, batch: Batch, global_size: int, *, measure_noise: bool = False,
+                   before_last_backward: BeforeLastBackward | None = None) -> StepResult:
+        """Forward and backward over every micro-batch of ``batch``, this rank's share of ``global_size`` samples.
+
+        ``measure_noise`` records ``|G_small|²`` of the first micro-batch (a batch that is one
+        micro-batch is halved for it; the gradient is the same).
+        """
+        if self.loss_count is None and self.world_size == 1 and self.micro_batch_size is None \
+                and not measure_noise and before_last_backward is None:
+            # The common case, kept as short as a hand-written loop.
+            with autocast(self.precision, self.device.type):
+                loss, _ = forward_loss(self.model, self.loss_fn, batch)
+            self._backward(loss)  # one process, one micro-batch: the batch is the whole global batch
+            return StepResult(loss.detach())
+        pieces = list(micro_batches(batch, self.micro_batch_size))
+        if measure_noise and len(pieces) == 1 and batch_len(batch) >= 2:
+            pieces = list(micro_batches(batch, -(-batch_len(batch) // 2)))
+        counts, total = self._counts(pieces)
+        noise = None
+        share: torch.Tensor | None = None
+        for index, ((micro, _), count) in enumerate(zip(pieces, counts)):
+            last = index == len(pieces) - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            sync = no_sync() if not last and no_sync is not None else contextlib.nullcontext()
+            with sync:
+                with autocast(self.precision, self.device.type):
+                    loss, _ = forward_loss(self.model, self.loss_fn, micro)
+                weight = count / (global_size if total is None else total)
+                # A rank's share of a batch smaller than the world is empty: its loss is NaN (a mean over
+                # nothing) but it still runs backward so that DDP's gradient sync happens on every rank.
+                part = loss.detach() * weight if count else torch.zeros_like(loss.detach())
+                share = part if share is None else share + part
+                if last and before_last_backward is not None:
+                    before_last_backward(share, noise)
+                self._backward(loss * (weight * self.world_size))
+                if measure_noise and index == 0 and len(pieces) > 1:
+                    # The accumulated gradient is still the first micro-batch's alone (and local).
+                    noise = NoiseSample(self.grad_sq() / (weight * self.world_size) ** 2, pieces[0][1])
+        assert share is not None
+        return StepResult(share, noise)
+
+    def _counts(self, pieces: list[tuple[Batch, int]]) -> tuple[list[Any], float | None]:
+        """Each micro-batch's count of loss terms and the total over ranks (``None``: samples, the global size)."""
+        if self.loss_count is None:
+            return [size for _, size in pieces], None
+        counts = [self.loss_count(micro) for micro, _ in pieces]
+        total = torch.as_tensor(sum(counts), dtype=torch.float64)
+        if self.all_reduce is not None and self.world_size > 1:
+            total = self.all_reduce(total.to(self.params[0].device)).cpu()
+        return counts, float(total)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def grad_scale(self) -> float:
+        """The factor the gradients carry: the fp16 loss scale, else 1."""
+        return 1.0 if self.scaler is None else float(self.scaler.get_scale())
+
+    def grad_sq(self) -> float:
+        """Squared norm of the gradients accumulated so far, unscaled (one device sync)."""
+        return squared_grad_norm(p.grad for p in self.params) / self.grad_scale() ** 2
+
+    def update(self) -> torch.Tensor | None:
+        """Unscale, clip (returns the gradient norm when clipping), step, zero the grads."""
+        norm = None
+        optimizer = self.optimizer
+        if optimizer is not None:
+            if self.max_grad_norm is not None:
+                if self.scaler is not None:
+                    self.scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+        self.skip()
+        return norm
+
+    def skip(self) -> None:
+        """Drop the accumulated gradients without updating."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.model.zero_grad(set_to_none=True)
+
+    def run(self, batch: Batch) -> torch.Tensor:
+        """One whole step on ``batch`` (accumulate, then update); its mean loss."""
+        result = self.accumulate(batch, batch_len(batch))
+        self.update()
+        return result.loss

@@ -1,0 +1,6 @@
+"""Callbacks, one per file: the protocol (:mod:`.base`) and the built-in ones."""
+
+from .base import HOOKS, Callback, overriding
+from .early_stopping import EarlyStopping
+
+__all__ = ["HOOKS", "Callback", "EarlyStopping", "overriding"]

@@ -1,0 +1,93 @@
+"""Evaluation and prediction: the model in eval mode over a source, in order, without gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.batch import Batch, LossFn, batch_len, forward, loss_of, target_of
+from ..core.precision import autocast
+from ..data.batcher import Batcher
+from ..data.prefetch import device_prefetch
+from ..data.sources import Source
+from ..distributed import DistContext
+from .metrics import Metric, MetricSums, correct_count, is_classification
+
+
+@dataclass
+class Evaluator:
+    """Evaluates ``module`` as the trainer trains it: same device, dtype, precision and loss.
+
+    ``default_batch_size()`` gives the batch size when neither the call nor ``batch_size`` does.
+    """
+
+    module: torch.nn.Module
+    loss_fn: LossFn | None
+    device: torch.device
+    precision: str
+    default_batch_size: Callable[[], int]
+    batch_size: int | None = None
+    loss_count: Callable[[Batch], Any] | None = None
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+    def evaluate(self, src: Source, batch_size: int | None = None) -> dict[str, float]:
+        """Mean loss over ``src`` (and accuracy for class-index targets, and user metrics)."""
+        return self.sums(src, batch_size).result()
+
+    def validate(self, src: Source, dist: DistContext) -> dict[str, float]:
+        """Validation metrics, the same on every rank.
+
+        In a distributed run each rank evaluates its share of ``src`` and one all-reduce sums the
+        shares: world-size times less work than each rank evaluating everything, and the sums
+        that every rank divides are the same numbers.
+        """
+        if not dist.enabled or len(src) < dist.world_size:
+            return self.evaluate(src)
+        sums = self.sums(src, None, dist.rank, dist.world_size)
+        sums.all_reduce(dist.all_reduce_sum)
+        return sums.result()
+
+    def sums(self, src: Source, batch_size: int | None, rank: int = 0, world_size: int = 1) -> MetricSums:
+        """Loss, accuracy and metric sums over ``src`` (this rank's share of each batch)."""
+        sums = MetricSums()
+        for output, batch, n in self._outputs(src, batch_size, rank, world_size):
+            loss = loss_of(output, batch, self.loss_fn)
+            # The mean over tokens when the loss counts tokens, as in training.
+            sums.add("loss", loss, n if self.loss_count is None else self.loss_count(batch))
+            target = target_of(batch)
+            if is_classification(output, target):
+                assert target is not None
+                sums.add_correct(correct_count(output, target), n)
+            for name, metric in self.metrics.items():
+                sums.add(name, metric(output, target), n)
+            sums.count += n
+        return sums
+
+    def predict(self, src: Source, batch_size: int | None = None) -> torch.Tensor:
+        """Model outputs for every sample of ``src`` in order, concatenated on the CPU."""
+        outputs = [getattr(output, "logits", output).float().cpu() for output, _, _ in self._outputs(src, batch_size)]
+        return torch.cat(outputs)
+
+    def _outputs(self, src: Source, batch_size: int | None, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[Any, Batch, int]]:
+        """``(output, batch, samples)`` for each non-empty batch, in eval mode and without gradients."""
+        size = batch_size or self.batch_size or max(256, self.default_batch_size())
+        batcher = Batcher(src, min(size * world_size, len(src)), shuffle=False, seed=0, rank=rank,
+                          world_size=world_size, pin_memory=self.device.type == "cuda")
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for batch, _ in device_prefetch(batcher.positioned(), self.device, dtype):
+                    n = batch_len(batch)
+                    if n == 0:  # this rank's share of a last batch smaller than the world
+                        continue
+                    with autocast(self.precision, self.device.type):
+                        output = forward(self.module, batch)
+                    yield output, batch, n
+        finally:
+            self.module.train(was_training)
