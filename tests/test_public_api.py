@@ -29,3 +29,29 @@ def test_check_choice_refuses_ints_posing_as_bools():
 
     with pytest.raises(ValueError, match="`shuffle` must be one of False, True, 'full', 'block'. Received: shuffle=1"):
         bf.Batcher((np.zeros((4, 1)), np.zeros(4)), batch_size=2, shuffle=1)
+
+
+def test_all_is_every_public_non_module_name():
+    import types
+
+    public = {name for name, value in vars(batchfit).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert public == set(batchfit.__all__)
+
+
+def test_exported_objects_say_they_live_in_batchfit():
+    elsewhere = [name for name in batchfit.__all__ if getattr(batchfit, name).__module__ != "batchfit"]
+    assert elsewhere == []
+
+
+def test_every_error_is_in_the_one_hierarchy_drawn_in_errors_docstring():
+    from batchfit import errors
+
+    classes = [value for value in vars(errors).values()
+               if isinstance(value, type) and issubclass(value, Exception) and value.__module__ in
+               ("batchfit", "batchfit.errors")]
+    assert {cls.__name__ for cls in classes} >= {"BatchfitError", "ConfigError"}
+    for cls in classes:
+        assert issubclass(cls, batchfit.BatchfitError), cls
+        assert cls.__name__ in errors.__doc__, f"{cls.__name__} is not drawn in errors.py's docstring"
+        assert getattr(batchfit, cls.__name__) is cls, f"{cls.__name__} is not exported"

@@ -1,13 +1,22 @@
 """batchfit: mini-batch training for PyTorch that measures batch size and learning rate.
 
-The public API is everything in ``__all__``; modules not listed here are private.
+The public API is everything in ``__all__``; modules not listed here are private. Layers, each
+importing only from the ones before it: ``errors`` ← ``core`` ← ``data``, ``distributed`` ←
+``measure`` ← ``train`` ← ``report`` ← ``config``/``run``/``models``/``demo``/``bench`` ← ``cli``.
 """
 
 from .data.batcher import Batcher
 from .data.shards import ShardSource, write_shards
 from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
-from .errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, ShardError
+from .errors import (
+    BatchfitError,
+    CheckpointError,
+    ConfigError,
+    DistributedError,
+    NonFiniteLossError,
+    ShardError,
+)
 from .measure.lr import adascale_gain, scale_lr, warmup
 from .measure.memory import find_micro_batch_size
 from .measure.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
@@ -15,6 +24,7 @@ from .measure.range_test import LRRangeResult, lr_range_test
 from .report import TuneReport, tune
 from .train.callbacks import Callback, EarlyStopping
 from .train.history import History
+from .train.options import TrainerOptions
 from .train.trainer import Trainer
 
 __all__ = [
@@ -23,6 +33,7 @@ __all__ = [
     "BatchfitError",
     "Callback",
     "CheckpointError",
+    "ConfigError",
     "DatasetSource",
     "DistributedError",
     "EarlyStopping",
@@ -34,6 +45,7 @@ __all__ = [
     "ShardError",
     "ShardSource",
     "Trainer",
+    "TrainerOptions",
     "TuneReport",
     "adascale_gain",
     "estimate_noise_scale",
@@ -47,3 +59,11 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Every exported object says it lives in `batchfit` (as httpx does): what users import is where
+# reprs, tracebacks and docs point, whatever module defines it.
+for _name in __all__:
+    _object = globals()[_name]
+    if getattr(_object, "__module__", "batchfit").startswith("batchfit."):
+        _object.__module__ = "batchfit"
+del _name, _object

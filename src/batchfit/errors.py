@@ -67,3 +67,10 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
         options = ", ".join(repr(c) for c in choices)
         raise expected(name, f"one of {options}", value)
     return value
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """Return ``value`` if it is a (non-bool) non-negative integer, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise expected(name, "a non-negative integer", value)
+    return value

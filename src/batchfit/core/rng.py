@@ -7,7 +7,7 @@ The state is made of tensors and plain values only, so that a checkpoint holding
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ import torch
 
 def rng_state(cuda: bool = False) -> dict[str, Any]:
     """The state of Python's, NumPy's, torch's (and, when in use or ``cuda``, CUDA's) generators."""
-    np_state = np.random.get_state()
+    # The global generator is a legacy RandomState (MT19937), so the legacy state is a tuple.
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),

@@ -35,7 +35,7 @@ from ..core.precision import PRECISIONS
 from ..core.step import Step
 from ..data.batcher import Batcher
 from ..data.sources import Source, as_source
-from ..errors import BatchfitError, check_choice, check_positive_int, expected
+from ..errors import BatchfitError, check_choice, check_positive_int, check_seed, expected
 from .state import probe
 
 logger = logging.getLogger(__name__)
@@ -337,8 +337,7 @@ def _step_peaks(
         check_positive_int("max_size", max_size)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise expected("optimizer", "None or a torch.optim.Optimizer", type(optimizer).__name__)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise expected("seed", "an integer", seed)
+    check_seed(seed)
     check_choice("precision", precision, PRECISIONS)
     cap = len(source) if max_size is None else min(len(source), max_size)
     target = resolve_device(device, model)

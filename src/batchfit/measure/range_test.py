@@ -20,6 +20,7 @@ import torch
 
 from ..core.batch import LossFn, param_dtype, to_device
 from ..core.device import resolve_device
+from ..core.figures import new_figure, save_figure
 from ..core.maths import ema
 from ..core.precision import PRECISIONS
 from ..core.step import Step
@@ -75,13 +76,9 @@ class LRRangeResult:
 
     def plot(self, path: str | Path) -> Path:
         """Write a PNG of the smoothed loss against the learning rate (log axis), marking the suggestion."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         path = Path(path)
-        figure = Figure(figsize=(6, 4))
-        FigureCanvasAgg(figure)  # render with Agg without touching pyplot's global backend
-        axes = figure.subplots()
+        figure, grid = new_figure(1, 1, (6, 4))
+        axes = grid[0][0]
         axes.plot(self.lrs, self.raw_losses, color="0.75", linewidth=0.8, label="loss")
         axes.plot(self.lrs, self.losses, color="C0", label="smoothed loss")
         axes.axvline(self.suggested_lr, color="C3", linestyle="--", label=f"suggested lr = {self.suggested_lr:.3g}")
@@ -96,8 +93,7 @@ class LRRangeResult:
             axes.set_ylim(low - 0.1 * span, top + 0.5 * span)
         axes.legend()
         axes.set_title("learning-rate range test")
-        figure.tight_layout()
-        figure.savefig(path, format="png", dpi=100)
+        save_figure(figure, path)
         return path
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..core.durable import fsync_dir
+from ..core.durable import atomic_write
 from ..errors import CheckpointError
 
 logger = logging.getLogger("batchfit")
@@ -42,18 +42,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str], step:
     """Write ``state`` atomically as the checkpoint of ``step``; keep the newest ``keep`` files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(folder, step)
-    tmp = folder / f".{final.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(folder)
+    final = atomic_write(checkpoint_path(folder, step), lambda handle: torch.save(state, handle))
     # The file just written always stays, even when a newer-named one exists (an unreadable
     # file that a resume skipped): pruning it could leave no readable checkpoint at all.
     for old in [p for p in list_checkpoints(folder) if p != final][keep - 1 :]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -62,7 +62,8 @@ class Evaluator:
                 assert target is not None
                 sums.add_correct(correct_count(output, target), n)
             for name, metric in self.metrics.items():
-                sums.add(name, metric(output, target), n)
+                # Metrics are typed on tensor targets; a batch without one passes None through as before.
+                sums.add(name, metric(output, cast(torch.Tensor, target)), n)
             sums.count += n
         return sums
 

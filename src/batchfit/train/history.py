@@ -6,10 +6,12 @@ import csv
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
+
+from ..core.durable import atomic_write
 
 STEP_FIELDS = ("step", "epoch", "samples", "batch_size", "loss", "lr", "seconds")
 # Losses held as tensors are read back once this many are pending: one device sync per that many
@@ -146,9 +148,9 @@ def _epoch_key_order(key: str) -> tuple[int, str]:
 
 
 def _write_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", newline="") as handle:
+    def write(handle: IO[Any]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(names), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+
+    atomic_write(path, write, text=True)

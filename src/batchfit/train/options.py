@@ -20,7 +20,7 @@ import torch
 
 from ..core.precision import PRECISIONS, Precision
 from ..data.order import SHUFFLES
-from ..errors import check_choice, check_positive_int, expected
+from ..errors import check_choice, check_positive_int, check_seed, expected
 
 BatchMode = Literal["full", "auto", "adaptive"]
 LRRule = Literal["linear", "sqrt", "adascale"]
@@ -106,8 +106,7 @@ class TrainerOptions:
         for name in ("noise_scale", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise expected(name, "True or False", getattr(self, name))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise expected("seed", "a non-negative integer", self.seed)
+        check_seed(self.seed)
 
     @property
     def measured_batch(self) -> bool:
@@ -135,7 +134,7 @@ def option_names() -> tuple[str, ...]:
 
 def toml_types() -> dict[str, tuple[tuple[type, ...], Any]]:
     """``name -> (accepted TOML value types, default)`` of each option, derived from its annotation."""
-    hints = typing.get_type_hints(TrainerOptions)
+    hints = typing.get_type_hints(TrainerOptions, globalns=globals())  # (its __module__ is "batchfit")
     return {f.name: (_toml_types(hints[f.name]), f.default) for f in dataclasses.fields(TrainerOptions)}
 
 

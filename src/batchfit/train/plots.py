@@ -6,29 +6,11 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+from ..core.figures import new_figure, save_figure
+from ..core.maths import ema
+
 if TYPE_CHECKING:
     from .history import History
-
-
-def new_figure(rows: int, cols: int, size: tuple[float, float]):  # type: ignore[no-untyped-def]
-    """A figure on the Agg backend, so plotting works without a screen."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(rows, cols, figsize=size, squeeze=False)
-
-
-def save_figure(fig, path: str | os.PathLike[str]) -> None:  # type: ignore[no-untyped-def]
-    """Save atomically (temporary file, then rename) and close."""
-    import matplotlib.pyplot as plt
-
-    tmp = f"{os.fspath(path)}.tmp.png"
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_history(history: History, path: str | os.PathLike[str]) -> None:
@@ -76,14 +58,3 @@ def _plot_epochs(ax, history: History) -> None:  # type: ignore[no-untyped-def]
     for name in metric_names:
         ax.plot(x, [record.get(name, math.nan) for record in epochs], marker="o", label=name)
     ax.legend()
-
-
-def ema(values: list[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average, skipping non-finite values."""
-    out, average, weight = [], 0.0, 0.0
-    for value in values:
-        if math.isfinite(value):
-            average = beta * average + (1 - beta) * value
-            weight = beta * weight + (1 - beta)
-        out.append(average / weight if weight else math.nan)
-    return out
