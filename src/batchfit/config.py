@@ -45,7 +45,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     },
 }
 TRAINER_KEYS = option_names()
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
 }
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -141,7 +141,7 @@ def load_arrays(config: Config, which: str) -> tuple[np.ndarray, np.ndarray] | N
     unknown = sorted(set(spec) - {"x", "y"})
     if unknown or "x" not in spec or "y" not in spec:
         raise ConfigError(f"`data.{which}` as a table needs exactly the keys x and y (.npy paths). Received: {spec}")
-    return tuple(np.load(resolve_path(config, spec[k]), allow_pickle=False) for k in ("x", "y"))  # type: ignore
+    return tuple(np.load(resolve_path(config, spec[k]), allow_pickle=False) for k in ("x", "y"))
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:

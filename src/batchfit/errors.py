@@ -69,8 +69,8 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
     return value
 
 
-def check_seed(value: Any, name: str = "seed") -> int:
-    """Return ``value`` if it is a (non-bool) non-negative integer, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise expected(name, "a non-negative integer", value)
+def check_seed(value: Any, *, negative: bool = False) -> int:
+    """Return ``value`` if it is a (non-bool) integer — non-negative unless ``negative`` — else raise."""
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and not negative):
+        raise expected("seed", "an integer" if negative else "a non-negative integer", value)
     return value

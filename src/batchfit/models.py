@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -61,4 +61,4 @@ def cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, channe
     return nn.Sequential(*layers)
 
 
-BUILTIN = {"mlp": mlp, "cnn": cnn}
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}

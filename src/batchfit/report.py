@@ -23,6 +23,7 @@ import torch
 
 from .core.batch import LossFn
 from .core.device import resolve_device
+from .core.figures import new_figure, save_figure
 from .core.maths import ema
 from .core.precision import PRECISIONS
 from .data.sources import as_source
@@ -32,7 +33,6 @@ from .measure.lr import scale_lr
 from .measure.memory import find_micro_batch_size
 from .measure.noise import estimate_noise_scale
 from .measure.range_test import lr_range_test
-from .train.plots import new_figure, save_figure
 from .train.trainer import Trainer
 
 logger = logging.getLogger("batchfit")
@@ -220,8 +220,8 @@ def tune(
     target = target_loss if target_loss is not None else default_target(sweep)
     for point in sweep:
         _reach(point, target)
-    reached = [p for p in sweep if p.seconds_to_target is not None]
-    best = min(reached, key=lambda p: p.seconds_to_target) if reached else min(sweep, key=lambda p: p.final_loss)
+    reached = [(seconds, p) for p in sweep if (seconds := p.seconds_to_target) is not None]
+    best = min(reached, key=lambda r: r[0])[1] if reached else min(sweep, key=lambda p: p.final_loss)
     model.load_state_dict(initial)
     micro = None if best.batch_size <= fit else fit
     reasons = {

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ def data_path_rows(num_samples: int = 200_000, batch_size: int = 256, repeats: i
 
     def batchfit_epoch() -> int:
         count = 0
-        for xb, _ in batcher:
+        for xb, _ in cast("Iterable[tuple[torch.Tensor, torch.Tensor]]", batcher):  # ArraySource(x, y): pairs
             count += xb.shape[0]
         return count
 

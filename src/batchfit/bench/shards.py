@@ -28,9 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -42,8 +42,17 @@ from batchfit.data.sources import ArraySource
 
 WIDTH = 256  # features of the big dataset
 CLASSES = 10
+
+
+class BlockOptions(TypedDict, total=False):
+    """The Batcher options of a block shuffle."""
+
+    block_size: int
+    window_blocks: int
+
+
 # name -> (shuffle, Batcher options); the two block variants differ in blocks per window
-ORDERS: dict[str, tuple[bool | str, dict[str, int]]] = {
+ORDERS: dict[str, tuple[bool | str, BlockOptions]] = {
     "none": (False, {}),
     "block 4096x8": ("block", {"block_size": 4096, "window_blocks": 8}),
     "block 512x16": ("block", {"block_size": 512, "window_blocks": 16}),
@@ -75,6 +84,11 @@ def mixture(num_samples: int, seed: int, width: int = 64, spread: float = 2.0) -
     x = means[labels, rng.integers(0, 4, num_samples)]
     x += spread * rng.standard_normal((num_samples, width), dtype=np.float32)
     return x, labels
+
+
+def xy(batches: Batcher) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """The batcher itself, typed: every source here is written from ``(x, y)``, so its batches are pairs."""
+    return cast("Iterable[tuple[torch.Tensor, torch.Tensor]]", batches)
 
 
 def mlp(width: int, hidden: int = 128) -> torch.nn.Module:
@@ -125,7 +139,7 @@ def child_train(path: str, order: str) -> dict[str, Any]:
     shuffle, options = ORDERS[order]
     batches = Batcher(ShardSource(path), batch_size=256, shuffle=shuffle, seed=0, **options)
     start, samples, loss = time.perf_counter(), 0, torch.zeros(())
-    for x, y in batches:
+    for x, y in xy(batches):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -141,7 +155,7 @@ def child_read(path: str, order: str) -> dict[str, Any]:
     batches = Batcher(ShardSource(path), batch_size=256, shuffle=shuffle, seed=0, **options)
     batches.order()  # the permutation is not part of the reading
     start, samples, first = time.perf_counter(), 0, None
-    for x, _ in batches:
+    for x, _ in xy(batches):
         samples += len(x)
         if first is None and samples >= 256 * 1000:
             first = samples / (time.perf_counter() - start)
@@ -149,7 +163,7 @@ def child_read(path: str, order: str) -> dict[str, Any]:
     return {"rate": samples / seconds, "first_1000": first, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
 
 
-CHILD_TASKS = {"write": child_write, "train": child_train, "read": child_read}
+CHILD_TASKS: dict[str, Callable[..., dict[str, Any]]] = {"write": child_write, "train": child_train, "read": child_read}
 
 
 def in_child(task: str, *args: Any) -> dict[str, Any]:
@@ -205,7 +219,7 @@ def bench_big(folder: Path, size_gb: float, cold_repeats: int) -> list[dict]:
 
 def epoch_rate(batcher: Batcher) -> float:
     start, samples = time.perf_counter(), 0
-    for batch in batcher:
+    for batch in xy(batcher):
         samples += len(batch[0])
     return samples / (time.perf_counter() - start)
 
@@ -242,7 +256,7 @@ def diversity(src: ShardSource, order: str, batch_size: int = 256) -> tuple[floa
     """Mean distinct labels per batch, and mean label entropy per batch (bits), over one epoch."""
     shuffle, options = ORDERS[order]
     distinct, entropy = [], []
-    for _, y in Batcher(src, batch_size=batch_size, shuffle=shuffle, seed=0, drop_last=True, **options):
+    for _, y in xy(Batcher(src, batch_size=batch_size, shuffle=shuffle, seed=0, drop_last=True, **options)):
         counts = np.bincount(y.numpy(), minlength=CLASSES)
         p = counts[counts > 0] / counts.sum()
         distinct.append(len(p))
@@ -258,7 +272,7 @@ def accuracy_after(src: ShardSource, order: str, test: tuple[np.ndarray, np.ndar
     shuffle, options = ORDERS[order]
     batches = Batcher(src, batch_size=256, shuffle=shuffle, seed=0, **options)
     for _ in range(epochs):
-        for x, y in batches:
+        for x, y in xy(batches):
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()

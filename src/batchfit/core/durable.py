@@ -31,7 +31,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     final = Path(path)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
+        with open(tmp, "w", newline="") if text else open(tmp, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

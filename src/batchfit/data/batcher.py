@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from ..errors import BatchfitError, check_choice, check_positive_int, expected
+from ..errors import BatchfitError, check_choice, check_positive_int, check_seed, expected
 from .order import SHUFFLES, epoch_order
 from .prefetch import prefetch_iter
 from .sources import Batch, Source, as_source, slice_batch
@@ -64,8 +64,7 @@ class Batcher:
         check_choice("shuffle", shuffle, SHUFFLES)
         if not isinstance(drop_last, bool):
             raise expected("drop_last", "True or False", drop_last)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise expected("seed", "a non-negative integer", seed)
+        check_seed(seed)
         check_positive_int("world_size", world_size)
         check_positive_int("rank", rank, allow_zero=True)
         if rank >= world_size:
@@ -152,7 +151,7 @@ class Batcher:
         ask = getattr(self.src, "batches_per_gather", None)
         return 1 if ask is None or self.workers else max(1, int(ask(max(1, self._batch_size // self.world_size))))
 
-    def _loads(self, per_gather: int) -> Iterator[tuple[int, int, Batch]]:
+    def _loads(self, per_gather: int) -> Generator[tuple[int, int, Batch], None, None]:
         """(end, size, batch) of the planned batches, ``per_gather`` of them gathered in one call.
 
         A batch of a source split into many shards touches many of them, at one call each; the
@@ -219,7 +218,7 @@ class Batcher:
         """Continue just after the batch that ``position`` was handed out with."""
         self.epoch, self.samples_done, self.last_batch_size = position
 
-    def _in_workers(self) -> Iterator[tuple[int, int, Batch]]:
+    def _in_workers(self) -> Generator[tuple[int, int, Batch], None, None]:
         """(end, size, batch) of the planned batches, gathered in worker processes."""
         plan = list(self._plan())
         if not plan:
@@ -274,6 +273,6 @@ class _GatherInWorker(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.src)
 
-    def __getitem__(self, indices: np.ndarray) -> Batch:  # type: ignore[override]
+    def __getitem__(self, indices: np.ndarray) -> Batch:
         batch = self.src.gather(indices, False)
         return self.transform(batch) if self.transform is not None else batch

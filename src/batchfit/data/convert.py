@@ -269,7 +269,7 @@ def _image_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     image_module = _pillow()
     extensions = set(image_module.registered_extensions())
-    resize = size is not None
+    resize_to = size  # the size asked for; ``size`` becomes the first image's when None
     mode: str | None = None
     images: list[np.ndarray] = []
     labels: list[int] = []
@@ -280,8 +280,8 @@ def _image_batches(
                 image = image.convert(mode)
         except OSError as error:
             raise BatchfitError(f"Image {path} cannot be read: {error}") from None
-        if resize:
-            image = image.resize((size[1], size[0]), image_module.Resampling.BILINEAR)
+        if resize_to is not None:
+            image = image.resize((resize_to[1], resize_to[0]), image_module.Resampling.BILINEAR)
         size = size or (image.height, image.width)
         if (image.height, image.width) != size:
             raise expected(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -102,7 +102,8 @@ class ArraySource:
         """
         if self._numpy_only and not pin_memory:
             # mode="clip" skips NumPy's bounds-check buffering; indices come from the batcher.
-            return pack(self.names, [torch.from_numpy(a.take(indices, 0, None, "clip")) for a in self._arrays])
+            arrays = cast("list[np.ndarray]", self._arrays)  # _numpy_only: no None among them
+            return pack(self.names, [torch.from_numpy(a.take(indices, 0, None, "clip")) for a in arrays])
         indices = np.asarray(indices)
         out = []
         for tensor, array in zip(self.tensors, self._arrays):

@@ -337,7 +337,7 @@ def _step_peaks(
         check_positive_int("max_size", max_size)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise expected("optimizer", "None or a torch.optim.Optimizer", type(optimizer).__name__)
-    check_seed(seed)
+    check_seed(seed, negative=True)  # any integer seeds a torch.Generator
     check_choice("precision", precision, PRECISIONS)
     cap = len(source) if max_size is None else min(len(source), max_size)
     target = resolve_device(device, model)

@@ -31,7 +31,7 @@ from ..core.maths import Line, fit_line
 from ..core.precision import PRECISIONS
 from ..core.step import Step
 from ..data.sources import as_source
-from ..errors import check_choice, check_positive_int, expected
+from ..errors import check_choice, check_positive_int, check_seed, expected
 from .state import probe
 
 logger = logging.getLogger(__name__)
@@ -239,8 +239,7 @@ def estimate_noise_scale(
         check_positive_int("micro_batch_size", micro_batch_size)
     if big_batch <= small_batch or big_batch % small_batch:
         raise expected("big_batch", f"a multiple of small_batch={small_batch} larger than it", big_batch)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise expected("seed", "an integer", seed)
+    check_seed(seed, negative=True)  # any integer seeds a torch.Generator
     check_choice("precision", precision, PRECISIONS)
     target = resolve_device(device, model)
     generator = torch.Generator().manual_seed(seed)
@@ -254,7 +253,7 @@ def estimate_noise_scale(
         dtype = param_dtype(net)
         for draw in range(num_batches):
             indices = torch.randint(len(source), (big_batch,), generator=generator)
-            batch = to_device(source.gather(indices), target, dtype)
+            batch = to_device(source.gather(indices.numpy()), target, dtype)
             big = [torch.zeros_like(p) for p in step.params]
             small_sq = 0.0
             for small, size in micro_batches(batch, small_batch):

@@ -46,7 +46,7 @@ def plot_history(history: History, path: str | os.PathLike[str]) -> None:
     save_figure(fig, path)
 
 
-def _plot_epochs(ax, history: History) -> None:  # type: ignore[no-untyped-def]
+def _plot_epochs(ax, history: History) -> None:
     epochs = history.epochs
     ax.set(xlabel="epoch", title="per epoch")
     if not epochs:

@@ -374,12 +374,12 @@ class Trainer:
                     step_fn.skip()
                     self.stop_training = True
                     break
+            recorded: torch.Tensor | float = loss
             if check_each_step:
-                value = loss.item()
-                if not math.isfinite(value):
-                    self._non_finite(value, epoch, position)
+                recorded = loss.item()  # read back now: the history keeps the float
+                if not math.isfinite(recorded):
+                    self._non_finite(recorded, epoch, position)
                     continue
-                loss = value  # already read back: the history keeps the float
             pair = None if noise is None else (noise.small_sq, step_fn.grad_sq(), noise.b_small, global_size)
             step_fn.update()
             self.step += 1
@@ -391,10 +391,10 @@ class Trainer:
             if track_noise:
                 self._track_noise(pair)
                 assert self.noise_tracker is not None
-                history.add_step(self.step, epoch, self.samples_seen, global_size, loss, lr.lr, seconds,
+                history.add_step(self.step, epoch, self.samples_seen, global_size, recorded, lr.lr, seconds,
                                  noise_scale=self.noise_tracker.b_simple)
             else:
-                history.add_step(self.step, epoch, self.samples_seen, global_size, loss, lr.lr, seconds)
+                history.add_step(self.step, epoch, self.samples_seen, global_size, recorded, lr.lr, seconds)
             if step_end:
                 self._check_losses()
                 record = history.record(-1)
