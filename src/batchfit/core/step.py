@@ -111,7 +111,7 @@ class Step:
                 weight = count / (global_size if total is None else total)
                 # A rank's share of a batch smaller than the world is empty: its loss is NaN (a mean over
                 # nothing) but it still runs backward so that DDP's gradient sync happens on every rank.
-                part = loss.detach() * weight if count else torch.zeros_like(loss.detach())
+                part = _share(loss.detach(), weight, count)
                 share = part if share is None else share + part
                 if last and before_last_backward is not None:
                     before_last_backward(share, noise)
@@ -122,15 +122,22 @@ class Step:
         assert share is not None
         return StepResult(share, noise)
 
-    def _counts(self, pieces: list[tuple[Batch, int]]) -> tuple[list[Any], float | None]:
-        """Each micro-batch's count of loss terms and the total over ranks (``None``: samples, the global size)."""
+    def _counts(self, pieces: list[tuple[Batch, int]]) -> tuple[list[Any], torch.Tensor | None]:
+        """Each micro-batch's count of loss terms and the total over ranks (``None``: samples, the global size).
+
+        Counts of loss terms are integers, kept as float64 tensors (exact up to 2**53) where
+        ``loss_count`` put them, so each weight ``count / total`` is the exact ratio rounded once,
+        whatever the model's dtype (a float32 ratio is off by 1e-8 relative), and no count is read
+        back from the device.
+        """
         if self.loss_count is None:
             return [size for _, size in pieces], None
-        counts = [self.loss_count(micro) for micro, _ in pieces]
-        total = torch.as_tensor(sum(counts), dtype=torch.float64)
+        exact = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        counts = [torch.as_tensor(self.loss_count(micro), dtype=exact) for micro, _ in pieces]
+        total = torch.stack([count.to(counts[0].device) for count in counts]).sum()
         if self.all_reduce is not None and self.world_size > 1:
-            total = self.all_reduce(total.to(self.params[0].device)).cpu()
-        return counts, float(total)
+            total = self.all_reduce(total.to(self.params[0].device))
+        return counts, total
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -175,3 +182,13 @@ class Step:
         result = self.accumulate(batch, batch_len(batch))
         self.update()
         return result.loss
+
+
+def _share(loss: torch.Tensor, weight: Any, count: Any) -> torch.Tensor:
+    """``loss * weight``, or zero for a micro-batch without loss terms (its mean loss is NaN).
+
+    A count that is a tensor is compared where it lives: reading it back would wait for the device.
+    """
+    if isinstance(count, torch.Tensor):
+        return torch.where(count.to(loss.device) > 0, loss * weight, 0.0)
+    return loss * weight if count else torch.zeros_like(loss)
