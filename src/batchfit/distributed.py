@@ -32,8 +32,10 @@ TIMEOUT_ENV = "BATCHFIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 ABORT_LEAVE_S = 5.0  # how long a failing rank waits to leave the group before it goes on
 _ERROR_KEY = "batchfit/failed"  # where a failing rank posts its error for the others
-# Words of the errors a collective raises when a peer is gone (gloo, nccl, the c10d store).
-_PEER_GONE = ("connection closed", "connection reset", "broken pipe", "timed out", "gloo", "nccl")
+# Words of the errors a collective raises when a peer is gone, hung or left (gloo, nccl, the c10d
+# store), matched in lower case; tests/test_distributed_errors.py holds the messages seen.
+_PEER_GONE = ("connection closed", "connection reset", "connection refused", "broken pipe", "timed out", "timeout",
+              "pair closure", "socket", "unreachable", "gloo", "nccl", "tcpstore")
 
 
 @dataclass
@@ -283,7 +285,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _is_peer_gone(error: BaseException) -> bool:
-    """Whether ``error`` is what a collective raises when another rank died, left or hung."""
+    """Whether ``error`` is what a collective raises when another rank died, left or hung.
+
+    By type first (``torch.distributed``'s DistError family: backend, network and store errors),
+    then by the words of the message, for the RuntimeErrors that older builds and gloo raise.
+    """
     if isinstance(error, (DistributedError, dist.DistError)):
         return True
     return isinstance(error, RuntimeError) and any(word in str(error).lower() for word in _PEER_GONE)

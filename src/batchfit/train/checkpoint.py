@@ -8,9 +8,12 @@ tensors and plain containers, so a checkpoint file can never run code.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,19 +42,102 @@ def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str], step: int, keep: int) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``step``; keep the newest ``keep`` files."""
+    """Write ``state`` atomically as the checkpoint of ``step``; keep the newest ``keep`` files.
+
+    A write that fails (a full disk, above all) raises an ``OSError`` naming the file and the
+    reason — torch reports a full disk as an obscure ``RuntimeError`` — and the checkpoints
+    written before stay as they were.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    final = atomic_write(checkpoint_path(folder, step), lambda handle: torch.save(state, handle))
+    path = checkpoint_path(folder, step)
+    try:
+        final = atomic_write(path, lambda handle: torch.save(state, handle))
+    except (OSError, RuntimeError) as error:
+        why, full = _write_failure(error, folder)
+        if not isinstance(error, OSError) and not full:
+            raise
+        code = errno.ENOSPC if full else error.errno  # type: ignore[union-attr]
+        raise OSError(code, f"cannot write checkpoint {path}: {why}; the earlier checkpoints in {folder} "
+                            f"are kept") from error
     # The file just written always stays, even when a newer-named one exists (an unreadable
     # file that a resume skipped): pruning it could leave no readable checkpoint at all.
     for old in [p for p in list_checkpoints(folder) if p != final][keep - 1 :]:
         old.unlink(missing_ok=True)
     for stale in folder.glob(".step-*.tmp"):
-        # Left by a process killed while writing; never a complete checkpoint.
-        if not stale.name.endswith(f".{os.getpid()}.tmp"):
+        # Left by a process killed while writing; never a complete checkpoint. Another live
+        # writer's file is left alone (the folder lock keeps a second run out, but not a user's
+        # own save_checkpoint from another process).
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             stale.unlink(missing_ok=True)
     return final
+
+
+def _write_failure(error: BaseException, folder: Path) -> tuple[str, bool]:
+    """Why a write failed, in words, and whether the disk is full (named as such: torch reports it obscurely)."""
+    code = getattr(error, "errno", None)
+    free = shutil.disk_usage(folder).free
+    if code in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(error) or free < 1 << 20:
+        return f"the disk is full ({free:,} bytes free)", True
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}", False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FolderLock:
+    """One live run per checkpoint folder: an exclusive ``flock`` on the folder itself.
+
+    The kernel releases the lock when the process ends, however it ends, so a crashed run never
+    blocks the next one, and no lock file is left in the folder. A second run on the same folder
+    is refused, naming the first one's pid (read from ``/proc/locks`` where Linux has it).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`CheckpointError` naming the process that holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _lock_owner(os.fstat(fd).st_ino)
+            os.close(fd)
+            raise CheckpointError(f"checkpoint_dir {self.folder} is in use by another run (pid {owner}); two runs "
+                                  f"would overwrite each other's checkpoints: give this run its own folder, or "
+                                  f"wait for that one to end") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let the next run in."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _lock_owner(inode: int) -> str:
+    """The pid holding a flock on the file with ``inode``, from ``/proc/locks`` (``"unknown"`` elsewhere)."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and len(fields) > 5 and fields[5].endswith(f":{inode}"):
+            return fields[4]
+    return "unknown"
 
 
 def load_latest(folder: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[dict[str, Any], Path] | None:
@@ -65,6 +151,31 @@ def load_latest(folder: str | os.PathLike[str], map_location: Any = "cpu") -> tu
         except Exception as error:  # a damaged file of any kind: fall back to an older one
             warnings.warn(f"skipping unreadable checkpoint {path}: {error}", RuntimeWarning, stacklevel=2)
     return None
+
+
+def check_fits(state: dict[str, Any], module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Refuse a checkpoint whose parts do not fit ``module`` and ``optimizer`` — before anything is loaded.
+
+    Checks that every part a resume loads is there, that the weights have this model's names and
+    shapes, and that the optimizer state has this optimizer's parameter groups, so that a failed
+    resume leaves model and optimizer as they were.
+    """
+    missing = [k for k in ("model", "optimizer", "step", "samples_seen", "batcher", "rng", "history") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a batchfit checkpoint of this version: it has no {missing}")
+    saved, mine = state["model"], module.state_dict()
+    problems = [f"{name} is missing" for name in mine if name not in saved]
+    problems += [f"{name} is not in this model" for name in saved if name not in mine]
+    problems += [f"{name} has shape {tuple(saved[name].shape)} there, {tuple(value.shape)} here"
+                 for name, value in mine.items() if name in saved and tuple(saved[name].shape) != tuple(value.shape)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} holds weights of another model: {'; '.join(problems[:3])}{more}")
+    groups = state["optimizer"].get("param_groups", [])
+    sizes = [len(group["params"]) for group in optimizer.state_dict()["param_groups"]]
+    if [len(group.get("params", [])) for group in groups] != sizes:
+        raise CheckpointError(f"checkpoint {path} holds an optimizer with parameter groups of "
+                              f"{[len(g.get('params', [])) for g in groups]} tensors; this optimizer has {sizes}")
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:

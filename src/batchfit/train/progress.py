@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any
+from typing import IO, Any
+
+FALLBACK_SIZE = os.terminal_size((80, 20))  # columns and lines where the terminal reports 0
 
 
 class Progress:
@@ -26,8 +29,13 @@ class Progress:
             return
         from tqdm.auto import tqdm
 
+        # tqdm draws nothing on a terminal that reports 0 columns or 0 lines (some CI runners and
+        # containers); the bar then keeps a fixed size instead of following the terminal's.
+        size = terminal_size(sys.stderr)
+        dynamic = size is None or min(size) > 0
+        fixed = {} if dynamic else {"ncols": FALLBACK_SIZE.columns, "nrows": FALLBACK_SIZE.lines}
         self._bar = tqdm(total=total, initial=already, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                         file=sys.stderr, dynamic_ncols=True, leave=True, mininterval=0)
+                         file=sys.stderr, dynamic_ncols=dynamic, leave=True, mininterval=0, **fixed)
         self._shown = already
         self.next_refresh = now + self.interval
 
@@ -53,3 +61,11 @@ class Progress:
         self._bar.close()
         self._bar = None
         self.next_refresh = float("inf")
+
+
+def terminal_size(file: IO[str]) -> os.terminal_size | None:
+    """The size the terminal behind ``file`` reports, or ``None`` where ``file`` is no terminal."""
+    try:
+        return os.get_terminal_size(file.fileno())
+    except (AttributeError, ValueError, OSError):
+        return None

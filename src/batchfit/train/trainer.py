@@ -29,7 +29,7 @@ from ..core.rng import rng_state, set_rng_state
 from ..core.step import NoiseSample, Step
 from ..data.batcher import Batcher, Position
 from ..data.prefetch import device_prefetch
-from ..data.sources import Source, as_source
+from ..data.sources import Source, as_source, fingerprint
 from ..errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, check_positive_int, expected
 from ..measure.noise import NoiseScaleTracker
 from . import checkpoint as ckpt
@@ -120,6 +120,7 @@ class Trainer:
         self._elapsed_before = 0.0
         self._start: float | None = None
         self._checked = 0  # steps whose losses have been checked for NaN
+        self._fingerprint = ""  # of the training data (see data.sources.fingerprint)
 
     @property
     def base_lrs(self) -> list[float]:
@@ -137,7 +138,7 @@ class Trainer:
         return None if self.plan is None else self.plan.micro_batch_size
 
     # ------------------------------------------------------------------ public API
-    def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool = False) -> History:
+    def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool | str = False) -> History:
         """Train ``epochs`` more epochs and return the history (also of earlier calls).
 
         ``train``/``val`` are sources, tuples of arrays or map-style datasets. A second call
@@ -145,21 +146,35 @@ class Trainer:
         ``epochs`` counts from the start of the run instead, and training continues from the
         newest readable checkpoint in ``checkpoint_dir`` (or starts fresh when there is none):
         running the same command again after a crash finishes the same run, with the weights
-        of a run that was never interrupted.
+        of a run that was never interrupted. A checkpoint of other data (its fingerprint differs),
+        another model, optimizer or setting is refused before anything is loaded;
+        ``resume="force"`` resumes on other data all the same.
+
+        One run at a time may use a ``checkpoint_dir``: a second live run is refused. A measured
+        batch plan (``"auto"``, ``"adaptive"``, ``micro_batch_size="auto"``) is saved as a step-0
+        checkpoint before the first step, so that a run killed before its first checkpoint
+        resumes with the same plan.
         """
         check_positive_int("epochs", epochs, allow_zero=True)
+        if resume not in (False, True, "force") or isinstance(resume, int) and not isinstance(resume, bool):
+            raise expected("resume", "False, True or 'force'", resume)
         if resume and self.checkpoint_dir is None:
             raise expected("checkpoint_dir", "a folder when resume=True", None)
         src = as_source(train, "train")
         val_src = None if val is None else as_source(val, "val")
         first_epoch = self.batcher.epoch if self.batcher is not None and not resume else 0
+        lock = ckpt.FolderLock(self.checkpoint_dir) if self.checkpoint_dir is not None and self.dist.is_main else None
         try:
+            if lock is not None:
+                lock.acquire()
             found = self._find_checkpoint() if resume else None
             batcher = self._prepare(src, None if found is None else found[0])
             if found is not None:
-                self._resume(*found)
+                self._resume(*found, check_data=resume != "force")
             else:
                 batcher.set_epoch(first_epoch)
+                if self.checkpoint_dir is not None and self._measured_plan():
+                    self.save_checkpoint()  # the measured plan is part of the run from now on
             if resume and not self.dist.all_equal(self.step):
                 raise DistributedError(f"rank {self.dist.rank}: the ranks resumed from checkpoints of different "
                                        f"steps (this one: step {self.step}); every rank must see the same "
@@ -174,7 +189,12 @@ class Trainer:
             replacement = self.dist.abort(error)
             if replacement is None:
                 raise
-            raise replacement from error
+            # The failed collective's own traceback (C++ frames) says nothing more than the first line
+            # the replacement quotes.
+            raise replacement from None
+        finally:
+            if lock is not None:
+                lock.release()
         return self.history
 
     def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, float]:
@@ -265,6 +285,7 @@ class Trainer:
                                    reason=choice.reason, b_simple=choice.b_simple,
                                    throughput={str(k): v for k, v in choice.throughput.items()},
                                    probe_seconds=choice.probe_seconds)
+        self._fingerprint = fingerprint(src)
         self.batcher = Batcher(src, plan.batch_size, o.shuffle, o.drop_last, o.seed, self.dist.rank,
                                self.dist.world_size, pin_memory=self.device.type == "cuda", prefetch=o.prefetch,
                                transform=self.transform, workers=o.workers)
@@ -289,11 +310,19 @@ class Trainer:
             logger.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
         return found
 
-    def _resume(self, state: dict[str, Any], path: Any) -> None:
-        ckpt.check_compatible(state["config"], self._config(), RESUME_KEYS, path)
+    def _measured_plan(self) -> bool:
+        """Whether this fit measured its batch plan (a choice a restart must not measure again)."""
+        return self.plan is not None and (self.plan.choice is not None or self.options.micro_batch_size == "auto")
+
+    def _resume(self, state: dict[str, Any], path: Any, check_data: bool = True) -> None:
+        """Load a checkpoint, after checking all of it fits this run (nothing is changed when it does not)."""
+        keys = RESUME_KEYS if check_data else tuple(k for k in RESUME_KEYS if k != "data_fingerprint")
+        ckpt.check_compatible(state.get("config", {}), self._config(), keys, path)
+        assert self.step_fn is not None
+        ckpt.check_fits(state, self.module, self.optimizer, path)
         try:
             self.load_state_dict(state)
-        except (KeyError, RuntimeError) as error:
+        except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {error}") from error
         logger.info("resumed from %s at step %d, epoch %d", path, self.step, self.batcher.epoch if self.batcher else 0)
 
@@ -302,7 +331,8 @@ class Trainer:
         config = dataclasses.asdict(self.options)
         config.update(batch_size=self.batcher.batch_size, num_samples=self.batcher.num_samples,
                       micro_batch_size=self.resolved_micro_batch_size, device=str(self.device),
-                      world_size=self.dist.world_size)
+                      world_size=self.dist.world_size, optimizer=type(self.optimizer).__name__,
+                      data_fingerprint=self._fingerprint)
         if self.options.measured_batch:
             config["batch_size"] = self.options.batch_size
         return config

@@ -1,6 +1,11 @@
 """Writing a shard folder: atomically, from a source or an iterable of batches."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
 import io
 import json
 import os
@@ -13,7 +18,7 @@ import numpy as np
 import torch
 
 from ...core.durable import fsync_dir
-from ...errors import check_positive_int, expected
+from ...errors import ShardError, check_positive_int, expected
 from ..sources import Batch
 from .format import (
     CHUNK_BYTES,
@@ -181,7 +186,8 @@ class _Writer:
     def abandon(self) -> None:
         if self.open is not None:
             for f in self.open.files.values():
-                f.file.close()
+                with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                    f.file.close()
 
 
 def _slice(column: np.ndarray | _Ragged, lo: int, hi: int) -> np.ndarray | _Ragged:
@@ -220,18 +226,51 @@ def _source_batches(src: Any) -> Iterator[Batch]:
 
 
 def _prepare_destination(path: Path, overwrite: bool) -> None:
+    _refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path):
+        _recover(path)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() or path.is_symlink():
         is_shards = path.is_dir() and (path / MANIFEST).is_file()
         if not overwrite:
             raise expected("path", "a folder that does not exist yet (or pass overwrite=True)", str(path))
         if not (is_shards or (path.is_dir() and not any(path.iterdir()))):
             raise expected("path", "a shard folder or an empty folder to overwrite", f"{path}, which is neither")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Leftovers of writers that died: .NAME.partial-PID-* (and .NAME.old-PID-* of an overwrite).
-    for stale in [*path.parent.glob(f".{path.name}.partial-*"), *path.parent.glob(f".{path.name}.old-*")]:
+
+
+def _recover(path: Path) -> None:
+    """Clear what writers that died left next to ``path`` (.NAME.partial-PID-*, .NAME.old-PID-*).
+
+    A writer killed between the two renames of an overwrite (where renaming cannot exchange two
+    folders atomically) leaves no ``path`` but a complete old copy: that copy is put back, so
+    the folder is as it was before the write that did not finish.
+    """
+    for stale in sorted([*path.parent.glob(f".{path.name}.old-*"), *path.parent.glob(f".{path.name}.partial-*")]):
         pid = stale.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if ".old-" in stale.name and not path.exists() and (stale / MANIFEST).is_file():
+            os.rename(stale, path)
+            fsync_dir(path.parent)
+        else:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``'s parent folder among shard writers (released at exit or death).
+
+    The folder itself is locked (``flock`` on its descriptor), so no lock file is left behind.
+    """
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _alive(pid: int) -> bool:
@@ -244,16 +283,51 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    """Move a complete temporary folder to ``path``, replacing an old shard folder there."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
-        os.rename(path, old)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old)
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2``: True when done, False where the kernel, libc or file system lacks it."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name, use_errno=True) if name else None
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Make the complete temporary folder ``path`` in one atomic step.
+
+    Under the folder lock, so that two writers cannot both find ``path`` free: without
+    ``overwrite`` a ``path`` that another writer created meanwhile is refused; with it, the two
+    folders are exchanged atomically where Linux allows (``renameat2``), else by two renames
+    whose crash window :func:`_recover` repairs.
+    """
+    with _folder_lock(path):
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise expected("path", "a folder that does not exist yet (or pass overwrite=True)",
+                               f"{path}, which another writer created while this one wrote")
+            _refuse_existing(path, overwrite)
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+            if _renameat2(tmp, path, _RENAME_EXCHANGE):
+                os.rename(tmp, old)  # tmp now holds the previous folder
+            else:
+                os.rename(path, old)
+                os.rename(tmp, path)
+            fsync_dir(path.parent)
+            shutil.rmtree(old)
+            return
+        if not _renameat2(tmp, path, _RENAME_NOREPLACE):
+            os.rename(tmp, path)  # the lock keeps other batchfit writers out
+        fsync_dir(path.parent)
 
 
 def write_shards(
@@ -280,6 +354,12 @@ def write_shards(
         check_positive_int("shard_size", shard_size)
     if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
         raise expected("pad_value", "a number", pad_value)
+    if not isinstance(overwrite, bool):
+        raise expected("overwrite", "True or False", overwrite)
+    try:
+        json.dumps(dict(metadata or {}))
+    except (TypeError, ValueError) as error:
+        raise expected("metadata", "a JSON-able mapping", f"{metadata!r} ({error})") from error
     _prepare_destination(path, overwrite)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     tmp.mkdir()
@@ -288,10 +368,13 @@ def write_shards(
         for number, batch in enumerate(_as_batches(data)):
             writer.add(batch, number)
         writer.finish(pad_value, metadata)
-        _commit(tmp, path)
-    except BaseException:
+        _commit(tmp, path, overwrite)
+    except BaseException as error:
         writer.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ShardError(f"cannot write shards to {path}: the disk is full ({error.strerror}); "
+                             f"nothing was written (the partial folder {tmp.name} was removed)") from error
         raise
     return ShardSource(path, verify="none")
 
