@@ -1,0 +1,63 @@
+"""The progress bar draws on every terminal, also one that reports a size of 0 columns."""
+
+import fcntl
+import os
+import pty
+import struct
+import sys
+import termios
+
+import pytest
+
+from batchfit.train.progress import FALLBACK_SIZE, Progress, terminal_size
+
+
+def draw_epoch() -> None:
+    progress = Progress(True)
+    progress.start_epoch(0, 2, 10, 0, now=0.0)
+    progress.refresh(1.0, 5, 1234.0, 0.5, 0.01)
+    progress.end_epoch("loss=0.25")
+
+
+def drawn_on_terminal(monkeypatch, columns: int, lines: int) -> str:
+    """What one epoch's bar writes to a pseudo-terminal of the given size."""
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+    with os.fdopen(secondary, "w") as terminal:
+        assert tuple(os.get_terminal_size(terminal.fileno())) == (columns, lines)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        draw_epoch()
+        terminal.flush()
+        os.set_blocking(main, False)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(main)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pseudo-terminal")
+def test_progress_bar_renders_on_a_terminal_of_0_columns(monkeypatch):
+    drawn = drawn_on_terminal(monkeypatch, 0, 0)
+    assert "epoch 1/2" in drawn and "10/10" in drawn and "loss=0.25" in drawn
+    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip()
+    assert 0 < len(last) <= FALLBACK_SIZE.columns
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pseudo-terminal")
+def test_progress_bar_follows_a_terminal_that_reports_its_width(monkeypatch):
+    drawn = drawn_on_terminal(monkeypatch, 50, 24)
+    assert "epoch 1/2" in drawn and "10/10" in drawn
+    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip()
+    assert 0 < len(last) < 50
+
+
+def test_progress_terminal_size_none_for_a_file(tmp_path):
+    with open(tmp_path / "log.txt", "w") as file:
+        assert terminal_size(file) is None
