@@ -219,13 +219,23 @@ class Batcher:
         self.epoch, self.samples_done, self.last_batch_size = position
 
     def _in_workers(self) -> Generator[tuple[int, int, Batch], None, None]:
-        """(end, size, batch) of the planned batches, gathered in worker processes."""
+        """(end, size, batch) of the planned batches, gathered in worker processes.
+
+        The DataLoader draws its workers' base seed from the generator it is given, else from
+        torch's global one, which would shift every later random number of the run (dropout
+        masks) each time a loader is built, e.g. once more on resuming mid-epoch. Its generator
+        is seeded here from (seed, epoch, position), and each batch's transform runs under a
+        torch seed of (seed, epoch, end of the batch), whichever worker takes it.
+        """
         plan = list(self._plan())
         if not plan:
             return
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.samples_done))
+        items = [(indices, batch_seed(self.seed, self.epoch, end)) for end, _, indices in plan]
         loader = torch.utils.data.DataLoader(
-            _GatherInWorker(self.src, self.transform), batch_size=None, sampler=[indices for _, _, indices in plan],
-            num_workers=self.workers, pin_memory=self.pin_memory, prefetch_factor=max(2, self.prefetch))
+            _GatherInWorker(self.src, self.transform), batch_size=None, sampler=items,
+            num_workers=self.workers, pin_memory=self.pin_memory, prefetch_factor=max(2, self.prefetch),
+            generator=generator)
         for (end, size, _), batch in zip(plan, loader):
             yield end, size, batch
 
@@ -264,8 +274,18 @@ class Batcher:
         self.samples_done = state["samples_done"]
 
 
+def batch_seed(seed: int, epoch: int, samples_done: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch, position), for worker processes."""
+    state = np.random.SeedSequence([seed, epoch, samples_done]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
 class _GatherInWorker(torch.utils.data.Dataset):
-    """A source seen as a dataset whose items are whole batches, for DataLoader workers."""
+    """A source seen as a dataset whose items are whole batches, for DataLoader workers.
+
+    An item is ``(indices, seed)``: the transform runs under that torch seed, so that its random
+    numbers depend on the batch, not on which worker gathers it or when the loader started.
+    """
 
     def __init__(self, src: Source, transform: Callable[[Batch], Batch] | None) -> None:
         self.src, self.transform = src, transform
@@ -273,6 +293,10 @@ class _GatherInWorker(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.src)
 
-    def __getitem__(self, indices: np.ndarray) -> Batch:
+    def __getitem__(self, item: tuple[np.ndarray, int]) -> Batch:
+        indices, seed = item
         batch = self.src.gather(indices, False)
-        return self.transform(batch) if self.transform is not None else batch
+        if self.transform is None:
+            return batch
+        torch.manual_seed(seed)  # this worker process's own generator
+        return self.transform(batch)
