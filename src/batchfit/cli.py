@@ -40,6 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchfit", description="Mini-batch training that measures batch size "
                                      "and learning rate instead of guessing them.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("batchfit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"batchfit {installed}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train a small CNN on real handwritten digits (scikit-learn)")
@@ -70,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--target", help="target column of a .csv / target array of an .npz")
     write.add_argument("--image-size", type=int, help="resize images to this square size")
     write.add_argument("--shard-size", type=int, help="samples per shard file")
+    write.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at OUT")
     write.set_defaults(run=_shards_write)
     verify = shard_commands.add_parser("verify", help="check every shard's checksum")
     verify.add_argument("path")
@@ -136,8 +144,8 @@ def _shards_write(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-            source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
-                         shard_size=args.shard_size)
+        source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
+                         shard_size=args.shard_size, overwrite=args.overwrite)
     except ImportError as error:  # Pillow, for image folders
         raise BatchfitError(f"{error} (pip install 'batchfit[images]')") from error
     print(f"wrote {len(source)} samples to {args.output} in {time.perf_counter() - start:.1f} s")

@@ -71,8 +71,8 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from error
     return check_config(raw, path)
 
@@ -104,6 +104,16 @@ def check_config(raw: dict[str, Any], path: Path) -> Config:
         raise
     except BatchfitError as error:
         raise ConfigError(f"{path}: [train] {error}") from error
+    sizes = config["tune"]["batch_sizes"]
+    if sizes is not None and (not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                                   for b in sizes)):
+        raise ConfigError(f"{path}: `tune.batch_sizes` must be a list of positive integers. "
+                          f"Received: tune.batch_sizes={sizes!r}")
+    for section in ("train", "tune"):
+        out = config[section]["out"]
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ConfigError(f"{path}: `{section}.out` must be a folder for run folders. Received: "
+                              f"{section}.out={out!r}, which is a file")
     if config["data"]["train"] is None:
         raise ConfigError(f"{path}: `data.train` is required (an .npz file or a table of .npy files)")
     return config
@@ -141,7 +151,17 @@ def load_arrays(config: Config, which: str) -> tuple[np.ndarray, np.ndarray] | N
     unknown = sorted(set(spec) - {"x", "y"})
     if unknown or "x" not in spec or "y" not in spec:
         raise ConfigError(f"`data.{which}` as a table needs exactly the keys x and y (.npy paths). Received: {spec}")
-    return tuple(np.load(resolve_path(config, spec[k]), allow_pickle=False) for k in ("x", "y"))
+    return _load_npy(config, which, spec["x"]), _load_npy(config, which, spec["y"])
+
+
+def _load_npy(config: Config, which: str, name: str) -> np.ndarray:
+    path = resolve_path(config, name)
+    if not path.is_file():
+        raise ConfigError(f"`data.{which}`: data file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise ConfigError(f"`data.{which}`: {path} is not a NumPy .npy file of numbers: {error}") from error
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
@@ -166,15 +186,31 @@ def split_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple
     return x[~mask], y[~mask], x[mask], y[mask]
 
 
-def import_object(spec: str, what: str) -> Any:
-    """``package.module:attribute`` imported."""
+def import_object(spec: str, what: str, folder: Path | None = None) -> Any:
+    """``package.module:attribute`` imported, which runs the module's code.
+
+    The module is looked for on ``sys.path`` and then in ``folder`` (the config file's folder),
+    so that a ``model.py`` next to the config is found as ``model:build``.
+    """
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ConfigError(f"`{what}` must be a built-in name or 'package.module:function'. Received: {spec!r}")
+    added = folder is not None and str(folder) not in sys.path
+    if added:
+        sys.path.append(str(folder))
     try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
         raise ConfigError(f"`{what}`: cannot import {spec!r}: {error}") from error
+    except Exception as error:  # the module's own code failed while it was imported
+        raise ConfigError(f"`{what}`: importing {module_name!r} raised {type(error).__name__}: {error}") from error
+    finally:
+        if added:
+            sys.path.remove(str(folder))
+    try:
+        return getattr(module, attribute)
+    except AttributeError as error:
+        raise ConfigError(f"`{what}`: {module_name!r} has no {attribute!r}") from error
 
 
 def build_model(config: Config, x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
@@ -189,7 +225,7 @@ def build_model(config: Config, x: np.ndarray, y: np.ndarray) -> torch.nn.Module
         args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
         args.setdefault("image_size", int(x.shape[-1]))
         args.setdefault("num_classes", outputs)
-    builder = BUILTIN.get(spec) or import_object(spec, "model.name")
+    builder = BUILTIN.get(spec) or import_object(spec, "model.name", config.path.parent.resolve())
     try:
         model = builder(**args)
     except TypeError as error:
@@ -213,7 +249,7 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 def build_loss(config: Config) -> Callable[..., torch.Tensor]:
     """The loss function of ``[loss]``."""
     name = config["loss"]["name"]
-    return LOSSES.get(name) or import_object(name, "loss.name")
+    return LOSSES.get(name) or import_object(name, "loss.name", config.path.parent.resolve())
 
 
 def trainer_options(config: Config) -> TrainerOptions:

@@ -27,7 +27,7 @@ from .core.figures import new_figure, save_figure
 from .core.maths import ema
 from .core.precision import PRECISIONS
 from .data.sources import as_source
-from .errors import check_choice, check_positive_int
+from .errors import check_choice, check_positive_int, expected
 from .measure.auto import measure_throughput, powers_of_two
 from .measure.lr import scale_lr
 from .measure.memory import find_micro_batch_size
@@ -181,6 +181,16 @@ def tune(
     best loss among the sweep points, so that every point can be compared. Every measurement
     and the sweep run under ``precision``, as training will.
     """
+    for name, value in (("make_model", make_model), ("make_optimizer", make_optimizer)):
+        if not callable(value):
+            raise expected(name, "a callable that builds a fresh one", value)
+    if batch_sizes is not None:
+        if not isinstance(batch_sizes, (list, tuple)) or not batch_sizes:
+            raise expected("batch_sizes", "a non-empty list of positive integers or None", batch_sizes)
+        for size in batch_sizes:
+            check_positive_int("batch_sizes", size)
+    if target_loss is not None and (isinstance(target_loss, bool) or not isinstance(target_loss, (int, float))):
+        raise expected("target_loss", "a number or None", target_loss)
     source = as_source(src, "src")
     check_positive_int("base_batch_size", base_batch_size)
     check_positive_int("epochs", epochs)

@@ -91,9 +91,14 @@ def loss_of(output: Any, batch: Batch, loss_fn: LossFn | None) -> torch.Tensor:
 
 
 def forward_loss(model: torch.nn.Module, loss_fn: LossFn | None, batch: Batch) -> tuple[torch.Tensor, Any]:
-    """``(loss, output)`` of one forward pass."""
+    """``(loss, output)`` of one forward pass; the loss must be a scalar tensor (the batch's mean)."""
     output = forward(model, batch)
-    return loss_of(output, batch, loss_fn), output
+    loss = loss_of(output, batch, loss_fn)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        received = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
+        raise BatchfitError(f"`loss_fn` must return a scalar tensor, the mean loss of the batch (reduce it with "
+                            f".mean(), or use reduction='mean'). Received: {received}")
+    return loss, output
 
 
 def target_of(batch: Batch) -> torch.Tensor | None:

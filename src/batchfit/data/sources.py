@@ -9,6 +9,7 @@ Gathering is one vectorised indexing call per array, never one Python call per s
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
@@ -37,8 +38,8 @@ def _as_tensor(name: str, array: Any) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         tensor = array
     elif isinstance(array, np.ndarray):
-        if array.dtype == object:
-            raise expected(name, "a numeric array", f"an array of dtype {array.dtype}")
+        if array.dtype.kind in "OUSVMm":  # objects, strings, bytes, records, datetimes, timedeltas
+            raise expected(name, "a numeric array", f"an array of dtype {array.dtype} (numbers or booleans only)")
         # from_numpy shares memory (also of read-only memory maps, which batchfit never
         # writes to); only non-contiguous arrays are copied.
         array = np.ascontiguousarray(array) if array.ndim else array  # (it would make a 0-d array 1-d)
@@ -177,6 +178,9 @@ def as_source(data: Any, name: str = "data") -> Source:
 
     Accepts a source, a tuple/list of arrays, a dict of arrays, or a map-style ``Dataset``.
     """
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise expected(name, "data, not a path: open a shard folder with bf.ShardSource(path), load arrays with "
+                       "np.load(path)", os.fsdecode(data))
     if isinstance(data, (ArraySource, DatasetSource)) or (
         hasattr(data, "gather") and hasattr(data, "names") and hasattr(data, "__len__")
     ):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import BatchfitError
 from ..measure.lr import adascale_gain, scale_lr, warmup
 from ..measure.noise import NoiseScaleTracker
 from .options import TrainerOptions
@@ -51,7 +52,11 @@ class LRControl:
         if o.warmup_steps:
             factor *= warmup(step, o.warmup_steps)
         if self.schedule is not None:
-            factor *= float(self.schedule(step))
+            scheduled = float(self.schedule(step))
+            if not (math.isfinite(scheduled) and scheduled >= 0):
+                raise BatchfitError(f"`lr_schedule` must return a finite, non-negative factor. Received: "
+                                    f"lr_schedule({step})={scheduled}")
+            factor *= scheduled
         return factor
 
     def apply(self, step: int, batch_size: int) -> None:

@@ -10,6 +10,7 @@ arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -85,12 +86,17 @@ class TrainerOptions:
         check_choice("on_nan", self.on_nan, ON_NAN)
         grad_norm = self.max_grad_norm
         if grad_norm is not None and (isinstance(grad_norm, bool) or not isinstance(grad_norm, (int, float))
-                                      or grad_norm <= 0):
+                                      or not math.isfinite(grad_norm) or grad_norm <= 0):
             raise expected("max_grad_norm", "a positive number or None", grad_norm)
         if grad_norm is not None:
             object.__setattr__(self, "max_grad_norm", float(grad_norm))
         if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+                raise expected("checkpoint_dir", "a folder path (str or os.PathLike) or None", self.checkpoint_dir)
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
+            if os.path.exists(self.checkpoint_dir) and not os.path.isdir(self.checkpoint_dir):
+                raise expected("checkpoint_dir", "a folder (or a path where one can be made)",
+                               f"{self.checkpoint_dir}, which is a file")
         if self.checkpoint_every is not None:
             check_positive_int("checkpoint_every", self.checkpoint_every)
             if self.checkpoint_dir is None:

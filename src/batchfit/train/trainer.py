@@ -78,9 +78,7 @@ class Trainer:
             raise expected("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__)
         if loss_fn is not None and not callable(loss_fn):
             raise expected("loss_fn", "a callable (output, target) -> loss, or None", loss_fn)
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise expected("callbacks", "a sequence of batchfit Callback objects", type(cb).__name__)
+        _check_objects(model, optimizer, lr_schedule, callbacks, metrics, loss_count, transform)
         self.options = o = _options(options, option_values)
 
         self.device = resolve_device(o.device)
@@ -260,6 +258,9 @@ class Trainer:
         """Write a checkpoint now (rank 0 only); returns its path."""
         if self.checkpoint_dir is None:
             raise expected("checkpoint_dir", "a folder to save checkpoints in", None)
+        if self.batcher is None:
+            raise BatchfitError("save_checkpoint() saves a run: call fit() first (a checkpoint holds the position in "
+                                "the data, which only fit() knows)")
         self._check_losses()
         if not self.dist.is_main:
             return None
@@ -352,7 +353,13 @@ class Trainer:
             epoch = batcher.epoch
             for hook in hooks["on_epoch_begin"]:
                 hook(self, epoch)
-            self._run_epoch(epoch, epochs, progress, hooks)
+            try:
+                self._run_epoch(epoch, epochs, progress, hooks)
+            except (IndexError, RuntimeError) as error:
+                replacement = _at_step(error, self.step + 1, epoch)
+                if replacement is error:
+                    raise
+                raise replacement from error
             assert self.position is not None
             batcher.seek(self.position)  # batches fetched ahead but not trained on are not counted
             if self._pending_signal() is not None:
@@ -568,6 +575,45 @@ class Trainer:
         if self.dist.is_main:  # the rank that wrote the checkpoint
             logger.warning("received %s: saved %s and stopped", signal.Signals(signum).name, path)
         raise exit_for(signum)
+
+
+def _at_step(error: BaseException, step: int, epoch: int) -> BaseException:
+    """``error`` raised inside a step, told with the step: targets out of range become a batchfit error."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, IndexError) and "out of bounds" in text:
+        return BatchfitError(f"step {step} (epoch {epoch}): {text} The targets must be class indices from 0 to "
+                             f"the number of the model's outputs - 1: check the labels, or the model's output size")
+    add_note = getattr(error, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(f"batchfit: raised during step {step} (epoch {epoch})")
+    return error
+
+
+def _check_objects(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: Any, callbacks: Any,
+                   metrics: Any, loss_count: Any, transform: Any) -> None:
+    """Refuse the Trainer's object arguments that would only fail at their first use, deep in a run."""
+    if isinstance(callbacks, Callback) or isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise expected("callbacks", "a list of batchfit Callback objects (wrap a single one in a list)",
+                       type(callbacks).__name__)
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise expected("callbacks", "a sequence of batchfit Callback objects", type(cb).__name__)
+    if metrics is not None and (not isinstance(metrics, dict) or
+                                not all(isinstance(k, str) and callable(f) for k, f in metrics.items())):
+        raise expected("metrics", "a dict of name -> f(output, target)", metrics)
+    for name, value in (("lr_schedule", lr_schedule), ("loss_count", loss_count), ("transform", transform)):
+        if value is not None and not callable(value):
+            raise expected(name, "a callable or None", value)
+    mine = {id(p) for p in model.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    if held and not any(id(p) in mine for p in held):
+        raise expected("optimizer", "an optimizer over the model's parameters "
+                       "(e.g. torch.optim.SGD(model.parameters(), lr=0.1))", "one that holds none of them")
+    for index, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr >= 0):
+            raise expected("optimizer", "learning rates that are finite and not negative",
+                           f"lr={lr} in parameter group {index}")
 
 
 def _options(options: TrainerOptions | None, values: dict[str, Any]) -> TrainerOptions:

@@ -232,11 +232,14 @@ def _prepare_destination(path: Path, overwrite: bool) -> None:
         _recover(path)
 
 
+_NEW_FOLDER = "a folder that does not exist yet (or pass overwrite=True; --overwrite on the command line)"
+
+
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() or path.is_symlink():
         is_shards = path.is_dir() and (path / MANIFEST).is_file()
         if not overwrite:
-            raise expected("path", "a folder that does not exist yet (or pass overwrite=True)", str(path))
+            raise expected("path", _NEW_FOLDER, str(path))
         if not (is_shards or (path.is_dir() and not any(path.iterdir()))):
             raise expected("path", "a shard folder or an empty folder to overwrite", f"{path}, which is neither")
 
@@ -313,7 +316,7 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
     with _folder_lock(path):
         if path.exists() or path.is_symlink():
             if not overwrite:
-                raise expected("path", "a folder that does not exist yet (or pass overwrite=True)",
+                raise expected("path", _NEW_FOLDER,
                                f"{path}, which another writer created while this one wrote")
             _refuse_existing(path, overwrite)
             old = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
