@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
-import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from ...errors import ShardError, expected
+from .schema import NAME, check_manifest
 
 FORMAT = "batchfit-shards"
 VERSION = 1
@@ -43,7 +45,6 @@ MAPPED_BYTES = 256 * 2**20  # default bound on the file pages a ShardSource keep
 # A page fault on a memory map can map a whole large folio of the page cache (2 MiB on x86-64
 # Linux with large folios), so every sample read may add that much to the resident set.
 _FAULT_BYTES = 2 * 2**20
-_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 
@@ -128,7 +129,7 @@ def _columns(batch: Any, where: str) -> tuple[tuple[str, ...] | None, list[np.nd
     if isinstance(batch, Mapping):
         names = tuple(batch)
         for name in names:
-            if not isinstance(name, str) or not _NAME.fullmatch(name):
+            if not isinstance(name, str) or not NAME.fullmatch(name):
                 raise expected(f"{where} key", "a name of letters, digits, '_' or '-'", name)
         return names, [_column(f"{where}[{n!r}]", v) for n, v in batch.items()]
     if isinstance(batch, (np.ndarray, torch.Tensor)):
@@ -170,8 +171,22 @@ def _manifest_error(path: Path, problem: str) -> ShardError:
     return ShardError(f"Shard manifest {path} {problem}")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when it has a key twice (``json`` would keep the last silently)."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        found[key] = value
+    return found
+
+
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """The parsed and checked ``manifest.json`` of a shard folder; raises :class:`ShardError`."""
+    """The parsed and checked ``manifest.json`` of a shard folder; raises :class:`ShardError`.
+
+    Every field is checked against the schema (``schema.py``), so a damaged or hand-edited
+    manifest is refused naming the field, never used half-way.
+    """
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -179,54 +194,66 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ShardError(f"Shard manifest {path} is missing: {folder} is not a complete shard folder")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        manifest = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError, ...
         raise _manifest_error(path, f"cannot be read as JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _manifest_error(path, f"is not a {FORMAT!r} manifest (expected format={FORMAT!r})")
-    if manifest.get("version") != VERSION:
-        raise _manifest_error(
-            path, f"has format version {manifest.get('version')!r}; this batchfit reads version {VERSION}"
-        )
-    try:
-        _check_manifest(manifest)
-    except (KeyError, TypeError, ValueError) as error:
-        raise _manifest_error(path, f"is malformed: {type(error).__name__}: {error}") from None
+    version = manifest.get("version")
+    if type(version) is not int or version != VERSION:  # True == 1 and 1.0 == 1, but neither is version 1
+        raise _manifest_error(path, f"has format version {version!r}; this batchfit reads version {VERSION}")
+    check_manifest(path, manifest)
     return manifest
 
 
-def _check_manifest(manifest: dict[str, Any]) -> None:
-    specs = [_Spec(a["key"], np.dtype(a["dtype"]), tuple(a["shape"]), bool(a["ragged"])) for a in manifest["arrays"]]
-    names = manifest["names"]
-    if names is not None and list(names) != [s.key for s in specs]:
-        raise ValueError(f"names {names} differ from array keys {[s.key for s in specs]}")
-    counts = [int(s["samples"]) for s in manifest["shards"]]
-    if sum(counts) != manifest["num_samples"] or not counts or min(counts) < 1:
-        raise ValueError(f"samples per shard {counts} do not add up to num_samples={manifest['num_samples']}")
-    for shard in manifest["shards"]:
-        wanted = {s.key for s in specs} | {f"{s.key}.offsets" for s in specs if s.ragged}
-        if set(shard["files"]) != wanted:
-            raise ValueError(f"a shard lists files {sorted(shard['files'])}, expected {sorted(wanted)}")
-        for entry in shard["files"].values():
-            name = entry["name"]
-            if Path(name).name != name or name.startswith(".") or int(entry["bytes"]) < 0:
-                raise ValueError(f"bad file entry {entry}")
-            str(entry["blake2b"])
-
-
 def _file_problem(path: Path, entry: dict[str, Any], full: bool) -> str | None:
-    """What is wrong with one shard file (missing, wrong size, wrong checksum), or ``None``."""
+    """What is wrong with one shard file (outside the folder, missing, not a file, wrong size,
+    wrong checksum), or ``None``. ``path`` is the folder joined with the entry's plain name."""
+    folder, target = os.path.realpath(path.parent), os.path.realpath(path)
+    if os.path.commonpath([folder, target]) != folder:
+        return f"is a symbolic link to {target}, outside the shard folder {folder}"
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except FileNotFoundError:
         return "is missing"
-    if size != entry["bytes"]:
-        return f"has {size} bytes, but the manifest says {entry['bytes']} (truncated or overwritten)"
+    except OSError as error:
+        return f"cannot be read: {error.strerror}"
+    if not stat.S_ISREG(status.st_mode):
+        return f"is not a regular file ({_file_kind(status.st_mode)})"
+    if status.st_size != entry["bytes"]:
+        return f"has {status.st_size} bytes, but the manifest says {entry['bytes']} (truncated or overwritten)"
     if full:
-        found, wanted = _hash_file(path), entry["blake2b"]
+        try:
+            found = _hash_file(path)
+        except OSError as error:
+            return f"cannot be read: {error.strerror}"
+        wanted = entry["blake2b"]
         if found != wanted:
             return f"is corrupt: its blake2b checksum is {found[:16]}..., the manifest says {wanted[:16]}..."
     return None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a plain file")
+
+
+def check_files(folder: Path, manifest: dict[str, Any], full: bool) -> None:
+    """Check every file a manifest lists (see :func:`_file_problem`); two entries that are the
+    same file (a link to another) are refused too. Raises :class:`ShardError` naming the file."""
+    seen: dict[tuple[int, int], Path] = {}
+    for shard in manifest["shards"]:
+        for entry in shard["files"].values():
+            path = folder / entry["name"]
+            problem = _file_problem(path, entry, full)
+            if problem is not None:
+                raise ShardError(f"Shard file {path} {problem}")
+            status = path.stat()
+            first = seen.setdefault((status.st_dev, status.st_ino), path)
+            if first != path:
+                raise ShardError(f"Shard file {path} is the same file as {first} (a link to it); "
+                                 "every file the manifest lists must be a file of its own")
 
 
 def _hash_file(path: Path) -> str:
@@ -245,6 +272,67 @@ def read_npy_header(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     """
     version = np.lib.format.read_magic(stream)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(stream)
+    try:
+        shape, fortran, dtype = read(stream)
+    except RecursionError:  # a hostile header nested too deep for the literal parser
+        raise ValueError("the header is nested too deeply to parse") from None
     return tuple(shape), fortran, dtype
 
+
+def map_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[mmap.mmap, int]:
+    """Memory-map one shard file read-only, after checking its .npy header against the manifest.
+
+    ``dtype`` and ``shape`` are what the manifest says the file holds. The header's ``descr``,
+    ``fortran_order`` and ``shape`` must be those, and the file must be exactly the header plus
+    that data, so every byte the map serves is inside the file. Returns ``(map, header_bytes)``.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below; the map keeps its own descriptor)
+    except OSError as error:
+        raise ShardError(f"Shard file {path} cannot be opened: {error.strerror}") from None
+    with f:
+        status = os.fstat(f.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise ShardError(f"Shard file {path} is not a regular file ({_file_kind(status.st_mode)})")
+        try:
+            found_shape, fortran, found_dtype = read_npy_header(f)
+        except ValueError as error:
+            raise ShardError(f"Shard file {path} has no valid .npy header: {error}") from None
+        problem = _header_problem(found_dtype, fortran, found_shape, dtype, shape)
+        if problem is not None:
+            raise ShardError(f"Shard file {path} {problem}")
+        header_bytes = f.tell()
+        data_bytes = math.prod(shape) * dtype.itemsize
+        if status.st_size != header_bytes + data_bytes:
+            raise ShardError(
+                f"Shard file {path} holds {status.st_size - header_bytes} bytes after its .npy header, but the "
+                f"header's `shape` {shape} of {dtype} needs {data_bytes} (the file was cut or padded)"
+            )
+        return mmap.mmap(f.fileno(), status.st_size, access=mmap.ACCESS_READ), header_bytes
+
+
+def _header_problem(
+    found_dtype: np.dtype, fortran: bool, found_shape: tuple[int, ...], dtype: np.dtype, shape: tuple[int, ...]
+) -> str | None:
+    """How an .npy header differs from what the manifest says, or ``None``."""
+    if found_dtype != dtype:
+        return (f"holds dtype {found_dtype} (`descr` {found_dtype.str!r} in its .npy header); "
+                f"the manifest says dtype {dtype} ({dtype.str!r})")
+    if fortran is not False:
+        return f"is in Fortran order (`fortran_order` {fortran!r} in its .npy header); shard files are in C order"
+    if found_shape != shape:
+        return (f"holds shape {found_shape} (`shape` in its .npy header); the manifest says {shape} "
+                "(the shard's `samples`, then the array's per-sample `shape`)")
+    return None
+
+
+def map_size_problem(mapped: mmap.mmap) -> str | None:
+    """Whether the file under a map no longer has the size it was mapped with (one ``fstat``)."""
+    try:
+        size = mapped.size()
+    except (OSError, ValueError) as error:  # ValueError: the map was closed
+        return f"cannot be checked: {error}"
+    if size != len(mapped):
+        return (f"has {size} bytes, but it was mapped with {len(mapped)} (the manifest's size): it was truncated "
+                "or rewritten while open, and reading the missing pages would kill the process (SIGBUS)")
+    return None

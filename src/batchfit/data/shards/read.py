@@ -23,8 +23,10 @@ from .format import (
     _output_names,
     _Ragged,
     _Spec,
+    check_files,
+    map_npy,
+    map_size_problem,
     read_manifest,
-    read_npy_header,
 )
 
 GATHER_BYTES = 32 * 2**20  # the most a Batcher gathers in one call when it joins batches
@@ -34,18 +36,7 @@ class _MappedArray:
     """One .npy shard file, memory-mapped read-only, whose resident pages can be dropped."""
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        with open(path, "rb") as f:
-            try:
-                found_shape, fortran, found_dtype = read_npy_header(f)
-            except ValueError as error:
-                raise ShardError(f"Shard file {path} has no valid .npy header: {error}") from None
-            if (found_dtype, tuple(found_shape), fortran) != (dtype, shape, False):
-                raise ShardError(
-                    f"Shard file {path} holds dtype {found_dtype}, shape {tuple(found_shape)}; "
-                    f"the manifest says dtype {dtype}, shape {shape}"
-                )
-            header_bytes = f.tell()
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._map, header_bytes = map_npy(path, dtype, shape)  # the header checked against the manifest
         count = math.prod(shape)
         array = np.frombuffer(self._map, dtype, count, header_bytes) if count else np.empty(0, dtype)
         self.array = array.reshape(shape)
@@ -81,6 +72,14 @@ class ShardSource:
     the maps that reading touched are dropped whenever they may exceed ``max_mapped_bytes``,
     so resident memory stays bounded however large the data. ``pad_value`` (default: the one
     stored by :func:`write_shards`) pads variable-length arrays.
+
+    Files must not change while they are open. Symbolic links that leave the folder and two
+    entries naming one file are refused. A file cut shorter after it was mapped cannot be
+    caught on Linux: reading a page past its new end raises SIGBUS, which kills the process
+    (exit status 135, no message) and cannot be turned into an exception in CPython.
+    :meth:`check_sizes` (one ``fstat`` per mapped file, cheap enough for each epoch start)
+    raises a :class:`ShardError` naming such a file before it is read; every file is also
+    checked against the manifest whenever it is mapped (again).
     """
 
     def __init__(
@@ -138,11 +137,22 @@ class ShardSource:
 
     def verify(self, full: bool = True) -> None:
         """Check every shard file's size against the manifest, and its checksum when ``full``."""
-        for shard in self.manifest["shards"]:
-            for entry in shard["files"].values():
-                problem = _file_problem(self.path / entry["name"], entry, full)
-                if problem is not None:
-                    raise ShardError(f"Shard file {self.path / entry['name']} {problem}")
+        check_files(self.path, self.manifest, full)
+
+    def check_sizes(self) -> None:
+        """Check that every file mapped so far still has the size it was mapped with.
+
+        Cheap (one ``fstat`` per mapped file), so a reader can call it at each epoch start: a
+        file truncated in place while mapped is named in a :class:`ShardError` here, where
+        reading its lost pages would kill the process with SIGBUS.
+        """
+        with self._lock:
+            maps = list(self._maps.items())
+        for (shard, part), mapped in maps:
+            problem = map_size_problem(mapped._map)
+            if problem is not None:
+                name = self.manifest["shards"][shard]["files"][part]["name"]
+                raise ShardError(f"Shard file {self.path / name} {problem}")
 
     def summary(self) -> str:
         """A few lines describing the folder: samples, shards, bytes and arrays."""
