@@ -75,3 +75,10 @@ def test_overwrite_replaces_in_one_step_and_leaves_no_hidden_copy(tmp_path):
     replaced = write_shards(target, arrays(3, 4.0), overwrite=True)
     assert len(replaced) == 3 and (target / MANIFEST).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_pad_value_that_does_not_fit_a_ragged_array_is_refused_and_nothing_is_left(tmp_path):
+    ragged = [np.arange(3, dtype=np.int8), np.arange(5, dtype=np.int8)]
+    with pytest.raises(BatchfitError, match=r"`pad_value` must be a value that fits int8 .*Received: pad_value=300"):
+        write_shards(tmp_path / "s", (ragged, np.zeros(2)), pad_value=300)
+    assert list(tmp_path.iterdir()) == []

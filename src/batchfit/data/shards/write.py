@@ -35,6 +35,7 @@ from .format import (
     _spec,
 )
 from .read import ShardSource
+from .schema import pad_problem
 
 # ---------------------------------------------------------------------------------------------
 # Writing
@@ -167,6 +168,9 @@ class _Writer:
             self.shards.append(self.open.close())
         if not self.shards:
             raise expected("data", "at least one sample", "no samples")
+        for spec in self.specs:
+            if spec.ragged and pad_problem(pad_value, spec.dtype):
+                raise expected("pad_value", f"a value that fits {spec.dtype} (it pads {spec.key!r})", pad_value)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
