@@ -22,9 +22,10 @@ from .measure.memory import find_micro_batch_size
 from .measure.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
 from .measure.range_test import LRRangeResult, lr_range_test
 from .report import TuneReport, tune
-from .train.callbacks import Callback, EarlyStopping
+from .train.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .train.history import History
 from .train.options import TrainerOptions
+from .train.saving import load_model
 from .train.trainer import Trainer
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "EarlyStopping",
     "History",
     "LRRangeResult",
+    "ModelCheckpoint",
     "NoiseScale",
     "NoiseScaleTracker",
     "NonFiniteLossError",
@@ -50,6 +52,7 @@ __all__ = [
     "adascale_gain",
     "estimate_noise_scale",
     "find_micro_batch_size",
+    "load_model",
     "lr_range_test",
     "scale_lr",
     "tune",

@@ -2,6 +2,8 @@
 
     batchfit demo                 train a small CNN on scikit-learn's handwritten digits
     batchfit train CONFIG.toml    a run described by a TOML file (--nproc N for N processes)
+    batchfit evaluate CONFIG.toml --model run/model.pt      a saved model on the validation data
+    batchfit predict CONFIG.toml --model run/model.pt --data x.npy --out y.npy
     batchfit tune CONFIG.toml     measure and recommend batch size, micro-batch size and lr
     batchfit shards write IN OUT  .npy/.npz/.csv/image folder into a shard folder
     batchfit shards verify PATH   check every checksum of a shard folder
@@ -64,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="override train.out")
     train.set_defaults(run=_train)
 
+    evaluate = commands.add_parser("evaluate", help="a saved model on the config's validation data")
+    evaluate.add_argument("config", help="the TOML file the model was trained with")
+    evaluate.add_argument("--model", required=True, help="model.pt written by batchfit train (or a checkpoint)")
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="outputs of a saved model for new inputs")
+    predict.add_argument("config", help="the TOML file the model was trained with")
+    predict.add_argument("--model", required=True, help="model.pt written by batchfit train (or a checkpoint)")
+    predict.add_argument("--data", required=True, help="inputs: an .npy file, or an .npz with the config's x array")
+    predict.add_argument("--out", default="predictions.npy", help="where to write the outputs (.npy)")
+    predict.set_defaults(run=_predict)
+
     tune = commands.add_parser("tune", help="measure and recommend batch size, micro-batch size and lr")
     tune.add_argument("config", help="the TOML file (see examples/)")
     tune.add_argument("--out", help="override tune.out")
@@ -114,6 +128,23 @@ def _train(args: argparse.Namespace) -> int:
     summary = run_config(config)
     if summary is not None:
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import evaluate_config
+
+    print(json.dumps(evaluate_config(load_config(args.config), args.model), indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import predict_config
+
+    out = predict_config(load_config(args.config), args.model, args.data, args.out)
+    print(f"wrote {out}")
     return 0
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import (
@@ -18,8 +19,11 @@ from .config import (
     load_train_val,
     trainer_options,
 )
+from .core.durable import atomic_write
+from .errors import ConfigError
 from .report import tune
 from .train.history import History
+from .train.saving import load_model
 from .train.trainer import Trainer
 
 
@@ -74,9 +78,39 @@ def _train_and_write(trainer: Trainer, train: Any, val: Any, config: Config) -> 
     if history.epochs:
         summary.update({k: v for k, v in history.epochs[-1].items() if k not in ("steps", "samples", "seconds")})
     run_dir = new_run_dir(config["train"]["out"])
+    trainer.save(run_dir / "model.pt")
     write_run_files(run_dir, history, summary, config.path)
     summary["run_dir"] = str(run_dir)
+    summary["model"] = str(run_dir / "model.pt")
     return summary
+
+
+def evaluate_config(config: Config, model_path: str | Path) -> dict[str, float]:
+    """``batchfit evaluate``: the saved model on the config's validation data (else its training data)."""
+    trainer, train, val = build_run(config)
+    load_model(model_path, trainer.module)
+    return trainer.evaluate(val if val is not None else train)
+
+
+def predict_config(config: Config, model_path: str | Path, data_path: str | Path, out: str | Path) -> Path:
+    """``batchfit predict``: outputs of the saved model for the inputs in ``data_path`` (.npy, or the x of an .npz)."""
+    trainer, _, _ = build_run(config)
+    load_model(model_path, trainer.module)
+    path = Path(data_path)
+    if not path.is_file():
+        raise ConfigError(f"`--data`: file not found: {path}")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            key = config["data"]["x"]
+            if key not in archive.files:
+                raise ConfigError(f"`--data`: {path} has no array {key!r} (has {sorted(archive.files)})")
+            inputs = archive[key]
+    else:
+        inputs = np.load(path, allow_pickle=False)
+    outputs = trainer.predict(inputs).numpy()
+    out = Path(out)
+    atomic_write(out, lambda handle: np.save(handle, outputs))
+    return out
 
 
 def tune_config(config: Config) -> str:

@@ -34,7 +34,7 @@ ON_NAN: tuple[str, ...] = get_args(OnNaN)
 # Steps between two noise-scale measurements (each splits its batch in two micro-batches).
 NOISE_EVERY = 4
 # Settings that must match for a checkpoint to be resumed.
-RESUME_KEYS = ("batch_size", "shuffle", "drop_last", "seed", "num_samples", "optimizer", "data_fingerprint")
+RESUME_KEYS = ("batch_size", "shuffle", "drop_last", "seed", "num_samples", "optimizer", "lrs", "data_fingerprint")
 
 
 @dataclass(frozen=True)

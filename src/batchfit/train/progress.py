@@ -39,6 +39,13 @@ class Progress:
         self._shown = already
         self.next_refresh = now + self.interval
 
+    @staticmethod
+    def write(message: str) -> None:
+        """Print a line without breaking a bar that is being drawn."""
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
     def due(self, now: float) -> bool:
         """Whether a refresh is due (cheap; called every step)."""
         return now >= self.next_refresh

@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ from .metrics import Metric
 from .options import NOISE_EVERY, RESUME_KEYS, TrainerOptions, option_names
 from .plan import BatchPlan, plan_batches
 from .progress import Progress
+from .saving import save_model
 
 logger = logging.getLogger("batchfit")
 
@@ -177,8 +179,12 @@ class Trainer:
                 raise DistributedError(f"rank {self.dist.rank}: the ranks resumed from checkpoints of different "
                                        f"steps (this one: step {self.step}); every rank must see the same "
                                        f"checkpoint_dir (a shared folder)")
+            total = epochs if resume else first_epoch + epochs
+            if found is not None and batcher.epoch >= total:
+                self.announce(f"The run in {self.checkpoint_dir} had already finished {batcher.epoch} of {total} "
+                              f"epochs: nothing to train (raise `epochs`, or use another checkpoint_dir for a new run)")
             with self.signals.installed(self.checkpoint_dir is not None):
-                self._run(epochs if resume else first_epoch + epochs, val_src)
+                self._run(total, val_src)
         except BaseException as error:
             if not self.dist.enabled or self._all_ranks_raise(error):
                 raise
@@ -267,6 +273,18 @@ class Trainer:
         path = ckpt.save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.options.keep_checkpoints)
         return os.fspath(path)
 
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the trained model's weights and this run's configuration to ``path`` (load with ``bf.load_model``)."""
+        config = self._config() if self.batcher is not None else dataclasses.asdict(self.options)
+        return save_model(self.module, path, config)
+
+    def announce(self, message: str) -> None:
+        """Tell the user about a decision (resume, early stop, a measured size): shown under the progress
+        bar when ``progress`` is on, and logged to the ``batchfit`` logger always."""
+        logger.info(message)
+        if self.progress:
+            Progress.write(message)
+
     def resolved_eval_size(self) -> int:
         """The micro-batch size used for training, as a default evaluation batch size."""
         micro = self.resolved_micro_batch_size
@@ -282,11 +300,16 @@ class Trainer:
                                         self.lr.base_lrs, saved)
         if plan.choice is not None:
             choice = plan.choice
+            self.announce(f"batch_size={o.batch_size!r}: {plan.batch_size} (noise scale {choice.b_simple:.4g}, "
+                          f"probe {choice.probe_seconds:.2f} s; history.events has the evidence)")
             self.history.add_event(step=self.step, kind="batch_size", batch_size=plan.batch_size,
                                    reason=choice.reason, b_simple=choice.b_simple,
                                    throughput={str(k): v for k, v in choice.throughput.items()},
                                    probe_seconds=choice.probe_seconds)
         self._fingerprint = fingerprint(src)
+        if o.micro_batch_size == "auto":
+            fits = "the whole batch" if plan.micro_batch_size is None else f"{plan.micro_batch_size} samples"
+            self.announce(f"micro_batch_size='auto': {fits} fit in memory (batch_size stays {plan.batch_size})")
         self.batcher = Batcher(src, plan.batch_size, o.shuffle, o.drop_last, o.seed, self.dist.rank,
                                self.dist.world_size, pin_memory=self.device.type == "cuda", prefetch=o.prefetch,
                                transform=self.transform, workers=o.workers)
@@ -318,14 +341,14 @@ class Trainer:
     def _resume(self, state: dict[str, Any], path: Any, check_data: bool = True) -> None:
         """Load a checkpoint, after checking all of it fits this run (nothing is changed when it does not)."""
         keys = RESUME_KEYS if check_data else tuple(k for k in RESUME_KEYS if k != "data_fingerprint")
-        ckpt.check_compatible(state.get("config", {}), self._config(), keys, path)
-        assert self.step_fn is not None
         ckpt.check_fits(state, self.module, self.optimizer, path)
+        ckpt.check_compatible(state.get("config", {}), self._config(), keys, path)
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {error}") from error
-        logger.info("resumed from %s at step %d, epoch %d", path, self.step, self.batcher.epoch if self.batcher else 0)
+        assert self.batcher is not None
+        self.announce(f"Resumed from {path} at step {self.step} (epoch {self.batcher.epoch + 1})")
 
     def _config(self) -> dict[str, Any]:
         assert self.batcher is not None
@@ -333,6 +356,7 @@ class Trainer:
         config.update(batch_size=self.batcher.batch_size, num_samples=self.batcher.num_samples,
                       micro_batch_size=self.resolved_micro_batch_size, device=str(self.device),
                       world_size=self.dist.world_size, optimizer=type(self.optimizer).__name__,
+                      lrs=[float(lr) for lr in self.lr.base_lrs],
                       data_fingerprint=self._fingerprint)
         if self.options.measured_batch:
             config["batch_size"] = self.options.batch_size

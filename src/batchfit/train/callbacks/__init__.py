@@ -2,5 +2,6 @@
 
 from .base import HOOKS, Callback, overriding
 from .early_stopping import EarlyStopping
+from .model_checkpoint import ModelCheckpoint
 
-__all__ = ["HOOKS", "Callback", "EarlyStopping", "overriding"]
+__all__ = ["HOOKS", "Callback", "EarlyStopping", "ModelCheckpoint", "overriding"]

@@ -70,14 +70,16 @@ class EarlyStopping(Callback):
             return
         self.bad_epochs += 1
         if self.bad_epochs >= self.patience:
-            logger.info("early stopping: %s has not improved on %.4g (epoch %s) for %d epochs",
-                        self.monitor, self.best, self.best_epoch, self.bad_epochs)
+            trainer.announce(f"Epoch {epoch + 1}: early stopping ({self.monitor} has not improved on "
+                             f"{self.best:.4g} of epoch {(self.best_epoch or 0) + 1} for {self.bad_epochs} epochs)")
             self.stopped = trainer.stop_training = True
 
     def on_fit_end(self, trainer: Trainer, history: History) -> None:
         self._resumed = False  # (a rollback inside fit loads the state too)
         if self.restore_best and self._best_weights is not None and self.bad_epochs:
             trainer.module.load_state_dict(self._best_weights)
+            trainer.announce(f"Restored the weights of epoch {(self.best_epoch or 0) + 1}, the best "
+                             f"{self.monitor} ({self.best:.4g})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch,

@@ -1,0 +1,88 @@
+"""Trained models on disk: weights plus the configuration that made them, loaded without running code.
+
+A saved model is one file written atomically with ``torch.save`` and read with
+``torch.load(weights_only=True)``: ``{"format": "batchfit-model", "version": 1, "model": state
+dict, "config": the resolved training configuration, "model_class": "module.QualName"}``.
+Weights are stored without the ``_orig_mod.`` prefix ``torch.compile`` adds, so a compiled and
+an uncompiled model save the same file and either loads it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.durable import atomic_write
+from ..errors import CheckpointError, expected
+
+FORMAT = "batchfit-model"
+COMPILED_PREFIX = "_orig_mod."
+
+
+def plain_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose weights are saved: DDP's ``.module`` and ``torch.compile``'s ``_orig_mod`` unwrapped."""
+    while True:
+        inner = getattr(model, "module", None) if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+            else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike[str], config: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights (and ``config``) to ``path`` atomically; returns the path."""
+    if not isinstance(model, torch.nn.Module):
+        raise expected("model", "a torch.nn.Module", type(model).__name__)
+    module = plain_module(model)
+    state = {k.removeprefix(COMPILED_PREFIX): v.detach().cpu() for k, v in module.state_dict().items()}
+    kind = type(module)
+    record = {"format": FORMAT, "version": 1, "model": state, "config": dict(config or {}),
+              "model_class": f"{kind.__module__}.{kind.__qualname__}"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda handle: torch.save(record, handle))
+
+
+def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The saved record (weights, config, model class) of a file written by :func:`save_model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise expected("path", "a model file written by Trainer.save or batchfit train", str(path))
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged, or not a torch file
+        raise CheckpointError(f"cannot read saved model {path}: {type(error).__name__}: {error}") from error
+    if isinstance(record, dict) and record.get("format") == FORMAT:
+        return record
+    if isinstance(record, dict) and "model" in record and "step" in record:  # a training checkpoint
+        return {"format": FORMAT, "version": 1, "model": record["model"], "config": record.get("config", {}),
+                "model_class": None}
+    raise CheckpointError(f"{path} is not a saved batchfit model (nor a training checkpoint)")
+
+
+def load_model(path: str | os.PathLike[str], model: torch.nn.Module, strict: bool = True) -> torch.nn.Module:
+    """Load the weights saved at ``path`` (a saved model or a training checkpoint) into ``model``; returns it.
+
+    ``model`` is built by the caller, as for training (weights files hold no code). A compiled
+    model loads an uncompiled one's weights and the other way round. Names and shapes are checked
+    first: a model of another shape raises a :class:`~batchfit.CheckpointError` saying which
+    weights differ, and ``model`` is left untouched.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise expected("model", "a torch.nn.Module to load the weights into", type(model).__name__)
+    record = read_saved(path)
+    target = plain_module(model)
+    saved = {k.removeprefix(COMPILED_PREFIX): v for k, v in record["model"].items()}
+    mine = target.state_dict()
+    problems = [f"{name} is missing" for name in mine if name not in saved and strict]
+    problems += [f"{name} is not in this model" for name in saved if name not in mine and strict]
+    problems += [f"{name} has shape {tuple(saved[name].shape)} there, {tuple(value.shape)} here"
+                 for name, value in mine.items() if name in saved and saved[name].shape != value.shape]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path} holds weights of another model: {'; '.join(problems[:3])}{more}")
+    target.load_state_dict(saved, strict=strict)
+    return model
