@@ -6,9 +6,11 @@ importing only from the ones before it: ``errors`` ← ``core`` ← ``data``, ``
 """
 
 from .data.batcher import Batcher
+from .data.redis_streams import RedisStream
 from .data.shards import ShardSource, write_shards
 from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
+from .data.streams import EventConsumer, StreamSource
 from .errors import (
     BatchfitError,
     CheckpointError,
@@ -23,6 +25,7 @@ from .measure.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
 from .measure.range_test import LRRangeResult, lr_range_test
 from .report import TuneReport, tune
 from .train.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from .train.callbacks.snapshots import PublishSnapshots, load_snapshot
 from .train.history import History
 from .train.options import TrainerOptions
 from .train.saving import load_model
@@ -38,14 +41,18 @@ __all__ = [
     "DatasetSource",
     "DistributedError",
     "EarlyStopping",
+    "EventConsumer",
     "History",
     "LRRangeResult",
     "ModelCheckpoint",
     "NoiseScale",
     "NoiseScaleTracker",
     "NonFiniteLossError",
+    "PublishSnapshots",
+    "RedisStream",
     "ShardError",
     "ShardSource",
+    "StreamSource",
     "Trainer",
     "TrainerOptions",
     "TuneReport",
@@ -53,6 +60,7 @@ __all__ = [
     "estimate_noise_scale",
     "find_micro_batch_size",
     "load_model",
+    "load_snapshot",
     "lr_range_test",
     "scale_lr",
     "tune",

@@ -31,6 +31,7 @@ from ..core.step import NoiseSample, Step
 from ..data.batcher import Batcher, Position
 from ..data.prefetch import device_prefetch
 from ..data.sources import Source, as_source, fingerprint
+from ..data.streams import StreamSource
 from ..errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, check_positive_int, expected
 from ..measure.noise import NoiseScaleTracker
 from . import checkpoint as ckpt
@@ -44,6 +45,7 @@ from .options import NOISE_EVERY, RESUME_KEYS, TrainerOptions, option_names
 from .plan import BatchPlan, plan_batches
 from .progress import Progress
 from .saving import save_model
+from .stream_loop import fit_stream
 
 logger = logging.getLogger("batchfit")
 
@@ -138,7 +140,8 @@ class Trainer:
         return None if self.plan is None else self.plan.micro_batch_size
 
     # ------------------------------------------------------------------ public API
-    def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool | str = False) -> History:
+    def fit(self, train: Any, epochs: int = 1, val: Any = None, resume: bool | str = False, *,
+            max_steps: int | None = None, until: Any = None) -> History:
         """Train ``epochs`` more epochs and return the history (also of earlier calls).
 
         ``train``/``val`` are sources, tuples of arrays or map-style datasets. A second call
@@ -154,7 +157,17 @@ class Trainer:
         batch plan (``"auto"``, ``"adaptive"``, ``micro_batch_size="auto"``) is saved as a step-0
         checkpoint before the first step, so that a run killed before its first checkpoint
         resumes with the same plan.
+
+        ``train`` may be a :class:`~batchfit.StreamSource`: then ``epochs`` means nothing, and
+        training runs until the stream ends, ``max_steps`` steps (more in this call; with
+        ``resume=True`` in the whole run), ``until`` (seconds of this call, or a callable
+        ``until(trainer) -> bool`` asked before each batch) or SIGTERM/SIGINT; events are
+        acknowledged only after a checkpoint that includes their updates (see :mod:`.stream_loop`).
         """
+        if isinstance(train, StreamSource):
+            return fit_stream(self, train, max_steps=max_steps, until=until, val=val, resume=resume)
+        if max_steps is not None or until is not None:
+            raise expected("train", "a bf.StreamSource when max_steps or until is given", type(train).__name__)
         check_positive_int("epochs", epochs, allow_zero=True)
         if resume not in (False, True, "force") or isinstance(resume, int) and not isinstance(resume, bool):
             raise expected("resume", "False, True or 'force'", resume)

@@ -1,0 +1,196 @@
+"""A Redis Streams consumer for :class:`~batchfit.StreamSource`: one consumer of a consumer group.
+
+Reads with ``XREADGROUP`` (new events: ``>``), acknowledges with ``XACK`` only when the trainer
+says a durable checkpoint includes the events' updates, re-reads its own pending events first
+after a restart, and takes over (``XAUTOCLAIM``) events that another consumer of the group left
+pending for longer than ``claim_idle`` seconds — a consumer that died. Needs the ``redis``
+client (``pip install "batchfit[stream]"``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..errors import BatchfitError, expected
+from .streams import Event
+
+ACK_CHUNK = 1000
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError as error:
+        raise BatchfitError('RedisStream needs the redis client: pip install "batchfit[stream]" '
+                            '(or: pip install redis hiredis)') from error
+    return redis
+
+
+def number(value: bytes) -> int | float:
+    """A Redis field value as an int when it is written as one, else as a float."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def id_time(event_id: bytes | str) -> float:
+    """The time (seconds since the epoch) a Redis stream id holds: when the server added the event."""
+    text = event_id.decode() if isinstance(event_id, bytes) else event_id
+    return int(text.split("-", 1)[0]) / 1000.0
+
+
+class RedisStream:
+    """Consumer ``consumer`` of group ``group`` on the Redis stream ``stream``.
+
+    ``client`` is a ``redis.Redis`` or a URL (``"redis://host:6379/0"``). Each event's fields are
+    numbers written as text; ``fields=("user", "item", "rating")`` makes each sample the tuple of
+    those fields in that order, otherwise a dict of every field. ``decode(fields) -> sample``
+    replaces this (``fields`` maps ``bytes`` names to ``bytes`` values). ``start`` is where a new
+    group starts reading (``"0"``: the whole stream; ``"$"``: only events added from now).
+    ``idle_timeout`` ends the stream after that many seconds without a new event (``None``: never).
+    Give each consumer a name that stays the same across restarts, so that a restarted trainer
+    re-reads its own pending events at once.
+    """
+
+    def __init__(self, client: Any, stream: str, group: str = "batchfit", consumer: str = "batchfit-0", *,
+                 fields: Sequence[str] | None = None, decode: Callable[[Mapping[bytes, bytes]], Any] | None = None,
+                 start: str = "0", claim_idle: float = 30.0, idle_timeout: float | None = None) -> None:
+        for name, value in (("stream", stream), ("group", group), ("consumer", consumer), ("start", start)):
+            if not isinstance(value, str) or not value:
+                raise expected(name, "a non-empty string", value)
+        if fields is not None and (isinstance(fields, str) or not all(isinstance(f, str) for f in fields)):
+            raise expected("fields", "a sequence of field names, e.g. ('user', 'item', 'rating')", fields)
+        if decode is not None and not callable(decode):
+            raise expected("decode", "a callable fields -> sample, or None", decode)
+        for name, seconds in (("claim_idle", claim_idle), ("idle_timeout", idle_timeout)):
+            if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                        or seconds < 0):
+                raise expected(name, "a non-negative number of seconds", seconds)
+        if isinstance(client, str):
+            client = _redis().Redis.from_url(client)
+        elif not hasattr(client, "xreadgroup"):
+            raise expected("client", "a redis.Redis client or a redis:// URL", type(client).__name__)
+        self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.fields = None if fields is None else tuple(fields)
+        self.decode = decode
+        self.start = start
+        self.claim_idle = float(claim_idle)
+        self.idle_timeout = idle_timeout
+        self._phase = "new"  # "new" -> "pending" (own pending events) -> "live" (new events, claims)
+        self._pending_from = "0"
+        self._last_claim = 0.0
+        self._last_event = time.monotonic()
+        self._included: list[Any] = []
+        self.redelivered = 0  # events read again: own pending ones after a restart, or claimed
+
+    # ------------------------------------------------------------------ EventConsumer
+    def poll(self, max_events: int, timeout: float | None) -> list[Event] | None:
+        """Up to ``max_events`` events: own pending ones first, then claimed ones, then new ones."""
+        if self._phase == "new":
+            self._join()
+        if self._phase == "pending":
+            events = self._read_pending(max_events)
+            if events:
+                return events
+            self._phase = "live"
+            self._last_claim = 0.0
+        now = time.monotonic()
+        if now - self._last_claim >= max(self.claim_idle, 1.0):
+            self._last_claim = now
+            claimed = self._claim(max_events)
+            if claimed:
+                self._last_event = now
+                return claimed
+        events = self._read_new(max_events, timeout)
+        now = time.monotonic()
+        if events:
+            self._last_event = now
+        elif self.idle_timeout is not None and now - self._last_event >= self.idle_timeout:
+            return None
+        return events
+
+    def ack(self, ids: Sequence[Any]) -> None:
+        """``XACK`` the events (in chunks)."""
+        ids = list(ids)
+        for start in range(0, len(ids), ACK_CHUNK):
+            self.client.xack(self.stream, self.group, *ids[start : start + ACK_CHUNK])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this consumer reads: the broker keeps the rest (pending events, the group's position)."""
+        return {"stream": self.stream, "group": self.group, "consumer": self.consumer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: events the checkpoint includes are acknowledged when the group is joined, not re-read."""
+        self._included = [i.decode() if isinstance(i, bytes) else str(i) for i in state.get("included", [])]
+        self._phase = "new"
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.client.close()
+
+    # ------------------------------------------------------------------ steps
+    def _join(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, self.group, id=self.start, mkstream=True)
+        except _redis().ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        if self._included:
+            self.ack(self._included)  # a crash came between the checkpoint and its XACK
+            self._included = []
+        self._phase, self._pending_from = "pending", "0"
+        self._last_event = time.monotonic()
+
+    def _read_pending(self, count: int) -> list[Event]:
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=count)
+        entries = reply[0][1] if reply else []
+        if entries:
+            self._pending_from = _text(entries[-1][0])
+        return self._events(entries, redelivered=True)
+
+    def _claim(self, count: int) -> list[Event]:
+        reply = self.client.xautoclaim(self.stream, self.group, self.consumer, int(self.claim_idle * 1000),
+                                       start_id="0-0", count=count)
+        entries = reply[1] if len(reply) > 1 else []
+        return self._events(entries, redelivered=True)
+
+    def _read_new(self, count: int, timeout: float | None) -> list[Event]:
+        block = None if timeout == 0 else (0 if timeout is None else max(1, int(timeout * 1000 + 0.999)))
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block)
+        return self._events(reply[0][1] if reply else [], redelivered=False)
+
+    def _events(self, entries: list[Any], redelivered: bool) -> list[Event]:
+        events, gone = [], []
+        for event_id, values in entries:
+            if values is None or not values:  # deleted from the stream while pending: nothing to train on
+                gone.append(event_id)
+                continue
+            events.append(Event(_text(event_id), self._sample(event_id, values), id_time(event_id), redelivered))
+        if gone:
+            self.ack(gone)
+        if redelivered:
+            self.redelivered += len(events)
+        return events
+
+    def _sample(self, event_id: Any, values: Mapping[bytes, bytes]) -> Any:
+        if self.decode is not None:
+            return self.decode(values)
+        try:
+            if self.fields is None:
+                return {_text(k): number(v) for k, v in values.items()}
+            return tuple(number(values[f.encode()]) for f in self.fields)
+        except KeyError as error:
+            raise BatchfitError(f"Redis stream {self.stream}: event {_text(event_id)} has no field "
+                                f"{error.args[0].decode()!r}; expected fields {list(self.fields or ())}. "
+                                f"Received: fields {[_text(k) for k in values]}") from None
+        except ValueError:
+            raise BatchfitError(f"Redis stream {self.stream}: event {_text(event_id)} has a value that is not a "
+                                f"number; pass decode= for other encodings. Received: "
+                                f"{ {_text(k): v for k, v in values.items()} }") from None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,304 @@
+"""Streams of events cut into mini-batches by size or by time.
+
+An event is one sample: a tuple of numbers/arrays (``(inputs..., target)``) or a dict of them.
+:class:`StreamSource` reads events from a *consumer* — anything with the :class:`EventConsumer`
+methods (``poll``, ``ack``, ``state_dict``, ``load_state_dict``, ``close``): a plain iterable is
+wrapped in :class:`IterableEvents`; :class:`~batchfit.data.redis_streams.RedisStream` reads a
+Redis stream in a consumer group; a Kafka or NATS consumer plugs in the same way.
+
+A batch closes when it holds ``batch_size`` events or ``max_latency`` seconds after its first
+event arrived, whichever comes first; a batch cut on time keeps its true size, so its loss is the
+exact mean over the events it holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..core.batch import Batch
+from ..errors import BatchfitError, expected
+
+# How long one wait for events lasts at most, so that the loop can look at signals and budgets.
+TICK_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event: its ``id`` (what :meth:`EventConsumer.ack` takes), the ``sample``, and ``time``.
+
+    ``time`` is when the event was produced, in seconds since the epoch (for Redis: the time in its
+    stream id, set by the server at ``XADD``), or when it was read where the producer set none.
+    """
+
+    id: Any
+    sample: Any
+    time: float
+    redelivered: bool = False  # delivered before (left pending by a crash, or claimed from a dead consumer)
+
+
+@runtime_checkable
+class EventConsumer(Protocol):
+    """What :class:`StreamSource` needs from a broker's consumer (the interface a Kafka consumer implements).
+
+    ``poll(max_events, timeout)`` returns up to ``max_events`` events, waiting at most ``timeout``
+    seconds (``None``: until one comes) — an empty list when none came — and ``None`` once the
+    stream has ended. ``ack(ids)`` tells the broker that those events are durably used (called only
+    after a checkpoint that includes their updates). ``state_dict()`` is what a checkpoint keeps to
+    resume (given to ``load_state_dict`` before the first poll of a resumed run, with ``included``:
+    the ids of events whose updates the checkpoint includes but which may not be acknowledged yet).
+    """
+
+    def poll(self, max_events: int, timeout: float | None) -> list[Event] | None: ...
+
+    def ack(self, ids: Sequence[Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class IterableEvents:
+    """Events from any iterable of samples, numbered 0, 1, 2, ... in order.
+
+    With ``threaded=True`` a daemon thread reads the iterable, so that a wait for the next event
+    can time out (needed to cut batches on time); otherwise each event is read when asked for.
+    A resumed run skips the events its checkpoint has used: give it the same iterable from its start.
+    """
+
+    def __init__(self, events: Iterable[Any], threaded: bool = False) -> None:
+        self._events = events
+        self._threaded = threaded
+        self._iterator: Iterator[Any] | None = None
+        self._queue: queue.Queue[Any] | None = None
+        self._next_id = 0  # id of the next event read
+        self._used = 0  # events acknowledged: a resumed run skips them
+        self._ended = False
+
+    def _start(self) -> None:
+        iterator = itertools.islice(iter(self._events), self._used, None)
+        self._next_id = self._used
+        if not self._threaded:
+            self._iterator = iterator
+            return
+        slots: queue.Queue[Any] = queue.Queue(maxsize=4096)
+        self._queue = slots
+
+        def read() -> None:
+            try:
+                for sample in iterator:
+                    slots.put((sample, time.time()))
+            except BaseException as error:  # handed to the consumer
+                slots.put(error)
+            slots.put(None)
+
+        threading.Thread(target=read, daemon=True, name="batchfit-stream").start()
+
+    def poll(self, max_events: int, timeout: float | None) -> list[Event] | None:
+        """Up to ``max_events`` events; waits at most ``timeout`` seconds for the first (threaded only)."""
+        if self._ended:
+            return None
+        if self._iterator is None and self._queue is None:
+            self._start()
+        if self._queue is None:
+            assert self._iterator is not None
+            samples = list(itertools.islice(self._iterator, max_events))
+            now = time.time()
+            found = [self._event(sample, now) for sample in samples]
+        else:
+            found = []
+            try:
+                item = self._queue.get(timeout=timeout)
+                while True:
+                    if item is None or isinstance(item, BaseException):
+                        self._ended = True
+                        if isinstance(item, BaseException):
+                            raise item
+                        break
+                    found.append(self._event(*item))
+                    if len(found) == max_events:
+                        break
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+        if not found and (self._queue is None or self._ended):
+            self._ended = True
+            return None
+        return found
+
+    def _event(self, sample: Any, now: float) -> Event:
+        event = Event(self._next_id, sample, now)
+        self._next_id += 1
+        return event
+
+    def ack(self, ids: Sequence[Any]) -> None:
+        """Count acknowledged events (ids are consecutive from where the last ack ended)."""
+        if ids:
+            self._used = max(self._used, int(max(ids)) + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """How many events the run has used."""
+        return {"used": self._used}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Skip the events a checkpoint has used (and those it includes but had not acknowledged)."""
+        used = int(state.get("used", 0))
+        pending = [int(i) for i in state.get("included", [])]
+        self._used = max([used] + [i + 1 for i in pending])
+        self._iterator, self._queue, self._ended = None, None, False
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@dataclass
+class StreamBatch:
+    """A batch cut from a stream: the tensors, the events' ids and production times, and why it closed."""
+
+    batch: Batch
+    ids: list[Any]
+    times: list[float]
+    size: int
+    reason: str  # "size", "latency" or "end"
+    redelivered: int = 0  # events of the batch that had been delivered before
+
+
+class StreamSource:
+    """A stream of events for :meth:`Trainer.fit <batchfit.Trainer.fit>`, cut into batches by size or time.
+
+    ``events`` is any iterable of samples (tuples or dicts of numbers or arrays) or an
+    :class:`EventConsumer` such as :class:`~batchfit.RedisStream`. A batch closes at the
+    trainer's ``batch_size`` events, or ``max_latency`` seconds after its first event arrived,
+    whichever comes first.
+    """
+
+    def __init__(self, events: Any, max_latency: float | None = None) -> None:
+        if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float))
+                                        or not max_latency > 0 or max_latency == float("inf")):
+            raise expected("max_latency", "a positive number of seconds or None", max_latency)
+        if isinstance(events, EventConsumer):
+            self.consumer: EventConsumer = events
+        elif isinstance(events, Iterable) and not isinstance(events, (str, bytes, Mapping)):
+            self.consumer = IterableEvents(events, threaded=max_latency is not None)
+        else:
+            raise expected("events", "an iterable of events or an EventConsumer (e.g. bf.RedisStream)",
+                           type(events).__name__)
+        self.max_latency = None if max_latency is None else float(max_latency)
+        self.names: tuple[str, ...] | None = None
+        self.last_batch: StreamBatch | None = None  # the batch handed out last (a callback may read its ids)
+        self._buffer: list[Event] = []
+        self._opened: float | None = None  # when the first event of the batch being filled arrived
+        self.ended = False
+
+    def next_batch(self, batch_size: int, wait: float = TICK_SECONDS) -> StreamBatch | None:
+        """The next batch, or ``None`` when none closed within about ``wait`` seconds (or the stream ended).
+
+        Events read stay buffered between calls, so a caller may look at signals and budgets
+        between two calls without losing any.
+        """
+        give_up = time.monotonic() + wait
+        blocking = self.max_latency is None and isinstance(self.consumer, IterableEvents)
+        polled = False
+        while not self.ended:
+            now = time.monotonic()
+            close_at = math.inf
+            if self._buffer and self.max_latency is not None:
+                assert self._opened is not None
+                close_at = self._opened + self.max_latency
+            if now >= close_at:
+                return self._cut(batch_size, "latency")
+            if polled and now >= give_up:
+                return None
+            # A plain iterable without max_latency is read as it comes: nothing waits on a clock.
+            timeout = None if blocking else max(0.0, min(close_at, give_up) - now)
+            events = self.consumer.poll(batch_size - len(self._buffer), timeout)
+            polled = True
+            if events is None:
+                self.ended = True
+                break
+            if events and not self._buffer:
+                self._opened = time.monotonic()
+            self._buffer += events
+            if len(self._buffer) >= batch_size:
+                return self._cut(batch_size, "size")
+        return self._cut(batch_size, "end") if self._buffer else None
+
+    def _cut(self, batch_size: int, reason: str) -> StreamBatch:
+        events, self._buffer = self._buffer[:batch_size], self._buffer[batch_size:]
+        self._opened = time.monotonic() if self._buffer else None
+        batch = collate([e.sample for e in events], [e.id for e in events])
+        self.names = tuple(batch) if isinstance(batch, dict) else None
+        self.last_batch = StreamBatch(batch, [e.id for e in events], [e.time for e in events], len(events), reason,
+                                      sum(e.redelivered for e in events))
+        return self.last_batch
+
+    def drop_buffer(self) -> None:
+        """Forget events read but not yet in a batch (a stopped run re-reads them after resuming)."""
+        self._buffer, self._opened = [], None
+
+    def ack(self, ids: Sequence[Any]) -> None:
+        """Acknowledge events whose updates a durable checkpoint includes."""
+        self.consumer.ack(list(ids))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The consumer's state, for checkpoints."""
+        return self.consumer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the consumer's state before the first batch of a resumed run."""
+        self.drop_buffer()
+        self.ended = False
+        self.consumer.load_state_dict(state)
+
+    def close(self) -> None:
+        """Release the consumer's connection."""
+        self.consumer.close()
+
+
+def collate(samples: list[Any], ids: Sequence[Any] = ()) -> Batch:
+    """Stack samples (all tuples of the same length, or all dicts with the same keys) into one batch.
+
+    One array per field: Python numbers become int64 or float64 arrays (floating inputs are cast to
+    the model's dtype on their way to it), arrays are stacked along a new first dimension.
+    """
+    first = samples[0]
+    if isinstance(first, Mapping):
+        keys = tuple(first)
+        for index, sample in enumerate(samples):
+            if not isinstance(sample, Mapping) or tuple(sample) != keys:
+                raise _mismatch(index, ids, f"a dict with keys {list(keys)}", sample)
+        return {k: _stack([s[k] for s in samples], k) for k in keys}
+    if isinstance(first, (tuple, list)):
+        width = len(first)
+        for index, sample in enumerate(samples):
+            if not isinstance(sample, (tuple, list)) or len(sample) != width:
+                raise _mismatch(index, ids, f"a tuple of {width} fields", sample)
+        return tuple(_stack([s[i] for s in samples], f"field {i}") for i in range(width))
+    raise expected("events", "tuples (inputs..., target) or dicts of numbers or arrays",
+                   f"an event of type {type(first).__name__}")
+
+
+def _stack(values: list[Any], name: str) -> torch.Tensor:
+    if isinstance(values[0], torch.Tensor):
+        return torch.stack(values)
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf":
+        raise expected("events", f"numbers or numeric arrays in {name}", f"values of dtype {array.dtype}")
+    return torch.from_numpy(array)
+
+
+def _mismatch(index: int, ids: Sequence[Any], what: str, sample: Any) -> BatchfitError:
+    where = f"event {ids[index]!r}" if index < len(ids) else f"event {index} of the batch"
+    return BatchfitError(f"every event of a stream must have the same fields: expected {what}. "
+                         f"Received: {where} = {sample!r}")

@@ -1,0 +1,189 @@
+"""StreamSource: batches by size or time from any iterable, and training on them equals a hand-written loop."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchfit as bf
+
+
+def _events(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((count, 5)).astype(np.float32)
+    y = (x @ rng.standard_normal((5, 1))).astype(np.float32)
+    return [(x[i], y[i]) for i in range(count)]
+
+
+def _linear(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(5, 1)
+
+
+def _trainer(model: torch.nn.Module, batch_size: int, **options) -> bf.Trainer:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return bf.Trainer(model, F.mse_loss, optimizer, batch_size=batch_size, progress=False, **options)
+
+
+def _reference(events, batch_size: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """A hand-written loop over the events in order, a last partial batch included; the losses before each update."""
+    model = _linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for start in range(0, len(events), batch_size):
+        chunk = events[start : start + batch_size]
+        x = torch.from_numpy(np.stack([e[0] for e in chunk]))
+        y = torch.from_numpy(np.stack([e[1] for e in chunk]))
+        loss = F.mse_loss(model(x), y)
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.state_dict(), losses
+
+
+def test_stream_source_batches_by_size_with_true_last_size():
+    source = bf.StreamSource(_events(10))
+    sizes, reasons = [], []
+    while (batch := source.next_batch(4)) is not None:
+        sizes.append(batch.size)
+        reasons.append(batch.reason)
+        assert batch.batch[0].shape == (batch.size, 5)
+    assert sizes == [4, 4, 2] and reasons == ["size", "size", "end"] and source.ended
+
+
+def test_stream_source_dict_events_give_dict_batches():
+    source = bf.StreamSource({"x": float(i), "label": i % 2} for i in range(5))
+    batch = source.next_batch(8)
+    assert batch is not None and set(batch.batch) == {"x", "label"}
+    assert batch.batch["label"].dtype == torch.int64 and batch.batch["x"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_stream_source_max_latency_cuts_partial_batch_on_time():
+    gate = threading.Event()
+    events = _events(5)
+
+    def produce():
+        yield from events[:3]
+        gate.wait(30)  # the producer goes quiet: only the clock can close the batch
+        yield from events[3:]
+
+    source = bf.StreamSource(produce(), max_latency=0.05)
+    first = None
+    for _ in range(1000):
+        first = source.next_batch(4, wait=0.02)
+        if first is not None:
+            break
+    gate.set()
+    assert first is not None and first.size == 3 and first.reason == "latency"
+    rest = [b for b in iter(lambda: source.next_batch(4), None)]
+    assert [b.size for b in rest] == [2]
+    assert torch.equal(rest[0].batch[0], torch.from_numpy(np.stack([e[0] for e in events[3:]])))
+
+
+def test_stream_fit_equals_hand_written_loop_and_scores_before_training(assert_close):
+    events = _events(23)
+    trainer = _trainer(_linear(), batch_size=4)
+    history = trainer.fit(bf.StreamSource(events))
+    expected, losses = _reference(events, 4)
+    assert_close(trainer.module.state_dict(), expected)
+    assert history.column("batch_size") == [4] * 5 + [3]
+    assert history.losses() == pytest.approx(losses, rel=1e-6)
+    sizes = [4] * 5 + [3]
+    prequential = sum(loss * n for loss, n in zip(losses, sizes)) / 23  # every event scored before its update
+    assert history.column("preq_loss")[-1] == pytest.approx(prequential, rel=1e-6)
+    assert history.epochs[-1]["preq_loss"] == pytest.approx(prequential, rel=1e-6)
+
+
+def test_stream_fit_max_steps_then_resume_equals_uninterrupted(tmp_path, assert_close):
+    events = _events(30)
+    whole = _trainer(_linear(), batch_size=4)
+    whole.fit(bf.StreamSource(events))
+    first = _trainer(_linear(), batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=2)
+    first.fit(bf.StreamSource(events), max_steps=3)
+    assert first.step == 3
+    second = _trainer(_linear(seed=5), batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=2)
+    history = second.fit(bf.StreamSource(events), resume=True)  # the same events from their start
+    assert second.step == whole.step and second.samples_seen == 30
+    assert_close(second.module.state_dict(), whole.module.state_dict())
+    assert history.column("preq_loss")[-1] == pytest.approx(whole.history.column("preq_loss")[-1], rel=1e-6)
+
+
+def test_stream_fit_until_callable_stops():
+    trainer = _trainer(_linear(), batch_size=2)
+    trainer.fit(bf.StreamSource(_events(20)), until=lambda t: t.samples_seen >= 6)
+    assert trainer.step == 3
+
+
+def test_stream_fit_prequential_user_metric_scored_before_update():
+    events = _events(8)
+    model = _linear()
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), batch_size=4,
+                         progress=False, metrics={"mae": lambda out, y: (out - y).abs().mean()})
+    reference = _linear()
+    x = torch.from_numpy(np.stack([e[0] for e in events[:4]]))
+    y = torch.from_numpy(np.stack([e[1] for e in events[:4]]))
+    mae_first = float((reference(x) - y).abs().mean().detach())
+    history = trainer.fit(bf.StreamSource(events))
+    assert history.column("preq_mae")[0] == pytest.approx(mae_first, rel=1e-6)
+
+
+def test_publish_snapshots_reader_never_sees_a_half_written_snapshot(tmp_path):
+    model = torch.nn.Linear(64, 64)
+    publisher = bf.PublishSnapshots(tmp_path, every_steps=1, keep=2)
+    seen, errors, done = [], [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                state, info = bf.load_snapshot(tmp_path)
+            except bf.BatchfitError as error:
+                if "no snapshot published" not in str(error):
+                    errors.append(error)
+                continue
+            except Exception as error:  # a torn file would fail here
+                errors.append(error)
+                continue
+            # Every weight of snapshot k was set to k: a mix of two snapshots cannot pass.
+            if not all(bool((t == info["step"]).all()) for t in state.values()):
+                errors.append(f"snapshot {info} holds other weights")
+            seen.append(info["step"])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for step in range(1, 121):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(step)
+            publisher.publish(model, step, step)
+    finally:
+        done.set()
+        reader.join()
+    assert errors == []
+    assert seen and seen == sorted(seen)
+    state, info = bf.load_snapshot(tmp_path)
+    assert info["step"] == 120 and len(list(tmp_path.glob("snapshot-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: bf.StreamSource([], max_latency=0), r"`max_latency` must be a positive number of seconds or None"),
+    (lambda: bf.StreamSource(5), r"`events` must be an iterable of events or an EventConsumer"),
+    (lambda: bf.StreamSource([(1.0, 2.0), (1.0,)]).next_batch(2), r"same fields: expected a tuple of 2 fields"),
+    (lambda: bf.StreamSource([("a", 1.0)]).next_batch(2), r"`events` must be numbers or numeric arrays"),
+    (lambda: _trainer(_linear(), batch_size=4).fit((np.zeros((4, 5)), np.zeros((4, 1))), max_steps=3),
+     r"`train` must be a bf.StreamSource when max_steps or until is given"),
+    (lambda: _trainer(_linear(), batch_size="full").fit(bf.StreamSource([])),
+     r"`batch_size` must be a positive integer when training from a stream"),
+    (lambda: _trainer(_linear(), batch_size=4).fit(bf.StreamSource([]), until=-1), r"`until` must be None, a"),
+    (lambda: _trainer(_linear(), batch_size=4).fit(bf.StreamSource([]), max_steps=0),
+     r"`max_steps` must be a positive integer\. Received: max_steps=0"),
+    (lambda: bf.PublishSnapshots("snaps"), r"`every_steps` must be a positive integer"),
+])
+def test_stream_bad_input_is_refused(call, message):
+    with pytest.raises(bf.BatchfitError, match=message):
+        call()
