@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ..errors import BatchfitError
+from ..errors import BatchfitError, expected
 from ..measure.lr import adascale_gain, scale_lr, warmup
 from ..measure.noise import NoiseScaleTracker
 from .options import TrainerOptions
@@ -27,18 +28,22 @@ class LRControl:
     (Smith et al. 2018).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, options: TrainerOptions,
-                 schedule: Callable[[int], float] | None) -> None:
-        self.optimizer, self.options, self.schedule = optimizer, options, schedule
+    def __init__(self, optimizer: torch.optim.Optimizer, options: TrainerOptions, schedule: Any) -> None:
+        self.optimizer, self.options = optimizer, options
+        self.scheduler = _torch_scheduler(schedule, optimizer, options)
+        self.schedule: Callable[[int], float] | None = None if self.scheduler is not None else schedule
+        self._scaled_for_scheduler = False
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.tracker: NoiseScaleTracker | None = None
         self.start_batch: int | None = None  # adaptive runs: the batch the rule scales to
-        self.constant = options.lr_scaling is None and not options.warmup_steps and schedule is None
+        # With a torch scheduler the scheduler sets the lrs; batchfit only scales them once (begin()).
+        self.constant = self.scheduler is not None or (options.lr_scaling is None and not options.warmup_steps
+                                                       and schedule is None)
         # Whether the lr can change from one step to the next (not only from one fit to the next).
-        self.dynamic = bool(options.warmup_steps or schedule is not None or options.batch_size == "adaptive"
-                            or options.lr_scaling == "adascale")
+        self.dynamic = self.scheduler is None and bool(options.warmup_steps or schedule is not None
+                                                       or options.batch_size == "adaptive"
+                                                       or options.lr_scaling == "adascale")
         self._factor = float("nan")
-        self.lr = float("nan")
 
     def factor(self, step: int, batch_size: int) -> float:
         """Batch-size rule × warm-up × user schedule for the update after ``step`` steps at ``batch_size``."""
@@ -61,12 +66,60 @@ class LRControl:
 
     def apply(self, step: int, batch_size: int) -> None:
         """Set every group's lr for the next update (only touches the optimizer when it changes)."""
+        if self.scheduler is not None:
+            return  # the scheduler sets the lrs (scaled once by begin())
         factor = 1.0 if self.constant else self.factor(step, batch_size)
         if factor != self._factor:
             for group, base in zip(self.optimizer.param_groups, self.base_lrs):
                 group["lr"] = base * factor
             self._factor = factor
-            self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def used(self) -> float:
+        """The lr of the first parameter group now: the one the next update uses, whoever set it."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def begin(self, batch_size: int) -> None:
+        """Before the first step: with a torch scheduler, scale its lrs once by the batch-size rule."""
+        o = self.options
+        if self.scheduler is None or self._scaled_for_scheduler or o.lr_scaling is None:
+            return
+        assert o.base_batch_size is not None
+        factor = scale_lr(1.0, o.base_batch_size, batch_size, o.lr_scaling)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        self._scaled_for_scheduler = True
+
+    def after_update(self) -> None:
+        """After each update: step a torch scheduler that runs per step."""
+        if self.scheduler is not None and self.options.lr_schedule_interval == "step" and not self._plateau:
+            self.scheduler.step()
+
+    def after_epoch(self, record: dict[str, Any]) -> None:
+        """After each epoch: step a per-epoch torch scheduler (ReduceLROnPlateau with ``val_loss``, else ``loss``)."""
+        if self.scheduler is None:
+            return
+        if self._plateau:
+            self.scheduler.step(record.get("val_loss", record["loss"]))
+        elif self.options.lr_schedule_interval == "epoch":
+            self.scheduler.step()
+
+    @property
+    def _plateau(self) -> bool:
+        return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """A torch scheduler's state (``None`` without one): part of every checkpoint."""
+        return None if self.scheduler is None else self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore a torch scheduler's state saved by :meth:`state_dict`."""
+        if self.scheduler is not None and state is not None:
+            self.scheduler.load_state_dict(state)
+            self._scaled_for_scheduler = True
 
     def invalidate(self) -> None:
         """Forget the applied factor (after a state load) so that the next :meth:`apply` sets it again."""
@@ -82,3 +135,19 @@ class LRControl:
             return 1.0 if scale >= 1 else scale
         return adascale_gain(tracker.grad_sq, tracker.trace_cov, scale, base)
 
+
+def _torch_scheduler(schedule: Any, optimizer: torch.optim.Optimizer, options: TrainerOptions) -> Any:
+    """``schedule`` when it is one of torch's lr schedulers (checked against the run), else ``None``."""
+    schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if not isinstance(schedule, schedulers):
+        return None
+    if schedule.optimizer is not optimizer:
+        raise expected("lr_schedule", "a torch lr scheduler of the Trainer's optimizer", "one of another optimizer")
+    if options.warmup_steps:
+        raise expected("warmup_steps", "0 with a torch lr scheduler (warm up with torch.optim.lr_scheduler."
+                       "LinearLR inside a SequentialLR)", options.warmup_steps)
+    if options.lr_scaling == "adascale" or options.batch_size == "adaptive":
+        raise expected("lr_schedule", "a step -> factor function with lr_scaling='adascale' or adaptive batches "
+                       "(their lr changes with the measured noise, which a torch scheduler cannot follow)",
+                       type(schedule).__name__)
+    return schedule

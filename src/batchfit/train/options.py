@@ -48,6 +48,7 @@ class TrainerOptions:
     lr_scaling: LRRule | None = None
     base_batch_size: int | None = None
     warmup_steps: int = 0
+    lr_schedule_interval: Literal["step", "epoch"] = "step"
     device: str | torch.device = "auto"
     precision: Precision = "fp32"
     max_grad_norm: float | None = None
@@ -80,6 +81,7 @@ class TrainerOptions:
         if self.base_batch_size is not None:
             check_positive_int("base_batch_size", self.base_batch_size)
         check_positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
+        check_choice("lr_schedule_interval", self.lr_schedule_interval, ("step", "epoch"))
         if not isinstance(self.device, (str, torch.device)):
             raise expected("device", "'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device", self.device)
         check_choice("precision", self.precision, PRECISIONS)

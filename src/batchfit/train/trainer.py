@@ -68,7 +68,7 @@ class Trainer:
         loss_fn: LossFn | None,
         optimizer: torch.optim.Optimizer,
         *,
-        lr_schedule: Callable[[int], float] | None = None,
+        lr_schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
         callbacks: Sequence[Callback] = (),
         metrics: dict[str, Metric] | None = None,
         loss_count: Callable[[Batch], Any] | None = None,
@@ -247,6 +247,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "noise_tracker": None if self.noise_tracker is None else self.noise_tracker.state_dict(),
             "adaptive": None if adaptive is None else adaptive.state_dict(),
+            "lr_scheduler": self.lr.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,6 +271,7 @@ class Trainer:
         if self.plan.adaptive is not None and state.get("adaptive") is not None:
             self.plan.adaptive.load_state_dict(state["adaptive"])
             self.lr.start_batch = self.plan.adaptive.start
+        self.lr.load_state_dict(state.get("lr_scheduler"))
         set_rng_state(state["rng"])
         self.lr.invalidate()  # re-applied before the next step
 
@@ -337,6 +339,7 @@ class Trainer:
             self.noise_tracker = NoiseScaleTracker(beta=0.95)
         self.lr.tracker = self.noise_tracker
         self.lr.start_batch = None if plan.adaptive is None else plan.adaptive.start
+        self.lr.begin(plan.batch_size)
         self.position = None
         return self.batcher
 
@@ -404,6 +407,7 @@ class Trainer:
             if not batcher.epoch_done:
                 break  # stopped early inside the epoch
             record = self._end_epoch(epoch, val, progress)
+            self.lr.after_epoch(record)
             batcher.set_epoch(epoch + 1)
             self.position = None
             for hook in hooks["on_epoch_end"]:
@@ -455,7 +459,9 @@ class Trainer:
                     self._non_finite(recorded, epoch, position)
                     continue
             pair = None if noise is None else (noise.small_sq, step_fn.grad_sq(), noise.b_small, global_size)
+            used_lr = lr.used()  # whoever set it: a schedule, a torch scheduler or a callback
             step_fn.update()
+            lr.after_update()
             self.step += 1
             self.samples_seen += global_size
             self.position = position
@@ -465,10 +471,10 @@ class Trainer:
             if track_noise:
                 self._track_noise(pair)
                 assert self.noise_tracker is not None
-                history.add_step(self.step, epoch, self.samples_seen, global_size, recorded, lr.lr, seconds,
+                history.add_step(self.step, epoch, self.samples_seen, global_size, recorded, used_lr, seconds,
                                  noise_scale=self.noise_tracker.b_simple)
             else:
-                history.add_step(self.step, epoch, self.samples_seen, global_size, recorded, lr.lr, seconds)
+                history.add_step(self.step, epoch, self.samples_seen, global_size, recorded, used_lr, seconds)
             if step_end:
                 self._check_losses()
                 record = history.record(-1)
@@ -480,7 +486,7 @@ class Trainer:
                 self._check_losses()
                 rate = (self.samples_seen - start_samples) / max(now - start_time, 1e-9)
                 progress.refresh(now, -(-done_before // batcher.batch_size) + batches_done, rate,
-                                 history.losses()[-1], lr.lr)
+                                 history.losses()[-1], used_lr)
             if self._stop_after_step():
                 break
 
@@ -638,7 +644,10 @@ def _check_objects(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_
     if metrics is not None and (not isinstance(metrics, dict) or
                                 not all(isinstance(k, str) and callable(f) for k, f in metrics.items())):
         raise expected("metrics", "a dict of name -> f(output, target)", metrics)
-    for name, value in (("lr_schedule", lr_schedule), ("loss_count", loss_count), ("transform", transform)):
+    schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if lr_schedule is not None and not callable(lr_schedule) and not isinstance(lr_schedule, schedulers):
+        raise expected("lr_schedule", "a callable step -> factor, a torch lr scheduler, or None", lr_schedule)
+    for name, value in (("loss_count", loss_count), ("transform", transform)):
         if value is not None and not callable(value):
             raise expected(name, "a callable or None", value)
     mine = {id(p) for p in model.parameters()}
