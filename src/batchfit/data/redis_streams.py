@@ -82,6 +82,7 @@ class RedisStream:
         self._phase = "new"  # "new" -> "pending" (own pending events) -> "live" (new events, claims)
         self._pending_from = "0"
         self._last_claim = 0.0
+        self._claim_from = "0-0"  # where the next XAUTOCLAIM continues ("0-0": a new scan)
         self._last_event = time.monotonic()
         self._included: list[Any] = []
         self.redelivered = 0  # events read again: own pending ones after a restart, or claimed
@@ -98,7 +99,8 @@ class RedisStream:
             self._phase = "live"
             self._last_claim = 0.0
         now = time.monotonic()
-        if now - self._last_claim >= max(self.claim_idle, 1.0):
+        if self._claim_from != "0-0" or now - self._last_claim >= max(self.claim_idle, 1.0):
+            # A claim scans the group's pending list in pages: the next page is claimed at the next poll.
             self._last_claim = now
             claimed = self._claim(max_events)
             if claimed:
@@ -153,7 +155,8 @@ class RedisStream:
 
     def _claim(self, count: int) -> list[Event]:
         reply = self.client.xautoclaim(self.stream, self.group, self.consumer, int(self.claim_idle * 1000),
-                                       start_id="0-0", count=count)
+                                       start_id=self._claim_from, count=count)
+        self._claim_from = _text(reply[0])
         entries = reply[1] if len(reply) > 1 else []
         return self._events(entries, redelivered=True)
 
