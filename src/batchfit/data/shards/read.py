@@ -6,6 +6,8 @@ import math
 import mmap
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 
 from ...errors import ShardError, check_choice, check_positive_int, expected
 from ..sources import Batch, pack
+from . import runs
 from .format import (
     _FAULT_BYTES,
     MAPPED_BYTES,
@@ -30,6 +33,13 @@ from .format import (
 )
 
 GATHER_BYTES = 32 * 2**20  # the most a Batcher gathers in one call when it joins batches
+# Past the mapping limit, a gather whose rows are sparse in the file (fewer than this many rows
+# per region not yet mapped: a uniform shuffle) is read by pread, in runs, mapping nothing.
+# Through the map each such row faults in a large folio (about 100 KiB measured on Linux 6.18,
+# up to 2 MiB), so the maps fill the limit after a few batches and are dropped (1-3 ms each);
+# a pread costs one system call per run instead (2-3 us). See shards/runs.py.
+PREADS_PER_FAULT = 2
+_OPEN_LOCK = threading.Lock()
 
 
 class _MappedArray:
@@ -40,7 +50,10 @@ class _MappedArray:
         count = math.prod(shape)
         array = np.frombuffer(self._map, dtype, count, header_bytes) if count else np.empty(0, dtype)
         self.array = array.reshape(shape)
+        self.path = path
         self.header_bytes = header_bytes
+        self._fd: int | None = None  # for pread, opened on first use
+        self.cold = False  # whether preads have been waiting for the disk
         self.seen = np.zeros(len(self._map) // _FAULT_BYTES + 1, dtype=bool)  # regions read since the last drop
 
     def mark(self, first: np.ndarray, last: np.ndarray) -> int:
@@ -51,6 +64,34 @@ class _MappedArray:
         self.seen[first // _FAULT_BYTES] = True
         self.seen[last // _FAULT_BYTES] = True
         return int(np.count_nonzero(self.seen)) - before
+
+    def new_regions(self, first: np.ndarray) -> int:
+        """How many regions holding the bytes at ``first`` have not been read since the last drop."""
+        touched = np.zeros_like(self.seen)
+        touched[first // _FAULT_BYTES] = True
+        return int(np.count_nonzero(touched & ~self.seen))
+
+    def read_runs(self, plan: runs.Runs, out: np.ndarray) -> None:
+        """Rows of ``plan`` into ``out`` by pread; on a cold page cache the kernel is told first."""
+        fd = self.fileno()
+        if self.cold:
+            runs.will_need(fd, plan)
+        start = time.perf_counter()
+        runs.read_runs(fd, plan, out, self.path)
+        per_run = (time.perf_counter() - start) / max(1, len(plan.offsets))
+        self.cold = per_run > runs.COLD_SECONDS if not self.cold else per_run > runs.WARM_SECONDS
+
+    def fileno(self) -> int:
+        """A descriptor of the file for ``pread`` (opened once, closed with this object)."""
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            with _OPEN_LOCK:
+                if self._fd is None:
+                    self._fd = fd
+                    weakref.finalize(self, os.close, fd)
+                    return fd
+            os.close(fd)
+        return self._fd
 
     def drop(self) -> None:
         """Unmap the pages read so far: they stay in the page cache but leave this process's RSS."""
@@ -273,7 +314,7 @@ class ShardSource:
                 target_last = position == len(self.specs) - 1 and position > 0 and self.names is None
                 out.extend([lengths, padded] if target_last else [padded, lengths])
             else:
-                out.append(self._gather_dense(spec, groups, inverse, len(indices), pin_memory))
+                out.append(self._gather_dense(spec, groups, inverse, len(indices), pin_memory, order))
         return pack(self.names, out)
 
     def _check_indices(self, indices: Any) -> np.ndarray:
@@ -306,30 +347,48 @@ class ShardSource:
         return [(s, ordered[lo:hi] - starts[s], lo, hi) for s, lo, hi in zip(shards, cuts, cuts[1:])], order
 
     def _take(
-        self, shard: int, spec: _Spec, local: np.ndarray, out: np.ndarray | None = None, numpy: bool = False
+        self, shard: int, spec: _Spec, local: np.ndarray, out: np.ndarray | None = None, numpy: bool = False,
+        destinations: np.ndarray | None = None,
     ) -> Any:
-        """Rows ``local`` of one shard's array: a tensor, or a NumPy array (``out`` when given)."""
+        """Rows ``local`` of one shard's array: a tensor, or a NumPy array (``out`` when given).
+
+        With ``destinations`` (past the mapping limit only), row ``local[i]`` goes to
+        ``out[destinations[i]]`` instead of ``out[i]``.
+        """
         mapped = self._maps.get((shard, spec.key)) or self._map(shard, spec.key)
         if self._fits:  # the common case, kept short
             rows = mapped.array.take(local, axis=0, out=out, mode="clip")
             return rows if numpy or out is not None else torch.from_numpy(rows)
         rows = np.empty((len(local), *spec.shape), spec.dtype) if out is None else out
+        row_bytes = self._row_bytes[spec.key]
+        first = mapped.header_bytes + local * row_bytes
+        if runs.AVAILABLE and len(local) and mapped.new_regions(first) * PREADS_PER_FAULT > len(local):
+            # Sparse rows (a uniform shuffle): pread them in file order, mapping nothing.
+            mapped.read_runs(runs.plan_runs(local, mapped.header_bytes, row_bytes, destinations), rows)
+            return rows if numpy or out is not None else torch.from_numpy(rows)
+        if destinations is not None:
+            rows[destinations] = self._take(shard, spec, local, numpy=True)
+            return rows
 
         def read(part: slice) -> None:
             # mode="clip" skips NumPy's bounds-check buffering; _check_indices checked the bounds.
             mapped.array.take(local[part], axis=0, out=rows[part], mode="clip")
 
-        first = mapped.header_bytes + local * self._row_bytes[spec.key]
-        self._read(mapped, first, first + max(0, self._row_bytes[spec.key] - 1), read)
+        self._read(mapped, first, first + max(0, row_bytes - 1), read)
         return rows if numpy or out is not None else torch.from_numpy(rows)
 
     def _gather_dense(
-        self, spec: _Spec, groups: list[_Group], inverse: np.ndarray | None, size: int, pin: bool
+        self, spec: _Spec, groups: list[_Group], inverse: np.ndarray | None, size: int, pin: bool,
+        order: np.ndarray | None = None,
     ) -> torch.Tensor:
         out = _empty((size, *spec.shape), spec.dtype, pin)
         if inverse is None:
             for shard, local, lo, hi in groups:
                 self._take(shard, spec, local, out=out.numpy()[lo:hi])
+            return out
+        if not self._fits and order is not None:  # each group's rows straight to their places
+            for shard, local, lo, hi in groups:
+                self._take(shard, spec, local, out=out.numpy(), destinations=order[lo:hi])
             return out
         rows = np.concatenate([self._take(shard, spec, local, numpy=True) for shard, local, _, _ in groups])
         rows.take(inverse, axis=0, out=out.numpy(), mode="clip")

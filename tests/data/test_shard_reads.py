@@ -1,0 +1,229 @@
+"""Rows read by pread in runs (shards/runs.py) equal rows read through the memory maps.
+
+Past the mapping limit, a gather whose rows are sparse in the file (a uniform shuffle) is read
+with one pread per run of rows instead of a page fault per row. Every shuffle mode must still
+serve each sample once per epoch and the same batches as an ArraySource with the same seed, on
+one rank or several, resumed mid-epoch or not, with either read path.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchfit.data.batcher import Batcher
+from batchfit.data.shards import ShardSource, read_manifest, runs, write_shards
+from batchfit.data.shards import read as shard_read
+from batchfit.data.sources import ArraySource
+from batchfit.errors import ShardError
+
+pytestmark = pytest.mark.skipif(not runs.AVAILABLE, reason="os.preadv is not available here")
+
+
+@pytest.fixture(params=["pread", "map"])
+def read_path(request, monkeypatch):
+    """Every gather past the mapping limit read by pread, or every one through the maps."""
+    monkeypatch.setattr(shard_read, "PREADS_PER_FAULT", 10**9 if request.param == "pread" else 0)
+    return request.param
+
+
+@pytest.fixture
+def preads(monkeypatch):
+    """Counts the runs read by pread."""
+    counted = {"runs": 0}
+    real = runs.read_runs
+
+    def counting(fd, plan, out, name):
+        counted["runs"] += len(plan.offsets)
+        real(fd, plan, out, name)
+
+    monkeypatch.setattr(runs, "read_runs", counting)
+    return counted
+
+
+def _data(n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def _sources(tmp_path, named=False, shard_size=None, n=1000):
+    x, y = _data(n)
+    arrays = {"x": x, "y": y} if named else (x, y)
+    memory = ArraySource(**arrays) if named else ArraySource(*arrays)
+    write_shards(tmp_path / "s", arrays, shard_size=shard_size)
+    return memory, ShardSource(tmp_path / "s", max_mapped_bytes=1)  # nothing fits: every read is counted
+
+
+def _equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        a, b = list(a.values()), list(b.values())
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+# --- planning runs ----------------------------------------------------------------------------
+
+
+def test_plan_runs_rows_far_apart_go_straight_to_their_places():
+    plan = runs.plan_runs(np.array([5000, 3, 90000]), header_bytes=128, row_bytes=100)
+    assert plan.offsets == [128 + 300, 128 + 500000, 128 + 9000000]  # in file order
+    assert plan.sizes == [100, 100, 100]
+    assert plan.starts == [100, 0, 200] and plan.scatter is None  # output rows 1, 0, 2
+
+
+def test_plan_runs_joins_near_rows_and_keeps_order_and_duplicates():
+    rows = np.array([40, 7, 9, 7, 100000, 8])
+    plan = runs.plan_runs(rows, header_bytes=0, row_bytes=1024)  # 7-9: one run; 40 is 30 KiB further
+    assert plan.offsets == [7 * 1024, 40 * 1024, 100000 * 1024]
+    assert plan.sizes == [3 * 1024, 1024, 1024]
+    assert plan.starts == [0, 3 * 1024, 4 * 1024]  # in the buffer
+    assert plan.scatter is not None
+    destinations, buffer_rows = plan.scatter
+    served = np.empty(6, np.int64)
+    served[destinations] = buffer_rows
+    assert served.tolist() == [3, 0, 2, 0, 4, 1]
+
+
+def test_read_runs_equals_indexing(tmp_path):
+    table = np.arange(5000 * 3, dtype=np.int32).reshape(5000, 3)
+    path = tmp_path / "t.npy"
+    np.save(path, table)
+    header = os.path.getsize(path) - table.nbytes
+    rng = np.random.default_rng(1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for rows in (rng.integers(0, 5000, 300), np.sort(rng.choice(5000, 40, replace=False)), np.arange(10, 20),
+                     np.array([4999, 0, 4999]), rng.choice(5000, 40) * 100 % 5000):
+            out = np.empty((len(rows), 3), np.int32)
+            runs.read_runs(fd, runs.plan_runs(rows, header, 12), out, path)
+            assert np.array_equal(out, table[rows])
+            places = rng.permutation(len(rows) + 5)[: len(rows)]  # into rows of a larger output
+            wide = np.zeros((len(rows) + 5, 3), np.int32)
+            runs.read_runs(fd, runs.plan_runs(rows, header, 12, places), wide, path)
+            assert np.array_equal(wide[places], table[rows])
+    finally:
+        os.close(fd)
+
+
+# --- the Batcher over both read paths ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shuffle", [False, True, "full", "block"])
+@pytest.mark.parametrize("shard_size", [None, 64])
+def test_shard_reads_batches_equal_array_source(tmp_path, read_path, preads, shuffle, shard_size):
+    memory, shards = _sources(tmp_path, shard_size=shard_size)
+    options = dict(batch_size=48, shuffle=shuffle, seed=5, block_size=40, window_blocks=4)
+    for epoch in range(2):
+        a, b = Batcher(memory, **options), Batcher(shards, **options)
+        a.set_epoch(epoch), b.set_epoch(epoch)
+        seen = []
+        for batch_a, batch_b in zip(a, b, strict=True):
+            _equal(batch_a, batch_b)
+            seen.append(batch_b[1])
+    assert (preads["runs"] > 0) == (read_path == "pread")
+    served = np.concatenate([s.numpy() for s in seen])
+    assert len(served) == len(memory)  # every sample once: the labels are the data's, in some order
+    assert np.array_equal(np.sort(served), np.sort(memory.tensors[1].numpy()))
+
+
+def test_shard_reads_each_sample_once_per_epoch(tmp_path, read_path):
+    n = 997
+    ids = np.arange(n)
+    write_shards(tmp_path / "ids", (np.stack([ids, -ids], 1).astype(np.int64), ids), shard_size=100)
+    shards = ShardSource(tmp_path / "ids", max_mapped_bytes=1)
+    for shuffle in (True, "full", "block"):
+        batcher = Batcher(shards, batch_size=64, shuffle=shuffle, seed=3, block_size=16, window_blocks=4)
+        for _ in range(2):
+            served = np.concatenate([x[:, 0].numpy() for x, _ in batcher])
+            assert np.array_equal(np.sort(served), ids)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_shard_reads_two_ranks_share_each_batch_as_one_process(tmp_path, read_path, named):
+    memory, shards = _sources(tmp_path, named=named, shard_size=50)
+    whole = list(Batcher(memory, batch_size=64, seed=2))
+    ranks = [list(Batcher(shards, batch_size=64, seed=2, rank=r, world_size=2)) for r in range(2)]
+    for batch, first, second in zip(whole, *ranks, strict=True):
+        if named:
+            joined = {key: torch.cat([first[key], second[key]]) for key in batch}
+        else:
+            joined = tuple(torch.cat([a, b]) for a, b in zip(first, second))
+        _equal(batch, joined)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("shard_size", [None, 40])
+def test_shard_reads_state_dict_resumes_mid_epoch(tmp_path, read_path, prefetch, shard_size):
+    memory, shards = _sources(tmp_path, shard_size=shard_size)
+    expected = list(Batcher(memory, batch_size=32, seed=4, shuffle="full"))
+    first = Batcher(shards, batch_size=32, seed=4, shuffle="full", prefetch=prefetch)
+    served = []
+    for batch in first.remaining():
+        served.append(batch)
+        if len(served) == 5:
+            break
+    resumed = Batcher(shards, batch_size=32, seed=4, shuffle="full", prefetch=prefetch)
+    resumed.load_state_dict(first.state_dict())
+    served += list(resumed.remaining())
+    for a, b in zip(expected, served, strict=True):
+        _equal(a, b)
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_shard_reads_pread_maps_nothing(tmp_path, read_path, preads):
+    rows = 2**15  # 32 MiB of 1 KiB samples
+    write_shards(tmp_path / "s", (np.full((4096, 256), i, dtype=np.float32) for i in range(rows // 4096)))
+    src = ShardSource(tmp_path / "s", max_mapped_bytes=8 * 2**20)
+    before = _rss_file_kib()
+    peak = before
+    for _ in Batcher(src, batch_size=256, shuffle="full"):
+        peak = max(peak, _rss_file_kib())
+    growth = (peak - before) * 1024
+    if read_path == "pread":
+        assert preads["runs"] > 0 and growth < 2**20
+    else:
+        assert growth < 2 * 8 * 2**20 + 2**20
+
+
+def test_shard_reads_file_shorter_than_its_manifest_names_it(tmp_path, read_path):
+    if read_path == "map":
+        pytest.skip("a memory map of a truncated file faults (SIGBUS); the size check at open finds it")
+    _, shards = _sources(tmp_path)
+    shards.gather(np.array([1, 2]))  # the files are open
+    name = tmp_path / "s" / read_manifest(tmp_path / "s")["shards"][0]["files"]["0"]["name"]
+    os.truncate(name, 1000)
+    with pytest.raises(ShardError, match="ends at byte"):
+        shards.gather(np.array([999, 0]))
+
+
+def test_shard_reads_cold_files_ask_the_kernel_ahead(tmp_path, monkeypatch, preads):
+    """A file whose preads wait for the disk gets its runs announced (POSIX_FADV_WILLNEED) first;
+    the rows are the same."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise")
+    monkeypatch.setattr(shard_read, "PREADS_PER_FAULT", 10**9)
+    announced = []
+    real = runs.will_need
+    monkeypatch.setattr(runs, "will_need", lambda fd, plan: (announced.append(len(plan.offsets)), real(fd, plan)))
+    memory, shards = _sources(tmp_path)
+    monkeypatch.setattr(runs, "COLD_SECONDS", 0.0)  # every read counts as waiting for the disk
+    monkeypatch.setattr(runs, "WARM_SECONDS", -1.0)
+    for a, b in zip(Batcher(memory, batch_size=64, seed=1), Batcher(shards, batch_size=64, seed=1), strict=True):
+        _equal(a, b)
+    assert len(announced) == 2 * 16 - 2  # both arrays, every gather after each array's first
+    monkeypatch.setattr(runs, "COLD_SECONDS", 1.0)  # now every read counts as served by the cache
+    monkeypatch.setattr(runs, "WARM_SECONDS", 1.0)
+    announced.clear()
+    list(Batcher(shards, batch_size=64, seed=1))
+    assert len(announced) == 2  # the first gather of each array, still marked cold
