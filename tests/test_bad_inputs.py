@@ -51,7 +51,7 @@ API = {
     "loss is not a tensor": (lambda: fit(loss_fn=lambda out, y: 1.0),
                              r"`loss_fn` must return a scalar tensor.*Received: 1\.0"),
     "labels out of range": (lambda: fit((X, Y + 5)),
-                            r"step 1 \(epoch 0\): Target \d+ is out of bounds\. The targets must be class indices"),
+                            r"step 1 \(epoch 1\): Target \d+ is out of bounds\. The targets must be class indices"),
     "one callback not in a list": (lambda: trainer(callbacks=bf.EarlyStopping()),
                                    r"`callbacks` must be a list of batchfit Callback objects \(wrap a single one"),
     "callbacks of another kind": (lambda: trainer(callbacks=[print]),
@@ -144,7 +144,7 @@ def test_model_error_inside_a_step_names_the_step():
     with pytest.raises(RuntimeError, match="mat1 and mat2") as raised:
         bf.Trainer(net, F.cross_entropy, torch.optim.SGD(net.parameters(), lr=0.1), batch_size=8,
                    progress=False).fit((X, Y), epochs=1)
-    assert "batchfit: raised during step 1 (epoch 0)" in getattr(raised.value, "__notes__", [])
+    assert "batchfit: raised during step 1 (epoch 1)" in getattr(raised.value, "__notes__", [])
 
 
 # ---------------------------------------------------------------------------- run configurations

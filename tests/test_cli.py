@@ -49,7 +49,7 @@ def test_cli_train_writes_run_folder(tmp_path, capsys):
     assert main(["train", str(_config(tmp_path))]) == 0
     summary = json.loads(capsys.readouterr().out)
     run_dir = Path(summary["run_dir"])
-    assert summary["epoch"] == 1 and 0.0 <= summary["val_accuracy"] <= 1.0
+    assert summary["epoch"] == 2 and 0.0 <= summary["val_accuracy"] <= 1.0
     for name in ("metrics.csv", "epochs.csv", "curves.png", "summary.json", "run.toml"):
         assert (run_dir / name).stat().st_size > 0, name
     lines = (run_dir / "metrics.csv").read_text().splitlines()

@@ -129,7 +129,7 @@ def test_adaptive_fit_records_noise_scale_and_events(make_mlp):
     for (size, epoch), (next_size, next_epoch) in zip(zip(sizes, epochs), zip(sizes[1:], epochs[1:])):
         if epoch == next_epoch and next_size < size:
             pytest.fail(f"batch shrank from {size} to {next_size} inside epoch {epoch}")
-    assert sum(r["batch_size"] for r in steps if r["epoch"] == 0) == len(x)  # every sample once
+    assert sum(r["batch_size"] for r in steps if r["epoch"] == 1) == len(x)  # every sample once
 
 
 def test_adascale_lr_gain_within_one_and_scale(make_mlp):

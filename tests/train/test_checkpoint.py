@@ -243,7 +243,7 @@ def test_on_nan_rollback_restores_the_last_checkpoint_and_skips_the_batch(tmp_pa
                       shuffle=False, on_nan="rollback", checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
     with caplog.at_level(logging.WARNING, logger="batchfit"):
         history = trainer.fit((x, y), epochs=1)
-    assert "non-finite loss at step 6 (epoch 0): rolled back to" in caplog.text
+    assert "non-finite loss at step 6 (epoch 1): rolled back to" in caplog.text
     assert "step-000000004.pt" in caplog.text
 
     # the update of batch 4 (after the checkpoint of step 4) is undone, batch 5 is skipped
@@ -270,7 +270,7 @@ def test_on_nan_rollback_without_a_checkpoint_yet_skips(tmp_path, classification
                       shuffle=False, on_nan="rollback", checkpoint_dir=tmp_path, progress=False)
     with caplog.at_level(logging.WARNING, logger="batchfit"):
         trainer.fit((x, y), epochs=1)
-    assert "non-finite loss at step 1 (epoch 0): skipped the update" in caplog.text
+    assert "non-finite loss at step 1 (epoch 1): skipped the update" in caplog.text
     assert trainer.step == 9 and trainer.skipped_steps == 1
 
 

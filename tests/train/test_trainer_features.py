@@ -90,14 +90,14 @@ def test_history_records_every_step(make_mlp, classification):
     history = trainer.fit(classification, epochs=2, val=classification)
     steps = history.steps
     assert [r["step"] for r in steps] == list(range(1, 9))
-    assert [r["epoch"] for r in steps] == [0] * 4 + [1] * 4
+    assert [r["epoch"] for r in steps] == [1] * 4 + [2] * 4
     assert [r["batch_size"] for r in steps] == [32, 32, 32, 4] * 2
     assert [r["samples"] for r in steps] == [32, 64, 96, 100, 132, 164, 196, 200]
     assert all(r["lr"] == 0.1 for r in steps)
     assert all(isinstance(r["loss"], float) for r in steps)
     seconds = [r["seconds"] for r in steps]
     assert seconds == sorted(seconds)
-    assert [e["epoch"] for e in history.epochs] == [0, 1]
+    assert [e["epoch"] for e in history.epochs] == [1, 2]
     assert history.epochs[0]["loss"] == pytest.approx(np.mean([r["loss"] for r in steps[:4]]))
     assert {"val_loss", "val_accuracy", "steps", "samples"} <= set(history.epochs[1])
 
@@ -201,7 +201,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(make_mlp, classifica
     val_losses = [e["val_loss"] for e in history.epochs]
     best = int(np.argmin(val_losses))
     assert len(history.epochs) == best + 1 + 2  # stopped after `patience` epochs without improvement
-    assert stopper.best_epoch == best
+    assert stopper.best_epoch == best + 1  # epochs count from 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, snapshots.weights[best][name]), name
 
@@ -458,9 +458,9 @@ def test_fit_second_call_continues_with_next_epochs(make_mlp, classification):
 
     trainer.callbacks.append(Spy())
     history = trainer.fit((x, y), epochs=1)
-    assert [record["epoch"] for record in history.epochs] == [0, 1, 2]
+    assert [record["epoch"] for record in history.epochs] == [1, 2, 3]
     assert trainer.step == 12
-    assert seen[0][0] == 2 and np.array_equal(seen[0][1], epoch_order(len(y), True, 3, 2))
+    assert seen[0][0] == 3 and np.array_equal(seen[0][1], epoch_order(len(y), True, 3, 2))  # 3rd epoch: order 2
 
 
 def test_on_nan_raise_on_cpu_never_applies_the_bad_update(make_mlp, classification):
@@ -472,7 +472,7 @@ def test_on_nan_raise_on_cpu_never_applies_the_bad_update(make_mlp, classificati
     model = make_mlp()
     trainer = bf.Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=20,
                          shuffle=False, progress=False)
-    with pytest.raises(bf.NonFiniteLossError, match="step 3 \\(epoch 0\\)"):
+    with pytest.raises(bf.NonFiniteLossError, match="step 3 \\(epoch 1\\)"):
         trainer.fit((x, y), epochs=1)
     assert trainer.step == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())

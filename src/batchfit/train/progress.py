@@ -34,7 +34,7 @@ class Progress:
         size = terminal_size(sys.stderr)
         dynamic = size is None or min(size) > 0
         fixed = {} if dynamic else {"ncols": FALLBACK_SIZE.columns, "nrows": FALLBACK_SIZE.lines}
-        self._bar = tqdm(total=total, initial=already, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+        self._bar = tqdm(total=total, initial=already, desc=f"epoch {epoch}/{epochs}", unit="batch",
                          file=sys.stderr, dynamic_ncols=dynamic, leave=True, mininterval=0, **fixed)
         self._shown = already
         self.next_refresh = now + self.interval

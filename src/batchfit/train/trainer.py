@@ -364,7 +364,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {error}") from error
         assert self.batcher is not None
-        self.announce(f"Resumed from {path} at step {self.step} (epoch {self.batcher.epoch + 1})")
+        self.announce(f"Resumed from {path} at step {self.step} (in epoch {self.batcher.epoch + 1})")
 
     def _config(self) -> dict[str, Any]:
         assert self.batcher is not None
@@ -390,7 +390,7 @@ class Trainer:
         self.module.train()
         self._start = time.perf_counter()
         while batcher.epoch < epochs and not self._stop_between_epochs():
-            epoch = batcher.epoch
+            epoch = batcher.epoch + 1  # what users see: epochs count from 1 (the batcher's order index from 0)
             for hook in hooks["on_epoch_begin"]:
                 hook(self, epoch)
             try:
@@ -408,7 +408,7 @@ class Trainer:
                 break  # stopped early inside the epoch
             record = self._end_epoch(epoch, val, progress)
             self.lr.after_epoch(record)
-            batcher.set_epoch(epoch + 1)
+            batcher.set_epoch(epoch)  # the next one
             self.position = None
             for hook in hooks["on_epoch_end"]:
                 hook(self, epoch, record)

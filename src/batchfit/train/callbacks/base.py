@@ -24,10 +24,10 @@ class Callback:
         """Called once after the last step (also when stopped early)."""
 
     def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
-        """Called before the first step of each epoch."""
+        """Called before the first step of each epoch (``epoch`` counts from 1, as everywhere users see it)."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
-        """Called after each epoch with its record (train loss, validation metrics)."""
+        """Called after each epoch (counted from 1) with its record (train loss, validation metrics)."""
 
     def on_step_begin(self, trainer: Trainer, step: int) -> None:
         """Called before each step (``step`` counts completed steps so far)."""

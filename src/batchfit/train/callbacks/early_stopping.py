@@ -70,15 +70,15 @@ class EarlyStopping(Callback):
             return
         self.bad_epochs += 1
         if self.bad_epochs >= self.patience:
-            trainer.announce(f"Epoch {epoch + 1}: early stopping ({self.monitor} has not improved on "
-                             f"{self.best:.4g} of epoch {(self.best_epoch or 0) + 1} for {self.bad_epochs} epochs)")
+            trainer.announce(f"Epoch {epoch}: early stopping ({self.monitor} has not improved on "
+                             f"{self.best:.4g} of epoch {self.best_epoch} for {self.bad_epochs} epochs)")
             self.stopped = trainer.stop_training = True
 
     def on_fit_end(self, trainer: Trainer, history: History) -> None:
         self._resumed = False  # (a rollback inside fit loads the state too)
         if self.restore_best and self._best_weights is not None and self.bad_epochs:
             trainer.module.load_state_dict(self._best_weights)
-            trainer.announce(f"Restored the weights of epoch {(self.best_epoch or 0) + 1}, the best "
+            trainer.announce(f"Restored the weights of epoch {self.best_epoch}, the best "
                              f"{self.monitor} ({self.best:.4g})")
 
     def state_dict(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class ModelCheckpoint(Callback):
             if trainer.dist.is_main:
                 trainer.save(self.path)
             if better:
-                trainer.announce(f"Epoch {epoch + 1}: {self.monitor} improved to {value:.4g}, saved {self.path}")
+                trainer.announce(f"Epoch {epoch}: {self.monitor} improved to {value:.4g}, saved {self.path}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
