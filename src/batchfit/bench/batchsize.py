@@ -50,8 +50,9 @@ class Workload:
 class _Watch(Callback):
     """Evaluates on the validation set every so many samples; stops at the target."""
 
-    def __init__(self, workload: Workload, every_samples: int) -> None:
-        self.workload, self.every = workload, every_samples
+    def __init__(self, workload: Workload, every_samples: int, deadline: float = math.inf) -> None:
+        self.workload, self.every, self.deadline = workload, every_samples, deadline
+        self.capped = False
         self.next_check = every_samples
         self.start = time.perf_counter()
         self.eval_seconds = 0.0
@@ -61,6 +62,11 @@ class _Watch(Callback):
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if record["samples"] < self.next_check:
+            return
+        if time.perf_counter() - self.start - self.eval_seconds > self.deadline:
+            # Already far slower than a run that reached the target: it cannot be the best, so its
+            # exact time does not matter and the table is spared minutes of a hopeless run.
+            self.capped = trainer.stop_training = True
             return
         self.next_check += self.every
         begin = time.perf_counter()
@@ -74,7 +80,8 @@ class _Watch(Callback):
             trainer.stop_training = True
 
 
-def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int) -> dict[str, Any]:
+def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int,
+         deadline: float = math.inf) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = workload.make_model()
     if isinstance(batch_size, int):
@@ -83,7 +90,7 @@ def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int
     else:
         lr = workload.base_lr
         options = {"lr_scaling": workload.rule, "base_batch_size": workload.base_batch}
-    watch = _Watch(workload, max(1, int(eval_every * len(workload.train[1]))))
+    watch = _Watch(workload, max(1, int(eval_every * len(workload.train[1]))), deadline)
     trainer = Trainer(model, workload.loss_fn, workload.make_optimizer(model, lr), batch_size=batch_size,
                       progress=False, seed=seed, callbacks=[watch], device="cpu", **options)
     diverged = False
@@ -95,7 +102,7 @@ def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int
     probe_seconds = sum(e.get("probe_seconds", 0.0) for e in trainer.history.events)
     return {"workload": workload.name, "batch_size": batch_size, "lr": lr, "steps": watch.steps,
             "seconds": watch.seconds, "best": watch.best, "diverged": diverged,
-            "chosen": chosen or [batch_size], "probe_seconds": probe_seconds}
+            "chosen": chosen or [batch_size], "probe_seconds": probe_seconds, "capped": watch.capped}
 
 
 def digits_workload() -> Workload:
@@ -135,24 +142,40 @@ def classification_workload(seed: int = 0) -> Workload:
                     0.02, 32, "linear", 40)
 
 
-def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> list[dict[str, Any]]:
+CAP = 5.0  # a trial stops once it has taken this many times the fastest trial that reached the target
+
+
+def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0,
+                     progress: bool = True) -> list[dict[str, Any]]:
     """Rows per workload and mode: steps and seconds to target, and the ratio to the best fixed batch.
 
     Every repeat runs every mode once from the same seed, in an order rotated from one repeat to
     the next, after one untimed warm-up of each workload (the first run in a process pays for
     allocations and kernels the later ones reuse). Seconds are medians over repeats; the ratio
     to the best fixed batch (the fixed size with the least median) is the ratio of the medians.
+    A trial stops once it has taken ``CAP`` times the fastest trial of its workload that reached
+    the target (it is "not reached" then). A progress bar counts the trials.
     """
+    from tqdm.auto import tqdm
+
     workloads = [digits_workload(), regression_workload(), classification_workload()]
     sizes = [16, 32, 64, 128, 256] if quick else [16, 32, 64, 128, 256, 512]
     rows = []
+    bar = tqdm(total=len(workloads) * (len(sizes) + 2) * repeats, desc="batch-size table", unit="trial",
+               disable=not progress)
     for workload in workloads:
         modes: list[int | str] = [*sizes, "auto", "adaptive"]
         _run(replace(workload, max_epochs=1), "auto", 0.25, seed)  # warm-up, not counted
         by_mode: dict[int | str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        fastest = math.inf
         for r in range(repeats):
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-                by_mode[mode].append(_run(workload, mode, 0.25, seed + r))
+                trial = _run(workload, mode, 0.25, seed + r, CAP * fastest)
+                by_mode[mode].append(trial)
+                if trial["seconds"] is not None:
+                    fastest = min(fastest, trial["seconds"])
+                bar.set_postfix_str(f"{workload.name}, {mode}", refresh=False)
+                bar.update()
         runs = [_summary(trials) for trials in by_mode.values()]
         fixed = [mode for mode in sizes if all(t["seconds"] is not None for t in by_mode[mode])]
         best = min(fixed, key=lambda mode: statistics.median(t["seconds"] for t in by_mode[mode])) if fixed else None
@@ -167,13 +190,15 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0) -> li
             run["ratio_without_probe"] = statistics.median(t["seconds"] - t["probe_seconds"] for t in trials) \
                 / best_seconds
         rows += runs
+    bar.close()
     return rows
 
 
 def _summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
     """One mode's row: medians over its trials (``None`` when any trial missed the target)."""
     reached = all(t["seconds"] is not None for t in trials)
-    return {**trials[0], "seconds": statistics.median(t["seconds"] for t in trials) if reached else None,
+    return {**trials[0], "capped": any(t["capped"] for t in trials),
+            "seconds": statistics.median(t["seconds"] for t in trials) if reached else None,
             "steps": int(statistics.median(t["steps"] for t in trials)) if reached else None,
             "seconds_per_trial": [t["seconds"] for t in trials],
             "chosen_per_trial": [t["chosen"] for t in trials],
@@ -193,8 +218,9 @@ def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
              "(without the probe) |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         size = row["batch_size"] if isinstance(row["batch_size"], int) else f"{row['batch_size']} ({_choices(row)})"
-        seconds = ("diverged" if row.get("diverged") else "not reached") if row["seconds"] is None \
-            else f"{row['seconds']:.2f}"
+        missed = "diverged" if row.get("diverged") else f"not reached (stopped at {CAP:g}x the fastest)" \
+            if row.get("capped") else "not reached"
+        seconds = missed if row["seconds"] is None else f"{row['seconds']:.2f}"
         if row.get("probe_seconds"):
             seconds += f" ({row['probe_seconds']:.2f})"
         ratio = "—" if row["ratio_to_best_fixed"] is None else f"{row['ratio_to_best_fixed']:.2f}"
