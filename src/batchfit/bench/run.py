@@ -26,13 +26,18 @@ def run_bench(quick: bool = False, only: str | None = None) -> str:
 
     rows: list[Row] = []
     if only in (None, "data"):
+        from .prefetch import prefetch_rows
+
         rows += data_path_rows(num_samples=50_000 if quick else 200_000, repeats=3 if quick else 7)
+        rows += prefetch_rows(quick=quick)
     if only in (None, "train"):
         rows += step_overhead_rows(num_samples=10_000 if quick else 50_000, repeats=3 if quick else 9)
     if only in (None, "shards"):
         from .shards import run as shard_rows
+        from .shuffle import run as shuffle_rows
 
         rows += [Row(**row) for row in shard_rows(quick=quick)]
+        rows += [Row(**row) for row in shuffle_rows(quick=quick)]
     if only in (None, "distributed"):
         from .distributed import distributed_rows
 

@@ -35,8 +35,11 @@ class Batcher:
     size changes between batches (adaptive batch sizes).
 
     Iterating yields the batches left in the current epoch and then moves to the next epoch.
-    ``prefetch=k`` gathers up to ``k`` batches ahead in a background thread; ``transform`` is
-    applied to whole batches (vectorised augmentation), in that thread when prefetching.
+    ``prefetch=k`` gathers up to ``k`` batches ahead in a background thread where that pays:
+    once gathering a batch and using it each take longer than the thread's hand-over costs
+    (:func:`~batchfit.data.prefetch.prefetch_iter`), as for shards on a cold page cache or a
+    costly transform; batches from memory stay in the caller's thread. ``transform`` is applied
+    to whole batches (vectorised augmentation), in that thread when prefetching.
     ``workers=n`` gathers (and transforms) whole batches in ``n`` worker processes instead, for
     sources whose samples are costly to decode; PyTorch's DataLoader runs the workers, one
     call per batch, in order.

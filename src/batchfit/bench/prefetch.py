@@ -1,0 +1,176 @@
+"""Prefetching: ``prefetch=2`` against ``prefetch=0``, and what a thread's hand-over costs.
+
+    batchfit bench --only data [--quick]
+
+Every row trains (or only iterates) one pass over the same batches with and without
+prefetching, the two interleaved, each with one torch thread; the ratio is the median of the
+per-repeat ratios of samples/s. The consumer is the reference MLP 64-256-256-10 (SGD) except
+in the "iterate only" rows, where nothing competes with the thread for the GIL but the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import prefetch as prefetching
+from ..data.batcher import Batcher
+from ..data.shards import ShardSource, write_shards
+from ..data.sources import ArraySource, Batch
+from .common import Row, interleaved
+from .core import mlp, reference_data
+
+Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def costly_transform(batch: Batch) -> Batch:
+    """A vectorised augmentation about as costly as the reference step: 8 random 64x64 mixes."""
+    x, y = cast("tuple[torch.Tensor, torch.Tensor]", batch)
+    for _ in range(8):
+        x = torch.tanh(x @ (torch.eye(64) + 0.05 * torch.randn(64, 64)))
+    return x, y
+
+
+def _trainer_pass(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Pairs], int]:
+    def train(batches: Pairs) -> int:
+        samples = 0
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            samples += len(y)
+        return samples
+    return train
+
+
+def _iterate_pass(batches: Pairs) -> int:
+    return sum(len(y) for _, y in batches)
+
+
+def _pair(src: Any, consume: Callable[[Pairs], int], batches: int, **options: Any) -> dict[str, Callable[[], int]]:
+    """``prefetch=2`` and ``prefetch=0`` over the first ``batches`` batches of one epoch of ``src``."""
+    def run(prefetch: int) -> Callable[[], int]:
+        def one() -> int:
+            batcher = Batcher(src, batch_size=256, seed=0, prefetch=prefetch, **options)
+            limited = (batch for _, batch in zip(range(batches), batcher.remaining()))
+            return consume(cast("Pairs", limited))
+        return one
+    return {"prefetch=2": run(2), "prefetch=0": run(0)}
+
+
+def _cold(src_path: Path, max_mapped_bytes: int) -> Callable[[], ShardSource]:
+    """A fresh ShardSource whose files were just dropped from the page cache."""
+    def open_cold() -> ShardSource:
+        for path in src_path.iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return ShardSource(src_path, max_mapped_bytes=max_mapped_bytes)
+    return open_cold
+
+
+def handoff_rows(num_samples: int, repeats: int) -> list[Row]:
+    """What handing batches over through the thread costs, against producing them inline."""
+    x, y = reference_data(num_samples)
+    src = ArraySource(x, y)
+
+    def batches() -> Iterator[Batch]:
+        return Batcher(src, batch_size=256, seed=0).remaining()
+
+    prebuilt = list(batches())
+
+    def inline(items: Callable[[], Iterable[Batch]]) -> Callable[[], int]:
+        return lambda: _iterate_pass(cast("Pairs", items()))
+
+    def threaded(items: Callable[[], Iterable[Batch]]) -> Callable[[], int]:
+        return lambda: _iterate_pass(cast("Pairs", prefetching.thread_prefetch(items(), 2)))
+
+    rates = interleaved({"thread, prebuilt batches": threaded(lambda: prebuilt),
+                         "inline, prebuilt batches": inline(lambda: prebuilt),
+                         "thread, gathered batches": threaded(batches),
+                         "inline, gathered batches": inline(batches)}, repeats)
+    rows = []
+    for kind in ("prebuilt", "gathered"):
+        thread, inline_rates = rates[f"thread, {kind} batches"], rates[f"inline, {kind} batches"]
+        per_batch_us = statistics.median(256e6 * (1 / a - 1 / b) for a, b in zip(thread, inline_rates))
+        rows.append(Row(f"thread hand-over, {kind} batches, iterate only: {per_batch_us:.0f} us a batch",
+                        f"inline, {kind} batches", statistics.median(thread), statistics.median(inline_rates),
+                        statistics.median(a / b for a, b in zip(thread, inline_rates)), "(informative)"))
+    return rows
+
+
+def prefetch_rows(quick: bool = False, repeats: int | None = None) -> list[Row]:
+    """prefetch=2 against prefetch=0: from memory, from warm shards, with a costly transform, cold shards."""
+    repeats = repeats or (3 if quick else 7)
+    num_samples = 50_000 if quick else 200_000
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix="batchfit-bench-prefetch-"))
+    try:
+        x, y = reference_data(num_samples)
+        memory = ArraySource(x, y)
+        model = mlp()
+        train = _trainer_pass(model, torch.optim.SGD(model.parameters(), lr=0.01))
+        shards13 = write_shards(folder / "warm13", (x.numpy(), y.numpy()), shard_size=num_samples // 12)
+        every = num_samples // 256
+        cases: list[tuple[str, dict[str, Callable[[], int]]]] = [
+            ("from memory, iterate only", _pair(memory, _iterate_pass, every)),
+            ("from memory, MLP step", _pair(memory, train, every)),
+            (f"warm shards ({len(shards13.shard_sizes)}), MLP step", _pair(shards13, train, every)),
+            ("costly transform, MLP step", _pair(memory, train, every // 4, transform=costly_transform)),
+        ]
+        rows = handoff_rows(num_samples, repeats)
+        for name, candidates in cases:
+            candidates[next(iter(candidates))](), candidates["prefetch=0"]()  # warm-up
+            rates = interleaved(candidates, repeats)
+            rows.append(_row(name, rates))
+        rows.append(_cold_row(folder, quick, repeats))
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def _cold_row(folder: Path, quick: bool, repeats: int) -> Row:
+    """Shards on a cold page cache, full shuffle past the mapping limit (read by pread), MLP 256-128-10 step."""
+    limit = (8 if quick else 32) * 2**20
+    rows = 8 * limit // 1024  # 1 KiB samples (256 float32), 8x the mapping limit
+    rng = np.random.default_rng(0)
+    path = folder / "cold"
+    write_shards(path, ((rng.standard_normal((8192, 256), dtype=np.float32), rng.integers(0, 10, 8192))
+                        for _ in range(rows // 8192)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    train = _trainer_pass(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    open_cold = _cold(path, limit)
+    batches = 150 if quick else 400
+    rates: dict[str, list[float]] = {"prefetch=2": [], "prefetch=0": []}
+    for _ in range(min(repeats, 3)):
+        for prefetch in (2, 0):
+            batcher = Batcher(open_cold(), batch_size=256, seed=0, shuffle="full", prefetch=prefetch)
+            batcher.order()
+            start = time.perf_counter()
+            samples = train(cast("Pairs", (b for _, b in zip(range(batches), batcher.remaining()))))
+            rates[f"prefetch={prefetch}"].append(samples / (time.perf_counter() - start))
+    return _row(f"cold shards, shuffle full, {rows} x 1 KiB = 8x the mapping limit ({limit // 2**20} MiB), "
+                f"first {batches} batches, MLP 256-128-10 step", rates)
+
+
+def _row(name: str, rates: dict[str, list[float]]) -> Row:
+    ratios = [a / b for a, b in zip(rates["prefetch=2"], rates["prefetch=0"])]
+    target = ">=0.95" if "memory" in name or "warm" in name else ">=1.0"
+    return Row(f"prefetch=2, {name}", "prefetch=0", statistics.median(rates["prefetch=2"]),
+               statistics.median(rates["prefetch=0"]), statistics.median(ratios), target)
