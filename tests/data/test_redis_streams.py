@@ -72,7 +72,7 @@ def test_redis_stream_same_batches_and_weights_as_generator(redis_server, assert
     from_list.fit(bf.StreamSource(rows))
     assert_close(from_redis.module.state_dict(), from_list.module.state_dict())
     assert history.column("batch_size") == [4] * 7 + [2]
-    assert _pending(redis_server) == 0  # no checkpoint_dir: acknowledged after each update
+    assert _pending(redis_server) == 0  # no checkpoint_dir: acknowledged in bulk, the rest at the end
     assert history.column("lag")[-1] >= 0 and len(ids) == 30
 
 
@@ -86,8 +86,8 @@ def test_redis_stream_acks_only_after_a_durable_checkpoint(redis_server, tmp_pat
 
     trainer = _trainer(checkpoint_dir=tmp_path, checkpoint_every=2, callbacks=[Watch()])
     trainer.fit(bf.StreamSource(_stream(redis_server)))
-    # Before step k+1 its batch has been read: 4(k+1) events delivered, 8*(k//2) acknowledged by checkpoints.
-    assert pending == [(k, 4 * (k + 1) - 8 * (k // 2)) for k in range(6)]
+    # All 24 events are read ahead at once; before step k+1, the checkpoints have acknowledged 8 * (k // 2).
+    assert pending == [(k, 24 - 8 * (k // 2)) for k in range(6)]
     assert _pending(redis_server) == 0
 
 
@@ -103,13 +103,13 @@ def test_redis_stream_resume_rereads_pending_events_and_equals_uninterrupted(red
     with pytest.raises(RuntimeError, match="crash"):
         _trainer(checkpoint_dir=tmp_path, checkpoint_every=4, callbacks=[Crash()]).fit(
             bf.StreamSource(_stream(redis_server)))
-    assert _pending(redis_server) == 8  # the events of steps 5 and 6: in no checkpoint
+    assert _pending(redis_server) == 24  # all read ahead; the checkpoint of step 4 acknowledged 16
     resumed = _trainer(checkpoint_dir=tmp_path, checkpoint_every=4)
     history = resumed.fit(bf.StreamSource(_stream(redis_server)), resume=True)
     whole = _trainer()
     whole.fit(bf.StreamSource(rows))
     assert resumed.samples_seen == 40 and _pending(redis_server) == 0
-    assert history.column("redelivered")[-1] == 8
+    assert history.column("redelivered")[-1] == 24  # re-read: the 4 events of step 5 (its update lost) and 20 more
     assert_close(resumed.module.state_dict(), whole.module.state_dict())
 
 
@@ -126,12 +126,13 @@ def test_redis_stream_crash_between_checkpoint_and_ack_trains_nothing_twice(redi
     with pytest.raises(ConnectionError):
         _trainer(checkpoint_dir=tmp_path, checkpoint_every=2).fit(bf.StreamSource(failing))
     failing.ack = real_ack
-    assert _pending(redis_server) == 8  # checkpoint of step 2 written, its 8 events never acknowledged
+    assert _pending(redis_server) == 16  # checkpoint of step 2 written, none of the events acknowledged
     resumed = _trainer(checkpoint_dir=tmp_path, checkpoint_every=2)
     history = resumed.fit(bf.StreamSource(_stream(redis_server)), resume=True)
     whole = _trainer()
     whole.fit(bf.StreamSource(rows))
-    assert history.column("redelivered")[-1] == 0  # the checkpoint's events were acknowledged, not re-trained
+    # The checkpoint's 8 events are acknowledged on resume, not trained on again; the 8 read ahead come again.
+    assert history.column("redelivered")[-1] == 8
     assert resumed.samples_seen == 16
     assert_close(resumed.module.state_dict(), whole.module.state_dict())
 

@@ -30,6 +30,8 @@ from ..errors import BatchfitError, expected
 
 # How long one wait for events lasts at most, so that the loop can look at signals and budgets.
 TICK_SECONDS = 0.1
+# Events asked of a consumer at once (at least a batch): a broker answers many small batches in one round trip.
+READ_AHEAD = 512
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ class StreamSource:
         self.names: tuple[str, ...] | None = None
         self.last_batch: StreamBatch | None = None  # the batch handed out last (a callback may read its ids)
         self._buffer: list[Event] = []
+        self._arrived: list[float] = []  # when each buffered event was received (time.monotonic())
         self._opened: float | None = None  # when the first event of the batch being filled arrived
         self.ended = False
 
@@ -211,6 +214,8 @@ class StreamSource:
         blocking = self.max_latency is None and isinstance(self.consumer, IterableEvents)
         polled = False
         while not self.ended:
+            if len(self._buffer) >= batch_size:
+                return self._cut(batch_size, "size")  # read ahead already
             now = time.monotonic()
             close_at = math.inf
             if self._buffer and self.max_latency is not None:
@@ -222,21 +227,27 @@ class StreamSource:
                 return None
             # A plain iterable without max_latency is read as it comes: nothing waits on a clock.
             timeout = None if blocking else max(0.0, min(close_at, give_up) - now)
-            events = self.consumer.poll(batch_size - len(self._buffer), timeout)
+            # Read ahead (one round trip to a broker for many small batches); what is read stays buffered.
+            events = self.consumer.poll(max(batch_size - len(self._buffer), READ_AHEAD), timeout)
             polled = True
             if events is None:
                 self.ended = True
                 break
+            received = time.monotonic()
             if events and not self._buffer:
-                self._opened = time.monotonic()
+                self._opened = received
             self._buffer += events
+            self._arrived += [received] * len(events)
             if len(self._buffer) >= batch_size:
                 return self._cut(batch_size, "size")
-        return self._cut(batch_size, "end") if self._buffer else None
+        if not self._buffer:
+            return None
+        return self._cut(batch_size, "size" if len(self._buffer) >= batch_size else "end")
 
     def _cut(self, batch_size: int, reason: str) -> StreamBatch:
         events, self._buffer = self._buffer[:batch_size], self._buffer[batch_size:]
-        self._opened = time.monotonic() if self._buffer else None
+        self._arrived = self._arrived[batch_size:]
+        self._opened = self._arrived[0] if self._buffer else None
         batch = collate([e.sample for e in events], [e.id for e in events])
         self.names = tuple(batch) if isinstance(batch, dict) else None
         self.last_batch = StreamBatch(batch, [e.id for e in events], [e.time for e in events], len(events), reason,
@@ -245,7 +256,7 @@ class StreamSource:
 
     def drop_buffer(self) -> None:
         """Forget events read but not yet in a batch (a stopped run re-reads them after resuming)."""
-        self._buffer, self._opened = [], None
+        self._buffer, self._arrived, self._opened = [], [], None
 
     def ack(self, ids: Sequence[Any]) -> None:
         """Acknowledge events whose updates a durable checkpoint includes."""

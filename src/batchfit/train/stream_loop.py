@@ -45,6 +45,8 @@ logger = logging.getLogger("batchfit")
 # Samples in the window of the windowed prequential metrics.
 PREQUENTIAL_WINDOW = 1000
 STREAM_RESUME_KEYS = ("batch_size", "optimizer")
+# Without a checkpoint_dir, events are acknowledged once this many have been trained on (and at the end).
+ACK_EVERY = 1024
 
 Until = Callable[["Trainer"], bool]
 
@@ -185,8 +187,8 @@ def _loop(trainer: Trainer, run: StreamRun, max_steps: int | None, until: Any) -
         if record is not None:
             for hook in hooks["on_step_end"]:
                 hook(trainer, record)
-        if trainer.checkpoint_dir is None:
-            _ack(run)  # nothing durable to wait for: the update is all there is
+        if trainer.checkpoint_dir is None and len(run.included) >= ACK_EVERY:
+            _ack(run)  # nothing durable to wait for; acknowledged in bulk (one round trip to the broker each)
         elif every is not None and trainer.step % every == 0 and record is not None:
             _checkpoint(trainer, run)
     if trainer.signals.received is not None:
@@ -194,6 +196,8 @@ def _loop(trainer: Trainer, run: StreamRun, max_steps: int | None, until: Any) -
     source.drop_buffer()  # read but not trained on: the broker delivers them again
     if trainer.checkpoint_dir is not None:
         _checkpoint(trainer, run)
+    else:
+        _ack(run)
     for hook in hooks["on_fit_end"]:
         hook(trainer, trainer.history)
 

@@ -1,0 +1,172 @@
+"""Streams, measured: events/s through the trainer (producer -> Redis -> batch -> update) and the latency from an
+event's ``XADD`` to the first published snapshot that includes it, on MovieLens-100k replayed in time order.
+
+Run with ``python benchmarks/bench_stream.py`` (it starts a ``redis-server`` of its own). One torch thread;
+every setting runs on a fresh stream of the same redis-server, so the settings are compared side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.redis_streams import RedisStream, id_time
+from ..data.streams import StreamSource
+from ..errors import BatchfitError
+from ..train.callbacks.snapshots import PublishSnapshots
+from ..train.trainer import Trainer
+from ..workloads.stream import ML100K_FIELDS, MatrixFactorization, load_movielens_100k, replay, rmse_loss
+
+
+@contextlib.contextmanager
+def temporary_redis_server(folder: str | Path | None = None) -> Iterator[str]:
+    """A ``redis-server`` on 127.0.0.1 with a free port and a temporary folder, stopped on exit; yields its URL."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BatchfitError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
+    with contextlib.ExitStack() as stack:
+        where = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        where.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", str(where), "--logfile", str(where / "redis.log")])
+        client = redis.Redis(port=port)
+        try:
+            for _ in range(250):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+            else:
+                raise BatchfitError(f"redis-server did not start on port {port}: see {where / 'redis.log'}")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            client.close()
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def _trainer(batch_size: int, lr: float, callbacks: Sequence[Any] = (), **options: Any) -> Trainer:
+    model = MatrixFactorization(943, 1682, dim=16)
+    return Trainer(model, rmse_loss, torch.optim.Adam(model.parameters(), lr=lr), batch_size=batch_size,
+                   progress=False, callbacks=list(callbacks), **options)
+
+
+def _source(url: str, stream: str, max_latency: float | None, idle: float) -> StreamSource:
+    consumer = RedisStream(url, stream, group="bench", fields=ML100K_FIELDS, idle_timeout=idle)
+    return StreamSource(consumer, max_latency=max_latency)
+
+
+def throughput(url: str, columns: dict[str, np.ndarray], stream: str, batch_size: int, events: int,
+               checkpoint_every: int | None = None, folder: str | None = None, lr: float = 0.01) -> dict[str, Any]:
+    """Events/s of a trainer draining ``events`` events that are already in Redis (from its first step to its last)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    replay(client, stream, columns, limit=events, chunk=1000)
+    client.close()
+    options: dict[str, Any] = {}
+    if checkpoint_every is not None:
+        options = {"checkpoint_dir": folder, "checkpoint_every": checkpoint_every}
+    trainer = _trainer(batch_size, lr, **options)
+    history = trainer.fit(_source(url, stream, None, idle=0.3))
+    seconds = history.column("seconds")
+    rate = (trainer.samples_seen - batch_size) / max(seconds[-1] - seconds[0], 1e-9)
+    return {"batch_size": batch_size, "checkpoint_every": checkpoint_every, "events": trainer.samples_seen,
+            "events_per_s": rate, "preq_rmse": math.sqrt(history.column("preq_loss")[-1])}
+
+
+def latency(url: str, columns: dict[str, np.ndarray], stream: str, batch_size: int, max_latency: float,
+            rate: float, events: int, folder: str, lr: float = 0.01, snapshot_seconds: float = 0.05) -> dict[str, Any]:
+    """p50/p99 seconds from each event's ``XADD`` to the first snapshot that includes it, at ``rate`` events/s.
+
+    A snapshot (fsynced file and pointer) is published after the first step that ends ``snapshot_seconds``
+    after the previous one, so the latency is that of the whole path: wait for the batch to close, train,
+    wait for the next publication, write. Events are delivered in stream order to the one consumer, so
+    event ``i`` is in the first snapshot of at least ``i + 1`` samples.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url)
+    ids: list[str] = []
+    producer = threading.Thread(target=lambda: ids.extend(replay(client, stream, columns, rate=rate, chunk=10,
+                                                                 limit=events)))
+    snapshots = PublishSnapshots(folder, every_seconds=snapshot_seconds, keep=2)
+    trainer = _trainer(batch_size, lr, callbacks=[snapshots])
+    source = _source(url, stream, max_latency, idle=1.0)
+    producer.start()
+    history = trainer.fit(source)
+    producer.join()
+    client.close()
+    published = [(info["samples"], info["time"]) for info in snapshots.published]
+    samples = np.array([s for s, _ in published])
+    times = np.array([t for _, t in published])
+    first = np.searchsorted(samples, np.arange(1, len(ids) + 1))  # the first snapshot holding event i
+    added = np.array([id_time(i) for i in ids])
+    waits = times[np.minimum(first, len(times) - 1)] - added
+    cut_on_time = sum(1 for size in history.column("batch_size") if size < batch_size)
+    return {"batch_size": batch_size, "max_latency": max_latency, "rate": rate, "events": len(ids),
+            "snapshot_seconds": snapshot_seconds,
+            "p50_ms": 1000 * float(np.percentile(waits, 50)), "p99_ms": 1000 * float(np.percentile(waits, 99)),
+            "steps": trainer.step, "partial_batches": cut_on_time}
+
+
+def stream_table(events: int = 20000, rate: float = 5000.0, batch_sizes: Sequence[int] = (32, 256),
+                 max_latencies: Sequence[float] = (0.01, 0.1)) -> list[dict[str, Any]]:
+    """Every measurement of the stream benchmark, one dict each (see the module docstring)."""
+    torch.set_num_threads(1)
+    columns = load_movielens_100k()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, temporary_redis_server(Path(tmp) / "redis") as url:
+        count = 0
+
+        def fresh() -> str:
+            nonlocal count
+            count += 1
+            return f"bench-{count}"
+
+        for batch_size in batch_sizes:
+            for every in (None, 10, 1):
+                folder = str(Path(tmp) / f"ckpt-{count}")
+                rows.append({"kind": "throughput", **throughput(url, columns, fresh(), batch_size, events, every,
+                                                                 folder)})
+        for batch_size in batch_sizes:
+            for max_latency in max_latencies:
+                rows.append({"kind": "latency", **latency(url, columns, fresh(), batch_size, max_latency, rate,
+                                                          events, str(Path(tmp) / f"snap-{count}"))})
+    return rows
+
+
+def format_stream_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as two Markdown tables."""
+    lines = ["| batch | checkpoint every | events/s | prequential RMSE |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        if row["kind"] == "throughput":
+            every = "no checkpoint" if row["checkpoint_every"] is None else f"{row['checkpoint_every']} steps"
+            lines.append(f"| {row['batch_size']} | {every} | {row['events_per_s']:,.0f} | {row['preq_rmse']:.3f} |")
+    lines += ["", "| batch | max_latency | producer rate | snapshot every | XADD -> snapshot p50 | p99 | "
+              "batches cut on time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if row["kind"] == "latency":
+            lines.append(f"| {row['batch_size']} | {row['max_latency'] * 1000:g} ms | {row['rate']:,.0f} ev/s | "
+                         f"{row['snapshot_seconds'] * 1000:g} ms | "
+                         f"{row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | "
+                         f"{row['partial_batches']} of {row['steps']} |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""What the seed workloads need beyond the core: data, models and recipes (streams: :mod:`.stream`)."""
