@@ -69,33 +69,11 @@ def redis_server(tmp_path):
     Yields its URL; skips the test where the binary or the ``redis`` client is absent.
     """
     import shutil
-    import socket
-    import subprocess
-    import time
 
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    redis = pytest.importorskip("redis")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                "no", "--dir", str(folder), "--logfile", str(folder / "redis.log")])
-    client = redis.Redis(port=port)
-    try:
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        else:
-            pytest.fail(f"redis-server did not start on port {port}: {(folder / 'redis.log').read_text()}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)
+    pytest.importorskip("redis")
+    from batchfit.bench.stream import temporary_redis_server
+
+    with temporary_redis_server(tmp_path / "redis") as url:
+        yield url
