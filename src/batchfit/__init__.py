@@ -24,7 +24,7 @@ from .measure.memory import find_micro_batch_size
 from .measure.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
 from .measure.range_test import LRRangeResult, lr_range_test
 from .report import TuneReport, tune
-from .train.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from .train.callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, TensorBoardLogger
 from .train.callbacks.snapshots import PublishSnapshots, load_snapshot
 from .train.history import History
 from .train.options import TrainerOptions
@@ -35,6 +35,7 @@ __all__ = [
     "ArraySource",
     "Batcher",
     "BatchfitError",
+    "CSVLogger",
     "Callback",
     "CheckpointError",
     "ConfigError",
@@ -53,6 +54,7 @@ __all__ = [
     "ShardError",
     "ShardSource",
     "StreamSource",
+    "TensorBoardLogger",
     "Trainer",
     "TrainerOptions",
     "TuneReport",

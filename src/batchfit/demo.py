@@ -13,6 +13,7 @@ import torch
 from .errors import BatchfitError
 from .models import cnn
 from .run import new_run_dir, write_run_files
+from .train.callbacks import CSVLogger
 from .train.trainer import Trainer
 
 logger = logging.getLogger("batchfit")
@@ -42,9 +43,10 @@ def run_demo(batch_size: int = 32, epochs: int = 15, lr: float = 2e-3, out: str 
     torch.manual_seed(seed)
     model = cnn(in_channels=1, num_classes=10, image_size=8)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    trainer = Trainer(model, torch.nn.functional.cross_entropy, optimizer, batch_size=batch_size,
-                      device="auto", progress=progress, seed=seed)
     run_dir = new_run_dir(out)
+    trainer = Trainer(model, torch.nn.functional.cross_entropy, optimizer, batch_size=batch_size,
+                      device="auto", progress=True if progress else "epochs", seed=seed,
+                      callbacks=[CSVLogger(run_dir)])
     start = time.perf_counter()
     history = trainer.fit((x_train, y_train), epochs=epochs, val=(x_test, y_test))
     seconds = time.perf_counter() - start

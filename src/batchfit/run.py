@@ -22,6 +22,7 @@ from .config import (
 from .core.durable import atomic_write
 from .errors import ConfigError
 from .report import tune
+from .train.callbacks import CSVLogger
 from .train.history import History
 from .train.saving import load_model
 from .train.trainer import Trainer
@@ -68,16 +69,19 @@ def run_config(config: Config) -> dict[str, Any] | None:
 
 
 def _train_and_write(trainer: Trainer, train: Any, val: Any, config: Config) -> dict[str, Any] | None:
+    # The run folder exists from the start: metrics.csv and epochs.csv grow while the run goes.
+    run_dir = new_run_dir(config["train"]["out"]) if trainer.dist.is_main else None
+    if run_dir is not None:
+        trainer.callbacks.append(CSVLogger(run_dir))
     start = time.perf_counter()
     history = trainer.fit(train, epochs=config["train"]["epochs"], val=val, resume=config["train"]["resume"])
-    if not trainer.dist.is_main:
+    if run_dir is None:
         return None
     summary: dict[str, Any] = {"steps": trainer.step, "samples": trainer.samples_seen,
                                "seconds": round(time.perf_counter() - start, 3),
                                "world_size": trainer.dist.world_size}
     if history.epochs:
         summary.update({k: v for k, v in history.epochs[-1].items() if k not in ("steps", "samples", "seconds")})
-    run_dir = new_run_dir(config["train"]["out"])
     trainer.save(run_dir / "model.pt")
     write_run_files(run_dir, history, summary, config.path)
     summary["run_dir"] = str(run_dir)

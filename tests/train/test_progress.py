@@ -14,9 +14,9 @@ from batchfit.train.progress import FALLBACK_SIZE, Progress, terminal_size
 
 def draw_epoch() -> None:
     progress = Progress(True)
-    progress.start_epoch(0, 2, 10, 0, now=0.0)
+    progress.start_epoch(1, 2, 10, 0, now=0.0)
     progress.refresh(1.0, 5, 1234.0, 0.5, 0.01)
-    progress.end_epoch("loss=0.25")
+    progress.end_epoch({"epoch": 1, "loss": 0.25, "seconds": 1.0})
 
 
 def drawn_on_terminal(monkeypatch, columns: int, lines: int) -> str:
@@ -46,7 +46,7 @@ def drawn_on_terminal(monkeypatch, columns: int, lines: int) -> str:
 def test_progress_bar_renders_on_a_terminal_of_0_columns(monkeypatch):
     drawn = drawn_on_terminal(monkeypatch, 0, 0)
     assert "epoch " in drawn and "10/10" in drawn and "loss=0.25" in drawn
-    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip()
+    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip().split("\n")[0]  # the bar, not the epoch line
     assert 0 < len(last) <= FALLBACK_SIZE.columns
 
 
@@ -54,10 +54,23 @@ def test_progress_bar_renders_on_a_terminal_of_0_columns(monkeypatch):
 def test_progress_bar_follows_a_terminal_that_reports_its_width(monkeypatch):
     drawn = drawn_on_terminal(monkeypatch, 50, 24)
     assert "epoch " in drawn and "10/10" in drawn
-    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip()
+    last = drawn.replace("\r\n", "\n").split("\r")[-1].strip().split("\n")[0]  # the bar, not the epoch line
     assert 0 < len(last) < 50
 
 
 def test_progress_terminal_size_none_for_a_file(tmp_path):
     with open(tmp_path / "log.txt", "w") as file:
         assert terminal_size(file) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pseudo-terminal")
+def test_epoch_line_shows_every_validation_metric_on_a_narrow_terminal(monkeypatch):
+    drawn = drawn_on_terminal(monkeypatch, 40, 24)
+    assert "epoch 1/2: loss 0.25 (1.0 s)" in drawn
+
+
+def test_epoch_line_without_a_bar(capsys):
+    progress = Progress(True, epochs_only=True)
+    progress.start_epoch(3, 10, 10, 0, now=0.0)
+    progress.end_epoch({"epoch": 3, "loss": 0.5, "val_loss": 0.25, "val_accuracy": 0.875, "seconds": 2.0})
+    assert capsys.readouterr().err.strip() == "epoch 3/10: loss 0.5, val_loss 0.25, val_accuracy 0.875 (2.0 s)"

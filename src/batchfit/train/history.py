@@ -34,6 +34,7 @@ class History:
         self._pending_from = 0  # losses before this index are already floats
         self.epochs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # decisions such as batch-size changes
+        self.validations: list[dict[str, Any]] = []  # every `val_every` steps: step, epoch, val_* metrics
 
     def __len__(self) -> int:
         return len(self._columns["step"])
@@ -100,12 +101,15 @@ class History:
         """Record a decision made during training (for example a batch-size change)."""
         self.events.append(event)
 
+    def columns(self) -> list[str]:
+        """The names of the per-step columns, in order."""
+        return list(self._columns)
+
     def to_csv(self, path: str | os.PathLike[str], epochs_path: str | os.PathLike[str] | None = None) -> None:
         """Write the per-step records to ``path`` (and per-epoch records to ``epochs_path``)."""
         _write_csv(path, self.steps, list(self._columns))
         if epochs_path is not None and self.epochs:
-            names = sorted({k for record in self.epochs for k in record}, key=_epoch_key_order)
-            _write_csv(epochs_path, self.epochs, names)
+            write_records(epochs_path, self.epochs)
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """Write a PNG of loss against step and samples seen, the lr, and validation metrics."""
@@ -121,7 +125,7 @@ class History:
         """
         self.losses()
         return {"columns": {k: _packed(v) for k, v in self._columns.items()}, "epochs": list(self.epochs),
-                "events": list(self.events)}
+                "events": list(self.events), "validations": list(self.validations)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore records saved by :meth:`state_dict` (also those saved as plain lists)."""
@@ -130,6 +134,7 @@ class History:
         self._pending_from = len(self._columns["loss"])
         self.epochs = list(state["epochs"])
         self.events = list(state["events"])
+        self.validations = list(state.get("validations", []))
 
 
 def _packed(column: list[Any]) -> torch.Tensor | list[Any]:
@@ -145,6 +150,12 @@ def _packed(column: list[Any]) -> torch.Tensor | list[Any]:
 def _epoch_key_order(key: str) -> tuple[int, str]:
     first = ("epoch", "loss", "seconds", "steps", "samples")
     return (first.index(key), key) if key in first else (len(first), key)
+
+
+def write_records(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> None:
+    """Write records (epochs, validations) as a CSV whose columns are every key any record has."""
+    names = sorted({k for record in records for k in record}, key=_epoch_key_order)
+    _write_csv(path, records, names)
 
 
 def _write_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], names: Sequence[str]) -> None:

@@ -61,7 +61,8 @@ class TrainerOptions:
     max_batch_size: int | None = None
     prefetch: int = 0
     workers: int = 0
-    progress: bool = True
+    progress: bool | Literal["epochs"] = True
+    val_every: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,9 +112,11 @@ class TrainerOptions:
                 check_positive_int(name, getattr(self, name))
         for name in ("prefetch", "workers"):
             check_positive_int(name, getattr(self, name), allow_zero=True)
-        for name in ("noise_scale", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise expected(name, "True or False", getattr(self, name))
+        if not isinstance(self.noise_scale, bool):
+            raise expected("noise_scale", "True or False", self.noise_scale)
+        check_choice("progress", self.progress, (True, False, "epochs"))
+        if self.val_every is not None:
+            check_positive_int("val_every", self.val_every)
         check_seed(self.seed)
 
     @property

@@ -16,8 +16,9 @@ class Progress:
     when it returns True, so the bar costs nothing measurable per step.
     """
 
-    def __init__(self, enabled: bool, interval: float = 0.25) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool, interval: float = 0.25, epochs_only: bool = False) -> None:
+        self.enabled = enabled and not epochs_only  # the bar
+        self.epoch_lines = enabled  # one line per finished epoch, with or without a bar
         self.interval = interval
         self.next_refresh = float("inf")
         self._bar: Any = None
@@ -25,6 +26,7 @@ class Progress:
 
     def start_epoch(self, epoch: int, epochs: int, total: int, already: int, now: float) -> None:
         """Open the bar of one epoch (``already`` batches done when resuming)."""
+        self._epochs = epochs
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -59,15 +61,28 @@ class Progress:
         self._shown = batches_done
         self.next_refresh = now + self.interval
 
-    def end_epoch(self, summary: str) -> None:
-        """Close the bar, leaving ``summary`` on it."""
-        if self._bar is None:
-            return
-        self._bar.set_postfix_str(summary, refresh=False)
-        self._bar.update(self._bar.total - self._shown if self._bar.total else 0)
-        self._bar.close()
-        self._bar = None
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        """Close the bar and print the epoch's line: its loss and every validation metric.
+
+        The line is printed on its own (it wraps on a narrow terminal instead of being cut off
+        like a bar's postfix), also when there is no bar (``progress="epochs"``).
+        """
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss={record['loss']:.4g}", refresh=False)
+            self._bar.update(self._bar.total - self._shown if self._bar.total else 0)
+            self._bar.close()
+            self._bar = None
         self.next_refresh = float("inf")
+        if self.epoch_lines:
+            self.write(epoch_line(record, getattr(self, "_epochs", None)))
+
+
+def epoch_line(record: dict[str, Any], epochs: int | None = None) -> str:
+    """``epoch 3/10: loss 0.1234, val_loss 0.2345, val_accuracy 0.9512 (12.3 s)``."""
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                      if (k == "loss" or k.startswith("val_") or k == "skipped_steps") and isinstance(v, (int, float)))
+    of = f"/{epochs}" if epochs else ""
+    return f"epoch {record['epoch']}{of}: {shown} ({record['seconds']:.1f} s)"
 
 
 def terminal_size(file: IO[str]) -> os.terminal_size | None:

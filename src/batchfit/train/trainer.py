@@ -48,6 +48,8 @@ from .saving import save_model
 from .stream_loop import fit_stream
 
 logger = logging.getLogger("batchfit")
+# Seconds between two calls of the callbacks' on_log (loggers), each after one readback of the losses.
+LOG_EVERY = 2.0
 
 
 class Trainer:
@@ -101,7 +103,7 @@ class Trainer:
         self.loss_count = loss_count
         self.transform = transform
         self.checkpoint_dir = o.checkpoint_dir
-        self.progress = o.progress and self.dist.is_main
+        self.progress = bool(o.progress) and self.dist.is_main
         self.lr = LRControl(optimizer, o, lr_schedule)
         self.evaluator = Evaluator(self.module, loss_fn, self.device, o.precision, self.resolved_eval_size,
                                    o.eval_batch_size, loss_count, dict(metrics or {}))
@@ -380,7 +382,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _run(self, epochs: int, val: Source | None) -> None:
-        batcher, progress = self.batcher, Progress(self.progress)
+        batcher, progress = self.batcher, Progress(self.progress, epochs_only=self.options.progress == "epochs")
         assert batcher is not None
         hooks = {name: overriding(self.callbacks, name) for name in HOOKS}
         self.stop_training = False  # before on_fit_begin, so that a callback can stop at once
@@ -394,7 +396,7 @@ class Trainer:
             for hook in hooks["on_epoch_begin"]:
                 hook(self, epoch)
             try:
-                self._run_epoch(epoch, epochs, progress, hooks)
+                self._run_epoch(epoch, epochs, progress, hooks, val)
             except (IndexError, RuntimeError) as error:
                 replacement = _at_step(error, self.step + 1, epoch)
                 if replacement is error:
@@ -418,14 +420,17 @@ class Trainer:
         for hook in hooks["on_fit_end"]:
             hook(self, self.history)
 
-    def _run_epoch(self, epoch: int, epochs: int, progress: Progress, hooks: dict[str, list[Any]]) -> None:
+    def _run_epoch(self, epoch: int, epochs: int, progress: Progress, hooks: dict[str, list[Any]],
+                   val: Source | None = None) -> None:
         batcher, step_fn, history, lr = self.batcher, self.step_fn, self.history, self.lr
         assert batcher is not None and step_fn is not None
         every = self.options.checkpoint_every
         # Reading the loss back costs a device sync on CUDA, so on_nan="raise" checks lazily there
         # (at the next readback); on the CPU it costs nothing and the bad update is never applied.
         check_each_step = self.options.on_nan != "raise" or self.dist.enabled or self.device.type == "cpu"
-        step_begin, step_end = hooks["on_step_begin"], hooks["on_step_end"]
+        step_begin, step_end, log_hooks = hooks["on_step_begin"], hooks["on_step_end"], hooks["on_log"]
+        val_every = self.options.val_every if val is not None else None
+        next_log = time.perf_counter() + LOG_EVERY
         track_noise = self.noise_tracker is not None
         self.position = Position(batcher.epoch, batcher.samples_done, 0)
         start_samples, start_time = self.samples_seen, time.perf_counter()
@@ -480,6 +485,14 @@ class Trainer:
                 record = history.record(-1)
                 for hook in step_end:
                     hook(self, record)
+            if val_every is not None and self.step % val_every == 0:
+                assert val is not None
+                self._validate_now(epoch, val)
+            if log_hooks and now >= next_log:
+                self._check_losses()
+                for hook in log_hooks:
+                    hook(self)
+                next_log = now + LOG_EVERY
             if every is not None and self.step % every == 0:
                 self.save_checkpoint()
             if progress.due(now):
@@ -489,6 +502,14 @@ class Trainer:
                                  history.losses()[-1], used_lr)
             if self._stop_after_step():
                 break
+
+    def _validate_now(self, epoch: int, val: Source) -> None:
+        """Validation in the middle of an epoch (``val_every``), recorded in ``history.validations``."""
+        metrics = self.evaluator.validate(val, self.dist)
+        record = {"step": self.step, "epoch": epoch, "samples": self.samples_seen,
+                  **{f"val_{k}": v for k, v in metrics.items()}}
+        self.history.validations.append(record)
+        self.module.train()
 
     def _agreed_step(self, batch: Batch, global_size: int, measure: bool,
                      stop_requested: bool) -> tuple[torch.Tensor, NoiseSample | None, bool]:
@@ -572,8 +593,7 @@ class Trainer:
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
         self.history.epochs.append(record)
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k in ("loss",) or k.startswith("val_"))
-        progress.end_epoch(shown)
+        progress.end_epoch(record)
         return record
 
     # ------------------------------------------------------------------ guards

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from ..history import History
     from ..trainer import Trainer
 
-HOOKS = ("on_fit_begin", "on_fit_end", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_step_end")
+HOOKS = ("on_fit_begin", "on_fit_end", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_step_end", "on_log")
 
 
 class Callback:
@@ -34,6 +34,9 @@ class Callback:
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """Called after each step with its record (step, epoch, samples, batch_size, loss, lr, seconds)."""
+
+    def on_log(self, trainer: Trainer) -> None:
+        """Called every few seconds (``LOG_EVERY``) while training, with the history read back: for loggers."""
 
     def state_dict(self) -> dict[str, Any]:
         """State to keep in checkpoints (none by default)."""

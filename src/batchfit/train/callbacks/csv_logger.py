@@ -1,0 +1,82 @@
+"""Metrics as CSV files that grow while the run goes, so they can be followed (``tail -f``) or plotted live."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import expected
+from ..history import write_records
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..history import History
+    from ..trainer import Trainer
+
+
+class CSVLogger(Callback):
+    """Writes ``metrics.csv`` (one row per step), ``epochs.csv`` and ``validation.csv`` into ``folder``.
+
+    Step rows are appended and flushed every few seconds (the trainer's ``on_log``), at each
+    epoch end and at the end of ``fit``; the epoch and validation files are rewritten whole
+    (atomically) when they change. A resumed run starts the files again from its history, so
+    they always match the run's records.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        if not isinstance(folder, (str, os.PathLike)):
+            raise expected("folder", "a folder path", folder)
+        self.folder = Path(folder)
+        self.steps_path = self.folder / "metrics.csv"
+        self.epochs_path = self.folder / "epochs.csv"
+        self.validation_path = self.folder / "validation.csv"
+        self._written = 0
+        self._columns: list[str] = []
+        self._epochs = self._validations = -1
+
+    def on_fit_begin(self, trainer: Trainer) -> None:
+        if not trainer.dist.is_main:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._rewrite(trainer.history)
+        self._epochs = self._validations = -1
+
+    def on_log(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            self._append(trainer.history)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+        if trainer.dist.is_main:
+            self._append(trainer.history)
+            self._small_files(trainer.history)
+
+    def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        if trainer.dist.is_main:
+            self._append(history)
+            self._small_files(history)
+
+    def _rewrite(self, history: History) -> None:
+        history.to_csv(self.steps_path)
+        self._written, self._columns = len(history), history.columns()
+
+    def _append(self, history: History) -> None:
+        if history.columns() != self._columns:  # a column appeared (e.g. the noise scale): start again
+            self._rewrite(history)
+            return
+        if len(history) == self._written:
+            return
+        rows = [history.record(index) for index in range(self._written, len(history))]
+        with open(self.steps_path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self._columns, extrasaction="ignore").writerows(rows)
+            handle.flush()
+        self._written = len(history)
+
+    def _small_files(self, history: History) -> None:
+        if history.epochs and len(history.epochs) != self._epochs:
+            write_records(self.epochs_path, history.epochs)
+            self._epochs = len(history.epochs)
+        if history.validations and len(history.validations) != self._validations:
+            write_records(self.validation_path, history.validations)
+            self._validations = len(history.validations)
