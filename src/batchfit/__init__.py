@@ -11,6 +11,7 @@ from .data.shards import ShardSource, write_shards
 from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
 from .data.streams import EventConsumer, StreamSource
+from .data.transforms import ToFloat
 from .errors import (
     BatchfitError,
     CheckpointError,
@@ -55,6 +56,7 @@ __all__ = [
     "ShardSource",
     "StreamSource",
     "TensorBoardLogger",
+    "ToFloat",
     "Trainer",
     "TrainerOptions",
     "TuneReport",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BatchfitError
+from .errors import BatchfitError, check_positive_int, expected
 from .models import cnn
 from .run import new_run_dir, write_run_files
 from .train.callbacks import CSVLogger
@@ -39,6 +40,10 @@ def run_demo(batch_size: int = 32, epochs: int = 15, lr: float = 2e-3, out: str 
     Returns the summary (test accuracy, run folder, seconds). Files in ``out/<timestamp>/``:
     ``metrics.csv`` (per step), ``epochs.csv``, ``curves.png`` and ``summary.json``.
     """
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("epochs", epochs, allow_zero=True)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise expected("lr", "a positive learning rate", lr)
     x_train, x_test, y_train, y_test = load_digits_split(seed=seed)
     torch.manual_seed(seed)
     model = cnn(in_channels=1, num_classes=10, image_size=8)
@@ -55,6 +60,7 @@ def run_demo(batch_size: int = 32, epochs: int = 15, lr: float = 2e-3, out: str 
                "test_samples": len(y_test), "batch_size": batch_size, "epochs": epochs, "lr": lr,
                "steps": trainer.step, "seconds": seconds, "run_dir": str(run_dir)}
     write_run_files(run_dir, history, summary)
+    summary["files"] = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     return summary
 
 
@@ -65,5 +71,5 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"batch {summary['batch_size']}, {summary['epochs']} epochs, {summary['steps']} steps "
         f"in {summary['seconds']:.1f} s\n"
         f"test accuracy {summary['test_accuracy']:.3f}  (test loss {summary['test_loss']:.3f})\n"
-        f"wrote {summary['run_dir']}/metrics.csv, epochs.csv, curves.png"
+        f"wrote {summary['run_dir']}/: {', '.join(summary.get('files', []))}"
     )

@@ -46,8 +46,8 @@ def _as_tensor(name: str, array: Any) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             tensor = torch.from_numpy(array)
-    elif isinstance(array, (list, tuple)):
-        tensor = torch.as_tensor(np.asarray(array))
+    elif isinstance(array, (list, tuple)) or _is_pandas(array):
+        return _as_tensor(name, np.asarray(array))
     else:
         raise expected(name, "a numpy array or a torch tensor", type(array).__name__)
     if tensor.dim() == 0:
@@ -185,7 +185,12 @@ def as_source(data: Any, name: str = "data") -> Source:
         hasattr(data, "gather") and hasattr(data, "names") and hasattr(data, "__len__")
     ):
         source = data
-    elif isinstance(data, (tuple, list)) and data and all(isinstance(a, (np.ndarray, torch.Tensor)) for a in data):
+    elif _is_pandas(data):
+        source = ArraySource(np.asarray(data))  # a DataFrame or Series: one array, converted once
+    elif isinstance(data, tuple) and data and all(
+            isinstance(a, (np.ndarray, torch.Tensor, list)) or _is_pandas(a) for a in data):
+        source = ArraySource(*data)  # (x, y) of arrays, lists or pandas objects
+    elif isinstance(data, list) and data and all(isinstance(a, (np.ndarray, torch.Tensor)) for a in data):
         source = ArraySource(*data)
     elif isinstance(data, Mapping) and data:
         source = ArraySource(**data)
@@ -200,6 +205,11 @@ def as_source(data: Any, name: str = "data") -> Source:
     if len(source) == 0:
         raise expected(name, "at least one sample", "an empty source (0 samples)")
     return source
+
+
+def _is_pandas(value: Any) -> bool:
+    """A pandas DataFrame, Series or Index (without importing pandas)."""
+    return type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "to_numpy")
 
 
 def fingerprint(src: Source, rows: int = 16) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -14,7 +14,8 @@ from ..data.batcher import Batcher
 from ..data.prefetch import device_prefetch
 from ..data.sources import Source
 from ..distributed import DistContext
-from .metrics import Metric, MetricSums, correct_count, is_classification
+from ..errors import BatchfitError
+from .metrics import Metric, MetricSums, correct_count, is_classification, is_stateful
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Evaluator:
     def sums(self, src: Source, batch_size: int | None, rank: int = 0, world_size: int = 1) -> MetricSums:
         """Loss, accuracy and metric sums over ``src`` (this rank's share of each batch)."""
         sums = MetricSums()
+        sums.stateful = {name: metric for name, metric in self.metrics.items() if is_stateful(metric)}
+        for metric in sums.stateful.values():
+            metric.reset()
         for output, batch, n in self._outputs(src, batch_size, rank, world_size):
             loss = loss_of(output, batch, self.loss_fn)
             # The mean over tokens when the loss counts tokens, as in training.
@@ -62,18 +66,26 @@ class Evaluator:
                 assert target is not None
                 sums.add_correct(correct_count(output, target), n)
             for name, metric in self.metrics.items():
-                # Metrics are typed on tensor targets; a batch without one passes None through as before.
-                sums.add(name, metric(output, cast(torch.Tensor, target)), n)
+                if is_stateful(metric):
+                    metric.update(output, target)
+                else:  # typed on tensor targets; a batch without one passes None through
+                    sums.add(name, metric(output, cast(torch.Tensor, target)), n)
             sums.count += n
         return sums
 
-    def predict(self, src: Source, batch_size: int | None = None) -> torch.Tensor:
-        """Model outputs for every sample of ``src`` in order, concatenated on the CPU."""
-        outputs = [getattr(output, "logits", output).float().cpu() for output, _, _ in self._outputs(src, batch_size)]
-        return torch.cat(outputs)
+    def predict(self, src: Source, batch_size: int | None = None, targets: bool = True) -> torch.Tensor:
+        """Model outputs for every sample of ``src`` in order, concatenated on the CPU.
 
-    def _outputs(self, src: Source, batch_size: int | None, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[Any, Batch, int]]:
+        Batches follow the training conventions (a tuple's last element is the target, left out
+        of the model's inputs; a dict goes in as keywords), unless ``targets=False``: then every
+        element of a tuple is an input. The output kept is the model's tensor, its ``logits``, or
+        of a dict or tuple output the ``logits``/``predictions`` entry or the first tensor.
+        """
+        outputs = self._outputs(src, batch_size, targets=targets)
+        return torch.cat([prediction_of(output).float().cpu() for output, _, _ in outputs])
+
+    def _outputs(self, src: Source, batch_size: int | None, rank: int = 0, world_size: int = 1,
+                 targets: bool = True) -> Iterator[tuple[Any, Batch, int]]:
         """``(output, batch, samples)`` for each non-empty batch, in eval mode and without gradients."""
         size = batch_size or self.batch_size or max(256, self.default_batch_size())
         batcher = Batcher(src, min(size * world_size, len(src)), shuffle=False, seed=0, rank=rank,
@@ -88,7 +100,31 @@ class Evaluator:
                     if n == 0:  # this rank's share of a last batch smaller than the world
                         continue
                     with autocast(self.precision, self.device.type):
-                        output = forward(self.module, batch)
+                        output = forward(self.module, batch) if targets or isinstance(batch, dict) \
+                            else self.module(*batch)
                     yield output, batch, n
         finally:
             self.module.train(was_training)
+
+
+def prediction_of(output: Any) -> torch.Tensor:
+    """The tensor of a model's output that is its prediction (see :meth:`Evaluator.predict`)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        for key in ("logits", "predictions", "prediction", "output"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+        tensors = [v for k, v in output.items() if isinstance(v, torch.Tensor) and k != "loss"]
+        if len(tensors) == 1:
+            return tensors[0]
+    if isinstance(output, (tuple, list)):
+        for value in output:
+            if isinstance(value, torch.Tensor):
+                return value
+    raise BatchfitError(f"predict() cannot tell which part of the model's output is its prediction. Received: "
+                        f"{type(output).__name__}" + (f" with keys {sorted(output)}" if isinstance(output, Mapping)
+                                                      else "") + "; return a tensor, or a dict with 'logits'")

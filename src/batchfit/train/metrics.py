@@ -1,4 +1,11 @@
-"""Evaluation metrics: loss always, accuracy for class-index targets, user callables."""
+"""Evaluation metrics: loss always, accuracy for class-index targets, user metrics.
+
+A user metric is either a callable ``f(output, target) -> number``, whose batch values are
+averaged weighted by batch size (right for means such as an error rate; wrong for F1, AUC or
+anything that is not a mean over samples), or an object with ``update(output, target)``,
+``compute()`` and ``reset()`` (torchmetrics' interface), which sees every batch and is computed
+once over the whole set.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,12 @@ from typing import Any
 
 import torch
 
-Metric = Callable[[Any, torch.Tensor], Any]
+Metric = Any  # Callable[[output, target], number] or an object with update / compute / reset
+
+
+def is_stateful(metric: Any) -> bool:
+    """Whether ``metric`` accumulates over batches (``update``/``compute``/``reset``) rather than averaging."""
+    return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
 
 
 def is_classification(output: Any, target: torch.Tensor | None) -> bool:
@@ -38,6 +50,7 @@ class MetricSums:
         self.count = 0
         self.correct: torch.Tensor | None = None
         self.scored = 0
+        self.stateful: dict[str, Any] = {}  # metrics computed over the whole set
 
     def add(self, name: str, value: Any, weight: Any) -> None:
         """Add a batch mean ``value`` that covers ``weight`` samples (or tokens: any count)."""
@@ -72,4 +85,6 @@ class MetricSums:
         out = {name: (total / self.weights[name]).item() for name, total in self.sums.items()}
         if self.correct is not None and self.scored:
             out["accuracy"] = self.correct.item() / self.scored
+        for name, metric in self.stateful.items():
+            out[name] = float(metric.compute())
         return out

@@ -15,6 +15,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,7 @@ from .evaluation import Evaluator
 from .guards import SignalGuard, check_losses, exit_for, non_finite_error
 from .history import History
 from .lr_control import LRControl
-from .metrics import Metric
+from .metrics import Metric, is_stateful
 from .options import NOISE_EVERY, RESUME_KEYS, TrainerOptions, option_names
 from .plan import BatchPlan, plan_batches
 from .progress import Progress
@@ -224,9 +225,16 @@ class Trainer:
         """
         return self.evaluator.evaluate(as_source(data, "data"), batch_size)
 
-    def predict(self, data: Any, batch_size: int | None = None) -> torch.Tensor:
-        """Model outputs for every sample of ``data`` in order, concatenated on the CPU."""
-        return self.evaluator.predict(as_source(data, "data"), batch_size)
+    def predict(self, data: Any, batch_size: int | None = None, *, targets: bool = True) -> torch.Tensor:
+        """Model outputs for every sample of ``data`` in order, concatenated on the CPU.
+
+        ``data`` follows the training conventions: a single array is the input; a tuple's last
+        element is a target and is not passed to the model, unless ``targets=False`` (a model of
+        several inputs: every element is an input); a dict is passed as ``model(**batch)``.
+        """
+        if not isinstance(targets, bool):
+            raise expected("targets", "True or False", targets)
+        return self.evaluator.predict(as_source(data, "data"), batch_size, targets)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, position, RNGs, history, config."""
@@ -397,7 +405,7 @@ class Trainer:
                 hook(self, epoch)
             try:
                 self._run_epoch(epoch, epochs, progress, hooks, val)
-            except (IndexError, RuntimeError) as error:
+            except (IndexError, RuntimeError, TypeError) as error:
                 replacement = _at_step(error, self.step + 1, epoch)
                 if replacement is error:
                     raise
@@ -643,9 +651,24 @@ class Trainer:
 def _at_step(error: BaseException, step: int, epoch: int) -> BaseException:
     """``error`` raised inside a step, told with the step: targets out of range become a batchfit error."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = f"step {step} (epoch {epoch})"
     if isinstance(error, IndexError) and "out of bounds" in text:
-        return BatchfitError(f"step {step} (epoch {epoch}): {text} The targets must be class indices from 0 to "
+        return BatchfitError(f"{where}: {text} The targets must be class indices from 0 to "
                              f"the number of the model's outputs - 1: check the labels, or the model's output size")
+    found = re.search(r"expected target dtype to be Long or Byte, but got (\w+)", text)
+    if found:
+        return BatchfitError(f"{where}: the labels are {found.group(1).lower()}, but cross-entropy needs class "
+                             f"indices (int64): pass y.astype('int64') (or use a loss for real-valued targets)")
+    found = re.search(r"must have the same dtype, but got (Byte|Char|Short|Int|Long|Bool) and (\w+)", text)
+    if found:
+        return BatchfitError(f"{where}: the inputs are integers ({found.group(1).lower()}) but the model computes "
+                             f"in {found.group(2).lower()}: convert them, e.g. transform=bf.ToFloat() (uint8 "
+                             f"images to floats in [0, 1]) or x.astype('float32')")
+    found = re.search(r"got an unexpected keyword argument '(\w+)'", text)
+    if isinstance(error, TypeError) and found:
+        return BatchfitError(f"{where}: the model takes no argument {found.group(1)!r}: dict batches are passed as "
+                             f"model(**batch); pass the data as a tuple (inputs..., target) instead, or name the "
+                             f"arrays after the model's forward() parameters")
     add_note = getattr(error, "add_note", None)  # Python 3.11+
     if add_note is not None:
         add_note(f"batchfit: raised during step {step} (epoch {epoch})")
@@ -661,8 +684,8 @@ def _check_objects(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise expected("callbacks", "a sequence of batchfit Callback objects", type(cb).__name__)
-    if metrics is not None and (not isinstance(metrics, dict) or
-                                not all(isinstance(k, str) and callable(f) for k, f in metrics.items())):
+    if metrics is not None and (not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and (callable(f) or is_stateful(f)) for k, f in metrics.items())):
         raise expected("metrics", "a dict of name -> f(output, target)", metrics)
     schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     if lr_schedule is not None and not callable(lr_schedule) and not isinstance(lr_schedule, schedulers):
