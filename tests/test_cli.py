@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,26 @@ def test_cli_bench_only_batchsize_prints_the_batch_size_table(capsys, monkeypatc
     out = capsys.readouterr().out
     assert calls == [(True, 1)]
     assert "| w | 64 | 0.01 | 5 | 0.50 | 1.00 |" in out
+
+
+def test_cli_train_with_a_schedule_and_callbacks_from_the_config(tmp_path, capsys):
+    _write_data(tmp_path)
+    config = _config(tmp_path, extra='\n[schedule]\nname = "StepLR"\nargs = { step_size = 2, gamma = 0.5 }\n'
+                                   '\n[callbacks]\nearly_stopping = { monitor = "val_loss", patience = 5 }\n'
+                                   'model_checkpoint = { path = "best.pt", monitor = "val_accuracy" }\n')
+    assert main(["train", str(config)]) == 0
+    run_dir = Path(json.loads(capsys.readouterr().out)["run_dir"])
+    lrs = [float(line.split(",")[5]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert lrs[:4] == [0.1, 0.1, 0.05, 0.05]
+    assert (tmp_path / "best.pt").is_file()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('\n[schedule]\nname = "Cosine"\n', r"`schedule.name` must be a scheduler of torch.optim.lr_scheduler"),
+    ('\n[schedule]\nname = "StepLR"\nargs = { gamma = 0.5 }\n', r"`schedule.args` do not fit 'StepLR'"),
+    ('\n[callbacks]\nearly_stopping = { patience = -1 }\n', r"`callbacks.early_stopping`: `patience` must be"),
+])
+def test_cli_bad_schedule_or_callbacks_name_the_key(tmp_path, capsys, extra, message):
+    _write_data(tmp_path)
+    assert main(["train", str(_config(tmp_path, extra=extra))]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -43,6 +43,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "tune": {
         "target_loss": (_FLOAT, None), "batch_sizes": (_LIST, None), "epochs": (_INT, 3), "out": (_STR, "runs"),
     },
+    # A torch lr scheduler by its class name in torch.optim.lr_scheduler, with its arguments.
+    "schedule": {"name": (_STR, None), "args": (_TABLE, {})},
+    # Built-in callbacks, each a table of its arguments: early_stopping = { patience = 3 }.
+    "callbacks": {"early_stopping": (_TABLE, None), "model_checkpoint": (_TABLE, None),
+                  "tensorboard": (_TABLE, None)},
 }
 TRAINER_KEYS = option_names()
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -259,6 +264,46 @@ def trainer_options(config: Config) -> TrainerOptions:
     if options["checkpoint_dir"] is not None:
         options["checkpoint_dir"] = str(resolve_path(config, options["checkpoint_dir"]))
     return TrainerOptions(**options)
+
+
+def build_schedule(config: Config, optimizer: torch.optim.Optimizer) -> Any:
+    """The torch lr scheduler of ``[schedule]`` over ``optimizer`` (``None`` without one)."""
+    name, args = config["schedule"]["name"], config["schedule"]["args"]
+    if name is None:
+        return None
+    kind = getattr(torch.optim.lr_scheduler, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, (torch.optim.lr_scheduler.LRScheduler,
+                                                         torch.optim.lr_scheduler.ReduceLROnPlateau))):
+        raise ConfigError(f"`schedule.name` must be a scheduler of torch.optim.lr_scheduler (StepLR, "
+                          f"CosineAnnealingLR, OneCycleLR, ReduceLROnPlateau, ...). Received: schedule.name={name!r}")
+    try:
+        return kind(optimizer, **args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"`schedule.args` do not fit {name!r}: {error}") from error
+
+
+def build_callbacks(config: Config) -> list[Any]:
+    """The built-in callbacks of ``[callbacks]``, paths relative to the config file."""
+    from .train.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardLogger
+
+    kinds: dict[str, Any] = {"early_stopping": EarlyStopping, "model_checkpoint": ModelCheckpoint,
+                             "tensorboard": TensorBoardLogger}
+    made = []
+    for key, kind in kinds.items():
+        args = config["callbacks"][key]
+        if args is None:
+            continue
+        args = dict(args)
+        for path_key in ("path", "log_dir"):
+            if isinstance(args.get(path_key), str):
+                args[path_key] = str(resolve_path(config, args[path_key]))
+        try:
+            made.append(kind(**args))
+        except TypeError as error:
+            raise ConfigError(f"`callbacks.{key}` does not fit {kind.__name__}: {error}") from error
+        except BatchfitError as error:
+            raise ConfigError(f"`callbacks.{key}`: {error}") from error
+    return made
 
 
 def load_train_val(config: Config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:

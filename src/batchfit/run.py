@@ -13,9 +13,11 @@ import torch
 
 from .config import (
     Config,
+    build_callbacks,
     build_loss,
     build_model,
     build_optimizer,
+    build_schedule,
     load_train_val,
     trainer_options,
 )
@@ -52,7 +54,9 @@ def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...]
     train, val = load_train_val(config)
     torch.manual_seed(config["train"]["seed"])
     model = build_model(config, *train)
-    trainer = Trainer(model, build_loss(config), build_optimizer(config, model), options=trainer_options(config))
+    optimizer = build_optimizer(config, model)
+    trainer = Trainer(model, build_loss(config), optimizer, options=trainer_options(config),
+                      lr_schedule=build_schedule(config, optimizer), callbacks=build_callbacks(config))
     return trainer, train, val
 
 
