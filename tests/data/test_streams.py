@@ -187,3 +187,28 @@ def test_publish_snapshots_reader_never_sees_a_half_written_snapshot(tmp_path):
 def test_stream_bad_input_is_refused(call, message):
     with pytest.raises(bf.BatchfitError, match=message):
         call()
+
+
+def test_stream_fit_stateful_metric_accumulates_over_the_stream():
+    class MaxError:
+        """A stateful metric (update/compute/reset): the largest absolute error so far."""
+
+        def __init__(self):
+            self.worst = 0.0
+
+        def update(self, output, target):
+            self.worst = max(self.worst, float((output - target).abs().max()))
+
+        def compute(self):
+            return self.worst
+
+        def reset(self):
+            self.worst = 0.0
+
+    model = _linear()
+    metric = MaxError()
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), batch_size=4,
+                         progress=False, metrics={"max_error": metric})
+    history = trainer.fit(bf.StreamSource(_events(12)))
+    values = history.column("preq_max_error")
+    assert values == sorted(values) and values[-1] == metric.worst > 0

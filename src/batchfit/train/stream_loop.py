@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from .callbacks import overriding
 from .guards import exit_for, non_finite_error
 from .history import History
+from .metrics import is_stateful
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -210,7 +211,7 @@ def _train_on(trainer: Trainer, run: StreamRun, stream_batch: StreamBatch) -> di
     size = stream_batch.size
     if trainer.lr.dynamic:
         trainer.lr.apply(trainer.step, size)
-    scores = _prequential_metrics(trainer, batch)
+    scores, running = _prequential_metrics(trainer, batch)
     run.included += stream_batch.ids
     run.last_batch = stream_batch
     try:
@@ -238,23 +239,34 @@ def _train_on(trainer: Trainer, run: StreamRun, stream_batch: StreamBatch) -> di
     lag = time.time() - min(stream_batch.times)
     lr = float(trainer.optimizer.param_groups[0]["lr"])
     trainer.history.add_step(trainer.step, 0, trainer.samples_seen, size, loss, lr, seconds,
-                             **run.prequential.columns(), lag=lag, redelivered=run.redelivered)
+                             **run.prequential.columns(), **running, lag=lag, redelivered=run.redelivered)
     return trainer.history.record(-1)
 
 
-def _prequential_metrics(trainer: Trainer, batch: Batch) -> dict[str, float]:
-    """The user's metrics on a batch the model has not trained on yet (eval mode, no gradients)."""
+def _prequential_metrics(trainer: Trainer, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
+    """The user's metrics on a batch the model has not trained on yet (eval mode, no gradients).
+
+    Returns the batch values of callables (averaged over the stream by :class:`Prequential`) and the
+    values of stateful metrics (``update``/``compute``), which accumulate every batch of the stream.
+    """
     metrics = trainer.evaluator.metrics
     if not metrics:
-        return {}
+        return {}, {}
     target = target_of(batch)
+    means, running = {}, {}
     trainer.module.eval()
     try:
         with torch.no_grad():
             output = forward(trainer.module, batch)
-            return {name: float(metric(output, target)) for name, metric in metrics.items()}  # type: ignore[arg-type]
+            for name, metric in metrics.items():
+                if is_stateful(metric):
+                    metric.update(output, target)
+                    running[f"preq_{name}"] = float(metric.compute())
+                else:
+                    means[name] = float(metric(output, target))
     finally:
         trainer.module.train()
+    return means, running
 
 
 def _ack(run: StreamRun) -> None:
