@@ -227,8 +227,10 @@ class StreamSource:
                 return None
             # A plain iterable without max_latency is read as it comes: nothing waits on a clock.
             timeout = None if blocking else max(0.0, min(close_at, give_up) - now)
-            # Read ahead (one round trip to a broker for many small batches); what is read stays buffered.
-            events = self.consumer.poll(max(batch_size - len(self._buffer), READ_AHEAD), timeout)
+            # Read ahead (one round trip to a broker for many small batches; what is read stays buffered), but
+            # never wait on a blocking iterable for more events than the batch needs.
+            wanted = batch_size - len(self._buffer)
+            events = self.consumer.poll(wanted if blocking else max(wanted, READ_AHEAD), timeout)
             polled = True
             if events is None:
                 self.ended = True
