@@ -137,8 +137,9 @@ def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer:
     """
     begin = time.perf_counter()
     n = len(src)
-    # At least 16 steps per epoch; a power of two unless the data is tiny.
-    cap = powers_of_two(1, min(max_batch or n, max(1, n // 16)))[-1]
+    # At least 16 steps per epoch unless `max_batch` says otherwise: a larger batch leaves too few
+    # updates per pass over the data for the noise scale to be tracked and acted on.
+    cap = powers_of_two(1, min(max_batch, n) if max_batch else max(1, n // 16))[-1]
     sizes = powers_of_two(min(min_batch, cap), cap)
     if len(sizes) == 1 and sizes[0] > 1:
         sizes = [sizes[0] // 2, sizes[0]]  # the noise scale needs two sizes
@@ -172,7 +173,11 @@ def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer:
               f"throughput " + ", ".join(f"{size}: {measured.throughput(size):,.0f}/s" for size in costs)
               + "; lr / optimal lr " + ", ".join(f"{size}: {ratio:.2f}" for size, ratio in ratios.items())
               + f"; cost (1+B/B_noise)/throughput (none where r ≥ 2) is least at {ranked[0]}"
-              + f"; probe {measured.seconds:.2f} s")
+              + f"; probe {measured.seconds:.2f} s, timing spread up to "
+              + f"{100 * max(measured.spread.values(), default=0.0):.0f} %")
+    if not max_batch and math.isfinite(b_simple) and b_simple > cap:
+        reason += (f"; the noise scale is above the cap of {cap} (at least 16 steps per epoch of {n} samples): "
+                   f"set max_batch_size to allow larger batches")
     if not math.isfinite(costs[best]):
         reason += f"; the {lr_scaling} rule's lr is at least twice the optimal at every size, so the smallest"
         logger.warning("batch size: %s", reason)
@@ -232,6 +237,7 @@ class AdaptiveBatch:
         self.every, self.warmup = every, warmup
         self.tracker = NoiseScaleTracker(beta=beta)
         self.initial_noise_scale = noise_scale
+        self.cap_reported = False
 
     def propose(self, step: int, noise: tuple[float, float, float, float] | None) -> BatchChange | None:
         """Fold in the measurement of the step just done (``None``: none this step); the new batch size, when due.
@@ -243,11 +249,17 @@ class AdaptiveBatch:
             self.tracker.update(*noise)
         if step % self.every or self.tracker.count < self.warmup:
             return None
-        target = round_to_power_of_two(self.tracker.b_simple, self.batch_size, self.max_batch)
-        if target < 2 * self.batch_size:
-            return None
-        reason = f"noise scale B_simple={self.tracker.b_simple:.4g} grew past {self.batch_size}"
-        return BatchChange(target, reason, self.tracker.b_simple)
+        b_simple = self.tracker.b_simple
+        target = round_to_power_of_two(b_simple, self.batch_size, self.max_batch)
+        if target >= 2 * self.batch_size:
+            return BatchChange(target, f"noise scale B_simple={b_simple:.4g} grew past {self.batch_size}", b_simple)
+        if not self.cap_reported and self.batch_size >= self.max_batch and math.isfinite(b_simple) \
+                and b_simple >= 2 * self.max_batch:
+            self.cap_reported = True  # said once: the batch stays, the user may raise the cap
+            return BatchChange(self.batch_size, f"noise scale B_simple={b_simple:.4g} is past the cap of "
+                               f"{self.max_batch} (max_batch_size, or at least 16 steps per epoch): the batch "
+                               f"stays at {self.batch_size}", b_simple)
+        return None
 
     def accept(self, change: BatchChange) -> None:
         """Record that the batch size is now ``change.batch_size``."""

@@ -51,6 +51,7 @@ class BatchProbe:
     seconds: float = 0.0
     grad_sq_error: float = math.inf
     trace_cov_error: float = math.inf
+    spread: dict[int, float] = field(default_factory=dict)  # second-fastest pass over the fastest, minus 1
 
     @property
     def b_simple(self) -> float:
@@ -95,12 +96,15 @@ def _line(points: dict[int, float]) -> tuple[float, float] | None:
 def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: list[int], device: torch.device,
                       optimizer: torch.optim.Optimizer | None = None, min_passes: int = 2, window: float = 0.0,
                       max_passes: int = 32, stop_above_noise: float | None = 4.0, seed: int = 0,
-                      precision: str = "fp32") -> BatchProbe:
+                      precision: str = "fp32", agreement: float = 0.15, agree_passes: int = 6) -> BatchProbe:
     """Time forward + backward at each of ``sizes`` and fit the noise scale to the same passes.
 
     Each size gets passes until there are ``min_passes`` of them and ``window`` seconds have
     passed (at most ``max_passes``), each over a fresh batch drawn with replacement so that the
-    squared norms are independent draws; the fastest pass of a size is its time. With
+    squared norms are independent draws; then the last batch is timed again until the two fastest
+    passes agree within ``agreement`` (at most ``agree_passes`` in all: on a loaded machine single
+    passes swing many times over; these repeats add no noise point, so the estimate does not
+    depend on timing). The fastest pass of a size is its time. With
     ``stop_above_noise``, sizes stop once one is that many times the noise scale measured so
     far. Every pass is the training step's own forward and backward under ``precision``
     (:class:`~batchfit.core.step.Step`: autocast for bf16/fp16, fp16 losses scaled and the norms
@@ -111,6 +115,7 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
     begin = time.perf_counter()
     pass_seconds: dict[int, float] = {}
     passes: dict[int, int] = {}
+    spreads: dict[int, float] = {}
     drawn: list[int] = []
     norms: list[float] = []
     update = 0.0
@@ -127,13 +132,17 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
 
         for size in sorted(sizes):
             times: list[float] = []
-            while len(times) < min_passes or (sum(times) < window and len(times) < max_passes):
-                batch = to_device(src.gather(rng.integers(0, len(src), size)), device, dtype)
+            while (needed := len(times) < min_passes or (sum(times) < window and len(times) < max_passes)) or (
+                    len(times) < agree_passes and not _agree(times, agreement)):
+                if needed:  # a fresh draw: a point for the noise scale
+                    batch = to_device(src.gather(rng.integers(0, len(src), size)), device, dtype)
                 step.skip()
                 start = time.perf_counter()
                 step.accumulate(batch, size)
                 synchronize(device)
                 times.append(time.perf_counter() - start)
+                if not needed:
+                    continue  # timed again on the same batch until the timings agree; no new point
                 norm = step.grad_sq()
                 if not math.isfinite(norm):
                     continue  # an fp16 overflow: timed, but no point for the noise scale
@@ -144,6 +153,7 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
                         total.add_(param.grad, alpha=size / step.grad_scale())
             # The fastest pass counts: a first pass at a new size that pays for allocations is not it.
             pass_seconds[size], passes[size] = min(times), len(times)
+            spreads[size] = _spread(times)
             if stop_above_noise is not None and len(set(drawn)) >= 2:
                 grad_sq, trace_cov = noise_from_sizes(*fitted())
                 if size >= stop_above_noise * simple_noise_scale(grad_sq, trace_cov):
@@ -153,10 +163,22 @@ def probe_batch_sizes(model: torch.nn.Module, loss_fn: Any, src: Source, sizes: 
             update = _time_updates(opt, device)
         step.skip()
     if points is None:
-        return BatchProbe(pass_seconds, update, math.nan, math.nan, passes, time.perf_counter() - begin)
+        return BatchProbe(pass_seconds, update, math.nan, math.nan, passes, time.perf_counter() - begin,
+                          spread=spreads)
     grad_sq, trace_cov = noise_from_sizes(*points)
     errors = noise_fit_errors(*points)
-    return BatchProbe(pass_seconds, update, grad_sq, trace_cov, passes, time.perf_counter() - begin, *errors)
+    return BatchProbe(pass_seconds, update, grad_sq, trace_cov, passes, time.perf_counter() - begin, *errors,
+                      spread=spreads)
+
+
+def _spread(times: list[float]) -> float:
+    """How far the second-fastest pass is above the fastest, as a fraction (0 for a single pass)."""
+    fastest = sorted(times)[:2]
+    return fastest[1] / fastest[0] - 1 if len(fastest) == 2 and fastest[0] > 0 else 0.0
+
+
+def _agree(times: list[float], agreement: float) -> bool:
+    return len(times) >= 2 and _spread(times) <= agreement
 
 
 def _time_updates(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int = 3) -> float:

@@ -552,8 +552,8 @@ class Trainer:
             return
         change = adaptive.propose(self.step, pair)
         if change is not None:
-            logger.info("step %d: batch_size %d -> %d (%s)", self.step, adaptive.batch_size, change.batch_size,
-                        change.reason)
+            self.announce(f"step {self.step}: batch_size {adaptive.batch_size} -> {change.batch_size} "
+                          f"({change.reason})")
             self.history.add_event(step=self.step, kind="batch_size", batch_size=change.batch_size,
                                    reason=change.reason, b_simple=change.b_simple)
             adaptive.accept(change)
