@@ -211,10 +211,7 @@ def tune(
     small = min(32, max(1, len(source) // 16))
     noise = estimate_noise_scale(model, loss_fn, source, small_batch=small, big_batch=8 * small, seed=seed,
                                  device=target_device, precision=precision)
-    # The steepest descent can sit close to divergence; a tenth of the lr of the lowest loss is
-    # the classic cap (Smith 2017, "Cyclical Learning Rates").
-    lowest = min(range(len(range_result.losses)), key=range_result.losses.__getitem__)
-    lr = min(range_result.suggested_lr, range_result.lrs[lowest] / 10)
+    lr = range_result.suggested_lr  # the range test's own rule: steepest descent, capped below the blow-up
     sizes = batch_sizes or powers_of_two(8, max(8, len(source) // 8))
     sweep = []
     for size in sizes:

@@ -217,3 +217,53 @@ def test_lr_range_result_is_frozen():
     result = LRRangeResult((1.0,), (1.0,), (1.0,), 0.1, False)
     with pytest.raises(AttributeError):
         result.suggested_lr = 2.0
+
+
+def test_suggested_lr_trains_the_digits_mlp_and_is_capped_below_the_blow_up():
+    datasets = pytest.importorskip("sklearn.datasets")
+    import batchfit as bf
+
+    digits = datasets.load_digits()
+    x, y = (digits.data / 16).astype(np.float32), digits.target.astype(np.int64)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    result = lr_range_test(model, torch.nn.functional.cross_entropy, optimizer, (x, y), min_lr=1e-4, max_lr=100)
+    lowest = result.lrs[int(np.argmin(result.losses))]
+    assert result.suggested_lr <= lowest / 10 * (1 + 1e-12)
+    for group in optimizer.param_groups:
+        group["lr"] = result.suggested_lr
+    trainer = bf.Trainer(model, torch.nn.functional.cross_entropy, optimizer, batch_size=64, progress=False)
+    trainer.fit((x, y), epochs=3)
+    history = trainer.history
+    assert history.epochs[-1]["loss"] < history.epochs[0]["loss"]  # it learns (a diverging lr ends near 0.1)
+    assert trainer.evaluate((x, y))["accuracy"] > 0.6
+
+
+def test_range_plot_shows_every_raw_loss_up_to_the_minimum(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    lrs = tuple(10.0 ** (k / 4) for k in range(-12, 0))
+    raw = (2.0, 2.6, 1.9, 1.8, 2.2, 1.2, 1.0, 1.4, 0.9, 3.0, 8.0, 20.0)
+    smoothed = tuple(smooth(raw, 0.3))
+    result = LRRangeResult(lrs, smoothed, raw, 0.01, True)
+    created = []
+    real_subplots = matplotlib.figure.Figure.subplots
+
+    def capture(self, *args, **kwargs):
+        axes = real_subplots(self, *args, **kwargs)
+        created.append(axes)
+        return axes
+
+    matplotlib.figure.Figure.subplots = capture
+    try:
+        result.plot(tmp_path / "range.png")
+    finally:
+        matplotlib.figure.Figure.subplots = real_subplots
+    low, high = created[0][0][0].get_ylim()
+    end = int(np.argmin(smoothed)) + 1
+    assert low <= min(raw[:end]) and high >= max(raw[:end])
+    pyplot.close("all")

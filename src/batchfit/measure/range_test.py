@@ -86,11 +86,12 @@ class LRRangeResult:
         axes.set_xlabel("learning rate")
         axes.set_ylabel("loss")
         finite = [v for v in self.losses if math.isfinite(v)]
-        if finite:  # keep the blow-up from squashing the part that matters
-            low = min(finite)
-            top = max(finite[: finite.index(low) + 1])
+        if finite:  # keep the blow-up from squashing the part that matters, but show every raw loss up to it
+            end = finite.index(min(finite)) + 1
+            shown = [v for v in (*self.raw_losses[:end], *finite[:end]) if math.isfinite(v)]
+            low, top = min(shown), max(shown)
             span = (top - low) or abs(top) or 1.0
-            axes.set_ylim(low - 0.1 * span, top + 0.5 * span)
+            axes.set_ylim(low - 0.1 * span, top + 0.25 * span)
         axes.legend()
         axes.set_title("learning-rate range test")
         save_figure(figure, path)
@@ -138,8 +139,9 @@ def lr_range_test(
     ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``). The test stops early once the smoothed
     loss exceeds ``diverge_factor`` times the best one so far, or turns non-finite. The
     suggestion is the learning rate where the smoothed loss falls fastest per unit of
-    ``log(lr)``, leaving out the first ``1/(2·smoothing)`` steps whose average is still noisy;
-    when the loss never falls, a tenth of the learning rate of the lowest loss. Model,
+    ``log(lr)``, leaving out the first ``1/(2·smoothing)`` steps whose average is still noisy,
+    capped at a tenth of the learning rate of the lowest loss (the steepest descent can sit just
+    below the blow-up); when the loss never falls, that tenth. Model,
     optimizer (state and learning rates) and random state are restored exactly.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -189,7 +191,11 @@ def lr_range_test(
     finite = len(smoothed) - (not math.isfinite(smoothed[-1]))
     # The moving average rests on ~1/smoothing losses; skip the steps before it has half of them.
     skip = min(math.ceil(0.5 / smoothing), finite // 4)
-    suggestion = steepest_descent_lr(lrs[:finite], smoothed[:finite], skip)
+    steepest = steepest_descent_lr(lrs[:finite], smoothed[:finite], skip)
+    # The steepest descent can sit just below divergence; a tenth of the lr of the lowest loss is
+    # the classic cap (Smith 2017): the loss still falls there, well away from the blow-up.
+    lowest_tenth = lrs[int(np.argmin(smoothed[:finite]))] / 10
+    suggestion = None if steepest is None else min(steepest, lowest_tenth)
     if suggestion is None:
         suggestion = lrs[int(np.argmin(smoothed[:finite]))] / 10
         warnings.warn(
