@@ -142,7 +142,7 @@ def classification_workload(seed: int = 0) -> Workload:
                     0.02, 32, "linear", 40)
 
 
-CAP = 5.0  # a trial stops once it has taken this many times the fastest trial that reached the target
+CAP = 10.0  # a trial stops once it has taken this many times the fastest trial that reached the target
 
 
 def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0,
@@ -177,9 +177,10 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0,
                 bar.set_postfix_str(f"{workload.name}, {mode}", refresh=False)
                 bar.update()
         runs = [_summary(trials) for trials in by_mode.values()]
-        fixed = [mode for mode in sizes if all(t["seconds"] is not None for t in by_mode[mode])]
-        best = min(fixed, key=lambda mode: statistics.median(t["seconds"] for t in by_mode[mode])) if fixed else None
-        best_seconds = statistics.median(t["seconds"] for t in by_mode[best]) if best is not None else None
+        medians = {mode: _median([t["seconds"] for t in by_mode[mode]]) for mode in sizes}
+        fixed = [mode for mode in sizes if medians[mode] is not None]
+        best = min(fixed, key=lambda mode: medians[mode] or math.inf) if fixed else None
+        best_seconds = medians[best] if best is not None else None
         for run, trials in zip(runs, by_mode.values()):
             run["best_fixed"] = best
             run["ratio_to_best_fixed"] = run["ratio_without_probe"] = None
@@ -187,19 +188,25 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0,
                 continue
             run["ratio_to_best_fixed"] = run["seconds"] / best_seconds
             # The probe's cost apart: how good the choice itself was.
-            run["ratio_without_probe"] = statistics.median(t["seconds"] - t["probe_seconds"] for t in trials) \
-                / best_seconds
+            without = _median([None if t["seconds"] is None else t["seconds"] - t["probe_seconds"] for t in trials])
+            run["ratio_without_probe"] = None if without is None else without / best_seconds
         rows += runs
     bar.close()
     return rows
 
 
+def _median(values: list[float | None]) -> float | None:
+    """The median, a missed target counting as slower than any time (``None`` when that is the median)."""
+    median = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(median) else median
+
+
 def _summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """One mode's row: medians over its trials (``None`` when any trial missed the target)."""
-    reached = all(t["seconds"] is not None for t in trials)
-    return {**trials[0], "capped": any(t["capped"] for t in trials),
-            "seconds": statistics.median(t["seconds"] for t in trials) if reached else None,
-            "steps": int(statistics.median(t["steps"] for t in trials)) if reached else None,
+    """One mode's row: medians over its trials, a trial that missed the target counting as infinitely slow."""
+    seconds, steps = _median([t["seconds"] for t in trials]), _median([t["steps"] for t in trials])
+    return {**trials[0], "capped": any(t["capped"] for t in trials), "diverged": all(t["diverged"] for t in trials),
+            "missed": sum(t["seconds"] is None for t in trials),
+            "seconds": seconds, "steps": None if steps is None else int(steps),
             "seconds_per_trial": [t["seconds"] for t in trials],
             "chosen_per_trial": [t["chosen"] for t in trials],
             "probe_seconds": statistics.median(t["probe_seconds"] for t in trials)}
@@ -221,6 +228,8 @@ def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
         missed = "diverged" if row.get("diverged") else f"not reached (stopped at {CAP:g}x the fastest)" \
             if row.get("capped") else "not reached"
         seconds = missed if row["seconds"] is None else f"{row['seconds']:.2f}"
+        if row["seconds"] is not None and row.get("missed"):
+            seconds += f" ({row['missed']} of {len(row['seconds_per_trial'])} trials missed)"
         if row.get("probe_seconds"):
             seconds += f" ({row['probe_seconds']:.2f})"
         ratio = "—" if row["ratio_to_best_fixed"] is None else f"{row['ratio_to_best_fixed']:.2f}"
