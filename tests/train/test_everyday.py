@@ -139,3 +139,31 @@ def test_demo_refuses_bad_arguments_and_names_only_files_it_wrote(tmp_path, caps
     assert main(["demo", "--epochs", "0", "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "curves.png" not in out and "summary.json" in out
+
+
+class TokenModel(torch.nn.Module):
+    """Takes input_ids and an attention mask and **kwargs (as Hugging Face models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 4)
+        self.head = torch.nn.Linear(4, 2)
+        self.masks = []
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        assert not kwargs, f"unexpected {sorted(kwargs)}"
+        self.masks.append(attention_mask)
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+        return self.head(pooled)
+
+
+def test_ragged_lengths_become_the_attention_mask_not_a_keyword(tmp_path):
+    ids = [np.arange(1, 1 + n) % 20 for n in (3, 5, 2, 4)]
+    source = bf.write_shards(tmp_path / "tokens", {"input_ids": ids, "labels": np.array([0, 1, 0, 1])})
+    model = TokenModel()
+    trainer = bf.Trainer(model, lambda out, batch: F.cross_entropy(out, batch["labels"]),
+                         torch.optim.SGD(model.parameters(), lr=0.1), batch_size=4, shuffle=False, progress=False)
+    trainer.fit(source, epochs=1)
+    mask = model.masks[0]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]

@@ -8,6 +8,7 @@ an output with a ``.loss`` (Hugging Face models) is used as is, otherwise the lo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Union
 
@@ -64,10 +65,60 @@ def param_dtype(model: torch.nn.Module) -> torch.dtype | None:
 def forward(model: torch.nn.Module, batch: Batch) -> Any:
     """The model's output for a batch."""
     if isinstance(batch, dict):
-        return model(**batch)
+        return model(**model_inputs(model, batch))
     if len(batch) == 1:
         return model(batch[0])
     return model(*batch[:-1])
+
+
+LENGTHS = "_lengths"
+
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keywords a dict batch passes to ``model``: ``NAME_lengths`` (variable-length arrays of
+    shards) only when ``forward`` names it; otherwise ``input_ids_lengths`` becomes the
+    ``attention_mask`` a model that takes one needs, and other lengths are left out.
+
+    Models that take ``**kwargs`` (Hugging Face's) would accept the lengths silently and then
+    attend to padding; a mask built from the true lengths is what they need.
+    """
+    lengths = [key for key in batch if key.endswith(LENGTHS) and key[: -len(LENGTHS)] in batch]
+    if not lengths:
+        return batch
+    named = _named_parameters(type(_unwrapped(model)))
+    inputs = dict(batch)
+    for key in lengths:
+        if key in named:
+            continue
+        length = inputs.pop(key)
+        values = inputs[key[: -len(LENGTHS)]]
+        if key == "input_ids" + LENGTHS and "attention_mask" in named and "attention_mask" not in inputs:
+            positions = torch.arange(values.shape[1], device=values.device)
+            inputs["attention_mask"] = (positions < length.to(values.device)[:, None]).to(torch.long)
+    return inputs
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``forward`` decides the arguments: DDP's and ``torch.compile``'s wrappers removed."""
+    for attribute in ("module", "_orig_mod"):
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return _unwrapped(inner)
+    return model
+
+
+_NAMED: dict[type, frozenset[str]] = {}
+
+
+def _named_parameters(kind: type[torch.nn.Module]) -> frozenset[str]:
+    """The parameter names ``kind.forward`` declares (``**kwargs`` names none); looked up once a class."""
+    if kind not in _NAMED:
+        try:
+            parameters = list(inspect.signature(kind.forward).parameters.values())
+        except (TypeError, ValueError):
+            parameters = []
+        _NAMED[kind] = frozenset(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    return _NAMED[kind]
 
 
 def loss_of(output: Any, batch: Batch, loss_fn: LossFn | None) -> torch.Tensor:
