@@ -167,3 +167,29 @@ def test_cli_bad_schedule_or_callbacks_name_the_key(tmp_path, capsys, extra, mes
     _write_data(tmp_path)
     assert main(["train", str(_config(tmp_path, extra=extra))]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_default_threads_is_half_the_cores_or_omp_num_threads(monkeypatch):
+    import os
+
+    from batchfit.cli import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_threads() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+
+
+def test_cli_threads_flag_sets_torch_threads(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    _write_data(tmp_path)
+    try:
+        assert main(["train", str(_config(tmp_path)), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -29,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="batchfit: %(message)s")
+    if args.command in ("demo", "train", "tune", "evaluate", "predict"):
+        import torch
+
+        torch.set_num_threads(args.threads if args.threads else default_threads())
     try:
         return int(args.run(args) or 0)
     except BatchfitError as error:
@@ -37,6 +41,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batchfit: interrupted", file=sys.stderr)
         return 130
+
+
+THREADS_HELP = "CPU threads (default: OMP_NUM_THREADS, else half the cores)"
+
+
+def default_threads() -> int:
+    """CPU threads for one training process: ``OMP_NUM_THREADS`` when set, else half the cores (at least 1).
+
+    torch's default (every core) oversubscribes a machine that also gathers batches or runs
+    other work.
+    """
+    text = os.environ.get("OMP_NUM_THREADS", "")
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=2e-3)
     demo.add_argument("--out", default="runs", help="folder for the run's files (default: runs)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--threads", type=_positive, help=THREADS_HELP)
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="a run described by a TOML file")
@@ -64,11 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="local processes (torch.distributed, gloo/nccl)")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--out", help="override train.out")
+    train.add_argument("--threads", type=_positive, help=THREADS_HELP)
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="a saved model on the config's validation data")
     evaluate.add_argument("config", help="the TOML file the model was trained with")
     evaluate.add_argument("--model", required=True, help="model.pt written by batchfit train (or a checkpoint)")
+    evaluate.add_argument("--threads", type=_positive, help=THREADS_HELP)
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="outputs of a saved model for new inputs")
@@ -76,11 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model.pt written by batchfit train (or a checkpoint)")
     predict.add_argument("--data", required=True, help="inputs: an .npy file, or an .npz with the config's x array")
     predict.add_argument("--out", default="predictions.npy", help="where to write the outputs (.npy)")
+    predict.add_argument("--threads", type=_positive, help=THREADS_HELP)
     predict.set_defaults(run=_predict)
 
     tune = commands.add_parser("tune", help="measure and recommend batch size, micro-batch size and lr")
     tune.add_argument("config", help="the TOML file (see examples/)")
     tune.add_argument("--out", help="override tune.out")
+    tune.add_argument("--threads", type=_positive, help=THREADS_HELP)
     tune.set_defaults(run=_tune)
 
     shards = commands.add_parser("shards", help="write or verify a shard folder")
