@@ -39,3 +39,19 @@ def test_tune_recommends_from_measurements_and_saves_report(tmp_path, make_mlp):
     saved = json.loads((folder / "report.json").read_text())
     assert saved["batch_size"] == report.batch_size
     assert f"batch_size={report.batch_size}" in report.summary()
+
+
+def test_tune_checks_the_target_inside_epochs_and_ends_with_a_config_block(make_mlp):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((256, 5)).astype(np.float32)
+    y = (x[:, 0] - x[:, 1] > 0).astype(np.int64)
+    report = bf.tune(lambda: make_mlp(5, 16, 2), F.cross_entropy,
+                     lambda model: torch.optim.SGD(model.parameters(), lr=0.01), (x, y), val=(x, y),
+                     base_batch_size=16, batch_sizes=[16, 32], epochs=2, memory_budget=2**30)
+    point = next(p for p in report.sweep if p.batch_size == 16)
+    steps = [c[0] for c in point.curve]
+    assert len(steps) > 2 and steps[0] < 16  # 16 steps an epoch: checked every 2, not only at 16 and 32
+    assert "all 256 samples fit in memory at once" in report.reasons["micro_batch_size"]
+    block = report.summary().split("to use it, put this in the run's config:\n")[1]
+    assert block == report.config_block()
+    assert f"batch_size = {report.batch_size}" in block and "[optimizer]\nlr = " in block

@@ -82,6 +82,14 @@ class TuneReport:
             reached = (f"{point.steps_to_target} steps, {point.samples_to_target} samples, "
                        f"{point.seconds_to_target:.2f} s" if point.steps_to_target is not None else "not reached")
             lines.append(f"    batch {point.batch_size:>6}  lr {point.lr:.4g}  {reached}")
+        lines += ["", "to use it, put this in the run's config:", self.config_block()]
+        return "\n".join(lines)
+
+    def config_block(self) -> str:
+        """The recommendation as TOML to paste into a run configuration."""
+        lines = ["[optimizer]", f"lr = {self.lr:.6g}", "", "[train]", f"batch_size = {self.batch_size}"]
+        if self.micro_batch_size is not None:
+            lines.append(f"micro_batch_size = {self.micro_batch_size}")
         return "\n".join(lines)
 
     def save(self, folder: str | Path) -> Path:
@@ -108,7 +116,7 @@ class TuneReport:
                 f"## Sweep (target loss {self.target_loss:.4g})\n\n"
                 f"| batch size | lr | steps | samples | seconds | final loss |\n|---|---|---|---|---|---|\n{rows}\n\n"
                 f"![steps and samples to target](sweep.png)\n\n![lr range test](lr_range.png)\n\n"
-                f"![throughput](throughput.png)\n")
+                f"![throughput](throughput.png)\n\n## For the run's config\n\n```toml\n{self.config_block()}\n```\n")
 
     def _plot_sweep(self, path: Path) -> None:
         fig, axes = new_figure(1, 3, (14, 4))
@@ -221,7 +229,10 @@ def tune(
         sweep_optimizer = make_optimizer(model)
         for group in sweep_optimizer.param_groups:
             group["lr"] = scaled
+        # The target is checked about 8 times an epoch, not only at epoch ends.
+        val_every = max(1, -(-len(source) // size) // 8) if val is not None else None
         trainer = Trainer(model, loss_fn, sweep_optimizer, batch_size=size, progress=False, seed=seed,
+                          val_every=val_every,
                           device=target_device, micro_batch_size=fit if size > fit else None, precision=precision)
         sweep.append(_sweep_point(trainer, source, val, size, scaled, epochs))
     target = target_loss if target_loss is not None else default_target(sweep)
@@ -232,7 +243,8 @@ def tune(
     model.load_state_dict(initial)
     micro = None if best.batch_size <= fit else fit
     reasons = {
-        "micro_batch_size": f"the largest micro-batch that fits memory is {fit}"
+        "micro_batch_size": (f"all {len(source)} samples fit in memory at once" if fit >= len(source) else
+                             f"the largest micro-batch that fits memory is {fit}")
                             + ("" if micro else f", so a batch of {best.batch_size} needs no accumulation"),
         "lr": f"range test at batch {base_batch_size} suggests {lr:.4g} (steepest descent of the smoothed loss, "
               f"at most a tenth of the lr of the lowest loss); "
@@ -251,7 +263,9 @@ def _sweep_point(trainer: Trainer, source: Any, val: Any, size: int, lr: float, 
     """Train one batch size for ``epochs`` epochs, recording (step, samples, seconds, loss)."""
     history = trainer.fit(source, epochs=epochs, val=val)
     if val is not None:
-        curve = [(e["steps"], e["samples"], e["seconds"], e["val_loss"]) for e in history.epochs]
+        points = {v["step"]: (v["step"], v["samples"], v["seconds"], v["val_loss"]) for v in history.validations}
+        points.update({e["steps"]: (e["steps"], e["samples"], e["seconds"], e["val_loss"]) for e in history.epochs})
+        curve = [points[step] for step in sorted(points)]
     else:
         curve = list(zip(history.column("step"), history.column("samples"), history.column("seconds"),
                          ema(history.losses())))

@@ -514,7 +514,7 @@ class Trainer:
     def _validate_now(self, epoch: int, val: Source) -> None:
         """Validation in the middle of an epoch (``val_every``), recorded in ``history.validations``."""
         metrics = self.evaluator.validate(val, self.dist)
-        record = {"step": self.step, "epoch": epoch, "samples": self.samples_seen,
+        record = {"step": self.step, "epoch": epoch, "samples": self.samples_seen, "seconds": self._elapsed(),
                   **{f"val_{k}": v for k, v in metrics.items()}}
         self.history.validations.append(record)
         self.module.train()
