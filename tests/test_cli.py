@@ -193,3 +193,31 @@ def test_cli_threads_flag_sets_torch_threads(tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_train_reads_a_shard_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "all.npz", x=x, y=y)
+    assert main(["shards", "write", str(tmp_path / "all.npz"), str(tmp_path / "train_shards")]) == 0
+    np.savez(tmp_path / "val.npz", x=x[:30], y=y[:30])
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+[data]
+train = "train_shards"
+val = "val.npz"
+
+[model]
+name = "mlp"
+
+[train]
+epochs = 2
+batch_size = 16
+progress = false
+out = "{tmp_path / 'runs'}"
+""")
+    capsys.readouterr()
+    assert main(["train", str(config)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 16 and 0 <= summary["val_accuracy"] <= 1

@@ -136,14 +136,21 @@ def resolve_path(config: Config, value: str) -> Path:
     return path if path.is_absolute() else config.path.parent / path
 
 
-def load_arrays(config: Config, which: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The ``(x, y)`` arrays of ``data.train`` or ``data.val``."""
+def load_arrays(config: Config, which: str) -> Any:
+    """The ``(x, y)`` arrays of ``data.train`` or ``data.val`` — or, for a shard folder, its ``ShardSource``."""
     data = config["data"]
     spec = data[which]
     if spec is None:
         return None
     if isinstance(spec, str):
         path = resolve_path(config, spec)
+        if path.is_dir():
+            from .data.shards import ShardSource
+            from .data.sources import Selected
+
+            source = ShardSource(path)
+            # Named arrays (what `batchfit shards write` makes of an .npz) train a plain model as (x, y).
+            return source if source.names is None else Selected(source, (data["x"], data["y"]))
         if path.suffix != ".npz":
             raise ConfigError(f"`data.{which}` must be an .npz file or a table {{x = ..., y = ...}} of .npy files. "
                               f"Received: {spec!r}")
@@ -218,11 +225,11 @@ def import_object(spec: str, what: str, folder: Path | None = None) -> Any:
         raise ConfigError(f"`{what}`: {module_name!r} has no {attribute!r}") from error
 
 
-def build_model(config: Config, x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
-    """The model of ``[model]``; built-ins get their input and output sizes from the data."""
+def build_model(config: Config, *train: Any) -> torch.nn.Module:
+    """The model of ``[model]``; built-ins get their input and output sizes from the training data
+    (``x, y`` arrays, or a shard folder's source)."""
     spec, args = config["model"]["name"], dict(config["model"]["args"])
-    classes = int(y.max()) + 1 if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 else None
-    outputs = classes if classes is not None else int(np.prod(y.shape[1:])) or 1
+    x, outputs = _data_shapes(config, train)
     if spec == "mlp":
         args.setdefault("in_features", int(np.prod(x.shape[1:])))
         args.setdefault("out_features", outputs)
@@ -238,6 +245,31 @@ def build_model(config: Config, x: np.ndarray, y: np.ndarray) -> torch.nn.Module
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"`model.name` {spec!r} must return a torch.nn.Module. Received: {type(model).__name__}")
     return model
+
+
+def _data_shapes(config: Config, train: tuple[Any, ...]) -> tuple[np.ndarray, int]:
+    """One input sample (with a leading batch dimension) and the number of outputs a model needs."""
+    if len(train) == 2:
+        x, y = train
+    else:  # a source: a shard folder
+        source = train[0]
+        first = source.gather(np.zeros(1, dtype=np.int64))
+        if isinstance(first, dict):
+            x, y = first[config["data"]["x"]].numpy(), first[config["data"]["y"]].numpy()
+        else:
+            x, y = first[0].numpy(), first[-1].numpy()
+        classes = getattr(source, "classes", None)
+        if classes:
+            return x, len(classes)
+        if np.issubdtype(y.dtype, np.integer) and y.ndim == 1:  # every label, a chunk at a time
+            top = 0
+            for start in range(0, len(source), 65536):
+                batch = source.gather(np.arange(start, min(len(source), start + 65536), dtype=np.int64))
+                labels = batch[config["data"]["y"]] if isinstance(batch, dict) else batch[-1]
+                top = max(top, int(labels.max()))
+            return x, top + 1
+    classes = int(y.max()) + 1 if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 else None
+    return x, classes if classes is not None else int(np.prod(y.shape[1:])) or 1
 
 
 def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -306,12 +338,18 @@ def build_callbacks(config: Config) -> list[Any]:
     return made
 
 
-def load_train_val(config: Config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
-    """The training arrays and the validation arrays (``data.val``, or ``data.val_split`` held out)."""
+def load_train_val(config: Config) -> tuple[Any, Any]:
+    """The training and validation data: ``(x, y)`` arrays, or sources of shard folders
+    (``data.val``, or ``data.val_split`` of the training arrays held out)."""
     train = load_arrays(config, "train")
     assert train is not None
     val = load_arrays(config, "val")
     if val is None and config["data"]["val_split"] is not None:
-        x_train, y_train, x_val, y_val = split_val(*train, config["data"]["val_split"], config["data"]["split_seed"])
+        if not isinstance(train, tuple):
+            raise ConfigError("`data.val_split` holds out part of arrays; with a shard folder as `data.train`, "
+                              "give the validation data as `data.val` (another shard folder or an .npz)")
+        x_all, y_all = train
+        x_train, y_train, x_val, y_val = split_val(x_all, y_all, config["data"]["val_split"],
+                                                   config["data"]["split_seed"])
         train, val = (x_train, y_train), (x_val, y_val)
     return train, val

@@ -53,7 +53,7 @@ def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...]
     """The trainer, training data and validation data of a configuration."""
     train, val = load_train_val(config)
     torch.manual_seed(config["train"]["seed"])
-    model = build_model(config, *train)
+    model = build_model(config, *(train if isinstance(train, tuple) else (train,)))
     optimizer = build_optimizer(config, model)
     trainer = Trainer(model, build_loss(config), optimizer, options=trainer_options(config),
                       lr_schedule=build_schedule(config, optimizer), callbacks=build_callbacks(config))
@@ -128,7 +128,7 @@ def tune_config(config: Config) -> str:
 
     def make_model() -> torch.nn.Module:
         torch.manual_seed(seed)
-        return build_model(config, *train)
+        return build_model(config, *(train if isinstance(train, tuple) else (train,)))
 
     options = config["tune"]
     base = config["train"]["base_batch_size"] or config["train"]["batch_size"]

@@ -82,3 +82,17 @@ def test_pad_value_that_does_not_fit_a_ragged_array_is_refused_and_nothing_is_le
     with pytest.raises(BatchfitError, match=r"`pad_value` must be a value that fits int8 .*Received: pad_value=300"):
         write_shards(tmp_path / "s", (ragged, np.zeros(2)), pad_value=300)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shard_source_on_a_file_says_it_is_a_file(tmp_path):
+    from batchfit import ShardError
+
+    (tmp_path / "x.npy").write_bytes(b"not a folder")
+    with pytest.raises(ShardError, match=r"x\.npy is a file, not a shard folder"):
+        ShardSource(tmp_path / "x.npy")
+
+
+def test_shard_source_exposes_class_names(tmp_path):
+    source = write_shards(tmp_path / "s", arrays(4), metadata={"classes": ["cat", "dog"]})
+    assert source.classes == ["cat", "dog"]
+    assert write_shards(tmp_path / "t", arrays(4)).classes is None

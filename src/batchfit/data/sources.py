@@ -207,6 +207,38 @@ def as_source(data: Any, name: str = "data") -> Source:
     return source
 
 
+class Selected:
+    """Named arrays of a dict source served as a tuple in a given order (e.g. ``("x", "y")``), so that
+    a plain ``model(x)`` trains on a named shard folder."""
+
+    names = None
+
+    def __init__(self, src: Source, keys: Sequence[str]) -> None:
+        if src.names is None:
+            raise expected("src", "a source of named arrays", "a tuple source")
+        missing = [k for k in keys if k not in src.names]
+        if missing:
+            raise expected("keys", f"names of the source's arrays {list(src.names)}", list(keys))
+        self.src, self.keys = src, tuple(keys)
+        ask = getattr(src, "batches_per_gather", None)
+        if ask is not None:
+            self.batches_per_gather = ask
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of the underlying source, where it has them."""
+        return getattr(self.src, "classes", None)
+
+    def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch:
+        """The selected arrays of ``src``'s batch, in order."""
+        batch = self.src.gather(indices, pin_memory)
+        assert isinstance(batch, dict)
+        return tuple(batch[key] for key in self.keys)
+
+
 def _is_pandas(value: Any) -> bool:
     """A pandas DataFrame, Series or Index (without importing pandas)."""
     return type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "to_numpy")

@@ -189,6 +189,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """
     folder = Path(folder)
     path = folder / MANIFEST
+    if folder.exists() and not folder.is_dir():
+        raise ShardError(f"{folder} is a file, not a shard folder: write one with bf.write_shards or "
+                         f"`batchfit shards write {folder} OUT`")
     if not folder.is_dir():
         raise ShardError(f"Shard folder {folder} does not exist (an interrupted write leaves none)")
     if not path.is_file():

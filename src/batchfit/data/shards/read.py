@@ -160,6 +160,12 @@ class ShardSource:
         """The ``metadata`` given to :func:`write_shards` (e.g. class names of an image folder)."""
         return self.manifest.get("metadata", {})
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of the labels (an image folder's subfolders), index = label; ``None`` if unknown."""
+        classes = self.metadata.get("classes")
+        return list(classes) if isinstance(classes, list) else None
+
     def __len__(self) -> int:
         return self._len
 
