@@ -41,3 +41,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
             tmp.unlink()
     fsync_dir(final.parent)
     return final
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a writer whose temporary files must be left alone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True

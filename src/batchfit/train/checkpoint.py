@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ..core.durable import atomic_write
+from ..core.durable import atomic_write, process_alive
 from ..errors import CheckpointError
+from .saving import refuse_other_weights
 
 logger = logging.getLogger("batchfit")
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -69,7 +70,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike[str], step:
         # writer's file is left alone (the folder lock keeps a second run out, but not a user's
         # own save_checkpoint from another process).
         pid = stale.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             stale.unlink(missing_ok=True)
     return final
 
@@ -83,15 +84,6 @@ def _write_failure(error: BaseException, folder: Path) -> tuple[str, bool]:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}", False
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FolderLock:
@@ -163,14 +155,7 @@ def check_fits(state: dict[str, Any], module: torch.nn.Module, optimizer: torch.
     missing = [k for k in ("model", "optimizer", "step", "samples_seen", "batcher", "rng", "history") if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a batchfit checkpoint of this version: it has no {missing}")
-    saved, mine = state["model"], module.state_dict()
-    problems = [f"{name} is missing" for name in mine if name not in saved]
-    problems += [f"{name} is not in this model" for name in saved if name not in mine]
-    problems += [f"{name} has shape {tuple(saved[name].shape)} there, {tuple(value.shape)} here"
-                 for name, value in mine.items() if name in saved and tuple(saved[name].shape) != tuple(value.shape)]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"checkpoint {path} holds weights of another model: {'; '.join(problems[:3])}{more}")
+    refuse_other_weights(state["model"], module.state_dict(), f"checkpoint {path}")
     groups = state["optimizer"].get("param_groups", [])
     sizes = [len(group["params"]) for group in optimizer.state_dict()["param_groups"]]
     if [len(group.get("params", [])) for group in groups] != sizes:

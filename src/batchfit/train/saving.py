@@ -76,13 +76,18 @@ def load_model(path: str | os.PathLike[str], model: torch.nn.Module, strict: boo
     record = read_saved(path)
     target = plain_module(model)
     saved = {k.removeprefix(COMPILED_PREFIX): v for k, v in record["model"].items()}
-    mine = target.state_dict()
+    refuse_other_weights(saved, target.state_dict(), str(path), strict)
+    target.load_state_dict(saved, strict=strict)
+    return model
+
+
+def refuse_other_weights(saved: dict[str, Any], mine: dict[str, Any], where: str, strict: bool = True) -> None:
+    """Raise a :class:`~batchfit.CheckpointError` naming (up to three of) the weights whose names or shapes
+    differ between ``saved`` and this model's ``mine``; nothing is loaded before."""
     problems = [f"{name} is missing" for name in mine if name not in saved and strict]
     problems += [f"{name} is not in this model" for name in saved if name not in mine and strict]
     problems += [f"{name} has shape {tuple(saved[name].shape)} there, {tuple(value.shape)} here"
-                 for name, value in mine.items() if name in saved and saved[name].shape != value.shape]
+                 for name, value in mine.items() if name in saved and tuple(saved[name].shape) != tuple(value.shape)]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{path} holds weights of another model: {'; '.join(problems[:3])}{more}")
-    target.load_state_dict(saved, strict=strict)
-    return model
+        raise CheckpointError(f"{where} holds weights of another model: {'; '.join(problems[:3])}{more}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core.durable import fsync_dir
+from ...core.durable import fsync_dir, process_alive
 from ...errors import ShardError, check_positive_int, expected
 from ..sources import Batch
 from .format import (
@@ -257,7 +257,7 @@ def _recover(path: Path) -> None:
     """
     for stale in sorted([*path.parent.glob(f".{path.name}.old-*"), *path.parent.glob(f".{path.name}.partial-*")]):
         pid = stale.name.rsplit("-", 2)[-2]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         if ".old-" in stale.name and not path.exists() and (stale / MANIFEST).is_file():
             os.rename(stale, path)
@@ -279,15 +279,6 @@ def _folder_lock(path: Path) -> Iterator[None]:
     finally:
         os.close(fd)  # releases the lock
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
