@@ -142,7 +142,7 @@ def classification_workload(seed: int = 0) -> Workload:
                     0.02, 32, "linear", 40)
 
 
-CAP = 10.0  # a trial stops once it has taken this many times the fastest trial that reached the target
+CAP = 20.0  # a trial stops once it has taken this many times the fastest fixed-batch trial that reached the target
 
 
 def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0,
@@ -153,8 +153,8 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0,
     the next, after one untimed warm-up of each workload (the first run in a process pays for
     allocations and kernels the later ones reuse). Seconds are medians over repeats; the ratio
     to the best fixed batch (the fixed size with the least median) is the ratio of the medians.
-    A trial stops once it has taken ``CAP`` times the fastest trial of its workload that reached
-    the target (it is "not reached" then). A progress bar counts the trials.
+    A trial stops once it has taken ``CAP`` times the fastest fixed-batch trial of its workload
+    that reached the target (it is "not reached" then). A progress bar counts the trials.
     """
     from tqdm.auto import tqdm
 
@@ -172,7 +172,7 @@ def batch_size_table(quick: bool = False, repeats: int = 1, seed: int = 0,
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 trial = _run(workload, mode, 0.25, seed + r, CAP * fastest)
                 by_mode[mode].append(trial)
-                if trial["seconds"] is not None:
+                if trial["seconds"] is not None and isinstance(mode, int):
                     fastest = min(fastest, trial["seconds"])
                 bar.set_postfix_str(f"{workload.name}, {mode}", refresh=False)
                 bar.update()
