@@ -96,3 +96,25 @@ def test_shard_source_exposes_class_names(tmp_path):
     source = write_shards(tmp_path / "s", arrays(4), metadata={"classes": ["cat", "dog"]})
     assert source.classes == ["cat", "dog"]
     assert write_shards(tmp_path / "t", arrays(4)).classes is None
+
+
+def test_batcher_refuses_a_position_outside_the_epoch(tmp_path):
+    from batchfit import Batcher
+
+    batcher = Batcher(ShardSource(write_shards(tmp_path / "s", arrays(10)).path), batch_size=4)
+    state = batcher.state_dict()
+    for bad in (-1, 11, 2.5):
+        with pytest.raises(BatchfitError, match=r"`state\['samples_done'\]` must be a position from 0 to 10"):
+            batcher.load_state_dict({**state, "samples_done": bad})
+
+
+def test_batcher_names_a_shard_cut_short_at_the_next_epoch(tmp_path):
+    from batchfit import Batcher, ShardError
+
+    source = write_shards(tmp_path / "s", arrays(64), shard_size=16)
+    batcher = Batcher(source, batch_size=16, shuffle=False)
+    next(iter(batcher))  # maps the first shard
+    victim = sorted((tmp_path / "s").glob("*.npy"))[0]
+    os.truncate(victim, 64)
+    with pytest.raises(ShardError, match=victim.name):
+        batcher.set_epoch(1)

@@ -110,9 +110,12 @@ class Batcher:
         return -(-self.num_samples // self._batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its beginning."""
+        """Start epoch ``epoch`` from its beginning (shard files are checked for a change of size first)."""
         self.epoch = check_positive_int("epoch", epoch, allow_zero=True)
         self.samples_done = 0
+        check_sizes = getattr(self.src, "check_sizes", None)
+        if check_sizes is not None:
+            check_sizes()
 
     def order(self) -> np.ndarray:
         """The sample indices of the current epoch, in the order they are served."""
@@ -272,9 +275,16 @@ class Batcher:
                     f"Batcher state was saved with {key}={state[key]!r}, but this Batcher has "
                     f"{key}={getattr(self, key)!r}; the sample order would differ."
                 )
+        check_positive_int("state['epoch']", state["epoch"], allow_zero=True)
+        done = state["samples_done"]
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= self.num_samples:
+            raise expected("state['samples_done']", f"a position from 0 to {self.num_samples}", done)
         self.batch_size = state["batch_size"]
         self.epoch = state["epoch"]
-        self.samples_done = state["samples_done"]
+        self.samples_done = done
+        check_sizes = getattr(self.src, "check_sizes", None)
+        if check_sizes is not None:
+            check_sizes()  # a shard cut short since it was mapped is named now, not hit as SIGBUS later
 
 
 def batch_seed(seed: int, epoch: int, samples_done: int) -> int:

@@ -118,7 +118,7 @@ class ShardSource:
     entries naming one file are refused. A file cut shorter after it was mapped cannot be
     caught on Linux: reading a page past its new end raises SIGBUS, which kills the process
     (exit status 135, no message) and cannot be turned into an exception in CPython.
-    :meth:`check_sizes` (one ``fstat`` per mapped file, cheap enough for each epoch start)
+    :meth:`check_sizes` (one ``fstat`` per mapped file; the Batcher calls it at each epoch start)
     raises a :class:`ShardError` naming such a file before it is read; every file is also
     checked against the manifest whenever it is mapped (again).
     """
