@@ -440,6 +440,8 @@ class Trainer:
         val_every = self.options.val_every if val is not None else None
         next_log = time.perf_counter() + LOG_EVERY
         track_noise = self.noise_tracker is not None
+        optimizer = self.optimizer  # (its param_groups are replaced when a rollback loads a state)
+        per_step_scheduler = lr.scheduler is not None
         self.position = Position(batcher.epoch, batcher.samples_done, 0)
         start_samples, start_time = self.samples_seen, time.perf_counter()
         done_before = batcher.samples_done
@@ -472,9 +474,10 @@ class Trainer:
                     self._non_finite(recorded, epoch, position)
                     continue
             pair = None if noise is None else (noise.small_sq, step_fn.grad_sq(), noise.b_small, global_size)
-            used_lr = lr.used()  # whoever set it: a schedule, a torch scheduler or a callback
+            used_lr = optimizer.param_groups[0]["lr"]  # whoever set it: a schedule, scheduler or callback
             step_fn.update()
-            lr.after_update()
+            if per_step_scheduler:
+                lr.after_update()
             self.step += 1
             self.samples_seen += global_size
             self.position = position
