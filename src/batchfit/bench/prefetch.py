@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -58,15 +59,41 @@ def _iterate_pass(batches: Pairs) -> int:
     return sum(len(y) for _, y in batches)
 
 
-def _pair(src: Any, consume: Callable[[Pairs], int], batches: int, **options: Any) -> dict[str, Callable[[], int]]:
-    """``prefetch=2`` and ``prefetch=0`` over the first ``batches`` batches of one epoch of ``src``."""
+def _pair(src: Any, consume: Callable[[Pairs], int], batches: int, passes: int = 1,
+          **options: Any) -> dict[str, Callable[[], int]]:
+    """``prefetch=2`` and ``prefetch=0`` over the first ``batches`` batches of an epoch of ``src``, ``passes`` times."""
     def run(prefetch: int) -> Callable[[], int]:
         def one() -> int:
-            batcher = Batcher(src, batch_size=256, seed=0, prefetch=prefetch, **options)
-            limited = (batch for _, batch in zip(range(batches), batcher.remaining()))
-            return consume(cast("Pairs", limited))
+            samples = 0
+            for _ in range(passes):
+                batcher = Batcher(src, batch_size=256, seed=0, prefetch=prefetch, **options)
+                samples += consume(cast("Pairs", (batch for _, batch in zip(range(batches), batcher.remaining()))))
+            return samples
         return one
     return {"prefetch=2": run(2), "prefetch=0": run(0)}
+
+
+def parallel_row(repeats: int) -> Row:
+    """How much compute two threads get done at once against one: the most a prefetch thread can overlap."""
+    a = torch.randn(256, 256)
+
+    def work(count: int = 200) -> int:
+        for _ in range(count):
+            a @ a
+        return count
+
+    def two_threads() -> int:
+        helper = threading.Thread(target=work)
+        helper.start()
+        work()
+        helper.join()
+        return 400
+
+    rates = interleaved({"2 threads": two_threads, "1 thread": work}, repeats)
+    return Row("compute in 2 threads at once (256x256 matmuls, 1 torch thread each)", "1 thread",
+               statistics.median(rates["2 threads"]), statistics.median(rates["1 thread"]),
+               statistics.median(a / b for a, b in zip(rates["2 threads"], rates["1 thread"])), "(informative)",
+               "matmuls/s")
 
 
 def _cold(src_path: Path, max_mapped_bytes: int) -> Callable[[], ShardSource]:
@@ -127,12 +154,12 @@ def prefetch_rows(quick: bool = False, repeats: int | None = None) -> list[Row]:
         shards13 = write_shards(folder / "warm13", (x.numpy(), y.numpy()), shard_size=num_samples // 12)
         every = num_samples // 256
         cases: list[tuple[str, dict[str, Callable[[], int]]]] = [
-            ("from memory, iterate only", _pair(memory, _iterate_pass, every)),
+            ("from memory, iterate only (3 epochs a run)", _pair(memory, _iterate_pass, every, passes=3)),
             ("from memory, MLP step", _pair(memory, train, every)),
             (f"warm shards ({len(shards13.shard_sizes)}), MLP step", _pair(shards13, train, every)),
             ("costly transform, MLP step", _pair(memory, train, every // 4, transform=costly_transform)),
         ]
-        rows = handoff_rows(num_samples, repeats)
+        rows = [parallel_row(repeats), *handoff_rows(num_samples, repeats)]
         for name, candidates in cases:
             candidates[next(iter(candidates))](), candidates["prefetch=0"]()  # warm-up
             rates = interleaved(candidates, repeats)
@@ -158,7 +185,7 @@ def _cold_row(folder: Path, quick: bool, repeats: int) -> Row:
     open_cold = _cold(path, limit)
     batches = 150 if quick else 400
     rates: dict[str, list[float]] = {"prefetch=2": [], "prefetch=0": []}
-    for _ in range(min(repeats, 3)):
+    for _ in range(min(repeats, 5)):
         for prefetch in (2, 0):
             batcher = Batcher(open_cold(), batch_size=256, seed=0, shuffle="full", prefetch=prefetch)
             batcher.order()

@@ -17,10 +17,11 @@ _DONE = object()
 
 # Handing an item over between threads wakes the other one up: 40-100 us a batch measured on 2
 # shared cores (``batchfit bench``), whatever the primitive (queue, semaphores) and the GIL's
-# switch interval; the item itself is passed by reference, never copied. A thread pays only
-# where producing an item and using it each take long enough for one to overlap the other:
-# more than PAYS_SECONDS on average over a probe of PROBE_BATCHES items.
-PAYS_SECONDS = 1e-3
+# switch interval; the item itself is passed by reference, never copied. With a thread an item
+# costs max(produce, use) + hand-over instead of produce + use, so a thread pays only where
+# producing an item and using it each take several hand-overs: more than PAYS_SECONDS on
+# average over a probe of PROBE_BATCHES items.
+PAYS_SECONDS = 5e-4
 PROBE_BATCHES = 8
 
 
