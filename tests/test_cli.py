@@ -221,3 +221,20 @@ out = "{tmp_path / 'runs'}"
     assert main(["train", str(config)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 16 and 0 <= summary["val_accuracy"] <= 1
+
+
+def test_cli_train_with_metrics_from_the_config(tmp_path, capsys):
+    _write_data(tmp_path)
+    (tmp_path / "my_metrics.py").write_text(
+        "import torch\n"
+        "def positive_rate(output, target):\n"
+        "    return (output.argmax(-1) == 1).float().mean()\n"
+        "class Count:\n"
+        "    def reset(self): self.n = 0\n"
+        "    def update(self, output, target): self.n += len(target)\n"
+        "    def compute(self): return self.n\n")
+    config = _config(tmp_path, extra='\n[metrics]\npositive_rate = "my_metrics:positive_rate"\n'
+                                   'count = "my_metrics:Count"\n')
+    assert main(["train", str(config)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["val_positive_rate"] <= 1 and summary["val_count"] == 30

@@ -45,6 +45,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     },
     # A torch lr scheduler by its class name in torch.optim.lr_scheduler, with its arguments.
     "schedule": {"name": (_STR, None), "args": (_TABLE, {})},
+    # Metrics by name: f1 = "my_metrics:f1" (a function f(output, target), or a class with
+    # update/compute/reset, made with no arguments).
+    "metrics": {},
     # Built-in callbacks, each a table of its arguments: early_stopping = { patience = 3 }.
     "callbacks": {"early_stopping": (_TABLE, None), "model_checkpoint": (_TABLE, None),
                   "tensorboard": (_TABLE, None)},
@@ -92,6 +95,13 @@ def check_config(raw: dict[str, Any], path: Path) -> Config:
         given = raw.get(section, {})
         if not isinstance(given, dict):
             raise ConfigError(f"{path}: `{section}` must be a table [{section}]. Received: {given!r}")
+        if section == "metrics":  # free names, each a "package.module:attribute" string
+            for key, value in given.items():
+                if not isinstance(value, str):
+                    raise ConfigError(f"{path}: `metrics.{key}` must be a 'package.module:function' string. "
+                                      f"Received: metrics.{key}={value!r}")
+            config.sections[section] = dict(given)
+            continue
         for key in given:
             if key not in keys:
                 raise ConfigError(f"{path}: unknown key `{section}.{key}`; expected one of {sorted(keys)}")
@@ -312,6 +322,15 @@ def build_schedule(config: Config, optimizer: torch.optim.Optimizer) -> Any:
         return kind(optimizer, **args)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"`schedule.args` do not fit {name!r}: {error}") from error
+
+
+def build_metrics(config: Config) -> dict[str, Any]:
+    """The metrics of ``[metrics]``: each imported; a class is made with no arguments."""
+    metrics = {}
+    for name, spec in config["metrics"].items():
+        value = import_object(spec, f"metrics.{name}", config.path.parent.resolve())
+        metrics[name] = value() if isinstance(value, type) else value
+    return metrics
 
 
 def build_callbacks(config: Config) -> list[Any]:

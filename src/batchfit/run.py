@@ -15,6 +15,7 @@ from .config import (
     Config,
     build_callbacks,
     build_loss,
+    build_metrics,
     build_model,
     build_optimizer,
     build_schedule,
@@ -56,7 +57,8 @@ def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...]
     model = build_model(config, *(train if isinstance(train, tuple) else (train,)))
     optimizer = build_optimizer(config, model)
     trainer = Trainer(model, build_loss(config), optimizer, options=trainer_options(config),
-                      lr_schedule=build_schedule(config, optimizer), callbacks=build_callbacks(config))
+                      lr_schedule=build_schedule(config, optimizer), callbacks=build_callbacks(config),
+                      metrics=build_metrics(config))
     return trainer, train, val
 
 
