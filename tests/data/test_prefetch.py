@@ -120,3 +120,37 @@ def test_batcher_prefetch_from_memory_stays_in_the_callers_thread(monkeypatch):
 
     assert len(list(Batcher((x, y), batch_size=16, prefetch=2, transform=record))) == len(threads) == 313
     assert not any(threads)
+
+
+def _busy(seconds: float) -> None:
+    """Python work that holds the GIL: a thread cannot overlap it with anything."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_prefetch_thread_that_does_not_pay_hands_back_and_stops(monkeypatch):
+    monkeypatch.setattr(prefetch, "PAYS_SECONDS", 1e-3)
+    threads: list[bool] = []
+
+    def produced_busy(count):
+        for i in range(count):
+            _busy(2e-3)
+            threads.append(in_prefetch_thread())
+            yield i
+
+    served = []
+    for item in prefetch.prefetch_iter(produced_busy(80), depth=2):
+        _busy(2e-3)
+        served.append(item)
+    assert served == list(range(80))  # nothing lost or repeated when the thread hands back
+    probe = prefetch.PROBE_BATCHES
+    assert not any(threads[:probe]) and any(threads[probe : 2 * probe])  # tried after one probe ...
+    assert not all(threads[2 * probe + 2 :])  # ... and given up: the caller produces again
+
+
+def test_prefetch_thread_hands_back_at_the_end_of_the_items(monkeypatch):
+    monkeypatch.setattr(prefetch, "PAYS_SECONDS", 0.0)
+    monkeypatch.setattr(prefetch, "KEEP_BELOW", 0.0)  # never faster: every probe in the thread hands back
+    for count in range(0, 40, 3):
+        assert used(prefetch.prefetch_iter(produced(count), depth=3), 1e-4) == list(range(count))
