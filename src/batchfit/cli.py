@@ -129,9 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_shards_verify)
 
     bench = commands.add_parser("bench", help="the performance table, on this machine")
-    bench.add_argument("--quick", action="store_true", help="smaller workloads (a rough check: about 3 minutes on 2 cores)")
+    bench.add_argument("--quick", action="store_true",
+                       help="smaller workloads (a rough check: about 3 minutes on 2 cores)")
     bench.add_argument("--only", choices=("data", "train", "shards", "distributed", "batchsize"),
-                       help="run one group of rows; batchsize: the batch-size table (5 runs a mode: about 5 minutes on 2 cores)")
+                       help="run one group of rows; batchsize: the batch-size table "
+                            "(5 runs a mode: about 5 minutes on 2 cores)")
     bench.set_defaults(run=_bench)
     return parser
 
