@@ -145,13 +145,6 @@ class Batcher:
             yield position + size, size, order[position + lo : position + hi]
             position += size
 
-    def _load(self, plan: tuple[int, int, np.ndarray]) -> tuple[int, int, Batch]:
-        end, size, indices = plan
-        batch = self.src.gather(indices, self.pin_memory)
-        if self.transform is not None:
-            batch = self.transform(batch)
-        return end, size, batch
-
     def _batches_per_gather(self) -> int:
         """How many planned batches one gather serves: more than one where the source asks (many shards)."""
         ask = getattr(self.src, "batches_per_gather", None)
@@ -164,7 +157,10 @@ class Batcher:
         batches of one gather share those calls and are served as views of it, in order.
         """
         if per_gather == 1:
-            yield from map(self._load, self._plan())
+            gather, transform, pin = self.src.gather, self.transform, self.pin_memory
+            for end, size, indices in self._plan():
+                batch = gather(indices, pin)
+                yield end, size, batch if transform is None else transform(batch)
             return
         plans = self._plan()
         while group := list(itertools.islice(plans, per_gather)):
