@@ -89,7 +89,7 @@ def parallel_row(repeats: int) -> Row:
         helper.join()
         return 400
 
-    rates = interleaved({"2 threads": two_threads, "1 thread": work}, repeats)
+    rates = interleaved({"2 threads": two_threads, "1 thread": work}, repeats, rotate=True)
     return Row("compute in 2 threads at once (256x256 matmuls, 1 torch thread each)", "1 thread",
                statistics.median(rates["2 threads"]), statistics.median(rates["1 thread"]),
                statistics.median(a / b for a, b in zip(rates["2 threads"], rates["1 thread"])), "(informative)",
@@ -128,7 +128,7 @@ def handoff_rows(num_samples: int, repeats: int) -> list[Row]:
     rates = interleaved({"thread, prebuilt batches": threaded(lambda: prebuilt),
                          "inline, prebuilt batches": inline(lambda: prebuilt),
                          "thread, gathered batches": threaded(batches),
-                         "inline, gathered batches": inline(batches)}, repeats)
+                         "inline, gathered batches": inline(batches)}, repeats, rotate=True)
     rows = []
     for kind in ("prebuilt", "gathered"):
         thread, inline_rates = rates[f"thread, {kind} batches"], rates[f"inline, {kind} batches"]
@@ -141,7 +141,7 @@ def handoff_rows(num_samples: int, repeats: int) -> list[Row]:
 
 def prefetch_rows(quick: bool = False, repeats: int | None = None) -> list[Row]:
     """prefetch=2 against prefetch=0: from memory, from warm shards, with a costly transform, cold shards."""
-    repeats = repeats or (3 if quick else 7)
+    repeats = repeats or (3 if quick else 15)
     num_samples = 50_000 if quick else 200_000
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -155,14 +155,14 @@ def prefetch_rows(quick: bool = False, repeats: int | None = None) -> list[Row]:
         every = num_samples // 256
         cases: list[tuple[str, dict[str, Callable[[], int]]]] = [
             ("from memory, iterate only (3 epochs a run)", _pair(memory, _iterate_pass, every, passes=3)),
-            ("from memory, MLP step", _pair(memory, train, every)),
-            (f"warm shards ({len(shards13.shard_sizes)}), MLP step", _pair(shards13, train, every)),
+            ("from memory, MLP step", _pair(memory, train, every // 3)),
+            (f"warm shards ({len(shards13.shard_sizes)}), MLP step", _pair(shards13, train, every // 3)),
             ("costly transform, MLP step", _pair(memory, train, every // 4, transform=costly_transform)),
         ]
         rows = [parallel_row(repeats), *handoff_rows(num_samples, repeats)]
         for name, candidates in cases:
             candidates[next(iter(candidates))](), candidates["prefetch=0"]()  # warm-up
-            rates = interleaved(candidates, repeats)
+            rates = interleaved(candidates, repeats, rotate=True)
             rows.append(_row(name, rates))
         rows.append(_cold_row(folder, quick, repeats))
     finally:
@@ -185,8 +185,8 @@ def _cold_row(folder: Path, quick: bool, repeats: int) -> Row:
     open_cold = _cold(path, limit)
     batches = 150 if quick else 400
     rates: dict[str, list[float]] = {"prefetch=2": [], "prefetch=0": []}
-    for _ in range(min(repeats, 5)):
-        for prefetch in (2, 0):
+    for repeat in range(min(repeats, 6)):
+        for prefetch in (2, 0) if repeat % 2 == 0 else (0, 2):
             batcher = Batcher(open_cold(), batch_size=256, seed=0, shuffle="full", prefetch=prefetch)
             batcher.order()
             start = time.perf_counter()

@@ -138,6 +138,11 @@ def _rss_rows(results: dict[str, list[dict]], label: str, limit: int, data_mib: 
     return rows
 
 
+def _rotated(names: list[str], shift: int) -> list[str]:
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
 def run(quick: bool = True, limit_mib: int = 64, folder: str | None = None) -> list[dict]:
     """The rows: warm and cold reads, training with prefetch, peak RSS; data 8x the mapping limit."""
     repeats = 1 if quick else 3
@@ -152,13 +157,13 @@ def run(quick: bool = True, limit_mib: int = 64, folder: str | None = None) -> l
         warm: dict[str, list[dict]] = {order: [] for order in ORDERS}
         cold: dict[str, list[dict]] = {order: [] for order in ORDERS}
         train: dict[str, list[dict]] = {order: [] for order in ("full", "block")}
-        for _ in range(repeats):
-            for order in ORDERS:
+        for repeat in range(repeats):  # each repeat starts with the next order
+            for order in _rotated(list(ORDERS), repeat):
                 warm[order].append(in_child("read", str(path), order, limit, None))
-            for order in train:
+            for order in _rotated(list(train), repeat):
                 train[order].append(in_child("train", str(path), order, limit))
-        for _ in range(repeats):
-            for order in ORDERS:
+        for repeat in range(repeats):
+            for order in _rotated(list(ORDERS), repeat):
                 evict(path)
                 cold[order].append(in_child("read", str(path), order, limit, cold_batches))
         what = f"{num_samples} x 1 KiB samples = 8x the mapping limit ({limit_mib} MiB)"
