@@ -29,6 +29,7 @@ MERGE_BYTES = 8 * 1024  # rows closer than this are read by one call: a call cos
 # their reads at once (60 k rows/s instead of 12 k here) until a gather takes under WARM_SECONDS.
 COLD_SECONDS = 40e-6
 WARM_SECONDS = 6e-6
+READ_AROUND = 128 * 1024  # what a fault on a memory map reads around itself (the kernel's read-ahead)
 AVAILABLE = hasattr(os, "preadv")  # not on Windows: there the memory maps serve every read
 _BUFFERS = threading.local()
 
@@ -93,12 +94,23 @@ def read_runs(fd: int, runs: Runs, out: np.ndarray, name: object) -> None:
 
 
 def will_need(fd: int, runs: Runs) -> None:
-    """Ask the kernel to start reading every run now (asynchronously), so a cold disk serves them in parallel."""
+    """Ask the kernel to start reading the file around every run now (asynchronously), so a cold
+    disk serves them in parallel.
+
+    Each announcement covers the :data:`READ_AROUND` bytes around its run, as a fault on a
+    memory map reads around itself: the rows next to it are read by the same disk request and
+    found in the page cache when the epoch comes to them.
+    """
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:
         return
+    announced = -1
     for offset, size in zip(runs.offsets, runs.sizes):
-        advise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+        start = offset // READ_AROUND * READ_AROUND
+        if start != announced or offset + size > start + READ_AROUND:
+            advise(fd, start, offset + size - start if offset + size > start + READ_AROUND else READ_AROUND,
+                   os.POSIX_FADV_WILLNEED)
+            announced = start
 
 
 def buffer(nbytes: int) -> np.ndarray:
