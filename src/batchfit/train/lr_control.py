@@ -74,10 +74,6 @@ class LRControl:
                 group["lr"] = base * factor
             self._factor = factor
 
-    def used(self) -> float:
-        """The lr of the first parameter group now: the one the next update uses, whoever set it."""
-        return float(self.optimizer.param_groups[0]["lr"])
-
     def begin(self, batch_size: int) -> None:
         """Before the first step: with a torch scheduler, scale its lrs once by the batch-size rule."""
         o = self.options
