@@ -108,7 +108,8 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Pretrained:
     return Pretrained(name)
 
 
-def _transformers() -> Any:
+def import_transformers() -> Any:
+    """The ``transformers`` module, imported offline (``HF_HUB_OFFLINE=1`` unless already set)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
     try:
         import transformers
@@ -124,7 +125,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
     A tokenizer without a padding token gets its end-of-sequence token as one.
     """
     where = resolve_pretrained(name_or_path)
-    transformers = _transformers()
+    transformers = import_transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **where.kwargs())
     except (OSError, ValueError, KeyError) as error:
@@ -292,28 +293,32 @@ class _Tokeniser:
         self.counts = _Counts()
 
     def batch(self, chunk: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] | None:
-        kind = self.task.kind
-        if kind == "prompt_response":
-            pairs = [(n, str(r[self.task.prompt_column] or ""), str(r[self.task.response_column] or ""))
-                     for n, r in chunk]
-            kept = [(n, p, r) for n, p, r in pairs if r.strip()]
-            self.counts.empty += len(pairs) - len(kept)
-            prompts = self._ids([p for _, p, _ in kept], special=True)
-            responses = self._ids([r for _, _, r in kept], special=False)
-            ids = [p + r + self._eos() for p, r in zip(prompts, responses)]
-            labels = [[IGNORE_INDEX] * len(p) + r + self._eos() for p, r in zip(prompts, responses)]
-            return self._sequences(ids, labels)
-        texts = [(n, str(r[self.task.text_column] or "").strip(), r) for n, r in chunk]
-        kept_texts = [(n, t, r) for n, t, r in texts if t]
-        self.counts.empty += len(texts) - len(kept_texts)
-        if kind == "causal_lm":
-            ids = [i + self._eos() for i in self._ids([t for _, t, _ in kept_texts], special=True)]
+        """The shard batch of a chunk of ``(line, record)``; None when every sample was skipped."""
+        if self.task.kind == "prompt_response":
+            return self._prompt_response(chunk)
+        column = self.task.text_column
+        texts = [(n, str(r[column] or "").strip(), r) for n, r in chunk]
+        kept = [(n, t, r) for n, t, r in texts if t]
+        self.counts.empty += len(texts) - len(kept)
+        if self.task.kind == "causal_lm":
+            ids = [i + self._eos() for i in self._ids([t for _, t, _ in kept], special=True)]
             return self._sequences(ids, [list(i) for i in ids])
-        labels = [self._label(n, r) for n, _, r in kept_texts]
-        ids = self._ids([t for _, t, _ in kept_texts], special=True)
-        keep = [i for i, (seq, label) in enumerate(zip(ids, labels)) if seq and label is not None]
-        self.counts.empty += len(ids) - len(keep)
-        return self._classified([ids[i] for i in keep], [int(labels[i]) for i in keep])  # type: ignore[arg-type]
+        labelled = [(self._label(n, r), t) for n, t, r in kept]
+        texts_kept = [t for label, t in labelled if label is not None]
+        labels = [label for label, _ in labelled if label is not None]
+        self.counts.empty += len(labelled) - len(labels)
+        return self._classified(self._ids(texts_kept, special=True), labels)
+
+    def _prompt_response(self, chunk: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] | None:
+        prompt, response = str(self.task.prompt_column), str(self.task.response_column)
+        pairs = [(str(r[prompt] or ""), str(r[response] or "")) for _, r in chunk]
+        kept = [(p, r) for p, r in pairs if r.strip()]
+        self.counts.empty += len(pairs) - len(kept)
+        prompts = self._ids([p for p, _ in kept], special=True)
+        responses = self._ids([r for _, r in kept], special=False)
+        ids = [p + r + self._eos() for p, r in zip(prompts, responses)]
+        labels = [[IGNORE_INDEX] * len(p) + r + self._eos() for p, r in zip(prompts, responses)]
+        return self._sequences(ids, labels)
 
     def _ids(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
@@ -355,7 +360,10 @@ class _Tokeniser:
         return {"input_ids": kept_ids, "labels": kept_labels}
 
     def _classified(self, ids: list[list[int]], labels: list[int]) -> dict[str, Any] | None:
-        sequences = [np.asarray(self._cut(seq), dtype=np.int64) for seq in ids]
+        kept = [(seq, label) for seq, label in zip(ids, labels) if seq]  # a tokenizer may make nothing of a text
+        self.counts.empty += len(ids) - len(kept)
+        sequences = [np.asarray(self._cut(seq), dtype=np.int64) for seq, _ in kept]
+        labels = [label for _, label in kept]
         if not sequences:
             return None
         self._count(sequences)
@@ -471,5 +479,6 @@ def token_lengths(source: ShardSource, name: str = "input_ids") -> np.ndarray:
     lengths = []
     for start in range(0, len(source), 65536):
         batch = source.gather(np.arange(start, min(len(source), start + 65536), dtype=np.int64))
+        assert isinstance(batch, dict)
         lengths.append(batch[f"{name}_lengths"].numpy())
     return np.concatenate(lengths)

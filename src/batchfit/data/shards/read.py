@@ -169,6 +169,18 @@ class ShardSource:
     def __len__(self) -> int:
         return self._len
 
+    def lengths(self) -> np.ndarray | None:
+        """Each sample's length, the longest of its variable-length arrays (from the stored offsets,
+        8 bytes a sample); ``None`` when every array has a fixed shape."""
+        ragged = [spec for spec in self.specs if spec.ragged]
+        if not ragged:
+            return None
+        parts = []
+        for shard in range(len(self.shard_sizes)):
+            per_array = [np.diff(self._map(shard, f"{spec.key}.offsets").array) for spec in ragged]
+            parts.append(np.maximum.reduce(per_array).astype(np.int64))
+        return np.concatenate(parts)
+
     def __repr__(self) -> str:
         return f"ShardSource({str(self.path)!r}, samples={self._len}, shards={len(self.shard_sizes)})"
 
