@@ -19,6 +19,7 @@ import datetime
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,16 @@ class DistContext:
             return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
         except Exception as error:
             raise self.peer_failure(error) from error
+
+    def sum_later(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start summing ``tensor`` over ranks (in place); the returned function waits for the sum and returns it."""
+        work = self.start_all_reduce_sum(tensor)
+
+        def result() -> torch.Tensor:
+            self.wait(work)
+            return tensor
+
+        return result
 
     def wait(self, work: Any) -> None:
         """Wait for a collective started in the background."""

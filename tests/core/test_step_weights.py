@@ -117,8 +117,9 @@ def test_step_token_weights_python_int_counts():
 
 
 def test_step_token_weights_two_ranks_exact_in_float64():
-    """Two ranks replayed in one process: the counts are summed over ranks (here by hand), and the
-    mean of the two ranks' gradients (what DDP computes) is the whole batch's token mean."""
+    """Two ranks replayed in one process: the counts are summed over ranks (here by hand, after the
+    backward passes weighed by count / global size), and the mean of the two ranks' gradients (what
+    DDP computes) rescaled by the step is the whole batch's token mean."""
     batch = token_batch(14)
     model = TokenModel(torch.float64)
     shares = [{key: value[lo:hi] for key, value in batch.items()} for lo, hi in ((0, 7), (7, 14))]
@@ -127,7 +128,8 @@ def test_step_token_weights_two_ranks_exact_in_float64():
     for rank, share in enumerate(shares):
         other = totals[1 - rank]
         step = Step(model, token_loss, None, device=torch.device("cpu"), micro_batch_size=3, world_size=2,
-                    loss_count=tokens_that_count, all_reduce=lambda total, other=other: total + other)
+                    loss_count=tokens_that_count,
+                    sum_over_ranks=lambda total, other=other: lambda: total + other)
         losses.append(step.accumulate(share, 14).loss)
         grads.append([p.grad.clone() for p in model.parameters()])
         step.skip()

@@ -178,7 +178,7 @@ def test_batcher_batch_size_larger_than_data_with_drop_last():
 
 
 def test_batcher_bad_shuffle():
-    with pytest.raises(ValueError, match=r"`shuffle` must be one of False, True, 'full', 'block'\. "
+    with pytest.raises(ValueError, match=r"`shuffle` must be one of False, True, 'full', 'block', 'length'\. "
                                          r"Received: shuffle='yes'"):
         Batcher(ids(10), 2, shuffle="yes")
 

@@ -67,7 +67,7 @@ def test_trainer_negative_epochs(classification):
     ("precision", "fp8", r"`precision` must be one of 'fp32', 'bf16', 'fp16'\. Received: precision='fp8'"),
     ("on_nan", "ignore", r"`on_nan` must be one of 'raise', 'skip', 'rollback'\. Received: on_nan='ignore'"),
     ("lr_scaling", "cubic", r"`lr_scaling` must be one of None, 'linear', 'sqrt'.*\. Received: lr_scaling='cubic'"),
-    ("shuffle", "random", r"`shuffle` must be one of False, True, 'full', 'block'\. Received: shuffle='random'"),
+    ("shuffle", "random", r"`shuffle` must be one of False, True, 'full', 'block', 'length'\. Received: shuffle='random'"),
     ("device", "tpu", r"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'\. Received: device='tpu'"),
     ("device", "meta", r"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'\. Received: device='meta'"),
     ("max_grad_norm", -1.0, r"`max_grad_norm` must be a positive number or None\. Received: max_grad_norm=-1.0"),

@@ -72,6 +72,7 @@ def forward(model: torch.nn.Module, batch: Batch) -> Any:
 
 
 LENGTHS = "_lengths"
+IGNORE_INDEX = -100  # the target of a padded or masked token: PyTorch's and Hugging Face's convention
 
 
 def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,15 +88,61 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict
         return batch
     named = _named_parameters(type(_unwrapped(model)))
     inputs = dict(batch)
+    if "labels" + LENGTHS in inputs:
+        inputs["labels"] = padded_labels(inputs)
     for key in lengths:
         if key in named:
             continue
         length = inputs.pop(key)
         values = inputs[key[: -len(LENGTHS)]]
         if key == "input_ids" + LENGTHS and "attention_mask" in named and "attention_mask" not in inputs:
-            positions = torch.arange(values.shape[1], device=values.device)
-            inputs["attention_mask"] = (positions < length.to(values.device)[:, None]).to(torch.long)
+            inputs["attention_mask"] = _within(values, length).to(torch.long)
     return inputs
+
+
+def _within(values: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """``(rows, width)`` booleans: which positions of padded ``values`` hold data."""
+    positions = torch.arange(values.shape[1], device=values.device)
+    return positions < length.to(values.device)[:, None]
+
+
+def padded_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``batch["labels"]`` with the padding past ``labels_lengths`` (when given) set to -100, the
+    index every loss of PyTorch and Hugging Face ignores, whatever value the shards padded with."""
+    labels = batch["labels"]
+    length = batch.get("labels" + LENGTHS)
+    if length is None or labels.dim() < 2:
+        return labels
+    return labels.masked_fill(~_within(labels, length), IGNORE_INDEX)
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` predicts each token from the ones before it and shifts its labels itself
+    (Hugging Face's ``*ForCausalLM`` / ``*LMHeadModel`` classes, under DDP, compile or peft wrappers)."""
+    seen: torch.nn.Module | None = model
+    while seen is not None:
+        if type(seen).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            return True
+        inner = next((getattr(seen, name) for name in ("module", "_orig_mod", "base_model")
+                      if isinstance(getattr(seen, name, None), torch.nn.Module)), None)
+        seen = inner if inner is not seen else None
+    return False
+
+
+def token_count(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
+    """The number of target tokens a model's own mean loss averages over, or ``None`` when its loss
+    is a mean over samples.
+
+    A dict batch with 2-D ``labels`` (one target per token) counts the labels that are not -100
+    (nor padding past ``labels_lengths``); a causal language model predicts token ``t + 1`` from
+    position ``t``, so its first label is never a target and is left out of the count.
+    """
+    if not isinstance(batch, dict) or "labels" not in batch or batch["labels"].dim() < 2:
+        return None
+    labels = padded_labels(batch)
+    if is_causal_lm(model):
+        labels = labels[:, 1:]
+    return (labels != IGNORE_INDEX).sum()
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,12 +209,75 @@ def target_of(batch: Batch) -> torch.Tensor | None:
     return batch[-1] if len(batch) > 1 else None
 
 
-def micro_batches(batch: Batch, micro_batch_size: int | None) -> Iterator[tuple[Batch, int]]:
-    """``(micro_batch, its size)`` pieces of a batch, at most ``micro_batch_size`` each."""
+def micro_batches(batch: Batch, micro_batch_size: int | None,
+                  micro_batch_tokens: int | None = None) -> Iterator[tuple[Batch, int]]:
+    """``(micro_batch, its size)`` pieces of a batch, at most ``micro_batch_size`` samples each.
+
+    With ``micro_batch_tokens`` the batch's samples are first sorted by length (longest first)
+    and cut so that no piece holds more than that many padded tokens (rows times its longest
+    sequence, at least one sample a piece), each piece trimmed to its own longest sequence: memory
+    is bounded by tokens and little is padded, while the pieces together are still exactly the
+    samples of the batch.
+    """
     size = batch_len(batch)
+    if micro_batch_tokens is not None:
+        yield from _token_pieces(batch, size, micro_batch_size, micro_batch_tokens)
+        return
     if micro_batch_size is None or micro_batch_size >= size:
         yield batch, size
         return
     for start in range(0, size, micro_batch_size):
         stop = min(start + micro_batch_size, size)
         yield slice_batch(batch, start, stop), stop - start
+
+
+def sample_lengths(batch: Batch) -> torch.Tensor:
+    """Each sample's length: the longest of its variable-length arrays (``NAME_lengths`` keys)."""
+    keys = _length_keys(batch)
+    if not keys:
+        raise BatchfitError(
+            "micro_batch_tokens needs variable-length arrays: a dict batch with NAME and NAME_lengths "
+            "(as ragged shards give), to count tokens by. Received: a batch with keys "
+            f"{sorted(batch) if isinstance(batch, dict) else f'(tuple of {len(batch)})'}")
+    assert isinstance(batch, dict)
+    lengths = batch[keys[0]]
+    for key in keys[1:]:
+        lengths = torch.maximum(lengths, batch[key])
+    return lengths
+
+
+def _length_keys(batch: Batch) -> list[str]:
+    if not isinstance(batch, dict):
+        return []
+    return [key for key in batch if key.endswith(LENGTHS) and key[: -len(LENGTHS)] in batch]
+
+
+def _token_pieces(batch: Batch, size: int, most_rows: int | None, budget: int) -> Iterator[tuple[Batch, int]]:
+    lengths = sample_lengths(batch).cpu()
+    order = torch.argsort(lengths, descending=True, stable=True)
+    ordered = lengths[order].tolist()
+    start = 0
+    while start < size:
+        rows = max(1, budget // max(1, ordered[start]))  # the first row of a piece is its longest
+        stop = min(size, start + (rows if most_rows is None else min(rows, most_rows)))
+        yield _trimmed(batch, order[start:stop]), stop - start
+        start = stop
+
+
+def _trimmed(batch: Batch, rows: torch.Tensor) -> Batch:
+    """Rows ``rows`` of a dict batch, each variable-length array cut to their longest sequence
+    (and any other 2-D array padded to the same width, such as a user's own ``attention_mask``)."""
+    assert isinstance(batch, dict)
+    picked = {key: value.index_select(0, rows.to(value.device)) for key, value in batch.items()}
+    widths: dict[int, int] = {}
+    for key in _length_keys(batch):
+        name = key[: -len(LENGTHS)]
+        width = int(picked[key].max()) if len(rows) else 0
+        widths.setdefault(batch[name].shape[1], width)
+        picked[name] = picked[name][:, :width]
+    for key, value in picked.items():
+        if key.endswith(LENGTHS) or key + LENGTHS in batch or value.dim() < 2:
+            continue
+        if value.shape[1] in widths:
+            picked[key] = value[:, : widths[value.shape[1]]]
+    return picked

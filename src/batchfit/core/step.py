@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .batch import Batch, LossFn, batch_len, forward_loss, micro_batches
+from .batch import Batch, LossFn, batch_len, forward_loss, micro_batches, token_count
 from .grads import squared_grad_norm
 from .precision import autocast
 
@@ -58,28 +58,45 @@ class Step:
 
     ``model`` is what is called (a DDP wrapper in a distributed run); ``world_size`` scales the
     loss because DDP averages gradients over ranks while batchfit wants the mean over all samples
-    of the batch. ``loss_count(micro_batch)`` (optional) counts loss terms, e.g. tokens, when the
-    loss is a mean over tokens rather than samples; ``all_reduce`` sums those counts over ranks.
-    Without an ``optimizer`` a step only computes gradients (of the model's trainable parameters).
+    of the batch. ``micro_batch_tokens`` cuts micro-batches by padded tokens instead (see
+    :func:`~batchfit.core.batch.micro_batches`).
+
+    The loss is a mean over samples unless it is a mean over tokens: when ``loss_count(micro_batch)``
+    (optional) counts its terms, or, without it, when a dict batch has per-token ``labels`` and the
+    model computes its own loss (:func:`~batchfit.core.batch.token_count`). Then each micro-batch
+    weighs by its share of the tokens of the whole batch, over all ranks. ``sum_over_ranks(t)``
+    starts summing ``t`` over ranks and returns a function that waits for the sum: the token total
+    travels while the forward passes compute and the gradients are rescaled once it is known, so no
+    collective waits on the critical path. Without an ``optimizer`` a step only computes gradients
+    (of the model's trainable parameters).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
                  *, device: torch.device, precision: str = "fp32", micro_batch_size: int | None = None,
-                 max_grad_norm: float | None = None, world_size: int = 1,
+                 micro_batch_tokens: int | None = None, max_grad_norm: float | None = None, world_size: int = 1,
                  loss_count: Callable[[Batch], Any] | None = None,
-                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 sum_over_ranks: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device, self.precision = device, precision
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
         self.max_grad_norm = max_grad_norm
         self.world_size = world_size
         self.loss_count = loss_count
-        self.all_reduce = all_reduce
+        self.sum_over_ranks = sum_over_ranks
         if optimizer is not None:
             self.params = [p for group in optimizer.param_groups for p in group["params"]]
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def counter(self, batch: Batch) -> Callable[[Batch], Any] | None:
+        """What counts the loss terms of ``batch``'s pieces: ``loss_count``, tokens of per-token labels
+        averaged by the model's own loss, or ``None`` (samples)."""
+        if self.loss_count is not None:
+            return self.loss_count
+        if self.loss_fn is None and token_count(self.model, batch) is not None:
+            return lambda piece: token_count(self.model, piece)
+        return None
 
     def accumulate(self, batch: Batch, global_size: int, *, measure_noise: bool = False,
                    before_last_backward: BeforeLastBackward | None = None) -> StepResult:
@@ -88,19 +105,21 @@ class Step:
         ``measure_noise`` records ``|G_small|²`` of the first micro-batch (a batch that is one
         micro-batch is halved for it; the gradient is the same).
         """
-        if self.loss_count is None and self.world_size == 1 and self.micro_batch_size is None \
-                and not measure_noise and before_last_backward is None:
+        counter = self.counter(batch)
+        if counter is None and self.world_size == 1 and self.micro_batch_size is None \
+                and self.micro_batch_tokens is None and not measure_noise and before_last_backward is None:
             # The common case, kept as short as a hand-written loop.
             with autocast(self.precision, self.device.type):
                 loss, _ = forward_loss(self.model, self.loss_fn, batch)
             self._backward(loss)  # one process, one micro-batch: the batch is the whole global batch
             return StepResult(loss.detach())
-        pieces = list(micro_batches(batch, self.micro_batch_size))
+        pieces = list(micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens))
         if measure_noise and len(pieces) == 1 and batch_len(batch) >= 2:
             pieces = list(micro_batches(batch, -(-batch_len(batch) // 2)))
-        counts, total = self._counts(pieces)
+        counts, scale, total_later = self._counts(pieces, counter, global_size)
         noise = None
         share: torch.Tensor | None = None
+        correction: Any = None
         for index, ((micro, _), count) in enumerate(zip(pieces, counts)):
             last = index == len(pieces) - 1
             no_sync = getattr(self.model, "no_sync", None)
@@ -108,36 +127,52 @@ class Step:
             with sync:
                 with autocast(self.precision, self.device.type):
                     loss, _ = forward_loss(self.model, self.loss_fn, micro)
-                weight = count / (global_size if total is None else total)
+                weight = count * scale
                 # A rank's share of a batch smaller than the world is empty: its loss is NaN (a mean over
                 # nothing) but it still runs backward so that DDP's gradient sync happens on every rank.
                 part = _share(loss.detach(), weight, count)
                 share = part if share is None else share + part
+                if last and total_later is not None:
+                    correction = global_size / total_later()  # long arrived: it was sent before the first forward
+                    share = share * correction.to(share.device)
                 if last and before_last_backward is not None:
                     before_last_backward(share, noise)
                 self._backward(loss * (weight * self.world_size))
                 if measure_noise and index == 0 and len(pieces) > 1:
                     # The accumulated gradient is still the first micro-batch's alone (and local).
-                    noise = NoiseSample(self.grad_sq() / (weight * self.world_size) ** 2, pieces[0][1])
+                    noise = NoiseSample(self.grad_sq() / float(weight * self.world_size) ** 2, pieces[0][1])
+        if correction is not None:
+            self._rescale(correction)
         assert share is not None
         return StepResult(share, noise)
 
-    def _counts(self, pieces: list[tuple[Batch, int]]) -> tuple[list[Any], torch.Tensor | None]:
-        """Each micro-batch's count of loss terms and the total over ranks (``None``: samples, the global size).
+    def _counts(self, pieces: list[tuple[Batch, int]], counter: Callable[[Batch], Any] | None,
+                global_size: int) -> tuple[list[Any], Any, Callable[[], torch.Tensor] | None]:
+        """Each micro-batch's count of loss terms, the factor that turns a count into its weight, and
+        (across ranks) a function waiting for the total count over ranks.
 
-        Counts of loss terms are integers, kept as float64 tensors (exact up to 2**53) where
-        ``loss_count`` put them, so each weight ``count / total`` is the exact ratio rounded once,
+        Counts of loss terms are integers, kept as float64 tensors (exact up to 2**53) where the
+        counter put them, so each weight ``count / total`` is the exact ratio rounded once,
         whatever the model's dtype (a float32 ratio is off by 1e-8 relative), and no count is read
-        back from the device.
+        back from the device. Across ranks the total is not known before the backward passes:
+        they weigh by ``count / global_size``, the same factor on every rank, and the gradients
+        are multiplied by ``global_size / total`` once the total arrives.
         """
-        if self.loss_count is None:
-            return [size for _, size in pieces], None
+        if counter is None:
+            return [size for _, size in pieces], 1.0 / global_size, None
         exact = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
-        counts = [torch.as_tensor(self.loss_count(micro), dtype=exact) for micro, _ in pieces]
-        total = torch.stack([count.to(counts[0].device) for count in counts]).sum()
-        if self.all_reduce is not None and self.world_size > 1:
-            total = self.all_reduce(total.to(self.params[0].device))
-        return counts, total
+        counts = [torch.as_tensor(counter(micro), dtype=exact) for micro, _ in pieces]
+        local = torch.stack([count.to(counts[0].device) for count in counts]).sum()
+        if self.sum_over_ranks is not None and self.world_size > 1:
+            return counts, 1.0 / global_size, self.sum_over_ranks(local.to(self.params[0].device))
+        return counts, 1.0 / local, None
+
+    def _rescale(self, factor: torch.Tensor) -> None:
+        """Multiply every accumulated gradient by ``factor`` (the step's deferred normalisation)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        for dtype in {g.dtype for g in grads}:
+            same = [g for g in grads if g.dtype == dtype]
+            torch._foreach_mul_(same, factor.to(device=same[0].device, dtype=dtype))
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:

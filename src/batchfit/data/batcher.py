@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, NamedTuple
@@ -12,7 +13,7 @@ import torch
 from ..errors import BatchfitError, check_choice, check_positive_int, check_seed, expected
 from .order import SHUFFLES, epoch_order
 from .prefetch import prefetch_iter
-from .sources import Batch, Source, as_source, slice_batch
+from .sources import Batch, Source, as_source, slice_batch, source_lengths
 
 
 class Position(NamedTuple):
@@ -61,6 +62,7 @@ class Batcher:
         workers: int = 0,
         block_size: int = 512,
         window_blocks: int = 16,
+        batch_tokens: int | None = None,
     ) -> None:
         self.src: Source = as_source(src, "src")
         self.num_samples = len(self.src)
@@ -80,6 +82,15 @@ class Batcher:
         self.workers = check_positive_int("workers", workers, allow_zero=True)
         self.block_size = check_positive_int("block_size", block_size)
         self.window_blocks = check_positive_int("window_blocks", window_blocks)
+        self.batch_tokens = None if batch_tokens is None else check_positive_int("batch_tokens", batch_tokens)
+        if batch_tokens is not None and drop_last:
+            raise expected("drop_last", "False with batch_tokens (batches of tokens have no full size to drop "
+                           "a smaller last one by)", drop_last)
+        self._lengths = source_lengths(self.src) if shuffle == "length" or batch_tokens is not None else None
+        if self._lengths is None and batch_tokens is not None:
+            raise expected("batch_tokens", "None unless the source has variable-length arrays (NAME_lengths) "
+                           "to count tokens by", batch_tokens)
+        self._length_batch = batch_size  # the batch size length-grouped windows are cut for
         self.batch_size = batch_size  # validated by the setter
         self.epoch = 0
         self.samples_done = 0  # position inside the current epoch
@@ -104,7 +115,9 @@ class Batcher:
         self._batch_size = value
 
     def __len__(self) -> int:
-        """Batches in a whole epoch at the current batch size."""
+        """Batches in a whole epoch at the current batch size (token budget)."""
+        if self.batch_tokens is not None:
+            return sum(1 for _ in self._sizes(0))
         if self.drop_last:
             return self.num_samples // self._batch_size
         return -(-self.num_samples // self._batch_size)
@@ -121,7 +134,8 @@ class Batcher:
         """The sample indices of the current epoch, in the order they are served."""
         if self._order_epoch != self.epoch:
             self._order = epoch_order(
-                self.num_samples, self.shuffle, self.seed, self.epoch, self.block_size, self.window_blocks
+                self.num_samples, self.shuffle, self.seed, self.epoch, self.block_size, self.window_blocks,
+                self._lengths, self._length_batch,
             )
             self._order_epoch = self.epoch
         assert self._order is not None
@@ -135,14 +149,29 @@ class Batcher:
 
     def _plan(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(end position, global size, this rank's indices) for each batch left in the epoch."""
-        order, n = self.order(), self.num_samples
-        position = self.samples_done
-        while position < n:
-            size = min(self._batch_size, n - position)
-            if self.drop_last and size < self._batch_size:
-                break
+        order = self.order()
+        for position, size in self._sizes(self.samples_done):
             lo, hi = self.rank_slice(size) if self.world_size > 1 else (0, size)
             yield position + size, size, order[position + lo : position + hi]
+
+    def _sizes(self, position: int) -> Iterator[tuple[int, int]]:
+        """(start, global size) of each batch of the epoch from ``position`` on.
+
+        With ``batch_tokens`` a batch takes the samples that follow in the epoch's order while
+        their count times their longest length (the padded tokens) stays within the budget, at
+        least one sample and at most ``batch_size``.
+        """
+        n = self.num_samples
+        order, lengths = (self.order(), self._lengths) if self.batch_tokens is not None else (None, None)
+        while position < n:
+            size = min(self._batch_size, n - position)
+            if order is not None and lengths is not None and self.batch_tokens is not None:
+                ahead = lengths[order[position : position + size]]
+                padded = np.maximum.accumulate(ahead) * np.arange(1, len(ahead) + 1)
+                size = max(1, int(np.searchsorted(padded, self.batch_tokens, side="right")))
+            elif self.drop_last and size < self._batch_size:
+                return
+            yield position, size
             position += size
 
     def _batches_per_gather(self) -> int:
@@ -157,18 +186,21 @@ class Batcher:
         batches of one gather share those calls and are served as views of it, in order.
         """
         if per_gather == 1:
-            gather, transform, pin = self.src.gather, self.transform, self.pin_memory
+            gather, transform, pin = self._source_gather(), self.transform, self.pin_memory
             for end, size, indices in self._plan():
                 batch = gather(indices, pin)
                 yield end, size, batch if transform is None else transform(batch)
             return
         plans = self._plan()
+        gather_batches = getattr(self.src, "gather_batches", None)  # the source cuts its gather itself
         while group := list(itertools.islice(plans, per_gather)):
-            rows = self.src.gather(np.concatenate([indices for _, _, indices in group]), self.pin_memory)
-            start = 0
-            for end, size, indices in group:
-                batch = slice_batch(rows, start, start + len(indices))
-                start += len(indices)
+            if gather_batches is not None:
+                batches = gather_batches([indices for _, _, indices in group], self.pin_memory)
+            else:
+                rows = self.src.gather(np.concatenate([indices for _, _, indices in group]), self.pin_memory)
+                bounds = [0, *itertools.accumulate(len(indices) for _, _, indices in group)]
+                batches = [slice_batch(rows, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+            for (end, size, _), batch in zip(group, batches):
                 yield end, size, batch if self.transform is None else self.transform(batch)
 
     @property
@@ -208,7 +240,7 @@ class Batcher:
                     break
             else:
                 return
-        gather, transform, pin = self.src.gather, self.transform, self.pin_memory
+        gather, transform, pin = self._source_gather(), self.transform, self.pin_memory
         for end, size, indices in self._plan():
             batch = gather(indices, pin)
             if transform is not None:
@@ -219,6 +251,14 @@ class Batcher:
     def seek(self, position: Position) -> None:
         """Continue just after the batch that ``position`` was handed out with."""
         self.epoch, self.samples_done, self.last_batch_size = position
+
+    def _source_gather(self) -> Callable[..., Batch]:
+        """The source's gather; a source that augments (``seeded_gather``, as ``bf.images.ImageSource``)
+        is also told the seed and epoch, so that its random numbers are a function of (seed, epoch, sample)."""
+        gather: Callable[..., Batch] = self.src.gather
+        if getattr(self.src, "seeded_gather", False):
+            return functools.partial(gather, seed=self.seed, epoch=self.epoch)
+        return gather
 
     def _in_workers(self) -> Generator[tuple[int, int, Batch], None, None]:
         """(end, size, batch) of the planned batches, gathered in worker processes.
@@ -235,7 +275,7 @@ class Batcher:
         generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.samples_done))
         items = [(indices, batch_seed(self.seed, self.epoch, end)) for end, _, indices in plan]
         loader = torch.utils.data.DataLoader(
-            _GatherInWorker(self.src, self.transform), batch_size=None, sampler=items,
+            _GatherInWorker(self.src, self.transform, self._source_gather()), batch_size=None, sampler=items,
             num_workers=self.workers, pin_memory=self.pin_memory, prefetch_factor=max(2, self.prefetch),
             generator=generator)
         for (end, size, _), batch in zip(plan, loader):
@@ -261,12 +301,13 @@ class Batcher:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "num_samples": self.num_samples,
+            "batch_tokens": self.batch_tokens,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the batcher that produced ``state`` stopped."""
-        for key in ("seed", "shuffle", "num_samples"):
-            if state[key] != getattr(self, key):
+        for key in ("seed", "shuffle", "num_samples", "batch_tokens"):
+            if state.get(key) != getattr(self, key):
                 raise BatchfitError(
                     f"Batcher state was saved with {key}={state[key]!r}, but this Batcher has "
                     f"{key}={getattr(self, key)!r}; the sample order would differ."
@@ -296,15 +337,17 @@ class _GatherInWorker(torch.utils.data.Dataset):
     numbers depend on the batch, not on which worker gathers it or when the loader started.
     """
 
-    def __init__(self, src: Source, transform: Callable[[Batch], Batch] | None) -> None:
+    def __init__(self, src: Source, transform: Callable[[Batch], Batch] | None,
+                 gather: Callable[..., Batch] | None = None) -> None:
         self.src, self.transform = src, transform
+        self.gather = src.gather if gather is None else gather
 
     def __len__(self) -> int:
         return len(self.src)
 
     def __getitem__(self, item: tuple[np.ndarray, int]) -> Batch:
         indices, seed = item
-        batch = self.src.gather(indices, False)
+        batch = self.gather(indices, False)
         if self.transform is None:
             return batch
         torch.manual_seed(seed)  # this worker process's own generator

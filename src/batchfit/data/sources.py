@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 import numpy as np
 import torch
 
-from ..core.batch import Batch, slice_batch
+from ..core.batch import LENGTHS, Batch, slice_batch
 from ..errors import BatchfitError, expected
 
 __all__ = ["ArraySource", "Batch", "DatasetSource", "Source", "as_source", "fingerprint", "pack", "slice_batch"]
@@ -95,6 +95,14 @@ class ArraySource:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{tuple(t.shape)}:{t.dtype}" for t in self.tensors)
         return f"ArraySource({shapes})"
+
+    def lengths(self) -> np.ndarray | None:
+        """Each sample's length, the longest of its ``NAME_lengths`` arrays; ``None`` without any."""
+        if self.names is None:
+            return None
+        found = [t for name, t in zip(self.names, self.tensors)
+                 if name.endswith(LENGTHS) and name[: -len(LENGTHS)] in self.names]
+        return None if not found else np.maximum.reduce([t.numpy().astype(np.int64) for t in found])
 
     def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch:
         """The batch of the samples at ``indices`` (1-D int64), each array gathered at once.
@@ -232,6 +240,10 @@ class Selected:
         """The class names of the underlying source, where it has them."""
         return getattr(self.src, "classes", None)
 
+    def lengths(self) -> np.ndarray | None:
+        """The sample lengths of the underlying source, where it has them."""
+        return source_lengths(self.src)
+
     def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch:
         """The selected arrays of ``src``'s batch, in order."""
         batch = self.src.gather(indices, pin_memory)
@@ -258,3 +270,9 @@ def fingerprint(src: Source, rows: int = 16) -> str:
                           if tensor.numel() else b"")
     return digest.hexdigest()
 
+
+def source_lengths(src: Source) -> np.ndarray | None:
+    """Each sample's length (tokens of its longest variable-length array) where ``src`` knows them,
+    else ``None``: what length-grouped shuffles and token-budget batches sort and count by."""
+    lengths = getattr(src, "lengths", None)
+    return None if lengths is None else lengths()

@@ -22,7 +22,7 @@ import torch
 
 from ..core.durable import atomic_write, process_alive
 from ..errors import CheckpointError
-from .saving import refuse_other_weights
+from .saving import model_state, refuse_other_weights
 
 logger = logging.getLogger("batchfit")
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -155,7 +155,7 @@ def check_fits(state: dict[str, Any], module: torch.nn.Module, optimizer: torch.
     missing = [k for k in ("model", "optimizer", "step", "samples_seen", "batcher", "rng", "history") if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a batchfit checkpoint of this version: it has no {missing}")
-    refuse_other_weights(state["model"], module.state_dict(), f"checkpoint {path}")
+    refuse_other_weights(state["model"], model_state(module), f"checkpoint {path}")
     groups = state["optimizer"].get("param_groups", [])
     sizes = [len(group["params"]) for group in optimizer.state_dict()["param_groups"]]
     if [len(group.get("params", [])) for group in groups] != sizes:

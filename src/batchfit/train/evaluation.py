@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import torch
 
-from ..core.batch import Batch, LossFn, batch_len, forward, loss_of, target_of
+from ..core.batch import Batch, LossFn, batch_len, forward, loss_of, target_of, token_count
 from ..core.precision import autocast
 from ..data.batcher import Batcher
 from ..data.prefetch import device_prefetch
@@ -60,7 +60,7 @@ class Evaluator:
         for output, batch, n in self._outputs(src, batch_size, rank, world_size):
             loss = loss_of(output, batch, self.loss_fn)
             # The mean over tokens when the loss counts tokens, as in training.
-            sums.add("loss", loss, n if self.loss_count is None else self.loss_count(batch))
+            sums.add("loss", loss, self._count(batch, n))
             target = target_of(batch)
             if is_classification(output, target):
                 assert target is not None
@@ -72,6 +72,13 @@ class Evaluator:
                     sums.add(name, metric(output, cast(torch.Tensor, target)), n)
             sums.count += n
         return sums
+
+    def _count(self, batch: Batch, size: int) -> Any:
+        """What a batch's mean loss averages over: ``loss_count``, the tokens a model's own loss counts, or samples."""
+        if self.loss_count is not None:
+            return self.loss_count(batch)
+        tokens = token_count(self.module, batch) if self.loss_fn is None else None
+        return size if tokens is None else tokens
 
     def predict(self, src: Source, batch_size: int | None = None, targets: bool = True) -> torch.Tensor:
         """Model outputs for every sample of ``src`` in order, concatenated on the CPU.

@@ -55,7 +55,10 @@ class MetricSums:
     def add(self, name: str, value: Any, weight: Any) -> None:
         """Add a batch mean ``value`` that covers ``weight`` samples (or tokens: any count)."""
         value = torch.as_tensor(value).detach().float()
-        self.sums[name] = self.sums[name] + value * weight if name in self.sums else value * weight
+        term = value * weight
+        if isinstance(weight, torch.Tensor):  # a batch without tokens adds nothing (its mean is NaN)
+            term = torch.where(weight.to(term.device) > 0, term, 0.0)
+        self.sums[name] = self.sums[name] + term if name in self.sums else term
         self.weights[name] = self.weights.get(name, 0) + weight
 
     def add_correct(self, correct: torch.Tensor, scored: int) -> None:

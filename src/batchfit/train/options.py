@@ -26,7 +26,7 @@ from ..errors import check_choice, check_positive_int, check_seed, expected
 BatchMode = Literal["full", "auto", "adaptive"]
 LRRule = Literal["linear", "sqrt", "adascale"]
 OnNaN = Literal["raise", "skip", "rollback"]
-Shuffle = Union[bool, Literal["full", "block"]]  # noqa: UP007 (evaluated at run time on 3.10)
+Shuffle = Union[bool, Literal["full", "block", "length"]]  # noqa: UP007 (evaluated at run time on 3.10)
 
 BATCH_MODES: tuple[str, ...] = get_args(BatchMode)
 LR_RULES: tuple[str | None, ...] = (None, *get_args(LRRule))
@@ -43,6 +43,8 @@ class TrainerOptions:
 
     batch_size: int | BatchMode = 64
     micro_batch_size: int | Literal["auto"] | None = None
+    micro_batch_tokens: int | None = None
+    batch_tokens: int | None = None
     shuffle: Shuffle = True
     drop_last: bool = False
     lr_scaling: LRRule | None = None
@@ -63,6 +65,7 @@ class TrainerOptions:
     workers: int = 0
     progress: bool | Literal["epochs"] = True
     val_every: int | None = None
+    gradient_checkpointing: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +75,19 @@ class TrainerOptions:
             check_positive_int("micro_batch_size", micro)
             if isinstance(self.batch_size, int) and isinstance(micro, int) and micro > self.batch_size:
                 raise expected("micro_batch_size", f"at most batch_size={self.batch_size}", micro)
+        for name in ("micro_batch_tokens", "batch_tokens"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        if self.micro_batch_tokens is not None and micro == "auto":
+            raise expected("micro_batch_size", "an int or None with micro_batch_tokens (one budget is measured "
+                           "or given, not both)", micro)
+        if self.batch_tokens is not None:
+            if self.measured_batch:
+                raise expected("batch_tokens", "None with a measured batch size (batch_size="
+                               f"{self.batch_size!r}); batches are cut either by tokens or by the measurement",
+                               self.batch_tokens)
+            if self.drop_last:
+                raise expected("drop_last", "False with batch_tokens", self.drop_last)
         check_choice("shuffle", self.shuffle, SHUFFLES)
         if not isinstance(self.drop_last, bool):
             raise expected("drop_last", "True or False", self.drop_last)
@@ -112,8 +128,9 @@ class TrainerOptions:
                 check_positive_int(name, getattr(self, name))
         for name in ("prefetch", "workers"):
             check_positive_int(name, getattr(self, name), allow_zero=True)
-        if not isinstance(self.noise_scale, bool):
-            raise expected("noise_scale", "True or False", self.noise_scale)
+        for name in ("noise_scale", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise expected(name, "True or False", getattr(self, name))
         check_choice("progress", self.progress, (True, False, "epochs"))
         if self.val_every is not None:
             check_positive_int("val_every", self.val_every)

@@ -32,12 +32,37 @@ def plain_module(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+def is_adapter_model(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a base model frozen under trained adapters (a peft model, e.g. LoRA)."""
+    return hasattr(plain_module(module), "peft_config")
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that checkpoints and saved models keep: all of them, or, for an adapter model
+    (LoRA through peft), only the trained adapter weights — megabytes instead of the whole base
+    model, which the caller loads again from its own files."""
+    module = plain_module(model)
+    state = module.state_dict()
+    if is_adapter_model(module):
+        trained = {name for name, p in module.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], where: str) -> None:
+    """Load weights kept by :func:`model_state` into ``model`` after checking their names and shapes."""
+    module = plain_module(model)
+    state = {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}
+    refuse_other_weights(state, model_state(module), where)
+    module.load_state_dict(state, strict=not is_adapter_model(module))
+
+
 def save_model(model: torch.nn.Module, path: str | os.PathLike[str], config: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s weights (and ``config``) to ``path`` atomically; returns the path."""
     if not isinstance(model, torch.nn.Module):
         raise expected("model", "a torch.nn.Module", type(model).__name__)
     module = plain_module(model)
-    state = {k.removeprefix(COMPILED_PREFIX): v.detach().cpu() for k, v in module.state_dict().items()}
+    state = {k.removeprefix(COMPILED_PREFIX): v.detach().cpu() for k, v in model_state(module).items()}
     kind = type(module)
     record = {"format": FORMAT, "version": 1, "model": state, "config": dict(config or {}),
               "model_class": f"{kind.__module__}.{kind.__qualname__}"}
@@ -76,8 +101,8 @@ def load_model(path: str | os.PathLike[str], model: torch.nn.Module, strict: boo
     record = read_saved(path)
     target = plain_module(model)
     saved = {k.removeprefix(COMPILED_PREFIX): v for k, v in record["model"].items()}
-    refuse_other_weights(saved, target.state_dict(), str(path), strict)
-    target.load_state_dict(saved, strict=strict)
+    refuse_other_weights(saved, model_state(target), str(path), strict)
+    target.load_state_dict(saved, strict=strict and not is_adapter_model(target))
     return model
 
 

@@ -26,6 +26,7 @@ import torch
 from .. import distributed
 from ..core.batch import Batch, LossFn, param_dtype
 from ..core.device import resolve_device
+from ..core.recompute import enable_gradient_checkpointing
 from ..core.rng import rng_state, set_rng_state
 from ..core.step import NoiseSample, Step
 from ..data.batcher import Batcher, Position
@@ -45,7 +46,7 @@ from .metrics import Metric
 from .options import NOISE_EVERY, RESUME_KEYS, TrainerOptions
 from .plan import BatchPlan, plan_batches
 from .progress import Progress
-from .saving import save_model
+from .saving import load_model_state, model_state, save_model
 from .stream_loop import fit_stream
 
 logger = logging.getLogger("batchfit")
@@ -93,6 +94,8 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.module = model.to(self.device)
+        if o.gradient_checkpointing:
+            logger.info("gradient checkpointing: %s", enable_gradient_checkpointing(self.module))
         self.model: torch.nn.Module = self.module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -242,7 +245,7 @@ class Trainer:
         scaler, adaptive = self.step_fn.scaler, self.plan.adaptive
         return {
             "format": 1,
-            "model": self.module.state_dict(),
+            "model": model_state(self.module),
             "optimizer": self.optimizer.state_dict(),
             "scaler": None if scaler is None else scaler.state_dict(),
             "step": self.step,
@@ -263,7 +266,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (the trainer must be prepared for the same data)."""
         assert self.batcher is not None and self.step_fn is not None and self.plan is not None
-        self.module.load_state_dict(state["model"])
+        load_model_state(self.module, state["model"], "checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.step_fn.scaler is not None and state["scaler"] is not None:
             self.step_fn.scaler.load_state_dict(state["scaler"])
@@ -337,11 +340,11 @@ class Trainer:
             self.announce(f"micro_batch_size='auto': {fits} fit in memory (batch_size stays {plan.batch_size})")
         self.batcher = Batcher(src, plan.batch_size, o.shuffle, o.drop_last, o.seed, self.dist.rank,
                                self.dist.world_size, pin_memory=self.device.type == "cuda", prefetch=o.prefetch,
-                               transform=self.transform, workers=o.workers)
+                               transform=self.transform, workers=o.workers, batch_tokens=o.batch_tokens)
         self.step_fn = Step(self.model, self.loss_fn, self.optimizer, device=self.device, precision=o.precision,
-                            micro_batch_size=plan.micro_batch_size, max_grad_norm=o.max_grad_norm,
-                            world_size=self.dist.world_size, loss_count=self.loss_count,
-                            all_reduce=self.dist.all_reduce_sum)
+                            micro_batch_size=plan.micro_batch_size, micro_batch_tokens=o.micro_batch_tokens,
+                            max_grad_norm=o.max_grad_norm, world_size=self.dist.world_size,
+                            loss_count=self.loss_count, sum_over_ranks=self.dist.sum_later)
         self._agreement = distributed.StepAgreement(self.dist, self.device) if self.dist.enabled else None
         if plan.adaptive is not None:
             self.noise_tracker = plan.adaptive.tracker
