@@ -5,6 +5,7 @@ importing only from the ones before it: ``errors`` ← ``core`` ← ``data``, ``
 ``measure`` ← ``train`` ← ``report`` ← ``config``/``run``/``models``/``demo``/``bench`` ← ``cli``.
 """
 
+from .data import images as images  # bf.images: image folders as encoded shards, transforms, ImageSource
 from .data.batcher import Batcher
 from .data.redis_streams import RedisStream
 from .data.shards import ShardSource, write_shards

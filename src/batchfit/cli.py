@@ -120,7 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("input")
     write.add_argument("output")
     write.add_argument("--target", help="target column of a .csv / target array of an .npz")
-    write.add_argument("--image-size", type=int, help="resize images to this square size")
+    write.add_argument("--image-size", type=int, help="decode images and resize them to this square size")
+    write.add_argument("--decode", action="store_true",
+                       help="store images decoded (uint8 pixels of one size) instead of their encoded bytes")
+    write.add_argument("--max-side", type=_positive, help="re-encode images whose longer side exceeds this")
+    write.add_argument("--on-corrupt", choices=("error", "skip"), default="error",
+                       help="an image that cannot be decoded: refuse the folder (default) or skip it with a warning")
+    write.add_argument("--workers", type=int, help="processes decoding images (default: CPU count, at most 8)")
     write.add_argument("--shard-size", type=int, help="samples per shard file")
     write.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at OUT")
     write.set_defaults(run=_shards_write)
@@ -207,9 +213,13 @@ def _shards_write(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
     start = time.perf_counter()
+    images = {}
+    if os.path.isdir(args.input):  # an image folder: encoded bytes unless decoded pixels are asked for
+        images = dict(encoded=not (args.decode or args.image_size), max_side=args.max_side,
+                      on_corrupt=args.on_corrupt, workers=args.workers, progress=True)
     try:
         source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
-                         shard_size=args.shard_size, overwrite=args.overwrite)
+                         shard_size=args.shard_size, overwrite=args.overwrite, **images)
     except ImportError as error:  # Pillow, for image folders
         raise BatchfitError(f"{error} (pip install 'batchfit[images]')") from error
     print(f"wrote {len(source)} samples to {args.output} in {time.perf_counter() - start:.1f} s")

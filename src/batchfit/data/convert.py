@@ -11,7 +11,8 @@ Inputs are read piece by piece, so they may be larger than memory:
   int64 when the first rows hold whole numbers (class labels), else float32.
 - a folder with one sub-folder per class: images decoded with Pillow to ``uint8`` arrays of
   shape ``(channels, height, width)`` (grayscale when the first image is, else RGB), with
-  ``int64`` labels in the sorted order of the class names, which the manifest keeps.
+  ``int64`` labels in the sorted order of the class names, which the manifest keeps; or, with
+  ``encoded=True``, each file's encoded bytes (see :mod:`batchfit.data.images`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..errors import BatchfitError, check_positive_int, expected
+from ..errors import BatchfitError, expected
+from .images.folder import write_image_shards
 from .shards import CHUNK_BYTES, ShardSource, verify, write_shards
 from .shards.format import read_npy_header
 
@@ -40,12 +42,20 @@ def convert(
     shard_size: int | None = None,
     *,
     overwrite: bool = False,
+    encoded: bool = False,
+    max_side: int | None = None,
+    on_corrupt: str = "error",
+    workers: int | None = None,
+    progress: bool = False,
 ) -> ShardSource:
     """Write the ``.npy``/``.npz``/``.csv``/``.tsv`` file or image folder ``in_path`` as shards.
 
     ``target`` picks the target array or column (see the module docstring); ``image_size``
     (``int`` or ``(height, width)``) resizes images, which must otherwise all have the size of
-    the first one. Returns the new folder opened as a :class:`ShardSource`.
+    the first one. An image folder is stored decoded, or with ``encoded=True`` as each file's
+    bytes (re-encoded past ``max_side``); ``on_corrupt``, ``workers`` and ``progress`` are those
+    of :func:`~batchfit.data.images.write_image_shards`. Returns the new folder opened as a
+    :class:`ShardSource`.
     """
     in_path = Path(in_path)
     if not in_path.exists():
@@ -53,14 +63,17 @@ def convert(
     suffix = in_path.suffix.lower()
     if image_size is not None and not in_path.is_dir():
         raise expected("image_size", "None unless in_path is an image folder", image_size)
+    if encoded and image_size is not None:
+        raise expected("image_size", "None for encoded images (they keep their sizes; see max_side)", image_size)
     metadata: dict[str, Any] = {"converted_from": in_path.name}
     if in_path.is_dir():
         if target is not None:
             raise expected("target", "None for an image folder (labels come from sub-folders)", target)
-        classes = _classes(in_path)
-        metadata["classes"] = classes
-        batches: Iterator[Any] = _image_batches(in_path, classes, _image_size(image_size))
-    elif suffix == ".npy":
+        return write_image_shards(in_path, out_path, decode=not encoded, image_size=image_size, max_side=max_side,
+                                  on_corrupt=on_corrupt, workers=workers, progress=progress, shard_size=shard_size,
+                                  overwrite=overwrite)
+    batches: Iterator[Any]
+    if suffix == ".npy":
         batches = _npy_batches(in_path, target)
     elif suffix == ".npz":
         batches = _npz_batches(in_path, target)
@@ -224,76 +237,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-# --- image folders ----------------------------------------------------------------------------
-
-
-def _pillow() -> Any:
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise ImportError(
-            "Reading an image folder needs Pillow, which is not installed. "
-            "Install it with: pip install 'batchfit[images]'"
-        ) from error
-    return Image
-
-
-def _classes(folder: Path) -> list[str]:
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise expected("in_path", "a folder with one sub-folder of images per class", f"{folder}, which has none")
-    return classes
-
-
-def _image_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    if not (isinstance(image_size, (tuple, list)) and len(image_size) == 2):
-        raise expected("image_size", "an int or a (height, width) pair", image_size)
-    return (check_positive_int("image_size[0]", image_size[0]), check_positive_int("image_size[1]", image_size[1]))
-
-
-def _image_files(folder: Path, classes: list[str], extensions: set[str]) -> Iterator[tuple[Path, int]]:
-    for label, name in enumerate(classes):
-        for path in sorted((folder / name).iterdir()):
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in extensions:
-                yield path, label
-
-
-def _image_batches(
-    folder: Path, classes: list[str], size: tuple[int, int] | None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    image_module = _pillow()
-    extensions = set(image_module.registered_extensions())
-    resize_to = size  # the size asked for; ``size`` becomes the first image's when None
-    mode: str | None = None
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for path, label in _image_files(folder, classes, extensions):
-        try:
-            with image_module.open(path) as image:
-                mode = mode or ("L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
-                image = image.convert(mode)
-        except OSError as error:
-            raise BatchfitError(f"Image {path} cannot be read: {error}") from None
-        if resize_to is not None:
-            image = image.resize((resize_to[1], resize_to[0]), image_module.Resampling.BILINEAR)
-        size = size or (image.height, image.width)
-        if (image.height, image.width) != size:
-            raise expected(
-                f"image {path}",
-                f"height x width {size[0]}x{size[1]} like the first image (or pass image_size)",
-                f"{image.height}x{image.width}",
-            )
-        pixels = np.asarray(image, dtype=np.uint8)
-        images.append(pixels.reshape(size[0], size[1], -1).transpose(2, 0, 1))
-        labels.append(label)
-        if len(images) == IMAGE_BATCH:
-            yield np.stack(images), np.array(labels, dtype=np.int64)
-            images, labels = [], []
-    if images:
-        yield np.stack(images), np.array(labels, dtype=np.int64)

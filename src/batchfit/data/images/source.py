@@ -1,0 +1,77 @@
+"""ImageSource: a shard folder of images whose batches come decoded and augmented."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...core.batch import Batch
+from ...errors import expected
+from ..shards import ShardSource
+from .transforms import ImageTransform
+
+
+class ImageSource:
+    """A shard folder of images (encoded or decoded) whose batches are ``(float32 images, labels)``.
+
+    ``src`` is a :class:`~batchfit.ShardSource` or the path of one written by
+    :func:`write_image_shards`; ``transform`` an :class:`ImageTransform`
+    (:func:`train_transform`, :func:`eval_transform`) or any callable with its signature.
+    :meth:`gather` decodes and transforms the batch where it is gathered: in the
+    :class:`~batchfit.Batcher`'s worker processes with ``workers=n``. The Batcher passes its seed
+    and the epoch, so the augmentation of a sample is a pure function of (seed, epoch, sample);
+    any other caller (evaluation, probes of ``batch_size="auto"``) gets that of epoch 0, seed 0.
+    """
+
+    # The Batcher calls gather(indices, pin_memory, seed=..., epoch=...) on such a source.
+    seeded_gather = True
+
+    def __init__(self, src: ShardSource | str | os.PathLike, transform: Any) -> None:
+        if isinstance(src, (str, os.PathLike)):
+            src = ShardSource(src)
+        if not isinstance(src, ShardSource):
+            raise expected("src", "a ShardSource or the path of a shard folder of images", type(src).__name__)
+        if not callable(transform):
+            raise expected("transform", "an image transform (bf.images.train_transform(size), ...)", transform)
+        info = src.metadata.get("images")
+        if src.names is not None or len(src.specs) != 2 or src.specs[1].dtype != np.int64:
+            raise expected("src", "a shard folder of images and labels (bf.images.write_image_shards)",
+                           src.summary())
+        self.src, self.transform = src, transform
+        self.mode = info.get("mode") if isinstance(info, dict) else None
+        self.names = None
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __repr__(self) -> str:
+        return f"ImageSource({str(self.src.path)!r}, samples={len(self)}, transform={self.transform!r})"
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names, index = label (those of the image folder's sub-folders)."""
+        return self.src.classes
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The shard folder's metadata (``"images"``: encoded or not, colour mode, skipped files)."""
+        return self.src.metadata
+
+    def check_sizes(self) -> None:
+        """Check that the shard files still have their sizes (see :meth:`ShardSource.check_sizes`)."""
+        self.src.check_sizes()
+
+    def gather(self, indices: np.ndarray | torch.Tensor, pin_memory: bool = False, *, seed: int = 0,
+               epoch: int = 0) -> Batch:
+        """The decoded, transformed samples at ``indices``: ``(images, labels)``."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        indices = np.asarray(indices)
+        batch = self.src.gather(indices)
+        if isinstance(self.transform, ImageTransform):
+            return self.transform(batch, seed=seed, epoch=epoch, indices=indices, pin_memory=pin_memory,
+                                  mode=self.mode)
+        return self.transform(batch, seed=seed, epoch=epoch, indices=indices, pin_memory=pin_memory)
