@@ -18,7 +18,9 @@ What is stored depends on the columns asked for:
   learnt.
 - only ``text_column``: causal language modelling of the whole text (``labels`` = ``input_ids``).
 
-Sequences longer than ``max_length`` are cut at the end. Empty texts, and samples left with no
+Sequences longer than ``max_length`` are cut at the end (a classifier's by the tokenizer, which
+keeps its closing special token; the manifest's ``counts.truncated`` then counts the samples
+that reached ``max_length``). Empty texts, and samples left with no
 target token after the cut, are skipped with a warning (a sample with no target token would
 add nothing but padding), and counted in the manifest. The folder's ``pad_value`` is the
 tokenizer's padding id, which is what a causal LM classifier (``LlamaForSequenceClassification``)
@@ -307,7 +309,7 @@ class _Tokeniser:
         texts_kept = [t for label, t in labelled if label is not None]
         labels = [label for label, _ in labelled if label is not None]
         self.counts.empty += len(labelled) - len(labels)
-        return self._classified(self._ids(texts_kept, special=True), labels)
+        return self._classified(self._ids(texts_kept, special=True, cut=True), labels)
 
     def _prompt_response(self, chunk: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] | None:
         prompt, response = str(self.task.prompt_column), str(self.task.response_column)
@@ -320,10 +322,16 @@ class _Tokeniser:
         labels = [[IGNORE_INDEX] * len(p) + r + self._eos() for p, r in zip(prompts, responses)]
         return self._sequences(ids, labels)
 
-    def _ids(self, texts: list[str], special: bool) -> list[list[int]]:
+    def _ids(self, texts: list[str], special: bool, cut: bool = False) -> list[list[int]]:
+        """Token ids of ``texts``; with ``cut``, the tokenizer cuts them to ``max_length`` itself,
+        keeping its closing special tokens (a classifier's ``[SEP]``)."""
         if not texts:
             return []
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
+        if cut and self.max_length is not None:
+            encoded = self.tokenizer(texts, add_special_tokens=special, truncation=True, max_length=self.max_length)
+        else:  # verbose=False: lengths over the model's own limit are cut here, not warned about
+            encoded = self.tokenizer(texts, add_special_tokens=special, verbose=False)
+        return [list(ids) for ids in encoded["input_ids"]]
 
     def _eos(self) -> list[int]:
         return [] if self.eos is None else [int(self.eos)]
@@ -362,7 +370,9 @@ class _Tokeniser:
     def _classified(self, ids: list[list[int]], labels: list[int]) -> dict[str, Any] | None:
         kept = [(seq, label) for seq, label in zip(ids, labels) if seq]  # a tokenizer may make nothing of a text
         self.counts.empty += len(ids) - len(kept)
-        sequences = [np.asarray(self._cut(seq), dtype=np.int64) for seq, _ in kept]
+        sequences = [np.asarray(seq, dtype=np.int64) for seq, _ in kept]
+        if self.max_length is not None:  # (the tokenizer cut them: those that reached the limit)
+            self.counts.truncated += sum(len(seq) == self.max_length for seq in sequences)
         labels = [label for _, label in kept]
         if not sequences:
             return None
@@ -471,14 +481,3 @@ def _progress_bar(path: Path, show: bool) -> Any:
 
     return tqdm(desc=f"tokenising {path.name}", unit=" samples")
 
-
-def token_lengths(source: ShardSource, name: str = "input_ids") -> np.ndarray:
-    """The length of ``name`` in every sample of a shard folder (its ``NAME_lengths``, read in chunks)."""
-    if source.names is None or name not in source.names:
-        raise expected("name", f"a ragged array of the source ({source.names})", name)
-    lengths = []
-    for start in range(0, len(source), 65536):
-        batch = source.gather(np.arange(start, min(len(source), start + 65536), dtype=np.int64))
-        assert isinstance(batch, dict)
-        lengths.append(batch[f"{name}_lengths"].numpy())
-    return np.concatenate(lengths)

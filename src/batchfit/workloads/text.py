@@ -138,7 +138,7 @@ def _drop_quantization(model: torch.nn.Module) -> None:
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
     if getattr(model, "is_quantized", False):
         setattr(model, "is_quantized", False)  # noqa: B010 (a plain attribute in some versions, typed as a module)
 
