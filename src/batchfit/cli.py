@@ -129,6 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--workers", type=int, help="processes decoding images (default: CPU count, at most 8)")
     write.add_argument("--shard-size", type=int, help="samples per shard file")
     write.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at OUT")
+    text = write.add_argument_group("text (.txt, .csv, .tsv, .jsonl tokenised once; see docs/text.md)")
+    text.add_argument("--tokenizer", help="the model's tokenizer: smollm2, minilm, a local folder or .gguf file, "
+                      "or a hub name in the local cache (never downloaded)")
+    text.add_argument("--text-column", default="text", help="the column of texts (default: text)")
+    text.add_argument("--label-column", help="a column of class labels: classification")
+    text.add_argument("--prompt-column", help="with --response-column: causal LM of the response only")
+    text.add_argument("--response-column", help="with --prompt-column: causal LM of the response only")
+    text.add_argument("--max-length", type=_positive, help="cut longer token sequences to this many tokens")
+    text.add_argument("--classes-from", help="a text shard folder whose class names (and order) to use "
+                      "(write a validation set with the training set's classes)")
     write.set_defaults(run=_shards_write)
     verify = shard_commands.add_parser("verify", help="check every shard's checksum")
     verify.add_argument("path")
@@ -213,6 +223,8 @@ def _shards_write(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
     start = time.perf_counter()
+    if args.tokenizer is not None or args.input.lower().endswith((".txt", ".jsonl")):
+        return _text_shards_write(args, start)
     images = {}
     if os.path.isdir(args.input):  # an image folder: encoded bytes unless decoded pixels are asked for
         images = dict(encoded=not (args.decode or args.image_size), max_side=args.max_side,
@@ -223,6 +235,32 @@ def _shards_write(args: argparse.Namespace) -> int:
     except ImportError as error:  # Pillow, for image folders
         raise BatchfitError(f"{error} (pip install 'batchfit[images]')") from error
     print(f"wrote {len(source)} samples to {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _text_shards_write(args: argparse.Namespace, start: float) -> int:
+    from .data.shards import ShardSource
+    from .data.text import write_text_shards
+
+    if args.tokenizer is None:
+        raise BatchfitError(f"`--tokenizer` is required to write text ({args.input}) as token shards: the model's "
+                            "tokenizer (smollm2, minilm, a local folder or .gguf file)")
+    if args.target is not None:
+        raise BatchfitError("`--target` is for numbers; for text give --label-column (or --prompt-column and "
+                            "--response-column)")
+    classes = None
+    if args.classes_from is not None:
+        classes = ShardSource(args.classes_from).classes
+        if classes is None:
+            raise BatchfitError(f"`--classes-from` must be a shard folder with class names. Received: "
+                                f"{args.classes_from}, which has none")
+    source = write_text_shards(args.input, args.output, args.tokenizer, text_column=args.text_column,
+                               label_column=args.label_column, prompt_column=args.prompt_column,
+                               response_column=args.response_column, max_length=args.max_length, classes=classes,
+                               shard_size=args.shard_size, overwrite=args.overwrite, progress=True)
+    counts = source.metadata.get("counts", {})
+    print(f"wrote {len(source)} samples ({counts.get('tokens', 0):,} tokens, {counts.get('truncated', 0)} cut to "
+          f"--max-length) to {args.output} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
