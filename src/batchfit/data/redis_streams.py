@@ -3,8 +3,11 @@
 Reads with ``XREADGROUP`` (new events: ``>``), acknowledges with ``XACK`` only when the trainer
 says a durable checkpoint includes the events' updates, re-reads its own pending events first
 after a restart, and takes over (``XAUTOCLAIM``) events that another consumer of the group left
-pending for longer than ``claim_idle`` seconds — a consumer that died. Needs the ``redis``
-client (``pip install "batchfit[stream]"``).
+pending for longer than ``claim_idle`` seconds — a consumer that died. A live consumer's events may
+wait unacknowledged for longer than that (until a checkpoint includes them), so while it reads, a
+consumer renews its hold on them (``XCLAIM ... JUSTID`` of its own pending events, every third of
+``claim_idle``), and only a consumer that stopped reading loses its events to the others. Needs the
+``redis`` client (``pip install "batchfit[stream]"``).
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class RedisStream:
         self._pending_from = "0"
         self._last_claim = 0.0
         self._claim_from = "0-0"  # where the next XAUTOCLAIM continues ("0-0": a new scan)
+        self._held: dict[str, None] = {}  # ids delivered to this consumer and not acknowledged yet, in order
+        self._last_renewal = time.monotonic()
         self._last_event = time.monotonic()
         self._included: list[Any] = []
         self.redelivered = 0  # events read again: own pending ones after a restart, or claimed
@@ -99,6 +104,8 @@ class RedisStream:
             self._phase = "live"
             self._last_claim = 0.0
         now = time.monotonic()
+        if self._held and now - self._last_renewal >= self.claim_idle / 3:
+            self._renew()
         if self._claim_from != "0-0" or now - self._last_claim >= max(self.claim_idle, 1.0):
             # A claim scans the group's pending list in pages: the next page is claimed at the next poll.
             self._last_claim = now
@@ -119,6 +126,8 @@ class RedisStream:
         ids = list(ids)
         for start in range(0, len(ids), ACK_CHUNK):
             self.client.xack(self.stream, self.group, *ids[start : start + ACK_CHUNK])
+        for event_id in ids:
+            self._held.pop(_text(event_id), None)
 
     def state_dict(self) -> dict[str, Any]:
         """Where this consumer reads: the broker keeps the rest (pending events, the group's position)."""
@@ -128,6 +137,7 @@ class RedisStream:
         """Resume: events the checkpoint includes are acknowledged when the group is joined, not re-read."""
         self._included = [i.decode() if isinstance(i, bytes) else str(i) for i in state.get("included", [])]
         self._phase = "new"
+        self._held = {}  # the pending events are read again when the group is joined
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -157,8 +167,17 @@ class RedisStream:
         reply = self.client.xautoclaim(self.stream, self.group, self.consumer, int(self.claim_idle * 1000),
                                        start_id=self._claim_from, count=count)
         self._claim_from = _text(reply[0])
-        entries = reply[1] if len(reply) > 1 else []
+        # Own events (held longer than claim_idle between two renewals) are in flight here already.
+        entries = [entry for entry in (reply[1] if len(reply) > 1 else []) if _text(entry[0]) not in self._held]
         return self._events(entries, redelivered=True)
+
+    def _renew(self) -> None:
+        """Reset the idle time of this consumer's pending events, so that no other consumer claims them."""
+        held = list(self._held)
+        for start in range(0, len(held), ACK_CHUNK):
+            self.client.xclaim(self.stream, self.group, self.consumer, 0, held[start : start + ACK_CHUNK],
+                               justid=True)
+        self._last_renewal = time.monotonic()
 
     def _read_new(self, count: int, timeout: float | None) -> list[Event]:
         block = None if timeout == 0 else (0 if timeout is None else max(1, int(timeout * 1000 + 0.999)))
@@ -172,6 +191,7 @@ class RedisStream:
                 gone.append(event_id)
                 continue
             events.append(Event(_text(event_id), self._sample(event_id, values), id_time(event_id), redelivered))
+            self._held[_text(event_id)] = None
         if gone:
             self.ack(gone)
         if redelivered:

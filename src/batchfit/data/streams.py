@@ -203,6 +203,7 @@ class StreamSource:
         self._arrived: list[float] = []  # when each buffered event was received (time.monotonic())
         self._opened: float | None = None  # when the first event of the batch being filled arrived
         self.ended = False
+        self.read_ahead = READ_AHEAD  # events asked of the consumer at once (at least what a batch is missing)
 
     def next_batch(self, batch_size: int, wait: float = TICK_SECONDS) -> StreamBatch | None:
         """The next batch, or ``None`` when none closed within about ``wait`` seconds (or the stream ended).
@@ -210,45 +211,64 @@ class StreamSource:
         Events read stay buffered between calls, so a caller may look at signals and budgets
         between two calls without losing any.
         """
+        self.fill(batch_size, wait)
+        if len(self._buffer) >= batch_size:
+            return self.cut(batch_size, "size")
+        if self._buffer and self.latency_due():
+            return self.cut(batch_size, "latency")
+        if self._buffer and self.ended:
+            return self.cut(batch_size, "end")
+        return None
+
+    def fill(self, wanted: int, wait: float = TICK_SECONDS) -> None:
+        """Read events until ``wanted`` are buffered, ``max_latency`` has passed since the first buffered one
+        arrived, about ``wait`` seconds have passed (after one read at least) or the stream has ended."""
         give_up = time.monotonic() + wait
         blocking = self.max_latency is None and isinstance(self.consumer, IterableEvents)
         polled = False
-        while not self.ended:
-            if len(self._buffer) >= batch_size:
-                return self._cut(batch_size, "size")  # read ahead already
+        while not self.ended and len(self._buffer) < wanted:
             now = time.monotonic()
             close_at = math.inf
             if self._buffer and self.max_latency is not None:
                 assert self._opened is not None
                 close_at = self._opened + self.max_latency
-            if now >= close_at:
-                return self._cut(batch_size, "latency")
-            if polled and now >= give_up:
-                return None
+            if now >= close_at or polled and now >= give_up:
+                return
             # A plain iterable without max_latency is read as it comes: nothing waits on a clock.
             timeout = None if blocking else max(0.0, min(close_at, give_up) - now)
             # Read ahead (one round trip to a broker for many small batches; what is read stays buffered), but
             # never wait on a blocking iterable for more events than the batch needs.
-            wanted = batch_size - len(self._buffer)
-            events = self.consumer.poll(wanted if blocking else max(wanted, READ_AHEAD), timeout)
+            missing = wanted - len(self._buffer)
+            events = self.consumer.poll(missing if blocking else max(missing, self.read_ahead), timeout)
             polled = True
             if events is None:
                 self.ended = True
-                break
+                return
             received = time.monotonic()
             if events and not self._buffer:
                 self._opened = received
             self._buffer += events
             self._arrived += [received] * len(events)
-            if len(self._buffer) >= batch_size:
-                return self._cut(batch_size, "size")
-        if not self._buffer:
-            return None
-        return self._cut(batch_size, "size" if len(self._buffer) >= batch_size else "end")
 
-    def _cut(self, batch_size: int, reason: str) -> StreamBatch:
-        events, self._buffer = self._buffer[:batch_size], self._buffer[batch_size:]
-        self._arrived = self._arrived[batch_size:]
+    @property
+    def buffered(self) -> int:
+        """Events read from the consumer and not yet handed out in a batch."""
+        return len(self._buffer)
+
+    def age(self) -> float:
+        """Seconds since the first buffered event arrived (0 when none is buffered)."""
+        return 0.0 if self._opened is None else time.monotonic() - self._opened
+
+    def latency_due(self) -> bool:
+        """Whether the buffered events have waited ``max_latency`` seconds (never without a ``max_latency``)."""
+        return self.max_latency is not None and self._opened is not None and self.age() >= self.max_latency
+
+    def cut(self, count: int, reason: str) -> StreamBatch:
+        """A batch of the first ``count`` buffered events (fewer when fewer are buffered; at least one)."""
+        if not self._buffer:
+            raise BatchfitError("StreamSource.cut: no event is buffered (call fill() or next_batch() first)")
+        events, self._buffer = self._buffer[:count], self._buffer[count:]
+        self._arrived = self._arrived[count:]
         self._opened = self._arrived[0] if self._buffer else None
         batch = collate([e.sample for e in events], [e.id for e in events])
         self.names = tuple(batch) if isinstance(batch, dict) else None

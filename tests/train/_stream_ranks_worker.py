@@ -1,0 +1,62 @@
+"""One rank of a distributed stream run, started by test_stream_ranks.py with the environment torchrun gives.
+
+    python _stream_ranks_worker.py URL OUT [claim_idle]
+
+Reads the Redis stream ``events`` as consumer ``rank-<RANK>`` of group ``g`` and trains the small net of
+test_redis_streams.py on it; saves (torch.save) the ids this rank put into each step, the history and the
+final weights to OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import batchfit as bf
+
+FIELDS = ("x0", "x1", "x2", "y")
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, x0, x1, x2):
+        return self.linear(torch.stack([x0, x1, x2], dim=1)).squeeze(1)
+
+
+def make_trainer(callbacks=(), **options) -> bf.Trainer:
+    net = Net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.8)  # stepped per step
+    return bf.Trainer(net, F.mse_loss, optimizer, lr_schedule=schedule, batch_size=16, progress=False,
+                      callbacks=list(callbacks), metrics={"mae": lambda out, y: (out - y).abs().mean()}, **options)
+
+
+def main() -> None:
+    url, out = sys.argv[1:3]
+    claim_idle = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    source = bf.StreamSource(bf.RedisStream(url, "events", group="g", consumer=f"rank-{rank}", fields=FIELDS,
+                                            idle_timeout=1.0, claim_idle=claim_idle))
+    steps: list[list[str]] = []
+
+    class Record(bf.Callback):
+        def on_step_end(self, trainer, record):
+            steps.append([] if source.last_batch is None else list(source.last_batch.ids))
+
+    trainer = make_trainer([Record()])
+    history = trainer.fit(source)
+    torch.save({"steps": steps, "history": history.steps, "epochs": history.epochs,
+                "weights": {k: v.clone() for k, v in trainer.module.state_dict().items()},
+                "redelivered": source.consumer.redelivered}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Two trainers (gloo ranks) on one Redis stream: disjoint events, each step the union of the ranks' batches,
+the same weights as one process that trained on the same events in the same steps; a dead consumer's pending
+events are claimed by the ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import batchfit as bf
+from batchfit.train.stream_ranks import allocate, shares
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("_stream_ranks_worker.py")
+FIELDS = ("x0", "x1", "x2", "y")
+WORLD = 2
+
+
+def _rows(count: int, seed: int = 0) -> list[tuple[float, float, float, float]]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((count, 3))
+    y = x @ np.array([0.5, -1.0, 2.0]) + 0.1 * rng.standard_normal(count)
+    return [(float(a), float(b), float(c), float(t)) for (a, b, c), t in zip(x, y)]
+
+
+def _produce(url: str, rows) -> list[str]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    pipe = client.pipeline(transaction=False)
+    for row in rows:
+        pipe.xadd("events", dict(zip(FIELDS, map(repr, row))))
+    ids = [i.decode() for i in pipe.execute()]
+    client.close()
+    return ids
+
+
+def _launch(url: str, folder: Path, *extra: str) -> list[dict]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outs = [folder / f"rank{rank}.pt" for rank in range(WORLD)]
+    processes = []
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", BATCHFIT_DIST_TIMEOUT="60")
+        processes.append(subprocess.Popen([sys.executable, str(WORKER), url, str(outs[rank]), *extra], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for process in processes:
+        try:
+            logs.append(process.communicate(timeout=180)[0])
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+    return [torch.load(out, weights_only=False) for out in outs]
+
+
+def _single_process(rows_by_id: dict[str, tuple], steps: list[list[str]]) -> bf.Trainer:
+    """One process trained on the same events, step by step (the union of the ranks' batches)."""
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        from _stream_ranks_worker import make_trainer
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    trainer = make_trainer()
+    sizes = {len(ids) for ids in steps[:-1]}
+    assert len(sizes) == 1, f"every step but the last has the batch size: {sizes}"
+    trainer.fit(bf.StreamSource([rows_by_id[i] for ids in steps for i in ids]))
+    return trainer
+
+
+def test_stream_ranks_shares_and_allocation():
+    assert shares(16, 2) == [8, 8] and shares(5, 2) == [3, 2]
+    assert allocate([10, 10], 16) == [8, 8]
+    assert allocate([20, 3], 16) == [13, 3]  # a starved rank: the other fills the batch
+    assert allocate([0, 5], 16) == [0, 5]  # the end of the stream: what there is
+    assert allocate([4, 30], 16) == [4, 12]
+
+
+def test_stream_two_ranks_equal_one_process_on_the_same_events(redis_server, tmp_path, assert_close):
+    rows = _rows(200)
+    ids = _produce(redis_server, rows)
+    results = _launch(redis_server, tmp_path)
+    per_rank = [[i for step in result["steps"] for i in step] for result in results]
+    assert not set(per_rank[0]) & set(per_rank[1])  # disjoint events
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # every event once
+    assert all(per_rank), "both ranks trained on events of their own"
+    assert len(results[0]["steps"]) == len(results[1]["steps"]) == 13  # ceil(200 / 16)
+    steps = [a + b for a, b in zip(results[0]["steps"], results[1]["steps"])]
+    assert sum(1 for a, b in zip(*[r["steps"] for r in results]) if a and b) > 0  # steps both ranks fed
+    expected = _single_process(dict(zip(ids, rows)), steps)
+    for result in results:
+        assert_close(result["weights"], expected.module.state_dict())
+        assert [r["batch_size"] for r in result["history"]] == [16] * 12 + [8]
+        for key in ("loss", "preq_loss", "preq_mae", "lr"):
+            assert [r[key] for r in result["history"]] == pytest.approx(expected.history.column(key), rel=1e-5)
+    assert results[0]["history"][-1]["lr"] < results[0]["history"][0]["lr"]  # the scheduler stepped per step
+
+
+def test_stream_ranks_claim_the_pending_events_of_a_dead_consumer(redis_server, tmp_path):
+    import redis
+
+    rows = _rows(120)
+    ids = _produce(redis_server, rows)
+    client = redis.Redis.from_url(redis_server)
+    client.xgroup_create("events", "g", id="0")
+    taken = client.xreadgroup("g", "rank-dead", {"events": ">"}, count=20)[0][1]  # then the consumer dies
+    assert len(taken) == 20
+    time.sleep(0.6)
+    results = _launch(redis_server, tmp_path, "0.5")
+    per_rank = [[i for step in result["steps"] for i in step] for result in results]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # the dead consumer's 20 included, none twice
+    assert sum(result["redelivered"] for result in results) == 20
+    assert results[0]["history"][-1]["redelivered"] == 20  # the count over both ranks, in the history
+    assert int(client.xpending("events", "g")["pending"]) == 0
+    client.close()
