@@ -14,7 +14,8 @@ from ..errors import BatchfitError
 def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
     """Make ``model`` recompute its blocks' activations during the backward pass; returns how.
 
-    A Hugging Face model uses its own switch (``gradient_checkpointing_enable``, non-reentrant,
+    A Hugging Face model uses its own switch (``activation_checkpointing_enable``, or
+    ``gradient_checkpointing_enable`` before transformers 5; non-reentrant,
     which also turns off its key/value cache). Any other model has the blocks of its first
     ``nn.ModuleList`` / ``nn.Sequential`` of two or more modules (breadth first: a transformer's
     layers, a ResNet's stages) run under ``torch.utils.checkpoint``: only each block's input is
@@ -22,13 +23,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
     activation memory that no longer grows with depth. The weights and the gradients are those of
     the model without checkpointing; under autocast the recomputation repeats the same casts.
     """
-    enable = getattr(model, "gradient_checkpointing_enable", None)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
     if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif callable(enable := getattr(model, "gradient_checkpointing_enable", None)):
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if callable(enable):
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "use_cache"):
             config.use_cache = False  # a cache is useless in training and conflicts with recomputation
-        return "the model's own gradient_checkpointing_enable()"
+        return f"the model's own {enable.__name__}()"
     blocks = _blocks(model)
     if blocks is None:
         raise BatchfitError(
