@@ -8,12 +8,11 @@ import peft
 import pytest
 import torch
 import transformers
+from test_token_mean import tiny_llama, token_data, weights
 
 from batchfit import ArraySource, Batcher, Trainer
 from batchfit.core.recompute import enable_gradient_checkpointing
 from batchfit.errors import BatchfitError
-
-from test_token_mean import tiny_llama, token_data, weights
 
 
 def lengths_source(num: int = 500, seed: int = 0) -> ArraySource:
