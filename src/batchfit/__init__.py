@@ -22,7 +22,7 @@ from .errors import (
     ShardError,
 )
 from .measure.lr import adascale_gain, scale_lr, warmup
-from .measure.memory import find_micro_batch_size
+from .measure.memory import find_micro_batch_size, find_micro_batch_tokens
 from .measure.noise import NoiseScale, NoiseScaleTracker, estimate_noise_scale
 from .measure.range_test import LRRangeResult, lr_range_test
 from .report import TuneReport, tune
@@ -64,6 +64,7 @@ __all__ = [
     "adascale_gain",
     "estimate_noise_scale",
     "find_micro_batch_size",
+    "find_micro_batch_tokens",
     "load_model",
     "load_snapshot",
     "lr_range_test",

@@ -218,3 +218,36 @@ def test_lora_saved_model_loads_into_a_fresh_adapter_model(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     assert isinstance(fresh, peft.PeftModel) and isinstance(transformers.LlamaForCausalLM, type)
+
+
+# ---------------------------------------------------------------- token budget measured
+
+
+def test_find_micro_batch_tokens_measures_copies_of_the_longest_sample():
+    import batchfit as bf
+
+    data = token_data(48)
+    longest = int(data["input_ids_lengths"].max())
+    model = tiny_llama()
+    roomy = bf.find_micro_batch_tokens(model, None, ArraySource(**data), device="cpu", max_rows=16,
+                                       memory_budget=2**34)
+    assert roomy == 16 * longest  # everything fits: the cap
+    from batchfit.measure.memory import measure_step_peak
+
+    one_row = measure_step_peak(model, None, ArraySource(**{k: v[data["input_ids_lengths"] == longest][:1]
+                                                               for k, v in data.items()}), 1, device="cpu")
+    tight = bf.find_micro_batch_tokens(model, None, ArraySource(**data), device="cpu", max_rows=16,
+                                       memory_budget=3 * one_row)
+    assert tight % longest == 0 and longest <= tight < roomy
+    with pytest.raises(ValueError, match="variable-length arrays"):
+        bf.find_micro_batch_tokens(model, None, ArraySource(np.zeros((4, 2)), np.zeros(4)))
+
+
+def test_micro_batch_tokens_auto_trains_the_weights_of_one_batch():
+    from test_token_mean import BATCH, batchfit_run, plain_loop
+
+    data = token_data()
+    assert BATCH == 32
+    measured = batchfit_run(data, micro_batch_tokens="auto")
+    for key, value in plain_loop(data).items():
+        torch.testing.assert_close(measured[key], value, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..core.batch import Batch, LossFn, param_dtype, tensors_of, to_device
@@ -34,7 +35,7 @@ from ..core.device import resolve_device
 from ..core.precision import PRECISIONS
 from ..core.step import Step
 from ..data.batcher import Batcher
-from ..data.sources import Source, as_source
+from ..data.sources import Source, as_source, source_lengths
 from ..errors import BatchfitError, check_choice, check_positive_int, check_seed, expected
 from .state import probe
 
@@ -394,6 +395,55 @@ def find_micro_batch_size(
         )
     logger.info("largest micro-batch that fits: %d (budget %.1f MiB on %s)", size, budget / MiB, target)
     return size
+
+
+def find_micro_batch_tokens(
+    model: torch.nn.Module,
+    loss_fn: LossFn | None,
+    src: Any,
+    device: str | torch.device = "auto",
+    memory_budget: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    max_rows: int | None = None,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> int:
+    """The largest token budget for ``micro_batch_tokens``: padded tokens a micro-batch may hold and fit in memory.
+
+    A micro-batch of ``n`` rows padded to length ``L`` costs memory in proportion to ``n * L``
+    (and its attention to ``n * L**2``), so the worst micro-batch under a budget is made of the
+    longest sequences. The trials are therefore real steps (as :func:`find_micro_batch_size`
+    runs them, under the same budget rules) on ``n`` copies of the source's longest sample, for
+    the largest ``n`` up to ``max_rows`` that fits; the budget is ``n`` times that length.
+    ``src`` must have variable-length arrays (``NAME_lengths``).
+    """
+    source = as_source(src, "src")
+    lengths = source_lengths(source)
+    if lengths is None:
+        raise expected("src", "a source with variable-length arrays (NAME_lengths) for micro_batch_tokens='auto'",
+                       repr(source))
+    longest = int(np.argmax(lengths))
+    rows = max_rows if max_rows is not None else len(source)
+    copies = _Repeated(source, longest, check_positive_int("max_rows", rows))
+    fits = find_micro_batch_size(model, loss_fn, copies, device, memory_budget, optimizer, rows, seed, precision)
+    tokens = fits * int(lengths[longest])
+    logger.info("largest token budget that fits: %d (%d rows of the longest sample, %d tokens)",
+                tokens, fits, int(lengths[longest]))
+    return tokens
+
+
+class _Repeated:
+    """``count`` copies of sample ``index`` of ``src``: the worst micro-batches a token budget allows."""
+
+    def __init__(self, src: Source, index: int, count: int) -> None:
+        self.src, self.index, self.count = src, index, count
+        self.names = getattr(src, "names", None)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch:
+        return self.src.gather(np.full(len(indices), self.index, dtype=np.int64), pin_memory)
 
 
 def measure_step_peak(

@@ -43,7 +43,7 @@ class TrainerOptions:
 
     batch_size: int | BatchMode = 64
     micro_batch_size: int | Literal["auto"] | None = None
-    micro_batch_tokens: int | None = None
+    micro_batch_tokens: int | Literal["auto"] | None = None
     batch_tokens: int | None = None
     shuffle: Shuffle = True
     drop_last: bool = False
@@ -75,9 +75,10 @@ class TrainerOptions:
             check_positive_int("micro_batch_size", micro)
             if isinstance(self.batch_size, int) and isinstance(micro, int) and micro > self.batch_size:
                 raise expected("micro_batch_size", f"at most batch_size={self.batch_size}", micro)
-        for name in ("micro_batch_tokens", "batch_tokens"):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
+        if self.micro_batch_tokens not in (None, "auto"):
+            check_positive_int("micro_batch_tokens", self.micro_batch_tokens)
+        if self.batch_tokens is not None:
+            check_positive_int("batch_tokens", self.batch_tokens)
         if self.micro_batch_tokens is not None and micro == "auto":
             raise expected("micro_batch_size", "an int or None with micro_batch_tokens (one budget is measured "
                            "or given, not both)", micro)

@@ -14,7 +14,7 @@ from ..data.sources import Source
 from ..distributed import DistContext
 from ..errors import expected
 from ..measure.auto import AdaptiveBatch, BatchChoice, choose_batch_size
-from ..measure.memory import find_micro_batch_size
+from ..measure.memory import find_micro_batch_size, find_micro_batch_tokens
 from .options import TrainerOptions
 
 logger = logging.getLogger("batchfit")
@@ -30,6 +30,7 @@ class BatchPlan:
     micro_batch_size: int | None
     adaptive: AdaptiveBatch | None = None
     choice: BatchChoice | None = None
+    micro_batch_tokens: int | None = None
 
 
 def plan_batches(options: TrainerOptions, module: torch.nn.Module, loss_fn: LossFn | None,
@@ -73,4 +74,11 @@ def plan_batches(options: TrainerOptions, module: torch.nn.Module, loss_fn: Loss
     if isinstance(micro, int) and micro >= batch_size:
         micro = None
     assert micro is None or isinstance(micro, int)
-    return BatchPlan(batch_size, micro, adaptive, choice)
+    tokens = options.micro_batch_tokens
+    if tokens == "auto":
+        rows = -(-batch_size // dist.world_size) if micro is None else micro
+        tokens = find_micro_batch_tokens(module, loss_fn, src, device=device, optimizer=optimizer, max_rows=rows,
+                                         precision=options.precision)
+        logger.info("micro_batch_tokens='auto': %d tokens fit in memory", tokens)
+    assert tokens is None or isinstance(tokens, int)
+    return BatchPlan(batch_size, micro, adaptive, choice, tokens)

@@ -338,11 +338,14 @@ class Trainer:
         if o.micro_batch_size == "auto":
             fits = "the whole batch" if plan.micro_batch_size is None else f"{plan.micro_batch_size} samples"
             self.announce(f"micro_batch_size='auto': {fits} fit in memory (batch_size stays {plan.batch_size})")
+        if o.micro_batch_tokens == "auto":
+            self.announce(f"micro_batch_tokens='auto': {plan.micro_batch_tokens} padded tokens a micro-batch "
+                          f"fit in memory (batch_size stays {plan.batch_size})")
         self.batcher = Batcher(src, plan.batch_size, o.shuffle, o.drop_last, o.seed, self.dist.rank,
                                self.dist.world_size, pin_memory=self.device.type == "cuda", prefetch=o.prefetch,
                                transform=self.transform, workers=o.workers, batch_tokens=o.batch_tokens)
         self.step_fn = Step(self.model, self.loss_fn, self.optimizer, device=self.device, precision=o.precision,
-                            micro_batch_size=plan.micro_batch_size, micro_batch_tokens=o.micro_batch_tokens,
+                            micro_batch_size=plan.micro_batch_size, micro_batch_tokens=plan.micro_batch_tokens,
                             max_grad_norm=o.max_grad_norm, world_size=self.dist.world_size,
                             loss_count=self.loss_count, sum_over_ranks=self.dist.sum_later)
         self._agreement = distributed.StepAgreement(self.dist, self.device) if self.dist.enabled else None
