@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.streams import StreamSource
 from .errors import BatchfitError, ConfigError
 from .models import BUILTIN
 from .train.options import TrainerOptions, option_names, toml_types
@@ -50,7 +51,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "metrics": {},
     # Built-in callbacks, each a table of its arguments: early_stopping = { patience = 3 }.
     "callbacks": {"early_stopping": (_TABLE, None), "model_checkpoint": (_TABLE, None),
-                  "tensorboard": (_TABLE, None)},
+                  "tensorboard": (_TABLE, None), "snapshots": (_TABLE, None)},
+    # Training from a Redis stream instead of [data] (each rank is consumer "<consumer>-<rank>" of the group).
+    "stream": {"redis": (_STR, "redis://127.0.0.1:6379/0"), "stream": (_STR, None), "group": (_STR, "batchfit"),
+               "consumer": (_STR, "trainer"), "fields": (_LIST, None), "start": (_STR, "0"),
+               "max_latency": (_FLOAT, None), "idle_timeout": (_FLOAT, None), "claim_idle": (_FLOAT, 30.0)},
 }
 TRAINER_KEYS = option_names()
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -129,8 +134,9 @@ def check_config(raw: dict[str, Any], path: Path) -> Config:
         if Path(out).exists() and not Path(out).is_dir():
             raise ConfigError(f"{path}: `{section}.out` must be a folder for run folders. Received: "
                               f"{section}.out={out!r}, which is a file")
-    if config["data"]["train"] is None:
-        raise ConfigError(f"{path}: `data.train` is required (an .npz file or a table of .npy files)")
+    if config["data"]["train"] is None and config["stream"]["stream"] is None:
+        raise ConfigError(f"{path}: `data.train` is required (an .npz file or a table of .npy files), "
+                          f"or `stream.stream` (a Redis stream)")
     return config
 
 
@@ -259,6 +265,11 @@ def build_model(config: Config, *train: Any) -> torch.nn.Module:
 
 def _data_shapes(config: Config, train: tuple[Any, ...]) -> tuple[np.ndarray, int]:
     """One input sample (with a leading batch dimension) and the number of outputs a model needs."""
+    if len(train) == 1 and isinstance(train[0], StreamSource):
+        if config["model"]["name"] in BUILTIN:
+            raise ConfigError("`model.name`: the built-in models are sized from arrays; to train from [stream], "
+                              "name a 'package.module:function' and give its sizes in model.args")
+        return np.zeros((1, 1), dtype=np.float32), 1  # unused: a model of one's own is sized by model.args
     if len(train) == 2:
         x, y = train
     else:  # a source: a shard folder
@@ -336,16 +347,17 @@ def build_metrics(config: Config) -> dict[str, Any]:
 def build_callbacks(config: Config) -> list[Any]:
     """The built-in callbacks of ``[callbacks]``, paths relative to the config file."""
     from .train.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardLogger
+    from .train.callbacks.snapshots import PublishSnapshots
 
     kinds: dict[str, Any] = {"early_stopping": EarlyStopping, "model_checkpoint": ModelCheckpoint,
-                             "tensorboard": TensorBoardLogger}
+                             "tensorboard": TensorBoardLogger, "snapshots": PublishSnapshots}
     made = []
     for key, kind in kinds.items():
         args = config["callbacks"][key]
         if args is None:
             continue
         args = dict(args)
-        for path_key in ("path", "log_dir"):
+        for path_key in ("path", "log_dir", "folder"):
             if isinstance(args.get(path_key), str):
                 args[path_key] = str(resolve_path(config, args[path_key]))
         try:
@@ -359,7 +371,9 @@ def build_callbacks(config: Config) -> list[Any]:
 
 def load_train_val(config: Config) -> tuple[Any, Any]:
     """The training and validation data: ``(x, y)`` arrays, or sources of shard folders
-    (``data.val``, or ``data.val_split`` of the training arrays held out)."""
+    (``data.val``, or ``data.val_split`` of the training arrays held out); with ``[stream]``, the stream."""
+    if config["stream"]["stream"] is not None:
+        return build_stream(config), load_arrays(config, "val")
     train = load_arrays(config, "train")
     assert train is not None
     val = load_arrays(config, "val")
@@ -372,3 +386,21 @@ def load_train_val(config: Config) -> tuple[Any, Any]:
                                                    config["data"]["split_seed"])
         train, val = (x_train, y_train), (x_val, y_val)
     return train, val
+
+
+def build_stream(config: Config) -> Any:
+    """The :class:`~batchfit.StreamSource` of ``[stream]``: this rank's consumer (``<consumer>-<RANK>``)."""
+    import os
+
+    from .data.redis_streams import RedisStream
+
+    options = config["stream"]
+    fields = options["fields"]
+    if fields is not None and (not fields or not all(isinstance(f, str) for f in fields)):
+        raise ConfigError(f"`stream.fields` must be a list of field names, e.g. ['user', 'item', 'rating']. "
+                          f"Received: stream.fields={fields!r}")
+    consumer = RedisStream(options["redis"], options["stream"], options["group"],
+                           f"{options['consumer']}-{os.environ.get('RANK', '0')}", fields=fields,
+                           start=options["start"], claim_idle=options["claim_idle"],
+                           idle_timeout=options["idle_timeout"])
+    return StreamSource(consumer, max_latency=options["max_latency"])

@@ -247,6 +247,11 @@ def _loop(trainer: Trainer, run: StreamRun, max_steps: int | None, until: Any, v
             progress.refresh(now, trainer.step - start_step, rate, record["preq_loss_window"], record["lr"])
     if ranks is None and trainer.signals.received is not None:
         _exit_on_signal(trainer, run)
+    if trainer.step > start_step:  # the bar's last state, before its closing line
+        now = time.perf_counter()
+        last = trainer.history.record(-1)
+        rate = (trainer.samples_seen - start_samples) / max(now - run.start, 1e-9)
+        progress.refresh(now, trainer.step - start_step, rate, last["preq_loss_window"], last["lr"])
     source.drop_buffer()  # read but not trained on: the broker delivers them again
     record = _end(trainer, run, val)
     progress.end_epoch(record)
