@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from batchfit.data.batcher import Batcher
-from batchfit.data.shards import ShardSource, read_manifest, runs, write_shards
+from batchfit.data.shards import ShardSource, read_manifest, runs, span, write_shards
 from batchfit.data.shards import read as shard_read
 from batchfit.data.sources import ArraySource
 from batchfit.errors import ShardError
@@ -22,10 +22,15 @@ from batchfit.errors import ShardError
 pytestmark = pytest.mark.skipif(not runs.AVAILABLE, reason="os.preadv is not available here")
 
 
-@pytest.fixture(params=["pread", "map"])
+LIMIT = {"bytes": 1}  # the sources' mapping limit, set by read_path
+
+
+@pytest.fixture(params=["pread", "map", "span"])
 def read_path(request, monkeypatch):
-    """Every gather past the mapping limit read by pread, or every one through the maps."""
+    """Every gather past the mapping limit read by pread, or every one through the maps; or
+    ("span") every map within the limit, each array gathered by one take over all its shards."""
     monkeypatch.setattr(shard_read, "PREADS_PER_FAULT", 10**9 if request.param == "pread" else 0)
+    monkeypatch.setitem(LIMIT, "bytes", 2**40 if request.param == "span" else 1)
     return request.param
 
 
@@ -53,7 +58,7 @@ def _sources(tmp_path, named=False, shard_size=None, n=1000):
     arrays = {"x": x, "y": y} if named else (x, y)
     memory = ArraySource(**arrays) if named else ArraySource(*arrays)
     write_shards(tmp_path / "s", arrays, shard_size=shard_size)
-    return memory, ShardSource(tmp_path / "s", max_mapped_bytes=1)  # nothing fits: every read is counted
+    return memory, ShardSource(tmp_path / "s", max_mapped_bytes=LIMIT["bytes"])  # 1: every read is counted
 
 
 def _equal(a, b):
@@ -134,7 +139,7 @@ def test_shard_reads_each_sample_once_per_epoch(tmp_path, read_path):
     n = 997
     ids = np.arange(n)
     write_shards(tmp_path / "ids", (np.stack([ids, -ids], 1).astype(np.int64), ids), shard_size=100)
-    shards = ShardSource(tmp_path / "ids", max_mapped_bytes=1)
+    shards = ShardSource(tmp_path / "ids", max_mapped_bytes=LIMIT["bytes"])
     for shuffle in (True, "full", "block"):
         batcher = Batcher(shards, batch_size=64, shuffle=shuffle, seed=3, block_size=16, window_blocks=4)
         for _ in range(2):
@@ -182,6 +187,8 @@ def _rss_file_kib() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_shard_reads_pread_maps_nothing(tmp_path, read_path, preads):
+    if read_path == "span":
+        pytest.skip("32 MiB of maps past an 8 MiB limit: no span")
     rows = 2**15  # 32 MiB of 1 KiB samples
     write_shards(tmp_path / "s", (np.full((4096, 256), i, dtype=np.float32) for i in range(rows // 4096)))
     src = ShardSource(tmp_path / "s", max_mapped_bytes=8 * 2**20)
@@ -217,6 +224,7 @@ def test_shard_reads_cold_files_ask_the_kernel_ahead(tmp_path, monkeypatch, prea
     announced = []
     real = runs.will_need
     monkeypatch.setattr(runs, "will_need", lambda fd, plan: (announced.append(len(plan.offsets)), real(fd, plan)))
+    monkeypatch.setattr(shard_read, "JOIN_BYTES", 1)  # one gather a batch: 16 an epoch
     memory, shards = _sources(tmp_path)
     monkeypatch.setattr(runs, "COLD_SECONDS", 0.0)  # every read counts as waiting for the disk
     monkeypatch.setattr(runs, "WARM_SECONDS", -1.0)
@@ -228,3 +236,61 @@ def test_shard_reads_cold_files_ask_the_kernel_ahead(tmp_path, monkeypatch, prea
     announced.clear()
     list(Batcher(shards, batch_size=64, seed=1))
     assert len(announced) == 2  # the first gather of each array, still marked cold
+
+
+# --- one take over all shards while every map fits the limit (shards/span.py) -----------------
+
+
+@pytest.mark.parametrize("sizes", [[5], [4, 4, 4, 2], [0, 3, 0, 5], [3, 5, 7], [2048] * 97 + [1360], [1] * 10,
+                                   [6, 6, 0], [12, 18, 6], [2**17, 2**17, 5]])
+def test_shard_finder_names_the_shard_of_every_sample(sizes, monkeypatch):
+    for entries in (span.TABLE_ENTRIES, 1):  # 1: every folder too irregular for a table
+        monkeypatch.setattr(span, "TABLE_ENTRIES", entries)
+        indices = np.random.default_rng(0).permutation(sum(sizes))
+        expected = np.searchsorted(np.cumsum(sizes), indices, side="right")
+        assert np.array_equal(span.shard_finder(sizes)(indices), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("row", [(), (3,), (16,), (2, 5)])
+def test_span_over_separate_arrays_equals_their_concatenation(dtype, row):
+    """Arrays anywhere in memory (rows on a fine grid: a non-contiguous view) or page-aligned maps."""
+    rng = np.random.default_rng(1)
+    sizes = [7, 0, 30, 1, 12]
+    arrays = [rng.integers(0, 100, (n, *row)).astype(dtype) for n in sizes]
+    joined = np.concatenate(arrays)
+    indices = np.concatenate([rng.permutation(len(joined)), [0, len(joined) - 1, 3, 3]])
+    spanned = span.Span(arrays, [0, *np.cumsum(sizes).tolist()])
+    out = np.empty((len(indices), *row), dtype)
+    spanned.take(spanned.rows(indices, span.shard_finder(sizes)(indices)), out)
+    assert np.array_equal(out, joined[indices])
+    assert not spanned.view.flags.writeable
+
+
+@pytest.mark.parametrize("width", [3, 16])  # 12-byte rows: overlapping view rows; 64-byte rows: contiguous
+def test_shard_reads_span_gathers_from_all_shards_in_one_take(tmp_path, width):
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((1000, width)).astype(np.float32), rng.integers(0, 10, 1000)
+    shards = write_shards(tmp_path / "s", {"x": x, "y": y}, shard_size=30)
+    indices = rng.permutation(1000)[:300]
+    batch = shards.gather(indices)
+    assert np.array_equal(batch["x"].numpy(), x[indices]) and np.array_equal(batch["y"].numpy(), y[indices])
+    direct, spans = shards._direct
+    assert direct and set(spans) == {"x", "y"}
+    assert spans["x"].contiguous == (width == 16) and spans["y"].contiguous
+
+
+def test_shard_reads_gather_batches_equal_one_gather_a_batch(tmp_path, read_path):
+    memory, shards = _sources(tmp_path, named=True, shard_size=64)
+    parts = np.array_split(np.random.default_rng(3).permutation(len(memory)), [5, 5, 300, 301])
+    for part, batch in zip(parts, shards.gather_batches(parts), strict=True):
+        _equal(memory.gather(part), batch)
+
+
+def test_shard_reads_close_between_batches_keeps_them_equal(tmp_path, read_path):
+    memory, shards = _sources(tmp_path, shard_size=64)
+    for index, (a, b) in enumerate(zip(Batcher(memory, batch_size=32, seed=6),
+                                       Batcher(shards, batch_size=32, seed=6, prefetch=2), strict=True)):
+        _equal(a, b)
+        if index % 5 == 0:
+            shards.close()  # the maps (and spans) are opened again by the next gather

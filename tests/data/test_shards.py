@@ -14,6 +14,7 @@ import torch
 
 from batchfit.data.batcher import Batcher
 from batchfit.data.shards import MANIFEST, ShardSource, read_manifest, verify, write_shards
+from batchfit.data.shards.read import JOIN_BYTES
 from batchfit.data.sources import ArraySource
 from batchfit.errors import BatchfitError, ShardError
 
@@ -455,14 +456,12 @@ def _many_shards(tmp_path, named=False, n=1000, shard_size=25):
     return memory, write_shards(tmp_path / "s", arrays, shard_size=shard_size)
 
 
-def test_batches_per_gather_joins_batches_only_where_it_pays(tmp_path):
-    _, shards = _many_shards(tmp_path)  # 40 shards
-    assert shards.batches_per_gather(32) == 16  # a batch touches up to 32 of the 40 shards
-    wide = write_shards(tmp_path / "wide", (np.zeros((400, 2**12), np.float32),), shard_size=10)
-    assert wide.batches_per_gather(1024) == 2  # 16 MiB batches: two fit GATHER_BYTES (32 MiB)
-    assert shards.batches_per_gather(4) == 1  # a batch touches too few shards
-    few = write_shards(tmp_path / "few", _data(100), shard_size=50)
-    assert few.batches_per_gather(64) == 1
+def test_batches_per_gather_joins_small_batches_up_to_join_bytes(tmp_path):
+    _, shards = _many_shards(tmp_path)  # 40 shards, 32 bytes a sample
+    assert shards.batches_per_gather(32) == JOIN_BYTES // (32 * 32)  # small batches share one gather
+    wide = write_shards(tmp_path / "wide", (np.zeros((400, 2**10), np.float32),), shard_size=10)
+    assert wide.batches_per_gather(128) == 4  # 512 KiB batches: 4 make JOIN_BYTES (2 MiB)
+    assert wide.batches_per_gather(1024) == 1  # a 4 MiB batch is gathered alone
     tokens = write_shards(tmp_path / "tokens", {"tokens": _tokens(400)}, shard_size=10)
     assert tokens.batches_per_gather(64) == 1  # variable-length arrays are padded per batch
 

@@ -6,8 +6,9 @@
 1. Resident memory: write a dataset of ``--size-gb`` GiB from a generator (float32 features
    256 wide, int64 labels, stored sorted by label), then train one epoch of a small MLP on it
    with plain PyTorch in a child process and report the child's peak RSS (VmHWM).
-2. Warm page cache: batches from a ShardSource against batches from an ArraySource of the
-   same 200,000 x 64 float32 samples (10 classes, batch 256, shuffled), interleaved repeats.
+2. Warm page cache: batches from a ShardSource of 1, 13 and 98 shards against batches from an
+   ArraySource of the same 200,000 x 64 float32 samples (10 classes, batch 256, shuffled), one
+   torch thread, interleaved repeats that each start with the next source, medians.
 3. Cold page cache: one epoch of reading the big dataset with shuffle="block" and with
    shuffle="full", each in a fresh child after the shard files were evicted from the cache.
 4. Shuffle quality on data stored sorted by label: label diversity per batch and the test
@@ -20,6 +21,7 @@ unit) for ``batchfit bench``; the command line prints them as a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -39,6 +41,8 @@ import torch.nn.functional as F
 from batchfit.data.batcher import Batcher
 from batchfit.data.shards import ShardSource, write_shards
 from batchfit.data.sources import ArraySource
+
+from .common import interleaved, ratio_row
 
 WIDTH = 256  # features of the big dataset
 CLASSES = 10
@@ -217,38 +221,50 @@ def bench_big(folder: Path, size_gb: float, cold_repeats: int) -> list[dict]:
     return rows
 
 
-def epoch_rate(batcher: Batcher) -> float:
-    start, samples = time.perf_counter(), 0
-    for batch in xy(batcher):
-        samples += len(batch[0])
-    return samples / (time.perf_counter() - start)
+def epochs(src: Any, shuffle: bool | str) -> Callable[[], int]:
+    """A function that reads one epoch of batches of 256 from ``src`` and returns its samples; call
+    ``k`` reads epoch ``k`` (seed ``k``), so interleaved sources read the same orders."""
+    calls = itertools.count()
+
+    def read() -> int:
+        samples = 0
+        for batch in xy(Batcher(src, batch_size=256, shuffle=shuffle, seed=next(calls))):
+            samples += len(batch[0])
+        return samples
+
+    return read
+
+
+# name -> samples per shard (None: one shard) of the warm-cache comparison
+WARM_SHARDS = {"1 shard": None, "13 shards": 16384, "98 shards": 2048}
 
 
 def bench_warm(folder: Path, repeats: int) -> list[dict]:
-    """(2) warm-cache batches from shards against batches from memory, same data, same order."""
+    """(2) warm-cache batches from 1, 13 and 98 shards against batches from memory: same data,
+    same order, one torch thread, the sources interleaved (each repeat starting with the next)."""
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((200_000, 64), dtype=np.float32), rng.integers(0, CLASSES, 200_000)
-    sources = {
-        "memory": ArraySource(x, y),
-        "shards": write_shards(folder / "warm1", (x, y)),
-        "shards13": write_shards(folder / "warm13", (x, y), shard_size=16384),
-    }
+    sources: dict[str, Any] = {"ArraySource": ArraySource(x, y)}
+    for name, shard_size in WARM_SHARDS.items():
+        sources[name] = write_shards(folder / f"warm {name}", (x, y), shard_size=shard_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     rows = []
-    for shuffle in (True, "block"):
-        rates: dict[str, list[float]] = {name: [] for name in sources}
-        for src in sources.values():  # warm-up: page cache, maps, allocator
-            epoch_rate(Batcher(src, batch_size=256, shuffle=shuffle, seed=0))
-        for repeat in range(repeats):
-            for name, src in sources.items():
-                rates[name].append(epoch_rate(Batcher(src, batch_size=256, shuffle=shuffle, seed=repeat)))
-        for name, label in (("shards", "1 shard"), ("shards13", "13 shards")):
-            ratio = statistics.median(a / b for a, b in zip(rates[name], rates["memory"]))
-            target = ">= 0.7" if name == "shards" and shuffle is True else "(informative)"
-            rows.append(row(f"warm cache, 200000x64 f32, batch 256, shuffle={shuffle!r}, {label}",
-                            "ArraySource", statistics.median(rates[name]), statistics.median(rates["memory"]),
-                            ratio, target, "samples/s"))
-    shutil.rmtree(folder / "warm1")
-    shutil.rmtree(folder / "warm13")
+    try:
+        for shuffle in (True, "block"):
+            candidates = {name: epochs(src, shuffle) for name, src in sources.items()}
+            for run_once in candidates.values():  # warm-up: page cache, maps, allocator
+                run_once()
+            rates = interleaved(candidates, repeats, rotate=True)
+            for name in WARM_SHARDS:
+                target = ">= 0.9" if shuffle is True else "(informative)"
+                found = ratio_row(name, "ArraySource", rates, target)
+                rows.append(row(f"warm cache, 200000x64 f32, batch 256, shuffle={shuffle!r}, {name}",
+                                "ArraySource", found.rate, found.baseline_rate, found.ratio, target, "samples/s"))
+    finally:
+        torch.set_num_threads(threads)
+    for name in WARM_SHARDS:
+        shutil.rmtree(folder / f"warm {name}")
     return rows
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ...errors import ShardError, check_choice, check_positive_int, expected
-from ..sources import Batch, pack
+from ..sources import Batch, pack, slice_batch
 from . import runs
 from .format import (
     _FAULT_BYTES,
@@ -31,8 +31,12 @@ from .format import (
     map_size_problem,
     read_manifest,
 )
+from .span import Span, shard_finder
 
-GATHER_BYTES = 32 * 2**20  # the most a Batcher gathers in one call when it joins batches
+# A Batcher joins small batches into gathers of about this many bytes: a gather's Python calls
+# (tens of us) are then shared by its batches, and its output still fits the CPU's caches. On
+# 200,000 x 64 float32, batch 256 (1, 13 and 98 shards), 1-2 MiB measured fastest of 0.5-4 MiB.
+JOIN_BYTES = 2 * 2**20
 # Past the mapping limit, a gather whose rows are sparse in the file (fewer than this many rows
 # per region not yet mapped: a uniform shuffle) is read by pread, in runs, mapping nothing.
 # Through the map each such row faults in a large folio (about 100 KiB measured on Linux 6.18,
@@ -154,6 +158,10 @@ class ShardSource:
         self._maps: dict[tuple[int, str], _MappedArray] = {}
         self._resident = 0  # bytes of the maps that may be resident since the last drop
         self._baseline = _mapped_file_bytes()  # the process's mapped file bytes after the last drop
+        # Whether every array is gathered by one take, and the views over all shards that do it
+        # (None: not known yet). One attribute, replaced whole: a reader in another thread sees both.
+        self._direct: tuple[bool, dict[str, Span]] | None = None
+        self._shard_of = shard_finder(self.shard_sizes)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -186,12 +194,13 @@ class ShardSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_lock"], state["_maps"]
+        del state["_lock"], state["_maps"], state["_direct"], state["_shard_of"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock, self._maps, self._resident = threading.RLock(), {}, 0
+        self._lock, self._maps, self._resident, self._direct = threading.RLock(), {}, 0, None
+        self._shard_of = shard_finder(self.shard_sizes)
         self._baseline = _mapped_file_bytes()
 
     def verify(self, full: bool = True) -> None:
@@ -225,6 +234,7 @@ class ShardSource:
     def close(self) -> None:
         """Release the memory maps (they are opened again when needed)."""
         with self._lock:
+            self._direct = None
             self._maps.clear()
             self._resident = 0
 
@@ -298,25 +308,29 @@ class ShardSource:
     def batches_per_gather(self, batch_size: int) -> int:
         """How many batches of ``batch_size`` a :class:`~batchfit.Batcher` should gather in one call.
 
-        Each shard a batch touches costs one indexing call per array, and a shuffled batch can
-        touch one shard per sample; gathering several batches at once shares those calls. Where
-        a batch touches 8 shards or more: 16 batches (the fastest measured on 13 and 98 shards,
-        against 1 to 32), fewer if they would exceed :data:`GATHER_BYTES`; and only for dense
-        arrays (variable-length ones are padded per batch).
+        A gather costs some Python calls whatever its size (one per array while every map fits
+        the bound, one per array and shard touched past it); small batches gathered together, up
+        to :data:`JOIN_BYTES`, share them and are served as views. Only for dense arrays
+        (variable-length ones are padded per batch).
         """
-        touched = min(len(self.shard_sizes), batch_size)
-        if self._any_ragged or touched < 8:
+        if self._any_ragged:
             return 1
-        sample_bytes = max(1, sum(self._row_bytes.values()))
-        return int(max(1, min(16, GATHER_BYTES // (sample_bytes * batch_size))))
+        return max(1, JOIN_BYTES // (max(1, sum(self._row_bytes.values())) * batch_size))
 
     def gather(self, indices: np.ndarray | torch.Tensor, pin_memory: bool = False) -> Batch:
         """The batch of the samples at ``indices`` (1-D integer array or tensor), in that order.
 
-        Indices are sorted and grouped by shard; each shard is indexed once and the rows are
-        put back into the requested order.
+        While every map fits the bound, each array is gathered by one call whatever the number of
+        shards (:class:`~batchfit.data.shards.span.Span`). Otherwise indices are sorted and
+        grouped by shard; each shard is indexed once and the rows are put back into the
+        requested order.
         """
         indices = self._check_indices(indices)
+        direct, spans = self._direct or self._open_direct()
+        if direct:
+            taken = [_empty((len(indices), *spec.shape), spec.dtype, pin_memory) for spec in self.specs]
+            self._take_dense(indices, [rows.numpy() for rows in taken], spans)
+            return pack(self.names, taken)
         groups, order = self._groups(indices)
         if order is None and not pin_memory and groups and not self._any_ragged:  # the common case
             shard, local = groups[0][0], groups[0][1]
@@ -334,6 +348,56 @@ class ShardSource:
             else:
                 out.append(self._gather_dense(spec, groups, inverse, len(indices), pin_memory, order))
         return pack(self.names, out)
+
+    def gather_batches(self, parts: list[np.ndarray], pin_memory: bool = False) -> list[Batch]:
+        """The batches at each index array of ``parts``, gathered by one call and served as views of it.
+
+        Python's cost per call is a good part of gathering a small batch; several batches
+        gathered at once share it (see :meth:`batches_per_gather`).
+        """
+        indices = self._check_indices(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        bounds = [0, *itertools.accumulate(len(part) for part in parts)]
+        direct, spans = self._direct or self._open_direct()
+        if pin_memory or not direct:  # pinned memory, or shard by shard: tensors sliced
+            whole = self.gather(indices, pin_memory)
+            return [slice_batch(whole, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        columns = [np.empty((len(indices), *spec.shape), spec.dtype) for spec in self.specs]
+        self._take_dense(indices, columns, spans)
+        # NumPy slices made tensors cost a third of slicing the tensors themselves.
+        from_numpy, names = torch.from_numpy, self.names
+        return [pack(names, [from_numpy(c[lo:hi]) for c in columns]) for lo, hi in zip(bounds, bounds[1:])]
+
+    def _take_dense(self, indices: np.ndarray, out: list[np.ndarray], spans: dict[str, Span]) -> None:
+        """Every array's rows at ``indices`` (checked) into ``out``, while every map fits the bound:
+        one ``take`` an array, from a single shard's map or from the span over all of them."""
+        shard = self._shard_of(indices) if len(self.shard_sizes) > 1 else None
+        for spec, rows in zip(self.specs, out):
+            if rows.size == 0:
+                continue
+            if shard is None:
+                mapped = self._maps.get((0, spec.key)) or self._map(0, spec.key)
+                mapped.array.take(indices, axis=0, out=rows, mode="clip")
+            else:
+                span = spans[spec.key]
+                span.take(span.rows(indices, shard), rows)
+
+    def _open_direct(self) -> tuple[bool, dict[str, Span]]:
+        """Whether every array can be gathered by one take (all dense, every map within the bound),
+        and the spans over the shards that do it (none for one shard). A shard that does not open
+        leaves the gathers to the shard-by-shard path, which names it when a batch needs it."""
+        with self._lock:
+            if self._direct is None:
+                spans: dict[str, Span] = {}
+                direct = self._fits and not self._any_ragged
+                try:
+                    if direct and len(self.shard_sizes) > 1:
+                        for spec in self.specs:
+                            arrays = [self._map(shard, spec.key).array for shard in range(len(self.shard_sizes))]
+                            spans[spec.key] = Span(arrays, self._start_list)
+                except ShardError:
+                    direct, spans = False, {}
+                self._direct = (direct, spans)
+            return self._direct
 
     def _check_indices(self, indices: Any) -> np.ndarray:
         if isinstance(indices, torch.Tensor):
