@@ -35,6 +35,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "data": {
         "train": (_STR + _TABLE, None), "val": (_STR + _TABLE, None), "val_split": (_FLOAT, None),
         "x": (_STR, "x"), "y": (_STR, "y"), "split_seed": (_INT, 0),
+        # image shards (bf.images.write_image_shards): the side decoded images are cropped to, and
+        # whether training batches are augmented (random-resized crop and flip) or only resized.
+        "image_size": (_INT, None), "augment": (_BOOL, True),
     },
     "model": {"name": (_STR, "mlp"), "args": (_TABLE, {})},
     "optimizer": {"name": (_STR, "sgd"), "lr": (_FLOAT, 0.01), "args": (_TABLE, {})},
@@ -165,6 +168,8 @@ def load_arrays(config: Config, which: str) -> Any:
             from .data.sources import Selected
 
             source = ShardSource(path)
+            if isinstance(source.metadata.get("images"), dict):
+                return _image_source(config, which, source)
             # Named arrays (what `batchfit shards write` makes of an .npz) train a plain model as (x, y).
             return source if source.names is None else Selected(source, (data["x"], data["y"]))
         if path.suffix != ".npz":
@@ -180,6 +185,18 @@ def load_arrays(config: Config, which: str) -> Any:
     if unknown or "x" not in spec or "y" not in spec:
         raise ConfigError(f"`data.{which}` as a table needs exactly the keys x and y (.npy paths). Received: {spec}")
     return _load_npy(config, which, spec["x"]), _load_npy(config, which, spec["y"])
+
+
+def _image_source(config: Config, which: str, source: Any) -> Any:
+    """A shard folder of images, decoded per batch: augmented for training, resized and centre-cropped else."""
+    from .data.images import ImageSource, eval_transform, train_transform
+
+    size = config["data"]["image_size"]
+    if size is None:
+        raise ConfigError(f"`data.image_size` is required: data.{which} is a shard folder of images, decoded and "
+                          "cropped to image_size x image_size pixels")
+    augment = which == "train" and config["data"]["augment"]
+    return ImageSource(source, train_transform(size) if augment else eval_transform(size))
 
 
 def _load_npy(config: Config, which: str, name: str) -> np.ndarray:
@@ -249,6 +266,9 @@ def build_model(config: Config, *train: Any) -> torch.nn.Module:
     if spec == "mlp":
         args.setdefault("in_features", int(np.prod(x.shape[1:])))
         args.setdefault("out_features", outputs)
+    elif spec == "resnet":
+        args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
+        args.setdefault("num_classes", outputs)
     elif spec == "cnn":
         args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
         args.setdefault("image_size", int(x.shape[-1]))

@@ -62,3 +62,47 @@ def cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, channe
 
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+
+
+class _Residual(nn.Module):
+    """Two 3x3 conv-BatchNorm layers and a shortcut (a strided 1x1 conv where the shape changes)."""
+
+    def __init__(self, width_in: int, width_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width_in, width_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width_out),
+            nn.ReLU(inplace=True), nn.Conv2d(width_out, width_out, 3, padding=1, bias=False), nn.BatchNorm2d(width_out))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or width_in != width_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(width_in, width_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(width_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet(in_channels: int = 3, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128),
+           blocks: int = 1) -> nn.Module:
+    """A small ResNet for images of any size: a 3x3 stem, stages of ``blocks`` residual blocks of
+    widths ``widths`` (each stage after the first halves the resolution), global average pooling, a
+    linear head. With ``widths=(64, 128, 256, 512), blocks=2`` it has the shape of ResNet-18 (He et
+    al., 2016) without its 7x7 stem and max-pool, which suit only large images.
+    """
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("blocks", blocks)
+    if not widths:
+        raise expected("widths", "at least one stage width", widths)
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                               nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+    width = widths[0]
+    for stage, out in enumerate(widths):
+        check_positive_int("widths", out)
+        for block in range(blocks):
+            layers.append(_Residual(width, out, 2 if stage > 0 and block == 0 else 1))
+            width = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+BUILTIN["resnet"] = resnet
