@@ -212,3 +212,60 @@ def test_stream_fit_stateful_metric_accumulates_over_the_stream():
     history = trainer.fit(bf.StreamSource(_events(12)))
     values = history.column("preq_max_error")
     assert values == sorted(values) and values[-1] == metric.worst > 0
+
+
+def test_stream_fit_steps_a_torch_scheduler_per_step_like_a_hand_written_loop(assert_close):
+    events = _events(23)
+    model = _linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    trainer = bf.Trainer(model, F.mse_loss, optimizer, lr_schedule=scheduler, batch_size=4, progress=False)
+    history = trainer.fit(bf.StreamSource(events))
+    reference = _linear()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    ref_scheduler = torch.optim.lr_scheduler.StepLR(ref_optimizer, step_size=2, gamma=0.5)
+    lrs = []
+    for start in range(0, 23, 4):
+        x = torch.from_numpy(np.stack([e[0] for e in events[start : start + 4]]))
+        y = torch.from_numpy(np.stack([e[1] for e in events[start : start + 4]]))
+        lrs.append(ref_optimizer.param_groups[0]["lr"])
+        ref_optimizer.zero_grad()
+        F.mse_loss(reference(x), y).backward()
+        ref_optimizer.step()
+        ref_scheduler.step()
+    assert history.column("lr") == pytest.approx(lrs) and lrs[-1] < lrs[0]
+    assert_close(trainer.module.state_dict(), reference.state_dict())
+
+
+def test_stream_fit_is_one_epoch_for_callbacks_and_plateau_schedulers():
+    calls = []
+
+    class Hooks(bf.Callback):
+        def on_epoch_begin(self, trainer, epoch):
+            calls.append(("begin", epoch, trainer.step))
+
+        def on_epoch_end(self, trainer, epoch, record):
+            calls.append(("end", epoch, record["steps"], round(record["loss"], 9)))
+
+    model = _linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+    trainer = bf.Trainer(model, F.mse_loss, optimizer, lr_schedule=plateau, batch_size=4, progress=False,
+                         callbacks=[Hooks()])
+    events = _events(40)
+    first = trainer.fit(bf.StreamSource(events[:20]))
+    trainer.fit(bf.StreamSource(events[20:]))
+    assert [c[:3] for c in calls] == [("begin", 1, 0), ("end", 1, 5), ("begin", 2, 5), ("end", 2, 10)]
+    assert calls[1][3] == round(first.epochs[0]["loss"], 9) and [r["epoch"] for r in first.epochs] == [1, 2]
+    assert {r["epoch"] for r in first.steps} == {1, 2}
+    # The plateau scheduler saw each fit's prequential loss: it halves the lr when a fit's loss did not improve.
+    improved = first.epochs[1]["loss"] < first.epochs[0]["loss"]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 if improved else 0.025)
+
+
+def test_stream_fit_progress_shows_events_per_second(capsys):
+    model = _linear()
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.01), batch_size=4, progress=True)
+    trainer.fit(bf.StreamSource(_events(12)))
+    err = capsys.readouterr().err
+    assert "samples/s" in err and "epoch 1/1: loss" in err
