@@ -170,8 +170,11 @@ def load_arrays(config: Config, which: str) -> Any:
             source = ShardSource(path)
             if isinstance(source.metadata.get("images"), dict):
                 return _image_source(config, which, source)
-            # Named arrays (what `batchfit shards write` makes of an .npz) train a plain model as (x, y).
-            return source if source.names is None else Selected(source, (data["x"], data["y"]))
+            # Named arrays (what `batchfit shards write` makes of an .npz) train a plain model as (x, y);
+            # a text model takes token shards' dict batches (input_ids, labels, lengths) as they are.
+            if source.names is None or config["model"]["name"] == "text":
+                return source
+            return Selected(source, (data["x"], data["y"]))
         if path.suffix != ".npz":
             raise ConfigError(f"`data.{which}` must be an .npz file or a table {{x = ..., y = ...}} of .npy files. "
                               f"Received: {spec!r}")
@@ -262,17 +265,22 @@ def build_model(config: Config, *train: Any) -> torch.nn.Module:
     """The model of ``[model]``; built-ins get their input and output sizes from the training data
     (``x, y`` arrays, or a shard folder's source)."""
     spec, args = config["model"]["name"], dict(config["model"]["args"])
-    x, outputs = _data_shapes(config, train)
-    if spec == "mlp":
-        args.setdefault("in_features", int(np.prod(x.shape[1:])))
-        args.setdefault("out_features", outputs)
-    elif spec == "resnet":
-        args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
-        args.setdefault("num_classes", outputs)
-    elif spec == "cnn":
-        args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
-        args.setdefault("image_size", int(x.shape[-1]))
-        args.setdefault("num_classes", outputs)
+    if spec == "text":  # a pretrained language model; a classifier's classes from the token shards
+        classes = getattr(train[0], "classes", None) if len(train) == 1 else None
+        if args.get("task") == "classification" and classes and not {"classes", "num_labels"} & set(args):
+            args["classes"] = classes
+    else:
+        x, outputs = _data_shapes(config, train)
+        if spec == "mlp":
+            args.setdefault("in_features", int(np.prod(x.shape[1:])))
+            args.setdefault("out_features", outputs)
+        elif spec == "resnet":
+            args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
+            args.setdefault("num_classes", outputs)
+        elif spec == "cnn":
+            args.setdefault("in_channels", 1 if x.ndim == 3 else int(x.shape[1]))
+            args.setdefault("image_size", int(x.shape[-1]))
+            args.setdefault("num_classes", outputs)
     builder = BUILTIN.get(spec) or import_object(spec, "model.name", config.path.parent.resolve())
     try:
         model = builder(**args)
@@ -324,9 +332,12 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
         raise ConfigError(f"`optimizer.args` do not fit {name!r}: {error}") from error
 
 
-def build_loss(config: Config) -> Callable[..., torch.Tensor]:
-    """The loss function of ``[loss]``."""
+def build_loss(config: Config) -> Callable[..., torch.Tensor] | None:
+    """The loss function of ``[loss]``; ``None`` for ``"model"``, the model's own ``.loss`` (a
+    Hugging Face model's, kept an exact token mean over micro-batches and ranks)."""
     name = config["loss"]["name"]
+    if name == "model":
+        return None
     return LOSSES.get(name) or import_object(name, "loss.name", config.path.parent.resolve())
 
 

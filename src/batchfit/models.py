@@ -1,8 +1,9 @@
-"""Built-in models for the demo and for ``batchfit train`` configs: ``mlp`` and ``cnn``."""
+"""Built-in models for the demo and for ``batchfit train`` configs: ``mlp``, ``cnn`` and ``text``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,15 @@ def cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, channe
     return nn.Sequential(*layers)
 
 
-BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+def text(**args: Any) -> nn.Module:
+    """A pretrained language model loaded offline: the arguments of
+    :func:`batchfit.workloads.text.load_text_model` (``name_or_path``, ``task``, ``lora_rank``, ...)."""
+    from .workloads.text import load_text_model
+
+    return load_text_model(**args)
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "text": text}
 
 
 class _Residual(nn.Module):
