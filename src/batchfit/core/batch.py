@@ -129,6 +129,11 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
     return False
 
 
+def has_token_labels(batch: Batch) -> bool:
+    """Whether ``batch`` is a dict whose ``labels`` hold one target per token (2-D or more)."""
+    return isinstance(batch, dict) and "labels" in batch and batch["labels"].dim() >= 2
+
+
 def token_count(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
     """The number of target tokens a model's own mean loss averages over, or ``None`` when its loss
     is a mean over samples.
@@ -137,8 +142,9 @@ def token_count(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
     (nor padding past ``labels_lengths``); a causal language model predicts token ``t + 1`` from
     position ``t``, so its first label is never a target and is left out of the count.
     """
-    if not isinstance(batch, dict) or "labels" not in batch or batch["labels"].dim() < 2:
+    if not has_token_labels(batch):
         return None
+    assert isinstance(batch, dict)
     labels = padded_labels(batch)
     if is_causal_lm(model):
         labels = labels[:, 1:]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .batch import Batch, LossFn, batch_len, forward_loss, micro_batches, token_count
+from .batch import Batch, LossFn, batch_len, forward_loss, has_token_labels, micro_batches, token_count
 from .grads import squared_grad_norm
 from .precision import autocast
 
@@ -94,7 +94,7 @@ class Step:
         averaged by the model's own loss, or ``None`` (samples)."""
         if self.loss_count is not None:
             return self.loss_count
-        if self.loss_fn is None and token_count(self.model, batch) is not None:
+        if self.loss_fn is None and has_token_labels(batch):
             return lambda piece: token_count(self.model, piece)
         return None
 
