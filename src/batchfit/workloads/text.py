@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.recompute import enable_gradient_checkpointing
 from ..data.text import PACKAGED, import_transformers, resolve_pretrained
 from ..errors import BatchfitError, check_choice, check_positive_int, expected
 
@@ -93,23 +94,10 @@ def load_text_model(
         # Causal-LM classifiers find each sample's last token by the padding id.
         model.config.pad_token_id = model.config.eos_token_id
     if gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_gradient_checkpointing(model)
     if lora_rank is not None:
         model = _with_lora(model, task, lora_rank, lora_alpha, lora_dropout, target_modules)
     return model
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on a Hugging Face model's activation (gradient) checkpointing, non-reentrant (which
-    needs no input that requires grad, so it works under LoRA's frozen embeddings)."""
-    switch = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2
-    if switch is not None:
-        switch(activation_checkpointing_kwargs={"use_reentrant": False})
-        return
-    switch = getattr(model, "gradient_checkpointing_enable", None)
-    if switch is None:
-        raise expected("model", "a transformers model with gradient checkpointing", type(model).__name__)
-    switch(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _label_count(task: str, num_labels: int | None, classes: Sequence[str] | None) -> int | None:
