@@ -36,8 +36,6 @@ def produce(url: str, rate: float, limit: int | None) -> None:
 
 
 def train(url: str, folder: Path, rate: float, limit: int | None) -> None:
-    producer = threading.Thread(target=produce, args=(url, rate, limit), daemon=True)
-    producer.start()
     model = MatrixFactorization(943, 1682, dim=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     snapshots = bf.PublishSnapshots(folder / "snapshots", every_seconds=2.0)
@@ -45,6 +43,8 @@ def train(url: str, folder: Path, rate: float, limit: int | None) -> None:
                          checkpoint_every=200, callbacks=[snapshots])
     events = bf.RedisStream(url, "ratings", group="recs", consumer="trainer-0", fields=ML100K_FIELDS,
                             idle_timeout=3.0)
+    producer = threading.Thread(target=produce, args=(url, rate, limit), daemon=True)
+    producer.start()
     history = trainer.fit(bf.StreamSource(events, max_latency=0.05), resume=True)
     rmse = [math.sqrt(v) for v in history.column("preq_loss")]
     window = [math.sqrt(v) for v in history.column("preq_loss_window")]

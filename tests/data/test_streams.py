@@ -269,3 +269,18 @@ def test_stream_fit_progress_shows_events_per_second(capsys):
     trainer.fit(bf.StreamSource(_events(12)))
     err = capsys.readouterr().err
     assert "samples/s" in err and "epoch 1/1: loss" in err
+
+
+def test_stream_history_plot_shows_the_prequential_metrics(tmp_path):
+    pytest.importorskip("matplotlib")
+    from batchfit.train.stream_plots import is_stream_history, plot_stream_history
+
+    model = _linear()
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), batch_size=4,
+                         progress=False, metrics={"mae": lambda out, y: (out - y).abs().mean()})
+    history = trainer.fit(bf.StreamSource(_events(40)))
+    assert is_stream_history(history) and "preq_mae_window" in history.columns()
+    history.plot(tmp_path / "curves.png")
+    plot_stream_history(history, tmp_path / "with_reference.png", reference={"offline": 0.5})
+    for name in ("curves.png", "with_reference.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -112,7 +112,13 @@ class History:
             write_records(epochs_path, self.epochs)
 
     def plot(self, path: str | os.PathLike[str]) -> None:
-        """Write a PNG of loss against step and samples seen, the lr, and validation metrics."""
+        """Write a PNG of loss against step and samples seen, the lr, and validation metrics (of a stream:
+        the prequential metrics against events seen, the lag and the lr)."""
+        from .stream_plots import is_stream_history, plot_stream_history
+
+        if is_stream_history(self):
+            plot_stream_history(self, path)
+            return
         from .plots import plot_history
 
         plot_history(self, path)
