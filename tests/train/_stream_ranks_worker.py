@@ -1,6 +1,9 @@
 """One rank of a distributed stream run, started by test_stream_ranks.py with the environment torchrun gives.
 
-    python _stream_ranks_worker.py URL OUT [claim_idle]
+    python _stream_ranks_worker.py URL OUT [OPTIONS_JSON]
+
+OPTIONS_JSON: ``claim_idle`` (seconds), ``checkpoint_dir`` (with a checkpoint every 3 steps and resume=True),
+``stop_at`` (rank 1 asks to stop after that step).
 
 Reads the Redis stream ``events`` as consumer ``rank-<RANK>`` of group ``g`` and trains the small net of
 test_redis_streams.py on it; saves (torch.save) the ids this rank put into each step, the history and the
@@ -9,6 +12,7 @@ final weights to OUT.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -40,19 +44,24 @@ def make_trainer(callbacks=(), **options) -> bf.Trainer:
 
 def main() -> None:
     url, out = sys.argv[1:3]
-    claim_idle = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
+    options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     source = bf.StreamSource(bf.RedisStream(url, "events", group="g", consumer=f"rank-{rank}", fields=FIELDS,
-                                            idle_timeout=1.0, claim_idle=claim_idle))
+                                            idle_timeout=1.0, claim_idle=options.get("claim_idle", 30.0)))
     steps: list[list[str]] = []
+    stop_at = options.get("stop_at")
 
     class Record(bf.Callback):
         def on_step_end(self, trainer, record):
             steps.append([] if source.last_batch is None else list(source.last_batch.ids))
+            if record["step"] == stop_at and rank == 1:
+                trainer.stop_training = True
 
-    trainer = make_trainer([Record()])
-    history = trainer.fit(source)
+    folder = options.get("checkpoint_dir")
+    checkpoints = {"checkpoint_dir": folder, "checkpoint_every": 3} if folder else {}
+    trainer = make_trainer([Record()], **checkpoints)
+    history = trainer.fit(source, resume=bool(folder))
     torch.save({"steps": steps, "history": history.steps, "epochs": history.epochs,
                 "weights": {k: v.clone() for k, v in trainer.module.state_dict().items()},
                 "redelivered": source.consumer.redelivered}, out)

@@ -4,6 +4,7 @@ events are claimed by the ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -44,17 +45,18 @@ def _produce(url: str, rows) -> list[str]:
     return ids
 
 
-def _launch(url: str, folder: Path, *extra: str) -> list[dict]:
+def _launch(url: str, folder: Path, **options) -> list[dict]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    outs = [folder / f"rank{rank}.pt" for rank in range(WORLD)]
+    outs = [folder / f"rank{rank}-{time.monotonic_ns()}.pt" for rank in range(WORLD)]
     processes = []
     for rank in range(WORLD):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", BATCHFIT_DIST_TIMEOUT="60")
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), url, str(outs[rank]), *extra], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        command = [sys.executable, str(WORKER), url, str(outs[rank]), json.dumps(options)]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
     logs = []
     for process in processes:
         try:
@@ -120,10 +122,39 @@ def test_stream_ranks_claim_the_pending_events_of_a_dead_consumer(redis_server, 
     taken = client.xreadgroup("g", "rank-dead", {"events": ">"}, count=20)[0][1]  # then the consumer dies
     assert len(taken) == 20
     time.sleep(0.6)
-    results = _launch(redis_server, tmp_path, "0.5")
+    results = _launch(redis_server, tmp_path, claim_idle=0.5)
     per_rank = [[i for step in result["steps"] for i in step] for result in results]
     assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # the dead consumer's 20 included, none twice
     assert sum(result["redelivered"] for result in results) == 20
     assert results[0]["history"][-1]["redelivered"] == 20  # the count over both ranks, in the history
+    assert int(client.xpending("events", "g")["pending"]) == 0
+    client.close()
+
+
+def test_stream_ranks_checkpoint_stop_and_resume_lose_no_event_and_equal_one_process(redis_server, tmp_path,
+                                                                                      assert_close):
+    import redis
+
+    rows = _rows(160)
+    ids = _produce(redis_server, rows)
+    folder = tmp_path / "checkpoints"
+    first = _launch(redis_server, tmp_path, checkpoint_dir=str(folder), stop_at=5)  # rank 1 asks to stop
+    assert [len(result["steps"]) for result in first] == [5, 5]  # both ranks stop after the same step
+    client = redis.Redis.from_url(redis_server)
+    pending = {entry["message_id"].decode() for entry in client.xpending_range("events", "g", "-", "+", 1000)}
+    trained = {i for result in first for step in result["steps"] for i in step}
+    assert trained and not pending & trained  # acknowledged once checkpointed; read but not trained: still pending
+    saved = torch.load(sorted(folder.glob("step-*.pt"))[-1], weights_only=True)
+    assert saved["step"] == 5 and len(saved["stream"]["ranks"]) == WORLD
+    second = _launch(redis_server, tmp_path, checkpoint_dir=str(folder))
+    steps = [a + b for a, b in zip(first[0]["steps"], first[1]["steps"])]
+    steps += [a + b for a, b in zip(second[0]["steps"], second[1]["steps"])]
+    used = [i for step in steps for i in step]
+    assert sorted(used) == sorted(ids)  # every event once across the stop and the resume
+    expected = _single_process(dict(zip(ids, rows)), steps)
+    for result in second:
+        assert_close(result["weights"], expected.module.state_dict())
+        assert result["history"][-1]["preq_loss"] == pytest.approx(expected.history.column("preq_loss")[-1],
+                                                                   rel=1e-5)
     assert int(client.xpending("events", "g")["pending"]) == 0
     client.close()

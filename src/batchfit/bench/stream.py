@@ -88,9 +88,10 @@ def throughput(url: str, columns: dict[str, np.ndarray], stream: str, batch_size
     trainer = _trainer(batch_size, lr, **options)
     history = trainer.fit(_source(url, stream, None, idle=0.3))
     seconds = history.column("seconds")
-    rate = (trainer.samples_seen - batch_size) / max(seconds[-1] - seconds[0], 1e-9)
+    span = max(seconds[-1] - seconds[0], 1e-9)  # from the first step to the last
     return {"batch_size": batch_size, "checkpoint_every": checkpoint_every, "events": trainer.samples_seen,
-            "events_per_s": rate, "preq_rmse": math.sqrt(history.column("preq_loss")[-1])}
+            "events_per_s": (trainer.samples_seen - batch_size) / span, "seconds_per_step": span / (trainer.step - 1),
+            "preq_rmse": math.sqrt(history.column("preq_loss")[-1])}
 
 
 def latency(url: str, columns: dict[str, np.ndarray], stream: str, batch_size: int, max_latency: float,
@@ -128,39 +129,70 @@ def latency(url: str, columns: dict[str, np.ndarray], stream: str, batch_size: i
             "steps": trainer.step, "partial_batches": cut_on_time}
 
 
-def stream_table(events: int = 20000, rate: float = 5000.0, batch_sizes: Sequence[int] = (32, 256),
-                 max_latencies: Sequence[float] = (0.01, 0.1)) -> list[dict[str, Any]]:
-    """Every measurement of the stream benchmark, one dict each (see the module docstring)."""
+def stream_table(events: int = 10000, rate: float = 5000.0, batch_sizes: Sequence[int] = (32, 256),
+                 max_latencies: Sequence[float] = (0.01, 0.1), repeats: int = 3) -> list[dict[str, Any]]:
+    """Every measurement of the stream benchmark, one dict each: the median over ``repeats`` runs.
+
+    The settings of a repeat run one after another, each repeat in an order rotated by one, so that a
+    slow phase of a busy machine does not fall on the same setting every time.
+    """
     torch.set_num_threads(1)
     columns = load_movielens_100k()
-    rows: list[dict[str, Any]] = []
+    settings: list[tuple[Any, ...]] = [("throughput", b, every) for b in batch_sizes for every in (None, 10, 1)]
+    settings += [("latency", b, latency) for b in batch_sizes for latency in max_latencies]
+    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory() as tmp, temporary_redis_server(Path(tmp) / "redis") as url:
         count = 0
+        for repeat in range(repeats):
+            for setting in settings[repeat % len(settings):] + settings[: repeat % len(settings)]:
+                count += 1
+                kind, batch_size, value = setting
+                if kind == "throughput":
+                    row = throughput(url, columns, f"bench-{count}", batch_size, events, value,
+                                     str(Path(tmp) / f"ckpt-{count}"))
+                else:
+                    row = latency(url, columns, f"bench-{count}", batch_size, value, rate, events,
+                                  str(Path(tmp) / f"snap-{count}"))
+                runs[setting].append(row)
+    return [_median_row(setting[0], runs[setting]) for setting in settings]
 
-        def fresh() -> str:
-            nonlocal count
-            count += 1
-            return f"bench-{count}"
 
-        for batch_size in batch_sizes:
-            for every in (None, 10, 1):
-                folder = str(Path(tmp) / f"ckpt-{count}")
-                rows.append({"kind": "throughput", **throughput(url, columns, fresh(), batch_size, events, every,
-                                                                 folder)})
-        for batch_size in batch_sizes:
-            for max_latency in max_latencies:
-                rows.append({"kind": "latency", **latency(url, columns, fresh(), batch_size, max_latency, rate,
-                                                          events, str(Path(tmp) / f"snap-{count}"))})
-    return rows
+def _median_row(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first row with every number it measured replaced by the median over ``rows`` (and their count)."""
+    measured = ("events_per_s", "seconds_per_step", "p50_ms", "p99_ms", "partial_batches", "steps")
+    merged = {"kind": kind, **rows[0], "repeats": len(rows)}
+    for key in measured:
+        if key in rows[0]:
+            merged[key] = float(np.median([row[key] for row in rows]))
+    return merged
+
+
+def checkpoint_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size: the time a step takes without checkpoints and what one checkpoint + ack adds to it
+    (from the medians of the runs that checkpoint every step and never)."""
+    costs = []
+    for row in rows:
+        if row["kind"] == "throughput" and row["checkpoint_every"] == 1:
+            base = next(r for r in rows if r["kind"] == "throughput" and r["batch_size"] == row["batch_size"]
+                        and r["checkpoint_every"] is None)
+            costs.append({"batch_size": row["batch_size"], "step_ms": 1000 * base["seconds_per_step"],
+                          "checkpoint_ack_ms": 1000 * (row["seconds_per_step"] - base["seconds_per_step"])})
+    return costs
 
 
 def format_stream_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as two Markdown tables."""
-    lines = ["| batch | checkpoint every | events/s | prequential RMSE |", "| --- | --- | --- | --- |"]
+    """The rows as three Markdown tables."""
+    repeats = rows[0].get("repeats", 1) if rows else 1
+    lines = [f"Medians of {repeats} runs each.", "", "| batch | checkpoint every | events/s | ms per step | "
+             "prequential RMSE |", "| --- | --- | --- | --- | --- |"]
     for row in rows:
         if row["kind"] == "throughput":
             every = "no checkpoint" if row["checkpoint_every"] is None else f"{row['checkpoint_every']} steps"
-            lines.append(f"| {row['batch_size']} | {every} | {row['events_per_s']:,.0f} | {row['preq_rmse']:.3f} |")
+            lines.append(f"| {row['batch_size']} | {every} | {row['events_per_s']:,.0f} | "
+                         f"{1000 * row['seconds_per_step']:.2f} | {row['preq_rmse']:.3f} |")
+    lines += ["", "| batch | ms per step without checkpoints | one checkpoint + XACK adds |", "| --- | --- | --- |"]
+    for cost in checkpoint_costs(rows):
+        lines.append(f"| {cost['batch_size']} | {cost['step_ms']:.2f} ms | {cost['checkpoint_ack_ms']:.2f} ms |")
     lines += ["", "| batch | max_latency | producer rate | snapshot every | XADD -> snapshot p50 | p99 | "
               "batches cut on time |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -168,5 +200,5 @@ def format_stream_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['batch_size']} | {row['max_latency'] * 1000:g} ms | {row['rate']:,.0f} ev/s | "
                          f"{row['snapshot_seconds'] * 1000:g} ms | "
                          f"{row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | "
-                         f"{row['partial_batches']} of {row['steps']} |")
+                         f"{row['partial_batches']:.0f} of {row['steps']:.0f} |")
     return "\n".join(lines)
