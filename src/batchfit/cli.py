@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="the performance table, on this machine")
     bench.add_argument("--quick", action="store_true",
                        help="smaller workloads (a rough check: about 3 minutes on 2 cores)")
-    bench.add_argument("--only", choices=("data", "train", "shards", "distributed", "batchsize"),
+    bench.add_argument("--only", choices=("data", "train", "shards", "distributed", "batchsize", "images"),
                        help="run one group of rows; batchsize: the batch-size table "
                             "(5 runs a mode: about 5 minutes on 2 cores)")
     bench.set_defaults(run=_bench)
@@ -272,6 +272,11 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.only == "images":  # images/s against a torchvision-style pipeline, disk size, peak RSS
+        from .bench.images import format_report, run
+
+        print(format_report(run(quick=args.quick)))
+        return 0
     from .bench.run import run_bench
 
     print(run_bench(quick=args.quick, only=args.only))

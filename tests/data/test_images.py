@@ -298,3 +298,43 @@ def test_generated_folders_are_real_jpegs_of_varied_sizes(tmp_path):
     assert len(sizes) > 3
     again = bf.images.make_image_folder(tmp_path / "gen2", 3, classes=2, sizes=(30, 60), seed=4)
     assert (again / "circle" / "00001.jpg").read_bytes() == (root / "circle" / "00001.jpg").read_bytes()
+
+
+def test_image_source_reads_files_whole_as_the_padded_gather_would_give_them(folder, encoded, tmp_path):
+    transform = bf.images.train_transform(12)
+    indices = np.array([37, 0, 12, 25, 3])
+    padded = transform(encoded.gather(indices), seed=2, epoch=1, indices=indices, mode="RGB")
+    many = bf.images.write_image_shards(folder, tmp_path / "many", workers=0, progress=False, shard_size=5)
+    for source in (encoded, many):  # one shard, and eight
+        read, labels = bf.images.ImageSource(source, transform).gather(indices, seed=2, epoch=1)
+        assert torch.equal(read, padded[0]) and torch.equal(labels, padded[1])
+
+
+def test_a_config_trains_on_image_shards(encoded, tmp_path):
+    from batchfit.config import load_config
+    from batchfit.run import run_config
+
+    config = tmp_path / "images.toml"
+    config.write_text(f"""
+[data]
+train = "{encoded.path}"
+val = "{encoded.path}"
+image_size = 16
+[model]
+name = "resnet"
+args = {{ widths = [8, 16] }}
+[optimizer]
+name = "adam"
+lr = 0.01
+[train]
+epochs = 1
+batch_size = 16
+progress = false
+out = "{tmp_path / 'runs'}"
+""")
+    summary = run_config(load_config(config))
+    assert summary is not None and summary["steps"] == 3 and 0 <= summary["val_accuracy"] <= 1
+    missing = tmp_path / "no_size.toml"
+    missing.write_text(config.read_text().replace("image_size = 16\n", ""))
+    with pytest.raises(ValueError, match="`data.image_size` is required"):
+        run_config(load_config(missing))

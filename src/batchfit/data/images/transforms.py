@@ -1,8 +1,9 @@
 """Image transforms on whole batches: decode, crop and resize, flip, normalise.
 
-A batch comes in as a shard folder of images gathers it — encoded bytes padded per batch with
-their lengths and the labels ``(bytes, lengths, y)``, or decoded ``uint8`` images ``(x, y)`` of
-shape ``(batch, channels, height, width)`` — and goes out as ``(float32 images, y)``.
+A batch comes in as encoded files with their labels — ``([bytes of each file], y)`` as
+:class:`~batchfit.data.images.ImageSource` reads them, or ``(bytes, lengths, y)`` as
+``ShardSource.gather`` pads them — or as decoded ``uint8`` images ``(x, y)`` of shape
+``(batch, channels, height, width)``, and goes out as ``(float32 images, y)``.
 
 Each image is decoded and cropped with Pillow, once, straight to the output size (Pillow's
 ``resize`` with a ``box`` crops and resizes in one pass, filtering like an antialiased resize);
@@ -141,7 +142,8 @@ class ImageTransform:
             f"eval, resize={self.resize}"
         return f"ImageTransform(size={self.size}, {kind}, mean={self.mean}, std={self.std})"
 
-    def __call__(self, batch: Batch, *, seed: int | None = None, epoch: int = 0, indices: Any = None,
+    def __call__(self, batch: Batch | tuple[list[bytes], torch.Tensor], *, seed: int | None = None, epoch: int = 0,
+                 indices: Any = None,
                  pin_memory: bool = False, mode: str | None = None) -> Batch:
         """``(float32 images (batch, channels, size, size), labels)`` of an image batch.
 
@@ -232,43 +234,53 @@ def decode(batch: Batch, mode: str | None = None) -> list[np.ndarray]:
 class _Images:
     """The images of a batch, opened one at a time as Pillow images."""
 
-    def __init__(self, data: torch.Tensor, lengths: torch.Tensor | None) -> None:
-        self.data, self.lengths = data.numpy(), None if lengths is None else lengths.numpy()
+    def __init__(self, data: torch.Tensor | list[bytes], lengths: torch.Tensor | None, decoded: bool) -> None:
+        self.data = data if isinstance(data, list) else data.numpy()
+        self.lengths = None if lengths is None else lengths.numpy()
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __call__(self, row: int) -> Any:
         image_module = pillow()
-        if self.lengths is None:  # decoded: (channels, height, width)
-            pixels = self.data[row]
+        if self.decoded:  # (channels, height, width)
+            pixels: Any = self.data[row]
             image = image_module.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0))
             image.mode_wanted = image.mode
             return image
-        encoded = self.data[row, : int(self.lengths[row])].tobytes()
+        if isinstance(self.data, list):
+            encoded = self.data[row]
+        else:
+            assert self.lengths is not None
+            encoded = self.data[row, : int(self.lengths[row])].tobytes()
         image = image_module.open(io.BytesIO(encoded))
         image.mode_wanted = "L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
         return image
 
 
-def _split(batch: Batch) -> tuple[_Images, torch.Tensor]:
+def _split(batch: Any) -> tuple[_Images, torch.Tensor]:
     """The images and labels of an encoded ``(bytes, lengths, y)`` or decoded ``(x, y)`` batch."""
     if isinstance(batch, dict) or not isinstance(batch, (tuple, list)):
         raise expected("batch", "a tuple (bytes, lengths, labels) or (images, labels) from a shard folder of images",
                        type(batch).__name__)
-    if len(batch) == 3 and batch[0].dim() == 2 and batch[0].dtype == torch.uint8 and batch[1].dim() == 1:
-        return _Images(batch[0], batch[1]), batch[2]
-    if len(batch) == 2 and batch[0].dim() == 4 and batch[0].dtype == torch.uint8:
-        return _Images(batch[0], None), batch[1]
-    shapes = [f"{tuple(t.shape)} {t.dtype}" for t in batch]
-    raise expected("batch", "encoded images (bytes, lengths, labels) or uint8 images (batch, channels, height, "
-                   "width) with labels", ", ".join(shapes))
+    if len(batch) == 2 and isinstance(batch[0], list) and all(isinstance(b, bytes) for b in batch[0]):
+        return _Images(batch[0], None, decoded=False), batch[1]
+    tensors = all(isinstance(t, torch.Tensor) for t in batch)
+    if tensors and len(batch) == 3 and batch[0].dim() == 2 and batch[0].dtype == torch.uint8 and batch[1].dim() == 1:
+        return _Images(batch[0], batch[1], decoded=False), batch[2]
+    if tensors and len(batch) == 2 and batch[0].dim() == 4 and batch[0].dtype == torch.uint8:
+        return _Images(batch[0], None, decoded=True), batch[1]
+    shapes = [f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch]
+    raise expected("batch", "encoded images (bytes, lengths, labels) or ([file bytes], labels), or uint8 images "
+                   "(batch, channels, height, width) with labels", ", ".join(shapes))
 
 
 def _channels(images: _Images) -> int:
     if len(images) == 0:
         return 3
-    if images.lengths is None:
+    if images.decoded:
+        assert isinstance(images.data, np.ndarray)
         return int(images.data.shape[1])
     return 1 if images(0).mode_wanted == "L" else 3
 
