@@ -3,7 +3,8 @@
     python _stream_ranks_worker.py URL OUT [OPTIONS_JSON]
 
 OPTIONS_JSON: ``claim_idle`` (seconds), ``checkpoint_dir`` (with a checkpoint every 3 steps and resume=True),
-``stop_at`` (rank 1 asks to stop after that step).
+``stop_at`` (rank 1 asks to stop after that step), ``sparse`` (a matrix factorisation with sparse embedding
+gradients and SparseAdam on events ``user, item, rating`` instead).
 
 Reads the Redis stream ``events`` as consumer ``rank-<RANK>`` of group ``g`` and trains the small net of
 test_redis_streams.py on it; saves (torch.save) the ids this rank put into each step, the history and the
@@ -34,6 +35,14 @@ class Net(torch.nn.Module):
         return self.linear(torch.stack([x0, x1, x2], dim=1)).squeeze(1)
 
 
+def make_sparse_trainer(callbacks=(), **options) -> bf.Trainer:
+    from batchfit.workloads.stream import MatrixFactorization, rmse_loss
+
+    model = MatrixFactorization(20, 30, dim=4, sparse=True)
+    return bf.Trainer(model, rmse_loss, torch.optim.SparseAdam(list(model.parameters()), lr=0.05), batch_size=16,
+                      progress=False, callbacks=list(callbacks), **options)
+
+
 def make_trainer(callbacks=(), **options) -> bf.Trainer:
     net = Net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -47,7 +56,8 @@ def main() -> None:
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    source = bf.StreamSource(bf.RedisStream(url, "events", group="g", consumer=f"rank-{rank}", fields=FIELDS,
+    fields = ("user", "item", "rating") if options.get("sparse") else FIELDS
+    source = bf.StreamSource(bf.RedisStream(url, "events", group="g", consumer=f"rank-{rank}", fields=fields,
                                             idle_timeout=1.0, claim_idle=options.get("claim_idle", 30.0)))
     steps: list[list[str]] = []
     stop_at = options.get("stop_at")
@@ -60,7 +70,7 @@ def main() -> None:
 
     folder = options.get("checkpoint_dir")
     checkpoints = {"checkpoint_dir": folder, "checkpoint_every": 3} if folder else {}
-    trainer = make_trainer([Record()], **checkpoints)
+    trainer = (make_sparse_trainer if options.get("sparse") else make_trainer)([Record()], **checkpoints)
     history = trainer.fit(source, resume=bool(folder))
     torch.save({"steps": steps, "history": history.steps, "epochs": history.epochs,
                 "weights": {k: v.clone() for k, v in trainer.module.state_dict().items()},

@@ -70,14 +70,14 @@ def _launch(url: str, folder: Path, **options) -> list[dict]:
     return [torch.load(out, weights_only=False) for out in outs]
 
 
-def _single_process(rows_by_id: dict[str, tuple], steps: list[list[str]]) -> bf.Trainer:
+def _single_process(rows_by_id: dict[str, tuple], steps: list[list[str]], sparse: bool = False) -> bf.Trainer:
     """One process trained on the same events, step by step (the union of the ranks' batches)."""
     sys.path.insert(0, str(WORKER.parent))
     try:
-        from _stream_ranks_worker import make_trainer
+        from _stream_ranks_worker import make_sparse_trainer, make_trainer
     finally:
         sys.path.remove(str(WORKER.parent))
-    trainer = make_trainer()
+    trainer = make_sparse_trainer() if sparse else make_trainer()
     sizes = {len(ids) for ids in steps[:-1]}
     assert len(sizes) == 1, f"every step but the last has the batch size: {sizes}"
     trainer.fit(bf.StreamSource([rows_by_id[i] for ids in steps for i in ids]))
@@ -158,3 +158,20 @@ def test_stream_ranks_checkpoint_stop_and_resume_lose_no_event_and_equal_one_pro
                                                                    rel=1e-5)
     assert int(client.xpending("events", "g")["pending"]) == 0
     client.close()
+
+
+def test_stream_two_ranks_with_sparse_embeddings_equal_one_process(redis_server, tmp_path, assert_close):
+    import redis
+
+    rng = np.random.default_rng(1)
+    rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 20, 96), rng.integers(0, 30, 96),
+                                                           rng.integers(1, 6, 96))]
+    client = redis.Redis.from_url(redis_server)
+    ids = [client.xadd("events", {"user": str(u), "item": str(i), "rating": repr(r)}).decode() for u, i, r in rows]
+    client.close()
+    results = _launch(redis_server, tmp_path, sparse=True)
+    steps = [a + b for a, b in zip(results[0]["steps"], results[1]["steps"])]
+    assert sorted(i for step in steps for i in step) == sorted(ids) and all(len(s) == 16 for s in steps)
+    expected = _single_process(dict(zip(ids, rows)), steps, sparse=True)
+    for result in results:
+        assert_close(result["weights"], expected.module.state_dict())
