@@ -111,7 +111,8 @@ def main() -> None:
     torch.manual_seed(0)
     train_shards, val_shards = prepare(args.data, args.folder, args.per_class)
     if args.prepare:
-        print(f"shards in {train_shards.parent}; now: batchfit train examples/images.toml")
+        print(f"shards in {train_shards.parent}; now: batchfit train examples/images.toml "
+              "(it reads data/shapes_shards: edit data.train / data.val for other shards)")
         return
     train = bf.images.ImageSource(train_shards, bf.images.train_transform(args.size, scale=(0.25, 1.0)))
     val = None if val_shards is None else bf.images.ImageSource(val_shards, bf.images.eval_transform(args.size))
