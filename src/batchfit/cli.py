@@ -147,9 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="the performance table, on this machine")
     bench.add_argument("--quick", action="store_true",
                        help="smaller workloads (a rough check: about 3 minutes on 2 cores)")
-    bench.add_argument("--only", choices=("data", "train", "shards", "distributed", "batchsize", "images"),
+    bench.add_argument("--only", choices=("data", "train", "shards", "distributed", "batchsize", "images", "text"),
                        help="run one group of rows; batchsize: the batch-size table "
-                            "(5 runs a mode: about 5 minutes on 2 cores)")
+                            "(5 runs a mode: about 5 minutes on 2 cores); text: language-model fine-tuning "
+                            "(batching modes, against transformers.Trainer, memory; about 10 minutes, --quick 4)")
     bench.set_defaults(run=_bench)
     return parser
 
@@ -272,6 +273,11 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.only == "text":  # padding and tokens/s by batching mode, against transformers.Trainer, peak memory
+        from .bench.text import format_text_bench, text_bench
+
+        print(format_text_bench(text_bench(quick=args.quick)))
+        return 0
     if args.only == "images":  # images/s against a torchvision-style pipeline, disk size, peak RSS
         from .bench.images import format_report, run
 
