@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -129,16 +128,9 @@ def tune_config(config: Config) -> str:
     train, val = load_train_val(config)
     seed = config["train"]["seed"]
 
-    loaded: list[torch.nn.Module] = []
-
     def make_model() -> torch.nn.Module:
         torch.manual_seed(seed)
-        if config["model"]["name"] != "text":
-            return build_model(config, *(train if isinstance(train, tuple) else (train,)))
-        # A pretrained model is read from disk once (SmolLM2's GGUF takes ~30 s); each trial gets a copy.
-        if not loaded:
-            loaded.append(build_model(config, train))
-        return copy.deepcopy(loaded[0])
+        return build_model(config, *(train if isinstance(train, tuple) else (train,)))
 
     options = config["tune"]
     base = config["train"]["base_batch_size"] or config["train"]["batch_size"]
