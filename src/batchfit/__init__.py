@@ -12,6 +12,7 @@ from .data.shards import ShardSource, write_shards
 from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
 from .data.streams import EventConsumer, StreamSource
+from .data.text import load_tokenizer, write_text_shards
 from .data.transforms import ToFloat
 from .errors import (
     BatchfitError,
@@ -32,6 +33,7 @@ from .train.history import History
 from .train.options import TrainerOptions
 from .train.saving import load_model
 from .train.trainer import Trainer
+from .workloads.text import load_text_model, prepare_corpus
 
 __all__ = [
     "ArraySource",
@@ -67,12 +69,16 @@ __all__ = [
     "find_micro_batch_tokens",
     "load_model",
     "load_snapshot",
+    "load_text_model",
+    "load_tokenizer",
     "lr_range_test",
+    "prepare_corpus",
     "scale_lr",
     "tune",
     "verify_shards",
     "warmup",
     "write_shards",
+    "write_text_shards",
 ]
 
 __version__ = "0.1.0"
