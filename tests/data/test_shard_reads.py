@@ -7,6 +7,7 @@ one rank or several, resumed mid-epoch or not, with either read path.
 """
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from batchfit.data.batcher import Batcher
-from batchfit.data.shards import ShardSource, read_manifest, runs, span, write_shards
+from batchfit.data.shards import ShardSource, read_manifest, runs, span, uring, write_shards
 from batchfit.data.shards import read as shard_read
 from batchfit.data.sources import ArraySource
 from batchfit.errors import ShardError
@@ -75,25 +76,33 @@ def _equal(a, b):
 
 def test_plan_runs_rows_far_apart_go_straight_to_their_places():
     plan = runs.plan_runs(np.array([5000, 3, 90000]), header_bytes=128, row_bytes=100)
-    assert plan.offsets == [128 + 300, 128 + 500000, 128 + 9000000]  # in file order
-    assert plan.sizes == [100, 100, 100]
-    assert plan.starts == [100, 0, 200] and plan.scatter is None  # output rows 1, 0, 2
+    assert plan.offsets.tolist() == [128 + 300, 128 + 500000, 128 + 9000000]  # in file order
+    assert plan.sizes.tolist() == [100, 100, 100]
+    assert plan.starts.tolist() == [100, 0, 200] and plan.scatter is None  # output rows 1, 0, 2
 
 
 def test_plan_runs_joins_near_rows_and_keeps_order_and_duplicates():
     rows = np.array([40, 7, 9, 7, 100000, 8])
     plan = runs.plan_runs(rows, header_bytes=0, row_bytes=1024)  # 7-9: one run; 40 is 30 KiB further
-    assert plan.offsets == [7 * 1024, 40 * 1024, 100000 * 1024]
-    assert plan.sizes == [3 * 1024, 1024, 1024]
-    assert plan.starts == [0, 3 * 1024, 4 * 1024]  # in the buffer
-    assert plan.scatter is not None
-    destinations, buffer_rows = plan.scatter
-    served = np.empty(6, np.int64)
-    served[destinations] = buffer_rows
-    assert served.tolist() == [3, 0, 2, 0, 4, 1]
+    assert plan.offsets.tolist() == [7 * 1024, 40 * 1024, 100000 * 1024]
+    assert plan.sizes.tolist() == [3 * 1024, 1024, 1024]
+    assert plan.in_buffer is not None and plan.in_buffer.tolist() == [True, False, False]
+    assert plan.starts.tolist() == [0, 0, 4 * 1024]  # 7-9 at the buffer's start; 40, 100000 to output rows 0, 4
+    assert plan.buffer_rows == 3 and plan.scatter is not None
+    destinations, buffer_rows = plan.scatter  # only the rows of 7-9, duplicates included
+    assert sorted(zip(destinations.tolist(), buffer_rows.tolist())) == [(1, 0), (2, 2), (3, 0), (5, 1)]
 
 
-def test_read_runs_equals_indexing(tmp_path):
+@pytest.fixture(params=["io_uring", "pread"])
+def reads(request, monkeypatch):
+    """Every plan's runs submitted to io_uring (where the kernel allows it), or read one pread each."""
+    if request.param == "io_uring" and uring.ring() is None:
+        pytest.skip("io_uring is not available here")
+    monkeypatch.setattr(runs, "URING_RUNS", 1 if request.param == "io_uring" else 10**9)
+    return request.param
+
+
+def test_read_runs_equals_indexing(tmp_path, reads):
     table = np.arange(5000 * 3, dtype=np.int32).reshape(5000, 3)
     path = tmp_path / "t.npy"
     np.save(path, table)
@@ -203,7 +212,7 @@ def test_shard_reads_pread_maps_nothing(tmp_path, read_path, preads):
         assert growth < 2 * 8 * 2**20 + 2**20
 
 
-def test_shard_reads_file_shorter_than_its_manifest_names_it(tmp_path, monkeypatch):
+def test_shard_reads_file_shorter_than_its_manifest_names_it(tmp_path, monkeypatch, reads):
     # The pread path only: a memory map of a truncated file faults (SIGBUS); the size checks at
     # open and at each epoch find that case (tests/data/test_shards_faults.py).
     monkeypatch.setattr(shard_read, "PREADS_PER_FAULT", 10**9)
@@ -294,3 +303,55 @@ def test_shard_reads_close_between_batches_keeps_them_equal(tmp_path, read_path)
         _equal(a, b)
         if index % 5 == 0:
             shards.close()  # the maps (and spans) are opened again by the next gather
+
+
+# --- io_uring ---------------------------------------------------------------------------------
+
+
+def test_uring_failure_falls_back_to_pread_for_good(tmp_path, monkeypatch):
+    table = np.arange(4000 * 4, dtype=np.float32).reshape(4000, 4)
+    np.save(tmp_path / "t.npy", table)
+    header = os.path.getsize(tmp_path / "t.npy") - table.nbytes
+
+    class Broken:
+        def read(self, *args):
+            raise OSError(22, "io_uring_enter: Invalid argument")
+
+    monkeypatch.setattr(uring, "ring", lambda: Broken())
+    monkeypatch.setattr(runs, "URING_RUNS", 1)
+    monkeypatch.setattr(uring, "_UNAVAILABLE", False)
+    rows = np.random.default_rng(4).integers(0, 4000, 500)
+    out = np.empty((500, 4), np.float32)
+    fd = os.open(tmp_path / "t.npy", os.O_RDONLY)
+    try:
+        runs.read_runs(fd, runs.plan_runs(rows, header, 16), out, "t.npy")
+    finally:
+        os.close(fd)
+    assert np.array_equal(out, table[rows]) and uring._UNAVAILABLE
+
+
+def test_uring_rings_are_per_thread_and_reads_complete_in_any_order(tmp_path):
+    if uring.ring() is None:
+        pytest.skip("io_uring is not available here")
+    data = np.random.default_rng(5).integers(0, 255, 3 * uring.ENTRIES * 64, dtype=np.uint8)
+    (tmp_path / "d").write_bytes(data.tobytes())
+    offsets = np.random.default_rng(6).permutation(len(data) // 64)[: 2 * uring.ENTRIES + 7] * 64  # 3 submissions
+    out = np.zeros((len(offsets), 64), np.uint8)
+    fd = os.open(tmp_path / "d", os.O_RDONLY)
+    rings = []
+    try:
+        def read() -> None:
+            rings.append(uring.ring())
+            got = rings[-1].read(fd, offsets, np.full(len(offsets), 64), out.ctypes.data + 64 * np.arange(len(offsets)))
+            assert (got == 64).all()
+
+        read()
+        thread = threading.Thread(target=read)
+        thread.start(), thread.join()
+        assert rings[0] is not rings[1] and rings[0] is uring.ring()
+        ends = np.array([len(data) - 10, len(data)])
+        tail = rings[0].read(fd, ends, np.array([64, 64]), out.ctypes.data + np.array([0, 64]))
+        assert tail.tolist() == [10, 0]  # short reads at the end of the file are reported, not hidden
+    finally:
+        os.close(fd)
+    assert np.array_equal(out[2:], data.reshape(-1, 64)[offsets[2:] // 64])

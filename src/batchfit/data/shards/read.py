@@ -38,7 +38,8 @@ from .span import Span, shard_finder
 # 200,000 x 64 float32, batch 256 (1, 13 and 98 shards), 1-2 MiB measured fastest of 0.5-4 MiB.
 JOIN_BYTES = 2 * 2**20
 # Past the mapping limit, a gather whose rows are sparse in the file (fewer than this many rows
-# per region not yet mapped: a uniform shuffle) is read by pread, in runs, mapping nothing.
+# per page fault reading them through the map would take: a uniform shuffle) is read by pread,
+# in runs, mapping nothing.
 # Through the map each such row faults in a large folio (about 100 KiB measured on Linux 6.18,
 # up to 2 MiB), so the maps fill the limit after a few batches and are dropped (1-3 ms each);
 # a pread costs one system call per run instead (2-3 us). See shards/runs.py.
@@ -69,11 +70,15 @@ class _MappedArray:
         self.seen[last // _FAULT_BYTES] = True
         return int(np.count_nonzero(self.seen)) - before
 
-    def new_regions(self, first: np.ndarray) -> int:
-        """How many regions holding the bytes at ``first`` have not been read since the last drop."""
-        touched = np.zeros_like(self.seen)
-        touched[first // _FAULT_BYTES] = True
-        return int(np.count_nonzero(touched & ~self.seen))
+    def new_faults(self, first: np.ndarray) -> int:
+        """About how many page faults reading the bytes at ``first`` through the map would take:
+        the distinct :data:`runs.READ_AROUND` windows holding them in regions not read since the
+        last drop (a fault maps the file's cached pages around itself, so rows of one window
+        share it)."""
+        touched = np.zeros(len(self._map) // runs.READ_AROUND + 1, dtype=bool)
+        touched[first // runs.READ_AROUND] = True
+        windows = np.flatnonzero(touched)
+        return int(np.count_nonzero(~self.seen[windows // (_FAULT_BYTES // runs.READ_AROUND)]))
 
     def read_runs(self, plan: runs.Runs, out: np.ndarray) -> None:
         """Rows of ``plan`` into ``out`` by pread; on a cold page cache the kernel is told first."""
@@ -444,7 +449,7 @@ class ShardSource:
         rows = np.empty((len(local), *spec.shape), spec.dtype) if out is None else out
         row_bytes = self._row_bytes[spec.key]
         first = mapped.header_bytes + local * row_bytes
-        if runs.AVAILABLE and len(local) and mapped.new_regions(first) * PREADS_PER_FAULT > len(local):
+        if runs.AVAILABLE and len(local) and mapped.new_faults(first) * PREADS_PER_FAULT > len(local):
             # Sparse rows (a uniform shuffle): pread them in file order, mapping nothing.
             mapped.read_runs(runs.plan_runs(local, mapped.header_bytes, row_bytes, destinations), rows)
             return rows if numpy or out is not None else torch.from_numpy(rows)
