@@ -41,10 +41,11 @@ from ..workloads.text import accuracy, load_text_model, prepare_corpus
 # ----------------------------------------------------------------------------- data and counting
 
 
-def review_shards(folder: Path, tokenizer_name: str, train: int, max_length: int) -> tuple[ShardSource, ShardSource]:
-    """Fine-food reviews (``train`` of them, validation a quarter as many) tokenised into shard folders."""
+def review_shards(folder: Path, tokenizer: Any, train: int, max_length: int) -> tuple[ShardSource, ShardSource]:
+    """Fine-food reviews (``train`` of them, validation a quarter as many) tokenised into shard folders
+    (``tokenizer``: a tokenizer, or a name for :func:`load_tokenizer`)."""
     csvs = prepare_corpus("fine_food", folder / "csv", limit=train, val_fraction=0.25, seed=0)
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     train_src = write_text_shards(csvs["train"], folder / "train", tokenizer, label_column="label",
                                   max_length=max_length)
     val_src = write_text_shards(csvs["val"], folder / "val", tokenizer, label_column="label", max_length=max_length,
@@ -279,7 +280,7 @@ def text_bench(quick: bool = False, repeats: int | None = None, memory: bool = T
     try:
         with tempfile.TemporaryDirectory() as folder:
             tokenizer = load_tokenizer("smollm2")
-            small_train, _ = review_shards(Path(folder) / "smol", "smollm2", 256 if quick else 512, 256)
+            small_train, _ = review_shards(Path(folder) / "smol", tokenizer, 256 if quick else 512, 256)
             result: dict[str, Any] = {"repeats": repeats, "threads": 1}
             result["batching"] = batching_rows(small_train, repeats, tokenizer.pad_token_id, len(tokenizer))
             train, val = review_shards(Path(folder) / "minilm", "minilm", 128 if quick else 256, 128)

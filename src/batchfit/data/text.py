@@ -165,13 +165,19 @@ def _text_file_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, {"text": line.strip()}
 
 
-def _csv_records(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+def _csv_header(path: Path) -> list[str]:
     csv.field_size_limit(2**31 - 1)
     with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        _check_columns(columns, header, path)
+        return list(csv.DictReader(f, delimiter=_delimiter(path)).fieldnames or [])
+
+
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=_delimiter(path))
         for row in reader:
             yield reader.line_num, row
 
@@ -207,7 +213,8 @@ def read_records(path: str | os.PathLike[str], columns: Sequence[str]) -> Iterat
         raise expected("in_path", "an existing text, .csv, .tsv or .jsonl file", str(path))
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return _csv_records(path, columns)
+        _check_columns(columns, _csv_header(path), path)  # now, before a tokenizer is loaded
+        return _csv_records(path)
     if suffix == ".jsonl":
         return _jsonl_records(path, columns)
     if suffix in (".npy", ".npz"):
