@@ -174,6 +174,9 @@ def test_eval_transform_draws_no_random_numbers_and_normalises(encoded):
     batch = encoded.gather(np.arange(6))
     torch.manual_seed(0)
     first, labels = transform(batch)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # the transform drew nothing from torch's generator
     second, _ = transform(batch, seed=5, epoch=9, indices=np.arange(6))
     assert torch.equal(first, second) and first.dtype == torch.float32 and first.shape == (6, 3, 16, 16)
     raw, _ = bf.images.eval_transform(16, mean=None, std=None)(batch)

@@ -142,9 +142,8 @@ class ImageTransform:
             f"eval, resize={self.resize}"
         return f"ImageTransform(size={self.size}, {kind}, mean={self.mean}, std={self.std})"
 
-    def __call__(self, batch: Batch | tuple[list[bytes], torch.Tensor], *, seed: int | None = None, epoch: int = 0,
-                 indices: Any = None,
-                 pin_memory: bool = False, mode: str | None = None) -> Batch:
+    def __call__(self, batch: Batch | tuple[list[bytes], torch.Tensor], *, seed: int | None = None,
+                 epoch: int = 0, indices: Any = None, pin_memory: bool = False, mode: str | None = None) -> Batch:
         """``(float32 images (batch, channels, size, size), labels)`` of an image batch.
 
         ``mode`` (``"RGB"`` or ``"L"``) is the colour mode every image is converted to; by
@@ -152,8 +151,8 @@ class ImageTransform:
         """
         images, labels = _split(batch)
         count = len(labels)
-        if indices is None:
-            seed, indices = int(torch.randint(2**62, (1,)).item()), np.arange(count)
+        if indices is None:  # a plain transform(batch): a batch key from torch's generator (none for eval)
+            seed, indices = int(torch.randint(2**62, (1,)).item()) if self.train else 0, np.arange(count)
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) != count:
             raise expected("indices", f"{count} sample indices, one per image", len(indices))
