@@ -9,9 +9,10 @@ hundred MiB. Every measurement runs in a fresh child process (its own peak RSS, 
 the orders interleaved, repeated, medians:
 
 - read one epoch (warm page cache), or its first batches (cold: the files' pages dropped with
-  ``posix_fadvise(POSIX_FADV_DONTNEED)`` before each child), with ``shuffle="full"`` (rows of
-  sparse gathers read by pread in runs), ``"full"`` read through the maps only (the read path
-  before pread), and ``"block"`` (512 x 16, the Batcher's default);
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` before each child), with ``shuffle="full"`` (the runs
+  of sparse gathers submitted to io_uring, where the kernel allows it), ``"full"`` with one
+  pread a run, ``"full"`` read through the maps only (the read path before pread), and
+  ``"block"`` (512 x 16, the Batcher's default);
 - train one epoch of an MLP 256-128-10 with ``prefetch=2``, full against block.
 """
 
@@ -34,18 +35,23 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batcher import Batcher
-from ..data.shards import ShardSource, write_shards
+from ..data.shards import ShardSource, runs, write_shards
 from ..data.shards import read as shard_read
 from .shards import evict, peak_rss_mib, row, xy
 
 WIDTH = 256
-ORDERS = {"full": ("full", True), "full, maps only": ("full", False), "block": ("block", True)}
+# name -> (shuffle, how sparse rows are read: "io_uring" where available, else "pread"; "pread"
+# one system call a run; "maps" through the memory maps, as before either)
+ORDERS = {"full": ("full", "io_uring"), "full, one pread a run": ("full", "pread"),
+          "full, maps only": ("full", "maps"), "block": ("block", "io_uring")}
 
 
 def _batcher(path: str, order: str, limit: int, prefetch: int = 0) -> Batcher:
-    shuffle, pread = ORDERS[order]
-    if not pread:
+    shuffle, read = ORDERS[order]
+    if read == "maps":
         shard_read.PREADS_PER_FAULT = 0  # every read through the maps, as before pread
+    if read == "pread":
+        runs.URING_RUNS = 2**62  # no gather is large enough for io_uring
     return Batcher(ShardSource(path, max_mapped_bytes=limit), batch_size=256, shuffle=shuffle, seed=0,
                    prefetch=prefetch)
 
