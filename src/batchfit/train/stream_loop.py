@@ -255,7 +255,8 @@ def _loop(trainer: Trainer, run: StreamRun, max_steps: int | None, until: Any, v
     source.drop_buffer()  # read but not trained on: the broker delivers them again
     record = _end(trainer, run, val)
     progress.end_epoch(record)
-    trainer.lr.after_epoch(record)
+    if trainer.step > start_step:  # a fit without a step has no loss to judge a plateau by
+        trainer.lr.after_epoch(record)
     for hook in hooks["on_epoch_end"]:
         hook(trainer, run.epoch, record)
     if trainer.checkpoint_dir is not None:
@@ -458,13 +459,17 @@ def _exit_on_signal(trainer: Trainer, run: StreamRun) -> None:
 
 
 def _end(trainer: Trainer, run: StreamRun, val: Any) -> dict[str, Any]:
-    """This fit's record in ``history.epochs``: the prequential metrics, and validation metrics of ``val``."""
-    record: dict[str, Any] = {"epoch": run.epoch, "loss": math.nan, "steps": trainer.step,
-                              "samples": trainer.samples_seen, "seconds": run.elapsed_before + time.perf_counter()
-                              - run.start, "redelivered": run.redelivered}
+    """This fit's record in ``history.epochs``: ``loss``, the prequential loss of this fit's events; the
+    prequential metrics of the whole run (``preq_<name>``), and validation metrics of ``val``."""
+    history = trainer.history
+    mine = [(loss, size) for loss, size, epoch in zip(history.losses(), history.column("batch_size"),
+                                                       history.column("epoch")) if epoch == run.epoch]
+    events = sum(size for _, size in mine)
+    record: dict[str, Any] = {"epoch": run.epoch, "loss": sum(loss * size for loss, size in mine) / events
+                              if events else math.nan, "steps": trainer.step, "samples": trainer.samples_seen,
+                              "seconds": run.elapsed_before + time.perf_counter() - run.start,
+                              "redelivered": run.redelivered}
     columns = run.prequential.columns()
-    if "preq_loss" in columns:
-        record["loss"] = columns["preq_loss"]
     record.update({k: v for k, v in columns.items() if not k.endswith("_window")})
     if val is not None:
         record.update({f"val_{k}": v for k, v in trainer.evaluate(val).items()})
