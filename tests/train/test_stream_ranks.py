@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 import batchfit as bf
-from batchfit.train.stream_ranks import allocate, shares
+from batchfit.distributed import DistContext
+from batchfit.train.stream_ranks import StreamRanks, allocate, shares
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +92,33 @@ def test_stream_ranks_shares_and_allocation():
     assert allocate([20, 3], 16) == [13, 3]  # a starved rank: the other fills the batch
     assert allocate([0, 5], 16) == [0, 5]  # the end of the stream: what there is
     assert allocate([4, 30], 16) == [4, 12]
+
+
+def test_stream_ranks_agreement_closes_by_size_by_latency_and_at_the_end():
+    """The agreement's rules on one rank (the all-reduce is the identity): by size, on time, the rest at the end."""
+    gate = threading.Event()
+    rows = _rows(13)
+
+    def produce():
+        yield from rows[:8]
+        yield from rows[8:11]
+        gate.wait(30)  # the producer goes quiet: only the clock closes the batch of 3
+        yield from rows[11:]
+
+    ranks = StreamRanks(DistContext(), bf.StreamSource(produce(), max_latency=0.05), batch_size=8)
+    taken = []
+    for _ in range(2000):
+        plan = ranks.plan(stop=False, signal=False)
+        if plan.ended:
+            break
+        if plan.global_size:
+            batch = ranks.take(plan)
+            assert batch is not None and batch.size == plan.global_size
+            taken.append((batch.size, batch.reason))
+            if len(taken) == 2:
+                gate.set()
+    assert taken == [(8, "size"), (3, "latency"), (2, "end")]
+    assert ranks.plan(stop=True, signal=False).stop
 
 
 def test_stream_two_ranks_equal_one_process_on_the_same_events(redis_server, tmp_path, assert_close):

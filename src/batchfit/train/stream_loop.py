@@ -156,7 +156,7 @@ def fit_stream(trainer: Trainer, source: StreamSource, *, max_steps: int | None 
                            device=trainer.device, precision=o.precision, micro_batch_size=micro,
                            max_grad_norm=o.max_grad_norm, world_size=dist.world_size, loss_count=trainer.loss_count)
     if dist.enabled:
-        run.ranks = StreamRanks(dist, source, o.batch_size)
+        run.ranks = StreamRanks(dist, source, o.batch_size, trainer.device)
         run.sparse = sparse_parameters(trainer.module, trainer.step_fn.params)
     lock = ckpt.FolderLock(trainer.checkpoint_dir) if trainer.checkpoint_dir is not None and dist.is_main else None
     try:

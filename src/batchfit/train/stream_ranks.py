@@ -69,8 +69,10 @@ def allocate(held: Sequence[int], batch_size: int) -> list[int]:
 class StreamRanks:
     """The agreement of a distributed stream run: before each step, who contributes how many events."""
 
-    def __init__(self, context: DistContext, source: StreamSource, batch_size: int) -> None:
+    def __init__(self, context: DistContext, source: StreamSource, batch_size: int,
+                 device: torch.device | str = "cpu") -> None:
         self.context, self.source, self.batch_size = context, source, batch_size
+        self.device = torch.device(device)  # where the agreement's numbers travel (nccl: a CUDA device)
         self.share = shares(batch_size, context.world_size)[context.rank]
         # A rank reads about its share at a time, so that one rank does not take every event of a slow stream.
         source.read_ahead = max(1, self.share)
@@ -88,7 +90,7 @@ class StreamRanks:
         values[2 * world] = float(source.ended)
         values[2 * world + 1] = float(stop)
         values[2 * world + 2] = float(signal)
-        self.context.all_reduce_sum(values)
+        values = self.context.all_reduce_sum(values.to(self.device)).cpu()
         held = [int(v) for v in values[:world].tolist()]
         oldest = float(values[world : 2 * world].max())
         ended = int(values[2 * world]) == world
@@ -120,19 +122,22 @@ def reduce_step(context: DistContext, params: Sequence[torch.nn.Parameter], spar
     present = [p.grad is not None for p in params]
     pieces = [_dense(p) for p in params]
     dtype = pieces[0].dtype if pieces else torch.float32
-    tail = torch.tensor([float(p) for p in present] + list(numbers), dtype=torch.float64)
-    grads = torch.cat([piece.reshape(-1).to(dtype) for piece in pieces]) if pieces else torch.zeros(0, dtype=dtype)
+    device = params[0].device if params else torch.device("cpu")
+    tail = torch.tensor([float(p) for p in present] + list(numbers), dtype=torch.float64, device=device)
+    grads = torch.cat([piece.reshape(-1).to(dtype) for piece in pieces]) if pieces else torch.zeros(0, dtype=dtype,
+                                                                                                     device=device)
     context.all_reduce_sum(grads)
     context.all_reduce_sum(tail)
     grads /= context.world_size
+    totals = tail.tolist()
     offset = 0
     for index, (param, piece) in enumerate(zip(params, pieces)):
         size = piece.numel()
-        if tail[index] > 0:
+        if totals[index] > 0:
             grad = grads[offset : offset + size].view_as(piece).to(param.dtype)
             param.grad = grad.to_sparse(1) if sparse[index] else grad.clone()
         offset += size
-    return tail[len(params):].tolist()
+    return totals[len(params):]
 
 
 def _dense(param: torch.nn.Parameter) -> torch.Tensor:
@@ -163,7 +168,7 @@ def gathered(context: DistContext, value: Any) -> list[Any]:
 
 def barrier(context: DistContext) -> None:
     """Wait until every rank comes here (after rank 0 made a checkpoint durable, before the acks)."""
-    context.all_reduce_sum(torch.zeros(1))
+    context.all_equal(0)
 
 
 def each_rank(states: Sequence[dict[str, Any]], rank: int, world_size: int) -> Iterator[dict[str, Any]]:
