@@ -61,3 +61,21 @@ def test_stream_config_refuses_builtin_models_and_bad_fields(tmp_path):
     config["stream"]["fields"] = [1, 2]
     with pytest.raises(ConfigError, match=r"`stream.fields` must be a list of field names"):
         build_stream(config)
+
+
+def test_stream_example_script_trains_and_reports_the_prequential_rmse(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("pandas")
+    pytest.importorskip("recbole")
+    pytest.importorskip("redis")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    script = EXAMPLE.with_suffix(".py")
+    done = subprocess.run([sys.executable, str(script), "--limit", "800", "--rate", "50000", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "800 events, prequential RMSE" in done.stdout and (tmp_path / "curves.png").is_file()
+    assert (tmp_path / "snapshots" / "LATEST").is_file()
