@@ -341,3 +341,12 @@ out = "{tmp_path / 'runs'}"
     missing.write_text(config.read_text().replace("image_size = 16\n", ""))
     with pytest.raises(ValueError, match="`data.image_size` is required"):
         run_config(load_config(missing))
+
+
+def test_ranks_together_see_the_single_process_batch(encoded):
+    source = bf.images.ImageSource(encoded, bf.images.train_transform(12))
+    whole = next(iter(bf.Batcher(source, batch_size=10, shuffle=True, seed=4)))
+    shares = [next(iter(bf.Batcher(source, batch_size=10, shuffle=True, seed=4, rank=r, world_size=2)))
+              for r in range(2)]
+    assert torch.equal(torch.cat([x for x, _ in shares]), whole[0])
+    assert torch.equal(torch.cat([y for _, y in shares]), whole[1])
