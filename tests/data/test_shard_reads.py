@@ -156,11 +156,13 @@ def test_shard_reads_each_sample_once_per_epoch(tmp_path, read_path):
             assert np.array_equal(np.sort(served), ids)
 
 
+@pytest.mark.parametrize("shuffle", [False, "full", "block"])
 @pytest.mark.parametrize("named", [False, True])
-def test_shard_reads_two_ranks_share_each_batch_as_one_process(tmp_path, read_path, named):
+def test_shard_reads_two_ranks_share_each_batch_as_one_process(tmp_path, read_path, named, shuffle):
     memory, shards = _sources(tmp_path, named=named, shard_size=50)
-    whole = list(Batcher(memory, batch_size=64, seed=2))
-    ranks = [list(Batcher(shards, batch_size=64, seed=2, rank=r, world_size=2)) for r in range(2)]
+    options = dict(batch_size=64, seed=2, shuffle=shuffle, block_size=40, window_blocks=4)
+    whole = list(Batcher(memory, **options))
+    ranks = [list(Batcher(shards, rank=r, world_size=2, **options)) for r in range(2)]
     for batch, first, second in zip(whole, *ranks, strict=True):
         if named:
             joined = {key: torch.cat([first[key], second[key]]) for key in batch}
@@ -169,18 +171,21 @@ def test_shard_reads_two_ranks_share_each_batch_as_one_process(tmp_path, read_pa
         _equal(batch, joined)
 
 
+@pytest.mark.parametrize("shuffle", ["full", "block"])
 @pytest.mark.parametrize("prefetch", [0, 2])
 @pytest.mark.parametrize("shard_size", [None, 40])
-def test_shard_reads_state_dict_resumes_mid_epoch(tmp_path, read_path, prefetch, shard_size):
+def test_shard_reads_state_dict_resumes_mid_epoch(tmp_path, read_path, prefetch, shard_size, shuffle):
     memory, shards = _sources(tmp_path, shard_size=shard_size)
-    expected = list(Batcher(memory, batch_size=32, seed=4, shuffle="full"))
-    first = Batcher(shards, batch_size=32, seed=4, shuffle="full", prefetch=prefetch)
+    expected = list(Batcher(memory, batch_size=32, seed=4, shuffle=shuffle, block_size=40, window_blocks=4))
+    first = Batcher(shards, batch_size=32, seed=4, shuffle=shuffle, prefetch=prefetch, block_size=40,
+                    window_blocks=4)
     served = []
     for batch in first.remaining():
         served.append(batch)
         if len(served) == 5:
             break
-    resumed = Batcher(shards, batch_size=32, seed=4, shuffle="full", prefetch=prefetch)
+    resumed = Batcher(shards, batch_size=32, seed=4, shuffle=shuffle, prefetch=prefetch, block_size=40,
+                      window_blocks=4)
     resumed.load_state_dict(first.state_dict())
     served += list(resumed.remaining())
     for a, b in zip(expected, served, strict=True):

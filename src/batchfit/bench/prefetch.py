@@ -96,6 +96,29 @@ def parallel_row(repeats: int) -> Row:
                "matmuls/s")
 
 
+def cpu_time_row(src: ArraySource, repeats: int) -> Row:
+    """prefetch=2 against prefetch=0 from memory, iterate only, in the process's CPU time.
+
+    What the probes and the extra generator layers cost, without the wall-clock noise of a shared
+    machine (other processes' load moves wall-clock ratios of identical runs by 2-14% here). No
+    thread starts in this case; if one did, its CPU time would count too.
+    """
+    candidates = _pair(src, _iterate_pass, len(src) // 256, passes=3)
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    for repeat in range(repeats):
+        names = list(candidates)[repeat % 2:] + list(candidates)[: repeat % 2]
+        for name in names:
+            start = time.process_time()
+            samples = candidates[name]()
+            seconds[name].append(time.process_time() - start)
+    ratios = [b / a for a, b in zip(seconds["prefetch=2"], seconds["prefetch=0"])]
+    extra_us = statistics.median(a - b for a, b in zip(seconds["prefetch=2"], seconds["prefetch=0"])) \
+        / (samples / 256) * 1e6
+    return Row(f"prefetch=2, from memory, iterate only, process CPU time: {extra_us:.2f} us more a batch",
+               "prefetch=0", samples / statistics.median(seconds["prefetch=2"]),
+               samples / statistics.median(seconds["prefetch=0"]), statistics.median(ratios), ">=0.95")
+
+
 def _cold(src_path: Path, max_mapped_bytes: int) -> Callable[[], ShardSource]:
     """A fresh ShardSource whose files were just dropped from the page cache."""
     def open_cold() -> ShardSource:
@@ -159,11 +182,21 @@ def prefetch_rows(quick: bool = False, repeats: int | None = None) -> list[Row]:
             (f"warm shards ({len(shards13.shard_sizes)}), MLP step", _pair(shards13, train, every // 3)),
             ("costly transform, MLP step", _pair(memory, train, every // 4, transform=costly_transform)),
         ]
+        # The noise floor: prefetch=0 against itself, interleaved with the iterate-only pair (each
+        # pass is short, so that pair gets twice the repeats).
+        cases[0][1]["prefetch=0, again"] = _pair(memory, _iterate_pass, every, passes=3)["prefetch=0"]
         rows = [parallel_row(repeats), *handoff_rows(num_samples, repeats)]
-        for name, candidates in cases:
-            candidates[next(iter(candidates))](), candidates["prefetch=0"]()  # warm-up
-            rates = interleaved(candidates, repeats, rotate=True)
+        for index, (name, candidates) in enumerate(cases):
+            for run_once in candidates.values():  # warm-up
+                run_once()
+            rates = interleaved(candidates, 2 * repeats if index == 0 else repeats, rotate=True)
             rows.append(_row(name, rates))
+            if "prefetch=0, again" in rates:
+                same = [a / b for a, b in zip(rates["prefetch=0, again"], rates["prefetch=0"])]
+                rows.append(Row(f"prefetch=0 again (the noise floor), {name}", "prefetch=0",
+                                statistics.median(rates["prefetch=0, again"]), statistics.median(rates["prefetch=0"]),
+                                statistics.median(same), "(informative)"))
+        rows.append(cpu_time_row(memory, 2 * repeats))
         rows.append(_cold_row(folder, quick, repeats))
     finally:
         torch.set_num_threads(threads)
