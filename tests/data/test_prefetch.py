@@ -54,7 +54,9 @@ def test_prefetch_slow_items_used_slowly_move_to_a_thread_after_one_probe(monkey
 @pytest.mark.parametrize(("produce", "use"), [(3e-3, 0.0), (0.0, 3e-3)])
 def test_prefetch_nothing_to_overlap_stays_in_the_callers_thread(monkeypatch, produce, use):
     """Slow items used at once, or quick items used slowly: a thread would only add hand-overs."""
-    monkeypatch.setattr(prefetch, "PAYS_SECONDS", 1e-3)
+    # Just under the 3 ms side (a sleep never ends early), far above the quick side: a busy
+    # machine would have to stall the quick side 20 ms in one probe to make it look slow.
+    monkeypatch.setattr(prefetch, "PAYS_SECONDS", 2.5e-3)
     threads: list[bool] = []
     assert used(prefetch.prefetch_iter(produced(20, seconds=produce, seen=threads), depth=2), use) == list(range(20))
     assert not any(threads)
