@@ -31,12 +31,18 @@ REFERENCES = {"river BiasedMF (OFFLINE.md)": 0.949, "PyTorch MF, batch 32 (OFFLI
 PAST, VALIDATION = 0.7, 0.8  # the offline model trains on [0, 70 %), picks its epochs on [70 %, 80 %)
 
 
-def stream_rmse(columns: dict[str, np.ndarray], batch_size: int, lr: float, window: int) -> dict[str, Any]:
-    """One prequential pass over the ratings in time order: overall RMSE, RMSE per ``window`` events, events/s."""
+def stream_rmse(columns: dict[str, np.ndarray], batch_size: int, lr: float, window: int,
+                sparse: bool = False, table_scale: int = 1) -> dict[str, Any]:
+    """One prequential pass over the ratings in time order: overall RMSE, RMSE per ``window`` events, events/s.
+
+    ``sparse``: sparse embedding gradients with ``SparseAdam`` (only the rows of a batch's users and items
+    are updated) instead of dense ones with Adam. ``table_scale`` multiplies the rows of the embedding
+    tables (a catalogue that many times larger, of which these ratings touch the first rows).
+    """
     events = list(zip(columns["user"].tolist(), columns["item"].tolist(), columns["rating"].tolist()))
-    model = MatrixFactorization(943, 1682, dim=16)
-    trainer = Trainer(model, rmse_loss, torch.optim.Adam(model.parameters(), lr=lr), batch_size=batch_size,
-                      progress=False)
+    model = MatrixFactorization(943 * table_scale, 1682 * table_scale, dim=16, sparse=sparse)
+    optimizer = (torch.optim.SparseAdam if sparse else torch.optim.Adam)(list(model.parameters()), lr=lr)
+    trainer = Trainer(model, rmse_loss, optimizer, batch_size=batch_size, progress=False)
     start = time.perf_counter()
     history = trainer.fit(StreamSource(events))
     seconds = time.perf_counter() - start
@@ -48,9 +54,31 @@ def stream_rmse(columns: dict[str, np.ndarray], batch_size: int, lr: float, wind
         windows.append(math.sqrt(sum(loss * size for loss, size in chosen) / sum(size for _, size in chosen)))
     test_from = int(VALIDATION * len(events))
     tail = [(loss, size) for loss, size, at in zip(losses, sizes, first) if at >= test_from]
-    return {"batch_size": batch_size, "lr": lr, "preq_rmse": math.sqrt(history.column("preq_loss")[-1]),
-            "window": window, "window_rmse": windows, "events_per_s": len(events) / seconds,
+    return {"batch_size": batch_size, "lr": lr, "sparse": sparse,
+            "preq_rmse": math.sqrt(history.column("preq_loss")[-1]), "window": window, "window_rmse": windows,
+            "events_per_s": len(events) / seconds,
             "test_rmse": math.sqrt(sum(loss * size for loss, size in tail) / sum(size for _, size in tail))}
+
+
+def sparse_against_dense(columns: dict[str, np.ndarray], batch_sizes: Sequence[int], lr: float, events: int = 10_000,
+                         repeats: int = 3, table_scales: Sequence[int] = (1, 100)) -> list[dict[str, Any]]:
+    """Events/s of sparse embedding gradients (SparseAdam) against dense ones (Adam) on the first ``events``
+    ratings, with ML-100k's tables and with tables ``table_scale`` times larger: the median of ``repeats``
+    interleaved runs each, and their ratio."""
+    part = {k: v[:events] for k, v in columns.items()}
+    keys = [(b, scale, s) for scale in table_scales for b in batch_sizes for s in (False, True)]
+    rates: dict[tuple[int, int, bool], list[float]] = {key: [] for key in keys}
+    for repeat in range(repeats):
+        for b, scale, s in keys[repeat % len(keys):] + keys[: repeat % len(keys)]:
+            rates[(b, scale, s)].append(stream_rmse(part, b, lr, events, sparse=s, table_scale=scale)["events_per_s"])
+    rows = []
+    for scale in table_scales:
+        for b in batch_sizes:
+            dense, sparse = float(np.median(rates[(b, scale, False)])), float(np.median(rates[(b, scale, True)]))
+            rows.append({"batch_size": b, "table_scale": scale, "dense_events_per_s": dense,
+                         "sparse_events_per_s": sparse, "sparse_over_dense": sparse / dense, "events": events,
+                         "repeats": repeats})
+    return rows
 
 
 def offline_rmse(columns: dict[str, np.ndarray], batch_size: int, lr: float, max_epochs: int,
@@ -83,7 +111,9 @@ def recipe_table(batch_sizes: Sequence[int] = (32, 256), lr: float = 0.01, windo
     torch.set_num_threads(1)
     columns = load_movielens_100k()
     result = {"stream": [stream_rmse(columns, b, lr, window) for b in batch_sizes],
-              "offline": offline_rmse(columns, 256, lr, max_epochs, window)}
+              "sparse": [stream_rmse(columns, b, lr, window, sparse=True) for b in batch_sizes],
+              "offline": offline_rmse(columns, 256, lr, max_epochs, window),
+              "sparse_speed": sparse_against_dense(columns, batch_sizes, lr)}
     if plot is not None:
         plot_recipe(result, plot)
     return result
@@ -112,11 +142,22 @@ def format_recipe_table(result: dict[str, Any]) -> str:
     offline = result["offline"]
     test_label = f"RMSE on the last {1 - VALIDATION:.0%}"
     lines = [f"| model | prequential RMSE, whole pass | {test_label} | events/s |", "| --- | --- | --- | --- |"]
-    for row in result["stream"]:
-        lines.append(f"| stream, batch {row['batch_size']}, Adam lr {row['lr']:g} | {row['preq_rmse']:.3f} | "
+    for row in result["stream"] + result.get("sparse", []):
+        kind = "SparseAdam, sparse embeddings" if row.get("sparse") else "Adam"
+        lines.append(f"| stream, batch {row['batch_size']}, {kind}, lr {row['lr']:g} | {row['preq_rmse']:.3f} | "
                      f"{row['test_rmse']:.3f} (prequential) | {row['events_per_s']:,.0f} |")
     lines.append(f"| offline, batch {offline['batch_size']}, {offline['epochs']} epochs on the first {PAST:.0%} | - | "
                  f"{offline['test_rmse']:.3f} (frozen) | - |")
     for label, value in REFERENCES.items():
         lines.append(f"| {label} | {value} | - | - |")
+    speed = result.get("sparse_speed", [])
+    if speed:
+        lines += ["", f"Sparse against dense embedding gradients, from a list of the first {speed[0]['events']:,} "
+                      f"ratings, median of {speed[0]['repeats']} interleaved runs:", "",
+                  "| embedding rows | batch | dense (Adam) events/s | sparse (SparseAdam) events/s | sparse / dense |",
+                  "| --- | --- | --- | --- | --- |"]
+        for row in speed:
+            rows = f"{943 * row['table_scale']:,} users + {1682 * row['table_scale']:,} items"
+            lines.append(f"| {rows} | {row['batch_size']} | {row['dense_events_per_s']:,.0f} | "
+                         f"{row['sparse_events_per_s']:,.0f} | {row['sparse_over_dense']:.2f} |")
     return "\n".join(lines)
