@@ -3,7 +3,8 @@
     python _stream_ranks_worker.py URL OUT [OPTIONS_JSON]
 
 OPTIONS_JSON: ``claim_idle`` (seconds), ``checkpoint_dir`` (with a checkpoint every 3 steps and resume=True),
-``stop_at`` (rank 1 asks to stop after that step), ``sparse`` (a matrix factorisation with sparse embedding
+``stop_at`` (rank 1 asks to stop after that step), ``kill_at`` (rank 1 kills itself with SIGKILL after that
+step), ``sparse`` (a matrix factorisation with sparse embedding
 gradients and SparseAdam on events ``user, item, rating`` instead).
 
 Reads the Redis stream ``events`` as consumer ``rank-<RANK>`` of group ``g`` and trains the small net of
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -55,7 +57,8 @@ def main() -> None:
     url, out = sys.argv[1:3]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
+    log = os.open(out + ".log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # survives a kill, unlike OUT
     fields = ("user", "item", "rating") if options.get("sparse") else FIELDS
     source = bf.StreamSource(bf.RedisStream(url, "events", group="g", consumer=f"rank-{rank}", fields=fields,
                                             idle_timeout=1.0, claim_idle=options.get("claim_idle", 30.0)))
@@ -63,10 +66,16 @@ def main() -> None:
     stop_at = options.get("stop_at")
 
     class Record(bf.Callback):
+        def on_fit_begin(self, trainer):
+            os.write(log, f"resume {trainer.step}\n".encode())
+
         def on_step_end(self, trainer, record):
             steps.append([] if source.last_batch is None else list(source.last_batch.ids))
+            os.write(log, f"step {record['step']} {' '.join(steps[-1])}\n".encode())
             if record["step"] == stop_at and rank == 1:
                 trainer.stop_training = True
+            if record["step"] == options.get("kill_at") and rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     folder = options.get("checkpoint_dir")
     checkpoints = {"checkpoint_dir": folder, "checkpoint_every": 3} if folder else {}

@@ -47,15 +47,18 @@ def _produce(url: str, rows) -> list[str]:
     return ids
 
 
-def _launch(url: str, folder: Path, **options) -> list[dict]:
+def _launch(url: str, folder: Path, world: int = WORLD, expect_ok: bool = True, **options) -> list[Path]:
+    """Run the worker on ``world`` ranks (1: a plain process, no process group); returns each rank's OUT path."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    outs = [folder / f"rank{rank}-{time.monotonic_ns()}.pt" for rank in range(WORLD)]
+    outs = [folder / f"rank{rank}-{time.monotonic_ns()}.pt" for rank in range(world)]
     processes = []
-    for rank in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", BATCHFIT_DIST_TIMEOUT="60")
+    for rank in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if world > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE=str(world), BATCHFIT_DIST_TIMEOUT="60")
         command = [sys.executable, str(WORKER), url, str(outs[rank]), json.dumps(options)]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
@@ -67,9 +70,27 @@ def _launch(url: str, folder: Path, **options) -> list[dict]:
             for other in processes:
                 other.kill()
             raise
-    for process, log in zip(processes, logs):
-        assert process.returncode == 0, log[-3000:]
-    return [torch.load(out, weights_only=False) for out in outs]
+    if expect_ok:
+        for process, log in zip(processes, logs):
+            assert process.returncode == 0, log[-3000:]
+    return outs
+
+
+def _run(url: str, folder: Path, **options) -> list[dict]:
+    """:func:`_launch`, then each rank's results."""
+    return [torch.load(out, weights_only=False) for out in _launch(url, folder, **options)]
+
+
+def _lineage(log: Path) -> list[tuple[int, list[str]]]:
+    """(step, ids) of the steps a rank's log says it trained, the steps after a resume replacing the lost ones."""
+    steps: dict[int, list[str]] = {}
+    for line in log.read_text().splitlines():
+        word, number, *ids = line.split(" ")
+        if word == "resume":
+            steps = {k: v for k, v in steps.items() if k <= int(number)}
+        else:
+            steps[int(number)] = ids
+    return sorted(steps.items())
 
 
 def _single_process(rows_by_id: dict[str, tuple], steps: list[list[str]], sparse: bool = False) -> bf.Trainer:
@@ -124,7 +145,7 @@ def test_stream_ranks_agreement_closes_by_size_by_latency_and_at_the_end():
 def test_stream_two_ranks_equal_one_process_on_the_same_events(redis_server, tmp_path, assert_close):
     rows = _rows(200)
     ids = _produce(redis_server, rows)
-    results = _launch(redis_server, tmp_path)
+    results = _run(redis_server, tmp_path)
     per_rank = [[i for step in result["steps"] for i in step] for result in results]
     assert not set(per_rank[0]) & set(per_rank[1])  # disjoint events
     assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # every event once
@@ -151,7 +172,7 @@ def test_stream_ranks_claim_the_pending_events_of_a_dead_consumer(redis_server, 
     taken = client.xreadgroup("g", "rank-dead", {"events": ">"}, count=20)[0][1]  # then the consumer dies
     assert len(taken) == 20
     time.sleep(0.6)
-    results = _launch(redis_server, tmp_path, claim_idle=0.5)
+    results = _run(redis_server, tmp_path, claim_idle=0.5)
     per_rank = [[i for step in result["steps"] for i in step] for result in results]
     assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # the dead consumer's 20 included, none twice
     assert sum(result["redelivered"] for result in results) == 20
@@ -167,7 +188,7 @@ def test_stream_ranks_checkpoint_stop_and_resume_lose_no_event_and_equal_one_pro
     rows = _rows(160)
     ids = _produce(redis_server, rows)
     folder = tmp_path / "checkpoints"
-    first = _launch(redis_server, tmp_path, checkpoint_dir=str(folder), stop_at=5)  # rank 1 asks to stop
+    first = _run(redis_server, tmp_path, checkpoint_dir=str(folder), stop_at=5)  # rank 1 asks to stop
     assert [len(result["steps"]) for result in first] == [5, 5]  # both ranks stop after the same step
     client = redis.Redis.from_url(redis_server)
     pending = {entry["message_id"].decode() for entry in client.xpending_range("events", "g", "-", "+", 1000)}
@@ -175,7 +196,7 @@ def test_stream_ranks_checkpoint_stop_and_resume_lose_no_event_and_equal_one_pro
     assert trained and not pending & trained  # acknowledged once checkpointed; read but not trained: still pending
     saved = torch.load(sorted(folder.glob("step-*.pt"))[-1], weights_only=True)
     assert saved["step"] == 5 and len(saved["stream"]["ranks"]) == WORLD
-    second = _launch(redis_server, tmp_path, checkpoint_dir=str(folder))
+    second = _run(redis_server, tmp_path, checkpoint_dir=str(folder))
     steps = [a + b for a, b in zip(first[0]["steps"], first[1]["steps"])]
     steps += [a + b for a, b in zip(second[0]["steps"], second[1]["steps"])]
     used = [i for step in steps for i in step]
@@ -198,9 +219,36 @@ def test_stream_two_ranks_with_sparse_embeddings_equal_one_process(redis_server,
     client = redis.Redis.from_url(redis_server)
     ids = [client.xadd("events", {"user": str(u), "item": str(i), "rating": repr(r)}).decode() for u, i, r in rows]
     client.close()
-    results = _launch(redis_server, tmp_path, sparse=True)
+    results = _run(redis_server, tmp_path, sparse=True)
     steps = [a + b for a, b in zip(results[0]["steps"], results[1]["steps"])]
     assert sorted(i for step in steps for i in step) == sorted(ids) and all(len(s) == 16 for s in steps)
     expected = _single_process(dict(zip(ids, rows)), steps, sparse=True)
     for result in results:
         assert_close(result["weights"], expected.module.state_dict())
+
+
+def test_stream_ranks_a_killed_rank_resumes_on_one_process_without_losing_an_event(redis_server, tmp_path):
+    """kill -9 of rank 1 mid-run: rank 0 stops; one process resumes from the checkpoint, claims what rank 1 had
+    read, and the weights' lineage (steps up to the checkpoint, then the resumed ones) holds every event once."""
+    import redis
+
+    rows = _rows(200)
+    ids = _produce(redis_server, rows)
+    folder = tmp_path / "checkpoints"
+    outs = _launch(redis_server, tmp_path, expect_ok=False, checkpoint_dir=str(folder), kill_at=7)
+    assert not any(out.exists() for out in outs)  # neither rank finished
+    saved = torch.load(sorted(folder.glob("step-*.pt"))[-1], weights_only=True)
+    assert saved["step"] == 6 and len(saved["stream"]["ranks"]) == WORLD  # checkpoints every 3 steps
+    client = redis.Redis.from_url(redis_server)
+    owners = {entry["consumer"].decode() for entry in client.xpending_range("events", "g", "-", "+", 1000)}
+    assert "rank-1" in owners  # the dead rank left events pending
+    time.sleep(0.6)
+    resumed = _launch(redis_server, tmp_path, world=1, checkpoint_dir=str(folder), claim_idle=0.5)[0]
+    result = torch.load(resumed, weights_only=False)
+    first = [_lineage(Path(str(out) + ".log")) for out in outs]
+    before = [a + b for (step, a), (_, b) in zip(*first) if step <= 6]
+    after = [ids_ for _, ids_ in _lineage(Path(str(resumed) + ".log"))]
+    lineage = [i for step in before + after for i in step]
+    assert sorted(lineage) == sorted(ids)  # every event in the final weights exactly once
+    assert result["redelivered"] > 0 and int(client.xpending("events", "g")["pending"]) == 0
+    client.close()
