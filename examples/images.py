@@ -114,7 +114,10 @@ def main() -> None:
         print(f"shards in {train_shards.parent}; now: batchfit train examples/images.toml "
               "(it reads data/shapes_shards: edit data.train / data.val for other shards)")
         return
-    train = bf.images.ImageSource(train_shards, bf.images.train_transform(args.size, scale=(0.25, 1.0)))
+    # Digits are not mirror images of one another, and a small crop of one loses the digit.
+    digits = args.data == "digits" and args.folder is None
+    augment = bf.images.train_transform(args.size, scale=(0.5 if digits else 0.25, 1.0), flip=not digits)
+    train = bf.images.ImageSource(train_shards, augment)
     val = None if val_shards is None else bf.images.ImageSource(val_shards, bf.images.eval_transform(args.size))
     classes = train.classes or []
     print(f"{len(train)} training images, classes {classes}")
