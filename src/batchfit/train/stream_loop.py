@@ -13,6 +13,10 @@ order is that of the algorithm:
    acknowledge them. A crash between the two re-acknowledges them on resume; a crash before the
    checkpoint leaves them pending at the broker, which delivers them again: no event is lost, and
    an event is trained on twice only when its update was lost (at most one checkpoint interval).
+
+Torch lr schedulers step after each update; each ``fit`` call is one epoch for callbacks and per-epoch
+schedulers. In a distributed run the ranks agree before each step on their contributions to the batch,
+and the step's gradients are averaged over ranks explicitly (:mod:`.stream_ranks`).
 """
 
 from __future__ import annotations
