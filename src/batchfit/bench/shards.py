@@ -329,7 +329,7 @@ def run(quick: bool = True, size_gb: float | None = None, folder: str | os.PathL
     size_gb = size_gb if size_gb is not None else (0.25 if quick else 4.0)
     work = Path(tempfile.mkdtemp(prefix="batchfit-bench-shards-", dir=folder))
     try:
-        rows = bench_warm(work, repeats=3 if quick else 7)
+        rows = bench_warm(work, repeats=7 if quick else 15)
         rows += bench_quality(work, num_samples=50_000 if quick else 100_000, epochs=3)
         rows += bench_big(work, size_gb, cold_repeats=1 if quick else 3)
     finally:
