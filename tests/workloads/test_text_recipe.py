@@ -52,3 +52,20 @@ def test_text_recipe_trains_minilm_from_a_config(tmp_path: Path, capsys: pytest.
     assert summary["steps"] == 1 and summary["samples"] == 8
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_loss"] > 0
     assert Path(summary["model"]).is_file()
+
+
+@needs_minilm
+@pytest.mark.skipif(not Path("/usr/share/games/fortunes/food").is_file(), reason="Debian's fortunes not installed")
+def test_text_recipe_script_runs_end_to_end(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "finetune_text.py"), "--model", "minilm", "--lora-rank", "0", "--corpus",
+         "fortunes", "--train-samples", "32", "--max-length", "24", "--epochs", "1", "--data", str(tmp_path / "data"),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "before: val_loss" in done.stdout and "epoch 1: loss" in done.stdout and "val_accuracy" in done.stdout
+    assert (tmp_path / "out" / "model.pt").is_file()
+    assert (tmp_path / "data" / "train" / "manifest.json").is_file()
