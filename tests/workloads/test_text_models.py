@@ -144,3 +144,22 @@ def test_text_corpus_fortunes_split_is_seeded(tmp_path: Path) -> None:
     assert len(train) + len(val) == entries  # every entry in one of the two splits
     with pytest.raises(bf.BatchfitError, match="no fortune category 'nonsense'"):
         prepare_corpus("fortunes", tmp_path / "c", categories=("food", "nonsense"))
+
+
+@needs()
+def test_text_model_from_a_local_folder_and_a_gguf_path(tmp_path: Path) -> None:
+    import transformers
+
+    from batchfit.data.text import resolve_pretrained
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    model = load_text_model(tmp_path / "tiny", "classification", num_labels=3)
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 3)
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "m.Q4.gguf").write_bytes(b"")
+    assert resolve_pretrained(tmp_path / "gguf" / "m.Q4.gguf").kwargs()["gguf_file"] == "m.Q4.gguf"
+    assert resolve_pretrained(tmp_path / "gguf").gguf_file == "m.Q4.gguf"  # a folder holding one .gguf file
+    assert resolve_pretrained("org/model").kwargs() == {"local_files_only": True}
