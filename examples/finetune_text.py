@@ -26,7 +26,7 @@ import torch
 
 import batchfit as bf
 from batchfit.data.text import load_tokenizer, write_text_shards
-from batchfit.workloads.text import CORPORA, TASKS, accuracy, load_text_model, prepare_corpus, trainable_parameters
+from batchfit.workloads.text import CORPORA, TASKS, load_text_model, prepare_corpus, trainable_parameters
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,9 +90,8 @@ def main() -> None:
           f"(ready after {time.perf_counter() - start:.0f} s)")
     lr = args.lr if args.lr is not None else (1e-3 if args.lora_rank else 5e-5)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    metrics = {"accuracy": accuracy} if args.task == "classification" else {}
     trainer = bf.Trainer(model, None, optimizer, batch_size=args.batch_size, micro_batch_tokens=args.micro_batch_tokens,
-                         shuffle="length", progress="epochs", metrics=metrics, seed=args.seed)
+                         shuffle="length", progress="epochs", seed=args.seed)
     print(f"before: {describe(trainer.evaluate(val), args.task)}")
     history = trainer.fit(train, epochs=args.epochs, val=val)
     elapsed = 0.0

@@ -27,7 +27,8 @@ def test_check_choice_refuses_ints_posing_as_bools():
 
     import batchfit as bf
 
-    with pytest.raises(ValueError, match="`shuffle` must be one of False, True, 'full', 'block', 'length'. Received: shuffle=1"):
+    with pytest.raises(ValueError,
+                       match="`shuffle` must be one of False, True, 'full', 'block', 'length'. Received: shuffle=1"):
         bf.Batcher((np.zeros((4, 1)), np.zeros(4)), batch_size=2, shuffle=1)
 
 

@@ -251,3 +251,27 @@ def test_micro_batch_tokens_auto_trains_the_weights_of_one_batch():
     measured = batchfit_run(data, micro_batch_tokens="auto")
     for key, value in plain_loop(data).items():
         torch.testing.assert_close(measured[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_accuracy_of_a_hugging_face_classifier_without_a_metric():
+    config = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    data = token_data(40)
+    labels = np.arange(40) % 3
+    source = ArraySource(input_ids=data["input_ids"], input_ids_lengths=data["input_ids_lengths"], labels=labels)
+    trainer = Trainer(model, None, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, progress=False)
+    result = trainer.evaluate(source)
+    model.eval()
+    with torch.no_grad():
+        lengths = torch.from_numpy(data["input_ids_lengths"])
+        mask = (torch.arange(24)[None, :] < lengths[:, None]).long()
+        logits = model(input_ids=torch.from_numpy(data["input_ids"]), attention_mask=mask).logits
+    assert result["accuracy"] == pytest.approx(float((logits.argmax(-1) == torch.from_numpy(labels)).float().mean()))
+
+
+def test_a_causal_lm_gets_no_token_accuracy_from_its_logits():
+    model = tiny_llama()
+    trainer = Trainer(model, None, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, progress=False)
+    assert "accuracy" not in trainer.evaluate(ArraySource(**token_data(16)))

@@ -17,7 +17,6 @@ import torch
 import batchfit as bf
 from batchfit.data.text import load_tokenizer, read_records, write_text_shards
 from batchfit.workloads.text import (
-    accuracy,
     load_text_model,
     prepare_corpus,
     trainable_parameters,
@@ -55,7 +54,7 @@ def test_text_minilm_classifier_learns_fortune_topics(tmp_path: Path) -> None:
     model = load_text_model("minilm", "classification", classes=train.classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     trainer = bf.Trainer(model, None, optimizer, batch_size=16, micro_batch_tokens=256, shuffle="length",
-                         progress=False, metrics={"accuracy": accuracy})
+                         progress=False)
     before = trainer.evaluate(val)
     history = trainer.fit(train, epochs=3, val=val)
     after = history.epochs[-1]

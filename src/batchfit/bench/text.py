@@ -37,7 +37,7 @@ import torch
 from ..data.shards import ShardSource
 from ..data.text import load_tokenizer, write_text_shards
 from ..train.trainer import Trainer
-from ..workloads.text import accuracy, load_text_model, prepare_corpus
+from ..workloads.text import load_text_model, prepare_corpus
 
 # ----------------------------------------------------------------------------- data and counting
 
@@ -148,7 +148,7 @@ HF_BATCH, HF_MICRO, HF_LR = 16, 4, 5e-5
 def _evaluate(model: torch.nn.Module, val: ShardSource) -> dict[str, float]:
     """Validation loss and accuracy by one and the same code for every trained model."""
     judge = Trainer(model, None, torch.optim.SGD(model.parameters(), lr=0.0), progress=False,
-                    metrics={"accuracy": accuracy}, eval_batch_size=32)
+                    eval_batch_size=32)
     return judge.evaluate(val)
 
 

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import torch
 
-from ..core.batch import Batch, LossFn, batch_len, forward, loss_of, target_of, token_count
+from ..core.batch import Batch, LossFn, batch_len, forward, has_token_labels, loss_of, target_of, token_count
 from ..core.precision import autocast
 from ..data.batcher import Batcher
 from ..data.prefetch import device_prefetch
@@ -62,9 +62,10 @@ class Evaluator:
             # The mean over tokens when the loss counts tokens, as in training.
             sums.add("loss", loss, self._count(batch, n))
             target = target_of(batch)
-            if is_classification(output, target):
+            scores = _scores(output)  # a Hugging Face classifier's .logits count too
+            if scores is not None and not has_token_labels(batch) and is_classification(scores, target):
                 assert target is not None
-                sums.add_correct(correct_count(output, target), n)
+                sums.add_correct(correct_count(scores, target), n)
             for name, metric in self.metrics.items():
                 if is_stateful(metric):
                     metric.update(output, target)
@@ -112,6 +113,14 @@ class Evaluator:
                     yield output, batch, n
         finally:
             self.module.train(was_training)
+
+
+def _scores(output: Any) -> torch.Tensor | None:
+    """The output's class scores for accuracy: the output itself or its ``.logits``; ``None`` otherwise."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
 
 
 def prediction_of(output: Any) -> torch.Tensor:

@@ -164,13 +164,6 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def accuracy(output: Any, target: torch.Tensor) -> torch.Tensor:
-    """The fraction of samples whose highest logit is the target class (a ``metrics=`` entry for
-    models that return an output object with ``.logits``)."""
-    logits = output.logits if hasattr(output, "logits") else output
-    return (logits.argmax(dim=-1) == target.to(logits.device)).float().mean()
-
-
 # --- corpora -------------------------------------------------------------------------------------
 
 FORTUNES = Path("/usr/share/games/fortunes")
