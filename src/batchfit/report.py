@@ -26,11 +26,11 @@ from .core.device import resolve_device
 from .core.figures import new_figure, save_figure
 from .core.maths import ema
 from .core.precision import PRECISIONS
-from .data.sources import as_source
+from .data.sources import as_source, source_lengths
 from .errors import check_choice, check_positive_int, expected
 from .measure.auto import measure_throughput, powers_of_two
 from .measure.lr import scale_lr
-from .measure.memory import find_micro_batch_size
+from .measure.memory import find_micro_batch_size, find_micro_batch_tokens
 from .measure.noise import estimate_noise_scale
 from .measure.range_test import lr_range_test
 from .train.trainer import Trainer
@@ -71,6 +71,7 @@ class TuneReport:
     target_loss: float
     sweep: list[SweepPoint]
     reasons: dict[str, str]
+    micro_batch_tokens: int | None = None  # for variable-length data: the token budget that fits memory
 
     def summary(self) -> str:
         """The recommendation with its evidence, as printed by ``batchfit tune``."""
@@ -88,7 +89,9 @@ class TuneReport:
     def config_block(self) -> str:
         """The recommendation as TOML to paste into a run configuration."""
         lines = ["[optimizer]", f"lr = {self.lr:.6g}", "", "[train]", f"batch_size = {self.batch_size}"]
-        if self.micro_batch_size is not None:
+        if self.micro_batch_tokens is not None:
+            lines.append(f"micro_batch_tokens = {self.micro_batch_tokens}")
+        elif self.micro_batch_size is not None:
             lines.append(f"micro_batch_size = {self.micro_batch_size}")
         return "\n".join(lines)
 
@@ -212,6 +215,13 @@ def tune(
 
     fit = find_micro_batch_size(model, loss_fn, source, device=target_device, memory_budget=memory_budget,
                                 optimizer=optimizer, seed=seed, precision=precision)
+    # Variable-length data: a random draw says little about the longest sequences; the token budget
+    # is measured on copies of the longest sample, the worst micro-batch it allows.
+    lengths = source_lengths(source)
+    longest = 0 if lengths is None else int(lengths.max())
+    tokens = None if lengths is None else find_micro_batch_tokens(
+        model, loss_fn, source, device=target_device, memory_budget=memory_budget, optimizer=optimizer,
+        max_rows=fit, seed=seed, precision=precision)
     throughput = measure_throughput(model, loss_fn, source, powers_of_two(1, min(fit, len(source))), target_device,
                                     seed=seed, precision=precision)
     range_result = lr_range_test(model, loss_fn, optimizer, source, batch_size=min(base_batch_size, len(source)),
@@ -231,9 +241,10 @@ def tune(
             group["lr"] = scaled
         # The target is checked about 8 times an epoch, not only at epoch ends.
         val_every = max(1, -(-len(source) // size) // 8) if val is not None else None
+        split = {"micro_batch_tokens": tokens} if tokens is not None else \
+            {"micro_batch_size": fit if size > fit else None}
         trainer = Trainer(model, loss_fn, sweep_optimizer, batch_size=size, progress=False, seed=seed,
-                          val_every=val_every,
-                          device=target_device, micro_batch_size=fit if size > fit else None, precision=precision)
+                          val_every=val_every, device=target_device, precision=precision, **split)
         sweep.append(_sweep_point(trainer, source, val, size, scaled, epochs))
     target = target_loss if target_loss is not None else default_target(sweep)
     for point in sweep:
@@ -246,6 +257,9 @@ def tune(
         "micro_batch_size": (f"all {len(source)} samples fit in memory at once" if fit >= len(source) else
                              f"the largest micro-batch that fits memory is {fit}")
                             + ("" if micro else f", so a batch of {best.batch_size} needs no accumulation"),
+        **({} if tokens is None else {"micro_batch_tokens": (
+            f"{tokens // longest} copies of the longest sample ({longest} tokens) fit in memory: micro-batches "
+            f"of at most {tokens} padded tokens, cut after sorting each batch by length")}),
         "lr": f"range test at batch {base_batch_size} suggests {lr:.4g} (steepest descent of the smoothed loss, "
               f"at most a tenth of the lr of the lowest loss); "
               f"scaled by the {rule} rule to batch {best.batch_size}: {best.lr:.4g}",
@@ -256,7 +270,7 @@ def tune(
     return TuneReport(best.batch_size, micro, best.lr, base_batch_size, rule, fit, throughput, noise.b_simple,
                       noise.grad_sq, noise.trace_cov, lr, {"lrs": list(range_result.lrs),
                                                             "losses": list(range_result.losses)},
-                      target, sweep, reasons)
+                      target, sweep, reasons, tokens)
 
 
 def _sweep_point(trainer: Trainer, source: Any, val: Any, size: int, lr: float, epochs: int) -> SweepPoint:

@@ -275,3 +275,16 @@ def test_a_causal_lm_gets_no_token_accuracy_from_its_logits():
     model = tiny_llama()
     trainer = Trainer(model, None, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, progress=False)
     assert "accuracy" not in trainer.evaluate(ArraySource(**token_data(16)))
+
+
+def test_tune_on_variable_length_data_recommends_a_token_budget():
+    import batchfit as bf
+
+    data = token_data(64)
+    longest = int(data["input_ids_lengths"].max())
+    report = bf.tune(tiny_llama, None, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
+                     ArraySource(**data), base_batch_size=8, batch_sizes=[8, 16], epochs=1, device="cpu",
+                     memory_budget=2**32)
+    assert report.micro_batch_tokens == report.micro_batch_fit * longest
+    assert f"micro_batch_tokens = {report.micro_batch_tokens}" in report.config_block()
+    assert f"longest sample ({longest} tokens)" in report.reasons["micro_batch_tokens"]
