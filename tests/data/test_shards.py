@@ -527,3 +527,22 @@ def test_many_shards_joined_gathers_equal_when_maps_are_dropped_all_the_time(tmp
     for batch_a, batch_b in zip(Batcher(memory, batch_size=64, seed=7), Batcher(tiny, batch_size=64, seed=7),
                                 strict=True):
         _assert_batches_equal(batch_a, batch_b)
+
+
+def test_selected_named_shards_are_gathered_several_batches_at_once(tmp_path, monkeypatch):
+    from batchfit.data.sources import Selected
+
+    memory, shards = _many_shards(tmp_path, named=True)
+    calls = []
+    original = shards.gather_batches
+
+    def counted(parts, pin=False):
+        calls.append(len(parts))
+        return original(parts, pin)
+
+    monkeypatch.setattr(shards, "gather_batches", counted)
+    selected = Selected(shards, ("x", "y"))
+    plain = ArraySource(memory.tensors[0].numpy(), memory.tensors[1].numpy())
+    for batch_a, batch_b in zip(Batcher(plain, 48, seed=2), Batcher(selected, 48, seed=2), strict=True):
+        _assert_batches_equal(batch_a, batch_b)
+    assert calls and max(calls) > 1  # the joined path, not one gather a batch

@@ -231,6 +231,8 @@ class Selected:
         ask = getattr(src, "batches_per_gather", None)
         if ask is not None:
             self.batches_per_gather = ask
+        if getattr(src, "gather_batches", None) is not None:
+            self.gather_batches = self._gather_batches
 
     def __len__(self) -> int:
         return len(self.src)
@@ -246,7 +248,13 @@ class Selected:
 
     def gather(self, indices: np.ndarray, pin_memory: bool = False) -> Batch:
         """The selected arrays of ``src``'s batch, in order."""
-        batch = self.src.gather(indices, pin_memory)
+        return self._select(self.src.gather(indices, pin_memory))
+
+    def _gather_batches(self, parts: list[np.ndarray], pin_memory: bool = False) -> list[Batch]:
+        """Several batches gathered by ``src`` at once (its ``gather_batches``), each with the selected arrays."""
+        return [self._select(batch) for batch in self.src.gather_batches(parts, pin_memory)]  # type: ignore[attr-defined]
+
+    def _select(self, batch: Batch) -> Batch:
         assert isinstance(batch, dict)
         return tuple(batch[key] for key in self.keys)
 
