@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Tests never reach a model hub: loads pass local_files_only=True, and this keeps huggingface_hub
+# from even asking (set before transformers is first imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The test models are tiny: a second intra-op thread only spins, and on a busy 2-core machine
 # it made the suite three times slower. (Results do not depend on it: each test compares runs

@@ -171,8 +171,10 @@ def test_stream_ranks_claim_the_pending_events_of_a_dead_consumer(redis_server, 
     client.xgroup_create("events", "g", id="0")
     taken = client.xreadgroup("g", "rank-dead", {"events": ">"}, count=20)[0][1]  # then the consumer dies
     assert len(taken) == 20
-    time.sleep(0.6)
-    results = _run(redis_server, tmp_path, claim_idle=0.5)
+    # A live rank's events must not look abandoned while it starts or steps on a loaded machine: its
+    # renewals come every claim_idle / 3 while it reads, so claim_idle is seconds, not a fraction.
+    time.sleep(3.1)
+    results = _run(redis_server, tmp_path, claim_idle=3.0)
     per_rank = [[i for step in result["steps"] for i in step] for result in results]
     assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # the dead consumer's 20 included, none twice
     assert sum(result["redelivered"] for result in results) == 20

@@ -111,8 +111,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Pretrained:
 
 
 def import_transformers() -> Any:
-    """The ``transformers`` module, imported offline (``HF_HUB_OFFLINE=1`` unless already set)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
+    """The ``transformers`` module (every load passes ``local_files_only=True``: nothing is downloaded)."""
     try:
         import transformers
     except ImportError as error:
