@@ -21,20 +21,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from _stream_worker import (  # the same model and events as the one-process worker (its folder is on sys.path)
+    FIELDS,
+    Net,
+)
 
 import batchfit as bf
-
-FIELDS = ("x0", "x1", "x2", "y")
-
-
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(3, 1)
-
-    def forward(self, x0, x1, x2):
-        return self.linear(torch.stack([x0, x1, x2], dim=1)).squeeze(1)
 
 
 def make_sparse_trainer(callbacks=(), **options) -> bf.Trainer:
