@@ -3,13 +3,8 @@ sorting or grouping by length pads less than random batches."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
-
-import pytest
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
 
 
 class Words:

