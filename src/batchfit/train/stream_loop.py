@@ -43,6 +43,7 @@ from .guards import exit_for, non_finite_error
 from .history import History
 from .metrics import is_stateful
 from .progress import Progress
+from .saving import load_model_state, model_state
 from .stream_ranks import StreamRanks, barrier, each_rank, gathered, reduce_step, sparse_parameters
 
 if TYPE_CHECKING:
@@ -386,7 +387,7 @@ def _state(trainer: Trainer, run: StreamRun, ranks: list[dict[str, Any]]) -> dic
     return {
         "format": 1,
         "kind": "stream",
-        "model": trainer.module.state_dict(),
+        "model": model_state(trainer.module),
         "optimizer": trainer.optimizer.state_dict(),
         "scaler": None if step_fn.scaler is None else step_fn.scaler.state_dict(),
         "lr_scheduler": trainer.lr.state_dict(),
@@ -430,7 +431,7 @@ def _resume(trainer: Trainer, run: StreamRun, state: dict[str, Any], path: Any) 
     step_fn = trainer.step_fn
     assert step_fn is not None
     try:
-        trainer.module.load_state_dict(state["model"])
+        load_model_state(trainer.module, state["model"], "stream checkpoint")
         trainer.optimizer.load_state_dict(state["optimizer"])
         if step_fn.scaler is not None and state["scaler"] is not None:
             step_fn.scaler.load_state_dict(state["scaler"])
