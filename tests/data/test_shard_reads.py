@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_shards import _assert_batches_equal as _equal  # same folder: on sys.path under pytest
 
 from batchfit.data.batcher import Batcher
 from batchfit.data.shards import ShardSource, read_manifest, runs, span, uring, write_shards
@@ -62,13 +63,6 @@ def _sources(tmp_path, named=False, shard_size=None, n=1000):
     return memory, ShardSource(tmp_path / "s", max_mapped_bytes=LIMIT["bytes"])  # 1: every read is counted
 
 
-def _equal(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        a, b = list(a.values()), list(b.values())
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 # --- planning runs ----------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -28,6 +30,13 @@ class Row:
         if self.target.startswith("<="):
             return self.ratio <= float(self.target[2:])
         return None
+
+
+def run_child_task(spec: str, tasks: dict[str, Callable[..., Any]]) -> None:
+    """Run the task a benchmark's ``--child`` argument names (JSON ``[name, *args]``) in this fresh
+    process and print its result as JSON for the parent to read."""
+    name, *args = json.loads(spec)
+    print(json.dumps(tasks[name](*args)))
 
 
 def interleaved(candidates: dict[str, Callable[[], int]], repeats: int,

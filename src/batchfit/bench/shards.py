@@ -42,7 +42,7 @@ from batchfit.data.batcher import Batcher
 from batchfit.data.shards import ShardSource, write_shards
 from batchfit.data.sources import ArraySource
 
-from .common import interleaved, ratio_row
+from .common import interleaved, ratio_row, run_child_task
 
 WIDTH = 256  # features of the big dataset
 CLASSES = 10
@@ -355,8 +355,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        task, *task_args = json.loads(args.child)
-        print(json.dumps(CHILD_TASKS[task](*task_args)))
+        run_child_task(args.child, CHILD_TASKS)
         return
     size = 0.25 if args.quick and args.size_gb == 4.0 else args.size_gb
     print(format_rows(run(args.quick, size, args.dir)))

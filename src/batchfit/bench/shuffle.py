@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..data.batcher import Batcher
 from ..data.shards import ShardSource, runs, write_shards
 from ..data.shards import read as shard_read
+from .common import run_child_task
 from .shards import evict, peak_rss_mib, row, xy
 
 WIDTH = 256
@@ -194,8 +195,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        task, *task_args = json.loads(args.child)
-        print(json.dumps(CHILD_TASKS[task](*task_args)))
+        run_child_task(args.child, CHILD_TASKS)
         return
     print(format_rows(run(args.quick, args.limit_mib, args.dir)))
 
