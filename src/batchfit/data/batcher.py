@@ -14,6 +14,7 @@ from ..errors import BatchfitError, check_choice, check_positive_int, check_seed
 from .order import SHUFFLES, epoch_order
 from .prefetch import prefetch_iter
 from .sources import Batch, Source, as_source, slice_batch, source_lengths
+from .worker_slots import SlotLoader
 
 
 class Position(NamedTuple):
@@ -97,6 +98,7 @@ class Batcher:
         self.last_batch_size = 0  # global size of the batch yielded last
         self._order: np.ndarray | None = None
         self._order_epoch = -1
+        self._slots: SlotLoader | None = None  # worker processes kept from epoch to epoch (workers=n, slot sources)
 
     @property
     def batch_size(self) -> int:
@@ -273,13 +275,32 @@ class Batcher:
         if not plan:
             return
         generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.samples_done))
+        depth = max(2, self.prefetch)
+        shape = self._slot_shape(max(len(indices) for _, _, indices in plan))
+        if shape is not None:  # the source writes its batches into shared buffers (data/worker_slots.py)
+            yield from self._in_slots(plan, shape, depth, generator)
+            return
         items = [(indices, batch_seed(self.seed, self.epoch, end)) for end, _, indices in plan]
         loader = torch.utils.data.DataLoader(
             _GatherInWorker(self.src, self.transform, self._source_gather()), batch_size=None, sampler=items,
-            num_workers=self.workers, pin_memory=self.pin_memory, prefetch_factor=max(2, self.prefetch),
-            generator=generator)
+            num_workers=self.workers, pin_memory=self.pin_memory, prefetch_factor=depth, generator=generator)
         for (end, size, _), batch in zip(plan, loader):
             yield end, size, batch
+
+    def _slot_shape(self, most: int) -> tuple[int, ...] | None:
+        """The shape of a shared buffer for batches of at most ``most`` samples, where the source fills
+        such buffers (``slot_shape``, ``gather_into``, ``finish``) and no Batcher transform follows."""
+        ask = getattr(self.src, "slot_shape", None)
+        return None if ask is None or self.transform is not None else ask(most)
+
+    def _in_slots(self, plan: list[tuple[int, int, np.ndarray]], shape: tuple[int, ...], depth: int,
+                  generator: torch.Generator) -> Generator[tuple[int, int, Batch], None, None]:
+        """(end, size, batch) of the planned batches, written by the workers into reused shared buffers."""
+        key = (shape, self.workers, depth)
+        if self._slots is None or self._slots.broken or self._slots.key != key:
+            self._slots = SlotLoader(self.src.gather_into, shape, self.workers, depth, generator)  # type: ignore[attr-defined]
+        finish = functools.partial(self.src.finish, pin_memory=self.pin_memory)  # type: ignore[attr-defined]
+        yield from self._slots.batches(plan, self.seed, self.epoch, finish)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.epoch_done:

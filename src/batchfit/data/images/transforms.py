@@ -149,6 +149,18 @@ class ImageTransform:
         ``mode`` (``"RGB"`` or ``"L"``) is the colour mode every image is converted to; by
         default that of the batch's first image. ``pin_memory`` puts the output in pinned memory.
         """
+        pixels, labels = self.pixels(batch, seed=seed, epoch=epoch, indices=indices, mode=mode)
+        return self.finish(pixels, pin_memory), labels
+
+    def pixels(self, batch: Batch | tuple[list[bytes], torch.Tensor], *, seed: int | None = None, epoch: int = 0,
+               indices: Any = None, mode: str | None = None, out: np.ndarray | None = None
+               ) -> tuple[np.ndarray, torch.Tensor]:
+        """The decoded, cropped and flipped images as ``uint8`` ``(batch, size, size, channels)``, and the labels.
+
+        The first half of a call (arguments as there), without the float conversion and
+        normalisation of :meth:`finish`; ``out`` is an array of that shape to write into (a
+        worker's shared buffer), else a new one is made.
+        """
         images, labels = _split(batch)
         count = len(labels)
         if indices is None:  # a plain transform(batch): a batch key from torch's generator (none for eval)
@@ -160,15 +172,19 @@ class ImageTransform:
         if mode not in (None, "RGB", "L"):
             raise expected("mode", "'RGB', 'L' or None", mode)
         channels = _channels(images) if mode is None else 1 if mode == "L" else 3
-        pixels = np.empty((count, self.size, self.size, channels), dtype=np.uint8)
+        shape = (count, self.size, self.size, channels)
+        if out is None:
+            out = np.empty(shape, dtype=np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise expected("out", f"a uint8 array of shape {shape}", f"{out.dtype} {out.shape}")
         for row in range(count):
             image = images(row)
             box = self._box(image, None if uniforms is None else uniforms[row])
-            out = _crop_resize(image, box, self.size, self.draft, channels)
+            pixels = _crop_resize(image, box, self.size, self.draft, channels)
             if uniforms is not None and self.flip and uniforms[row, -1] < 0.5:
-                out = out[:, ::-1]
-            pixels[row] = out
-        return self._to_float(pixels, pin_memory), labels
+                pixels = pixels[:, ::-1]
+            out[row] = pixels
+        return out, labels
 
     def _box(self, image: Any, u: np.ndarray | None) -> tuple[float, float, float, float]:
         width, height = image.size
@@ -176,7 +192,9 @@ class ImageTransform:
             return centre_box(width, height, self.size, self.resize)
         return random_resized_box(width, height, u, self.scale, self.ratio)
 
-    def _to_float(self, pixels: np.ndarray, pin_memory: bool) -> torch.Tensor:
+    def finish(self, pixels: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+        """``uint8`` images ``(batch, size, size, channels)`` (from :meth:`pixels`) as normalised ``float32``
+        ``(batch, channels, size, size)``, in pinned memory with ``pin_memory``."""
         channels = pixels.shape[-1]
         out = torch.empty((len(pixels), channels, self.size, self.size), dtype=torch.float32, pin_memory=pin_memory)
         out.copy_(torch.from_numpy(pixels).permute(0, 3, 1, 2))
