@@ -310,11 +310,13 @@ def _crop_resize(image: Any, box: tuple[float, float, float, float], size: int, 
     width, height = image.size
     if draft and image.format == "JPEG":
         # Ask for the smallest DCT scale that keeps the box at least `size` pixels on each side.
+        # Pillow's scales are 1/2, 1/4 and 1/8; where none fits and no mode changes, asking costs more than it saves.
         want = (math.ceil(width * size / max(1.0, box[2] - box[0])),
                 math.ceil(height * size / max(1.0, box[3] - box[1])))
-        image.draft(mode, want)
-        sx, sy = image.size[0] / width, image.size[1] / height
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        if min(width // want[0], height // want[1]) >= 2 or image.mode != mode:
+            image.draft(mode, want)
+            sx, sy = image.size[0] / width, image.size[1] / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     if image.mode != mode:
         image = image.convert(mode)
     out = image.resize((size, size), image_module.Resampling.BILINEAR, box=box)
