@@ -7,7 +7,8 @@
    classes, 128 to 320 pixels a side), random-resized crop to ``--size``, flip, normalise, batch 64,
    with N = 1 and 2 worker processes (and N = 0: all in the main process, for the per-image cost):
    - baseline: what ``torchvision.datasets.ImageFolder`` + ``DataLoader(num_workers=N,
-     pin_memory=True)`` does (torchvision itself does not import next to the CPU torch here):
+     pin_memory=True)`` does (a new loader each epoch, its default; also with
+     ``persistent_workers=True``, whose workers outlive the epochs as batchfit's do) (torchvision itself does not import next to the CPU torch here):
      a per-sample dataset that opens each file with Pillow, crops, resizes, flips, converts to a
      float tensor and normalises it, collated sample by sample;
    - batchfit: ``Batcher(ImageSource(encoded shards, train_transform(size)), workers=N)``, with
@@ -89,14 +90,23 @@ def _epoch_of(loader_for_epoch: Callable[[int], Any]) -> Callable[[], int]:
     return run
 
 
-def _baseline(files: list[tuple[Path, int]], size: int, workers: int) -> Callable[[], int]:
+def _baseline(files: list[tuple[Path, int]], size: int, workers: int, persistent: bool = False
+              ) -> Callable[[], int]:
+    """The per-sample pipeline through a DataLoader made each epoch, or (``persistent``) one made once
+    with ``persistent_workers=True``, whose workers then outlive the epochs as batchfit's do."""
     dataset = PerSampleImages(files, size)
+    kept: list[Any] = []
 
     def loader(epoch: int) -> Any:
-        dataset.epoch = epoch
+        dataset.epoch = epoch  # read by the workers when they start: the kept ones see the first epoch's
         generator = torch.Generator().manual_seed(epoch)
-        return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
-                                           pin_memory=True, generator=generator)
+        if kept:
+            return kept[0]
+        made = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
+                                           pin_memory=True, generator=generator, persistent_workers=persistent)
+        if persistent:
+            kept.append(made)
+        return made
 
     return _epoch_of(loader)
 
@@ -131,6 +141,8 @@ def throughput_rows(root: Path, images: int, size: int, repeats: int, workers: t
     candidates: dict[str, Callable[[], int]] = {}
     for n in workers:
         candidates[f"baseline, {n} workers"] = _baseline(files, size, n)
+        if n:
+            candidates[f"baseline persistent_workers, {n} workers"] = _baseline(files, size, n, persistent=True)
         candidates[f"batchfit encoded, {n} workers"] = _batchfit(ImageSource(encoded, train_transform(size)), n)
         candidates[f"batchfit encoded no draft, {n} workers"] = _batchfit(
             ImageSource(encoded, train_transform(size, draft=False)), n)
@@ -146,6 +158,9 @@ def throughput_rows(root: Path, images: int, size: int, repeats: int, workers: t
     for n in workers:
         base = f"baseline, {n} workers"
         rows.append(ratio_row(f"batchfit encoded, {n} workers", base, rates, ">=1.5" if n else "", "images/s"))
+        if n:  # how much of the lead is the workers kept from epoch to epoch
+            rows.append(ratio_row(f"batchfit encoded, {n} workers", f"baseline persistent_workers, {n} workers",
+                                  rates, "", "images/s"))
         rows.append(ratio_row(f"batchfit encoded no draft, {n} workers", base, rates, "", "images/s"))
         rows.append(ratio_row(f"batchfit decoded, {n} workers", base, rates, "", "images/s"))
         rows.append(ratio_row(f"batchfit max_side {2 * size}, {n} workers", base, rates, "", "images/s"))
