@@ -45,9 +45,10 @@ class Runs:
         return json.loads(line)
 
     def start(self, folder: Path, out: Path, checkpoint_every: int = 1, slow_writes: float = 0.0,
-              steps_file: Path | None = None) -> int:
+              steps_file: Path | None = None, sigterm_at: int | None = None) -> int:
         self.send({"op": "start", "folder": str(folder), "out": str(out), "checkpoint_every": checkpoint_every,
-                   "slow_writes": slow_writes, "steps_file": None if steps_file is None else str(steps_file)})
+                   "slow_writes": slow_writes, "steps_file": None if steps_file is None else str(steps_file),
+                   "sigterm_at": sigterm_at})
         return self.receive()["pid"]
 
     def wait(self, pid: int) -> int:
@@ -160,7 +161,10 @@ def test_resume_after_sigterm_is_bit_identical(runs, reference, tmp_path, trial)
     for attempt in range(2):
         steps = tmp_path / f"steps-{attempt}.txt"
         pid = runs.start(folder, out, checkpoint_every=5, steps_file=steps)
-        wait_for(steps.exists)  # inside fit: the handler is installed
+        # Inside fit (the handler is installed) once a step is logged. A run resumed from the
+        # checkpoint of the last step (the previous attempt was signalled during it) logs none:
+        # it only ends the epoch and writes ``out``, and a SIGTERM after that is ignored.
+        wait_for(lambda steps=steps: steps.exists() or out.exists())
         time.sleep(rng.uniform(0.0, seconds / 3))
         os.kill(pid, signal.SIGTERM)
         status = runs.wait(pid)
@@ -172,4 +176,21 @@ def test_resume_after_sigterm_is_bit_identical(runs, reference, tmp_path, trial)
         newest = sorted(folder.glob("step-*.pt"))[-1]
         assert torch.load(newest, weights_only=True)["step"] == last_step  # saved on the way out
     assert runs.wait(runs.start(folder, out, checkpoint_every=5)) == 0, runs.log_text()
+    assert_bit_identical(out, expected)
+
+
+@pytest.mark.parametrize("step", [5, 8, 24])  # a checkpoint step, an epoch's last step, the run's last step
+def test_resume_after_sigterm_during_a_given_step_is_bit_identical(runs, reference, tmp_path, step):
+    """The run SIGTERMs itself during ``step``: it saves that step and exits with 143; the resume
+    trains only the steps left (none after the last one) and ends bit-identical."""
+    expected, _ = reference
+    folder, out = tmp_path / "checkpoints", tmp_path / "out.pt"
+    stopped, resumed = tmp_path / "steps-0.txt", tmp_path / "steps-1.txt"
+    pid = runs.start(folder, out, checkpoint_every=5, steps_file=stopped, sigterm_at=step)
+    assert runs.wait(pid) == 143, runs.log_text()
+    assert not out.exists()
+    assert stopped.read_text().split()[-1] == str(step)
+    assert torch.load(sorted(folder.glob("step-*.pt"))[-1], weights_only=True)["step"] == step
+    assert runs.wait(runs.start(folder, out, checkpoint_every=5, steps_file=resumed)) == 0, runs.log_text()
+    assert lines(resumed) == expected["step"] - step
     assert_bit_identical(out, expected)
