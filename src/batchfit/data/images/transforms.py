@@ -8,7 +8,7 @@ A batch comes in as encoded files with their labels — ``([bytes of each file],
 Each image is decoded and cropped with Pillow, once, straight to the output size (Pillow's
 ``resize`` with a ``box`` crops and resizes in one pass, filtering like an antialiased resize);
 a JPEG is decoded at a reduced scale (``Image.draft``: the DCT skips the detail a crop would
-throw away) unless ``draft=False``. The flip and the normalisation run on the whole batch.
+throw away) unless ``draft=False``. The flip is Pillow's; the normalisation runs on the whole batch.
 
 The random parameters of sample ``i`` come from a generator seeded with ``(seed, epoch, i)``
 (:func:`sample_uniforms`), never from a global generator: the same sample in the same epoch gets
@@ -180,10 +180,8 @@ class ImageTransform:
         for row in range(count):
             image = images(row)
             box = self._box(image, None if uniforms is None else uniforms[row])
-            pixels = _crop_resize(image, box, self.size, self.draft, channels)
-            if uniforms is not None and self.flip and uniforms[row, -1] < 0.5:
-                pixels = pixels[:, ::-1]
-            out[row] = pixels
+            flip = uniforms is not None and self.flip and uniforms[row, -1] < 0.5
+            out[row] = _crop_resize(image, box, self.size, self.draft, channels, flip)
         return out, labels
 
     def _box(self, image: Any, u: np.ndarray | None) -> tuple[float, float, float, float]:
@@ -303,8 +301,10 @@ def _channels(images: _Images) -> int:
 
 
 def _crop_resize(image: Any, box: tuple[float, float, float, float], size: int, draft: bool,
-                 channels: int) -> np.ndarray:
-    """The ``box`` of ``image`` resized to ``size`` x ``size``, as ``uint8`` (size, size, channels)."""
+                 channels: int, flip: bool = False) -> np.ndarray:
+    """The ``box`` of ``image`` resized to ``size`` x ``size`` (and mirrored with ``flip``), as ``uint8``
+    (size, size, channels). Pillow mirrors an image several times faster than a NumPy copy through
+    a reversed view (18 against 70-110 us at 112 x 112 RGB, measured)."""
     image_module = pillow()
     mode = "L" if channels == 1 else "RGB"
     width, height = image.size
@@ -320,5 +320,7 @@ def _crop_resize(image: Any, box: tuple[float, float, float, float], size: int, 
     if image.mode != mode:
         image = image.convert(mode)
     out = image.resize((size, size), image_module.Resampling.BILINEAR, box=box)
+    if flip:
+        out = out.transpose(image_module.Transpose.FLIP_LEFT_RIGHT)
     pixels = np.asarray(out)
     return pixels.reshape(size, size, channels)
