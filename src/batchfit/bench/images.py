@@ -1,6 +1,6 @@
 """Benchmarks of the image path: images/s against a torchvision-style pipeline, disk size, peak RSS.
 
-    python benchmarks/bench_images.py [--images 600] [--size 112] [--repeats 5] [--quick] [--dir /tmp]
+    python benchmarks/bench_images.py [--images 600] [--size 112] [--repeats 7] [--quick] [--dir /tmp]
     batchfit bench --only images [--quick]
 
 1. Throughput, side by side in one process: one shuffled epoch of generated JPEG files (4
@@ -237,7 +237,7 @@ def run(quick: bool = False, images: int | None = None, size: int = 112, repeats
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-images-", dir=folder))
     try:
-        rows, sizes = throughput_rows(root, images or (200 if quick else 600), size, repeats or (3 if quick else 5))
+        rows, sizes = throughput_rows(root, images or (200 if quick else 600), size, repeats or (3 if quick else 7))
         memory = memory_rows(root, rss_mb or (256 if quick else 1024))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, help="generated JPEG files (default 600; --quick 200)")
     parser.add_argument("--size", type=int, default=112, help="side of the crops")
-    parser.add_argument("--repeats", type=int, help="interleaved rounds (default 5; --quick 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds (default 7; --quick 3)")
     parser.add_argument("--rss-mb", type=int, help="encoded shards for the RSS epoch, MiB (default 1024; --quick 256)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dir", help="where to write the temporary files (default: the system's temp folder)")
