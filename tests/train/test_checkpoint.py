@@ -283,6 +283,30 @@ def test_signal_handlers_are_restored_after_fit(tmp_path, classification):
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_signal_during_the_end_of_an_epoch_stops_before_the_next_one(tmp_path, classification):
+    """SIGTERM arriving in validation or an epoch-end callback saves and exits at the epoch's boundary,
+    without training a step of the next epoch."""
+    import signal
+
+    class SignalAtEpochEnd(Callback):
+        def on_epoch_end(self, trainer, epoch, record):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run = make_run(tmp_path, callbacks=[SignalAtEpochEnd()])
+    with pytest.raises(SystemExit) as stopped:
+        run.fit(classification, epochs=3)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert run.batcher.epoch == 1 and run.batcher.samples_done == 0  # at the boundary, nothing of epoch 2
+    newest = torch.load(tmp_path / names(tmp_path)[-1], weights_only=True)
+    assert newest["step"] == run.step == len(run.history.losses())
+    resumed = make_run(tmp_path)
+    resumed.fit(classification, epochs=3, resume=True)
+    reference = make_run(tmp_path / "reference")
+    reference.fit(classification, epochs=3)
+    assert_same_weights(resumed, reference)
+
+
 def test_save_checkpoint_without_a_folder():
     model = torch.nn.Linear(2, 2)
     trainer = Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.1), progress=False)

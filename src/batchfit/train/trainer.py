@@ -571,6 +571,8 @@ class Trainer:
     def _stop_between_epochs(self) -> bool:
         """Whether to stop before the next epoch; in a distributed run, whether any rank asked to."""
         if self._agreement is None:
+            if self.signals.received is not None:  # during the epoch's end (validation, callbacks, checkpoint)
+                self._exit_on_signal()
             return self.stop_training
         self._agreement.start(None, None, self.stop_training, self.signals.received is not None)
         agreed = self._agreement.finish()
