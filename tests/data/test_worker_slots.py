@@ -82,6 +82,26 @@ def test_epoch_left_early_starts_new_workers_and_loses_nothing(source):
     assert_same(batches(alone, 2), batches(workers, 2))
 
 
+def test_close_stops_the_kept_workers_and_a_trainer_closes_its_batcher(source):
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    batcher = bf.Batcher(source, batch_size=8, shuffle=True, seed=3, workers=2)
+    batches(batcher, 1)
+    assert len(set(multiprocessing.active_children()) - before) == 2  # kept for the next epoch
+    batcher.close()
+    assert set(multiprocessing.active_children()) <= before
+    alone = bf.Batcher(source, batch_size=8, shuffle=True, seed=3)
+    assert_same(batches(alone, 2), batches(batcher, 2))  # new workers after a close
+    batcher.close()
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    trainer = bf.Trainer(model, torch.nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                         batch_size=8, workers=2, progress=False)
+    trainer.fit(source, epochs=2)
+    assert not [child for child in multiprocessing.active_children() if child not in before]
+
+
 def test_batch_size_change_mid_epoch_matches_in_process(source):
     def run(**options):
         batcher = bf.Batcher(source, batch_size=4, shuffle=True, seed=1, **options)

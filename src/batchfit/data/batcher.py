@@ -302,6 +302,15 @@ class Batcher:
         finish = functools.partial(self.src.finish, pin_memory=self.pin_memory)  # type: ignore[attr-defined]
         yield from self._slots.batches(plan, self.seed, self.epoch, finish)
 
+    def close(self) -> None:
+        """Stop the worker processes kept from epoch to epoch (``workers=n`` with an image source), if any.
+
+        Iterating again starts new ones. The Trainer closes its batcher when ``fit`` returns.
+        """
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
+
     def __iter__(self) -> Iterator[Batch]:
         if self.epoch_done:
             self.set_epoch(self.epoch + 1)

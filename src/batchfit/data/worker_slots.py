@@ -138,9 +138,13 @@ class SlotLoader:
             ended = True
         finally:
             if not ended:  # batches in flight hold slots that are never finished: start afresh next time
-                self.broken = True
-                self.ring.close()
-                self.loader = None  # type: ignore[assignment]  # the workers stop with their iterator
+                self.close()
+
+    def close(self) -> None:
+        """Stop the workers (they stop with the loader's iterator); a closed loader is not used again."""
+        self.broken = True
+        self.ring.close()
+        self.loader = None  # type: ignore[assignment]
 
 
 def as_is(item: Any) -> Any:

@@ -218,6 +218,8 @@ class Trainer:
         finally:
             if lock is not None:
                 lock.release()
+            if self.batcher is not None:
+                self.batcher.close()  # worker processes kept between epochs end with the run
         return self.history
 
     def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, float]:
