@@ -61,6 +61,20 @@ def test_kept_workers_serve_every_epoch_as_in_process(source):
         assert workers._slots is first and not first.broken  # the same worker processes every epoch
 
 
+def test_resume_at_the_last_partial_batch_keeps_the_workers_for_the_next_epoch(source):
+    alone = bf.Batcher(source, batch_size=8, shuffle=True, seed=3)
+    workers = bf.Batcher(source, batch_size=8, shuffle=True, seed=3, workers=1)
+    state = {**workers.state_dict(), "epoch": 1, "samples_done": 24}  # only the last batch (6) is left
+    alone.load_state_dict(state)
+    workers.load_state_dict(state)
+    assert_same(list(alone.remaining()), list(workers.remaining()))
+    kept = workers._slots
+    assert kept.shape[0] == 8  # sized for a full batch, not for the 6 samples left
+    assert_same(batches(alone, 2), batches(workers, 2))
+    assert workers._slots is kept
+    workers.close()
+
+
 def test_epoch_left_early_starts_new_workers_and_loses_nothing(source):
     alone = bf.Batcher(source, batch_size=8, shuffle=True, seed=3)
     workers = bf.Batcher(source, batch_size=8, shuffle=True, seed=3, workers=2)

@@ -276,7 +276,8 @@ class Batcher:
             return
         generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.samples_done))
         depth = max(2, self.prefetch)
-        shape = self._slot_shape(max(len(indices) for _, _, indices in plan))
+        share = -(-self._batch_size // self.world_size)  # a rank's share of a full batch
+        shape = self._slot_shape(max(share, *(len(indices) for _, _, indices in plan)))
         if shape is not None:  # the source writes its batches into shared buffers (data/worker_slots.py)
             yield from self._in_slots(plan, shape, depth, generator)
             return
@@ -296,8 +297,8 @@ class Batcher:
     def _in_slots(self, plan: list[tuple[int, int, np.ndarray]], shape: tuple[int, ...], depth: int,
                   generator: torch.Generator) -> Generator[tuple[int, int, Batch], None, None]:
         """(end, size, batch) of the planned batches, written by the workers into reused shared buffers."""
-        key = (shape, self.workers, depth)
-        if self._slots is None or self._slots.broken or self._slots.key != key:
+        if self._slots is None or not self._slots.fits(shape, self.workers, depth):
+            self.close()
             self._slots = SlotLoader(self.src.gather_into, shape, self.workers, depth, generator)  # type: ignore[attr-defined]
         finish = functools.partial(self.src.finish, pin_memory=self.pin_memory)  # type: ignore[attr-defined]
         yield from self._slots.batches(plan, self.seed, self.epoch, finish)

@@ -108,14 +108,14 @@ class _Items:
 class SlotLoader:
     """Worker processes that write a source's batches into a :class:`SlotRing`, kept from epoch to epoch.
 
-    ``gather_into(indices, out, seed=, epoch=)`` runs in the workers; ``key`` says what the
-    workers were made for (buffer shape, workers, batches in flight): a Batcher makes a new
-    loader when it changes, or when :attr:`broken` (an epoch was left before its end).
+    ``gather_into(indices, out, seed=, epoch=)`` runs in the workers. A Batcher makes a new
+    loader where this one does not :meth:`fits` the next epoch, or is :attr:`broken` (an epoch
+    was left before its end).
     """
 
     def __init__(self, gather_into: Callable[..., Any], shape: tuple[int, ...], workers: int, depth: int,
                  generator: torch.Generator) -> None:
-        self.key = (shape, workers, depth)
+        self.shape, self.workers, self.depth = shape, workers, depth
         self.ring = SlotRing(workers * depth + 2, shape)
         self.items = _Items()
         self.loader = torch.utils.data.DataLoader(
@@ -123,6 +123,11 @@ class SlotLoader:
             prefetch_factor=depth, persistent_workers=True, generator=generator, collate_fn=as_is)
         self.next_seq = 0
         self.broken = False
+
+    def fits(self, shape: tuple[int, ...], workers: int, depth: int) -> bool:
+        """Whether these workers serve batches needing buffers of ``shape`` (as many samples or fewer)."""
+        return (not self.broken and workers == self.workers and depth == self.depth
+                and shape[1:] == self.shape[1:] and shape[0] <= self.shape[0])
 
     def batches(self, plan: list[tuple[int, int, np.ndarray]], seed: int, epoch: int,
                 finish: Callable[[np.ndarray, Any], Batch]) -> Generator[tuple[int, int, Batch], None, None]:
