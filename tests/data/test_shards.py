@@ -189,6 +189,32 @@ def test_write_shards_variable_length_tuple_lengths_follow_inputs_and_precede_ta
     _assert_batches_equal(got, (x, x_lengths, t_lengths, t))
 
 
+@pytest.mark.parametrize("inner", [(), (2,)])
+def test_read_rows_and_take_give_single_arrays_unpadded(tmp_path, inner):
+    tokens, labels = _tokens(inner=inner), np.arange(200) * 3
+    named = write_shards(tmp_path / "named", {"tokens": tokens, "y": labels}, shard_size=23, pad_value=-1)
+    tuples = write_shards(tmp_path / "tuples", (tokens, labels), shard_size=50)
+    indices = np.array([5, 199, 0, 23, 22, 100, 57, 5])
+    bounded = ShardSource(tuples.path, max_mapped_bytes=4096)  # past the mapping limit: read, not mapped whole
+    for src, ragged, dense in ((named, "tokens", "y"), (tuples, 0, 1), (bounded, 0, 1)):
+        rows = src.read_rows(torch.from_numpy(indices), ragged)
+        assert len(rows) == len(indices)
+        for row, index in zip(rows, indices):
+            np.testing.assert_array_equal(row, np.asarray(tokens[index]))
+            assert row.dtype == np.asarray(tokens[index]).dtype
+        np.testing.assert_array_equal(src.take(indices, dense), labels[indices])
+        with pytest.raises(BatchfitError, match="fixed-length array"):
+            src.take(indices, ragged)
+        with pytest.raises(BatchfitError, match="variable-length array"):
+            src.read_rows(indices, dense)
+    with pytest.raises(BatchfitError, match=r"'y_lengths'|y_lengths"):
+        named.read_rows(indices, "y_lengths")
+    with pytest.raises(BatchfitError, match="position"):
+        tuples.take(indices, 2)
+    with pytest.raises(BatchfitError, match="indices"):
+        tuples.take(np.array([200]), 1)
+
+
 def test_write_shards_variable_length_from_batches_of_lists(tmp_path):
     tokens, labels = _tokens(), np.arange(200)
     batches = ({"tokens": tokens[lo : lo + 30], "y": labels[lo : lo + 30]} for lo in range(0, 200, 30))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ...core.batch import Batch
-from ...errors import ShardError, expected
+from ...errors import expected
 from ..shards import ShardSource
 from .transforms import ImageTransform
 
@@ -107,27 +107,11 @@ class ImageSource:
         return indices, self._encoded(indices) if self.src.specs[0].ragged else self.src.gather(indices)
 
     def _encoded(self, indices: np.ndarray) -> tuple[list[bytes], torch.Tensor]:
-        """The encoded files of ``indices`` (each read with one ``pread``) and their labels.
+        """The encoded files of ``indices`` (each read whole, :meth:`ShardSource.read_rows`) and their labels.
 
         Gathered as variable-length rows, a batch of files would be padded to its longest and
         copied byte by byte; a file is read whole instead, past the memory maps, so that the
         resident memory of a process reading them does not grow with the data.
         """
-        src = self.src
-        indices = src._check_indices(indices)
-        data_key, label_key = src.specs[0].key, src.specs[1].key
-        shards = np.searchsorted(src._starts, indices, side="right") - 1
-        files: list[bytes] = []
-        labels = np.empty(len(indices), dtype=np.int64)
-        for row, (index, shard) in enumerate(zip(indices.tolist(), shards.tolist())):
-            local = index - src._start_list[shard]
-            offsets = src._map(shard, f"{data_key}.offsets").array
-            start, end = int(offsets[local]), int(offsets[local + 1])
-            values = src._map(shard, data_key)
-            data = os.pread(values.fileno(), end - start, values.header_bytes + start)
-            if len(data) != end - start:
-                raise ShardError(f"Shard file {values.path} ends early: sample {index} needs bytes up to "
-                                 f"{values.header_bytes + end}")
-            files.append(data)
-            labels[row] = src._map(shard, label_key).array[local]
-        return files, torch.from_numpy(labels)
+        files = [row.tobytes() for row in self.src.read_rows(indices, 0)]
+        return files, torch.from_numpy(self.src.take(indices, 1))

@@ -354,6 +354,61 @@ class ShardSource:
                 out.append(self._gather_dense(spec, groups, inverse, len(indices), pin_memory, order))
         return pack(self.names, out)
 
+    def read_rows(self, indices: np.ndarray | torch.Tensor, array: int | str = 0) -> list[np.ndarray]:
+        """The rows at ``indices`` of one variable-length array, unpadded: a NumPy array each.
+
+        ``array`` is the array's position (a tuple folder) or name (a named one). Each row is read
+        whole with one ``pread``, past the memory maps, so the resident memory of a process
+        reading them does not grow with the data; for rows read one by one (the encoded files of
+        an image folder) rather than gathered into a padded batch (:meth:`gather`).
+        """
+        spec = self._spec(array)
+        if not spec.ragged:
+            raise expected("array", "a variable-length array of this folder", f"{array!r} ({spec.key}, fixed length)")
+        indices = self._check_indices(indices)
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        row_bytes = spec.row_bytes()
+        out = []
+        for index, shard in zip(indices.tolist(), shards.tolist()):
+            local = index - self._start_list[shard]
+            offsets = self._map(shard, f"{spec.key}.offsets").array
+            start, end = int(offsets[local]), int(offsets[local + 1])
+            values = self._map(shard, spec.key)
+            size = (end - start) * row_bytes
+            data = os.pread(values.fileno(), size, values.header_bytes + start * row_bytes)
+            if len(data) != size:
+                raise ShardError(f"Shard file {values.path} ends early: sample {index} needs bytes up to "
+                                 f"{values.header_bytes + end * row_bytes}")
+            out.append(np.frombuffer(data, spec.dtype).reshape(end - start, *spec.shape))
+        return out
+
+    def take(self, indices: np.ndarray | torch.Tensor, array: int | str = 0) -> np.ndarray:
+        """The rows at ``indices`` of one fixed-length array (position or name), as a NumPy array."""
+        spec = self._spec(array)
+        if spec.ragged:
+            raise expected("array", "a fixed-length array of this folder (read_rows reads variable-length ones)",
+                           f"{array!r} ({spec.key})")
+        indices = self._check_indices(indices)
+        out = np.empty((len(indices), *spec.shape), spec.dtype)
+        groups, order = self._groups(indices)
+        for shard, local, lo, hi in groups:
+            rows = self._take(shard, spec, local, numpy=True)
+            if order is None:
+                out[lo:hi] = rows
+            else:
+                out[order[lo:hi]] = rows
+        return out
+
+    def _spec(self, array: int | str) -> _Spec:
+        """The stored array at position ``array`` (an int) or named ``array`` (a str)."""
+        keys = [spec.key for spec in self.specs]
+        if self.names is not None and isinstance(array, str) and array in keys:
+            return self.specs[keys.index(array)]
+        if isinstance(array, int) and not isinstance(array, bool) and 0 <= array < len(self.specs):
+            return self.specs[array]
+        stored = f" or a name in {keys}" if self.names is not None else ""
+        raise expected("array", f"a stored array's position (0 to {len(self.specs) - 1}){stored}", array)
+
     def gather_batches(self, parts: list[np.ndarray], pin_memory: bool = False) -> list[Batch]:
         """The batches at each index array of ``parts``, gathered by one call and served as views of it.
 
