@@ -9,8 +9,9 @@
    - baseline: what ``torchvision.datasets.ImageFolder`` + ``DataLoader(num_workers=N,
      pin_memory=True)`` does (a new loader each epoch, its default; also with
      ``persistent_workers=True``, whose workers outlive the epochs as batchfit's do; torchvision
-     itself does not import next to the CPU torch here): a per-sample dataset that opens each file with Pillow, crops, resizes, flips, converts to a
-     float tensor and normalises it, collated sample by sample;
+     itself does not import next to the CPU torch here): a per-sample dataset that opens each
+     file with Pillow, crops, resizes, flips, converts to a float tensor and normalises it,
+     collated sample by sample;
    - batchfit: ``Batcher(ImageSource(encoded shards, train_transform(size)), workers=N)``, with
      and without decoding JPEGs at reduced scale (``draft``); from shards re-encoded to a longer
      side of at most 2x the crop (``max_side``: fewer pixels to decode, the files are not the
