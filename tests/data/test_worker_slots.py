@@ -12,6 +12,7 @@ import torch
 
 import batchfit as bf
 from batchfit.data.worker_slots import SlotRing
+from batchfit.errors import BatchfitError
 
 pytest.importorskip("PIL.Image")
 
@@ -49,6 +50,8 @@ def test_gather_into_and_finish_equal_gather(source):
     x2, y2 = source.gather(indices, seed=5, epoch=2)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert (out[4:] == 7).all()  # rows past the batch untouched
+    with pytest.raises(BatchfitError, match=r"out.*uint8 array of shape \(4, 16, 16, 3\)"):
+        source.gather_into(indices, np.zeros((6, 16, 16, 1), dtype=np.uint8))  # one channel for RGB images
 
 
 def test_kept_workers_serve_every_epoch_as_in_process(source):

@@ -59,10 +59,6 @@ class SlotRing:
             pause = min(2 * pause, 1e-3)
         return self.buffers[slot].numpy()
 
-    def view(self, seq: int) -> np.ndarray:
-        """The buffer of batch ``seq`` (consumer side)."""
-        return self.buffers[seq % self.count].numpy()
-
     def release(self, seq: int) -> None:
         """Batch ``seq`` is finished: its slot goes to batch ``seq + count``."""
         self.turn[seq % self.count] = seq + self.count
@@ -139,7 +135,11 @@ class SlotLoader:
         ended = False
         try:
             for (end, size, indices), (seq, rest) in zip(plan, self.loader, strict=True):
-                yield end, size, finished(self.ring, finish, seq, len(indices), rest)
+                try:  # the batch made from the slot is a copy: the slot goes to the next batch at once
+                    batch = finish(self.ring.buffers[seq % self.ring.count].numpy()[: len(indices)], rest)
+                finally:
+                    self.ring.release(seq)
+                yield end, size, batch
             ended = True
         finally:
             if not ended:  # batches in flight hold slots that are never finished: start afresh next time
@@ -157,10 +157,3 @@ def as_is(item: Any) -> Any:
     the default would make tensors, each sent through a new shared segment)."""
     return item
 
-
-def finished(ring: SlotRing, finish: Callable[[np.ndarray, Any], Batch], seq: int, count: int, rest: Any) -> Batch:
-    """The batch ``seq`` of ``count`` samples finished from its slot, which is then handed back."""
-    try:
-        return finish(ring.view(seq)[:count], rest)
-    finally:
-        ring.release(seq)

@@ -340,10 +340,7 @@ class ShardSource:
         if order is None and not pin_memory and groups and not self._any_ragged:  # the common case
             shard, local = groups[0][0], groups[0][1]
             return pack(self.names, [self._take(shard, spec, local) for spec in self.specs])
-        inverse = None
-        if order is not None:  # row i of the output is row inverse[i] of the sorted batch
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
+        inverse = _inverse(order)
         out: list[torch.Tensor] = []
         for position, spec in enumerate(self.specs):
             if spec.ragged:
@@ -389,15 +386,8 @@ class ShardSource:
             raise expected("array", "a fixed-length array of this folder (read_rows reads variable-length ones)",
                            f"{array!r} ({spec.key})")
         indices = self._check_indices(indices)
-        out = np.empty((len(indices), *spec.shape), spec.dtype)
         groups, order = self._groups(indices)
-        for shard, local, lo, hi in groups:
-            rows = self._take(shard, spec, local, numpy=True)
-            if order is None:
-                out[lo:hi] = rows
-            else:
-                out[order[lo:hi]] = rows
-        return out
+        return self._gather_dense(spec, groups, _inverse(order), len(indices), False, order).numpy()
 
     def _spec(self, array: int | str) -> _Spec:
         """The stored array at position ``array`` (an int) or named ``array`` (a str)."""
@@ -604,6 +594,16 @@ def _mapped_file_bytes() -> int | None:
         return int(os.pread(_STATM[1], 200, 0).split()[2]) * mmap.PAGESIZE
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _inverse(order: np.ndarray | None) -> np.ndarray | None:
+    """Where each row of a batch sorted by ``order`` comes from: row i of the output is row
+    ``inverse[i]`` of the sorted batch (``None`` for a batch that was not reordered)."""
+    if order is None:
+        return None
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return inverse
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> torch.Tensor:
