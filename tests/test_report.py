@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 import batchfit as bf
-from batchfit.report import SweepPoint, default_target
-
-
-def test_default_target_is_loosest_best_loss_of_points_that_learned():
-    learned = SweepPoint(8, 0.1, None, None, None, 0.3, [(1, 8, 0.1, 1.0), (2, 16, 0.2, 0.3)])
-    slower = SweepPoint(16, 0.2, None, None, None, 0.5, [(1, 16, 0.1, 1.0), (2, 32, 0.2, 0.5)])
-    diverged = SweepPoint(32, 0.4, None, None, None, 9.0, [(1, 32, 0.1, 1.0), (2, 64, 0.2, 9.0)])
-    assert default_target([learned, slower, diverged]) == 0.5
 
 
 def test_tune_recommends_from_measurements_and_saves_report(tmp_path, make_mlp):
@@ -28,11 +22,14 @@ def test_tune_recommends_from_measurements_and_saves_report(tmp_path, make_mlp):
                      base_batch_size=16, batch_sizes=[8, 16, 32], epochs=2, memory_budget=2**30)
     assert report.batch_size in (8, 16, 32)
     assert report.micro_batch_fit >= 1 and report.micro_batch_size is None
-    point = next(p for p in report.sweep if p.batch_size == report.batch_size)
-    assert report.lr == point.lr
-    assert all(p.lr == bf.scale_lr(report.range_test_lr, 16, p.batch_size, "linear") for p in report.sweep)
-    assert point.seconds_to_target == min(p.seconds_to_target for p in report.sweep
-                                          if p.seconds_to_target is not None)
+    # The first run is the user's own setting; the recommendation is the fastest run to the target.
+    first = report.sweep[0]
+    assert (first.batch_size, first.lr) == (16, 0.01) and report.user_lr == 0.01
+    reached = [r for r in report.sweep if r.seconds is not None]
+    best = min(reached, key=lambda r: r.seconds)
+    assert (report.batch_size, report.lr) == (best.batch_size, best.lr)
+    assert all(math.log2(r.lr / 0.01) == round(math.log2(r.lr / 0.01)) for r in report.sweep)  # the ×2 lattice
+    assert report.reached
     folder = report.save(tmp_path / "report")
     for name in ("report.md", "report.json", "sweep.png", "lr_range.png", "throughput.png"):
         assert (folder / name).stat().st_size > 0, name
@@ -41,17 +38,53 @@ def test_tune_recommends_from_measurements_and_saves_report(tmp_path, make_mlp):
     assert f"batch_size={report.batch_size}" in report.summary()
 
 
-def test_tune_checks_the_target_inside_epochs_and_ends_with_a_config_block(make_mlp):
+def test_tune_without_a_target_aims_at_what_the_users_setting_reaches(make_mlp):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((256, 5)).astype(np.float32)
     y = (x[:, 0] - x[:, 1] > 0).astype(np.int64)
     report = bf.tune(lambda: make_mlp(5, 16, 2), F.cross_entropy,
                      lambda model: torch.optim.SGD(model.parameters(), lr=0.01), (x, y), val=(x, y),
-                     base_batch_size=16, batch_sizes=[16, 32], epochs=2, memory_budget=2**30)
-    point = next(p for p in report.sweep if p.batch_size == 16)
-    steps = [c[0] for c in point.curve]
-    assert len(steps) > 2 and steps[0] < 16  # 16 steps an epoch: checked every 2, not only at 16 and 32
+                     base_batch_size=16, batch_sizes=[16, 32], epochs=2, memory_budget=2**30, progress=False)
+    user = report.sweep[0]
+    assert user.stopped == "target" and user.final_loss == report.target_loss
+    best = min((r for r in report.sweep if r.seconds is not None), key=lambda r: r.seconds)
+    assert best.seconds <= user.seconds and report.lr == best.lr
     assert "all 256 samples fit in memory at once" in report.reasons["micro_batch_size"]
     block = report.summary().split("to use it, put this in the run's config:\n")[1]
     assert block == report.config_block()
     assert f"batch_size = {report.batch_size}" in block and "[optimizer]\nlr = " in block
+
+
+def test_tune_says_so_when_no_run_reaches_the_target(make_mlp):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((128, 5)).astype(np.float32)
+    y = rng.integers(0, 2, 128)  # random labels: a validation loss of 0.01 is out of reach
+    with pytest.warns(UserWarning, match="no run reached the target loss 0.01"):
+        report = bf.tune(lambda: make_mlp(5, 8, 2), F.cross_entropy,
+                         lambda model: torch.optim.SGD(model.parameters(), lr=0.01), (x, y), val=(x[:32], y[:32]),
+                         base_batch_size=16, batch_sizes=[16, 32], epochs=1, target_loss=0.01,
+                         memory_budget=2**30, progress=False)
+    assert not report.reached
+    assert report.reasons["batch_size"].startswith("NOT a measured optimum")
+    assert max(r.steps_run for r in report.sweep) >= 8 * 128 // 16  # the budget was doubled, up to 8 epochs
+
+
+def test_tune_finds_large_batch_and_lr_on_a_low_noise_regression():
+    # Noise-free linear targets: the gradient noise vanishes at the optimum, the lr is bounded by
+    # the curvature alone (2 / λ_max = 1 for unit features), so the fastest setting is the largest
+    # batch with an lr near the stability limit, far above the 0.01 the user wrote.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2048, 4)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32))[:, None]
+
+    def make_model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 1)
+
+    report = bf.tune(make_model, F.mse_loss, lambda model: torch.optim.SGD(model.parameters(), lr=0.01), (x, y),
+                     val=(x[:256], y[:256]), base_batch_size=16, batch_sizes=[16, 32, 64, 128, 256],
+                     target_loss=1e-3, memory_budget=2**30, progress=False, epochs=2)
+    assert report.reached
+    assert report.lr >= 0.16 and report.lr < 1.0
+    user = report.sweep[0]
+    assert user.seconds is None or user.seconds / min(r.seconds for r in report.sweep if r.seconds) > 4

@@ -1,12 +1,14 @@
 """``tune()``: measure, then recommend batch size, micro-batch size and learning rate.
 
-The measurements, in order: the largest micro-batch that fits memory, throughput against
-micro-batch size, a learning-rate range test at a base batch size, the gradient noise scale,
-and a short sweep of batch sizes trained from the same initial weights, each with the lr the
-scaling rule gives, recording steps, samples and seconds to reach a target loss (the three
-regimes of Shallue et al. 2018, "Measuring the Effects of Data Parallelism on Neural Network
-Training": perfect scaling, diminishing returns, maximal data parallelism). The recommended
-batch size is the one that reached the target in the least measured time.
+The measurements: the largest micro-batch that fits memory; the time of a training step at
+each candidate batch size and the gradient noise scale, from one probe of the same passes; a
+learning-rate range test (evidence only); then the search itself
+(:func:`~batchfit.measure.search.lattice_search`): real training runs from the same initial
+weights on the batch size × lr lattice through the trainer, each until the target loss or
+until it has used the best time so far, time being steps × the measured seconds per step of
+its batch size. The first run is the user's own setting (their lr at ``base_batch_size``), so
+the answer is never worse than it in the evidence. Checked against full grids on five tasks
+in ``benchmarks/groundtruth.py`` (docs/batch-size.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,43 +28,34 @@ import torch
 from .core.batch import LossFn
 from .core.device import resolve_device
 from .core.figures import new_figure, save_figure
-from .core.maths import ema
 from .core.precision import PRECISIONS
 from .data.sources import as_source, source_lengths
-from .errors import check_choice, check_positive_int, expected
-from .measure.auto import measure_throughput, powers_of_two
-from .measure.lr import scale_lr
+from .errors import NonFiniteLossError, check_choice, check_positive_int, expected
+from .measure.auto import powers_of_two
 from .measure.memory import find_micro_batch_size, find_micro_batch_tokens
-from .measure.noise import estimate_noise_scale
+from .measure.probe import BatchProbe, probe_batch_sizes
 from .measure.range_test import lr_range_test
+from .measure.search import Trial, TrialResult, lattice_search
+from .train.callbacks import Callback
 from .train.trainer import Trainer
 
 logger = logging.getLogger("batchfit")
-ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
-
-
-@dataclass
-class SweepPoint:
-    """One fixed batch size of the sweep: its lr and how long it took to reach the target."""
-
-    batch_size: int
-    lr: float
-    steps_to_target: int | None
-    samples_to_target: int | None
-    seconds_to_target: float | None
-    final_loss: float
-    curve: list[tuple[int, int, float, float]] = field(default_factory=list)  # (step, samples, seconds, loss)
 
 
 @dataclass
 class TuneReport:
-    """The recommendation and the evidence behind each part of it."""
+    """The recommendation and the evidence behind each part of it.
+
+    ``sweep`` holds every training run of the search in the order it ran; ``reached`` says
+    whether any run reached ``target_loss`` (when none did, the recommendation is the run
+    that ended lowest, and ``reasons`` says so).
+    """
 
     batch_size: int
     micro_batch_size: int | None
     lr: float
     base_batch_size: int
-    lr_rule: str
+    user_lr: float
     micro_batch_fit: int
     throughput: dict[int, float]
     noise_scale: float
@@ -69,20 +64,21 @@ class TuneReport:
     range_test_lr: float
     range_test: dict[str, list[float]]
     target_loss: float
-    sweep: list[SweepPoint]
+    sweep: list[TrialResult]
     reasons: dict[str, str]
+    reached: bool = True
+    seconds: float = 0.0  # what tune itself took
     micro_batch_tokens: int | None = None  # for variable-length data: the token budget that fits memory
+    step_seconds: dict[int, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """The recommendation with its evidence, as printed by ``batchfit tune``."""
         lines = [f"recommended batch_size={self.batch_size}  micro_batch_size={self.micro_batch_size}  "
                  f"lr={self.lr:.4g}"]
         lines += [f"  {name}: {reason}" for name, reason in self.reasons.items()]
-        lines.append(f"  sweep (to target loss {self.target_loss:.4g}):")
-        for point in self.sweep:
-            reached = (f"{point.steps_to_target} steps, {point.samples_to_target} samples, "
-                       f"{point.seconds_to_target:.2f} s" if point.steps_to_target is not None else "not reached")
-            lines.append(f"    batch {point.batch_size:>6}  lr {point.lr:.4g}  {reached}")
+        lines.append(f"  runs (to target loss {self.target_loss:.4g}; time = steps × seconds per step):")
+        for run in self.sweep:
+            lines.append(f"    batch {run.batch_size:>6}  lr {run.lr:<10.4g} {_outcome(run)}")
         lines += ["", "to use it, put this in the run's config:", self.config_block()]
         return "\n".join(lines)
 
@@ -107,40 +103,44 @@ class TuneReport:
         return folder
 
     def _markdown(self) -> str:
-        rows = "\n".join(
-            f"| {p.batch_size} | {p.lr:.4g} | {p.steps_to_target if p.steps_to_target is not None else '—'} | "
-            f"{p.samples_to_target if p.samples_to_target is not None else '—'} | "
-            f"{'—' if p.seconds_to_target is None else f'{p.seconds_to_target:.2f}'} | {p.final_loss:.4g} |"
-            for p in self.sweep)
+        rows = "\n".join(f"| {r.batch_size} | {r.lr:.4g} | {_outcome(r)} | {r.final_loss:.4g} |" for r in self.sweep)
         reasons = "\n".join(f"- **{name}**: {reason}" for name, reason in self.reasons.items())
         return (f"# batchfit tune report\n\n"
                 f"**batch_size = {self.batch_size}, micro_batch_size = {self.micro_batch_size}, "
                 f"lr = {self.lr:.4g}**\n\n{reasons}\n\n"
-                f"## Sweep (target loss {self.target_loss:.4g})\n\n"
-                f"| batch size | lr | steps | samples | seconds | final loss |\n|---|---|---|---|---|---|\n{rows}\n\n"
-                f"![steps and samples to target](sweep.png)\n\n![lr range test](lr_range.png)\n\n"
+                f"## Runs (target loss {self.target_loss:.4g}), in the order they ran\n\n"
+                f"| batch size | lr | outcome | last loss checked |\n|---|---|---|---|\n{rows}\n\n"
+                f"![time to target over batch size and lr](sweep.png)\n\n![lr range test](lr_range.png)\n\n"
                 f"![throughput](throughput.png)\n\n## For the run's config\n\n```toml\n{self.config_block()}\n```\n")
 
     def _plot_sweep(self, path: Path) -> None:
-        fig, axes = new_figure(1, 3, (14, 4))
-        reached = [p for p in self.sweep if p.steps_to_target is not None]
-        sizes = [p.batch_size for p in reached]
-        for ax, values, label in ((axes[0][0], [p.steps_to_target for p in reached], "steps to target"),
-                                  (axes[0][1], [p.samples_to_target for p in reached], "samples to target"),
-                                  (axes[0][2], [p.seconds_to_target for p in reached], "seconds to target")):
-            ax.plot(sizes, values, marker="o")
-            ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel=label, title=label)
-            ax.axvline(self.batch_size, color="tab:green", ls="--", label=f"recommended {self.batch_size}")
-            if math.isfinite(self.noise_scale):
-                ax.axvline(self.noise_scale, color="tab:orange", ls=":", label=f"B_simple {self.noise_scale:.0f}")
-            ax.legend()
+        fig, axes = new_figure(1, 1, (7, 5))
+        ax = axes[0][0]
+        reached = [r for r in self.sweep if r.seconds is not None]
+        missed = [r for r in self.sweep if r.seconds is None]
+        if reached:
+            dots = ax.scatter([r.batch_size for r in reached], [r.lr for r in reached],
+                              c=[r.seconds for r in reached], cmap="viridis_r", s=120, norm="log")
+            fig.colorbar(dots, ax=ax, label="seconds to target (steps × s/step)")
+        if missed:
+            ax.scatter([r.batch_size for r in missed], [r.lr for r in missed], marker="x", color="grey",
+                       label="stopped before the target")
+        ax.scatter([self.batch_size], [self.lr], marker="o", s=320, facecolors="none", edgecolors="red",
+                   label="recommended")
+        ax.scatter([self.base_batch_size], [self.user_lr], marker="s", s=200, facecolors="none",
+                   edgecolors="black", label="your setting")
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="learning rate",
+               title=f"runs to loss {self.target_loss:.4g}")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize="small")
         save_figure(fig, path)
 
     def _plot_range_test(self, path: Path) -> None:
         fig, axes = new_figure(1, 1, (6, 4))
         ax = axes[0][0]
         ax.plot(self.range_test["lrs"], self.range_test["losses"])
-        ax.axvline(self.range_test_lr, color="tab:red", ls="--", label=f"suggested {self.range_test_lr:.3g}")
+        ax.axvline(self.range_test_lr, color="tab:red", ls="--", label=f"range test {self.range_test_lr:.3g}")
+        ax.axvline(self.lr, color="tab:green", ls=":", label=f"recommended {self.lr:.3g} (batch {self.batch_size})")
         ax.set(xscale="log", xlabel=f"learning rate (batch {self.base_batch_size})", ylabel="smoothed loss",
                title="learning-rate range test")
         ax.legend()
@@ -151,20 +151,107 @@ class TuneReport:
         ax = axes[0][0]
         ax.plot(list(self.throughput), list(self.throughput.values()), marker="o")
         ax.axvline(self.micro_batch_fit, color="tab:red", ls="--", label=f"memory fit {self.micro_batch_fit}")
-        ax.set(xscale="log", xlabel="micro-batch size", ylabel="samples/s", title="throughput")
+        ax.set(xscale="log", xlabel="batch size", ylabel="samples/s", title="throughput")
         ax.legend()
         save_figure(fig, path)
 
 
+def _outcome(run: TrialResult) -> str:
+    if run.seconds is not None:
+        return f"target in {run.steps} steps, {run.seconds:.3g} s"
+    return {"diverged": "diverged", "deadline": f"stopped at {run.steps_run} steps (slower than the best)",
+            }.get(run.stopped, f"not reached in {run.steps_run} steps")
+
+
 def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
     return str(value)
 
 
-def lr_rule_for(optimizer: torch.optim.Optimizer) -> str:
-    """"sqrt" for Adam-type optimizers, "linear" otherwise (Goyal et al. 2017; Malladi et al. 2022)."""
-    return "sqrt" if isinstance(optimizer, ADAM_LIKE) else "linear"
+class _Watch(Callback):
+    """Checks the loss against the target at steps 3 % apart (every step up to 34); stops at it or at ``max_steps``.
+
+    With a validation set the loss checked is the validation loss; without one it is the
+    bias-corrected moving average (β = 0.9) of the training loss, checked every step.
+    """
+
+    def __init__(self, target: float, val: Any, max_steps: int) -> None:
+        self.target, self.val, self.max_steps = target, val, max_steps
+        self.check, self.average, self.weight = 1, 0.0, 0.0
+        self.steps: int | None = None
+        self.last = math.nan
+        self.curve: list[tuple[int, float]] = []
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if self.val is None:
+            self.average = 0.9 * self.average + 0.1 * record["loss"]
+            self.weight = 0.9 * self.weight + 0.1
+            loss = self.average / self.weight
+        elif step >= self.check or step >= self.max_steps:
+            self.check = max(step + 1, math.ceil(step * 1.03))
+            loss = trainer.evaluate(self.val)["loss"]
+        else:
+            return
+        self.last = loss
+        self.curve.append((step, loss))
+        if loss <= self.target:
+            self.steps = step
+            trainer.stop_training = True
+        elif step >= self.max_steps:
+            trainer.stop_training = True
+
+
+@dataclass
+class _Runner:
+    """Trains one trial of the search from the initial weights through the trainer."""
+
+    model: torch.nn.Module
+    loss_fn: LossFn | None
+    make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    source: Any
+    val: Any
+    initial: dict[str, torch.Tensor]
+    user_lr: float
+    step_seconds: Callable[[int], float]
+    split: Callable[[int], dict[str, Any]]
+    options: dict[str, Any]
+    target: float
+
+    def __call__(self, trial: Trial) -> tuple[TrialResult, list[tuple[int, float]]]:
+        self.model.load_state_dict(self.initial)
+        optimizer = self.make_optimizer(self.model)
+        for group in optimizer.param_groups:  # every group moves by the same factor as the first
+            group["lr"] = group["lr"] * trial.lr / self.user_lr
+        watch = _Watch(self.target, self.val, trial.max_steps)
+        trainer = Trainer(self.model, self.loss_fn, optimizer, batch_size=trial.batch_size, progress=False,
+                          callbacks=[watch], **self.split(trial.batch_size), **self.options)
+        epochs = -(-trial.max_steps * trial.batch_size // len(self.source)) + 1
+        begin = time.perf_counter()
+        stopped = ""
+        try:
+            trainer.fit(self.source, epochs=epochs)
+        except NonFiniteLossError:
+            stopped = "diverged"
+        steps_run = watch.curve[-1][0] if watch.curve else 0
+        if not stopped:
+            stopped = "target" if watch.steps is not None else \
+                "deadline" if steps_run >= trial.max_steps else "budget"
+        seconds = None if watch.steps is None else watch.steps * self.step_seconds(trial.batch_size)
+        result = TrialResult(trial.batch_size, trial.lr, watch.steps, steps_run,
+                             math.nan if stopped == "diverged" else watch.last, seconds,
+                             time.perf_counter() - begin, stopped)
+        logger.info("tune: batch %d, lr %.4g: %s", trial.batch_size, trial.lr, _outcome(result))
+        return result, watch.curve
+
+
+def _step_time_model(probe: BatchProbe, fit: int) -> Callable[[int], float]:
+    """Seconds of a training step at any batch size: the probe's line, accumulated above the memory fit."""
+    def seconds(size: int) -> float:
+        if size <= fit:
+            return probe.step_seconds(size)
+        passes = -(-size // fit)
+        return passes * (probe.step_seconds(fit) - probe.update_seconds) + probe.update_seconds
+    return seconds
 
 
 def tune(
@@ -178,19 +265,25 @@ def tune(
     batch_sizes: list[int] | None = None,
     epochs: int = 3,
     target_loss: float | None = None,
-    lr_rule: str | None = None,
     device: str | torch.device = "auto",
     memory_budget: float | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    progress: bool = True,
 ) -> TuneReport:
     """Measure and recommend ``batch_size``, ``micro_batch_size`` and ``lr`` for this model and data.
 
-    ``make_model()`` and ``make_optimizer(model)`` build fresh copies (the sweep trains several
-    from the same initial weights). ``epochs`` is each sweep point's budget. The target is
-    ``target_loss`` on ``val`` (or the training loss without ``val``); by default the loosest
-    best loss among the sweep points, so that every point can be compared. Every measurement
-    and the sweep run under ``precision``, as training will.
+    ``make_model()`` and ``make_optimizer(model)`` build fresh copies (the search trains several
+    from the same initial weights); the optimizer's lr is *your* lr, meant for
+    ``base_batch_size``. The target is ``target_loss`` on ``val`` (the smoothed training loss
+    without ``val``); by default it is the lowest loss your setting reaches in ``epochs``
+    epochs, so the recommendation answers "how do I get there fastest". The search then races
+    batch sizes (powers of two, or ``batch_sizes``) × lrs on a ×2 lattice through your lr,
+    each run stopped at the target or once it has used the best time so far; the
+    recommendation is the least time to the target (steps × measured seconds per step). A run
+    that has not reached the target within ``epochs`` epochs has its budget doubled (up to 3
+    times); if none reaches it, the report says so. Every measurement and run uses
+    ``precision``, as training will.
     """
     for name, value in (("make_model", make_model), ("make_optimizer", make_optimizer)):
         if not callable(value):
@@ -206,12 +299,15 @@ def tune(
     check_positive_int("base_batch_size", base_batch_size)
     check_positive_int("epochs", epochs)
     check_choice("precision", precision, PRECISIONS)
+    begin = time.perf_counter()
     target_device = resolve_device(device)
     torch.manual_seed(seed)
     model = make_model().to(target_device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model)
-    rule = lr_rule or lr_rule_for(optimizer)
+    user_lr = float(optimizer.param_groups[0]["lr"])
+    if not user_lr > 0:
+        raise expected("make_optimizer", "an optimizer with a positive lr (your lr at base_batch_size)", user_lr)
 
     fit = find_micro_batch_size(model, loss_fn, source, device=target_device, memory_budget=memory_budget,
                                 optimizer=optimizer, seed=seed, precision=precision)
@@ -222,81 +318,105 @@ def tune(
     tokens = None if lengths is None else find_micro_batch_tokens(
         model, loss_fn, source, device=target_device, memory_budget=memory_budget, optimizer=optimizer,
         max_rows=fit, seed=seed, precision=precision)
-    throughput = measure_throughput(model, loss_fn, source, powers_of_two(1, min(fit, len(source))), target_device,
-                                    seed=seed, precision=precision)
+    sizes = sorted({*(batch_sizes or powers_of_two(8, max(8, len(source) // 2))), base_batch_size})
+    measured = probe_batch_sizes(model, loss_fn, source, [s for s in sizes if s <= fit] or [fit], target_device,
+                                 optimizer=optimizer, stop_above_noise=None, window=0.02, seed=seed,
+                                 precision=precision)
+    step_seconds = _step_time_model(measured, fit)
     range_result = lr_range_test(model, loss_fn, optimizer, source, batch_size=min(base_batch_size, len(source)),
                                  seed=seed, device=target_device, precision=precision)
-    small = min(32, max(1, len(source) // 16))
-    noise = estimate_noise_scale(model, loss_fn, source, small_batch=small, big_batch=8 * small, seed=seed,
-                                 device=target_device, precision=precision)
-    lr = range_result.suggested_lr  # the range test's own rule: steepest descent, capped below the blow-up
-    sizes = batch_sizes or powers_of_two(8, max(8, len(source) // 8))
-    sweep = []
-    for size in sizes:
-        scaled = scale_lr(lr, base_batch_size, size, rule)
-        logger.info("tune sweep: batch %d, lr %.4g", size, scaled)
-        model.load_state_dict(initial)
-        sweep_optimizer = make_optimizer(model)
-        for group in sweep_optimizer.param_groups:
-            group["lr"] = scaled
-        # The target is checked about 8 times an epoch, not only at epoch ends.
-        val_every = max(1, -(-len(source) // size) // 8) if val is not None else None
-        split = {"micro_batch_tokens": tokens} if tokens is not None else \
-            {"micro_batch_size": fit if size > fit else None}
-        trainer = Trainer(model, loss_fn, sweep_optimizer, batch_size=size, progress=False, seed=seed,
-                          val_every=val_every, device=target_device, precision=precision, **split)
-        sweep.append(_sweep_point(trainer, source, val, size, scaled, epochs))
-    target = target_loss if target_loss is not None else default_target(sweep)
-    for point in sweep:
-        _reach(point, target)
-    reached = [(seconds, p) for p in sweep if (seconds := p.seconds_to_target) is not None]
-    best = min(reached, key=lambda r: r[0])[1] if reached else min(sweep, key=lambda p: p.final_loss)
+    runner = _Runner(model, loss_fn, make_optimizer, source, val, initial, user_lr, step_seconds,
+                     lambda size: {"micro_batch_tokens": tokens} if tokens is not None else
+                     {"micro_batch_size": fit if size > fit else None},
+                     {"seed": seed, "device": target_device, "precision": precision},
+                     -math.inf if target_loss is None else float(target_loss))
+    runs, best = _search(runner, sizes, base_batch_size, user_lr, epochs * len(source), measured.b_simple,
+                         target_loss is None, progress)
     model.load_state_dict(initial)
+    reached = best is not None and best.reached
+    if best is None or not reached:
+        finite = [r for r in runs if math.isfinite(r.final_loss)]
+        best = min(finite, key=lambda r: r.final_loss) if finite else runs[0]
+        message = (f"no run reached the target loss {runner.target:.4g} (budgets of up to {8 * epochs} epochs): "
+                   f"the recommendation is the run that ended lowest ({best.final_loss:.4g}); "
+                   f"raise `epochs` or set a reachable `target_loss`")
+        warnings.warn(message, stacklevel=2)
     micro = None if best.batch_size <= fit else fit
+    user = next((r for r in runs if r.batch_size == base_batch_size and r.lr == user_lr), None)
+    reasons = _reasons(runs, best, user, fit, micro, len(source), tokens, longest, range_result.suggested_lr,
+                       measured, runner.target, base_batch_size, user_lr)
+    return TuneReport(best.batch_size, micro, best.lr, base_batch_size, user_lr, fit,
+                      {size: size / step_seconds(size) for size in sizes}, measured.b_simple, measured.grad_sq,
+                      measured.trace_cov, range_result.suggested_lr,
+                      {"lrs": list(range_result.lrs), "losses": list(range_result.losses)}, runner.target, runs,
+                      reasons, reached, time.perf_counter() - begin, tokens,
+                      {size: step_seconds(size) for size in sizes})
+
+
+def _search(runner: _Runner, sizes: list[int], base: int, user_lr: float, budget: int, noise_scale: float,
+            target_from_reference: bool, progress: bool) -> tuple[list[TrialResult], TrialResult | None]:
+    """Drive :func:`lattice_search` with real runs; without a target, the first run (your setting) sets it."""
+    from tqdm.auto import tqdm
+
+    policy = lattice_search(sizes, base, user_lr, runner.step_seconds, budget, noise_scale)
+    runs: list[TrialResult] = []
+    bar = tqdm(desc="tune", unit="run", disable=not progress, leave=False)
+    trial = next(policy)
+    try:
+        while True:
+            result, curve = runner(trial)
+            if target_from_reference and not runs:
+                result = _reference(runner, result, curve)
+            runs.append(result)
+            bar.set_postfix_str(f"batch {trial.batch_size}, lr {trial.lr:.3g}: {_outcome(result)}", refresh=False)
+            bar.update()
+            trial = policy.send(result)
+    except StopIteration as stop:
+        return runs, stop.value
+    finally:
+        bar.close()
+
+
+def _reference(runner: _Runner, result: TrialResult, curve: list[tuple[int, float]]) -> TrialResult:
+    """Your setting's run sets the target: the lowest loss it checked, reached at the step it first did."""
+    finite = [(step, loss) for step, loss in curve if math.isfinite(loss)]
+    if not finite:
+        return result
+    runner.target = min(loss for _, loss in finite)
+    step = next(step for step, loss in finite if loss <= runner.target)
+    result.steps, result.final_loss, result.stopped = step, runner.target, "target"
+    result.seconds = step * runner.step_seconds(result.batch_size)
+    return result
+
+
+def _reasons(runs: list[TrialResult], best: TrialResult, user: TrialResult | None, fit: int, micro: int | None,
+             samples: int, tokens: int | None, longest: int, range_lr: float, measured: BatchProbe,
+             target: float, base: int, user_lr: float) -> dict[str, str]:
+    sizes = sorted({r.batch_size for r in runs})
     reasons = {
-        "micro_batch_size": (f"all {len(source)} samples fit in memory at once" if fit >= len(source) else
+        "micro_batch_size": (f"all {samples} samples fit in memory at once" if fit >= samples else
                              f"the largest micro-batch that fits memory is {fit}")
                             + ("" if micro else f", so a batch of {best.batch_size} needs no accumulation"),
         **({} if tokens is None else {"micro_batch_tokens": (
-            f"{tokens // longest} copies of the longest sample ({longest} tokens) fit in memory: micro-batches "
-            f"of at most {tokens} padded tokens, cut after sorting each batch by length")}),
-        "lr": f"range test at batch {base_batch_size} suggests {lr:.4g} (steepest descent of the smoothed loss, "
-              f"at most a tenth of the lr of the lowest loss); "
-              f"scaled by the {rule} rule to batch {best.batch_size}: {best.lr:.4g}",
-        "batch_size": f"reached the target loss {target:.4g} in the least time "
-                      f"({best.seconds_to_target or math.nan:.2f} s, {best.steps_to_target} steps) among "
-                      f"{[p.batch_size for p in sweep]}; gradient noise scale B_simple = {noise.b_simple:.4g}",
+            f"{tokens // max(longest, 1)} copies of the longest sample ({longest} tokens) fit in memory: "
+            f"micro-batches of at most {tokens} padded tokens, cut after sorting each batch by length")}),
     }
-    return TuneReport(best.batch_size, micro, best.lr, base_batch_size, rule, fit, throughput, noise.b_simple,
-                      noise.grad_sq, noise.trace_cov, lr, {"lrs": list(range_result.lrs),
-                                                            "losses": list(range_result.losses)},
-                      target, sweep, reasons, tokens)
-
-
-def _sweep_point(trainer: Trainer, source: Any, val: Any, size: int, lr: float, epochs: int) -> SweepPoint:
-    """Train one batch size for ``epochs`` epochs, recording (step, samples, seconds, loss)."""
-    history = trainer.fit(source, epochs=epochs, val=val)
-    if val is not None:
-        points = {v["step"]: (v["step"], v["samples"], v["seconds"], v["val_loss"]) for v in history.validations}
-        points.update({e["steps"]: (e["steps"], e["samples"], e["seconds"], e["val_loss"]) for e in history.epochs})
-        curve = [points[step] for step in sorted(points)]
+    if best.seconds is not None and best.steps:
+        reasons["batch_size"] = (f"reached the target loss {target:.4g} in the least time ({best.steps} steps × "
+                                 f"{best.seconds / best.steps * 1e3:.3g} ms = {best.seconds:.3g} s) of {len(runs)} "
+                                 f"runs over batch sizes {sizes}, each stopped once slower than the best")
     else:
-        curve = list(zip(history.column("step"), history.column("samples"), history.column("seconds"),
-                         ema(history.losses())))
-    final = curve[-1][3] if curve else math.nan
-    return SweepPoint(size, lr, None, None, None, final, curve)
-
-
-def default_target(sweep: list[SweepPoint]) -> float:
-    """The loosest best loss among the sweep points that learned (best loss below their first)."""
-    learned = [min(c[3] for c in p.curve) for p in sweep if p.curve and min(c[3] for c in p.curve) < p.curve[0][3]]
-    if not learned:
-        return min((p.final_loss for p in sweep), default=math.nan)
-    return max(learned)
-
-
-def _reach(point: SweepPoint, target: float) -> None:
-    for step, samples, seconds, loss in point.curve:
-        if loss <= target:
-            point.steps_to_target, point.samples_to_target, point.seconds_to_target = step, samples, seconds
-            return
+        reasons["batch_size"] = f"NOT a measured optimum: no run reached the target loss {target:.4g}"
+    if user is None or user.seconds is None:
+        against = "your lr at that batch size did not reach the target"
+    elif user is best:
+        against = "your own setting was the fastest"
+    else:
+        against = f"{user.seconds / best.seconds:.2f}× faster than your setting" if best.seconds else ""
+    reasons["lr"] = (f"the best of the lr lattice {user_lr:.4g} × 2^k at batch {best.batch_size}: {best.lr:.4g} "
+                     f"({against}; your lr {user_lr:.4g} at batch {base}); "
+                     f"the range test at batch {base} suggested {range_lr:.4g}")
+    reasons["noise_scale"] = (f"B_simple = {measured.b_simple:.4g} at the initial weights (|G|² = "
+                              f"{measured.grad_sq:.3g}, tr Σ = {measured.trace_cov:.3g}); it sets the lr guess "
+                              f"of each next batch size (×2 below it, ×1 above)")
+    return reasons
