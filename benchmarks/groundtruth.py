@@ -43,16 +43,17 @@ RULE = {"Adam": "sqrt", "AdamW": "sqrt", "SGD m=0.9": "linear", "SGD": "linear"}
 
 def run_grid(task: Task, init: dict[str, torch.Tensor], times: dict[int, float]) -> dict[str, Any]:
     """Every (batch size, lr) of the grid: steps to target, time to target, and what the grid cost."""
-    points, cost = [], 0.0
+    points, cost, step_cost = [], 0.0, 0.0
     for size in task.batch_sizes:
         for lr in task.lrs:
             begin = time.perf_counter()
             run = plain_run(task, init, size, lr)
             cost += time.perf_counter() - begin
+            step_cost += run["steps_run"] * times[size]
             seconds = None if run["steps"] is None else run["steps"] * times[size]
             points.append({"batch_size": size, "lr": lr, **run, "seconds": seconds})
             print(f"  grid {task.name}: batch {size}, lr {lr:.4g}: {run['steps']} steps", flush=True)
-    return {"points": points, "wall_seconds": cost}
+    return {"points": points, "wall_seconds": cost, "step_seconds": step_cost}
 
 
 def fit_critical_batch(best_steps: dict[int, int]) -> dict[str, float]:
@@ -141,8 +142,12 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: list[dict[str
                      batch_sizes=task.batch_sizes, device="cpu", progress=False)
     tune_seconds = time.perf_counter() - begin
     steps, seconds = time_of(task, init, grid, times, report.batch_size, report.lr)
+    for size in {r.batch_size for r in report.sweep} - set(times):
+        times.update(step_seconds(task, [size]))
     out["tune"] = {"batch_size": report.batch_size, "lr": report.lr, "steps": steps, "seconds": seconds,
-                   "wall_seconds": tune_seconds, "runs": len(report.sweep), "b_simple_probe": report.noise_scale}
+                   "wall_seconds": tune_seconds, "runs": len(report.sweep), "b_simple_probe": report.noise_scale,
+                   "step_seconds": sum(r.steps_run * times[r.batch_size] for r in report.sweep),
+                   "trials": [(r.batch_size, r.lr, r.steps, r.steps_run, r.stopped, r.reorder) for r in report.sweep]}
     at_base = [p for p in grid if p["batch_size"] == BASE_BATCH and p["seconds"] is not None]
     base_lr = min(at_base, key=lambda p: p["seconds"])["lr"]
     rule = RULE[task.optimizer]
@@ -164,7 +169,8 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: list[dict[str
             for size in set(watch.sizes) - set(times):
                 times.update(step_seconds(task, [size]))
             seconds = None if watch.steps is None else sum(times[s] for s in watch.sizes[: watch.steps])
-            out["adaptive"] = {"sizes": sorted(set(watch.sizes)), "steps": watch.steps, "seconds": seconds,
+            changes = [e["batch_size"] for e in trainer.history.events if e["kind"] == "batch_size"]
+            out["adaptive"] = {"sizes": changes, "steps": watch.steps, "seconds": seconds,
                                "probe_seconds": probe, "wall_seconds": wall, "base_lr": base_lr, "rule": rule}
     return out
 
@@ -180,6 +186,7 @@ def study(task: Task, out: Path, reuse: bool) -> dict[str, Any]:
         grid = run_grid(task, init, times)
         cached.write_text(json.dumps({"step_seconds": times, "grid": grid}, indent=1))
     points = grid["points"]
+    grid.setdefault("step_seconds", sum(p["steps_run"] * times[p["batch_size"]] for p in points))
     reached = [p for p in points if p["seconds"] is not None]
     best = min(reached, key=lambda p: p["seconds"])
     best_per_size = {}
@@ -198,7 +205,10 @@ def study(task: Task, out: Path, reuse: bool) -> dict[str, Any]:
     for mode in ("tune", "auto", "adaptive"):
         seconds = result[mode]["seconds"]
         result[mode]["ratio"] = None if seconds is None else seconds / best["seconds"]
-    result["tune"]["cost_share"] = result["tune"]["wall_seconds"] / grid["wall_seconds"]
+    # What tune cost against the grid: its runs' steps × step time over the grid's (the same
+    # measure as time to target), and its whole wall time (probes, checks) over the grid's.
+    result["tune"]["cost_share"] = result["tune"]["step_seconds"] / grid["step_seconds"]
+    result["tune"]["wall_share"] = result["tune"]["wall_seconds"] / grid["wall_seconds"]
     plot(task, result, points, out)
     return result
 
@@ -248,8 +258,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         ratio = "not reached" if p["ratio"] is None else f"{p['ratio']:.2f}×"
         return f"{p['batch_size']}, {p['lr']:.3g} → {ratio}"
 
-    lines = ["| task | grid best (B, lr, time) | tune (B, lr → ratio) | tune cost / grid | auto (B, lr → ratio) | "
-             "adaptive → ratio | B_crit (fit) | B_simple init / mid | ratio to B_crit |",
+    lines = ["| task | grid best (B, lr, time) | tune (B, lr → ratio) | tune cost / grid (wall) | "
+             "auto (B, lr → ratio) | adaptive → ratio | B_crit (fit) | B_simple init / mid | ratio to B_crit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         best, noise = r["best"], r["noise"]
@@ -259,8 +269,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
         b_crit = r["fit"]["b_crit"]
         mid = noise.get("b_simple_mid", math.nan)
         lines.append(
-            f"| {r['task']} | {best['batch_size']}, {best['lr']:.3g}, {best['seconds']:.3g} s ({best['steps']} steps) | "
-            f"{pick(r, 'tune')} | {100 * r['tune']['cost_share']:.0f} % ({r['tune']['runs']} runs) | "
+            f"| {r['task']} | {best['batch_size']}, {best['lr']:.3g}, {best['seconds']:.3g} s ({best['steps']} st.) | "
+            f"{pick(r, 'tune')} | {100 * r['tune']['cost_share']:.0f} % ({100 * r['tune']['wall_share']:.0f} %, "
+            f"{r['tune']['runs']} runs) | "
             f"{pick(r, 'auto')} | {adaptive_text} | {b_crit:.0f} | {noise['b_simple_init']:.0f} / {mid:.0f} | "
             f"{noise['b_simple_init'] / b_crit:.2f} / {mid / b_crit:.2f} |")
     return "\n".join(lines)

@@ -95,7 +95,8 @@ FORTUNES = Path("/usr/share/games/fortunes")
 
 
 def _fortune_text() -> str:
-    files = sorted(p for p in FORTUNES.glob("*") if p.is_file() and not p.suffix and (p.parent / (p.name + ".dat")).exists())
+    files = sorted(p for p in FORTUNES.glob("*")
+                   if p.is_file() and not p.suffix and (p.parent / (p.name + ".dat")).exists())
     if not files:
         raise FileNotFoundError(f"no fortune files in {FORTUNES} (Debian package `fortunes`)")
     return "".join(p.read_text(encoding="utf-8", errors="replace") for p in files[:12])

@@ -25,9 +25,11 @@ def test_tune_recommends_from_measurements_and_saves_report(tmp_path, make_mlp):
     # The first run is the user's own setting; the recommendation is the fastest run to the target.
     first = report.sweep[0]
     assert (first.batch_size, first.lr) == (16, 0.01) and report.user_lr == 0.01
-    reached = [r for r in report.sweep if r.seconds is not None]
-    best = min(reached, key=lambda r: r.seconds)
-    assert (report.batch_size, report.lr) == (best.batch_size, best.lr)
+    # The fastest three runs ran again on another data order; the recommendation is one of them.
+    search = sorted((r for r in report.sweep if r.seconds is not None and not r.reorder), key=lambda r: r.seconds)
+    again = [(r.batch_size, r.lr) for r in report.sweep if r.reorder]
+    assert again == [(r.batch_size, r.lr) for r in search[:3]]
+    assert (report.batch_size, report.lr) in again
     assert all(math.log2(r.lr / 0.01) == round(math.log2(r.lr / 0.01)) for r in report.sweep)  # the ×2 lattice
     assert report.reached
     folder = report.save(tmp_path / "report")
@@ -48,7 +50,7 @@ def test_tune_without_a_target_aims_at_what_the_users_setting_reaches(make_mlp):
     user = report.sweep[0]
     assert user.stopped == "target" and user.final_loss == report.target_loss
     best = min((r for r in report.sweep if r.seconds is not None), key=lambda r: r.seconds)
-    assert best.seconds <= user.seconds and report.lr == best.lr
+    assert best.seconds <= user.seconds
     assert "all 256 samples fit in memory at once" in report.reasons["micro_batch_size"]
     block = report.summary().split("to use it, put this in the run's config:\n")[1]
     assert block == report.config_block()
@@ -86,5 +88,7 @@ def test_tune_finds_large_batch_and_lr_on_a_low_noise_regression():
                      target_loss=1e-3, memory_budget=2**30, progress=False, epochs=2)
     assert report.reached
     assert report.lr >= 0.16 and report.lr < 1.0
-    user = report.sweep[0]
+    # The user's setting is always in the evidence, here raced and far slower.
+    user = next(r for r in report.sweep if (r.batch_size, r.lr) == (16, 0.01))
     assert user.seconds is None or user.seconds / min(r.seconds for r in report.sweep if r.seconds) > 4
+    assert "your setting" in report.reasons["lr"]

@@ -46,6 +46,7 @@ class TrialResult:
     seconds: float | None = None  # steps × seconds per step at the batch size: the time to target
     wall_seconds: float = 0.0  # what the run took here, checks included
     stopped: str = ""  # "target", "deadline", "budget" or "diverged"
+    reorder: int = 0  # 0: the search's data order; 1: the confirmation of a candidate on another order
 
     @property
     def reached(self) -> bool:
@@ -68,10 +69,12 @@ SearchPolicy = Generator[Trial, TrialResult, TrialResult | None]
 
 def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
                    step_seconds: Callable[[int], float], budget_samples: int, noise_scale: float = math.nan,
-                   patience: float = 1.15, max_budget_doublings: int = 3, max_lr_moves: int = 8) -> SearchPolicy:
+                   patience: float = 1.15, max_budget_doublings: int = 3, max_lr_moves: int = 8,
+                   start_k: int = 0) -> SearchPolicy:
     """Walk the lattice ``batch_sizes`` × ``start_lr · 2^k`` towards the least time to target.
 
-    First the lr walk at ``start_batch`` (up while it improves, else down); then the batch
+    First the lr walk at ``start_batch`` from ``start_lr · 2^start_k`` (up while it improves,
+    else down); then the batch
     size walks up one size at a time, each size's lr walk starting from the best lr of the one
     before, one lattice step higher while the size is below ``noise_scale`` (linear scaling)
     and the same above it; the walk goes on while a size comes within ``patience`` of the best
@@ -79,8 +82,9 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
     Every trial's ``max_steps`` is the best time so far over the step time at its size, or the
     budget of ``budget_samples`` samples while nothing has reached the target; when nothing
     reaches it at the start size, the budget doubles (at most ``max_budget_doublings`` times).
-    An lr walk goes at most ``max_lr_moves`` lattice steps from where it started. The
-    generator returns the best result.
+    An lr walk goes at most ``max_lr_moves`` lattice steps from where it started. The start
+    itself, ``(start_batch, start_lr)``, is always run (last, raced, if the walk passed it by),
+    so the answer is never worse than it. The generator returns the best result.
     """
     sizes = sorted(set(batch_sizes))
     if start_batch not in sizes:
@@ -119,7 +123,7 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
         return best_k
 
     start = sizes.index(start_batch)
-    k = 0
+    k = start_k
     for _ in range(max_budget_doublings + 1):
         k = yield from lr_walk(start_batch, k)
         if best is not None and best.reached:
@@ -143,4 +147,5 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
             index += direction
         if best is not before:
             break  # the best moved this way: the valley's floor is on this side
+    yield from run(start_batch, 0)
     return best
