@@ -37,7 +37,8 @@ def plain_run(task: Task, init: dict[str, torch.Tensor], batch_size: int, lr: fl
 
     ``max_steps`` (by default the task's budget in samples over the batch size) ends a run that
     has not reached the target; a non-finite loss, or a validation loss no lower than at the start
-    after 100 steps, ends it as diverged.
+    after 100 steps, ends it as diverged; a validation loss that has not improved in as many
+    steps as its best took (after 100) ends it as not reached (overfitting, as Adam on ratings).
     """
     model = task.make_model()
     model.load_state_dict(init)
@@ -48,6 +49,7 @@ def plain_run(task: Task, init: dict[str, torch.Tensor], batch_size: int, lr: fl
     generator = torch.Generator().manual_seed(seed)
     step, check, order, position = 0, 1, torch.empty(0, dtype=torch.long), n
     start_loss = validation_loss(task, model)
+    best_loss, best_step = start_loss, 0
     while step < limit:
         if position + batch_size > n:  # a new epoch once the remainder cannot fill a batch
             order, position = torch.randperm(n, generator=generator), 0
@@ -67,6 +69,10 @@ def plain_run(task: Task, init: dict[str, torch.Tensor], batch_size: int, lr: fl
                 return {"steps": step, "steps_run": step, "diverged": False}
             if step >= 100 and loss_now >= start_loss:  # no better than the start after 100 steps: stalled
                 return {"steps": None, "steps_run": step, "diverged": True}
+            if loss_now < best_loss:
+                best_loss, best_step = loss_now, step
+            elif step >= max(100, 2 * best_step):  # no progress in as many steps as its best took: overfitting
+                return {"steps": None, "steps_run": step, "diverged": False}
     return {"steps": None, "steps_run": step, "diverged": False}
 
 

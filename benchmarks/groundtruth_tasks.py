@@ -136,12 +136,12 @@ def transformer_adamw(context: int = 32) -> Task:
     targets = windows[1: count * context + 1].reshape(count, context)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
     inputs, targets = inputs[order], targets[order]
-    val = 1024
+    val = 256
     return Task("char transformer + AdamW", lambda: _CharTransformer(len(chars), context),
                 lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), _next_token_loss,
                 (inputs[val:], targets[val:]), (inputs[:val], targets[:val]), 2.45, "AdamW",
-                f"fortunes, {count - val:,} windows of {context} characters", lrs=_lr_grid(5e-4, 8),
-                max_samples=40 * (count - val) // 10)
+                f"fortunes, {count - val:,} windows of {context} characters", lrs=_lr_grid(1e-3, 7),
+                max_samples=2 * (count - val))
 
 
 class _MatrixFactorization(nn.Module):
@@ -181,7 +181,8 @@ def mf_adam() -> Task:
     return Task("matrix factorisation + Adam", lambda: _MatrixFactorization(users, items),
                 lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr), F.mse_loss,
                 (pairs[:split], stars[:split]), (pairs[split:], stars[split:]), 0.93, "Adam",
-                "MovieLens-100k ratings", lrs=_lr_grid(2.5e-4, 8), max_samples=20 * split)
+                "MovieLens-100k ratings", batch_sizes=[2**k for k in range(5, 14)], lrs=_lr_grid(5e-4, 9),
+                max_samples=5 * split)
 
 
 def linear_sgd(samples: int = 8192, features: int = 32, noise: float = 1.0) -> Task:

@@ -353,11 +353,9 @@ def tune(
                      {"micro_batch_size": fit if size > fit else None},
                      {"seed": seed, "device": target_device, "precision": precision},
                      -math.inf if target_loss is None else float(target_loss))
-    # With a target, the walk starts at the range test's lr on the lattice through yours (yours is
-    # still run, raced); without one, your setting runs first, as it sets the target.
-    start_k = 0 if target_loss is None else round(math.log2(range_result.suggested_lr / user_lr)) \
-        if math.isfinite(range_result.suggested_lr) and range_result.suggested_lr > 0 else 0
-    runs, best = _search(runner, sizes, base_batch_size, user_lr, start_k, epochs * len(source),
+    start_batch, start_k = _start(sizes, base_batch_size, probe_seconds, measured.b_simple,
+                                  range_result.suggested_lr / user_lr, target_loss is not None)
+    runs, best = _search(runner, sizes, (start_batch, base_batch_size), user_lr, start_k, epochs * len(source),
                          measured.b_simple, target_loss is None, progress)
     model.load_state_dict(initial)
     reached = best is not None and best.reached
@@ -381,13 +379,39 @@ def tune(
                       {size: runner.step_seconds(size) for size in sizes})
 
 
-def _search(runner: _Runner, sizes: list[int], base: int, user_lr: float, start_k: int, budget: int,
-            noise_scale: float, target_from_reference: bool,
+def _start(sizes: list[int], base: int, probe_seconds: Callable[[int], float], noise_scale: float,
+           range_ratio: float, has_target: bool) -> tuple[int, int]:
+    """Where the walk starts: batch size, and lr as a power of two times yours.
+
+    The batch: the largest size whose step takes at most 1.25× a step at ``base``. While the
+    step time stays flat, a larger batch can only need fewer steps (S = S_min (1 + B_crit/B)),
+    so the fastest batch is never below it; starting there skips the long runs of small
+    batches. The lr: the range test's suggestion at ``base`` snapped to the lattice, never
+    below yours (the suggestion is cautious by design, up to 64× below the best on the
+    ground-truth grids), one step up per doubling of the batch below the noise scale. Without
+    a target, your setting itself comes first: it sets the target.
+    """
+    if not has_target:
+        return base, 0
+    flat = [size for size in sizes if size >= base and probe_seconds(size) <= 1.25 * probe_seconds(base)]
+    start = max(flat, default=base)
+    k = max(0, round(math.log2(range_ratio))) if math.isfinite(range_ratio) and range_ratio > 0 else 0
+    size = base
+    while size < start:
+        size *= 2
+        k += 0 if size > noise_scale else 1  # nan: below
+    return start, k
+
+
+def _search(runner: _Runner, sizes: list[int], batches: tuple[int, int], user_lr: float, start_k: int,
+            budget: int, noise_scale: float, target_from_reference: bool,
             progress: bool) -> tuple[list[TrialResult], TrialResult | None]:
     """Drive :func:`lattice_search` with real runs; without a target, the first run (your setting) sets it."""
     from tqdm.auto import tqdm
 
-    policy = lattice_search(sizes, base, user_lr, runner.step_seconds, budget, noise_scale, start_k=start_k)
+    start, base = batches
+    policy = lattice_search(sizes, start, user_lr, runner.step_seconds, budget, noise_scale, start_k=start_k,
+                            user_batch=base)
     runs: list[TrialResult] = []
     bar = tqdm(desc="tune", unit="run", disable=not progress, leave=False)
     trial = next(policy)

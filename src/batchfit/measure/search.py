@@ -70,7 +70,7 @@ SearchPolicy = Generator[Trial, TrialResult, TrialResult | None]
 def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
                    step_seconds: Callable[[int], float], budget_samples: int, noise_scale: float = math.nan,
                    patience: float = 1.15, max_budget_doublings: int = 3, max_lr_moves: int = 8,
-                   start_k: int = 0) -> SearchPolicy:
+                   start_k: int = 0, user_batch: int | None = None) -> SearchPolicy:
     """Walk the lattice ``batch_sizes`` × ``start_lr · 2^k`` towards the least time to target.
 
     First the lr walk at ``start_batch`` from ``start_lr · 2^start_k`` (up while it improves,
@@ -82,29 +82,37 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
     Every trial's ``max_steps`` is the best time so far over the step time at its size, or the
     budget of ``budget_samples`` samples while nothing has reached the target; when nothing
     reaches it at the start size, the budget doubles (at most ``max_budget_doublings`` times).
-    An lr walk goes at most ``max_lr_moves`` lattice steps from where it started. The start
-    itself, ``(start_batch, start_lr)``, is always run (last, raced, if the walk passed it by),
-    so the answer is never worse than it. The generator returns the best result.
+    An lr walk goes at most ``max_lr_moves`` lattice steps from where it started. The user's
+    setting, ``(user_batch, start_lr)`` (``user_batch`` defaults to ``start_batch``), is always
+    run (last, raced, if the walk passed it by), so the answer is never worse than it. Times
+    are steps × ``step_seconds``, recomputed as it learns (the caller may refine it from the
+    runs). The generator returns the best result.
     """
     sizes = sorted(set(batch_sizes))
-    if start_batch not in sizes:
-        raise ValueError(f"start_batch={start_batch} is not among batch_sizes={sizes}")
+    user_batch = start_batch if user_batch is None else user_batch
+    for name, size in (("start_batch", start_batch), ("user_batch", user_batch)):
+        if size not in sizes:
+            raise ValueError(f"{name}={size} is not among batch_sizes={sizes}")
     results: dict[tuple[int, int], TrialResult] = {}
     best: TrialResult | None = None
     budget = budget_samples
 
     def limit(size: int) -> int:
-        if best is not None and best.seconds is not None:
-            return max(1, math.ceil(best.seconds / step_seconds(size)))
+        if best is not None and best.steps is not None:
+            return max(1, math.ceil(best.steps * step_seconds(best.batch_size) / step_seconds(size)))
         return max(1, math.ceil(budget / size))
 
     def run(size: int, k: int) -> Generator[Trial, TrialResult, TrialResult]:
         nonlocal best
         if (size, k) not in results:
-            result = yield Trial(size, start_lr * 2.0**k, limit(size))
-            results[(size, k)] = result
-            if better(result, best):
-                best = result
+            results[(size, k)] = yield Trial(size, start_lr * 2.0**k, limit(size))
+            for result in results.values():  # the step times may have been refined by the run
+                if result.steps is not None:
+                    result.seconds = result.steps * step_seconds(result.batch_size)
+            best = None
+            for result in results.values():
+                if better(result, best):
+                    best = result
         return results[(size, k)]
 
     def lr_walk(size: int, k: int) -> Generator[Trial, TrialResult, int]:
@@ -147,5 +155,5 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
             index += direction
         if best is not before:
             break  # the best moved this way: the valley's floor is on this side
-    yield from run(start_batch, 0)
+    yield from run(user_batch, 0)
     return best
