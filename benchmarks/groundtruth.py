@@ -1,6 +1,6 @@
 """The batch-size ground truth: a batch × lr grid per task against ``tune()``, ``"auto"`` and ``"adaptive"``.
 
-    python benchmarks/groundtruth.py [--tasks mlp,cnn,transformer,mf,linear] [--out DIR] [--reuse]
+    python benchmarks/groundtruth.py [--tasks mlp,cnn,transformer,mf,linear | --quick] [--out DIR] [--reuse]
 
 Per task, a plain PyTorch loop (``groundtruth_loop.py``) trains every (batch size, lr) of the
 grid from the same initial weights until the validation loss reaches the target. Time to
@@ -28,13 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from groundtruth_loop import initial_state, plain_run, step_seconds  # noqa: E402
-from groundtruth_tasks import TASKS, Task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT / "src", ROOT):  # run as a script from a checkout: its library and benchmarks first
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import batchfit as bf  # noqa: E402
 from batchfit.train.callbacks import Callback  # noqa: E402
+from benchmarks.groundtruth_loop import initial_state, plain_run, step_seconds  # noqa: E402
+from benchmarks.groundtruth_tasks import TASKS, Task  # noqa: E402
 
 BASE_BATCH = 32
 USER_LR = {"Adam": 1e-3, "AdamW": 1e-3, "SGD m=0.9": 0.01, "SGD": 0.01}  # what a user writes without tuning
@@ -279,7 +281,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", help=f"comma-separated, of {', '.join(TASKS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="the two fastest tasks only (mlp, linear)")
     parser.add_argument("--out", default="groundtruth")
     parser.add_argument("--reuse", action="store_true", help="keep the grids already in --out")
     args = parser.parse_args(argv)
@@ -287,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in args.tasks.split(","):
+    names = args.tasks.split(",") if args.tasks else ["mlp", "linear"] if args.quick else list(TASKS)
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown:
+        parser.error(f"unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(TASKS)}")
+    for name in names:
         print(f"{name}:", flush=True)
         results.append(study(TASKS[name](), out, args.reuse))
         (out / "groundtruth.json").write_text(json.dumps(results, indent=1, default=str))

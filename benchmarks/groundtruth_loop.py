@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 import torch
-from groundtruth_tasks import Task
+
+from benchmarks.groundtruth_tasks import Task
 
 
 def validation_loss(task: Task, model: torch.nn.Module) -> float:
