@@ -12,7 +12,9 @@ each trained by the same plain loop and timed the same way: ``tune()`` from the 
 everyday lr at batch 32, ``batch_size="auto"`` given the grid's best lr at batch 32, and
 ``batch_size="adaptive"`` from there. Writes ``groundtruth.json``, ``groundtruth.md`` and per
 task a heat map and a steps-against-batch plot into ``--out`` (``--reuse`` keeps the grids
-already there and reruns only batchfit's side).
+already there and reruns only batchfit's side; ``--retime`` with it measures the step times
+again: steps to target do not depend on the machine, so grids run on a busy machine can be
+timed on a quiet one).
 """
 
 from __future__ import annotations
@@ -177,12 +179,18 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: list[dict[str
     return out
 
 
-def study(task: Task, out: Path, reuse: bool) -> dict[str, Any]:
+def study(task: Task, out: Path, reuse: bool, retime: bool = False) -> dict[str, Any]:
     cached = out / f"grid-{task.name.split()[0].lower()}.json"
     init = initial_state(task)
     if reuse and cached.exists():
         saved = json.loads(cached.read_text())
         times, grid = {int(k): v for k, v in saved["step_seconds"].items()}, saved["grid"]
+        if retime:  # steps to target do not depend on the machine; step times do: measure them again here
+            times = step_seconds(task, task.batch_sizes)
+            for point in grid["points"]:
+                point["seconds"] = None if point["steps"] is None else point["steps"] * times[point["batch_size"]]
+            grid["step_seconds"] = sum(p["steps_run"] * times[p["batch_size"]] for p in grid["points"])
+            cached.write_text(json.dumps({"step_seconds": times, "grid": grid}, indent=1))
     else:
         times = step_seconds(task, task.batch_sizes)
         grid = run_grid(task, init, times)
@@ -285,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the two fastest tasks only (mlp, linear)")
     parser.add_argument("--out", default="groundtruth")
     parser.add_argument("--reuse", action="store_true", help="keep the grids already in --out")
+    parser.add_argument("--retime", action="store_true",
+                        help="with --reuse: measure the step times again (on a quiet machine) and recompute the times")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(TASKS)}")
     for name in names:
         print(f"{name}:", flush=True)
-        results.append(study(TASKS[name](), out, args.reuse))
+        results.append(study(TASKS[name](), out, args.reuse, args.retime))
         (out / "groundtruth.json").write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results)
     (out / "groundtruth.md").write_text(table + "\n")

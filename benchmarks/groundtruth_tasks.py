@@ -141,6 +141,7 @@ def transformer_adamw(context: int = 32) -> Task:
                 lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), _next_token_loss,
                 (inputs[val:], targets[val:]), (inputs[:val], targets[:val]), 2.45, "AdamW",
                 f"fortunes, {count - val:,} windows of {context} characters", lrs=_lr_grid(1e-3, 7),
+                batch_sizes=[4, 8, 16, 32, 64, 128, 256],
                 max_samples=2 * (count - val))
 
 
