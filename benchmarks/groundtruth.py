@@ -3,7 +3,8 @@
     python benchmarks/groundtruth.py [--tasks mlp,cnn,transformer,mf,linear | --quick] [--out DIR] [--reuse]
 
 Per task, a plain PyTorch loop (``groundtruth_loop.py``) trains every (batch size, lr) of the
-grid from the same initial weights until the validation loss reaches the target. Time to
+grid from the same initial weights until the validation loss reaches the target, on ``--seeds``
+data orders (steps: their mean; a point reaches the target only if every order does). Time to
 target = steps × the median seconds per step of that batch size, measured interleaved in the
 same process, so load on the machine cancels out. From the grid: the best point, the best lr
 per batch size, and S_min, E_min, B_crit of McCandlish et al. (2018) fitted to the steps at
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,19 +47,28 @@ USER_LR = {"Adam": 1e-3, "AdamW": 1e-3, "SGD m=0.9": 0.01, "SGD": 0.01}  # what 
 RULE = {"Adam": "sqrt", "AdamW": "sqrt", "SGD m=0.9": "linear", "SGD": "linear"}
 
 
-def run_grid(task: Task, init: dict[str, torch.Tensor], times: dict[int, float]) -> dict[str, Any]:
+def repeated_run(task: Task, init: dict[str, torch.Tensor], size: int, lr: float, seeds: int) -> dict[str, Any]:
+    """The plain loop on ``seeds`` data orders: the mean steps to target, or ``None`` if any order missed it."""
+    runs = [plain_run(task, init, size, lr, seed=seed) for seed in range(seeds)]
+    reached = all(run["steps"] is not None for run in runs)
+    return {"steps": statistics.mean(run["steps"] for run in runs) if reached else None,
+            "per_order": [run["steps"] for run in runs], "steps_run": sum(run["steps_run"] for run in runs),
+            "diverged": any(run["diverged"] for run in runs)}
+
+
+def run_grid(task: Task, init: dict[str, torch.Tensor], times: dict[int, float], seeds: int) -> dict[str, Any]:
     """Every (batch size, lr) of the grid: steps to target, time to target, and what the grid cost."""
     points, cost, step_cost = [], 0.0, 0.0
     for size in task.batch_sizes:
         for lr in task.lrs:
             begin = time.perf_counter()
-            run = plain_run(task, init, size, lr)
+            run = repeated_run(task, init, size, lr, seeds)
             cost += time.perf_counter() - begin
             step_cost += run["steps_run"] * times[size]
             seconds = None if run["steps"] is None else run["steps"] * times[size]
             points.append({"batch_size": size, "lr": lr, **run, "seconds": seconds})
-            print(f"  grid {task.name}: batch {size}, lr {lr:.4g}: {run['steps']} steps", flush=True)
-    return {"points": points, "wall_seconds": cost, "step_seconds": step_cost}
+            print(f"  grid {task.name}: batch {size}, lr {lr:.4g}: {run['per_order']} steps", flush=True)
+    return {"points": points, "wall_seconds": cost, "step_seconds": step_cost, "seeds": seeds}
 
 
 def fit_critical_batch(best_steps: dict[int, int]) -> dict[str, float]:
@@ -70,15 +81,15 @@ def fit_critical_batch(best_steps: dict[int, int]) -> dict[str, float]:
     return {"s_min": float(s_min), "e_min": float(e_min), "b_crit": float(b_crit)}
 
 
-def time_of(task: Task, init: dict[str, torch.Tensor], grid: list[dict[str, Any]], times: dict[int, float],
-            size: int, lr: float) -> tuple[int | None, float | None]:
-    """Steps and time to target of (size, lr) by the plain loop: the grid's own run when it is a grid point."""
-    for point in grid:
+def time_of(task: Task, init: dict[str, torch.Tensor], grid: dict[str, Any], times: dict[int, float],
+            size: int, lr: float) -> tuple[float | None, float | None]:
+    """Steps and time to target of (size, lr) by the plain loop, on the grid's data orders (its own run if a point)."""
+    for point in grid["points"]:
         if point["batch_size"] == size and math.isclose(point["lr"], lr, rel_tol=1e-6):
             return point["steps"], point["seconds"]
     if size not in times:
         times.update(step_seconds(task, [size]))
-    steps = plain_run(task, init, size, lr)["steps"]
+    steps = repeated_run(task, init, size, lr, grid.get("seeds", 1))["steps"]
     return steps, None if steps is None else steps * times[size]
 
 
@@ -135,7 +146,7 @@ class _Sizes(Callback):
                 trainer.stop_training = True
 
 
-def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: list[dict[str, Any]],
+def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: dict[str, Any],
                   times: dict[int, float]) -> dict[str, Any]:
     """tune(), "auto" and "adaptive" on the task, their picks timed by the plain loop."""
     out: dict[str, Any] = {}
@@ -152,7 +163,7 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: list[dict[str
                    "wall_seconds": tune_seconds, "runs": len(report.sweep), "b_simple_probe": report.noise_scale,
                    "step_seconds": sum(r.steps_run * times[r.batch_size] for r in report.sweep),
                    "trials": [(r.batch_size, r.lr, r.steps, r.steps_run, r.stopped, r.reorder) for r in report.sweep]}
-    at_base = [p for p in grid if p["batch_size"] == BASE_BATCH and p["seconds"] is not None]
+    at_base = [p for p in grid["points"] if p["batch_size"] == BASE_BATCH and p["seconds"] is not None]
     base_lr = min(at_base, key=lambda p: p["seconds"])["lr"]
     rule = RULE[task.optimizer]
     for mode in ("auto", "adaptive"):
@@ -179,7 +190,7 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: list[dict[str
     return out
 
 
-def study(task: Task, out: Path, reuse: bool, retime: bool = False) -> dict[str, Any]:
+def study(task: Task, out: Path, reuse: bool, retime: bool = False, seeds: int = 2) -> dict[str, Any]:
     cached = out / f"grid-{task.name.split()[0].lower()}.json"
     init = initial_state(task)
     if reuse and cached.exists():
@@ -193,7 +204,7 @@ def study(task: Task, out: Path, reuse: bool, retime: bool = False) -> dict[str,
             cached.write_text(json.dumps({"step_seconds": times, "grid": grid}, indent=1))
     else:
         times = step_seconds(task, task.batch_sizes)
-        grid = run_grid(task, init, times)
+        grid = run_grid(task, init, times, seeds)
         cached.write_text(json.dumps({"step_seconds": times, "grid": grid}, indent=1))
     points = grid["points"]
     grid.setdefault("step_seconds", sum(p["steps_run"] * times[p["batch_size"]] for p in points))
@@ -207,7 +218,7 @@ def study(task: Task, out: Path, reuse: bool, retime: bool = False) -> dict[str,
     fitted = fit_critical_batch({s: p["steps"] for s, p in best_per_size.items()})
     at_base = best_per_size.get(BASE_BATCH)
     noise = noise_scales(task, init, at_base["lr"] if at_base else task.lrs[0], at_base["steps"] if at_base else None)
-    side = batchfit_side(task, init, points, times)
+    side = batchfit_side(task, init, grid, times)
     result = {"task": task.name, "data": task.data, "optimizer": task.optimizer, "target": task.target,
               "step_seconds": times, "best": best, "best_lr_per_batch": {s: p["lr"] for s, p in best_per_size.items()},
               "best_steps_per_batch": {s: p["steps"] for s, p in best_per_size.items()},
@@ -279,7 +290,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         b_crit = r["fit"]["b_crit"]
         mid = noise.get("b_simple_mid", math.nan)
         lines.append(
-            f"| {r['task']} | {best['batch_size']}, {best['lr']:.3g}, {best['seconds']:.3g} s ({best['steps']} st.) | "
+            f"| {r['task']} | {best['batch_size']}, {best['lr']:.3g}, {best['seconds']:.3g} s ({best['steps']:.0f} st.) | "
             f"{pick(r, 'tune')} | {100 * r['tune']['cost_share']:.0f} % ({100 * r['tune']['wall_share']:.0f} %, "
             f"{r['tune']['runs']} runs) | "
             f"{pick(r, 'auto')} | {adaptive_text} | {b_crit:.0f} | {noise['b_simple_init']:.0f} / {mid:.0f} | "
@@ -293,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the two fastest tasks only (mlp, linear)")
     parser.add_argument("--out", default="groundtruth")
     parser.add_argument("--reuse", action="store_true", help="keep the grids already in --out")
+    parser.add_argument("--seeds", type=int, default=2, help="data orders per grid point (steps: their mean)")
     parser.add_argument("--retime", action="store_true",
                         help="with --reuse: measure the step times again (on a quiet machine) and recompute the times")
     args = parser.parse_args(argv)
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(TASKS)}")
     for name in names:
         print(f"{name}:", flush=True)
-        results.append(study(TASKS[name](), out, args.reuse, args.retime))
+        results.append(study(TASKS[name](), out, args.reuse, args.retime, args.seeds))
         (out / "groundtruth.json").write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results)
     (out / "groundtruth.md").write_text(table + "\n")
