@@ -290,7 +290,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         b_crit = r["fit"]["b_crit"]
         mid = noise.get("b_simple_mid", math.nan)
         lines.append(
-            f"| {r['task']} | {best['batch_size']}, {best['lr']:.3g}, {best['seconds']:.3g} s ({best['steps']:.0f} st.) | "
+            f"| {r['task']} | {best['batch_size']}, {best['lr']:.3g}, {best['seconds']:.3g} s "
+            f"({best['steps']:.0f} st.) | "
             f"{pick(r, 'tune')} | {100 * r['tune']['cost_share']:.0f} % ({100 * r['tune']['wall_share']:.0f} %, "
             f"{r['tune']['runs']} runs) | "
             f"{pick(r, 'auto')} | {adaptive_text} | {b_crit:.0f} | {noise['b_simple_init']:.0f} / {mid:.0f} | "
