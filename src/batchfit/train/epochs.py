@@ -76,21 +76,20 @@ class EpochFeed:
         self.trainer.lr.apply(self.trainer.step, batcher.batch_size)
         return already
 
-    def batches(self) -> Iterator[tuple[tuple[Batch, Position], int]]:
+    def batches(self) -> Iterator[tuple[Batch, Position]]:
         """This epoch's batches on the device, each with the batcher's position just after it."""
         trainer = self.trainer
-        for batch, position in device_prefetch(self.batcher.positioned(), trainer.device, param_dtype(trainer.module)):
-            yield (batch, position), position.batch_size
+        return device_prefetch(self.batcher.positioned(), trainer.device, param_dtype(trainer.module))
 
     def lr_batch_size(self, size: int) -> int:
         return self.batcher.batch_size  # a short last batch keeps the lr of the others
 
-    def step(self, work: tuple[Batch, Position], size: int, stop_requested: bool) -> StepResult:
+    def step(self, batch: Batch, size: int, stop_requested: bool) -> StepResult:
         trainer = self.trainer
         measure = trainer.noise_tracker is not None and trainer.step % NOISE_EVERY == 0
         agreement = trainer._agreement
         if agreement is None:
-            return self.step_fn.step(work[0], size, check_finite=self.check_each_step, measure_noise=measure)
+            return self.step_fn.step(batch, size, check_finite=self.check_each_step, measure_noise=measure)
         signalled = trainer.signals.received is not None
 
         def start(share: torch.Tensor, sample: NoiseSample | None) -> None:
@@ -104,19 +103,19 @@ class EpochFeed:
                 trainer.stop_training = True
             return result
 
-        return self.step_fn.step(work[0], size, measure_noise=measure, before_last_backward=start, after_sync=finish)
+        return self.step_fn.step(batch, size, measure_noise=measure, before_last_backward=start, after_sync=finish)
 
-    def skipped(self, work: tuple[Batch, Position]) -> None:
-        self.position = work[1]
+    def skipped(self, mark: Position) -> None:
+        self.position = mark
 
-    def columns(self, work: tuple[Batch, Position], size: int, result: StepResult) -> dict[str, Any]:
-        self.position = work[1]
+    def columns(self, batch: Batch, mark: Position, result: StepResult) -> dict[str, Any]:
+        self.position = mark
         tracker = self.trainer.noise_tracker
         if tracker is None:
             return _NO_COLUMNS
         noise = result.noise
         self._track_noise(None if noise is None or result.grad_sq is None
-                          else (noise.small_sq, result.grad_sq, noise.b_small, size))
+                          else (noise.small_sq, result.grad_sq, noise.b_small, mark.batch_size))
         return {"noise_scale": tracker.b_simple}
 
     def _track_noise(self, pair: tuple[float, float, float, int] | None) -> None:

@@ -24,12 +24,21 @@ from .progress import Progress
 LOG_EVERY = 2.0
 
 
+class Mark(Protocol):
+    """Where a feed stands after a batch; the loop reads only the batch's global size."""
+
+    @property
+    def batch_size(self) -> int:
+        """Samples of the batch over all ranks."""
+
+
 class Feed(Protocol):
     """What the loop trains on: the epochs of a data set (:class:`~.epochs.EpochFeed`) or one pass over a
     stream (:class:`~.stream_loop.StreamFeed`).
 
-    A *work* item is what one step trains on (a batch with its position, or a rank's part of a
-    stream batch); the loop passes it back to the feed without looking inside.
+    Each step trains on a *batch* (this rank's part of it; a stream's rank may hold none) and its
+    *mark*: where the feed stands after it (a data set's position), with ``mark.batch_size``, the
+    batch's global size over all ranks. The loop passes both back to the feed without looking inside.
     """
 
     @property
@@ -56,20 +65,20 @@ class Feed(Protocol):
     def start_epoch(self, progress: Progress, now: float) -> int:
         """Set the epoch's lr and open its bar; returns the steps already done in it (a resume)."""
 
-    def batches(self) -> Iterator[tuple[Any, int]]:
-        """The epoch's work items, each with the global size of its batch (all ranks)."""
+    def batches(self) -> Iterator[tuple[Any, Mark]]:
+        """The epoch's batches, each with its mark."""
 
     def lr_batch_size(self, size: int) -> int:
         """The batch size a dynamic lr is computed for, at a step of a batch of ``size``."""
 
-    def step(self, work: Any, size: int, stop_requested: bool) -> StepResult:
-        """THE step on ``work`` (:meth:`~batchfit.core.step.Step.step`); ``stop_requested``: a stop asked
-        before this step, which a distributed run agrees on inside it."""
+    def step(self, batch: Any, size: int, stop_requested: bool) -> StepResult:
+        """THE step on ``batch`` of ``size`` samples over all ranks (:meth:`~batchfit.core.step.Step.step`);
+        ``stop_requested``: a stop asked before this step, which a distributed run agrees on inside it."""
 
-    def skipped(self, work: Any) -> None:
-        """``work``'s step was skipped (a non-finite loss): its batch is used up all the same."""
+    def skipped(self, mark: Any) -> None:
+        """The step was skipped (a non-finite loss): its batch is used up all the same."""
 
-    def columns(self, work: Any, size: int, result: StepResult) -> dict[str, Any]:
+    def columns(self, batch: Any, mark: Any, result: StepResult) -> dict[str, Any]:
         """After an update, once the step is counted: the feed's own bookkeeping; extra history columns."""
 
     def end_steps(self) -> None:

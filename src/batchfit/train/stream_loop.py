@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -122,6 +122,12 @@ def check_stream_fit(options: TrainerOptions, max_steps: Any, until: Any) -> Non
     check_until(until)
 
 
+class Closed(NamedTuple):
+    """A stream batch as the loop sees it: its size over all ranks (the broker keeps the position)."""
+
+    batch_size: int
+
+
 class StreamFeed:
     """One pass of the trainer's loop over ``source``: until it ends, ``max_steps`` steps, ``until`` or a signal.
 
@@ -144,7 +150,7 @@ class StreamFeed:
         self.redelivered = 0  # events trained on that had been delivered before (all ranks)
         self.prequential = Prequential()
         self.ranks: StreamRanks | None = None  # a distributed run's agreement
-        self.rank_states: list[dict[str, Any]] = []  # every rank's consumer state, for the checkpoint
+        self.rank_states: list[dict[str, Any]] = []  # distributed: every rank's consumer state, for the checkpoint
         self.passed = False  # this fit's one pass is over
         self.start_step = self.end_step = 0
         self.deadline: float | None = None
@@ -184,7 +190,7 @@ class StreamFeed:
                              0, now)
         return 0
 
-    def batches(self) -> Iterator[tuple[StreamBatch | None, int]]:
+    def batches(self) -> Iterator[tuple[StreamBatch | None, Closed]]:
         """Close the next batch (this rank's part of it: ``None`` when it holds no event of the step)."""
         trainer, source = self.trainer, self.source
         while self.max_steps is None or trainer.step < self.end_step:
@@ -197,7 +203,7 @@ class StreamFeed:
                     if source.ended:
                         return
                     continue  # an idle tick: look at signals and budgets again
-                yield local, local.size
+                yield local, Closed(local.size)
                 continue
             plan = self.ranks.plan(trainer.stop_training or budget, trainer.signals.received is not None)
             if plan.signal:  # every rank learns it at the same step: all checkpoint together and stop
@@ -206,7 +212,7 @@ class StreamFeed:
             if plan.stop or plan.ended:
                 return
             if plan.global_size > 0:
-                yield self.ranks.take(plan), plan.global_size
+                yield self.ranks.take(plan), Closed(plan.global_size)
 
     def _budget_spent(self) -> bool:
         until = self.until
@@ -248,11 +254,12 @@ class StreamFeed:
         self.scored = (scores, running, redelivered)
         return result
 
-    def skipped(self, local: StreamBatch | None) -> None:
+    def skipped(self, mark: Closed) -> None:
         pass
 
-    def columns(self, local: StreamBatch | None, size: int, result: StepResult) -> dict[str, Any]:
+    def columns(self, local: StreamBatch | None, mark: Closed, result: StepResult) -> dict[str, Any]:
         scores, running, redelivered = self.scored
+        size = mark.batch_size
         assert result.value is not None
         self.redelivered += redelivered
         self.prequential.add("loss", result.value, size)
@@ -296,9 +303,12 @@ class StreamFeed:
             self.included = []
 
     def before_checkpoint(self) -> None:
-        """Gather the ranks' consumer states, each with the ids its updates since its last ack used."""
-        mine = {**self.source.state_dict(), "included": list(self.included)}
-        self.rank_states = [mine] if self.ranks is None else gathered(self.trainer.dist, mine)
+        """Distributed: gather the ranks' consumer states, each with the ids its updates since its last ack used."""
+        if self.ranks is not None:
+            self.rank_states = gathered(self.trainer.dist, self._consumer_state())
+
+    def _consumer_state(self) -> dict[str, Any]:
+        return {**self.source.state_dict(), "included": list(self.included)}
 
     def after_checkpoint(self) -> None:
         """Acknowledge the events the checkpoint includes; distributed, once every rank knows it is durable."""
@@ -311,7 +321,8 @@ class StreamFeed:
             "kind": "stream",
             "batcher": {},  # a stream has no position of its own: the broker keeps it
             # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
-            "stream": {"ranks": self.rank_states, "redelivered": self.redelivered,
+            "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
+                       "redelivered": self.redelivered,
                        "prequential": self.prequential.state_dict()},
             "config": self.config(),
         }

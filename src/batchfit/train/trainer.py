@@ -57,7 +57,7 @@ from .options import TrainerOptions
 from .plan import BatchPlan, plan_batches
 from .progress import Progress
 from .saving import load_model_state, model_state, save_model
-from .session import LOG_EVERY, Feed, check_resume, session
+from .session import LOG_EVERY, Feed, Mark, check_resume, session
 from .stream_loop import StreamFeed, check_stream_fit
 
 logger = logging.getLogger("batchfit")
@@ -421,20 +421,21 @@ class Trainer:
         """One epoch's steps, each in the algorithm's order: THE step, then its bookkeeping (:class:`AfterStep`)."""
         lr, optimizer, step_begin = self.lr, self.optimizer, hooks["on_step_begin"]
         after = AfterStep(self, feed, epoch, progress, hooks, val)
-        for work, size in feed.batches():
+        for batch, mark in feed.batches():
+            size = mark.batch_size
             stop_requested = self.stop_training  # asked for after the previous step
             for hook in step_begin:
                 hook(self, self.step)
             if lr.dynamic:
                 lr.apply(self.step, feed.lr_batch_size(size))
             used_lr = optimizer.param_groups[0]["lr"]  # whoever set it: a schedule, scheduler or callback
-            result = feed.step(work, size, stop_requested)  # forward, backward, sync, check, update
+            result = feed.step(batch, size, stop_requested)  # forward, backward, sync, check, update
             if result.stop:
                 break  # a rank asked to stop after the previous step: every rank drops this one
             if not result.applied:
-                self._non_finite(result.value, epoch, feed, work)
+                self._non_finite(result.value, epoch, feed, mark)
                 continue
-            after(work, size, result, used_lr)
+            after(batch, mark, result, used_lr)
             if self._stop_after_step():
                 break
         after.finish()
@@ -502,14 +503,14 @@ class Trainer:
         """Read back pending losses and raise on the first non-finite one (on_nan='raise')."""
         self._checked = check_losses(self.history, self._checked)
 
-    def _non_finite(self, value: float | None, epoch: int, feed: Feed, work: Any) -> None:
+    def _non_finite(self, value: float | None, epoch: int, feed: Feed, mark: Any) -> None:
         """A step whose loss is NaN/inf: raise, or skip its batch (after rolling back, with on_nan='rollback')."""
         assert value is not None
         step = self.step + 1
         if self.options.on_nan == "raise":
             raise non_finite_error(value, step, epoch)
         self.skipped_steps += 1
-        feed.skipped(work)  # the batch is used up: a checkpoint continues after it
+        feed.skipped(mark)  # the batch is used up: a checkpoint continues after it
         if self.options.on_nan == "rollback":
             found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
             if not self.dist.all_equal(-1 if found is None else int(found[0]["step"])):
@@ -518,7 +519,7 @@ class Trainer:
             if found is not None:
                 skipped = self.skipped_steps  # counts this skip, which the checkpoint does not know
                 self.load_state_dict(found[0])
-                feed.skipped(work)  # continue after the offending batch
+                feed.skipped(mark)  # continue after the offending batch
                 self.skipped_steps = skipped
                 logger.warning("non-finite loss at step %d (epoch %d): rolled back to %s and skipped the batch",
                                step, epoch, found[1])
@@ -559,15 +560,15 @@ class AfterStep:
         self.done = feed.start_epoch(progress, self.start_time)  # steps of this epoch already done (a resume)
         self.last_lr = math.nan
 
-    def __call__(self, work: Any, size: int, result: StepResult, used_lr: float) -> None:
-        trainer = self.trainer
+    def __call__(self, batch: Any, mark: Mark, result: StepResult, used_lr: float) -> None:
+        trainer, size = self.trainer, mark.batch_size
         if self.per_step_scheduler:
             trainer.lr.after_update()
         trainer.step += 1
         trainer.samples_seen += size
         self.done += 1
         self.last_lr = used_lr
-        columns = self.feed.columns(work, size, result)
+        columns = self.feed.columns(batch, mark, result)
         now = time.perf_counter()
         self.history.add_step(trainer.step, self.epoch, trainer.samples_seen, size,
                               result.loss if result.value is None else result.value, used_lr,
