@@ -155,7 +155,9 @@ class Step:
             else:
                 optimizer.step()
             result.applied = True
-        self.skip()  # zero the gradients
+            optimizer.zero_grad(set_to_none=True)  # zero, for the next step
+        else:
+            self.model.zero_grad(set_to_none=True)
         return result
 
     def counter(self, batch: Batch) -> Callable[[Batch], Any] | None:

@@ -419,7 +419,8 @@ class Trainer:
     def _run_steps(self, feed: Feed, epoch: int, progress: Progress, hooks: dict[str, list[Any]],
                    val: Source | None) -> None:
         """One epoch's steps, each in the algorithm's order: THE step, then its bookkeeping (:class:`AfterStep`)."""
-        lr, optimizer, step_begin = self.lr, self.optimizer, hooks["on_step_begin"]
+        lr, optimizer, step_begin, signals = self.lr, self.optimizer, hooks["on_step_begin"], self.signals
+        distributed = self.dist.enabled
         after = AfterStep(self, feed, epoch, progress, hooks, val)
         for batch, mark in feed.batches():
             size = mark.batch_size
@@ -436,7 +437,10 @@ class Trainer:
                 self._non_finite(result.value, epoch, feed, mark)
                 continue
             after(batch, mark, result, used_lr)
-            if self._stop_after_step():
+            if distributed:
+                if self._agreed_signal is not None:
+                    break  # stop requests are agreed at the next step
+            elif self.stop_training or signals.received is not None:
                 break
         after.finish()
 
@@ -482,12 +486,6 @@ class Trainer:
         if self._agreed_signal is not None:
             self._exit_on_signal()
         return self.stop_training
-
-    def _stop_after_step(self) -> bool:
-        """Whether to end the epoch after this step (distributed: only on what every rank knows)."""
-        if self.dist.enabled:
-            return self._agreed_signal is not None  # stop requests are agreed at the next step
-        return self.stop_training or self.signals.received is not None
 
     def _pending_signal(self) -> int | None:
         """The signal to stop for: this process's, or in a distributed run the one all ranks agreed on."""
