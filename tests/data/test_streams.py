@@ -226,6 +226,24 @@ def test_stream_fit_on_nan_raise_names_the_step_and_the_fit():
     assert trainer.step == 1
 
 
+def test_stream_save_checkpoint_from_a_callback_writes_a_stream_checkpoint(tmp_path):
+    # One save_checkpoint for data sets and streams: the stream's part (consumer state, the events the
+    # checkpoint includes) is in it, and a data set run refuses to resume it.
+    class Save(bf.Callback):
+        def on_step_end(self, trainer, record):
+            if record["step"] == 2:
+                trainer.save_checkpoint()
+
+    trainer = _trainer(_linear(), batch_size=4, checkpoint_dir=tmp_path, callbacks=[Save()])
+    trainer.fit(bf.StreamSource(_events(12)))
+    state = torch.load(tmp_path / "step-000000002.pt", weights_only=True)
+    assert state["kind"] == "stream" and state["step"] == 2 and state["samples_seen"] == 8
+    assert len(state["stream"]["ranks"]) == 1 and len(state["stream"]["ranks"][0]["included"]) == 8
+    other = _trainer(_linear(), batch_size=4, checkpoint_dir=tmp_path)
+    with pytest.raises(bf.CheckpointError, match=r"written by training on a stream, not on a data set"):
+        other.fit((np.zeros((8, 5), np.float32), np.zeros((8, 1), np.float32)), resume=True)
+
+
 def test_stream_fit_stateful_metric_accumulates_over_the_stream():
     class MaxError:
         """A stateful metric (update/compute/reset): the largest absolute error so far."""
