@@ -100,27 +100,7 @@ def check_config(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]; expected one of {sorted(SCHEMA)}")
     config = Config(path)
     for section, keys in SCHEMA.items():
-        given = raw.get(section, {})
-        if not isinstance(given, dict):
-            raise ConfigError(f"{path}: `{section}` must be a table [{section}]. Received: {given!r}")
-        if section == "metrics":  # free names, each a "package.module:attribute" string
-            for key, value in given.items():
-                if not isinstance(value, str):
-                    raise ConfigError(f"{path}: `metrics.{key}` must be a 'package.module:function' string. "
-                                      f"Received: metrics.{key}={value!r}")
-            config.sections[section] = dict(given)
-            continue
-        for key in given:
-            if key not in keys:
-                raise ConfigError(f"{path}: unknown key `{section}.{key}`; expected one of {sorted(keys)}")
-        values = {}
-        for key, (types, default) in keys.items():
-            value = given.get(key, default)
-            if value is not None and not _has_type(value, types):
-                names = " or ".join(sorted({t.__name__ for t in types}))
-                raise ConfigError(f"{path}: `{section}.{key}` must be {names}. Received: {section}.{key}={value!r}")
-            values[key] = value
-        config.sections[section] = values
+        config.sections[section] = _check_section(path, section, keys, raw.get(section, {}))
     try:
         trainer_options(config)  # every [train] value checked now, not when the run starts
     except ConfigError:
@@ -141,6 +121,29 @@ def check_config(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(f"{path}: `data.train` is required (an .npz file or a table of .npy files), "
                           f"or `stream.stream` (a Redis stream)")
     return config
+
+
+def _check_section(path: Path, section: str, keys: dict[str, Any], given: Any) -> dict[str, Any]:
+    """One section's values, defaults filled in; unknown keys and wrong types refused (naming the key)."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"{path}: `{section}` must be a table [{section}]. Received: {given!r}")
+    if section == "metrics":  # free names, each a "package.module:attribute" string
+        for key, value in given.items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}: `metrics.{key}` must be a 'package.module:function' string. "
+                                  f"Received: metrics.{key}={value!r}")
+        return dict(given)
+    for key in given:
+        if key not in keys:
+            raise ConfigError(f"{path}: unknown key `{section}.{key}`; expected one of {sorted(keys)}")
+    values = {}
+    for key, (types, default) in keys.items():
+        value = given.get(key, default)
+        if value is not None and not _has_type(value, types):
+            names = " or ".join(sorted({t.__name__ for t in types}))
+            raise ConfigError(f"{path}: `{section}.{key}` must be {names}. Received: {section}.{key}={value!r}")
+        values[key] = value
+    return values
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:

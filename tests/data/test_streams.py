@@ -189,6 +189,61 @@ def test_stream_bad_input_is_refused(call, message):
         call()
 
 
+@pytest.mark.parametrize("resume", [1, 0.0, "yes", None])
+def test_stream_fit_resume_must_be_a_bool_as_for_arrays(tmp_path, resume):
+    # The same check as fit(arrays, resume=...): a truthy number is not a yes.
+    for train in (bf.StreamSource(_events(8)), (np.zeros((8, 5), np.float32), np.zeros((8, 1), np.float32))):
+        trainer = _trainer(_linear(), batch_size=4, checkpoint_dir=tmp_path)
+        with pytest.raises(ValueError, match=r"`resume` must be False, True or 'force'\. Received: resume="):
+            trainer.fit(train, resume=resume)
+        assert trainer.step == 0
+
+
+def test_stream_fit_refuses_on_nan_rollback_instead_of_skipping(tmp_path):
+    trainer = _trainer(_linear(), batch_size=4, on_nan="rollback", checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"`on_nan` must be 'raise' or 'skip' when training from a stream .*"
+                                         r"Received: on_nan='rollback'"):
+        trainer.fit(bf.StreamSource(_events(8)))
+    assert trainer.step == 0 and not list(tmp_path.glob("step-*.pt"))
+
+
+def test_stream_fit_on_nan_skip_skips_the_batch_and_counts_it():
+    events = _events(12)
+    events[5] = (np.full(5, np.nan, np.float32), events[5][1])  # in the second batch of 4
+    trainer = _trainer(_linear(), batch_size=4, on_nan="skip")
+    history = trainer.fit(bf.StreamSource(events))
+    assert trainer.step == 2 and trainer.skipped_steps == 1 and trainer.samples_seen == 8
+    assert history.epochs[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.module.parameters())
+
+
+def test_stream_fit_on_nan_raise_names_the_step_and_the_fit():
+    events = _events(12)
+    events[5] = (np.full(5, np.nan, np.float32), events[5][1])
+    trainer = _trainer(_linear(), batch_size=4)
+    with pytest.raises(bf.BatchfitError, match=r"the loss of step 2 \(epoch 1\) is nan"):
+        trainer.fit(bf.StreamSource(events))
+    assert trainer.step == 1
+
+
+def test_stream_save_checkpoint_from_a_callback_writes_a_stream_checkpoint(tmp_path):
+    # One save_checkpoint for data sets and streams: the stream's part (consumer state, the events the
+    # checkpoint includes) is in it, and a data set run refuses to resume it.
+    class Save(bf.Callback):
+        def on_step_end(self, trainer, record):
+            if record["step"] == 2:
+                trainer.save_checkpoint()
+
+    trainer = _trainer(_linear(), batch_size=4, checkpoint_dir=tmp_path, callbacks=[Save()])
+    trainer.fit(bf.StreamSource(_events(12)))
+    state = torch.load(tmp_path / "step-000000002.pt", weights_only=True)
+    assert state["kind"] == "stream" and state["step"] == 2 and state["samples_seen"] == 8
+    assert len(state["stream"]["ranks"]) == 1 and len(state["stream"]["ranks"][0]["included"]) == 8
+    other = _trainer(_linear(), batch_size=4, checkpoint_dir=tmp_path)
+    with pytest.raises(bf.CheckpointError, match=r"written by training on a stream, not on a data set"):
+        other.fit((np.zeros((8, 5), np.float32), np.zeros((8, 1), np.float32)), resume=True)
+
+
 def test_stream_fit_stateful_metric_accumulates_over_the_stream():
     class MaxError:
         """A stateful metric (update/compute/reset): the largest absolute error so far."""

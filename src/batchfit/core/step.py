@@ -1,10 +1,11 @@
 """THE training step, in the order of the algorithm; the trainer and every probe run this one.
 
-For each micro-batch: forward (under the run's precision), loss weighted by the micro-batch's
-share of the whole batch — of its samples, or of its tokens when ``loss_count`` counts them — so
-that the gradient is that of the mean over the batch, never a mean of micro-batch means; backward,
-with gradient sync across ranks only on the last micro-batch. Then :meth:`Step.update` unscales,
-clips, steps and zeroes the gradients (or :meth:`Step.skip` drops them).
+:meth:`Step.step` is the whole order in one function: for each micro-batch, forward (under the
+run's precision) and the loss weighted by the micro-batch's share of the whole batch — of its
+samples, or of its tokens when ``loss_count`` counts them — so that the gradient is that of the
+mean over the batch, never a mean of micro-batch means; backward, with the gradients summed across
+ranks only on the last micro-batch (by DDP, or afterwards by the ``reduce_grads`` passed in); the
+non-finite check; then unscale, clip, step and zero the gradients (or drop them).
 
 Everything a caller learns from a step comes back in its :class:`StepResult`; everything it
 wants done inside one goes in as an argument.
@@ -13,7 +14,8 @@ wants done inside one goes in as an argument.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,10 @@ from .precision import autocast
 # rank's loss share and its noise sample, so that a small all-reduce of the caller's own can
 # travel while the backward computes.
 BeforeLastBackward = Callable[[torch.Tensor, "NoiseSample | None"], None]
+# Sums the gradients of ``params`` over ranks, as the mean DDP would give, in place (a rank without a
+# sample in the step counts as zeros), together with ``numbers`` (this rank's loss share first), in one
+# collective; returns the sums of ``numbers``. For runs that cannot use DDP (a stream's ranks).
+ReduceGrads = Callable[[list[torch.nn.Parameter], list[float]], list[float]]
 
 
 @dataclass(frozen=True)
@@ -41,16 +47,26 @@ class NoiseSample:
     b_small: float
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepResult:
-    """What one step's forward and backward passes gave.
+    """What one step gave.
 
     ``loss`` is this rank's share of the batch's mean loss (detached; the shares of all ranks sum
-    to the mean loss of the whole batch); ``noise`` the noise sample when one was asked for.
+    to the mean loss of the whole batch) after :meth:`Step.accumulate`, and the whole batch's mean
+    loss after :meth:`Step.step` when the ranks' losses were summed; ``noise`` the noise sample when
+    one was asked for. :meth:`Step.step` also fills in ``value`` (the loss read back, when it was
+    checked), ``grad_sq`` (the squared norm of the batch's gradient, with a noise sample),
+    ``numbers`` (the sums over ranks that rode with ``reduce_grads``), ``stop`` (the ranks agreed to
+    stop before this update) and ``applied`` (whether the weights were updated).
     """
 
-    loss: torch.Tensor
+    loss: torch.Tensor | float
     noise: NoiseSample | None = None
+    value: float | None = None
+    grad_sq: float | None = None
+    numbers: list[float] | None = None
+    stop: bool = False
+    applied: bool = False
 
 
 class Step:
@@ -67,15 +83,17 @@ class Step:
     weighs by its share of the tokens of the whole batch, over all ranks. ``sum_over_ranks(t)``
     starts summing ``t`` over ranks and returns a function that waits for the sum: the token total
     travels while the forward passes compute and the gradients are rescaled once it is known, so no
-    collective waits on the critical path. Without an ``optimizer`` a step only computes gradients
-    (of the model's trainable parameters).
+    collective waits on the critical path. ``reduce_grads`` (:data:`ReduceGrads`) sums the gradients
+    over ranks after the backward passes, for a ``model`` that is not wrapped in DDP. Without an
+    ``optimizer`` a step only computes gradients (of the model's trainable parameters).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
                  *, device: torch.device, precision: str = "fp32", micro_batch_size: int | None = None,
                  micro_batch_tokens: int | None = None, max_grad_norm: float | None = None, world_size: int = 1,
                  loss_count: Callable[[Batch], Any] | None = None,
-                 sum_over_ranks: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None) -> None:
+                 sum_over_ranks: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None,
+                 reduce_grads: ReduceGrads | None = None) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device, self.precision = device, precision
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
@@ -83,11 +101,64 @@ class Step:
         self.world_size = world_size
         self.loss_count = loss_count
         self.sum_over_ranks = sum_over_ranks
+        self.reduce_grads = reduce_grads
         if optimizer is not None:
             self.params = [p for group in optimizer.param_groups for p in group["params"]]
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def step(self, batch: Batch | None, global_size: int, *, check_finite: bool = True, measure_noise: bool = False,
+             before_last_backward: BeforeLastBackward | None = None,
+             after_sync: Callable[[StepResult], StepResult] | None = None,
+             numbers: Sequence[float] = ()) -> StepResult:
+        """One whole step on this rank's part of a batch of ``global_size`` samples, in the algorithm's order.
+
+        ``batch`` is ``None`` on a rank that holds no sample of the step (with ``reduce_grads``).
+        ``after_sync`` (distributed) receives the result once the ranks' gradients are summed and
+        returns it with what the ranks agreed on (their mean loss, noise sample, a stop); ``numbers``
+        ride with ``reduce_grads``. With ``check_finite`` the loss is read back and a NaN or
+        infinite one drops the gradients instead of updating (the caller decides what follows).
+        """
+        # Forward, loss and backward of each micro-batch; DDP sums the gradients over ranks in the last backward.
+        if batch is not None:
+            result = self.accumulate(batch, global_size, measure_noise=measure_noise,
+                                     before_last_backward=before_last_backward)
+        else:
+            result = StepResult(0.0)
+        # The explicit sum over ranks, for a model without DDP; the loss shares ride with the gradients.
+        if self.reduce_grads is not None:
+            totals = self.reduce_grads(self.params, [float(result.loss), *numbers])
+            result.loss, result.numbers = totals[0], totals[1:]
+        if after_sync is not None:
+            result = after_sync(result)
+            if result.stop:
+                self.skip()
+                return result
+        # The non-finite check: a NaN or infinite loss never reaches the weights.
+        if check_finite:
+            result.value = value = float(result.loss)
+            if not math.isfinite(value):
+                self.skip()
+                return result
+        if result.noise is not None:
+            result.grad_sq = self.grad_sq()  # of the whole batch, for the noise scale
+        optimizer, scaler = self.optimizer, self.scaler
+        if optimizer is not None:
+            if self.max_grad_norm is not None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the update when the scaled gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
+            result.applied = True
+            optimizer.zero_grad(set_to_none=True)  # zero, for the next step
+        else:
+            self.model.zero_grad(set_to_none=True)
+        return result
 
     def counter(self, batch: Batch) -> Callable[[Batch], Any] | None:
         """What counts the loss terms of ``batch``'s pieces: ``loss_count``, tokens of per-token labels
@@ -188,23 +259,6 @@ class Step:
         """Squared norm of the gradients accumulated so far, unscaled (one device sync)."""
         return squared_grad_norm(p.grad for p in self.params) / self.grad_scale() ** 2
 
-    def update(self) -> torch.Tensor | None:
-        """Unscale, clip (returns the gradient norm when clipping), step, zero the grads."""
-        norm = None
-        optimizer = self.optimizer
-        if optimizer is not None:
-            if self.max_grad_norm is not None:
-                if self.scaler is not None:
-                    self.scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            if self.scaler is not None:
-                self.scaler.step(optimizer)
-                self.scaler.update()
-            else:
-                optimizer.step()
-        self.skip()
-        return norm
-
     def skip(self) -> None:
         """Drop the accumulated gradients without updating."""
         if self.optimizer is not None:
@@ -213,10 +267,10 @@ class Step:
             self.model.zero_grad(set_to_none=True)
 
     def run(self, batch: Batch) -> torch.Tensor:
-        """One whole step on ``batch`` (accumulate, then update); its mean loss."""
-        result = self.accumulate(batch, batch_len(batch))
-        self.update()
-        return result.loss
+        """One whole step on ``batch`` (no check of the loss); its mean loss."""
+        loss = self.step(batch, batch_len(batch), check_finite=False).loss
+        assert isinstance(loss, torch.Tensor)
+        return loss
 
 
 def _share(loss: torch.Tensor, weight: Any, count: Any) -> torch.Tensor:

@@ -390,6 +390,18 @@ class _Tokeniser:
         self.counts.tokens += sum(len(s) for s in sequences)
 
 
+def _task_classes(task: TextTask, classes: Sequence[str] | None, path: Path) -> list[str] | None:
+    """The class names of a classification task (``classes``, else those found in the file); ``None`` otherwise."""
+    if task.kind != "classification":
+        if classes is not None:
+            raise expected("classes", "None without a label_column", classes)
+        return None
+    names = [str(c) for c in classes] if classes is not None else class_names(path, task)
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise expected("classes", "at least two distinct class names", names)
+    return names
+
+
 def write_text_shards(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -423,13 +435,7 @@ def write_text_shards(
     name = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", None)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
-    names: list[str] | None = None
-    if task.kind == "classification":
-        names = [str(c) for c in classes] if classes is not None else class_names(path, task)
-        if len(set(names)) != len(names) or len(names) < 2:
-            raise expected("classes", "at least two distinct class names", names)
-    elif classes is not None:
-        raise expected("classes", "None without a label_column", classes)
+    names = _task_classes(task, classes, path)
     tokeniser = _Tokeniser(tokenizer, task, max_length, names, path)
     bar = _progress_bar(path, progress)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

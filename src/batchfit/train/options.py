@@ -69,6 +69,28 @@ class TrainerOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_batching()
+        self._check_lr()
+        if not isinstance(self.device, (str, torch.device)):
+            raise expected("device", "'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device", self.device)
+        check_choice("precision", self.precision, PRECISIONS)
+        self._check_guards()
+        self._check_checkpoints()
+        for name in ("eval_batch_size", "max_batch_size"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        for name in ("prefetch", "workers"):
+            check_positive_int(name, getattr(self, name), allow_zero=True)
+        for name in ("noise_scale", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise expected(name, "True or False", getattr(self, name))
+        check_choice("progress", self.progress, (True, False, "epochs"))
+        if self.val_every is not None:
+            check_positive_int("val_every", self.val_every)
+        check_seed(self.seed)
+
+    def _check_batching(self) -> None:
+        """Batch and micro-batch sizes, token budgets, order."""
         check_batch_size(self.batch_size)
         micro = self.micro_batch_size
         if micro is not None and micro != "auto":
@@ -92,6 +114,9 @@ class TrainerOptions:
         check_choice("shuffle", self.shuffle, SHUFFLES)
         if not isinstance(self.drop_last, bool):
             raise expected("drop_last", "True or False", self.drop_last)
+
+    def _check_lr(self) -> None:
+        """Learning-rate scaling, warm-up and the schedule's interval."""
         check_choice("lr_scaling", self.lr_scaling, LR_RULES)
         if self.lr_scaling is not None and self.base_batch_size is None:
             raise expected("base_batch_size", "the batch size the optimizer's lr was tuned for "
@@ -100,9 +125,9 @@ class TrainerOptions:
             check_positive_int("base_batch_size", self.base_batch_size)
         check_positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
         check_choice("lr_schedule_interval", self.lr_schedule_interval, ("step", "epoch"))
-        if not isinstance(self.device, (str, torch.device)):
-            raise expected("device", "'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device", self.device)
-        check_choice("precision", self.precision, PRECISIONS)
+
+    def _check_guards(self) -> None:
+        """The non-finite loss policy and gradient clipping."""
         check_choice("on_nan", self.on_nan, ON_NAN)
         grad_norm = self.max_grad_norm
         if grad_norm is not None and (isinstance(grad_norm, bool) or not isinstance(grad_norm, (int, float))
@@ -110,6 +135,9 @@ class TrainerOptions:
             raise expected("max_grad_norm", "a positive number or None", grad_norm)
         if grad_norm is not None:
             object.__setattr__(self, "max_grad_norm", float(grad_norm))
+
+    def _check_checkpoints(self) -> None:
+        """The checkpoint folder and what needs one."""
         if self.checkpoint_dir is not None:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
                 raise expected("checkpoint_dir", "a folder path (str or os.PathLike) or None", self.checkpoint_dir)
@@ -124,18 +152,6 @@ class TrainerOptions:
         if self.on_nan == "rollback" and self.checkpoint_dir is None:
             raise expected("checkpoint_dir", "a folder when on_nan='rollback'", None)
         check_positive_int("keep_checkpoints", self.keep_checkpoints)
-        for name in ("eval_batch_size", "max_batch_size"):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
-        for name in ("prefetch", "workers"):
-            check_positive_int(name, getattr(self, name), allow_zero=True)
-        for name in ("noise_scale", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise expected(name, "True or False", getattr(self, name))
-        check_choice("progress", self.progress, (True, False, "epochs"))
-        if self.val_every is not None:
-            check_positive_int("val_every", self.val_every)
-        check_seed(self.seed)
 
     @property
     def measured_batch(self) -> bool:

@@ -1,14 +1,13 @@
 """Training from a stream of events: batches cut by size or time, test-then-train, ack after a durable checkpoint.
 
-``Trainer.fit(stream)`` runs :func:`fit_stream`. It reuses the trainer's pieces — THE step, the
-lr control, the history, the callbacks, checkpoint files and the signal guard — in a loop whose
-order is that of the algorithm:
+``Trainer.fit(stream)`` runs the trainer's one loop on a :class:`StreamFeed`, which keeps what only a
+stream has. Each step, in the order of the algorithm:
 
 1. wait for the next batch (``batch_size`` events, or fewer after ``max_latency`` seconds);
 2. score it with the weights that have not seen it (the prequential, test-then-train metrics:
    the step's own forward pass computes the loss before the update; user metrics take one more
    forward pass without gradients);
-3. forward, backward and update (:class:`~batchfit.core.step.Step`);
+3. forward, backward and update (:meth:`~batchfit.core.step.Step.step`);
 4. every ``checkpoint_every`` steps: write a checkpoint that lists the events it includes, then
    acknowledge them. A crash between the two re-acknowledges them on resume; a crash before the
    checkpoint leaves them pending at the broker, which delivers them again: no event is lost, and
@@ -17,6 +16,8 @@ order is that of the algorithm:
 Torch lr schedulers step after each update; each ``fit`` call is one epoch for callbacks and per-epoch
 schedulers. In a distributed run the ranks agree before each step on their contributions to the batch,
 and the step's gradients are averaged over ranks explicitly (:mod:`.stream_ranks`).
+``on_nan="rollback"`` is refused: rolling the weights back to a checkpoint would un-train events that
+are already acknowledged.
 """
 
 from __future__ import annotations
@@ -25,26 +26,21 @@ import collections
 import dataclasses
 import logging
 import math
-import signal
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from ..core.batch import Batch, forward, param_dtype, target_of, to_device
-from ..core.rng import rng_state, set_rng_state
-from ..core.step import Step
+from ..core.step import Step, StepResult
 from ..data.streams import IterableEvents, StreamBatch, StreamSource
-from ..errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, check_positive_int, expected
-from . import checkpoint as ckpt
-from .callbacks import HOOKS, overriding
-from .guards import exit_for, non_finite_error
-from .history import History
+from ..errors import BatchfitError, CheckpointError, check_positive_int, expected
 from .metrics import is_stateful
+from .options import TrainerOptions
 from .progress import Progress
-from .saving import load_model_state, model_state
-from .stream_ranks import StreamRanks, barrier, each_rank, gathered, reduce_step, sparse_parameters
+from .stream_ranks import StreamRanks, barrier, each_rank, gathered, grad_reducer, sparse_parameters
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -56,10 +52,6 @@ PREQUENTIAL_WINDOW = 1000
 STREAM_RESUME_KEYS = ("batch_size", "optimizer")
 # Without a checkpoint_dir, events are acknowledged once this many have been trained on (and at the end).
 ACK_EVERY = 1024
-# Seconds between two calls of the callbacks' on_log (loggers), as in the Trainer's loop.
-LOG_EVERY = 2.0
-
-Until = Callable[["Trainer"], bool]
 
 
 class Prequential:
@@ -107,22 +99,6 @@ class Prequential:
         self.recent_sums = {k: [0.0, 0] for k in self.sums}
 
 
-@dataclasses.dataclass
-class StreamRun:
-    """The state of one stream run that a checkpoint keeps, besides the trainer's own."""
-
-    source: StreamSource
-    included: list[Any] = dataclasses.field(default_factory=list)  # ids trained on since the last ack
-    redelivered: int = 0  # events trained on that had been delivered before (all ranks)
-    prequential: Prequential = dataclasses.field(default_factory=Prequential)
-    elapsed_before: float = 0.0
-    start: float = 0.0
-    last_batch: StreamBatch | None = None
-    ranks: StreamRanks | None = None  # a distributed run's agreement
-    sparse: list[bool] = dataclasses.field(default_factory=list)  # per parameter: sparse gradients (distributed)
-    epoch: int = 1  # this fit's number: what callbacks and schedulers see as the epoch
-
-
 def check_until(until: Any) -> None:
     """Refuse anything but ``None``, a positive number of seconds or a callable ``until(trainer) -> bool``."""
     if until is None or callable(until):
@@ -131,201 +107,262 @@ def check_until(until: Any) -> None:
         raise expected("until", "None, a positive number of seconds, or a callable until(trainer) -> bool", until)
 
 
-def fit_stream(trainer: Trainer, source: StreamSource, *, max_steps: int | None = None, until: Any = None,
-               val: Any = None, resume: bool | str = False) -> History:
-    """Train on ``source`` until it ends, ``max_steps`` steps, ``until`` or SIGTERM/SIGINT; see ``Trainer.fit``.
+def check_stream_fit(options: TrainerOptions, max_steps: Any, until: Any) -> None:
+    """Refuse what a stream cannot do, before anything starts."""
+    if not isinstance(options.batch_size, int):
+        raise expected("batch_size", "a positive integer when training from a stream (events per update; "
+                       "'full', 'auto' and 'adaptive' need a dataset of known size)", options.batch_size)
+    if options.micro_batch_size == "auto":
+        raise expected("micro_batch_size", "an integer or None when training from a stream", "auto")
+    if options.on_nan == "rollback":
+        raise expected("on_nan", "'raise' or 'skip' when training from a stream (a rollback would un-train "
+                       "events that are already acknowledged)", "rollback")
+    if max_steps is not None:
+        check_positive_int("max_steps", max_steps)
+    check_until(until)
+
+
+class Closed(NamedTuple):
+    """A stream batch as the loop sees it: its size over all ranks (the broker keeps the position)."""
+
+    batch_size: int
+
+
+class StreamFeed:
+    """One pass of the trainer's loop over ``source``: until it ends, ``max_steps`` steps, ``until`` or a signal.
 
     In a distributed run each rank passes its own source (one consumer of a shared group, e.g. a
     :class:`~batchfit.RedisStream` with a consumer name per rank), and each step trains on the union of
     the ranks' batches (:mod:`.stream_ranks`).
     """
-    o = trainer.options
-    if not isinstance(o.batch_size, int):
-        raise expected("batch_size", "a positive integer when training from a stream (events per update; "
-                       "'full', 'auto' and 'adaptive' need a dataset of known size)", o.batch_size)
-    if o.micro_batch_size == "auto":
-        raise expected("micro_batch_size", "an integer or None when training from a stream", "auto")
-    if max_steps is not None:
-        check_positive_int("max_steps", max_steps)
-    check_until(until)
-    if resume not in (False, True, "force"):
-        raise expected("resume", "False, True or 'force'", resume)
-    if resume and trainer.checkpoint_dir is None:
-        raise expected("checkpoint_dir", "a folder when resume=True", None)
-    run = StreamRun(source, epoch=len(trainer.history.epochs) + 1)
-    micro = o.micro_batch_size if isinstance(o.micro_batch_size, int) else None
-    dist = trainer.dist
-    # Distributed: the plain module, whose gradients the loop averages over ranks itself (a rank may have
-    # no event in a step, which DDP cannot express); the loss is weighted as DDP would need it.
-    trainer.step_fn = Step(trainer.module if dist.enabled else trainer.model, trainer.loss_fn, trainer.optimizer,
-                           device=trainer.device, precision=o.precision, micro_batch_size=micro,
-                           max_grad_norm=o.max_grad_norm, world_size=dist.world_size, loss_count=trainer.loss_count)
-    if dist.enabled:
-        run.ranks = StreamRanks(dist, source, o.batch_size, trainer.device)
-        run.sparse = sparse_parameters(trainer.module, trainer.step_fn.params)
-    lock = ckpt.FolderLock(trainer.checkpoint_dir) if trainer.checkpoint_dir is not None and dist.is_main else None
-    try:
-        if lock is not None:
-            lock.acquire()
-        found = ckpt.load_latest(trainer.checkpoint_dir) if resume and trainer.checkpoint_dir is not None else None
-        if found is not None:
-            _resume(trainer, run, *found)
-        if resume and not dist.all_equal(trainer.step):
-            raise DistributedError(f"rank {dist.rank}: the ranks resumed from checkpoints of different steps (this "
-                                   f"one: step {trainer.step}); every rank must see the same checkpoint_dir")
-        steps = None if max_steps is None else (max_steps if resume else trainer.step + max_steps)
-        with trainer.signals.installed(trainer.checkpoint_dir is not None):
-            _loop(trainer, run, steps, until, val)
-    except BaseException as error:
-        if not dist.enabled or isinstance(error, (SystemExit, KeyboardInterrupt, NonFiniteLossError)):
-            raise  # every rank raises these at the same step
-        replacement = dist.abort(error)  # the other ranks stop now instead of at the timeout
-        if replacement is None:
-            raise
-        raise replacement from None
-    finally:
-        if lock is not None:
-            lock.release()
-    return trainer.history
 
+    open_ended = True
+    resume_keys = STREAM_RESUME_KEYS
 
-def _loop(trainer: Trainer, run: StreamRun, max_steps: int | None, until: Any, val: Any) -> None:
-    source, batch_size, ranks = run.source, trainer.options.batch_size, run.ranks
-    assert isinstance(batch_size, int)
-    hooks = {name: overriding(trainer.callbacks, name) for name in HOOKS}
-    progress = Progress(trainer.progress, epochs_only=trainer.options.progress == "epochs")
-    trainer.stop_training = False
-    for hook in hooks["on_fit_begin"]:
-        hook(trainer)
-    for hook in hooks["on_epoch_begin"]:
-        hook(trainer, run.epoch)
-    trainer.module.train()
-    run.start = time.perf_counter()
-    deadline = run.start + until if isinstance(until, (int, float)) else None
-    trainer.lr.begin(batch_size)
-    trainer.lr.apply(trainer.step, batch_size)
-    every = trainer.options.checkpoint_every
-    start_step, start_samples = trainer.step, trainer.samples_seen
-    # An open-ended stream has no total (0: the bar counts steps without one).
-    progress.start_epoch(run.epoch, run.epoch, 0 if max_steps is None else max_steps - start_step, 0, run.start)
-    next_log = run.start + LOG_EVERY
-    while max_steps is None or trainer.step < max_steps:
-        budget = deadline is not None and time.perf_counter() >= deadline or callable(until) and until(trainer)
-        if ranks is None:
-            if trainer.signals.received is not None:
-                _exit_on_signal(trainer, run)
-            if trainer.stop_training or budget:
-                break
-            local = source.next_batch(batch_size)
-            if local is None:
-                if source.ended:
-                    break
-                continue  # an idle tick: look at signals and budgets again
-            global_size = local.size
-        else:
-            plan = ranks.plan(trainer.stop_training or bool(budget), trainer.signals.received is not None)
-            if plan.signal:  # every rank learns it at the same step: all checkpoint together and stop
-                _exit_on_signal(trainer, run)
-            if plan.stop or plan.ended:
-                break
-            global_size = plan.global_size
-            if global_size == 0:
+    def __init__(self, trainer: Trainer, source: StreamSource, max_steps: int | None, until: Any,
+                 resume: bool) -> None:
+        o, dist = trainer.options, trainer.dist
+        assert isinstance(o.batch_size, int)
+        self.trainer, self.source, self.batch_size, self.until = trainer, source, o.batch_size, until
+        self.max_steps, self.resume = max_steps, resume
+        self.epoch = len(trainer.history.epochs) + 1  # this fit's number: what callbacks and schedulers see
+        self.included: list[Any] = []  # ids trained on since the last ack
+        self.redelivered = 0  # events trained on that had been delivered before (all ranks)
+        self.prequential = Prequential()
+        self.ranks: StreamRanks | None = None  # a distributed run's agreement
+        self.rank_states: list[dict[str, Any]] = []  # distributed: every rank's consumer state, for the checkpoint
+        self.passed = False  # this fit's one pass is over
+        self.start_step = self.end_step = 0
+        self.deadline: float | None = None
+        self.scored: tuple[dict[str, float], dict[str, float], int] = ({}, {}, 0)  # of the step being trained
+        micro = o.micro_batch_size if isinstance(o.micro_batch_size, int) else None
+        # Distributed: the plain module, whose gradients are summed over ranks after the backward passes (a rank
+        # may have no event in a step, which DDP cannot express); the loss is weighted as DDP would need it.
+        trainer.step_fn = self.step_fn = Step(
+            trainer.module if dist.enabled else trainer.model, trainer.loss_fn, trainer.optimizer,
+            device=trainer.device, precision=o.precision, micro_batch_size=micro, max_grad_norm=o.max_grad_norm,
+            world_size=dist.world_size, loss_count=trainer.loss_count)
+        if dist.enabled:
+            self.ranks = StreamRanks(dist, source, o.batch_size, trainer.device)
+            self.step_fn.reduce_grads = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
+        # The user's metrics of one batch, summed over ranks (stateful ones accumulate on each rank).
+        self.shared_metrics = [name for name, metric in trainer.evaluator.metrics.items() if not is_stateful(metric)]
+
+    def start_fresh(self) -> None:
+        pass
+
+    def more(self) -> bool:
+        return not self.passed
+
+    def nothing_left(self) -> str | None:
+        return None
+
+    def start_epoch(self, progress: Progress, now: float) -> int:
+        trainer = self.trainer
+        trainer.lr.begin(self.batch_size)
+        trainer.lr.apply(trainer.step, self.batch_size)
+        self.start_step = trainer.step
+        if self.max_steps is not None:
+            self.end_step = self.max_steps if self.resume else trainer.step + self.max_steps
+        self.deadline = now + self.until if isinstance(self.until, (int, float)) else None
+        # An open-ended stream has no total (0: the bar counts steps without one).
+        progress.start_epoch(self.epoch, self.epoch, 0 if self.max_steps is None else self.end_step - self.start_step,
+                             0, now)
+        return 0
+
+    def batches(self) -> Iterator[tuple[StreamBatch | None, Closed]]:
+        """Close the next batch (this rank's part of it: ``None`` when it holds no event of the step)."""
+        trainer, source = self.trainer, self.source
+        while self.max_steps is None or trainer.step < self.end_step:
+            budget = self._budget_spent()
+            if self.ranks is None:
+                if trainer.signals.received is not None or trainer.stop_training or budget:
+                    return
+                local = source.next_batch(self.batch_size)
+                if local is None:
+                    if source.ended:
+                        return
+                    continue  # an idle tick: look at signals and budgets again
+                yield local, Closed(local.size)
                 continue
-            local = ranks.take(plan)
-        for hook in hooks["on_step_begin"]:
-            hook(trainer, trainer.step)
-        record = _train_on(trainer, run, local, global_size)
-        if record is not None:
-            for hook in hooks["on_step_end"]:
-                hook(trainer, record)
-        now = time.perf_counter()
-        if hooks["on_log"] and now >= next_log:
-            for hook in hooks["on_log"]:
-                hook(trainer)
-            next_log = now + LOG_EVERY
-        if trainer.checkpoint_dir is None and len(run.included) >= ACK_EVERY:
-            _ack(run)  # nothing durable to wait for; acknowledged in bulk (one round trip to the broker each)
-        elif every is not None and trainer.step % every == 0 and record is not None:
-            _checkpoint(trainer, run)
-        if progress.due(now) and record is not None:
-            rate = (trainer.samples_seen - start_samples) / max(now - run.start, 1e-9)
-            progress.refresh(now, trainer.step - start_step, rate, record["preq_loss_window"], record["lr"])
-    if ranks is None and trainer.signals.received is not None:
-        _exit_on_signal(trainer, run)
-    if trainer.step > start_step:  # the bar's last state, before its closing line
-        now = time.perf_counter()
-        last = trainer.history.record(-1)
-        rate = (trainer.samples_seen - start_samples) / max(now - run.start, 1e-9)
-        progress.refresh(now, trainer.step - start_step, rate, last["preq_loss_window"], last["lr"])
-    source.drop_buffer()  # read but not trained on: the broker delivers them again
-    record = _end(trainer, run, val)
-    progress.end_epoch(record)
-    if trainer.step > start_step:  # a fit without a step has no loss to judge a plateau by
-        trainer.lr.after_epoch(record)
-    for hook in hooks["on_epoch_end"]:
-        hook(trainer, run.epoch, record)
-    if trainer.checkpoint_dir is not None:
-        _checkpoint(trainer, run)
-    else:
-        _ack(run)
-    for hook in hooks["on_fit_end"]:
-        hook(trainer, trainer.history)
+            plan = self.ranks.plan(trainer.stop_training or budget, trainer.signals.received is not None)
+            if plan.signal:  # every rank learns it at the same step: all checkpoint together and stop
+                trainer.note_signal(True)
+                return
+            if plan.stop or plan.ended:
+                return
+            if plan.global_size > 0:
+                yield self.ranks.take(plan), Closed(plan.global_size)
 
+    def _budget_spent(self) -> bool:
+        until = self.until
+        if self.deadline is not None:
+            return time.perf_counter() >= self.deadline
+        return callable(until) and bool(until(self.trainer))
 
-def _train_on(trainer: Trainer, run: StreamRun, local: StreamBatch | None, global_size: int) -> dict[str, Any] | None:
-    """Score this rank's events with the current weights, then train on the step's batch; returns the step's
-    record (None: skipped). ``local`` is ``None`` for a rank that holds no event of the step."""
-    step_fn = trainer.step_fn
-    assert step_fn is not None
-    if trainer.lr.dynamic:
-        trainer.lr.apply(trainer.step, global_size)
-    scores: dict[str, float] = {}
-    running: dict[str, float] = {}
-    share = 0.0
-    redelivered = 0
-    if local is not None:
-        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
-        scores, running = _prequential_metrics(trainer, batch)
-        run.included += local.ids
-        run.last_batch = local
-        redelivered = local.redelivered
+    def lr_batch_size(self, size: int) -> int:
+        return size
+
+    def step(self, local: StreamBatch | None, size: int, stop_requested: bool) -> StepResult:
+        """Score this rank's events with the current weights, then train on the step's batch."""
+        trainer = self.trainer
+        scores: dict[str, float] = {}
+        running: dict[str, float] = {}
+        batch = None
+        redelivered = 0
+        if local is not None:
+            batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+            scores, running = _prequential_metrics(trainer, batch)
+            self.included += local.ids  # used up, trained on or skipped
+            redelivered = local.redelivered
+        numbers: list[float] = []
+        if self.ranks is not None:
+            count = 0 if local is None else local.size
+            numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
         try:
-            # Computed before the update: a test-then-train score (this rank's share of the batch's mean loss).
-            share = float(step_fn.accumulate(batch, global_size).loss)
+            # The loss is computed before the update: a test-then-train score.
+            result = self.step_fn.step(batch, size, numbers=numbers)
         except (IndexError, RuntimeError) as error:
-            step_fn.skip()
+            self.step_fn.skip()
+            if local is None:
+                raise
             raise BatchfitError(f"step {trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
                                 f"{str(error).strip().splitlines()[0]}") from error
-    loss = share
-    if run.ranks is not None:
-        names = [name for name, metric in trainer.evaluator.metrics.items() if not is_stateful(metric)]
-        size = 0 if local is None else local.size
-        totals = reduce_step(trainer.dist, step_fn.params, run.sparse,
-                             [share, redelivered] + [scores[name] * size if size else 0.0 for name in names])
-        loss, redelivered = totals[0], int(totals[1])
-        scores = {name: total / global_size for name, total in zip(names, totals[2:])}
-    if not math.isfinite(loss):
-        step_fn.skip()
-        if trainer.options.on_nan == "raise":
-            raise non_finite_error(loss, trainer.step + 1, 0)
-        trainer.skipped_steps += 1
-        logger.warning("non-finite loss at step %d of the stream: skipped the update (%d skipped so far)",
-                       trainer.step + 1, trainer.skipped_steps)
-        return None
-    lr = float(trainer.optimizer.param_groups[0]["lr"])  # the lr of this update, whoever set it
-    step_fn.update()
-    trainer.lr.after_update()  # a torch scheduler that runs per step
-    trainer.step += 1
-    trainer.samples_seen += global_size
-    run.redelivered += redelivered
-    run.prequential.add("loss", loss, global_size)
-    for name, value in scores.items():
-        run.prequential.add(name, value, global_size)
-    seconds = run.elapsed_before + time.perf_counter() - run.start
-    lag = math.nan if local is None else time.time() - min(local.times)
-    trainer.history.add_step(trainer.step, run.epoch, trainer.samples_seen, global_size, loss, lr, seconds,
-                             **run.prequential.columns(), **running, lag=lag, redelivered=run.redelivered)
-    return trainer.history.record(-1)
+        if result.numbers is not None:
+            redelivered = int(result.numbers[0])
+            scores = {name: total / size for name, total in zip(self.shared_metrics, result.numbers[1:])}
+        self.scored = (scores, running, redelivered)
+        return result
+
+    def skipped(self, mark: Closed) -> None:
+        pass
+
+    def columns(self, local: StreamBatch | None, mark: Closed, result: StepResult) -> dict[str, Any]:
+        scores, running, redelivered = self.scored
+        size = mark.batch_size
+        assert result.value is not None
+        self.redelivered += redelivered
+        self.prequential.add("loss", result.value, size)
+        for name, value in scores.items():
+            self.prequential.add(name, value, size)
+        if self.trainer.checkpoint_dir is None and len(self.included) >= ACK_EVERY:
+            self._ack()  # nothing durable to wait for; acknowledged in bulk (one round trip to the broker each)
+        lag = math.nan if local is None else time.time() - min(local.times)
+        return {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered}
+
+    def end_steps(self) -> None:
+        self.source.drop_buffer()  # read but not trained on: the broker delivers them again
+
+    def epoch_done(self) -> bool:
+        return True
+
+    def epoch_record(self, epoch: int) -> dict[str, Any]:
+        """``loss``, the prequential loss of this fit's events; ``redelivered`` and the prequential metrics of the
+        whole run (``preq_<name>``)."""
+        history = self.trainer.history
+        mine = [(loss, size) for loss, size, e in zip(history.losses(), history.column("batch_size"),
+                                                       history.column("epoch")) if e == epoch]
+        events = sum(size for _, size in mine)
+        record = {"loss": sum(loss * size for loss, size in mine) / events if events else math.nan,
+                  "redelivered": self.redelivered}
+        record.update({k: v for k, v in self.prequential.columns().items() if not k.endswith("_window")})
+        return record
+
+    def next_epoch(self) -> None:
+        self.passed = True
+
+    def release(self) -> None:
+        self._ack()
+
+    def shown_loss(self) -> float:
+        return float(self.trainer.history.column("preq_loss_window")[-1])
+
+    def _ack(self) -> None:
+        if self.included:
+            self.source.ack(self.included)
+            self.included = []
+
+    def before_checkpoint(self) -> None:
+        """Distributed: gather the ranks' consumer states, each with the ids its updates since its last ack used."""
+        if self.ranks is not None:
+            self.rank_states = gathered(self.trainer.dist, self._consumer_state())
+
+    def _consumer_state(self) -> dict[str, Any]:
+        return {**self.source.state_dict(), "included": list(self.included)}
+
+    def after_checkpoint(self) -> None:
+        """Acknowledge the events the checkpoint includes; distributed, once every rank knows it is durable."""
+        if self.ranks is not None:
+            barrier(self.trainer.dist)
+        self._ack()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "stream",
+            "batcher": {},  # a stream has no position of its own: the broker keeps it
+            # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
+            "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
+                       "redelivered": self.redelivered,
+                       "prequential": self.prequential.state_dict()},
+            "config": self.config(),
+        }
+
+    def check(self, state: dict[str, Any], path: Path) -> None:
+        if state.get("kind") != "stream":
+            raise CheckpointError(f"checkpoint {path} was written by training on a dataset, not on a stream; "
+                                  f"use another checkpoint_dir")
+        saved = state.get("stream", {}).get("ranks", [{}])
+        world_size = self.trainer.dist.world_size
+        if len(saved) != world_size and isinstance(self.source.consumer, IterableEvents):
+            raise CheckpointError(f"checkpoint {path} was written by {len(saved)} ranks reading plain iterables, "
+                                  f"which resume only on as many ranks; this run has world_size={world_size}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the stream's part of a checkpoint.
+
+        A rank takes over the consumer states of the saved ranks ``r`` with ``r % world_size == rank``: their
+        included events are acknowledged; events a saved rank had read but not trained on stay pending at
+        the broker, where this run's consumers claim them (``RedisStream(claim_idle=...)``).
+        """
+        stream = state["stream"]
+        saved = stream.get("ranks", [stream])  # a checkpoint of one process from before ranks were saved
+        dist = self.trainer.dist
+        mine = list(each_rank(saved, dist.rank, dist.world_size))
+        consumer = {**(mine[0] if mine else {}), "included": [i for s in mine for i in s.get("included", [])]}
+        self.prequential.load_state_dict(stream["prequential"])
+        self.redelivered = int(stream["redelivered"])
+        self.epoch = len(self.trainer.history.epochs) + 1
+        self.source.load_state_dict(consumer)  # events the checkpoint includes are acknowledged, not trained on again
+
+    def resumed_at(self) -> str:
+        return f"{self.trainer.samples_seen} events"
+
+    def config(self) -> dict[str, Any]:
+        trainer = self.trainer
+        config = dataclasses.asdict(trainer.options)
+        config.update(device=str(trainer.device), optimizer=type(trainer.optimizer).__name__, stream=True,
+                      num_samples=None, world_size=trainer.dist.world_size)
+        return config
 
 
 def _prequential_metrics(trainer: Trainer, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
@@ -352,133 +389,3 @@ def _prequential_metrics(trainer: Trainer, batch: Batch) -> tuple[dict[str, floa
     finally:
         trainer.module.train()
     return means, running
-
-
-def _ack(run: StreamRun) -> None:
-    if run.included:
-        run.source.ack(run.included)
-        run.included = []
-
-
-def _checkpoint(trainer: Trainer, run: StreamRun) -> None:
-    """Write a checkpoint that includes every update so far, then acknowledge the events it includes.
-
-    Distributed: the ranks' consumer states (with the ids each trained on since its last ack) are
-    gathered, rank 0 writes the checkpoint, and every rank acknowledges its own events only once the
-    ranks have met again after the write.
-    """
-    assert trainer.checkpoint_dir is not None
-    mine = {**run.source.state_dict(), "included": list(run.included)}
-    states = [mine] if run.ranks is None else gathered(trainer.dist, mine)
-    if trainer.dist.is_main:
-        ckpt.save_checkpoint(_state(trainer, run, states), trainer.checkpoint_dir, trainer.step,
-                             trainer.options.keep_checkpoints)
-    if run.ranks is not None:
-        barrier(trainer.dist)
-    _ack(run)
-
-
-def _state(trainer: Trainer, run: StreamRun, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    step_fn = trainer.step_fn
-    assert step_fn is not None
-    config = dataclasses.asdict(trainer.options)
-    config.update(device=str(trainer.device), optimizer=type(trainer.optimizer).__name__, stream=True,
-                  num_samples=None, world_size=trainer.dist.world_size)
-    return {
-        "format": 1,
-        "kind": "stream",
-        "model": model_state(trainer.module),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scaler": None if step_fn.scaler is None else step_fn.scaler.state_dict(),
-        "lr_scheduler": trainer.lr.state_dict(),
-        "step": trainer.step,
-        "samples_seen": trainer.samples_seen,
-        "skipped_steps": trainer.skipped_steps,
-        "batcher": {},  # a stream has no position of its own: the broker keeps it
-        # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
-        "stream": {"ranks": ranks, "redelivered": run.redelivered, "prequential": run.prequential.state_dict()},
-        "rng": rng_state(),
-        "history": trainer.history.state_dict(),
-        "elapsed": run.elapsed_before + time.perf_counter() - run.start,
-        "callbacks": [cb.state_dict() for cb in trainer.callbacks],
-        "config": config,
-        "world_size": trainer.dist.world_size,
-    }
-
-
-def _resume(trainer: Trainer, run: StreamRun, state: dict[str, Any], path: Any) -> None:
-    """Load a stream checkpoint (refused before anything changes when it does not fit).
-
-    A rank takes over the consumer states of the saved ranks ``r`` with ``r % world_size == rank``: their
-    included events are acknowledged; events a saved rank had read but not trained on stay pending at
-    the broker, where this run's consumers claim them (``RedisStream(claim_idle=...)``).
-    """
-    if state.get("kind") != "stream":
-        raise CheckpointError(f"checkpoint {path} was written by training on a dataset, not on a stream; "
-                              f"use another checkpoint_dir")
-    ckpt.check_compatible(state.get("config", {}), {"batch_size": trainer.options.batch_size,
-                                                    "optimizer": type(trainer.optimizer).__name__},
-                          STREAM_RESUME_KEYS, path)
-    ckpt.check_fits(state, trainer.module, trainer.optimizer, path)
-    stream = state.get("stream", {})
-    saved = stream.get("ranks", [stream])  # a checkpoint of one process from before ranks were saved
-    dist = trainer.dist
-    if len(saved) != dist.world_size and isinstance(run.source.consumer, IterableEvents):
-        raise CheckpointError(f"checkpoint {path} was written by {len(saved)} ranks reading plain iterables, which "
-                              f"resume only on as many ranks; this run has world_size={dist.world_size}")
-    mine = list(each_rank(saved, dist.rank, dist.world_size))
-    consumer = {**(mine[0] if mine else {}), "included": [i for s in mine for i in s.get("included", [])]}
-    step_fn = trainer.step_fn
-    assert step_fn is not None
-    try:
-        load_model_state(trainer.module, state["model"], "stream checkpoint")
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if step_fn.scaler is not None and state["scaler"] is not None:
-            step_fn.scaler.load_state_dict(state["scaler"])
-        trainer.lr.load_state_dict(state.get("lr_scheduler"))
-        trainer.history.load_state_dict(state["history"])
-        for cb, cb_state in zip(trainer.callbacks, state["callbacks"]):
-            cb.load_state_dict(cb_state)
-        run.prequential.load_state_dict(stream["prequential"])
-    except (KeyError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} does not fit this run: {error}") from error
-    trainer.step, trainer.samples_seen = int(state["step"]), int(state["samples_seen"])
-    trainer.skipped_steps = int(state["skipped_steps"])
-    run.redelivered = int(stream["redelivered"])
-    run.elapsed_before = float(state["elapsed"])
-    run.epoch = len(trainer.history.epochs) + 1
-    run.source.load_state_dict(consumer)  # events the checkpoint includes are acknowledged, not trained on again
-    set_rng_state(state["rng"])
-    trainer.lr.invalidate()
-    logger.info("resumed the stream from %s at step %d (%d events)", path, trainer.step, trainer.samples_seen)
-
-
-def _exit_on_signal(trainer: Trainer, run: StreamRun) -> None:
-    signum = trainer.signals.received or signal.SIGTERM  # distributed: another rank's signal acts as SIGTERM
-    trainer.signals.received = None
-    run.source.drop_buffer()
-    if trainer.checkpoint_dir is not None:
-        _checkpoint(trainer, run)
-    logger.warning("received signal %d: saved a checkpoint of the stream at step %d and stopped", signum, trainer.step)
-    raise exit_for(signum)
-
-
-def _end(trainer: Trainer, run: StreamRun, val: Any) -> dict[str, Any]:
-    """This fit's record in ``history.epochs``: ``loss``, the prequential loss of this fit's events; the
-    prequential metrics of the whole run (``preq_<name>``), and validation metrics of ``val``."""
-    history = trainer.history
-    mine = [(loss, size) for loss, size, epoch in zip(history.losses(), history.column("batch_size"),
-                                                       history.column("epoch")) if epoch == run.epoch]
-    events = sum(size for _, size in mine)
-    record: dict[str, Any] = {"epoch": run.epoch, "loss": sum(loss * size for loss, size in mine) / events
-                              if events else math.nan, "steps": trainer.step, "samples": trainer.samples_seen,
-                              "seconds": run.elapsed_before + time.perf_counter() - run.start,
-                              "redelivered": run.redelivered}
-    columns = run.prequential.columns()
-    record.update({k: v for k, v in columns.items() if not k.endswith("_window")})
-    if val is not None:
-        record.update({f"val_{k}": v for k, v in trainer.evaluate(val).items()})
-    if trainer.skipped_steps:
-        record["skipped_steps"] = trainer.skipped_steps
-    trainer.history.epochs.append(record)
-    return record

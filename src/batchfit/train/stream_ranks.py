@@ -7,7 +7,8 @@ oldest event any of them holds is ``max_latency`` old, or when every stream has 
 contributes its share (evenly split first, the rest taken in rank order from ranks that hold more), so
 the global batch has exactly the size one process would have cut, and the step is that of one process
 on the union: every rank weights its loss by its share of the global size, and the gradients are summed
-over ranks in one all-reduce, which also carries the loss and the prequential metric sums. A rank with no
+over ranks in one all-reduce (:func:`grad_reducer`, which :class:`~batchfit.core.step.Step` runs as its
+``reduce_grads``), which also carries the loss and the prequential metric sums. A rank with no
 event in a step contributes zeros.
 
 The model is not run through ``DistributedDataParallel`` here: a rank may have nothing to put through
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..core.step import ReduceGrads
 from ..data.streams import TICK_SECONDS, StreamBatch, StreamSource
 from ..distributed import DistContext
 
@@ -111,33 +113,34 @@ class StreamRanks:
         return self.source.cut(count, reason)
 
 
-def reduce_step(context: DistContext, params: Sequence[torch.nn.Parameter], sparse: Sequence[bool],
-                numbers: Sequence[float]) -> list[float]:
-    """Average the gradients over ranks (as DDP does) and sum ``numbers`` over ranks, in one all-reduce.
+def grad_reducer(context: DistContext, sparse: Sequence[bool]) -> ReduceGrads:
+    """What sums a step's gradients over ranks for :class:`~batchfit.core.step.Step` (its ``reduce_grads``).
 
-    A parameter that has no gradient on a rank (that rank had no event) counts as zeros there; one that
-    has none on any rank keeps none. ``sparse[i]``: the parameter takes sparse gradients
-    (``nn.Embedding(sparse=True)``); it gets back the rows that are not zero.
+    The gradients are averaged over ranks (as DDP does) and the step's ``numbers`` summed, in one
+    all-reduce of float64 values (exact for the counts among the numbers). A parameter that has no
+    gradient on a rank (that rank had no event) counts as zeros there; one that has none on any rank
+    keeps none. ``sparse[i]``: the parameter takes sparse gradients (``nn.Embedding(sparse=True)``); it
+    gets back the rows that are not zero.
     """
-    present = [p.grad is not None for p in params]
-    pieces = [_dense(p) for p in params]
-    dtype = pieces[0].dtype if pieces else torch.float32
-    device = params[0].device if params else torch.device("cpu")
-    tail = torch.tensor([float(p) for p in present] + list(numbers), dtype=torch.float64, device=device)
-    grads = torch.cat([piece.reshape(-1).to(dtype) for piece in pieces]) if pieces else torch.zeros(0, dtype=dtype,
-                                                                                                     device=device)
-    context.all_reduce_sum(grads)
-    context.all_reduce_sum(tail)
-    grads /= context.world_size
-    totals = tail.tolist()
-    offset = 0
-    for index, (param, piece) in enumerate(zip(params, pieces)):
-        size = piece.numel()
-        if totals[index] > 0:
-            grad = grads[offset : offset + size].view_as(piece).to(param.dtype)
-            param.grad = grad.to_sparse(1) if sparse[index] else grad.clone()
-        offset += size
-    return totals[len(params):]
+
+    def reduce(params: list[torch.nn.Parameter], numbers: list[float]) -> list[float]:
+        pieces = [_dense(p) for p in params]
+        device = params[0].device if params else torch.device("cpu")
+        present = [float(p.grad is not None) for p in params]
+        values = torch.cat([*(piece.reshape(-1).to(torch.float64) for piece in pieces),
+                            torch.tensor(present + list(numbers), dtype=torch.float64, device=device)])
+        context.all_reduce_sum(values)
+        sizes = [piece.numel() for piece in pieces]
+        tail = values[sum(sizes):].tolist()
+        offset = 0
+        for index, (param, piece, size) in enumerate(zip(params, pieces, sizes)):
+            if tail[index] > 0:  # a gradient on some rank
+                grad = (values[offset : offset + size].view_as(piece) / context.world_size).to(param.dtype)
+                param.grad = grad.to_sparse(1) if sparse[index] else grad
+            offset += size
+        return tail[len(params):]
+
+    return reduce
 
 
 def _dense(param: torch.nn.Parameter) -> torch.Tensor:
