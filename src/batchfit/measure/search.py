@@ -93,67 +93,81 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
     for name, size in (("start_batch", start_batch), ("user_batch", user_batch)):
         if size not in sizes:
             raise ValueError(f"{name}={size} is not among batch_sizes={sizes}")
-    results: dict[tuple[int, int], TrialResult] = {}
-    best: TrialResult | None = None
-    budget = budget_samples
+    walk = _Walk(sizes, start_lr, step_seconds, budget_samples, max_lr_moves)
+    k = start_k
+    for _ in range(max_budget_doublings + 1):
+        k = yield from walk.lr_walk(start_batch, k)
+        if walk.best is not None and walk.best.reached:
+            break
+        walk.budget *= 2  # nothing reached the target: a longer budget, from the best lr found
+        walk.results = {key: r for key, r in walk.results.items() if r.reached}
+    if walk.best is None or not walk.best.reached:
+        return walk.best
+    for direction in (1, -1):
+        before = walk.best
+        yield from walk.batch_walk(start_batch, k, direction, noise_scale, patience)
+        if walk.best is not before:
+            break  # the best moved this way: the valley's floor is on this side
+    yield from walk.run(user_batch, 0)
+    return walk.best
 
-    def limit(size: int) -> int:
+
+class _Walk:
+    """The state of :func:`lattice_search`: every result by (batch size, lattice exponent), and the best."""
+
+    def __init__(self, sizes: list[int], start_lr: float, step_seconds: Callable[[int], float], budget: int,
+                 max_lr_moves: int) -> None:
+        self.sizes, self.start_lr, self.step_seconds = sizes, start_lr, step_seconds
+        self.budget, self.max_lr_moves = budget, max_lr_moves
+        self.results: dict[tuple[int, int], TrialResult] = {}
+        self.best: TrialResult | None = None
+
+    def limit(self, size: int) -> int:
+        """A trial's steps: the best time so far at this size's step time, else the budget in samples."""
+        best = self.best
         if best is not None and best.steps is not None:
-            return max(1, math.ceil(best.steps * step_seconds(best.batch_size) / step_seconds(size)))
-        return max(1, math.ceil(budget / size))
+            return max(1, math.ceil(best.steps * self.step_seconds(best.batch_size) / self.step_seconds(size)))
+        return max(1, math.ceil(self.budget / size))
 
-    def run(size: int, k: int) -> Generator[Trial, TrialResult, TrialResult]:
-        nonlocal best
-        if (size, k) not in results:
-            results[(size, k)] = yield Trial(size, start_lr * 2.0**k, limit(size))
-            for result in results.values():  # the step times may have been refined by the run
+    def run(self, size: int, k: int) -> Generator[Trial, TrialResult, TrialResult]:
+        """The result at (size, k), asked for unless already known; every time and the best refreshed."""
+        if (size, k) not in self.results:
+            self.results[(size, k)] = yield Trial(size, self.start_lr * 2.0**k, self.limit(size))
+            for result in self.results.values():  # the step times may have been refined by the run
                 if result.steps is not None:
-                    result.seconds = result.steps * step_seconds(result.batch_size)
-            best = None
-            for result in results.values():
-                if better(result, best):
-                    best = result
-        return results[(size, k)]
+                    result.seconds = result.steps * self.step_seconds(result.batch_size)
+            self.best = None
+            for result in self.results.values():
+                if better(result, self.best):
+                    self.best = result
+        return self.results[(size, k)]
 
-    def lr_walk(size: int, k: int) -> Generator[Trial, TrialResult, int]:
-        """The lattice exponent of the best lr at ``size``, walking from ``k``."""
+    def lr_walk(self, size: int, k: int) -> Generator[Trial, TrialResult, int]:
+        """The lattice exponent of the best lr at ``size``, walking from ``k`` (up while it improves, else down)."""
         best_k = k
-        yield from run(size, k)
+        yield from self.run(size, k)
         for direction in (1, -1):
             j = best_k + direction
-            while abs(j - k) <= max_lr_moves:
-                result = yield from run(size, j)
-                if not better(result, results[(size, best_k)]):
+            while abs(j - k) <= self.max_lr_moves:
+                result = yield from self.run(size, j)
+                if not better(result, self.results[(size, best_k)]):
                     break
                 best_k, j = j, j + direction
             if best_k != k:
                 break  # it improved going up: the valley's floor is above the start
         return best_k
 
-    start = sizes.index(start_batch)
-    k = start_k
-    for _ in range(max_budget_doublings + 1):
-        k = yield from lr_walk(start_batch, k)
-        if best is not None and best.reached:
-            break
-        budget *= 2  # nothing reached the target: a longer budget, from the best lr found
-        results = {key: r for key, r in results.items() if r.reached}
-    if best is None or not best.reached:
-        return best
-    for direction in (1, -1):
-        j, before = k, best
-        index = start + direction
-        while 0 <= index < len(sizes):
-            size = sizes[index]
-            grows = direction > 0 and not (size > noise_scale)  # nan: below
-            shrinks = direction < 0 and not (sizes[index + 1] > noise_scale)
-            j = yield from lr_walk(size, j + (1 if grows else -1 if shrinks else 0))
-            result = results[(size, j)]
-            if not result.reached or best.seconds is None or result.seconds is None \
+    def batch_walk(self, start: int, k: int, direction: int, noise_scale: float,
+                   patience: float) -> Generator[Trial, TrialResult, None]:
+        """From ``start`` one size at a time in ``direction`` while a size comes within ``patience`` of the best."""
+        index, j = self.sizes.index(start) + direction, k
+        while 0 <= index < len(self.sizes):
+            size = self.sizes[index]
+            larger = size if direction > 0 else self.sizes[index + 1]
+            below = not (larger > noise_scale)  # nan: below
+            j = yield from self.lr_walk(size, j + (direction if below else 0))
+            result, best = self.results[(size, j)], self.best
+            if result.seconds is None or best is None or best.seconds is None \
                     or result.seconds > patience * best.seconds:
-                break
+                return
             index += direction
-        if best is not before:
-            break  # the best moved this way: the valley's floor is on this side
-    yield from run(user_batch, 0)
-    return best
