@@ -110,7 +110,7 @@ def noise_scales(task: Task, init: dict[str, torch.Tensor], lr: float, steps: in
         optimizer = task.make_optimizer(model, lr)
         x, y = task.train
         generator = torch.Generator().manual_seed(0)
-        for _ in range(steps // 2):
+        for _ in range(int(steps) // 2):
             index = torch.randint(len(y), (BASE_BATCH,), generator=generator)
             task.loss_fn(model(x[index]), y[index]).backward()
             optimizer.step()
