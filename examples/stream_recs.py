@@ -1,8 +1,9 @@
 """Recommendations updated in near real time, end to end in one script.
 
-    python examples/stream_recs.py                    # starts a redis-server of its own (needs the binary)
-    python examples/stream_recs.py --redis redis://127.0.0.1:6379/0
-    python examples/stream_recs.py produce --redis redis://127.0.0.1:6379/0 --rate 5000   # producer only
+    redis-server --port 6379 --save '' --appendonly no --daemonize yes     # a local Redis, nothing kept on disk
+    python examples/stream_recs.py                    # producer and trainer, on redis://127.0.0.1:6379/0
+    python examples/stream_recs.py --redis redis://HOST:6379/0
+    python examples/stream_recs.py produce --rate 5000   # producer only; then: batchfit train examples/stream_recs.toml
 
 A producer thread replays MovieLens-100k (from the recbole package) into a Redis stream in time order
 at --rate events/s; the trainer reads it in a consumer group, cuts batches of 32 events or whatever came
@@ -24,7 +25,6 @@ import redis
 import torch
 
 import batchfit as bf
-from batchfit.bench.stream import temporary_redis_server
 from batchfit.workloads.stream import ML100K_FIELDS, MatrixFactorization, load_movielens_100k, replay, rmse_loss
 
 
@@ -59,14 +59,14 @@ def train(url: str, folder: Path, rate: float, limit: int | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", choices=("train", "produce"), default="train")
-    parser.add_argument("--redis", help="a redis:// URL (default: start a redis-server of our own)")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="a running Redis (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=5000.0, help="events per second replayed")
     parser.add_argument("--limit", type=int, help="replay only the first N ratings")
     parser.add_argument("--out", default=None, help="folder for checkpoints, snapshots and curves")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    url = args.redis
     with contextlib.ExitStack() as stack:
-        url = args.redis or stack.enter_context(temporary_redis_server())
         if args.command == "produce":
             produce(url, args.rate, args.limit)
             return

@@ -129,23 +129,6 @@ out = "{tmp_path / 'tune'}"
         assert (report_dir / name).exists(), name
 
 
-def test_cli_bench_only_batchsize_prints_the_batch_size_table(capsys, monkeypatch):
-    import batchfit.bench.batchsize as batchsize
-
-    calls = []
-
-    def table(quick: bool, repeats: int) -> list[dict]:
-        calls.append((quick, repeats))
-        return [{"workload": "w", "batch_size": 64, "lr": 0.01, "steps": 5, "seconds": 0.5, "chosen": [64],
-                 "ratio_to_best_fixed": 1.0}]
-
-    monkeypatch.setattr(batchsize, "batch_size_table", table)
-    assert main(["bench", "--only", "batchsize", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert calls == [(True, 1)]
-    assert "| w | 64 | 0.01 | 5 | 0.50 | 1.00 |" in out
-
-
 def test_cli_train_with_a_schedule_and_callbacks_from_the_config(tmp_path, capsys):
     _write_data(tmp_path)
     config = _config(tmp_path, extra='\n[schedule]\nname = "StepLR"\nargs = { step_size = 2, gamma = 0.5 }\n'
