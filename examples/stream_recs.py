@@ -1,9 +1,8 @@
 """Recommendations updated in near real time, end to end in one script.
 
-    redis-server --port 6379 --save '' --appendonly no --daemonize yes     # a local Redis, nothing kept on disk
-    python examples/stream_recs.py                    # producer and trainer, on redis://127.0.0.1:6379/0
-    python examples/stream_recs.py --redis redis://HOST:6379/0
-    python examples/stream_recs.py produce --rate 5000   # producer only; then: batchfit train examples/stream_recs.toml
+    python examples/stream_recs.py                    # starts a redis-server of its own (needs the binary)
+    python examples/stream_recs.py --redis redis://127.0.0.1:6379/0
+    python examples/stream_recs.py produce --redis redis://127.0.0.1:6379/0 --rate 5000   # producer only
 
 A producer thread replays MovieLens-100k (from the recbole package) into a Redis stream in time order
 at --rate events/s; the trainer reads it in a consumer group, cuts batches of 32 events or whatever came
@@ -17,8 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
+import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -26,6 +29,30 @@ import torch
 
 import batchfit as bf
 from batchfit.workloads.stream import ML100K_FIELDS, MatrixFactorization, load_movielens_100k, replay, rmse_loss
+
+
+@contextlib.contextmanager
+def own_redis_server(folder: Path) -> Iterator[str]:
+    """A redis-server of our own on a unix socket in ``folder`` (no TCP port, nothing kept on disk); yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server); "
+                         "or pass --redis URL of a running one")
+    socket_path = folder / "redis.sock"
+    server = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+                               "--appendonly", "no", "--dir", str(folder), "--logfile", str(folder / "redis.log")])
+    try:
+        client = redis.Redis(unix_socket_path=str(socket_path))
+        for _ in range(250):  # up to 5 s for it to listen
+            with contextlib.suppress(redis.ConnectionError):
+                client.ping()
+                break
+            time.sleep(0.02)
+        client.close()
+        yield f"unix://{socket_path}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def produce(url: str, rate: float, limit: int | None) -> None:
@@ -59,14 +86,15 @@ def train(url: str, folder: Path, rate: float, limit: int | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", choices=("train", "produce"), default="train")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="a running Redis (default: %(default)s)")
+    parser.add_argument("--redis", help="a redis:// URL (default: start a redis-server of our own)")
     parser.add_argument("--rate", type=float, default=5000.0, help="events per second replayed")
     parser.add_argument("--limit", type=int, help="replay only the first N ratings")
     parser.add_argument("--out", default=None, help="folder for checkpoints, snapshots and curves")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    url = args.redis
     with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        url = args.redis or stack.enter_context(own_redis_server(scratch))
         if args.command == "produce":
             produce(url, args.rate, args.limit)
             return

@@ -209,6 +209,6 @@ def run_bench(quick: bool = False, only: str | None = None) -> str:
 
 def bench_header(title: str, quick: bool) -> str:
     """A table's first line: the run's size and the machine, torch threads included (they change every ratio)."""
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
                f"torch {torch.__version__}")
     return f"{title} ({'quick' if quick else 'full'}; {machine}); medians of interleaved repeats"
