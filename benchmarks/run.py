@@ -40,8 +40,9 @@ for path in (ROOT / "src", ROOT):
         sys.path.insert(0, str(path))
 
 TABLE = ("data", "train", "shards", "shuffle", "distributed")  # the default run, one table
-ON_THEIR_OWN = ("prefetch", "batchsize", "groundtruth", "images", "text", "stream")  # each with its own main(argv)
-NAMES = TABLE + ON_THEIR_OWN
+# Each a module of this folder with its own main(argv): ``--only NAME`` passes the remaining options to it.
+ON_THEIR_OWN = ("shards", "shuffle", "distributed", "prefetch", "batchsize", "groundtruth", "images", "text", "stream")
+NAMES = tuple(dict.fromkeys(TABLE + ON_THEIR_OWN))
 
 
 def main(argv: list[str] | None = None) -> int:
