@@ -162,6 +162,8 @@ def child_read(path: str, order: str) -> dict[str, Any]:
         if first is None and samples >= 256 * 1000:
             first = samples / (time.perf_counter() - start)
     seconds = time.perf_counter() - start
+    if first is None:  # an epoch shorter than 1000 batches (a small --size-gb): its first batches are all of it
+        first = samples / seconds
     return {"rate": samples / seconds, "first_1000": first, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
 
 
