@@ -1,6 +1,6 @@
 """Data-parallel scaling: the same training on 1 and on 2 processes of this machine.
 
-Reference workload (DESIGN.md): the MLP 64-256-256-10 on 200,000 x 64 float32 samples,
+Reference workload (docs/design.md): the MLP 64-256-256-10 on 200,000 x 64 float32 samples,
 shuffled, batch 256 — the global batch, so the 2-process run makes the same updates. Every
 process gets one intra-op thread, so 2 processes use twice the cores of 1, and the scaling
 efficiency is ``samples/s with 2 / (2 x samples/s with 1)``; 1 means no cost for the gradient

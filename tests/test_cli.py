@@ -221,3 +221,23 @@ def test_cli_train_with_metrics_from_the_config(tmp_path, capsys):
     assert main(["train", str(config)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert 0 <= summary["val_positive_rate"] <= 1 and summary["val_count"] == 30
+
+
+def test_cli_bench_prints_its_two_groups_with_the_thread_count(capsys, monkeypatch):
+    import torch
+
+    import batchfit.bench as bench
+
+    row = bench.Row("Trainer.fit, batch 32", "hand-written loop, batch 32", 100.0, 100.0, 1.0, ">=0.97")
+    calls = []
+    monkeypatch.setattr(bench, "data_path_rows", lambda **kwargs: calls.append(("data", kwargs)) or [])
+    monkeypatch.setattr(bench, "step_overhead_rows", lambda **kwargs: calls.append(("train", kwargs)) or [row])
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--quick", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert [name for name, _ in calls] == ["data", "train"]
+    assert "(quick;" in out and "1 torch thread(s)" in out
+    assert "Trainer.fit, batch 32" in out and "ok" in out
