@@ -143,3 +143,12 @@ def test_text_model_from_a_local_folder_and_a_gguf_path(tmp_path: Path) -> None:
     assert resolve_pretrained(tmp_path / "gguf" / "m.Q4.gguf").kwargs()["gguf_file"] == "m.Q4.gguf"
     assert resolve_pretrained(tmp_path / "gguf").gguf_file == "m.Q4.gguf"  # a folder holding one .gguf file
     assert resolve_pretrained("org/model").kwargs() == {"local_files_only": True}
+
+
+def test_text_model_loads_quietly_unless_verbose(capfd: pytest.CaptureFixture[str]) -> None:
+    load_tokenizer("minilm")
+    load_text_model("minilm", "classification", classes=["a", "b"])
+    quiet = capfd.readouterr()
+    assert (quiet.out, quiet.err) == ("", "")
+    load_text_model("minilm", "classification", classes=["a", "b"], verbose=True)
+    assert "classifier" in capfd.readouterr().err  # transformers reports the new head's weights as missing
