@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
     rows = batch_size_table(quick=args.quick, repeats=repeats)
-    print(f"batch sizes, time to target (medians of {repeats} run(s) a mode; {torch.get_num_threads()} torch thread(s))")
+    print(f"batch sizes, time to target (medians of {repeats} run(s) a mode; "
+          f"{torch.get_num_threads()} torch thread(s))")
     print(format_batch_size_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
