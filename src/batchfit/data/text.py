@@ -36,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import io
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -125,7 +127,8 @@ def import_transformers() -> Any:
 @contextlib.contextmanager
 def quiet_loading(transformers: Any, verbose: bool = False) -> Iterator[None]:
     """Hold back what ``transformers`` prints while it loads (its load report, progress bars, warnings
-    about its own future), unless ``verbose``; its errors still come through."""
+    about its own future), unless ``verbose``. Its errors still come through, and what was held
+    back is printed after all when the load fails."""
     if verbose:
         yield
         return
@@ -133,10 +136,14 @@ def quiet_loading(transformers: Any, verbose: bool = False) -> Iterator[None]:
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    held = io.StringIO()  # bars drawn by tqdm itself (GGUF conversion) ignore the switch above
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(held), contextlib.redirect_stdout(held):
             warnings.simplefilter("ignore", FutureWarning)
             yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

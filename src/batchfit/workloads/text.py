@@ -82,25 +82,25 @@ def load_text_model(
         kind = transformers.AutoModelForSequenceClassification
     else:
         kind = transformers.AutoModelForCausalLM
-    try:
-        with quiet_loading(transformers, verbose):
+    with quiet_loading(transformers, verbose):  # peft's wrapping warns too
+        try:
             model = kind.from_pretrained(where.path, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise BatchfitError(
-            f"the model {os.fspath(name_or_path)!r} cannot be loaded offline for task={task!r} "
-            f"({type(error).__name__}: {first}). Give a local folder or .gguf file, one of {sorted(PACKAGED)}, "
-            f"or a hub name already in the local cache"
-        ) from error
-    _drop_quantization(model)
-    model.config.use_cache = False
-    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
-        # Causal-LM classifiers find each sample's last token by the padding id.
-        model.config.pad_token_id = model.config.eos_token_id
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if lora_rank is not None:
-        model = _with_lora(model, task, lora_rank, lora_alpha, lora_dropout, target_modules)
+        except (OSError, ValueError, KeyError) as error:
+            first = str(error).splitlines()[0] if str(error) else ""
+            raise BatchfitError(
+                f"the model {os.fspath(name_or_path)!r} cannot be loaded offline for task={task!r} "
+                f"({type(error).__name__}: {first}). Give a local folder or .gguf file, one of {sorted(PACKAGED)}, "
+                f"or a hub name already in the local cache"
+            ) from error
+        _drop_quantization(model)
+        model.config.use_cache = False
+        if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+            # Causal-LM classifiers find each sample's last token by the padding id.
+            model.config.pad_token_id = model.config.eos_token_id
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if lora_rank is not None:
+            model = _with_lora(model, task, lora_rank, lora_alpha, lora_dropout, target_modules)
     return model
 
 
