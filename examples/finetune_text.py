@@ -91,7 +91,7 @@ def main() -> None:
     lr = args.lr if args.lr is not None else (1e-3 if args.lora_rank else 5e-5)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     trainer = bf.Trainer(model, None, optimizer, batch_size=args.batch_size, micro_batch_tokens=args.micro_batch_tokens,
-                         shuffle="length", progress="epochs", seed=args.seed)
+                         shuffle="length", progress=True, seed=args.seed)  # a bar: an epoch takes minutes
     print(f"before: {describe(trainer.evaluate(val), args.task)}")
     history = trainer.fit(train, epochs=args.epochs, val=val)
     elapsed = 0.0

@@ -16,16 +16,43 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
+import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
 import torch
 
 import batchfit as bf
-from batchfit.bench.stream import temporary_redis_server
 from batchfit.workloads.stream import ML100K_FIELDS, MatrixFactorization, load_movielens_100k, replay, rmse_loss
+
+
+@contextlib.contextmanager
+def own_redis_server(folder: Path) -> Iterator[str]:
+    """A redis-server of our own on a unix socket in ``folder`` (no TCP port, nothing kept on disk); yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server); "
+                         "or pass --redis URL of a running one")
+    socket_path = folder / "redis.sock"
+    server = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+                               "--appendonly", "no", "--dir", str(folder), "--logfile", str(folder / "redis.log")])
+    try:
+        client = redis.Redis(unix_socket_path=str(socket_path))
+        for _ in range(250):  # up to 5 s for it to listen
+            with contextlib.suppress(redis.ConnectionError):
+                client.ping()
+                break
+            time.sleep(0.02)
+        client.close()
+        yield f"unix://{socket_path}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def produce(url: str, rate: float, limit: int | None) -> None:
@@ -66,7 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with contextlib.ExitStack() as stack:
-        url = args.redis or stack.enter_context(temporary_redis_server())
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        url = args.redis or stack.enter_context(own_redis_server(scratch))
         if args.command == "produce":
             produce(url, args.rate, args.limit)
             return

@@ -79,7 +79,7 @@ def redis_server(tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     pytest.importorskip("redis")
-    from batchfit.bench.stream import temporary_redis_server
+    from redis_server import temporary_redis_server  # tests/redis_server.py
 
     with temporary_redis_server(tmp_path / "redis") as url:
         yield url

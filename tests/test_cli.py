@@ -129,23 +129,6 @@ out = "{tmp_path / 'tune'}"
         assert (report_dir / name).exists(), name
 
 
-def test_cli_bench_only_batchsize_prints_the_batch_size_table(capsys, monkeypatch):
-    import batchfit.bench.batchsize as batchsize
-
-    calls = []
-
-    def table(quick: bool, repeats: int) -> list[dict]:
-        calls.append((quick, repeats))
-        return [{"workload": "w", "batch_size": 64, "lr": 0.01, "steps": 5, "seconds": 0.5, "chosen": [64],
-                 "ratio_to_best_fixed": 1.0}]
-
-    monkeypatch.setattr(batchsize, "batch_size_table", table)
-    assert main(["bench", "--only", "batchsize", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert calls == [(True, 1)]
-    assert "| w | 64 | 0.01 | 5 | 0.50 | 1.00 |" in out
-
-
 def test_cli_train_with_a_schedule_and_callbacks_from_the_config(tmp_path, capsys):
     _write_data(tmp_path)
     config = _config(tmp_path, extra='\n[schedule]\nname = "StepLR"\nargs = { step_size = 2, gamma = 0.5 }\n'
@@ -238,3 +221,23 @@ def test_cli_train_with_metrics_from_the_config(tmp_path, capsys):
     assert main(["train", str(config)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert 0 <= summary["val_positive_rate"] <= 1 and summary["val_count"] == 30
+
+
+def test_cli_bench_prints_its_two_groups_with_the_thread_count(capsys, monkeypatch):
+    import torch
+
+    import batchfit.bench as bench
+
+    row = bench.Row("Trainer.fit, batch 32", "hand-written loop, batch 32", 100.0, 100.0, 1.0, ">=0.97")
+    calls = []
+    monkeypatch.setattr(bench, "data_path_rows", lambda **kwargs: calls.append(("data", kwargs)) or [])
+    monkeypatch.setattr(bench, "step_overhead_rows", lambda **kwargs: calls.append(("train", kwargs)) or [row])
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--quick", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert [name for name, _ in calls] == ["data", "train"]
+    assert "(quick;" in out and "1 torch thread(s)" in out
+    assert "Trainer.fit, batch 32" in out and "ok" in out

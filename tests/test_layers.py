@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md ("Layout"): no import from a later layer, no cycle between packages.
+"""The layering of docs/design.md ("Layout"): no import from a later layer, no cycle between packages.
 
 Every ``.py`` under ``src/batchfit`` is parsed (never imported) and its imports collected:
 absolute ``batchfit.x`` and relative ``from ..x import y``, resolved to absolute module names.
@@ -28,14 +28,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("batchfit.measure",),
     ("batchfit.train",),
     ("batchfit.report",),
-    ("batchfit.workloads",),  # DESIGN.md lists it after report.py and before config.py
+    ("batchfit.workloads",),  # docs/design.md lists it after report.py and before config.py
     ("batchfit.config", "batchfit.run", "batchfit.models", "batchfit.demo", "batchfit.bench"),
     ("batchfit.cli",),
 ]
 # The top: the public API and ``python -m batchfit`` may import anything; nothing imports them.
 EXEMPT = frozenset({"batchfit", "batchfit.__main__"})
 STEP_MODULE = "batchfit.core.step"
-# The benchmarks' baselines are hand-written PyTorch loops (DESIGN.md, "Performance targets"):
+# `batchfit bench`'s baselines are hand-written PyTorch loops (docs/design.md, "Performance targets"):
 # they call .backward() themselves by definition. Nothing else may.
 BASELINES = ("batchfit.bench",)
 UNRESOLVED = "<a relative import above the top package>"
@@ -138,7 +138,7 @@ def layer_violations(graph: Mapping[str, Iterable[Import]], layers: list[tuple[s
             continue
         own = layer_of(module, layers)
         if own is None:
-            problems.append(f"{module} is in no layer of DESIGN.md: add it to a layer (LAYERS in this test)")
+            problems.append(f"{module} is in no layer of docs/design.md: add it to a layer (LAYERS in this test)")
             continue
         for imp in imports:
             if imp.target in exempt:
@@ -275,7 +275,7 @@ def graph() -> dict[str, list[Import]]:
 
 def test_layers_no_import_from_later_layer(graph):
     problems = layer_violations(graph)
-    assert not problems, "imports against the layering of DESIGN.md:\n" + "\n".join(problems)
+    assert not problems, "imports against the layering of docs/design.md:\n" + "\n".join(problems)
 
 
 def test_layers_no_cycle_between_packages(graph):

@@ -7,7 +7,7 @@
     batchfit tune CONFIG.toml     measure and recommend batch size, micro-batch size and lr
     batchfit shards write IN OUT  .npy/.npz/.csv/image folder into a shard folder
     batchfit shards verify PATH   check every checksum of a shard folder
-    batchfit bench                the performance table of DESIGN.md, on this machine
+    batchfit bench                batchfit's data path and training step against plain PyTorch, on this machine
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="batchfit: %(message)s")
-    if args.command in ("demo", "train", "tune", "evaluate", "predict"):
+    if args.command in ("demo", "train", "tune", "evaluate", "predict", "bench"):
         import torch
 
         torch.set_num_threads(args.threads if args.threads else default_threads())
@@ -144,13 +144,15 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("path")
     verify.set_defaults(run=_shards_verify)
 
-    bench = commands.add_parser("bench", help="the performance table, on this machine")
-    bench.add_argument("--quick", action="store_true",
-                       help="smaller workloads (a rough check: about 3 minutes on 2 cores)")
-    bench.add_argument("--only", choices=("data", "train", "shards", "distributed", "batchsize", "images", "text"),
-                       help="run one group of rows; batchsize: the batch-size table "
-                            "(5 runs a mode: about 5 minutes on 2 cores); text: language-model fine-tuning "
-                            "(batching modes, against transformers.Trainer, memory; about 10 minutes, --quick 4)")
+    bench = commands.add_parser(
+        "bench", help="batchfit's data path and training step against plain PyTorch, on this machine",
+        epilog="The other benchmarks (shards, several processes, batch size, text, images, streams) need a "
+               "checkout of the repository: python benchmarks/run.py --help")
+    bench.add_argument("--quick", action="store_true", help="smaller workloads and fewer repeats (a rough check)")
+    bench.add_argument("--only", choices=("data", "train"),
+                       help="data: batches from memory against DataLoader and a hand-written gather; "
+                            "train: Trainer.fit against a hand-written loop")
+    bench.add_argument("--threads", type=_positive, help=THREADS_HELP)
     bench.set_defaults(run=_bench)
     return parser
 
@@ -273,17 +275,7 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.only == "text":  # padding and tokens/s by batching mode, against transformers.Trainer, peak memory
-        from .bench.text import format_text_bench, text_bench
-
-        print(format_text_bench(text_bench(quick=args.quick)))
-        return 0
-    if args.only == "images":  # images/s against a torchvision-style pipeline, disk size, peak RSS
-        from .bench.images import format_report, run
-
-        print(format_report(run(quick=args.quick)))
-        return 0
-    from .bench.run import run_bench
+    from .bench import run_bench
 
     print(run_bench(quick=args.quick, only=args.only))
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchfit.bench.batchsize import format_batch_size_table
+from benchmarks.batchsize import format_batch_size_table
 
 
 def _row(batch_size, seconds, chosen_per_trial, ratio=None, lr=0.01):

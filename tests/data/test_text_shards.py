@@ -216,3 +216,21 @@ def test_text_shards_with_the_smollm2_gguf_tokenizer(tmp_path: Path) -> None:
     ids = stored(source, "input_ids")
     assert ids == [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in ["Hello world", "A fortune a day"]]
     assert source.manifest["pad_value"] == tokenizer.pad_token_id
+
+
+def test_quiet_loading_holds_back_chatter_and_prints_it_when_the_load_fails(capsys) -> None:
+    import sys
+
+    from batchfit.data.text import quiet_loading
+
+    transformers = pytest.importorskip("transformers")
+    with quiet_loading(transformers):
+        print("a progress bar of its own", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="no such file"), quiet_loading(transformers):
+        print("what it said before failing", file=sys.stderr)
+        raise RuntimeError("no such file")
+    assert "what it said before failing" in capsys.readouterr().err
+    with quiet_loading(transformers, verbose=True):
+        print("shown", file=sys.stderr)
+    assert capsys.readouterr().err == "shown\n"

@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from batchfit import ArraySource, Trainer
 from batchfit.core.batch import micro_batches, token_count
+
+# The text extra (pip install -e ".[text]"; .ci/run installs it): without it these tests skip.
+transformers = pytest.importorskip("transformers")
 
 BATCH, SAMPLES, LR = 32, 64, 0.5
 RANK_TIMEOUT = 120.0

@@ -1,4 +1,4 @@
-"""The Trainer against hand-written PyTorch loops, one test per invariant of DESIGN.md.
+"""The Trainer against hand-written PyTorch loops, one test per invariant of docs/design.md.
 
 1. Batch means batch: the same weights for every micro-batch size and world size; the loss
    of a batch is the mean over its samples (or tokens).

@@ -38,7 +38,7 @@ def test_stream_recipe_prequential_rmse_beats_the_running_mean(ratings, sparse):
     trainer = bf.Trainer(model, rmse_loss, optimizer, batch_size=32, progress=False)
     history = trainer.fit(bf.StreamSource(events))
     rmse = math.sqrt(history.column("preq_loss")[-1])
-    # The running mean of the ratings seen so far, scored before each rating is seen (the baseline in OFFLINE.md).
+    # The running mean of the ratings seen so far, scored before each rating is seen (the baseline in docs/offline.md).
     seen = ratings["rating"][:count].astype(np.float64)
     means = np.concatenate([[3.5], np.cumsum(seen)[:-1] / np.arange(1, count)])
     baseline = math.sqrt(np.mean((seen - means) ** 2))

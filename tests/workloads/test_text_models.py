@@ -7,6 +7,7 @@ kept small (a few dozen short samples) so that each test takes well under a minu
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,15 @@ def test_text_model_from_a_local_folder_and_a_gguf_path(tmp_path: Path) -> None:
     assert resolve_pretrained(tmp_path / "gguf" / "m.Q4.gguf").kwargs()["gguf_file"] == "m.Q4.gguf"
     assert resolve_pretrained(tmp_path / "gguf").gguf_file == "m.Q4.gguf"  # a folder holding one .gguf file
     assert resolve_pretrained("org/model").kwargs() == {"local_files_only": True}
+
+
+def test_text_model_loads_quietly_unless_verbose(capfd: pytest.CaptureFixture[str],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    load_tokenizer("minilm")
+    load_text_model("minilm", "classification", classes=["a", "b"])
+    quiet = capfd.readouterr()
+    assert (quiet.out, quiet.err) == ("", "")  # no progress bar
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("transformers")] == []  # no load report
+    load_text_model("minilm", "classification", classes=["a", "b"], verbose=True)
+    assert "classifier" in caplog.text  # transformers reports the new head's weights as missing

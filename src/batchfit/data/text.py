@@ -33,11 +33,15 @@ Models and tokenizers are never downloaded: ``name_or_path`` is a packaged model
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
+import io
 import json
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,15 +124,43 @@ def import_transformers() -> Any:
     return transformers
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
+@contextlib.contextmanager
+def quiet_loading(transformers: Any, verbose: bool = False) -> Iterator[None]:
+    """Hold back what ``transformers`` prints while it loads (its load report, progress bars, warnings
+    about its own future), unless ``verbose``. Its errors still come through, and what was held
+    back is printed after all when the load fails."""
+    if verbose:
+        yield
+        return
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    held = io.StringIO()  # bars drawn by tqdm itself (GGUF conversion) ignore the switch above
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(held), contextlib.redirect_stdout(held):
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str], *, verbose: bool = False) -> Any:
     """The tokenizer of ``name_or_path`` (see :func:`resolve_pretrained`), loaded without network.
 
-    A tokenizer without a padding token gets its end-of-sequence token as one.
+    A tokenizer without a padding token gets its end-of-sequence token as one. What ``transformers``
+    prints while loading is shown only with ``verbose=True``.
     """
     where = resolve_pretrained(name_or_path)
     transformers = import_transformers()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **where.kwargs())
+        with quiet_loading(transformers, verbose):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **where.kwargs())
     except (OSError, ValueError, KeyError) as error:
         raise BatchfitError(
             f"the tokenizer of {os.fspath(name_or_path)!r} cannot be loaded offline ({type(error).__name__}: "

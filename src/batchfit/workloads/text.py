@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..core.recompute import enable_gradient_checkpointing
-from ..data.text import PACKAGED, import_transformers, resolve_pretrained
+from ..data.text import PACKAGED, import_transformers, quiet_loading, resolve_pretrained
 from ..errors import BatchfitError, check_choice, check_positive_int, expected
 
 TASKS = ("causal_lm", "classification")
@@ -50,6 +50,7 @@ def load_text_model(
     target_modules: Sequence[str] | None = None,
     gradient_checkpointing: bool = False,
     dtype: str = "float32",
+    verbose: bool = False,
 ) -> torch.nn.Module:
     """A pretrained model of ``name_or_path`` for ``task``, ready to train, loaded without network.
 
@@ -61,7 +62,9 @@ def load_text_model(
     adapters (and a classifier's new head) train. ``gradient_checkpointing`` recomputes
     activations in the backward pass instead of keeping them. ``dtype`` is ``"float32"`` or
     ``"bfloat16"`` (the weights themselves; for mixed precision keep float32 and train with
-    ``precision="bf16"``). The key-value cache is off: it only serves generation.
+    ``precision="bf16"``). The key-value cache is off: it only serves generation. What
+    ``transformers`` prints while loading (its load report, progress bars, warnings about its own
+    future) is shown only with ``verbose=True``.
     """
     check_choice("task", task, TASKS)
     check_choice("dtype", dtype, tuple(DTYPES))
@@ -79,24 +82,25 @@ def load_text_model(
         kind = transformers.AutoModelForSequenceClassification
     else:
         kind = transformers.AutoModelForCausalLM
-    try:
-        model = kind.from_pretrained(where.path, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise BatchfitError(
-            f"the model {os.fspath(name_or_path)!r} cannot be loaded offline for task={task!r} "
-            f"({type(error).__name__}: {first}). Give a local folder or .gguf file, one of {sorted(PACKAGED)}, "
-            f"or a hub name already in the local cache"
-        ) from error
-    _drop_quantization(model)
-    model.config.use_cache = False
-    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
-        # Causal-LM classifiers find each sample's last token by the padding id.
-        model.config.pad_token_id = model.config.eos_token_id
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if lora_rank is not None:
-        model = _with_lora(model, task, lora_rank, lora_alpha, lora_dropout, target_modules)
+    with quiet_loading(transformers, verbose):  # peft's wrapping warns too
+        try:
+            model = kind.from_pretrained(where.path, **kwargs)
+        except (OSError, ValueError, KeyError) as error:
+            first = str(error).splitlines()[0] if str(error) else ""
+            raise BatchfitError(
+                f"the model {os.fspath(name_or_path)!r} cannot be loaded offline for task={task!r} "
+                f"({type(error).__name__}: {first}). Give a local folder or .gguf file, one of {sorted(PACKAGED)}, "
+                f"or a hub name already in the local cache"
+            ) from error
+        _drop_quantization(model)
+        model.config.use_cache = False
+        if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+            # Causal-LM classifiers find each sample's last token by the padding id.
+            model.config.pad_token_id = model.config.eos_token_id
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if lora_rank is not None:
+            model = _with_lora(model, task, lora_rank, lora_alpha, lora_dropout, target_modules)
     return model
 
 

@@ -1,7 +1,6 @@
 """Benchmarks of the shard format.
 
-    python benchmarks/bench_shards.py [--size-gb 4] [--quick] [--dir /tmp]
-    batchfit bench --only shards [--quick]
+    python benchmarks/run.py --only shards [--quick] [--size-gb 4] [--dir /tmp]
 
 1. Resident memory: write a dataset of ``--size-gb`` GiB from a generator (float32 features
    256 wide, int64 labels, stored sorted by label), then train one epoch of a small MLP on it
@@ -15,7 +14,7 @@
    accuracy of a small MLP trained a few epochs with shuffle False, "block" and "full".
 
 ``run(quick)`` returns the rows (dicts with what, baseline, rate, baseline_rate, ratio, target,
-unit) for ``batchfit bench``; the command line prints them as a table.
+unit) for the runner's table; ``main`` prints them as a table.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +40,7 @@ from batchfit.data.batcher import Batcher
 from batchfit.data.shards import ShardSource, write_shards
 from batchfit.data.sources import ArraySource
 
-from .common import interleaved, ratio_row, run_child_task
+from .common import child_command, interleaved, ratio_row, run_child_task
 
 WIDTH = 256  # features of the big dataset
 CLASSES = 10
@@ -164,6 +162,8 @@ def child_read(path: str, order: str) -> dict[str, Any]:
         if first is None and samples >= 256 * 1000:
             first = samples / (time.perf_counter() - start)
     seconds = time.perf_counter() - start
+    if first is None:  # an epoch shorter than 1000 batches (a small --size-gb): its first batches are all of it
+        first = samples / seconds
     return {"rate": samples / seconds, "first_1000": first, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -172,8 +172,8 @@ CHILD_TASKS: dict[str, Callable[..., dict[str, Any]]] = {"write": child_write, "
 
 def in_child(task: str, *args: Any) -> dict[str, Any]:
     """Run a child task with this module as a script and return its JSON result."""
-    command = [sys.executable, "-m", "batchfit.bench.shards", "--child", json.dumps([task, *args])]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    command, env = child_command("shards", "--child", json.dumps([task, *args]))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"child task {task} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -347,13 +347,13 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=4.0, help="size of the big dataset in GiB")
     parser.add_argument("--quick", action="store_true", help="a 0.25 GiB dataset and fewer repeats")
     parser.add_argument("--dir", default=None, help="where to write the datasets (default: the temp folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         run_child_task(args.child, CHILD_TASKS)
         return

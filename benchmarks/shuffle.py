@@ -1,7 +1,6 @@
 """A full shuffle of shards larger than the mapping limit, against a block shuffle.
 
-    python benchmarks/bench_shuffle.py [--quick] [--limit-mib 64] [--dir /tmp]
-    batchfit bench --only shards [--quick]
+    python benchmarks/run.py --only shuffle [--quick] [--limit-mib 64] [--dir /tmp]
 
 The data (1 KiB samples: 256 float32 features and an int64 label) is 8x the ShardSource's
 mapping limit, lowered from its default (256 MiB) to ``--limit-mib`` so that the data is a few
@@ -23,7 +22,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,10 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.batcher import Batcher
-from ..data.shards import ShardSource, runs, write_shards
-from ..data.shards import read as shard_read
-from .common import run_child_task
+from batchfit.data.batcher import Batcher
+from batchfit.data.shards import ShardSource, runs, write_shards
+from batchfit.data.shards import read as shard_read
+
+from .common import child_command, run_child_task
 from .shards import evict, peak_rss_mib, row, xy
 
 WIDTH = 256
@@ -104,8 +103,8 @@ CHILD_TASKS: dict[str, Callable[..., dict[str, Any]]] = {"read": child_read, "tr
 
 
 def in_child(task: str, *args: Any) -> dict[str, Any]:
-    command = [sys.executable, "-m", "batchfit.bench.shuffle", "--child", json.dumps([task, *args])]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    command, env = child_command("shuffle", "--child", json.dumps([task, *args]))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"child task {task} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -185,7 +184,7 @@ def run(quick: bool = True, limit_mib: int = 64, folder: str | None = None) -> l
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from .shards import format_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -193,7 +192,7 @@ def main() -> None:
     parser.add_argument("--limit-mib", type=int, default=64, help="the mapping limit; the data is 8x it")
     parser.add_argument("--dir", default=None, help="where to write the data (default: the temp folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         run_child_task(args.child, CHILD_TASKS)
         return

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import NonFiniteLossError
-from ..measure.lr import scale_lr
-from ..models import cnn, mlp
-from ..train.callbacks import Callback
-from ..train.trainer import Trainer
+from batchfit.errors import NonFiniteLossError
+from batchfit.measure.lr import scale_lr
+from batchfit.models import cnn, mlp
+from batchfit.train.callbacks import Callback
+from batchfit.train.trainer import Trainer
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _run(workload: Workload, batch_size: int | str, eval_every: float, seed: int
 
 def digits_workload() -> Workload:
     """The demo's CNN on scikit-learn's digits; target: 95 % validation accuracy."""
-    from ..demo import load_digits_split
+    from batchfit.demo import load_digits_split
 
     x_train, x_test, y_train, y_test = load_digits_split()
     return Workload("digits CNN", lambda: cnn(), lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr),
@@ -237,3 +237,23 @@ def format_batch_size_table(rows: list[dict[str, Any]]) -> str:
             ratio += f" ({row['ratio_without_probe']:.2f})"
         lines.append(f"| {row['workload']} | {size} | {row['lr']:.4g} | {row['steps'] or '—'} | {seconds} | {ratio} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/run.py --only batchsize [--quick] [--repeats N] [--json out.json]``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller workloads")
+    parser.add_argument("--repeats", type=int, help="runs of every mode (default 5; --quick 1)")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 5)
+    rows = batch_size_table(quick=args.quick, repeats=repeats)
+    print(f"batch sizes, time to target (medians of {repeats} run(s) a mode; "
+          f"{torch.get_num_threads()} torch thread(s))")
+    print(format_batch_size_table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2, default=str)

@@ -1,6 +1,6 @@
 """Prefetching: ``prefetch=2`` against ``prefetch=0``, and what a thread's hand-over costs.
 
-    batchfit bench --only data [--quick]
+    python benchmarks/run.py --only prefetch [--quick] [--repeats N]
 
 Every row trains (or only iterates) one pass over the same batches with and without
 prefetching, the two interleaved, each with one torch thread; the ratio is the median of the
@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import prefetch as prefetching
-from ..data.batcher import Batcher
-from ..data.shards import ShardSource, write_shards
-from ..data.sources import ArraySource, Batch
+from batchfit.bench import mlp, reference_data
+from batchfit.data import prefetch as prefetching
+from batchfit.data.batcher import Batcher
+from batchfit.data.shards import ShardSource, write_shards
+from batchfit.data.sources import ArraySource, Batch
+
 from .common import Row, interleaved
-from .core import mlp, reference_data
 
 Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -234,3 +235,16 @@ def _row(name: str, rates: dict[str, list[float]]) -> Row:
     target = ">=0.95" if "memory" in name or "warm" in name else ">=1.0"
     return Row(f"prefetch=2, {name}", "prefetch=0", statistics.median(rates["prefetch=2"]),
                statistics.median(rates["prefetch=0"]), statistics.median(ratios), target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/run.py --only prefetch [--quick] [--repeats N]``."""
+    import argparse
+
+    from .common import format_table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    print(format_table(prefetch_rows(quick=args.quick, repeats=args.repeats)))

@@ -6,7 +6,7 @@ The stream model sees the 100,000 ratings once, in time order, and scores each b
 way: epochs over shuffled ratings of the first 70 % (the past), the number of epochs chosen on the next
 10 % (early stopping on held-out RMSE), then frozen and scored on the last 20 % — the same events on
 which the stream model's prequential RMSE is also reported, while it keeps learning from them.
-Reference figures from ``OFFLINE.md`` (one pass, prequential, measured with other tools on this machine
+Reference figures from docs/offline.md (one pass, prequential, measured with other tools on this machine
 kind): river BiasedMF 0.949, PyTorch MF d=16 Adam at batch 32: 1.024.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.figures import new_figure, save_figure
-from ..data.streams import StreamSource
-from ..train.trainer import Trainer
-from ..workloads.stream import MatrixFactorization, load_movielens_100k, rmse_loss
+from batchfit.core.figures import new_figure, save_figure
+from batchfit.data.streams import StreamSource
+from batchfit.train.trainer import Trainer
+from batchfit.workloads.stream import MatrixFactorization, load_movielens_100k, rmse_loss
 
-# One pass, prequential RMSE on ML-100k in time order, from OFFLINE.md (measured outside batchfit).
-REFERENCES = {"river BiasedMF (OFFLINE.md)": 0.949, "PyTorch MF, batch 32 (OFFLINE.md)": 1.024}
+# One pass, prequential RMSE on ML-100k in time order, from docs/offline.md (measured outside batchfit).
+REFERENCES = {"river BiasedMF (docs/offline.md)": 0.949, "PyTorch MF, batch 32 (docs/offline.md)": 1.024}
 PAST, VALIDATION = 0.7, 0.8  # the offline model trains on [0, 70 %), picks its epochs on [70 %, 80 %)
 
 

@@ -1,7 +1,7 @@
 """Streams, measured: events/s through the trainer (producer -> Redis -> batch -> update) and the latency from an
 event's ``XADD`` to the first published snapshot that includes it, on MovieLens-100k replayed in time order.
 
-Run with ``python benchmarks/bench_stream.py`` (it starts a ``redis-server`` of its own). One torch thread;
+Run with ``python benchmarks/run.py --only stream`` (it starts a ``redis-server`` of its own). One torch thread;
 every setting runs on a fresh stream of the same redis-server, so the settings are compared side by side.
 """
 
@@ -9,58 +9,32 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
-import socket
-import subprocess
+import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..data.redis_streams import RedisStream, id_time
-from ..data.streams import StreamSource
-from ..errors import BatchfitError
-from ..train.callbacks.snapshots import PublishSnapshots
-from ..train.trainer import Trainer
-from ..workloads.stream import ML100K_FIELDS, MatrixFactorization, load_movielens_100k, replay, rmse_loss
+from batchfit.data.redis_streams import RedisStream, id_time
+from batchfit.data.streams import StreamSource
+from batchfit.train.callbacks.snapshots import PublishSnapshots
+from batchfit.train.trainer import Trainer
+from batchfit.workloads.stream import ML100K_FIELDS, MatrixFactorization, load_movielens_100k, replay, rmse_loss
+
+from .common import ROOT
 
 
-@contextlib.contextmanager
-def temporary_redis_server(folder: str | Path | None = None) -> Iterator[str]:
-    """A ``redis-server`` on 127.0.0.1 with a free port and a temporary folder, stopped on exit; yields its URL."""
-    import redis
+def temporary_redis_server(folder: str | Path | None = None) -> contextlib.AbstractContextManager[str]:
+    """The tests' throw-away ``redis-server`` (``tests/redis_server.py``): a free port, stopped on exit."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.append(str(ROOT / "tests"))
+    from redis_server import temporary_redis_server as start
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BatchfitError("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
-    with contextlib.ExitStack() as stack:
-        where = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        where.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--dir", str(where), "--logfile", str(where / "redis.log")])
-        client = redis.Redis(port=port)
-        try:
-            for _ in range(250):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.02)
-            else:
-                raise BatchfitError(f"redis-server did not start on port {port}: see {where / 'redis.log'}")
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            client.close()
-            process.terminate()
-            process.wait(timeout=10)
+    return start(folder)
 
 
 def _trainer(batch_size: int, lr: float, callbacks: Sequence[Any] = (), **options: Any) -> Trainer:
@@ -202,3 +176,33 @@ def format_stream_table(rows: list[dict[str, Any]]) -> str:
                          f"{row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | "
                          f"{row['partial_batches']:.0f} of {row['steps']:.0f} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/run.py --only stream [options]``: the recipe's RMSE, then events/s and lag through Redis."""
+    import argparse
+    import json
+
+    from .stream_recipe import format_recipe_table, recipe_table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,000 events through Redis, one run a setting")
+    parser.add_argument("--events", type=int, help="events a throughput run drains (default 10,000; --quick 2,000)")
+    parser.add_argument("--rate", type=float, default=5000.0, help="the producer's events/s in the latency runs")
+    parser.add_argument("--repeats", type=int, help="runs of each setting (default 3; --quick 1)")
+    parser.add_argument("--json", help="write every result to this JSON file")
+    parser.add_argument("--plot", help="PNG of the prequential RMSE per window against the offline model")
+    parser.add_argument("--skip-recipe", action="store_true", help="only the rows through Redis")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {}
+    if not args.skip_recipe:
+        results["recipe"] = recipe_table(plot=args.plot)
+        print(format_recipe_table(results["recipe"]), "\n", flush=True)
+    rows = stream_table(events=args.events or (2000 if args.quick else 10000), rate=args.rate,
+                        repeats=args.repeats or (1 if args.quick else 3))
+    results["stream"] = rows
+    results["checkpoint_costs"] = checkpoint_costs(rows)
+    print(format_stream_table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)

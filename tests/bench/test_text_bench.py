@@ -23,8 +23,8 @@ class Words:
 def test_text_bench_batching_rows_count_every_token_once(tmp_path: Path) -> None:
     import numpy as np
 
-    from batchfit.bench.text import batching_rows
     from batchfit.data.text import write_text_shards
+    from benchmarks.text import batching_rows
 
     rng = np.random.default_rng(0)
     lines = ["text,label"] + [" ".join(f"w{i}" for i in rng.integers(0, 90, size=int(n))) + f",{n % 2}"

@@ -1,7 +1,6 @@
 """Benchmarks of the image path: images/s against a torchvision-style pipeline, disk size, peak RSS.
 
-    python benchmarks/bench_images.py [--images 600] [--size 112] [--repeats 7] [--quick] [--dir /tmp]
-    batchfit bench --only images [--quick]
+    python benchmarks/run.py --only images [--quick] [--images 600] [--size 112] [--repeats 7] [--dir /tmp]
 
 1. Throughput, side by side in one process: one shuffled epoch of generated JPEG files (4
    classes, 128 to 320 pixels a side), random-resized crop to ``--size``, flip, normalise, batch 64,
@@ -21,7 +20,7 @@
 3. Memory: one epoch of training a small CNN from encoded shards ``--rss-mb`` large, in a child
    process whose peak RSS (VmHWM) is reported against the dataset's size.
 
-``run(quick)`` returns rows for ``batchfit bench``; the command line prints a table.
+``run(quick)`` returns the rows and figures; ``main`` prints them.
 """
 
 from __future__ import annotations
@@ -42,10 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.batcher import Batcher
-from ..data.images import ImageSource, make_image_folder, train_transform, write_image_shards
-from ..data.images.transforms import IMAGENET_MEAN, IMAGENET_STD, pillow, random_resized_box, sample_uniforms
-from ..data.shards import ShardSource, write_shards
+from batchfit.data.batcher import Batcher
+from batchfit.data.images import ImageSource, make_image_folder, train_transform, write_image_shards
+from batchfit.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD, pillow, random_resized_box, sample_uniforms
+from batchfit.data.shards import ShardSource, write_shards
+
 from .common import Row, format_table, interleaved, ratio_row
 
 BATCH = 64
@@ -136,7 +136,7 @@ def throughput_rows(root: Path, images: int, size: int, repeats: int, workers: t
     decoded = write_image_shards(folder, root / "decoded", image_size=2 * size, progress=False)
     # Re-encoded to a longer side of at most 2x the crop size (as FFCV's max_resolution): less to decode.
     smaller = write_image_shards(folder, root / "smaller", max_side=2 * size, progress=False)
-    from ..data.images.folder import class_names, image_files
+    from batchfit.data.images.folder import class_names, image_files
 
     files = list(image_files(folder, class_names(folder), {".jpg"}))
     candidates: dict[str, Callable[[], int]] = {}
@@ -195,7 +195,7 @@ print(json.dumps({"start_rss": start, "peak_rss": peak, "samples": trainer.sampl
 
 def write_big_encoded(path: Path, megabytes: int, seed: int = 0) -> ShardSource:
     """Encoded image shards of about ``megabytes`` MiB: 64 generated JPEGs (300-500 px) repeated."""
-    from ..data.images.synthetic import draw_image
+    from batchfit.data.images.synthetic import draw_image
 
     rng = np.random.default_rng(seed)
     encoded = []
@@ -265,7 +265,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line of ``benchmarks/bench_images.py``."""
+    """``python benchmarks/run.py --only images [options]``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, help="generated JPEG files (default 600; --quick 200)")
     parser.add_argument("--size", type=int, default=112, help="side of the crops")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.shards import ShardSource
-from ..data.text import load_tokenizer, write_text_shards
-from ..train.trainer import Trainer
-from ..workloads.text import load_text_model, prepare_corpus
+from batchfit.data.shards import ShardSource
+from batchfit.data.text import load_tokenizer, write_text_shards
+from batchfit.train.trainer import Trainer
+from batchfit.workloads.text import load_text_model, prepare_corpus
+
+from .common import child_command
 
 # ----------------------------------------------------------------------------- data and counting
 
@@ -77,7 +78,7 @@ class TokenCounter:
 
 def tiny_llama(vocab_size: int, pad_token_id: int, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised 2-layer Llama classifier of width 128 (no files needed)."""
-    from ..data.text import import_transformers
+    from batchfit.data.text import import_transformers
 
     transformers = import_transformers()
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
@@ -161,7 +162,7 @@ def _records(source: ShardSource) -> list[dict[str, Any]]:
 
 def run_hf_trainer(train: ShardSource, val: ShardSource, seed: int) -> dict[str, float]:
     """One epoch of MiniLM under ``transformers.Trainer`` (group by length, gradient accumulation)."""
-    from ..data.text import import_transformers
+    from batchfit.data.text import import_transformers
 
     transformers = import_transformers()
     tokenizer = load_tokenizer("minilm")
@@ -243,7 +244,7 @@ def _memory_kib(field: str) -> int:
 def memory_child(variant: str, rows: int = 8, length: int = 128, steps: int = 1) -> dict[str, float]:
     """In this (fresh) process: SmolLM2 as a causal LM, ``steps`` training steps of ``rows`` x ``length``
     tokens through :class:`batchfit.Trainer`; resident memory once loaded and the peak of the steps."""
-    from ..data.sources import ArraySource
+    from batchfit.data.sources import ArraySource
 
     torch.set_num_threads(1)
     options = dict(MEMORY_VARIANTS[variant])
@@ -268,9 +269,9 @@ def memory_rows() -> list[dict[str, Any]]:
     """Each memory variant measured in its own child process."""
     rows = []
     for variant in MEMORY_VARIANTS:
-        done = subprocess.run([sys.executable, "-m", "batchfit.bench.text", "--memory-child", variant],
-                              capture_output=True, text=True, check=False,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+        command, env = child_command("text", "--memory-child", variant)
+        done = subprocess.run(command, capture_output=True, text=True, check=False,
+                              env=dict(env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
         if done.returncode != 0:
             raise RuntimeError(f"the memory run {variant!r} failed:\n{done.stderr[-2000:]}")
         rows.append({"variant": variant, **json.loads(done.stdout.strip().splitlines()[-1])})
@@ -322,8 +323,25 @@ def format_text_bench(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # the memory child: python -m batchfit.bench.text --memory-child VARIANT
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/run.py --only text [options]``: batching modes, against transformers.Trainer, memory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples, one repeat (about 4 minutes on 2 cores)")
+    parser.add_argument("--repeats", type=int, help="runs of each batching mode (default 3, --quick 1)")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the SmolLM2 memory rows")
+    parser.add_argument("--json", help="write every result to this JSON file")
+    args = parser.parse_args(argv)
+    result = text_bench(quick=args.quick, repeats=args.repeats, memory=not args.no_memory)
+    print(format_text_bench(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":  # the memory child: python -m benchmarks.text --memory-child VARIANT
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-child":
         print(json.dumps(memory_child(sys.argv[2])))
     else:
-        raise SystemExit("usage: python -m batchfit.bench.text --memory-child VARIANT (see benchmarks/bench_text.py)")
+        raise SystemExit("usage: python -m benchmarks.text --memory-child VARIANT (started by memory_rows)")

@@ -10,7 +10,7 @@ pytest.importorskip("PIL.Image")
 
 
 def test_epoch_over_encoded_shards_grows_rss_far_less_than_the_dataset(tmp_path):
-    from batchfit.bench.images import _folder_bytes, peak_rss, write_big_encoded
+    from benchmarks.images import _folder_bytes, peak_rss, write_big_encoded
 
     source = write_big_encoded(tmp_path / "big", 64)
     dataset = _folder_bytes(source.path)

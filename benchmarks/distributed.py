@@ -1,6 +1,6 @@
 """Data-parallel scaling: the same training on 1 and on 2 processes of this machine.
 
-Reference workload (DESIGN.md): the MLP 64-256-256-10 on 200,000 x 64 float32 samples,
+Reference workload (docs/design.md): the MLP 64-256-256-10 on 200,000 x 64 float32 samples,
 shuffled, batch 256 — the global batch, so the 2-process run makes the same updates. Every
 process gets one intra-op thread, so 2 processes use twice the cores of 1, and the scaling
 efficiency is ``samples/s with 2 / (2 x samples/s with 1)``; 1 means no cost for the gradient
@@ -15,7 +15,6 @@ setups alternate, and the rows give medians.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from .common import Row
+from .common import Row, child_command
 
 WORKER_FLAG = "--worker"
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -53,9 +52,9 @@ def distributed_rows(quick: bool = False) -> list[Row]:
 
 def measure(job: dict[str, Any], processes: int, timeout: float = 900.0) -> float:
     """Median samples/s over the timed epochs of one launch of ``processes`` fresh processes."""
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
+    command, env = child_command("distributed", WORKER_FLAG, json.dumps(job))
+    env = {k: v for k, v in env.items() if k not in _TORCHRUN_ENV}
     env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    command = [sys.executable, "-m", "batchfit.bench.distributed", WORKER_FLAG, json.dumps(job)]
     ranks = []
     for rank in range(processes):
         rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes)) if processes > 1 else env
@@ -87,8 +86,8 @@ def worker(job: dict[str, Any]) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from ..train.trainer import Trainer
-    from .core import mlp, reference_data
+    from batchfit.bench import mlp, reference_data
+    from batchfit.train.trainer import Trainer
 
     torch.set_num_threads(1)
     x, y = reference_data(job["num_samples"])
@@ -136,9 +135,25 @@ def _hand_ddp_epoch(model: Any, optimizer: Any, x: Any, y: Any, batch_size: int)
     return run_epoch
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/run.py --only distributed [--quick]``: the table and the scaling efficiency."""
+    import argparse
+
+    from .common import format_table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    rows = distributed_rows(quick=args.quick)
+    print(format_table(rows))
+    row = rows[0]
+    print(f"1 process: {row.baseline_rate / 2:,.0f} samples/s; 2 processes: {row.rate:,.0f} samples/s; "
+          f"scaling efficiency: {row.ratio:.2f}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
         print(json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
     else:
-        raise SystemExit(f"usage: python -m batchfit.bench.distributed {WORKER_FLAG} JOB_JSON "
+        raise SystemExit(f"usage: python -m benchmarks.distributed {WORKER_FLAG} JOB_JSON "
                          f"(started by distributed_rows)")
