@@ -304,8 +304,9 @@ def tune(
     batch sizes (powers of two, or ``batch_sizes``) × lrs on a ×2 lattice through your lr,
     each run stopped at the target or once it has used the best time so far; the
     recommendation is the least time to the target (steps × measured seconds per step). A run
-    that has not reached the target within ``epochs`` epochs has its budget doubled (up to 3
-    times); if none reaches it, the report says so. Every measurement and run uses
+    that has not reached the target within its budget has the budget doubled (up to 3
+    times; the budget is time: what ``epochs`` epochs take at ``base_batch_size``, so large
+    batches get as long); if none reaches it, the report says so. Every measurement and run uses
     ``precision``, as training will.
     """
     for name, value in (("make_model", make_model), ("make_optimizer", make_optimizer)):
@@ -355,14 +356,18 @@ def tune(
                      -math.inf if target_loss is None else float(target_loss))
     start_batch, start_k = _start(sizes, base_batch_size, probe_seconds, measured.b_simple,
                                   range_result.suggested_lr / user_lr, target_loss is not None)
-    runs, best = _search(runner, sizes, (start_batch, base_batch_size), user_lr, start_k, epochs * len(source),
+    # The budget is time: what `epochs` epochs of your batch size take, so no batch size gets fewer
+    # seconds than yours (a budget in epochs would give large batches too few steps to ever win).
+    budget = epochs * -(-len(source) // base_batch_size) * probe_seconds(base_batch_size)
+    runs, best = _search(runner, sizes, (start_batch, base_batch_size), user_lr, start_k, budget,
                          measured.b_simple, target_loss is None, progress)
     model.load_state_dict(initial)
     reached = best is not None and best.reached
     if best is None or not reached:
         finite = [r for r in runs if math.isfinite(r.final_loss)]
         best = min(finite, key=lambda r: r.final_loss) if finite else runs[0]
-        message = (f"no run reached the target loss {runner.target:.4g} (budgets of up to {8 * epochs} epochs): "
+        message = (f"no run reached the target loss {runner.target:.4g} (budgets of up to the time of "
+                   f"{8 * epochs} epochs at batch {base_batch_size}): "
                    f"the recommendation is the run that ended lowest ({best.final_loss:.4g}); "
                    f"raise `epochs` or set a reachable `target_loss`")
         warnings.warn(message, stacklevel=2)
@@ -404,7 +409,7 @@ def _start(sizes: list[int], base: int, probe_seconds: Callable[[int], float], n
 
 
 def _search(runner: _Runner, sizes: list[int], batches: tuple[int, int], user_lr: float, start_k: int,
-            budget: int, noise_scale: float, target_from_reference: bool,
+            budget: float, noise_scale: float, target_from_reference: bool,
             progress: bool) -> tuple[list[TrialResult], TrialResult | None]:
     """Drive :func:`lattice_search` with real runs; without a target, the first run (your setting) sets it."""
     from tqdm.auto import tqdm

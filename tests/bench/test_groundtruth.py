@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from benchmarks.groundtruth import fit_critical_batch, markdown  # noqa: E402
-from benchmarks.groundtruth_loop import initial_state, next_check, plain_run  # noqa: E402
-from benchmarks.groundtruth_tasks import exact_linear_noise_scale, linear_sgd  # noqa: E402
-
-import batchfit as bf  # noqa: E402
+import batchfit as bf
+from benchmarks.groundtruth import fit_critical_batch, markdown
+from benchmarks.groundtruth_loop import initial_state, next_check, plain_run
+from benchmarks.groundtruth_tasks import exact_linear_noise_scale, linear_sgd
 
 
 def test_fit_recovers_s_min_and_e_min_of_the_empirical_model():

@@ -77,24 +77,25 @@ def test_search_finds_the_lattice_optimum_of_the_quadratic_model(b_noise, start_
 
 def test_search_spends_a_fraction_of_the_grid():
     steps, seconds = landscape(150.0, lr_max=0.4)
+    budget = 300 * seconds(32)  # what 300 steps at batch 32 take; a grid run stops there too
     grid = 0.0
     for size, k in itertools.product(SIZES, range(-4, 5)):
         needed = steps(size, 0.01 * 2.0**k)
-        grid += (math.ceil(needed) if needed is not None else 10**4 // size) * seconds(size)
-    _, _, spent = drive(lattice_search(SIZES, 32, 0.01, seconds, 10**4), steps, seconds)
+        grid += min(budget, math.ceil(needed) * seconds(size)) if needed is not None else budget
+    _, _, spent = drive(lattice_search(SIZES, 32, 0.01, seconds, budget), steps, seconds)
     assert spent < 0.25 * grid
 
 
 def test_search_doubles_the_budget_when_nothing_reaches_the_target():
     steps, seconds = landscape(100.0, lr_max=0.4, s_min=400.0)
-    best, trials, _ = drive(lattice_search(SIZES, 32, 0.1, seconds, budget_samples=32 * 300), steps, seconds)
+    best, trials, _ = drive(lattice_search(SIZES, 32, 0.1, seconds, budget_seconds=300 * 1.128e-3), steps, seconds)
     assert best is not None and best.reached
-    assert max(t.max_steps for t in trials if t.batch_size == 32) >= 2 * 300
+    assert max(t.max_steps for t in trials if t.batch_size == 32) >= 2 * 300  # the budget doubled
 
 
 def test_search_returns_an_unreached_best_when_no_budget_suffices():
     steps, seconds = landscape(100.0, lr_max=0.4, s_min=10**6)
-    best, _, _ = drive(lattice_search(SIZES, 32, 0.1, seconds, budget_samples=32 * 10), steps, seconds)
+    best, _, _ = drive(lattice_search(SIZES, 32, 0.1, seconds, budget_seconds=10 * 1.128e-3), steps, seconds)
     assert best is not None and not best.reached
 
 

@@ -68,7 +68,7 @@ SearchPolicy = Generator[Trial, TrialResult, TrialResult | None]
 
 
 def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
-                   step_seconds: Callable[[int], float], budget_samples: int, noise_scale: float = math.nan,
+                   step_seconds: Callable[[int], float], budget_seconds: float, noise_scale: float = math.nan,
                    patience: float = 1.15, max_budget_doublings: int = 3, max_lr_moves: int = 8,
                    start_k: int = 0, user_batch: int | None = None) -> SearchPolicy:
     """Walk the lattice ``batch_sizes`` × ``start_lr · 2^k`` towards the least time to target.
@@ -80,8 +80,10 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
     and the same above it; the walk goes on while a size comes within ``patience`` of the best
     time (one valley, measured with noise); if going up found nothing better, it walks down.
     Every trial's ``max_steps`` is the best time so far over the step time at its size, or the
-    budget of ``budget_samples`` samples while nothing has reached the target; when nothing
-    reaches it at the start size, the budget doubles (at most ``max_budget_doublings`` times).
+    budget of ``budget_seconds`` (in steps × step time, like every time here) while nothing has
+    reached the target — a budget of time, not of samples or epochs, which would give large
+    batches too few steps to ever win; when nothing reaches the target at the start size, the
+    budget doubles (at most ``max_budget_doublings`` times).
     An lr walk goes at most ``max_lr_moves`` lattice steps from where it started. The user's
     setting, ``(user_batch, start_lr)`` (``user_batch`` defaults to ``start_batch``), is always
     run (last, raced, if the walk passed it by), so the answer is never worse than it. Times
@@ -93,7 +95,7 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
     for name, size in (("start_batch", start_batch), ("user_batch", user_batch)):
         if size not in sizes:
             raise ValueError(f"{name}={size} is not among batch_sizes={sizes}")
-    walk = _Walk(sizes, start_lr, step_seconds, budget_samples, max_lr_moves)
+    walk = _Walk(sizes, start_lr, step_seconds, budget_seconds, max_lr_moves)
     k = start_k
     for _ in range(max_budget_doublings + 1):
         k = yield from walk.lr_walk(start_batch, k)
@@ -115,7 +117,7 @@ def lattice_search(batch_sizes: list[int], start_batch: int, start_lr: float,
 class _Walk:
     """The state of :func:`lattice_search`: every result by (batch size, lattice exponent), and the best."""
 
-    def __init__(self, sizes: list[int], start_lr: float, step_seconds: Callable[[int], float], budget: int,
+    def __init__(self, sizes: list[int], start_lr: float, step_seconds: Callable[[int], float], budget: float,
                  max_lr_moves: int) -> None:
         self.sizes, self.start_lr, self.step_seconds = sizes, start_lr, step_seconds
         self.budget, self.max_lr_moves = budget, max_lr_moves
@@ -123,11 +125,10 @@ class _Walk:
         self.best: TrialResult | None = None
 
     def limit(self, size: int) -> int:
-        """A trial's steps: the best time so far at this size's step time, else the budget in samples."""
+        """A trial's steps: the best time so far, else the budget, at this size's step time."""
         best = self.best
-        if best is not None and best.steps is not None:
-            return max(1, math.ceil(best.steps * self.step_seconds(best.batch_size) / self.step_seconds(size)))
-        return max(1, math.ceil(self.budget / size))
+        seconds = self.budget if best is None or best.steps is None else best.steps * self.step_seconds(best.batch_size)
+        return max(1, math.ceil(seconds / self.step_seconds(size)))
 
     def run(self, size: int, k: int) -> Generator[Trial, TrialResult, TrialResult]:
         """The result at (size, k), asked for unless already known; every time and the best refreshed."""
