@@ -131,7 +131,7 @@ def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer:
                       src: Source, *, device: torch.device, precision: str = "fp32", seed: int = 0,
                       lr_scaling: str | None = None, base_batch_size: int | None = None,
                       base_lrs: Sequence[float] | None = None, min_batch: int = 8,
-                      max_batch: int | None = None, tie: float = 1.05) -> BatchChoice:
+                      max_batch: int | None = None) -> BatchChoice:
     """Measure the noise scale and step times at the current weights and pick the batch size.
 
     ``lr_scaling`` and ``base_batch_size`` are the rule the run will scale its learning rate
@@ -164,12 +164,7 @@ def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer:
     # showed can be 15× below the critical batch of the whole run (it grows as the loss falls):
     # they are evidence, not a veto. Whether the rule's lr trains at a size is measured instead.
     costs = {size: batch_cost(size, b_noise, measured.throughput(size)) for size in ratios}
-    # Sizes within `tie` of the least cost are ranked largest first: the cost model is no more exact
-    # than the timings behind it, and the noise scale of a whole run is more often above the one at
-    # the start than below it (it grows as the loss falls), which favours the larger of near-equals.
-    least = min(costs.values())
-    ranked = sorted(costs, key=lambda size: (costs[size] > tie * least, -size if costs[size] <= tie * least
-                                             else costs[size]))
+    ranked = sorted(costs, key=costs.__getitem__)
     lrs = list(base_lrs) if base_lrs is not None else [group["lr"] for group in optimizer.param_groups]
     unstable = []
     for best in ranked:
