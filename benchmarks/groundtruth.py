@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", help=f"comma-separated, of {', '.join(TASKS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="the two fastest tasks only (mlp, linear)")
-    parser.add_argument("--out", default="groundtruth")
+    parser.add_argument("--out", default="runs/groundtruth", help="where the tables, plots and cached grids go")
     parser.add_argument("--reuse", action="store_true", help="keep the grids already in --out")
     parser.add_argument("--seeds", type=int, default=2, help="data orders per grid point (steps: their mean)")
     parser.add_argument("--retime", action="store_true",
