@@ -117,8 +117,9 @@ class TuneReport:
     def _plot_sweep(self, path: Path) -> None:
         fig, axes = new_figure(1, 1, (7, 5))
         ax = axes[0][0]
-        reached = [r for r in self.sweep if r.seconds is not None]
-        missed = [r for r in self.sweep if r.seconds is None]
+        search = [r for r in self.sweep if not r.reorder]  # the confirmations repeat points of the search
+        reached = [r for r in search if r.seconds is not None]
+        missed = [r for r in search if r.seconds is None]
         if reached:
             dots = ax.scatter([r.batch_size for r in reached], [r.lr for r in reached],
                               c=[r.seconds for r in reached], cmap="viridis_r", s=120, norm="log")
@@ -133,6 +134,8 @@ class TuneReport:
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="learning rate",
                title=f"runs to loss {self.target_loss:.4g}")
         ax.set_xscale("log", base=2)
+        sizes = sorted({r.batch_size for r in search} | {self.base_batch_size})
+        ax.set_xticks(sizes, [str(size) for size in sizes])
         ax.legend(fontsize="small")
         save_figure(fig, path)
 
@@ -263,7 +266,7 @@ class _Runner:
         result = TrialResult(trial.batch_size, trial.lr, watch.steps, steps_run,
                              math.nan if stopped == "diverged" else watch.last, seconds,
                              time.perf_counter() - begin, stopped, reorder)
-        logger.info("tune: batch %d, lr %.4g: %s", trial.batch_size, trial.lr, _outcome(result))
+        logger.debug("tune: batch %d, lr %.4g: %s", trial.batch_size, trial.lr, _outcome(result))
         return result, watch.curve
 
 
