@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -241,3 +242,12 @@ def test_cli_bench_prints_its_two_groups_with_the_thread_count(capsys, monkeypat
     assert [name for name, _ in calls] == ["data", "train"]
     assert "(quick;" in out and "1 torch thread(s)" in out
     assert "Trainer.fit, batch 32" in out and "ok" in out
+
+
+def test_cli_prints_a_message_shown_under_the_progress_bar_once():
+    from batchfit.cli import not_shown
+
+    record = logging.LogRecord("batchfit", logging.INFO, __file__, 1, "Resumed from ckpt", None, None)
+    assert not_shown(record)
+    record.shown = True  # the trainer wrote it under its progress bar already
+    assert not not_shown(record)

@@ -24,11 +24,18 @@ from collections.abc import Sequence
 from .errors import BatchfitError
 
 
+def not_shown(record: logging.LogRecord) -> bool:
+    """Whether a log record still needs printing: not one the trainer already wrote under its progress bar."""
+    return not getattr(record, "shown", False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``batchfit`` script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="batchfit: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(not_shown)
     if args.command in ("demo", "train", "tune", "evaluate", "predict", "bench"):
         import torch
 

@@ -302,8 +302,9 @@ class Trainer:
 
     def announce(self, message: str) -> None:
         """Tell the user about a decision (resume, early stop, a measured size): shown under the progress
-        bar when ``progress`` is on, and logged to the ``batchfit`` logger always."""
-        logger.info(message)
+        bar when ``progress`` is on, and logged to the ``batchfit`` logger always (the record marked
+        ``shown``, so that a console handler such as the ``batchfit`` command's prints it once)."""
+        logger.info(message, extra={"shown": self.progress})
         if self.progress:
             Progress.write(message)
 
