@@ -4,6 +4,7 @@ checkpoint, and checkpoints that do not fit the run (refused before anything is 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from batchfit import Callback, CheckpointError, Trainer
+from batchfit.core.durable import process_alive
 from batchfit.measure.auto import BatchChoice
 from batchfit.train import checkpoint as ckpt
 from batchfit.train import plan as plan_module
@@ -76,6 +78,27 @@ def test_lock_is_released_when_the_owner_dies(tmp_path):
     lock = ckpt.FolderLock(tmp_path)
     lock.acquire()  # no error: the dead process holds nothing
     lock.release()
+
+
+def test_lock_dies_with_the_run_not_with_its_forked_workers(tmp_path):
+    # A run takes the lock, forks a worker that outlives it (as data-loading workers do for a
+    # moment after a SIGKILL), and dies: a restart must get the lock at once.
+    code = f"import sys, os, time; sys.path[:0] = {sys.path!r}\n" \
+           "from batchfit.train.checkpoint import FolderLock\n" \
+           f"FolderLock({str(tmp_path)!r}).acquire()\n" \
+           "child = os.fork()\n" \
+           "if child == 0:\n    null = os.open(os.devnull, os.O_RDWR); os.dup2(null, 1); os.dup2(null, 2)\n" \
+           "    time.sleep(60); os._exit(0)\n" \
+           "print(child, flush=True); os._exit(0)"
+    worker = int(subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True,
+                                text=True).stdout)
+    try:
+        assert process_alive(worker)
+        lock = ckpt.FolderLock(tmp_path)
+        lock.acquire()  # before the fix: "in use by another run" while the worker lived
+        lock.release()
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_stale_temporary_file_of_a_live_writer_is_kept(tmp_path):

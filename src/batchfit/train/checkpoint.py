@@ -92,6 +92,9 @@ class FolderLock:
     The kernel releases the lock when the process ends, however it ends, so a crashed run never
     blocks the next one, and no lock file is left in the folder. A second run on the same folder
     is refused, naming the first one's pid (read from ``/proc/locks`` where Linux has it).
+    A forked child (a data-loading worker) closes its copy of the descriptor at once: a flock
+    belongs to the open file, so a copy held by a worker that outlives a killed run for a
+    moment would refuse the restart.
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
@@ -111,12 +114,30 @@ class FolderLock:
                                   f"would overwrite each other's checkpoints: give this run its own folder, or "
                                   f"wait for that one to end") from None
         self._fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
         """Let the next run in."""
-        if self._fd is not None:
+        if self._fd is not None and self._fd in _HELD:  # in a forked child it was closed already
+            _HELD.discard(self._fd)
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
+
+
+_HELD: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """In a forked child: close the inherited descriptors of every lock, so that the lock dies with the run."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed already
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _lock_owner(inode: int) -> str:
