@@ -39,7 +39,7 @@ for path in (ROOT / "src", ROOT):  # run as a script from a checkout: its librar
 
 import batchfit as bf  # noqa: E402
 from batchfit.train.callbacks import Callback  # noqa: E402
-from benchmarks.groundtruth_loop import initial_state, plain_run, step_seconds  # noqa: E402
+from benchmarks.groundtruth_loop import initial_state, next_check, plain_run, step_seconds  # noqa: E402
 from benchmarks.groundtruth_tasks import TASKS, Task  # noqa: E402
 
 BASE_BATCH = 32
@@ -140,7 +140,7 @@ class _Sizes(Callback):
         self.sizes.append(record["batch_size"])
         step = record["step"]
         if step == self.check:
-            self.check = max(step + 1, math.ceil(step * 1.03))
+            self.check = next_check(step)
             if trainer.evaluate(self.task.val)["loss"] <= self.task.target:
                 self.steps = step
                 trainer.stop_training = True

@@ -183,7 +183,7 @@ def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer:
               + f"; probe {measured.seconds:.2f} s, timing spread up to "
               + f"{100 * max(measured.spread.values(), default=0.0):.0f} %")
     if not max_batch and math.isfinite(b_simple) and b_simple > cap:
-        reason += (f"; the noise scale is above the cap of {cap} (at least 16 steps per epoch of {n} samples): "
+        reason += (f"; the noise scale is above the cap of {cap} (at least two steps per epoch of {n} samples): "
                    f"set max_batch_size to allow larger batches")
     if unstable:
         reason += (f"; the loss rose in a short trial at the lr the {lr_scaling} rule gives for "
@@ -261,7 +261,7 @@ class AdaptiveBatch:
                 and b_simple >= 2 * self.max_batch:
             self.cap_reported = True  # said once: the batch stays, the user may raise the cap
             return BatchChange(self.batch_size, f"noise scale B_simple={b_simple:.4g} is past the cap of "
-                               f"{self.max_batch} (max_batch_size, or at least 16 steps per epoch): the batch "
+                               f"{self.max_batch} (max_batch_size, or at least two steps per epoch): the batch "
                                f"stays at {self.batch_size}", b_simple)
         return None
 
