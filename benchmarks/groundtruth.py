@@ -154,7 +154,7 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: dict[str, Any
     begin = time.perf_counter()
     report = bf.tune(lambda: make_model(task, init), task.loss_fn, lambda m: task.make_optimizer(m, user_lr),
                      task.train, val=task.val, target_loss=task.target, base_batch_size=BASE_BATCH,
-                     batch_sizes=task.batch_sizes, device="cpu", progress=False)
+                     batch_sizes=task.batch_sizes, device="cpu", drop_last=True, progress=False)
     tune_seconds = time.perf_counter() - begin
     steps, seconds = time_of(task, init, grid, times, report.batch_size, report.lr)
     for size in {r.batch_size for r in report.sweep} - set(times):

@@ -92,3 +92,29 @@ def test_tune_finds_large_batch_and_lr_on_a_low_noise_regression():
     user = next(r for r in report.sweep if (r.batch_size, r.lr) == (16, 0.01))
     assert user.seconds is None or user.seconds / min(r.seconds for r in report.sweep if r.seconds) > 4
     assert "your setting" in report.reasons["lr"]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_tune_batches_as_training_will(make_mlp, drop_last):
+    # 100 samples at batch 64: a short last batch of 36 each epoch, unless the run drops it. The
+    # ground truth drops it, and a run that keeps it needs fewer full steps to the target.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((100, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    sizes: list[int] = []
+
+    def loss(output, target):
+        sizes.append(len(target))
+        return F.cross_entropy(output, target)
+
+    bf.tune(lambda: make_mlp(5, 8, 2), loss, lambda model: torch.optim.SGD(model.parameters(), lr=0.05), (x, y),
+            base_batch_size=16, batch_sizes=[16, 64], epochs=2, memory_budget=2**30, progress=False,
+            drop_last=drop_last)
+    assert (36 in sizes) is not drop_last and 64 in sizes and 16 in sizes
+
+
+def test_tune_refuses_batches_larger_than_the_data_when_dropping_the_last(make_mlp):
+    x, y = np.zeros((50, 5), np.float32), np.zeros(50, np.int64)
+    with pytest.raises(ValueError, match="drop_last=True"):
+        bf.tune(lambda: make_mlp(5, 8, 2), F.cross_entropy, lambda model: torch.optim.SGD(model.parameters(), lr=0.05),
+                (x, y), batch_sizes=[16, 64], drop_last=True, progress=False)

@@ -250,7 +250,9 @@ class _Runner:
         trainer = Trainer(self.model, self.loss_fn, optimizer, batch_size=trial.batch_size, progress=False,
                           callbacks=[watch], **self.split(trial.batch_size),
                           **{**self.options, "seed": self.options["seed"] + reorder})
-        epochs = -(-trial.max_steps * trial.batch_size // len(self.source)) + 1
+        per_epoch = len(self.source) // trial.batch_size if self.options.get("drop_last") else \
+            -(-len(self.source) // trial.batch_size)
+        epochs = -(-trial.max_steps // max(per_epoch, 1)) + 1
         begin = time.perf_counter()
         stopped = ""
         try:
@@ -295,6 +297,7 @@ def tune(
     memory_budget: float | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    drop_last: bool = False,
     progress: bool = True,
 ) -> TuneReport:
     """Measure and recommend ``batch_size``, ``micro_batch_size`` and ``lr`` for this model and data.
@@ -310,7 +313,9 @@ def tune(
     that has not reached the target within its budget has the budget doubled (up to 3
     times; the budget is time: what ``epochs`` epochs take at ``base_batch_size``, so large
     batches get as long); if none reaches it, the report says so. Every measurement and run uses
-    ``precision``, as training will.
+    ``precision``, as training will, and every run batches as training will: ``drop_last=True``
+    if your run drops the last partial batch of an epoch (where a batch is a large share of the
+    data, the extra short step changes the steps to the target).
     """
     for name, value in (("make_model", make_model), ("make_optimizer", make_optimizer)):
         if not callable(value):
@@ -326,6 +331,8 @@ def tune(
     check_positive_int("base_batch_size", base_batch_size)
     check_positive_int("epochs", epochs)
     check_choice("precision", precision, PRECISIONS)
+    if not isinstance(drop_last, bool):
+        raise expected("drop_last", "True or False", drop_last)
     begin = time.perf_counter()
     target_device = resolve_device(device)
     torch.manual_seed(seed)
@@ -346,6 +353,9 @@ def tune(
         model, loss_fn, source, device=target_device, memory_budget=memory_budget, optimizer=optimizer,
         max_rows=fit, seed=seed, precision=precision)
     sizes = sorted({*(batch_sizes or powers_of_two(8, max(8, len(source) // 2))), base_batch_size})
+    if drop_last and max(sizes) > len(source):
+        raise expected("batch_sizes", f"sizes of at most the number of samples ({len(source)}) with drop_last=True",
+                       sizes)
     measured = probe_batch_sizes(model, loss_fn, source, [s for s in sizes if s <= fit] or [fit], target_device,
                                  optimizer=optimizer, stop_above_noise=None, window=0.02, seed=seed,
                                  precision=precision)
@@ -355,7 +365,7 @@ def tune(
     runner = _Runner(model, loss_fn, make_optimizer, source, val, initial, user_lr, probe_seconds,
                      lambda size: {"micro_batch_tokens": tokens} if tokens is not None else
                      {"micro_batch_size": fit if size > fit else None},
-                     {"seed": seed, "device": target_device, "precision": precision},
+                     {"seed": seed, "device": target_device, "precision": precision, "drop_last": drop_last},
                      -math.inf if target_loss is None else float(target_loss))
     start_batch, start_k = _start(sizes, base_batch_size, probe_seconds, measured.b_simple,
                                   range_result.suggested_lr / user_lr, target_loss is not None)
