@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import batchfit as bf
-from batchfit.measure.auto import AdaptiveBatch, batch_cost, powers_of_two, round_to_power_of_two, rule_lr_ratio
+from batchfit.measure.auto import (
+    AdaptiveBatch,
+    auto_lr_factor,
+    batch_cost,
+    powers_of_two,
+    round_to_power_of_two,
+    rule_lr_ratio,
+)
 
 
 def _noisy_classification(n: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +73,9 @@ def test_auto_never_picks_a_batch_whose_rule_lr_diverges(make_mlp):
     # A plain loop at the chosen batch with the lr the rule gives it: the loss falls and stays finite.
     reference = make_mlp(6, 16, 2)
     reference.load_state_dict(initial)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=bf.scale_lr(0.1, 8, chosen, "linear"))
+    # The lr the trainer uses: the rule's, or less where its own factor failed the short trial.
+    lr = 0.1 * min(bf.scale_lr(1.0, 8, chosen, "linear"), trainer.lr.rule_cap)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(30):
@@ -170,3 +179,86 @@ def test_auto_resume_keeps_measured_batch_size(make_mlp, tmp_path):
     second = run(2, resume=True)
     assert second.batcher.batch_size == first.batcher.batch_size
     assert [e["kind"] for e in second.history.events] == ["batch_size"]  # no second probe
+
+
+def test_auto_lr_factor_stops_the_sqrt_rule_at_the_noise_scale():
+    assert auto_lr_factor(128, 32, 1000.0, "sqrt") == pytest.approx(2.0)  # below the noise scale: the rule
+    assert auto_lr_factor(1024, 32, 128.0, "sqrt") == pytest.approx(2.0)  # above it: the rule's lr at 128
+    assert auto_lr_factor(1024, 32, 8.0, "sqrt") == pytest.approx(1.0)  # a noise scale below the base: yours
+    assert auto_lr_factor(1024, 32, 128.0, "linear") == pytest.approx(32.0)  # linear: whole (the trial bounds it)
+    assert auto_lr_factor(1024, 32, math.nan, "sqrt") == pytest.approx(math.sqrt(32))
+    assert auto_lr_factor(1024, None, 128.0, "sqrt") == auto_lr_factor(1024, 32, 128.0, None) == 1.0
+
+
+def _linear_regression(n: int = 8192, features: int = 8, noise: float = 1.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, features)).astype(np.float32)
+    y = (x @ (0.2 * rng.standard_normal(features)) + noise * rng.standard_normal(n)).astype(np.float32)[:, None]
+    return x, y
+
+
+def _linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(8, 1)
+
+
+def test_auto_halves_the_rule_lr_where_it_diverges_and_keeps_the_batch():
+    # MSE on unit-variance features: the Hessian is 2·I, so SGD diverges from lr 1 on. The user's
+    # lr 0.25 at batch 8 is stable; the linear rule gives 0.25 × B / 8, past 1 from batch 32 on.
+    x, y = _linear_regression()
+    model = _linear()
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.25), batch_size="auto",
+                         lr_scaling="linear", base_batch_size=8, progress=False)
+    trainer.fit((x, y), epochs=1)
+    chosen = trainer.batcher.batch_size
+    lr = trainer.history.column("lr")[0]
+    assert chosen >= 32  # past where the rule's lr diverges: the batch was kept, the lr capped
+    assert lr < 1.0 <= 0.25 * chosen / 8
+    assert lr >= 0.25  # never below the user's own
+    assert trainer.lr.rule_cap == lr / 0.25
+    event = trainer.history.events[0]
+    assert event["lr_cap"] == trainer.lr.rule_cap
+    assert "the lr rises by at most" in event["reason"]
+    # It trains: the loss ends near the noise floor (1.0).
+    assert trainer.evaluate((x, y))["loss"] < 1.15
+
+
+def test_auto_never_goes_below_the_base_batch():
+    # Noisy targets close to the starting weights: the noise scale at the start is a few samples, and
+    # the cost alone would pick the smallest batch; the user's lr was meant for 64.
+    x, y = _linear_regression()
+    model = _linear()
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), batch_size="auto",
+                         lr_scaling="linear", base_batch_size=64, progress=False)
+    trainer._prepare(bf.ArraySource(x, y))
+    event = trainer.history.events[0]
+    assert event["b_simple"] < 32
+    assert trainer.batcher.batch_size >= 64 and "not below base_batch_size=64" in event["reason"]
+
+
+def test_auto_resume_keeps_the_capped_lr(tmp_path):
+    # An uninterrupted run of two epochs, then a run resumed from its first epoch's checkpoint: the
+    # same measured batch, the same capped lr on every step, bit-identical weights.
+    import shutil
+
+    x, y = _linear_regression(2048)
+
+    def run(folder, resume: bool) -> bf.Trainer:
+        model = _linear()
+        trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.25), batch_size="auto",
+                             lr_scaling="linear", base_batch_size=8, progress=False, checkpoint_dir=folder,
+                             keep_checkpoints=3)
+        trainer.fit((x, y), epochs=2, resume=resume)
+        return trainer
+
+    whole = run(tmp_path / "whole", resume=False)
+    assert whole.lr.rule_cap < whole.batcher.batch_size / 8  # the rule's own factor was capped
+    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    newest = sorted((tmp_path / "split").glob("step-*.pt"))
+    assert len(newest) >= 2
+    newest[-1].unlink()  # as if killed during the second epoch
+    resumed = run(tmp_path / "split", resume=True)
+    assert resumed.batcher.batch_size == whole.batcher.batch_size and resumed.lr.rule_cap == whole.lr.rule_cap
+    assert resumed.history.column("lr") == whole.history.column("lr")
+    for name, value in whole.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[name]), name

@@ -10,9 +10,11 @@ is therefore proportional to
 when the learning rate is the optimal one for each ``B``. The batch size is the power of two
 that minimises the cost, with ``B_noise`` and ``throughput`` measured by one probe of real
 forward and backward passes at the starting weights
-(:func:`~batchfit.measure.probe.probe_batch_sizes`). The learning rate actually used is the
-one the trainer's ``lr_scaling`` rule gives; where it raises the lr, a short trial of real
-steps checks that the loss still falls, else the next size in cost order is taken. The lr the
+(:func:`~batchfit.measure.probe.probe_batch_sizes`), never below ``base_batch_size`` (the
+noise scale grows as the loss falls, so a low one at the starting weights says little of the
+run). The learning rate is the one the trainer's ``lr_scaling`` rule gives, the sqrt rule
+stopped at the noise scale (:func:`auto_lr_factor`); where it raises the lr, a short trial of
+real steps checks that the loss still falls, else the rise is halved until it does. The lr the
 noise scale predicts as optimal (:func:`rule_lr_ratio`) is reported, not used as a veto: the
 ground-truth grids (docs/batch-size.md) found the noise scale at the starting weights up to
 15× below the critical batch of a whole run, because it grows as the loss falls.
@@ -110,13 +112,32 @@ def rule_lr_ratio(size: int, base_batch: int | None, noise_scale: float, rule: s
     return given / optimal
 
 
+def auto_lr_factor(size: int, base_batch: int | None, noise_scale: float, rule: str | None) -> float:
+    """The factor ``batch_size="auto"`` raises the lr by at ``size``: the rule's, sqrt stopped at the noise scale.
+
+    Square-root scaling (the rule for Adam-type optimizers) grows the lr up to ``max(noise_scale,
+    base_batch)`` and no further: the best Adam lr peaks near the noise scale (Malladi et al.
+    2022; Li et al. 2024), and on the ground-truth MLP the rule past it gave 0.09 at batch 256
+    where 0.064 was best (1.46× the time to target), while on the transformer the best lr was flat
+    from batch 16 on. The linear rule is left whole: on both SGD grids the best lr grew linearly
+    up to the stability limit, which :func:`choose_batch_size` finds by a short trial instead.
+    """
+    if rule in (None, "adascale") or base_batch is None:
+        return 1.0
+    if rule == "sqrt" and math.isfinite(noise_scale) and size > max(noise_scale, base_batch):
+        size = max(round(noise_scale), base_batch)
+    return scale_lr(1.0, base_batch, size, rule)
+
+
 @dataclass(frozen=True)
 class BatchChoice:
     """What :func:`choose_batch_size` decided, and its evidence.
 
     ``batch_size`` is the choice; ``largest`` the largest size it considered (the cap for
     adaptive growth); ``reason`` says why in words; ``throughput`` is samples per second of
-    each size probed; ``probe_seconds`` what the measurement cost.
+    each size probed; ``probe_seconds`` what the measurement cost; ``lr_cap`` the most the
+    ``lr_scaling`` rule may raise the lr (a factor over the base lrs; ``inf`` where the rule's own
+    factor trained in the short trial).
     """
 
     batch_size: int
@@ -125,13 +146,14 @@ class BatchChoice:
     reason: str
     throughput: dict[int, float] = field(default_factory=dict)
     probe_seconds: float = 0.0
+    lr_cap: float = math.inf
 
 
 def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer,
                       src: Source, *, device: torch.device, precision: str = "fp32", seed: int = 0,
                       lr_scaling: str | None = None, base_batch_size: int | None = None,
                       base_lrs: Sequence[float] | None = None, min_batch: int = 8,
-                      max_batch: int | None = None) -> BatchChoice:
+                      max_batch: int | None = None, slack: float = 0.1) -> BatchChoice:
     """Measure the noise scale and step times at the current weights and pick the batch size.
 
     ``lr_scaling`` and ``base_batch_size`` are the rule the run will scale its learning rate
@@ -158,23 +180,39 @@ def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer:
     # never lets a large batch through; the cost uses the estimate itself.
     b_low = measured.b_simple_low
     b_cautious = min(max(b_low, 1.0), b_noise) if not math.isnan(b_low) else b_noise
-    ratios = {size: rule_lr_ratio(size, base_batch_size, b_cautious, lr_scaling)
-              for size in measured.pass_seconds if size <= cap}
+    # Never below the batch the user's lr was chosen at: the noise scale grows as the loss falls, so one
+    # below it at the starting weights says little of the run (4 against a critical batch of 73 on the
+    # ground truth's transformer, whose best batch was the user's own).
+    floor = min(base_batch_size or 1, cap)
+    candidates = [size for size in measured.pass_seconds if floor <= size <= cap] or [floor]
+    ratios = {size: rule_lr_ratio(size, base_batch_size, b_cautious, lr_scaling) for size in candidates}
     # The ratios predict from the noise scale at the starting weights, which the ground-truth grids
     # showed can be 15× below the critical batch of the whole run (it grows as the loss falls):
     # they are evidence, not a veto. Whether the rule's lr trains at a size is measured instead.
     costs = {size: batch_cost(size, b_noise, measured.throughput(size)) for size in ratios}
     ranked = sorted(costs, key=costs.__getitem__)
     lrs = list(base_lrs) if base_lrs is not None else [group["lr"] for group in optimizer.param_groups]
-    unstable = []
-    for best in ranked:
-        # Where the rule raises the lr above the base, a short trial checks that it still lowers the loss.
-        factor = 1.0 if lr_scaling in (None, "adascale") or base_batch_size is None else \
-            scale_lr(1.0, base_batch_size, best, lr_scaling)
-        if factor <= 1 or best == ranked[-1] or \
-                _stable(model, loss_fn, optimizer, src, best, [lr * factor for lr in lrs], device, precision, seed):
-            break
-        unstable.append(best)
+    best = ranked[0]
+    rule_factor = 1.0 if lr_scaling in (None, "adascale") or base_batch_size is None else \
+        scale_lr(1.0, base_batch_size, best, lr_scaling)
+    factor = auto_lr_factor(best, base_batch_size, b_noise, lr_scaling)
+    sqrt_capped = factor < rule_factor
+    # Where the rule raises the lr, a short trial checks that it trains at least about as well as your
+    # lr does at this batch over the same few batches (``slack``: 10 % worse at most); if not, the rise
+    # is halved until it does. The best lr stops growing with the batch near the noise scale (McCandlish
+    # et al. 2018, eq. 2.7) while larger batches still need fewer steps: on the ground truth's linear
+    # regression the rule's lr diverged from batch 256 on, yet 512 at the lr of 128 was the fastest.
+    unstable: list[float] = []
+    if factor > 1:
+        def trial(scale: float) -> float:
+            return _trial_loss(model, loss_fn, optimizer, src, best, [lr * scale for lr in lrs], device, precision,
+                               seed)
+
+        yours = trial(1.0)  # your lr at this batch, on the same batches: what the rule's must not end above
+        while factor > 1 and not trial(factor) <= (1 + slack) * yours:
+            unstable.append(factor)
+            factor = max(1.0, factor / 2)
+    lr_cap = factor if unstable or sqrt_capped else math.inf
     reason = (f"noise scale B_simple={b_simple:.4g} (|G|²={measured.grad_sq:.3g}, tr Σ={measured.trace_cov:.3g}; "
               f"cautious {b_cautious:.4g}); "
               f"throughput " + ", ".join(f"{size}: {measured.throughput(size):,.0f}/s" for size in costs)
@@ -185,19 +223,24 @@ def choose_batch_size(model: torch.nn.Module, loss_fn: LossFn | None, optimizer:
     if not max_batch and math.isfinite(b_simple) and b_simple > cap:
         reason += (f"; the noise scale is above the cap of {cap} (at least two steps per epoch of {n} samples): "
                    f"set max_batch_size to allow larger batches")
+    if floor > 1:
+        reason += f"; not below base_batch_size={floor}"
+    if sqrt_capped:
+        reason += f"; the sqrt rule stops at the noise scale: the lr rises by × {factor:.3g}, not more"
     if unstable:
-        reason += (f"; the loss rose in a short trial at the lr the {lr_scaling} rule gives for "
-                   f"{', '.join(map(str, unstable))}, so {best}")
+        reason += (f"; in a short trial at {best} the lr the {lr_scaling} rule gives (× {unstable[0]:.3g}) ended "
+                   f"above your own lr's loss, so the lr rises by at most × {factor:.3g}")
     return BatchChoice(best, cap, b_simple, reason, {k: measured.throughput(k) for k in costs},
-                       time.perf_counter() - begin)
+                       time.perf_counter() - begin, lr_cap)
 
 
-def _stable(model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer, src: Source,
-            size: int, lrs: list[float], device: torch.device, precision: str, seed: int, steps: int = 8) -> bool:
-    """Whether a few real steps at ``size`` with learning rates ``lrs`` lower the loss (state restored).
+def _trial_loss(model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.optim.Optimizer, src: Source,
+                size: int, lrs: list[float], device: torch.device, precision: str, seed: int,
+                steps: int = 12) -> float:
+    """The mean loss of the last third of a few real steps at ``size`` with learning rates ``lrs`` (state restored).
 
-    The noise scale says how large a batch can be used efficiently, not whether the lr that
-    a scaling rule gives it is stable; a short trial of the training step itself checks that.
+    ``inf`` if a loss is not finite. The batches depend on ``seed`` only, so trials at different
+    lrs see the same samples in the same order and their losses differ by the lr alone.
     """
     rng = np.random.default_rng(seed)
     losses = []
@@ -211,9 +254,9 @@ def _stable(model: torch.nn.Module, loss_fn: LossFn | None, optimizer: torch.opt
         for _ in range(steps):
             losses.append(float(step.run(to_device(src.gather(rng.integers(0, len(src), size)), device, dtype))))
             if not math.isfinite(losses[-1]):
-                return False
-    head, tail = losses[: steps // 3], losses[-(steps // 3):]
-    return sum(tail) <= sum(head)
+                return math.inf
+    tail = losses[-(steps // 3):]
+    return sum(tail) / len(tail)
 
 
 @dataclass(frozen=True)

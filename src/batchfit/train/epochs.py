@@ -10,6 +10,7 @@ last backward of each step (:class:`~batchfit.distributed.StepAgreement`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,6 +172,7 @@ class EpochFeed:
             "config": self.config(),
             "noise_tracker": None if tracker is None else tracker.state_dict(),
             "adaptive": None if adaptive is None else adaptive.state_dict(),
+            "lr_cap": trainer.lr.rule_cap,
         }
 
     def check(self, state: dict[str, Any], path: Path) -> None:
@@ -188,6 +190,7 @@ class EpochFeed:
         if trainer.plan.adaptive is not None and state.get("adaptive") is not None:
             trainer.plan.adaptive.load_state_dict(state["adaptive"])
             trainer.lr.start_batch = trainer.plan.adaptive.start
+        trainer.lr.rule_cap = float(state.get("lr_cap", math.inf))
 
     def resumed_at(self) -> str:
         return f"in epoch {self.batcher.epoch + 1}"

@@ -36,6 +36,7 @@ class LRControl:
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.tracker: NoiseScaleTracker | None = None
         self.start_batch: int | None = None  # adaptive runs: the batch the rule scales to
+        self.rule_cap = math.inf  # "auto": the most the rule may raise the lr, where its own factor did not train
         # With a torch scheduler the scheduler sets the lrs; batchfit only scales them once (begin()).
         self.constant = self.scheduler is not None or (options.lr_scaling is None and not options.warmup_steps
                                                        and schedule is None)
@@ -53,7 +54,8 @@ class LRControl:
             factor = self._adascale_gain(batch_size)
         elif o.lr_scaling is not None:
             assert o.base_batch_size is not None
-            factor = scale_lr(1.0, o.base_batch_size, self.start_batch or batch_size, o.lr_scaling)
+            factor = min(scale_lr(1.0, o.base_batch_size, self.start_batch or batch_size, o.lr_scaling),
+                         self.rule_cap)
         if o.warmup_steps:
             factor *= warmup(step, o.warmup_steps)
         if self.schedule is not None:
@@ -80,7 +82,7 @@ class LRControl:
         if self.scheduler is None or self._scaled_for_scheduler or o.lr_scaling is None:
             return
         assert o.base_batch_size is not None
-        factor = scale_lr(1.0, o.base_batch_size, batch_size, o.lr_scaling)
+        factor = min(scale_lr(1.0, o.base_batch_size, batch_size, o.lr_scaling), self.rule_cap)
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
             if "initial_lr" in group:

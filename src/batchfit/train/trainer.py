@@ -328,7 +328,7 @@ class Trainer:
             self.history.add_event(step=self.step, kind="batch_size", batch_size=plan.batch_size,
                                    reason=choice.reason, b_simple=choice.b_simple,
                                    throughput={str(k): v for k, v in choice.throughput.items()},
-                                   probe_seconds=choice.probe_seconds)
+                                   probe_seconds=choice.probe_seconds, lr_cap=choice.lr_cap)
         self._fingerprint = fingerprint(src)
         if o.micro_batch_size == "auto":
             fits = "the whole batch" if plan.micro_batch_size is None else f"{plan.micro_batch_size} samples"
@@ -350,6 +350,7 @@ class Trainer:
             self.noise_tracker = NoiseScaleTracker(beta=0.95)
         self.lr.tracker = self.noise_tracker
         self.lr.start_batch = None if plan.adaptive is None else plan.adaptive.start
+        self.lr.rule_cap = math.inf if plan.choice is None else plan.choice.lr_cap
         self.lr.begin(plan.batch_size)
         return self.batcher
 
