@@ -78,7 +78,7 @@ class TuneReport:
         lines += [f"  {name}: {reason}" for name, reason in self.reasons.items()]
         lines.append(f"  runs (to target loss {self.target_loss:.4g}; time = steps × seconds per step):")
         for run in self.sweep:
-            again = "  (again, another data order)" if run.reorder else ""
+            again = f"  (again, data order {run.reorder + 1})" if run.reorder else ""
             lines.append(f"    batch {run.batch_size:>6}  lr {run.lr:<10.4g} {_outcome(run)}{again}")
         lines += ["", "to use it, put this in the run's config:", self.config_block()]
         return "\n".join(lines)
@@ -453,21 +453,29 @@ def _search(runner: _Runner, sizes: list[int], batches: tuple[int, int], user_lr
     return runs, best
 
 
-def _confirm(runner: _Runner, runs: list[TrialResult], bar: Any, candidates: int = 3) -> TrialResult:
-    """The fastest few runs again on another data order; the least time of the slower order wins.
+def _confirm(runner: _Runner, runs: list[TrialResult], bar: Any, candidates: int = 3,
+             orders: int = 2) -> TrialResult:
+    """The fastest few runs again on ``orders`` other data orders; the least time of the slowest order wins.
 
     The fastest setting often sits at the edge of stability (the next lr up diverges), where
-    one lucky order is not the rule: a second order shows whether it holds, and the slower of
-    the two orders counts. All times are recomputed with the final step times.
+    one lucky order is not the rule: on the ground truth's CNN, batch 32 at lr 0.16 reached the
+    target in 89 and 105 steps on two orders and in 152–231 on four more. The slowest of three
+    orders counts, and a candidate stops being confirmed once one order misses or it can no
+    longer win. All times are recomputed with the final step times.
     """
     reached = sorted((r for r in runs if r.seconds is not None), key=lambda r: r.seconds or 0.0)
     scores = []
     for first in reached[:candidates]:
         assert first.steps is not None
-        again, _ = runner(Trial(first.batch_size, first.lr, 2 * first.steps), reorder=1)
-        runs.append(again)
-        bar.update()
-        worst = math.inf if again.steps is None else max(first.steps, again.steps)
+        worst = first.steps
+        for order in range(1, orders + 1):
+            again, _ = runner(Trial(first.batch_size, first.lr, 2 * first.steps), reorder=order)
+            runs.append(again)
+            bar.update()
+            worst = math.inf if again.steps is None else max(worst, again.steps)
+            best_so_far = min((score for score, _ in scores), default=math.inf)
+            if worst * runner.step_seconds(first.batch_size) >= best_so_far:
+                break  # it can no longer win
         scores.append((worst * runner.step_seconds(first.batch_size), first))
     for run in runs:
         if run.steps is not None:
@@ -504,7 +512,7 @@ def _reasons(runs: list[TrialResult], best: TrialResult, user: TrialResult | Non
         reasons["batch_size"] = (f"reached the target loss {target:.4g} in the least time ({best.steps} steps × "
                                  f"{best.seconds / best.steps * 1e3:.3g} ms = {best.seconds:.3g} s) of {len(runs)} "
                                  f"runs over batch sizes {sizes}, each stopped once slower than the best; the "
-                                 f"fastest three ran again on another data order, the slower of the two counting")
+                                 f"fastest three ran again on two more data orders, the slowest counting")
     else:
         reasons["batch_size"] = f"NOT a measured optimum: no run reached the target loss {target:.4g}"
     if user is None:

@@ -46,7 +46,7 @@ class TrialResult:
     seconds: float | None = None  # steps × seconds per step at the batch size: the time to target
     wall_seconds: float = 0.0  # what the run took here, checks included
     stopped: str = ""  # "target", "deadline", "budget" or "diverged"
-    reorder: int = 0  # 0: the search's data order; 1: the confirmation of a candidate on another order
+    reorder: int = 0  # 0: the search's data order; 1, 2: a candidate confirmed on other orders
 
     @property
     def reached(self) -> bool:
