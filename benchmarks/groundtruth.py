@@ -88,9 +88,20 @@ def time_of(task: Task, init: dict[str, torch.Tensor], grid: dict[str, Any], tim
         if point["batch_size"] == size and math.isclose(point["lr"], lr, rel_tol=1e-6):
             return point["steps"], point["seconds"]
     if size not in times:
-        times.update(step_seconds(task, [size]))
+        add_step_time(task, times, size)
     steps = repeated_run(task, init, size, lr, grid.get("seeds", 1))["steps"]
     return steps, None if steps is None else steps * times[size]
+
+
+def add_step_time(task: Task, times: dict[int, float], size: int) -> None:
+    """The step time of a batch size the grid has none for, timed interleaved with the nearest that it has.
+
+    The grid's times may come from another moment (a quiet machine, ``--retime``); the new size's
+    is its measured ratio to the nearest grid size, times that size's time in the grid.
+    """
+    near = min(times, key=lambda known: abs(math.log2(known / size)))
+    both = step_seconds(task, [near, size])
+    times[size] = times[near] * both[size] / both[near]
 
 
 def make_model(task: Task, init: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -158,7 +169,7 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: dict[str, Any
     tune_seconds = time.perf_counter() - begin
     steps, seconds = time_of(task, init, grid, times, report.batch_size, report.lr)
     for size in {r.batch_size for r in report.sweep} - set(times):
-        times.update(step_seconds(task, [size]))
+        add_step_time(task, times, size)
     out["tune"] = {"batch_size": report.batch_size, "lr": report.lr, "steps": steps, "seconds": seconds,
                    "wall_seconds": tune_seconds, "runs": len(report.sweep), "b_simple_probe": report.noise_scale,
                    "step_seconds": sum(r.steps_run * times[r.batch_size] for r in report.sweep),
@@ -182,7 +193,7 @@ def batchfit_side(task: Task, init: dict[str, torch.Tensor], grid: dict[str, Any
                            "steps": steps, "seconds": seconds, "probe_seconds": probe}
         else:
             for size in set(watch.sizes) - set(times):
-                times.update(step_seconds(task, [size]))
+                add_step_time(task, times, size)
             seconds = None if watch.steps is None else sum(times[s] for s in watch.sizes[: watch.steps])
             changes = [e["batch_size"] for e in trainer.history.events if e["kind"] == "batch_size"]
             out["adaptive"] = {"sizes": changes, "steps": watch.steps, "seconds": seconds,

@@ -14,6 +14,7 @@ from batchfit.measure.auto import (
     AdaptiveBatch,
     auto_lr_factor,
     batch_cost,
+    choose_batch_size,
     powers_of_two,
     round_to_power_of_two,
     rule_lr_ratio,
@@ -224,16 +225,43 @@ def test_auto_halves_the_rule_lr_where_it_diverges_and_keeps_the_batch():
 
 
 def test_auto_never_goes_below_the_base_batch():
-    # Noisy targets close to the starting weights: the noise scale at the start is a few samples, and
-    # the cost alone would pick the smallest batch; the user's lr was meant for 64.
+    # Noisy targets far from the starting weights: the noise scale there is a few samples, and the
+    # cost alone would pick the smallest batch; the user's lr was meant for 64. (Measured at the
+    # starting weights: the warm-up would take the noise scale past 64 here.)
     x, y = _linear_regression()
     model = _linear()
-    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), batch_size="auto",
-                         lr_scaling="linear", base_batch_size=64, progress=False)
-    trainer._prepare(bf.ArraySource(x, y))
-    event = trainer.history.events[0]
-    assert event["b_simple"] < 32
-    assert trainer.batcher.batch_size >= 64 and "not below base_batch_size=64" in event["reason"]
+    choice = choose_batch_size(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), bf.ArraySource(x, y),
+                               device=torch.device("cpu"), lr_scaling="linear", base_batch_size=64, warmup_steps=0)
+    assert choice.b_simple < 32
+    assert choice.batch_size >= 64 and "not below base_batch_size=64" in choice.reason
+
+
+def test_auto_measures_after_a_warm_up_and_puts_the_weights_back():
+    # Linear regression from far away: the gradient shrinks as the fit nears the noise floor while
+    # the per-sample noise stays, so the noise scale grows by an order of magnitude in a few steps.
+    x, y = _linear_regression()
+    model = _linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cold = choose_batch_size(model, F.mse_loss, optimizer, bf.ArraySource(x, y), device=torch.device("cpu"),
+                             lr_scaling="linear", base_batch_size=64, warmup_steps=0)
+    warm = choose_batch_size(model, F.mse_loss, optimizer, bf.ArraySource(x, y), device=torch.device("cpu"),
+                             lr_scaling="linear", base_batch_size=64)
+    assert warm.b_simple > 5 * cold.b_simple
+    assert warm.reason.startswith("measured after 25 steps at batch 64 with your lr")
+    assert cold.reason.startswith("measured at the starting weights")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert optimizer.state == {} and optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_auto_measures_at_the_start_when_your_lr_diverges():
+    x, y = _linear_regression(1024)
+    model = _linear()
+    choice = choose_batch_size(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=50.0), bf.ArraySource(x, y),
+                               device=torch.device("cpu"), lr_scaling="linear", base_batch_size=16)
+    assert "your lr diverged in 25 warm-up steps at batch 16" in choice.reason
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_auto_resume_keeps_the_capped_lr(tmp_path):
