@@ -464,10 +464,10 @@ def _confirm(runner: _Runner, runs: list[TrialResult], bar: Any, candidates: int
     longer win. All times are recomputed with the final step times.
     """
     reached = sorted((r for r in runs if r.seconds is not None), key=lambda r: r.seconds or 0.0)
-    scores = []
+    scores: list[tuple[float, TrialResult]] = []
     for first in reached[:candidates]:
         assert first.steps is not None
-        worst = first.steps
+        worst: float = first.steps
         for order in range(1, orders + 1):
             again, _ = runner(Trial(first.batch_size, first.lr, 2 * first.steps), reorder=order)
             runs.append(again)
