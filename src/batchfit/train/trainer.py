@@ -49,7 +49,8 @@ from .callbacks import HOOKS, Callback, overriding
 from .checks import check_objects, error_at_step, options_from
 from .epochs import EpochFeed
 from .evaluation import Evaluator
-from .guards import SignalGuard, check_losses, exit_for, non_finite_error
+from .first_batch import check_first_batch
+from .guards import SignalGuard, check_losses, exit_for, non_finite_data, non_finite_error
 from .history import History
 from .lr_control import LRControl
 from .metrics import Metric
@@ -112,6 +113,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
         self.loss_fn, self.optimizer = loss_fn, optimizer
+        self._given_loss_fn = loss_fn  # as passed; self.loss_fn may be it adapted to the data's targets
         self.callbacks = list(callbacks)
         self.loss_count = loss_count
         self.transform = transform
@@ -222,7 +224,10 @@ class Trainer:
         This process evaluates all of ``data`` by itself (no collectives), so in a distributed run
         any rank may call it, alone or with the others.
         """
-        return self.evaluator.evaluate(as_source(data, "data"), batch_size)
+        src = as_source(data, "data")
+        if self._feed is None:  # a model evaluated before (or without) training: outputs and targets checked
+            self._check_loss(src)
+        return self.evaluator.evaluate(src, batch_size)
 
     def predict(self, data: Any, batch_size: int | None = None, *, targets: bool = True) -> torch.Tensor:
         """Model outputs for every sample of ``data`` in order, concatenated on the CPU.
@@ -319,6 +324,7 @@ class Trainer:
     def _prepare(self, src: Source, saved: dict[str, Any] | None = None) -> Batcher:
         """Resolve the batch plan for ``src`` and build the batcher and the step for it."""
         o = self.options
+        self._check_loss(src)
         self.plan = plan = plan_batches(o, self.module, self.loss_fn, self.optimizer, src, self.device, self.dist,
                                         self.lr.base_lrs, saved)
         if plan.choice is not None:
@@ -352,6 +358,12 @@ class Trainer:
         self.lr.start_batch = None if plan.adaptive is None else plan.adaptive.start
         self.lr.begin(plan.batch_size)
         return self.batcher
+
+    def _check_loss(self, src: Source) -> None:
+        """Output, target and loss checked on two samples (one forward); the loss adapted where Keras would."""
+        self.loss_fn = check_first_batch(self.module, self._given_loss_fn, src, self.transform, self.device,
+                                         self.announce)
+        self.evaluator.loss_fn = self.loss_fn
 
     def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
@@ -435,7 +447,7 @@ class Trainer:
             if result.stop:
                 break  # a rank asked to stop after the previous step: every rank drops this one
             if not result.applied:
-                self._non_finite(result.value, epoch, feed, mark)
+                self._non_finite(result.value, epoch, feed, mark, batch)
                 continue
             after(batch, mark, result, used_lr)
             if distributed:
@@ -502,12 +514,19 @@ class Trainer:
         """Read back pending losses and raise on the first non-finite one (on_nan='raise')."""
         self._checked = check_losses(self.history, self._checked)
 
-    def _non_finite(self, value: float | None, epoch: int, feed: Feed, mark: Any) -> None:
-        """A step whose loss is NaN/inf: raise, or skip its batch (after rolling back, with on_nan='rollback')."""
+    def _non_finite(self, value: float | None, epoch: int, feed: Feed, mark: Any, batch: Any = None) -> None:
+        """A step whose loss is NaN/inf: raise, or skip its batch (after rolling back, with on_nan='rollback').
+
+        The batch's data is checked first (only now, when the loss went bad): NaN or inf in the
+        inputs or targets is what the error names then, with the samples, not the learning rate.
+        """
         assert value is not None
         step = self.step + 1
+        data = non_finite_data(batch, sample_ids(feed, mark))
         if self.options.on_nan == "raise":
-            raise non_finite_error(value, step, epoch)
+            raise non_finite_error(value, step, epoch, data)
+        if data:
+            logger.warning("step %d (epoch %d): %s", step, epoch, data)
         self.skipped_steps += 1
         feed.skipped(mark)  # the batch is used up: a checkpoint continues after it
         if self.options.on_nan == "rollback":
@@ -539,6 +558,16 @@ class Trainer:
         if self.dist.is_main:  # the rank that wrote the checkpoint
             logger.warning("received %s: saved %s and stopped", signal.Signals(signum).name, path)
         raise exit_for(signum)
+
+
+def sample_ids(feed: Feed, mark: Any) -> Any:
+    """The data set's indices of the batch that ended at ``mark`` (one process, batches of samples), else ``None``."""
+    batcher = getattr(feed, "batcher", None)
+    if not isinstance(feed, EpochFeed) or batcher is None or batcher.world_size != 1 \
+            or batcher.batch_tokens is not None:
+        return None
+    done = int(mark.samples_done)
+    return batcher.order()[done - int(mark.batch_size): done]
 
 
 class AfterStep:
