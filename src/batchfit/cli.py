@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchfitError as error:
         print(f"batchfit: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file that cannot be read or written (missing, no permission, a full disk)
+        print(f"batchfit: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("batchfit: interrupted", file=sys.stderr)
         return 130
@@ -111,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("config", help="the TOML file the model was trained with")
     predict.add_argument("--model", required=True, help="model.pt written by batchfit train (or a checkpoint)")
     predict.add_argument("--data", required=True, help="inputs: an .npy file, or an .npz with the config's x array")
-    predict.add_argument("--out", default="predictions.npy", help="where to write the outputs (.npy)")
+    predict.add_argument("--out", default="predictions.npy",
+                         help="where to write the outputs (.npy; with --classes also .csv); never an input file")
+    predict.add_argument("--classes", action="store_true",
+                         help="write each sample's predicted class (its name where the training data has class "
+                              "names) instead of the raw outputs; a .csv --out adds the probability")
     predict.add_argument("--threads", type=_positive, help=THREADS_HELP)
     predict.set_defaults(run=_predict)
 
@@ -202,7 +209,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import predict_config
 
-    out = predict_config(load_config(args.config), args.model, args.data, args.out)
+    out = predict_config(load_config(args.config), args.model, args.data, args.out, classes=args.classes)
     print(f"wrote {out}")
     return 0
 
@@ -233,6 +240,12 @@ def _shards_write(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
     start = time.perf_counter()
+    text_options = [f"--{name.replace('_', '-')}" for name in ("label_column", "prompt_column", "response_column",
+                                                                "classes_from", "max_length")
+                    if getattr(args, name) is not None] + (["--text-column"] if args.text_column != "text" else [])
+    if args.tokenizer is None and text_options:
+        raise BatchfitError(f"`--tokenizer` is required with {text_options[0]}: texts are stored as the model's "
+                            f"token ids (give smollm2, minilm, a local folder or .gguf file)")
     if args.tokenizer is not None or args.input.lower().endswith((".txt", ".jsonl")):
         return _text_shards_write(args, start)
     images = {}

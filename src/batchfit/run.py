@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -102,25 +103,95 @@ def evaluate_config(config: Config, model_path: str | Path) -> dict[str, float]:
     return trainer.evaluate(val if val is not None else train)
 
 
-def predict_config(config: Config, model_path: str | Path, data_path: str | Path, out: str | Path) -> Path:
-    """``batchfit predict``: outputs of the saved model for the inputs in ``data_path`` (.npy, or the x of an .npz)."""
-    trainer, _, _ = build_run(config)
-    load_model(model_path, trainer.module)
-    path = Path(data_path)
+def predict_config(config: Config, model_path: str | Path, data_path: str | Path, out: str | Path,
+                   classes: bool = False) -> Path:
+    """``batchfit predict``: outputs of the saved model for the inputs in ``data_path`` (.npy, or the x of an .npz).
+
+    ``out`` is an .npy file of the outputs, or with ``classes`` of each sample's predicted class
+    (its name where the training data names classes) — an .npy of names, or a .csv of
+    ``class,probability`` lines. Nothing is written over an input (``--data``, ``--model``, the
+    config), and nothing at all when the inputs are refused.
+    """
+    path, out = Path(data_path), Path(out)
     if not path.is_file():
         raise ConfigError(f"`--data`: file not found: {path}")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            key = config["data"]["x"]
-            if key not in archive.files:
-                raise ConfigError(f"`--data`: {path} has no array {key!r} (has {sorted(archive.files)})")
-            inputs = archive[key]
-    else:
-        inputs = np.load(path, allow_pickle=False)
+    _refuse_overwriting_inputs(out, {"--data": path, "--model": Path(model_path), "config": config.path})
+    suffixes = (".npy", ".csv") if classes else (".npy",)
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"`--out` must be a {' or '.join(suffixes)} file. Received: --out {out}")
+    if out.is_dir():
+        raise ConfigError(f"`--out` must be a file to write. Received: --out {out}, which is a folder")
+    inputs = _read_inputs(config, path)
+    trainer, train, _ = build_run(config)
+    load_model(model_path, trainer.module)
     outputs = trainer.predict(inputs).numpy()
-    out = Path(out)
-    atomic_write(out, lambda handle: np.save(handle, outputs))
+    write: Any
+    if classes:
+        names = getattr(train, "classes", None) if not isinstance(train, tuple) else None
+        if outputs.ndim != 2 or outputs.shape[1] < 2:
+            raise ConfigError(f"`--classes` needs a classifier's outputs (one score per class); this model outputs "
+                              f"shape {outputs.shape[1:]} a sample")
+        scores = torch.softmax(torch.from_numpy(outputs).float(), dim=1)
+        probability, index = scores.max(dim=1)
+        labels = [str(names[i]) if names and i < len(names) else str(i) for i in index.tolist()]
+        if out.suffix.lower() == ".csv":
+            lines = "class,probability\n" + "".join(f"{_csv_field(n)},{p:.6g}\n"
+                                                    for n, p in zip(labels, probability.tolist()))
+
+            def write(handle: Any) -> None:
+                handle.write(lines)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out, write, text=True)
+            return out
+        array = np.asarray(labels) if names else index.numpy()
+
+        def write(handle: Any) -> None:
+            np.save(handle, array)
+    else:
+        def write(handle: Any) -> None:
+            np.save(handle, outputs)
+    out.parent.mkdir(parents=True, exist_ok=True)  # a new folder for the predictions is made
+    atomic_write(out, write)
     return out
+
+
+def _csv_field(text: str) -> str:
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+def _refuse_overwriting_inputs(out: Path, inputs: dict[str, Path]) -> None:
+    """``--out`` must not be one of the command's input files (it would be replaced by the outputs)."""
+    for name, path in inputs.items():
+        same = out.resolve() == path.resolve()
+        if not same and out.exists() and path.exists():
+            same = out.samefile(path)
+        if same:
+            raise ConfigError(f"`--out` {out} is the {name} file: predictions never overwrite an input. "
+                              f"Give another --out (e.g. predictions.npy)")
+
+
+def _read_inputs(config: Config, path: Path) -> np.ndarray:
+    """The inputs of ``batchfit predict --data``: an .npy array, or an .npz's x array; numbers only."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                key = config["data"]["x"]
+                if key not in archive.files:
+                    raise ConfigError(f"`--data`: {path} has no array {key!r} (has {sorted(archive.files)})")
+                inputs = archive[key]
+        else:
+            inputs = np.load(path, allow_pickle=False)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        why = "it holds Python objects (an object array), not numbers" if "allow_pickle" in str(error) else \
+            f"{type(error).__name__}: {error}"
+        raise ConfigError(f"`--data`: {path} is not a NumPy array of numbers: {why}") from None
+    if not isinstance(inputs, np.ndarray) or inputs.dtype.kind not in "biuf" or inputs.ndim == 0:
+        what = f"dtype {inputs.dtype}" if isinstance(inputs, np.ndarray) else type(inputs).__name__
+        raise ConfigError(f"`--data`: {path} must hold an array of numbers with a sample dimension. Received: "
+                          f"{what}" + (", 0-d" if isinstance(inputs, np.ndarray) and inputs.ndim == 0 else ""))
+    return inputs
 
 
 def tune_config(config: Config) -> str:

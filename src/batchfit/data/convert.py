@@ -185,7 +185,18 @@ def _npz_batches(path: Path, target: str | int | None) -> Iterator[Any]:
 
 
 def _csv_batches(path: Path, target: str | int | None, delimiter: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    with open(path, encoding="utf-8") as f:
+    try:
+        yield from _csv_rows(path, target, delimiter)
+    except UnicodeDecodeError as error:
+        from .text import first_bad_line
+
+        line, raw = first_bad_line(path)
+        raise BatchfitError(f"{path}" + (f", line {line}" if line else "") + f" is not UTF-8 text ({error.reason} "
+                            f"near {raw[:60]!r}): save the file as UTF-8") from None
+
+
+def _csv_rows(path: Path, target: str | int | None, delimiter: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    with open(path, encoding="utf-8-sig") as f:
         first = f.readline()
         fields = [field.strip().strip('"') for field in first.rstrip("\r\n").split(delimiter)]
         header = None if all(_is_number(field) for field in fields) else fields
@@ -225,7 +236,11 @@ def _parse_csv(lines: list[str], delimiter: str, columns: int, path: Path, line:
     try:
         rows = np.loadtxt(lines, delimiter=delimiter, dtype=np.float64, ndmin=2, quotechar='"')
     except ValueError as error:
-        raise BatchfitError(f"{path}, lines {line}-{line + len(lines) - 1}: {error}") from None
+        hint = ""
+        if "could not convert" in str(error):
+            hint = (" (shards write reads a .csv as numbers; for a .csv of texts give --tokenizer and "
+                    "--text-column/--label-column, see docs/text.md)")
+        raise BatchfitError(f"{path}, lines {line}-{line + len(lines) - 1}: {error}{hint}") from None
     if rows.shape[1] != columns:
         raise expected(f"{path}, lines {line}-{line + len(lines) - 1}", f"{columns} columns", rows.shape[1])
     return rows

@@ -15,6 +15,7 @@ from ..data.prefetch import device_prefetch
 from ..data.sources import Source
 from ..distributed import DistContext
 from ..errors import BatchfitError
+from .first_batch import explain_forward_error
 from .metrics import Metric, MetricSums, correct_count, is_classification, is_stateful
 
 
@@ -107,9 +108,15 @@ class Evaluator:
                     n = batch_len(batch)
                     if n == 0:  # this rank's share of a last batch smaller than the world
                         continue
-                    with autocast(self.precision, self.device.type):
-                        output = forward(self.module, batch) if targets or isinstance(batch, dict) \
-                            else self.module(*batch)
+                    try:
+                        with autocast(self.precision, self.device.type):
+                            output = forward(self.module, batch) if targets or isinstance(batch, dict) \
+                                else self.module(*batch)
+                    except (RuntimeError, IndexError) as error:  # the data's width against the first layer, in words
+                        explained = explain_forward_error(self.module, batch, error, targets)
+                        if explained is None:
+                            raise
+                        raise explained from error
                     yield output, batch, n
         finally:
             self.module.train(was_training)

@@ -109,6 +109,7 @@ def check_first_batch(model: torch.nn.Module, loss_fn: LossFn | None, src: Sourc
             if explained is None:
                 return loss_fn  # not a mismatch of data and model: the first step raises it, naming the step
             raise explained from error
+        assert isinstance(batch, tuple)
         return _check_output(model, loss_fn, output, batch, tell)
     finally:
         model.train(was_training)
@@ -122,18 +123,18 @@ def _check_output(model: torch.nn.Module, loss_fn: LossFn, output: Any, batch: t
         try:
             loss_fn(output, target)
         except Exception as error:  # noqa: BLE001 - any failure: the loss cannot take this output
-            kind = type(output).__name__
+            returned = type(output).__name__
             parts = ""
             if isinstance(output, (tuple, list)):
                 parts = " of " + ", ".join(f"{tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__
                                            for o in output)
             raise BatchfitError(
-                f"the model returns a {kind}{parts}, which `loss_fn` ({loss_name(loss_fn)}) cannot take "
+                f"the model returns a {returned}{parts}, which `loss_fn` ({loss_name(loss_fn)}) cannot take "
                 f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}). "
                 f"Return one tensor from forward(), or pass a loss that picks the output, e.g. "
                 f"loss_fn=lambda out, y: F.cross_entropy(out[0], y)") from error
         return loss_fn
-    kind = loss_kind(loss_fn)
+    kind: str | None = loss_kind(loss_fn)
     adapted: LossFn = loss_fn
     if kind == "classes":
         adapted = _classes(loss_fn, output, target, tell)
@@ -229,11 +230,15 @@ def first_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def explain_forward_error(model: torch.nn.Module, batch: Batch, error: BaseException) -> BatchfitError | None:
+def explain_forward_error(model: torch.nn.Module, batch: Batch, error: BaseException,
+                          targets: bool = True) -> BatchfitError | None:
     """A forward failure that is the data's width (or channels) against the model's first layer, told in
     words; ``None`` when it is something else."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    inputs = list(batch.values()) if isinstance(batch, dict) else list(batch[:-1] if len(batch) > 1 else batch)
+    if isinstance(batch, dict):
+        inputs = list(batch.values())
+    else:
+        inputs = list(batch[:-1] if len(batch) > 1 and targets else batch)
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         return None
     x = inputs[0]
