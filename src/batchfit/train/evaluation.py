@@ -63,6 +63,8 @@ class Evaluator:
             # The mean over tokens when the loss counts tokens, as in training.
             sums.add("loss", loss, self._count(batch, n))
             target = target_of(batch)
+            if target is not None and getattr(self.loss_fn, "flatten", False):  # class indices of shape (N, 1)
+                target = target.reshape(target.shape[0])
             scores = _scores(output)  # a Hugging Face classifier's .logits count too
             if scores is not None and not has_token_labels(batch) and is_classification(scores, target):
                 assert target is not None

@@ -74,30 +74,57 @@ class AdaptedLoss:
 
 
 def shapes(batch: Batch) -> str:
-    """``(2, 5):float32, (2,):int64`` — a batch's shapes and dtypes, for messages."""
-    tensors = batch.values() if isinstance(batch, dict) else batch
-    return ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in tensors)
+    """``x (5,) float32, y () int64`` — a batch's per-sample shapes and dtypes, for messages."""
+    items = batch.items() if isinstance(batch, dict) else (
+        (("x" if i < len(batch) - 1 or len(batch) == 1 else "y") + (str(i) if len(batch) > 2 and i < len(batch) - 1
+                                                                     else ""), t) for i, t in enumerate(batch))
+    return ", ".join(f"{name} {tuple(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for name, t in items
+                     if isinstance(t, torch.Tensor))
+
+
+def batch_dependent(model: torch.nn.Module) -> list[str]:
+    """Names of the modules whose output in train mode depends on the other samples of the batch
+    (BatchNorm and its kin: they normalise by the batch's statistics)."""
+    return [f"{name} ({type(module).__name__})" if name else type(module).__name__
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.batchnorm._LazyNormBase))
+            or type(module).__name__ in ("GhostBatchNorm", "SyncBatchNorm")]
+
+
+def summary(model: torch.nn.Module, optimizer: Any, src: Source, described: str, batch_size: int,
+            micro_batch_size: int | None, steps: int, device: torch.device) -> str:
+    """The run at a glance (printed once at its start when the progress bar is on)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    groups = getattr(optimizer, "param_groups", [{}])
+    lr = groups[0].get("lr") if groups else None
+    micro = f" in micro-batches of {micro_batch_size}" if micro_batch_size else ""
+    return (f"model {type(model).__name__}: {total:,} parameters ({trainable:,} trainable) on {device}\n"
+            f"data: {len(src):,} samples of {described or 'unknown shape'}\n"
+            f"plan: batch_size {batch_size}{micro}, {steps:,} steps an epoch, {type(optimizer).__name__} lr {lr}")
 
 
 def check_first_batch(model: torch.nn.Module, loss_fn: LossFn | None, src: Source,
                       transform: Callable[[Batch], Batch] | None, device: torch.device,
-                      tell: Callable[[str], None]) -> LossFn | None:
-    """The loss to train with: ``loss_fn``, or it adapted to the data's targets (told through ``tell``).
+                      tell: Callable[[str], None]) -> tuple[LossFn | None, str]:
+    """The loss to train with — ``loss_fn``, or it adapted to the data's targets (told through ``tell``) —
+    and the shapes and dtypes of a sample batch (for the run's summary; ``""`` when none was gathered).
 
     Raises :class:`~batchfit.BatchfitError` naming the shapes when output, target and loss
     do not fit. Tuple batches with a ``loss_fn`` only: dict batches (a model computing its own
     loss) are the model's business.
     """
-    if loss_fn is None or len(src) == 0 or isinstance(loss_fn, AdaptedLoss):
-        return loss_fn
+    if len(src) == 0 or isinstance(loss_fn, AdaptedLoss):
+        return loss_fn, ""
     state = rng_state()
     was_training = model.training
     try:
         batch = src.gather(np.arange(min(CHECK_SAMPLES, len(src)), dtype=np.int64))
         if transform is not None:
             batch = transform(batch)
-        if isinstance(batch, dict) or len(batch) < 2:
-            return loss_fn
+        described = shapes(batch)
+        if loss_fn is None or isinstance(batch, dict) or len(batch) < 2:
+            return loss_fn, described
         batch = to_device(batch, device, param_dtype(model))
         model.eval()
         try:
@@ -107,10 +134,10 @@ def check_first_batch(model: torch.nn.Module, loss_fn: LossFn | None, src: Sourc
                 raise
             explained = explain_forward_error(model, batch, error)
             if explained is None:
-                return loss_fn  # not a mismatch of data and model: the first step raises it, naming the step
+                return loss_fn, described  # not the data against the model: the first step raises it, naming the step
             raise explained from error
         assert isinstance(batch, tuple)
-        return _check_output(model, loss_fn, output, batch, tell)
+        return _check_output(model, loss_fn, output, batch, tell), described
     finally:
         model.train(was_training)
         set_rng_state(state)
@@ -208,7 +235,7 @@ def _classes(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor, tell: 
         raise BatchfitError(
             f"`loss_fn` ({name}) needs one output per class, but the model outputs shape {tuple(output.shape)}: "
             f"one class, whose cross-entropy is always 0. Give the model as many outputs as classes "
-            f"(e.g. out_features={max(2, int(target.max()) + 1) if target.numel() else 2}), or for a yes/no "
+            f"(out_features = the number of classes), or for a yes/no "
             f"target use binary_cross_entropy_with_logits (bce_with_logits) with float targets")
     if output.dim() == 2 and target.dim() == 2 and target.shape[1] == 1:
         tell(f"class indices of shape (N, 1) taken as (N,) for {name}")

@@ -49,7 +49,7 @@ from .callbacks import HOOKS, Callback, overriding
 from .checks import check_objects, error_at_step, options_from
 from .epochs import EpochFeed
 from .evaluation import Evaluator
-from .first_batch import check_first_batch
+from .first_batch import batch_dependent, check_first_batch, summary
 from .guards import SignalGuard, check_losses, exit_for, non_finite_data, non_finite_error
 from .history import History
 from .lr_control import LRControl
@@ -80,7 +80,7 @@ class Trainer:
         self,
         model: torch.nn.Module,
         loss_fn: LossFn | None,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
         lr_schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
         callbacks: Sequence[Callback] = (),
@@ -92,6 +92,10 @@ class Trainer:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise expected("model", "a torch.nn.Module", type(model).__name__)
+        self.can_train = optimizer is not None  # without an optimizer: evaluate and predict only
+        if optimizer is None:  # a placeholder that never steps, so that everything else stays as it is
+            params = [p for p in model.parameters()] or [torch.nn.Parameter(torch.zeros(0))]
+            optimizer = torch.optim.SGD(params, lr=0.0)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise expected("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__)
         if loss_fn is not None and not callable(loss_fn):
@@ -181,6 +185,9 @@ class Trainer:
         ``until(trainer) -> bool`` asked before each batch) or SIGTERM/SIGINT; events are
         acknowledged only after a checkpoint that includes their updates (see :mod:`.stream_loop`).
         """
+        if not self.can_train:
+            raise expected("optimizer", "a torch.optim.Optimizer to train with (this Trainer was made without one: "
+                           "it evaluates and predicts only)", None)
         check_resume(resume, self.checkpoint_dir)
         stream = isinstance(train, StreamSource)
         if stream:
@@ -324,7 +331,7 @@ class Trainer:
     def _prepare(self, src: Source, saved: dict[str, Any] | None = None) -> Batcher:
         """Resolve the batch plan for ``src`` and build the batcher and the step for it."""
         o = self.options
-        self._check_loss(src)
+        described = self._check_loss(src)
         self.plan = plan = plan_batches(o, self.module, self.loss_fn, self.optimizer, src, self.device, self.dist,
                                         self.lr.base_lrs, saved)
         if plan.choice is not None:
@@ -349,6 +356,7 @@ class Trainer:
                             micro_batch_size=plan.micro_batch_size, micro_batch_tokens=plan.micro_batch_tokens,
                             max_grad_norm=o.max_grad_norm, world_size=self.dist.world_size,
                             loss_count=self.loss_count, sum_over_ranks=self.dist.sum_later)
+        self._tell_plan(src, described, plan, self.batcher)
         self._agreement = distributed.StepAgreement(self.dist, self.device) if self.dist.enabled else None
         if plan.adaptive is not None:
             self.noise_tracker = plan.adaptive.tracker
@@ -359,11 +367,31 @@ class Trainer:
         self.lr.begin(plan.batch_size)
         return self.batcher
 
-    def _check_loss(self, src: Source) -> None:
-        """Output, target and loss checked on two samples (one forward); the loss adapted where Keras would."""
-        self.loss_fn = check_first_batch(self.module, self._given_loss_fn, src, self.transform, self.device,
-                                         self.announce)
+    def _check_loss(self, src: Source) -> str:
+        """Output, target and loss checked on two samples (one forward); the loss adapted where Keras would.
+        Returns the data's shapes and dtypes, in words."""
+        self.loss_fn, described = check_first_batch(self.module, self._given_loss_fn, src, self.transform,
+                                                    self.device, self.announce)
         self.evaluator.loss_fn = self.loss_fn
+        return described
+
+    def _tell_plan(self, src: Source, described: str, plan: BatchPlan, batcher: Batcher) -> None:
+        """The run's summary (with the progress bar only), and a warning where micro-batches change the result."""
+        if self.progress:
+            self.announce(summary(self.module, self.optimizer, src, described, plan.batch_size,
+                                  plan.micro_batch_size, len(batcher), self.device))
+        split = plan.micro_batch_size is not None or plan.micro_batch_tokens is not None
+        if split:
+            found = batch_dependent(self.module)
+            if found:
+                how = (f"micro_batch_size={plan.micro_batch_size}" if plan.micro_batch_size is not None
+                       else f"micro_batch_tokens={plan.micro_batch_tokens}")
+                names = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+                logger.warning("%s splits each batch of %d, and the model has modules that normalise by the "
+                               "batch's statistics (%s): each piece is normalised by its own, so the outputs, "
+                               "gradients and running statistics differ from one whole batch's. Splitting keeps "
+                               "the result only for models without batch statistics: use GroupNorm or LayerNorm, "
+                               "or train without micro-batches", how, plan.batch_size, names)
 
     def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
