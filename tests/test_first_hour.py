@@ -83,7 +83,8 @@ API_REFUSED = {
     "a lambda around mse, too wide": (lambda: fit(linear(5, 3), (X, Y_REG), lambda o, y: F.mse_loss(o, y)),
                                       r"output of shape \(2, 3\) with targets of shape \(2,\)"),
     "cross-entropy with one output": (lambda: fit(linear(5, 1), (X, Y_CLS)),
-                                      r"one output per class, but the model outputs shape \(2, 1\).*out_features = the number of classes"),
+                                      r"one output per class, but the model outputs shape \(2, 1\)"
+                                      r".*out_features = the number of classes"),
     "cross-entropy, 3-d class indices": (lambda: fit(linear(5, 6), (X, np.zeros((64, 2, 3), np.int64))),
                                          r"Received: output \(2, 6\), targets \(2, 2, 3\)"),
     "model returns a tuple": (lambda: fit(Returns(lambda out: (out, out.sum())), (X, Y_CLS)),
@@ -275,7 +276,8 @@ def _trained(tmp_path: Path, capsys: pytest.CaptureFixture[str], **config: Any) 
 CONFIG_REFUSED = {
     "negative lr": ("lr = -1.0", r"`optimizer.lr` must be a finite, non-negative number.*lr=-1.0"),
     "nan lr": ("lr = nan", r"`optimizer.lr` must be .*lr=nan"),
-    "torch refuses an argument": ("lr = 0.1\nargs = { betas = [2.0, 0.9] }", r"`optimizer.args` do not fit 'adam'.*beta"),
+    "torch refuses an argument": ("lr = 0.1\nargs = { betas = [2.0, 0.9] }",
+                                  r"`optimizer.args` do not fit 'adam'.*beta"),
 }
 
 
@@ -500,3 +502,110 @@ def test_text_longer_than_the_model_is_cut_to_its_limit_with_a_warning(tmp_path:
     assert source.gather(np.arange(2))["input_ids_lengths"].tolist() == [6, 4]
     assert "1 samples cut to 6 tokens, the tokenizer's model_max_length" in caplog.text
     assert source.metadata["max_length"] == 6
+
+
+# ------------------------------------------------------------------ image folders
+def _image_folder(root: Path, gray_first: bool = True, colour: int = 3, size: int = 12) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(colour):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"c{i}.png")
+    if gray_first:
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / "cat" / "a_gray.png")
+    return root
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["encoded", "decoded"])
+def test_one_grayscale_image_does_not_make_a_colour_set_grayscale(tmp_path: Path, decode: bool) -> None:
+    folder = _image_folder(tmp_path / "img")
+    source = bf.images.write_image_shards(folder, tmp_path / "out", decode=decode, workers=0, progress=False)
+    assert source.metadata["images"]["mode"] == "RGB"
+    images = bf.images.ImageSource(source, bf.images.eval_transform(8))
+    assert images.gather(np.arange(len(images)))[0].shape == (7, 3, 8, 8)
+
+
+def test_grayscale_sets_and_an_explicit_mode(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "gray"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / name / "x.png")
+    source = bf.images.write_image_shards(root, tmp_path / "out", workers=0, progress=False)
+    assert source.metadata["images"]["mode"] == "L"
+    colour = bf.images.write_image_shards(_image_folder(tmp_path / "img"), tmp_path / "out2", mode="L", workers=0,
+                                          progress=False, decode=True)
+    assert colour.metadata["images"]["mode"] == "L" and colour.gather(np.arange(2))[0].shape[1] == 1
+    with pytest.raises(bf.BatchfitError, match=r"`mode` must be one of 'RGB', 'L'\. Received: mode='CMYK'"):
+        bf.images.write_image_shards(root, tmp_path / "out3", mode="CMYK", workers=0, progress=False)
+    assert not (tmp_path / "out3").exists()
+
+
+def test_a_16_bit_png_is_scaled_not_white(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "deep"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        ramp = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+        Image.fromarray(ramp).save(root / name / "x.png")  # a 16-bit grayscale PNG
+    for decode in (True, False):
+        out = tmp_path / f"out{decode}"
+        source = bf.images.write_image_shards(root, out, decode=decode, workers=0, progress=False)
+        pixels = bf.images.decode(source.gather(np.arange(1)))[0] if not decode else \
+            source.gather(np.arange(1))[0][0].numpy().transpose(1, 2, 0)
+        assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255 and 100 < pixels.mean() < 155
+
+
+def test_a_decompression_bomb_first_is_skipped_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    folder = _image_folder(tmp_path / "img", gray_first=False, size=10)
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(folder / "cat" / "0_bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3600 pixels > twice that: a bomb
+    with pytest.raises(bf.BatchfitError, match=r"Image .*0_bomb\.png cannot be read: DecompressionBombError"):
+        bf.images.write_image_shards(folder, tmp_path / "refused", workers=0, progress=False)
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(UserWarning, match="skipped image .*0_bomb.png"):
+        source = bf.images.write_image_shards(folder, tmp_path / "out", on_corrupt="skip", workers=0, progress=False)
+    assert len(source) == 6 and source.metadata["images"]["skipped"][0]["file"].endswith("0_bomb.png")
+
+
+def test_a_bit_rotted_image_in_the_shards_names_its_sample(tmp_path: Path) -> None:
+    source = bf.images.write_image_shards(_image_folder(tmp_path / "img", gray_first=False), tmp_path / "out",
+                                          workers=0, progress=False)
+    values = next(p for p in (tmp_path / "out").glob("shard-*.npy") if "offsets" not in p.name and
+                  np.load(p, mmap_mode="r").dtype == np.uint8)
+    offsets = np.load(str(values).replace(".npy", ".offsets.npy"))
+    data = np.load(values, mmap_mode="r+")
+    data[offsets[4]: offsets[4] + 16] = 0  # sample 4's PNG signature and header: rotten
+    data.flush()
+    del data
+    images = bf.images.ImageSource(tmp_path / "out", bf.images.eval_transform(8))
+    with pytest.raises(bf.BatchfitError, match=r"out: the image of sample 4 cannot be decoded "
+                                               r"\(UnidentifiedImageError.*batchfit shards verify"):
+        images.gather(np.arange(len(source)))
+
+
+def test_an_empty_class_folder_is_refused(tmp_path: Path) -> None:
+    folder = _image_folder(tmp_path / "img")
+    (folder / "empty").mkdir()
+    with pytest.raises(bf.BatchfitError, match=r"class sub-folder\(s\) .*img/empty of .* hold no images"):
+        bf.images.write_image_shards(folder, tmp_path / "out", workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinks_out_of_the_folder_only_on_request(tmp_path: Path) -> None:
+    folder = _image_folder(tmp_path / "img", gray_first=False)
+    outside = _image_folder(tmp_path / "elsewhere", gray_first=False)
+    (folder / "dog" / "z_link.png").symlink_to(outside / "dog" / "c0.png")
+    (folder / "cat" / "inside.png").symlink_to(folder / "cat" / "c0.png")  # within the folder: fine
+    with pytest.raises(bf.BatchfitError, match=r"1 image\(s\) of .*img are symbolic links out of it, e\.g\. "
+                                               r".*z_link\.png -> .*elsewhere/dog/c0\.png.*follow_symlinks=True"):
+        bf.images.write_image_shards(folder, tmp_path / "out", workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+    source = bf.images.write_image_shards(folder, tmp_path / "out", workers=0, progress=False, follow_symlinks=True)
+    assert len(source) == 8

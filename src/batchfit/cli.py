@@ -140,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--max-side", type=_positive, help="re-encode images whose longer side exceeds this")
     write.add_argument("--on-corrupt", choices=("error", "skip"), default="error",
                        help="an image that cannot be decoded: refuse the folder (default) or skip it with a warning")
+    write.add_argument("--mode", choices=("RGB", "L"),
+                       help="colour mode of every image (default: L when every image is grayscale, else RGB)")
+    write.add_argument("--follow-symlinks", action="store_true",
+                       help="read images that are symbolic links out of the folder (refused by default)")
     write.add_argument("--workers", type=int, help="processes decoding images (default: CPU count, at most 8)")
     write.add_argument("--shard-size", type=int, help="samples per shard file")
     write.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at OUT")
@@ -251,7 +255,8 @@ def _shards_write(args: argparse.Namespace) -> int:
     images = {}
     if os.path.isdir(args.input):  # an image folder: encoded bytes unless decoded pixels are asked for
         images = dict(encoded=not (args.decode or args.image_size), max_side=args.max_side,
-                      on_corrupt=args.on_corrupt, workers=args.workers, progress=True)
+                      on_corrupt=args.on_corrupt, workers=args.workers, progress=True, mode=args.mode,
+                      follow_symlinks=args.follow_symlinks)
     try:
         source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
                          shard_size=args.shard_size, overwrite=args.overwrite, **images)

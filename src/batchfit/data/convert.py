@@ -10,7 +10,7 @@ Inputs are read piece by piece, so they may be larger than memory:
   index, default the last column) becomes ``y``, the other columns ``x`` (float32). ``y`` is
   int64 when the first rows hold whole numbers (class labels), else float32.
 - a folder with one sub-folder per class: images decoded with Pillow to ``uint8`` arrays of
-  shape ``(channels, height, width)`` (grayscale when the first image is, else RGB), with
+  shape ``(channels, height, width)`` (grayscale when every image is, else RGB), with
   ``int64`` labels in the sorted order of the class names, which the manifest keeps; or, with
   ``encoded=True``, each file's encoded bytes (see :mod:`batchfit.data.images`).
 """
@@ -47,13 +47,16 @@ def convert(
     on_corrupt: str = "error",
     workers: int | None = None,
     progress: bool = False,
+    mode: str | None = None,
+    follow_symlinks: bool = False,
 ) -> ShardSource:
     """Write the ``.npy``/``.npz``/``.csv``/``.tsv`` file or image folder ``in_path`` as shards.
 
     ``target`` picks the target array or column (see the module docstring); ``image_size``
     (``int`` or ``(height, width)``) resizes images, which must otherwise all have the size of
     the first one. An image folder is stored decoded, or with ``encoded=True`` as each file's
-    bytes (re-encoded past ``max_side``); ``on_corrupt``, ``workers`` and ``progress`` are those
+    bytes (re-encoded past ``max_side``); ``on_corrupt``, ``workers``, ``progress``, ``mode`` and
+    ``follow_symlinks`` are those
     of :func:`~batchfit.data.images.write_image_shards`. Returns the new folder opened as a
     :class:`ShardSource`.
     """
@@ -71,7 +74,7 @@ def convert(
             raise expected("target", "None for an image folder (labels come from sub-folders)", target)
         return write_image_shards(in_path, out_path, decode=not encoded, image_size=image_size, max_side=max_side,
                                   on_corrupt=on_corrupt, workers=workers, progress=progress, shard_size=shard_size,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, mode=mode, follow_symlinks=follow_symlinks)
     batches: Iterator[Any]
     if suffix == ".npy":
         batches = _npy_batches(in_path, target)
