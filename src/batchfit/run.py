@@ -24,6 +24,7 @@ from .config import (
     trainer_options,
 )
 from .core.durable import atomic_write
+from .data.text import TEXT_SUFFIXES
 from .errors import ConfigError
 from .report import tune
 from .train.callbacks import CSVLogger
@@ -121,7 +122,16 @@ def predict_config(config: Config, model_path: str | Path, data_path: str | Path
         raise ConfigError(f"`--out` must be a {' or '.join(suffixes)} file. Received: --out {out}")
     if out.is_dir():
         raise ConfigError(f"`--out` must be a file to write. Received: --out {out}, which is a folder")
-    inputs = _read_inputs(config, path)
+    text_model = config["model"]["name"] == "text"
+    inputs: Any
+    if text_model and path.suffix.lower() in TEXT_SUFFIXES:  # texts, tokenised as the training shards were
+        inputs = _tokenised(load_train_val(config)[0], path)
+    else:
+        inputs = _read_inputs(config, path)
+        if text_model and (inputs.dtype.kind not in "iu" or inputs.ndim != 2):
+            raise ConfigError(f"`--data`: a text model takes texts (a .txt, .csv or .jsonl file) or token ids (an "
+                              f"integer array of shape (samples, tokens)). Received: {path}, an array of shape "
+                              f"{inputs.shape} and dtype {inputs.dtype}")
     trainer, train, _ = build_run(config)
     load_model(model_path, trainer.module)
     outputs = trainer.predict(inputs).numpy()
@@ -153,6 +163,29 @@ def predict_config(config: Config, model_path: str | Path, data_path: str | Path
     out.parent.mkdir(parents=True, exist_ok=True)  # a new folder for the predictions is made
     atomic_write(out, write)
     return out
+
+
+def _tokenised(train: Any, path: Path) -> dict[str, np.ndarray]:
+    """The texts of ``path`` (its ``text`` column, or its lines) as padded token ids and their lengths, by the
+    tokenizer (and ``max_length``) the training shards were written with."""
+    from .data.text import default_max_length, load_tokenizer, read_records
+
+    metadata = getattr(train, "metadata", None) or {}
+    name = metadata.get("tokenizer")
+    if not name:
+        raise ConfigError(f"`--data`: {path} holds texts, but the training data records no tokenizer to read them "
+                          f"with; give token ids (an .npy of integers) instead")
+    tokenizer = load_tokenizer(name)
+    texts = [str(record.get("text") or "") for _, record in read_records(path, ["text"])]
+    if not texts:
+        raise ConfigError(f"`--data`: {path} holds no text")
+    limit = metadata.get("max_length") or default_max_length(tokenizer)
+    encoded = tokenizer(texts, truncation=limit is not None, max_length=limit)["input_ids"]
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    ids = np.full((len(encoded), max(1, int(lengths.max()))), int(metadata.get("pad_token_id") or 0), np.int64)
+    for row, sequence in enumerate(encoded):
+        ids[row, : len(sequence)] = sequence
+    return {"input_ids": ids, "input_ids_lengths": lengths}
 
 
 def _csv_field(text: str) -> str:
