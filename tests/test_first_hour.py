@@ -58,6 +58,18 @@ class Returns(torch.nn.Module):
         return self.make(self.layer(x))
 
 
+class OwnLoss(torch.nn.Module):
+    """A model of dict batches that computes its own loss, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.head(self.embed(input_ids).mean(1))
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
 def nan_at(rows: list[int]) -> np.ndarray:
     x = X.copy()
     x[rows, 1] = np.nan
@@ -85,6 +97,8 @@ API_REFUSED = {
     "cross-entropy with one output": (lambda: fit(linear(5, 1), (X, Y_CLS)),
                                       r"one output per class, but the model outputs shape \(2, 1\)"
                                       r".*out_features = the number of classes"),
+    "cross-entropy of a regression target": (lambda: fit(linear(5, 1), (X, Y_REG)),
+                                             r"one output per class.*For real-valued targets \(regression\) use mse"),
     "cross-entropy, 3-d class indices": (lambda: fit(linear(5, 6), (X, np.zeros((64, 2, 3), np.int64))),
                                          r"Received: output \(2, 6\), targets \(2, 2, 3\)"),
     "model returns a tuple": (lambda: fit(Returns(lambda out: (out, out.sum())), (X, Y_CLS)),
@@ -99,6 +113,9 @@ API_REFUSED = {
         lambda: fit(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)),
                     (np.full((8, 3), 12, np.int64), Y_CLS[:8])),
         r"token ids go up to 12, but the model's embedding Embedding\(10, 4\) has 10 rows"),
+    "token ids beyond the vocabulary, model's own loss": (
+        lambda: fit(OwnLoss(), {"input_ids": np.full((8, 3), 12, np.int64), "labels": Y_CLS[:8]}, None),
+        r"step 1 \(epoch 1\): index out of range in self: an embedding got an index past its table"),
     "fit without an optimizer": (lambda: bf.Trainer(linear(), F.cross_entropy).fit((X, Y_CLS)),
                                  r"`optimizer` must be a torch.optim.Optimizer to train with"),
 }

@@ -229,14 +229,16 @@ def _elementwise(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor, te
 def _classes(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor, tell: Callable[[str], None]) -> LossFn:
     """Cross-entropy: class indices of shape (N, 1) flattened; one output column or other shapes refused."""
     name = loss_name(loss_fn)
-    if target.is_floating_point():
-        return loss_fn  # class probabilities, or float labels (told at the first step)
     if output.dim() == 2 and output.shape[1] == 1:
+        regression = " For real-valued targets (regression) use mse (loss.name = \"mse\")." \
+            if target.is_floating_point() else ""
         raise BatchfitError(
             f"`loss_fn` ({name}) needs one output per class, but the model outputs shape {tuple(output.shape)}: "
             f"one class, whose cross-entropy is always 0. Give the model as many outputs as classes "
             f"(out_features = the number of classes), or for a yes/no "
-            f"target use binary_cross_entropy_with_logits (bce_with_logits) with float targets")
+            f"target use binary_cross_entropy_with_logits (bce_with_logits) with float targets.{regression}")
+    if target.is_floating_point():
+        return loss_fn  # class probabilities, or float labels (told at the first step)
     if output.dim() == 2 and target.dim() == 2 and target.shape[1] == 1:
         tell(f"class indices of shape (N, 1) taken as (N,) for {name}")
         return AdaptedLoss(loss_fn, True, False)
