@@ -668,3 +668,18 @@ out = "{tmp_path / 'runs'}"
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "class,probability" and len(lines) == 3
     assert all(line.split(",")[0] in ("neg", "pos") for line in lines[1:])
+
+
+def test_samples_longer_than_the_model_are_refused_before_training(tmp_path: Path) -> None:
+    class Positions(OwnLoss):
+        config = type("Config", (), {"max_position_embeddings": 4})()
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
+                    input_ids_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+            return super().forward(input_ids, labels)
+
+    rows = [np.arange(n, dtype=np.int64) % 10 for n in (2, 3, 7, 4)]
+    bf.write_shards(tmp_path / "s", [{"input_ids": rows, "labels": np.array([0, 1, 2, 0])}])
+    with pytest.raises(bf.BatchfitError, match=r"sample 2 has 7 tokens, but the model takes at most 4 .*"
+                                               r"--max-length 4"):
+        fit(Positions(), bf.ShardSource(tmp_path / "s"), None, batch_size=2)

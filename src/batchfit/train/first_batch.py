@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..core.batch import Batch, LossFn, forward, param_dtype, to_device
 from ..core.rng import rng_state, set_rng_state
-from ..data.sources import Source
+from ..data.sources import Source, source_lengths
 from ..errors import BatchfitError
 
 logger = logging.getLogger("batchfit")
@@ -80,6 +80,23 @@ def shapes(batch: Batch) -> str:
                                                                      else ""), t) for i, t in enumerate(batch))
     return ", ".join(f"{name} {tuple(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for name, t in items
                      if isinstance(t, torch.Tensor))
+
+
+def check_lengths(model: torch.nn.Module, src: Source) -> None:
+    """Refuse samples longer than the model's positions (``config.max_position_embeddings`` of a Hugging Face
+    model) before training, naming the longest: they would fail mid-run with a raw size error."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return
+    lengths = source_lengths(src)
+    if lengths is None or not len(lengths):
+        return
+    longest = int(np.argmax(lengths))
+    if int(lengths[longest]) > limit:
+        raise BatchfitError(f"sample {longest} has {int(lengths[longest]):,} tokens, but the model takes at most "
+                            f"{limit:,} (its config.max_position_embeddings): write the shards with --max-length "
+                            f"{limit} (max_length={limit}) or less")
 
 
 def batch_dependent(model: torch.nn.Module) -> list[str]:

@@ -49,7 +49,7 @@ from .callbacks import HOOKS, Callback, overriding
 from .checks import check_objects, error_at_step, options_from
 from .epochs import EpochFeed
 from .evaluation import Evaluator
-from .first_batch import batch_dependent, check_first_batch, summary
+from .first_batch import batch_dependent, check_first_batch, check_lengths, summary
 from .guards import SignalGuard, check_losses, exit_for, non_finite_data, non_finite_error
 from .history import History
 from .lr_control import LRControl
@@ -370,6 +370,7 @@ class Trainer:
     def _check_loss(self, src: Source) -> str:
         """Output, target and loss checked on two samples (one forward); the loss adapted where Keras would.
         Returns the data's shapes and dtypes, in words."""
+        check_lengths(self.module, src)
         self.loss_fn, described = check_first_batch(self.module, self._given_loss_fn, src, self.transform,
                                                     self.device, self.announce)
         self.evaluator.loss_fn = self.loss_fn
