@@ -250,8 +250,9 @@ def test_the_check_leaves_the_run_as_it_was() -> None:
 
 
 # ------------------------------------------------------------------ run configurations and the command line
-def _config(folder: Path, loss: str = "mse", y: np.ndarray | None = None, optimizer: str = "lr = 0.02") -> Path:
-    np.savez(folder / "data.npz", x=X, y=Y_REG if y is None else y)
+def _config(folder: Path, loss: str = "mse", y: np.ndarray | None = None, optimizer: str = "lr = 0.02",
+            x: np.ndarray | None = None) -> Path:
+    np.savez(folder / "data.npz", x=X if x is None else x, y=Y_REG if y is None else y)
     path = folder / "run.toml"
     path.write_text(f"""
 [data]
@@ -324,6 +325,32 @@ def test_config_object_arrays_and_3d_targets(tmp_path: Path, capsys: pytest.Capt
     # 3-d class indices for cross-entropy: refused with the shapes.
     assert main(["train", str(_config(tmp_path, loss="cross_entropy", y=np.zeros((64, 2, 3), np.int64)))]) == 2
     assert "targets (2, 2, 3)" in capsys.readouterr().err
+
+
+def _nan_at(y: np.ndarray, row: int) -> np.ndarray:
+    y = y.copy()
+    y[row] = np.nan
+    return y
+
+
+TRAIN_REFUSED = {
+    "x and y of different lengths": (dict(y=Y_REG[:10]), r"`data.train`: .*data.npz must hold x and y with the same "
+                                                         r"number of samples.*x \(64, 5\), y \(10,\)"),
+    "val_split of one sample": (dict(x=X[:1], y=Y_REG[:1]), r"`data.val_split` = 0.25 of 1 sample\(s\) leaves no"),
+    "NaN in y": (dict(y=_nan_at(Y_REG, 9)), r"arrays\[1\] \(the target\) holds NaN in 1 sample\(s\)"),
+    "cross-entropy of float targets": (dict(loss="cross_entropy"), r"For real-valued targets \(regression\) use mse"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_REFUSED))
+def test_cli_train_refuses_naming_what(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    options, message = TRAIN_REFUSED[case]
+    assert main(["train", str(_config(tmp_path, **options))]) == 2
+    err = capsys.readouterr().err
+    import re
+
+    assert err.startswith("batchfit: error:") and re.search(message, err), err
+    assert not list((tmp_path / "runs").glob("*/model.pt"))
 
 
 PREDICT_REFUSED = {

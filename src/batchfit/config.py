@@ -191,7 +191,12 @@ def load_arrays(config: Config, which: str) -> Any:
         if missing:
             raise ConfigError(f"`data.{which}`: {path} has no array {missing[0]!r} (has {sorted(arrays)}); "
                               f"set data.x / data.y")
-        return arrays[data["x"]], arrays[data["y"]]
+        x, y = arrays[data["x"]], arrays[data["y"]]
+        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y) or len(x) == 0:
+            shapes = f"{data['x']} {x.shape}, {data['y']} {y.shape}"
+            raise ConfigError(f"`data.{which}`: {path} must hold x and y with the same number of samples (at least "
+                              f"one) in their first dimension. Received: {shapes}")
+        return x, y
     unknown = sorted(set(spec) - {"x", "y"})
     if unknown or "x" not in spec or "y" not in spec:
         raise ConfigError(f"`data.{which}` as a table needs exactly the keys x and y (.npy paths). Received: {spec}")
@@ -253,6 +258,10 @@ def split_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple
         val_idx = rng.permutation(len(y))[: max(1, round(fraction * len(y)))]
     mask = np.zeros(len(y), dtype=bool)
     mask[val_idx] = True
+    if mask.all() or not mask.any():
+        raise ConfigError(f"`data.val_split` = {fraction} of {len(y)} sample(s) leaves no "
+                          f"{'training' if mask.all() else 'validation'} sample (every class keeps at least one for "
+                          f"validation): give more data, a smaller val_split, or data.val")
     return x[~mask], y[~mask], x[mask], y[mask]
 
 
