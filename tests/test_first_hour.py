@@ -166,6 +166,14 @@ def test_nan_data_skipped_with_a_warning_naming_the_samples(caplog: pytest.LogCa
     assert "arrays[0] holds NaN in 1 sample(s) (samples [2])" in caplog.text
 
 
+def test_nan_in_the_validation_data_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "batchfit"):
+        history = trainer(linear()).fit((X, Y_CLS), epochs=1, val=(nan_at([5]), Y_CLS))
+    assert not np.isfinite(history.epochs[-1]["val_loss"])
+    assert "the evaluation loss is nan because the data is not finite: arrays[0] holds NaN in 1 sample(s) " \
+           "(samples [5])" in caplog.text
+
+
 # ------------------------------------------------------------------ what just works, as in Keras
 def _val_mse(model: torch.nn.Module, loss: Any, y: np.ndarray, **options: Any) -> float:
     t = trainer(model, loss, lr=0.02, **options)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from ..core.batch import Batch, LossFn, batch_len, forward, has_token_labels, loss_of, target_of, token_count
@@ -16,7 +19,10 @@ from ..data.sources import Source
 from ..distributed import DistContext
 from ..errors import BatchfitError
 from .first_batch import explain_forward_error
+from .guards import non_finite_data
 from .metrics import Metric, MetricSums, correct_count, is_classification, is_stateful
+
+logger = logging.getLogger("batchfit")
 
 
 @dataclass
@@ -37,7 +43,21 @@ class Evaluator:
 
     def evaluate(self, src: Source, batch_size: int | None = None) -> dict[str, float]:
         """Mean loss over ``src`` (and accuracy for class-index targets, and user metrics)."""
-        return self.sums(src, batch_size).result()
+        return self._told(self.sums(src, batch_size).result(), src)
+
+    def _told(self, result: dict[str, float], src: Source) -> dict[str, float]:
+        """``result``; when its loss is not finite, the data is searched (only then) and the NaN/inf named."""
+        loss = result.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            batcher = Batcher(src, min(1024, len(src)), shuffle=False, seed=0)
+            done = 0
+            for batch, position in batcher.positioned():
+                found = non_finite_data(batch, np.arange(done, position.samples_done))
+                done = position.samples_done
+                if found:
+                    logger.warning("the evaluation loss is %s because %s", loss, found.replace("the batch's data", "the data"))
+                    break
+        return result
 
     def validate(self, src: Source, dist: DistContext) -> dict[str, float]:
         """Validation metrics, the same on every rank.
@@ -50,7 +70,7 @@ class Evaluator:
             return self.evaluate(src)
         sums = self.sums(src, None, dist.rank, dist.world_size)
         sums.all_reduce(dist.all_reduce_sum)
-        return sums.result()
+        return self._told(sums.result(), src) if dist.is_main else sums.result()
 
     def sums(self, src: Source, batch_size: int | None, rank: int = 0, world_size: int = 1) -> MetricSums:
         """Loss, accuracy and metric sums over ``src`` (this rank's share of each batch)."""
