@@ -55,7 +55,8 @@ class Evaluator:
                 found = non_finite_data(batch, np.arange(done, position.samples_done))
                 done = position.samples_done
                 if found:
-                    logger.warning("the evaluation loss is %s because %s", loss, found.replace("the batch's data", "the data"))
+                    logger.warning("the evaluation loss is %s because %s", loss,
+                                   found.replace("the batch's data", "the data"))
                     break
         return result
 
