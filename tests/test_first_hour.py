@@ -596,6 +596,19 @@ def test_grayscale_sets_and_an_explicit_mode(tmp_path: Path) -> None:
     assert not (tmp_path / "out3").exists()
 
 
+def test_imagenet_normalisation_of_a_grayscale_set_says_what_to_do(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "gray"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / name / "x.png")
+    source = bf.images.write_image_shards(root, tmp_path / "out", workers=0, progress=False)
+    images = bf.images.ImageSource(source, bf.images.eval_transform(8))  # ImageNet's three means
+    with pytest.raises(bf.BatchfitError, match=r"`mean` must be 1 values.*grayscale.*mean=\(0\.449,\)"):
+        images.gather(np.arange(2))
+
+
 def test_a_16_bit_png_is_scaled_not_white(tmp_path: Path) -> None:
     from PIL import Image
 

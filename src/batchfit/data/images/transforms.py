@@ -206,7 +206,9 @@ class ImageTransform:
         mean = (0.0,) * channels if self.mean is None else self.mean
         std = (1.0,) * channels if self.std is None else self.std
         if len(mean) != channels or len(std) != channels:
-            raise expected("mean", f"{channels} values, one per channel of the images", mean)
+            hint = (" (the images are grayscale: the shard folder's mode is 'L'; give one mean and std, e.g. "
+                    "mean=(0.449,), std=(0.226,), or write the folder with mode='RGB')") if channels == 1 else ""
+            raise expected("mean", f"{channels} values, one per channel of the images{hint}", mean)
         # (x / 255 - mean) / std in one multiply and one subtract
         out.mul_(torch.tensor([1 / (255 * s) for s in std]).reshape(1, -1, 1, 1))
         out.sub_(torch.tensor([m / s for m, s in zip(mean, std)]).reshape(1, -1, 1, 1))
