@@ -15,16 +15,19 @@ from ..errors import NonFiniteLossError
 from .history import History
 
 
-def non_finite_error(value: float, step: int, epoch: int, data: str = "") -> NonFiniteLossError:
+def non_finite_error(value: float, step: int, epoch: int, data: str | None = None,
+                     ranks: int = 1) -> NonFiniteLossError:
     """The error for a NaN or infinite loss: names the step and epoch and what to do — the data's
-    NaN/inf (``data``, from :func:`non_finite_data`) when the batch held any, else the learning rate."""
+    NaN/inf (``data``, from :func:`non_finite_data`) when the batch held any, else the learning rate.
+    ``data=None``: the batch was not checked (a loss read back later); ``ranks``: processes sharing the batch."""
     if data:
         return NonFiniteLossError(f"the loss of step {step} (epoch {epoch}) is {value} because {data}: clean the data "
                                   f"(drop those samples, or np.nan_to_num); the learning rate is not the cause",
                                   step=step, epoch=epoch)
-    return NonFiniteLossError(f"the loss of step {step} (epoch {epoch}) is {value}; the batch's data is finite: "
-                              f"lower the learning rate, set max_grad_norm, or use on_nan='skip'", step=step,
-                              epoch=epoch)
+    checked = "" if data is None else "the batch's data is finite: " if ranks == 1 else \
+        "this process's share of the batch is finite: "
+    return NonFiniteLossError(f"the loss of step {step} (epoch {epoch}) is {value}; {checked}lower the learning "
+                              f"rate, set max_grad_norm, or use on_nan='skip'", step=step, epoch=epoch)
 
 
 def non_finite_data(batch: Any, ids: Any = None, most: int = 5) -> str:

@@ -551,9 +551,9 @@ class Trainer:
         """
         assert value is not None
         step = self.step + 1
-        data = non_finite_data(batch, sample_ids(feed, mark))
+        data = None if batch is None else non_finite_data(batch, sample_ids(feed, mark))
         if self.options.on_nan == "raise":
-            raise non_finite_error(value, step, epoch, data)
+            raise non_finite_error(value, step, epoch, data, self.dist.world_size)
         if data:
             logger.warning("step %d (epoch %d): %s", step, epoch, data)
         self.skipped_steps += 1
