@@ -731,3 +731,42 @@ def test_samples_longer_than_the_model_are_refused_before_training(tmp_path: Pat
     with pytest.raises(bf.BatchfitError, match=r"sample 2 has 7 tokens, but the model takes at most 4 .*"
                                                r"--max-length 4"):
         fit(Positions(), bf.ShardSource(tmp_path / "s"), None, batch_size=2)
+
+
+def test_cli_tune_measures_a_regression_with_the_reshaped_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import batchfit.run as run
+
+    seen: dict[str, Any] = {}
+
+    class Report:
+        def save(self, folder: Path) -> Path:
+            return folder
+
+        def summary(self) -> str:
+            return "recommended"
+
+    def fake_tune(make_model: Any, loss_fn: Any, make_optimizer: Any, train: Any, **options: Any) -> Report:
+        seen["loss"] = loss_fn(make_model()(torch.from_numpy(train[0][:4])), torch.from_numpy(train[1][:4]))
+        return Report()
+
+    monkeypatch.setattr(run, "tune", fake_tune)
+    path = _config(tmp_path)
+    path.write_text(path.read_text() + f'\n[tune]\nout = "{tmp_path / "tune"}"\n')
+    with _no_warning():  # PyTorch warns where it broadcasts (N, 1) against (N,)
+        assert main(["tune", str(path)]) == 0
+    assert seen["loss"].shape == ()
+
+
+class _no_warning:
+    """Fail on a UserWarning (PyTorch's 'target size ... different to the input size' broadcast warning)."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *args: Any) -> None:
+        self._catch.__exit__(*args)

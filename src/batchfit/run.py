@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import zipfile
@@ -24,13 +25,17 @@ from .config import (
     trainer_options,
 )
 from .core.durable import atomic_write
+from .data.sources import as_source
 from .data.text import TEXT_SUFFIXES
 from .errors import ConfigError
 from .report import tune
 from .train.callbacks import CSVLogger
+from .train.first_batch import check_first_batch
 from .train.history import History
 from .train.saving import load_model
 from .train.trainer import Trainer
+
+logger = logging.getLogger("batchfit")
 
 
 def new_run_dir(out: str | Path) -> Path:
@@ -238,7 +243,12 @@ def tune_config(config: Config) -> str:
 
     options = config["tune"]
     base = config["train"]["base_batch_size"] or config["train"]["batch_size"]
-    report = tune(make_model, build_loss(config), lambda model: build_optimizer(config, model), train, val=val,
+    # The loss checked against the data as training checks it (targets (N,) for outputs (N, 1) reshaped, not broadcast).
+    loss = build_loss(config)
+    if isinstance(train, tuple) or hasattr(train, "gather"):
+        loss, _ = check_first_batch(make_model(), loss, as_source(train, "train"), None, torch.device("cpu"),
+                                    logger.info)
+    report = tune(make_model, loss, lambda model: build_optimizer(config, model), train, val=val,
                   base_batch_size=base if isinstance(base, int) else 32, epochs=options["epochs"],
                   target_loss=options["target_loss"], device=config["train"]["device"], seed=seed,
                   batch_sizes=options["batch_sizes"], precision=config["train"]["precision"])
