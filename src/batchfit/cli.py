@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchfitError as error:
         print(f"batchfit: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file that cannot be read or written (missing, no permission, a full disk)
+        print(f"batchfit: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("batchfit: interrupted", file=sys.stderr)
         return 130
@@ -111,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("config", help="the TOML file the model was trained with")
     predict.add_argument("--model", required=True, help="model.pt written by batchfit train (or a checkpoint)")
     predict.add_argument("--data", required=True, help="inputs: an .npy file, or an .npz with the config's x array")
-    predict.add_argument("--out", default="predictions.npy", help="where to write the outputs (.npy)")
+    predict.add_argument("--out", default="predictions.npy",
+                         help="where to write the outputs (.npy; with --classes also .csv); never an input file")
+    predict.add_argument("--classes", action="store_true",
+                         help="write each sample's predicted class (its name where the training data has class "
+                              "names) instead of the raw outputs; a .csv --out adds the probability")
     predict.add_argument("--threads", type=_positive, help=THREADS_HELP)
     predict.set_defaults(run=_predict)
 
@@ -133,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--max-side", type=_positive, help="re-encode images whose longer side exceeds this")
     write.add_argument("--on-corrupt", choices=("error", "skip"), default="error",
                        help="an image that cannot be decoded: refuse the folder (default) or skip it with a warning")
+    write.add_argument("--mode", choices=("RGB", "L"),
+                       help="colour mode of every image (default: L when every image is grayscale, else RGB)")
+    write.add_argument("--follow-symlinks", action="store_true",
+                       help="read images that are symbolic links out of the folder (refused by default)")
     write.add_argument("--workers", type=int, help="processes decoding images (default: CPU count, at most 8)")
     write.add_argument("--shard-size", type=int, help="samples per shard file")
     write.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at OUT")
@@ -202,7 +213,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import predict_config
 
-    out = predict_config(load_config(args.config), args.model, args.data, args.out)
+    out = predict_config(load_config(args.config), args.model, args.data, args.out, classes=args.classes)
     print(f"wrote {out}")
     return 0
 
@@ -233,12 +244,19 @@ def _shards_write(args: argparse.Namespace) -> int:
     from .data.convert import convert
 
     start = time.perf_counter()
+    text_options = [f"--{name.replace('_', '-')}" for name in ("label_column", "prompt_column", "response_column",
+                                                                "classes_from", "max_length")
+                    if getattr(args, name) is not None] + (["--text-column"] if args.text_column != "text" else [])
+    if args.tokenizer is None and text_options:
+        raise BatchfitError(f"`--tokenizer` is required with {text_options[0]}: texts are stored as the model's "
+                            f"token ids (give smollm2, minilm, a local folder or .gguf file)")
     if args.tokenizer is not None or args.input.lower().endswith((".txt", ".jsonl")):
         return _text_shards_write(args, start)
     images = {}
     if os.path.isdir(args.input):  # an image folder: encoded bytes unless decoded pixels are asked for
         images = dict(encoded=not (args.decode or args.image_size), max_side=args.max_side,
-                      on_corrupt=args.on_corrupt, workers=args.workers, progress=True)
+                      on_corrupt=args.on_corrupt, workers=args.workers, progress=True, mode=args.mode,
+                      follow_symlinks=args.follow_symlinks)
     try:
         source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
                          shard_size=args.shard_size, overwrite=args.overwrite, **images)

@@ -8,7 +8,9 @@ See ``examples/digits.toml``.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,9 @@ def check_config(raw: dict[str, Any], path: Path) -> Config:
         raise
     except BatchfitError as error:
         raise ConfigError(f"{path}: [train] {error}") from error
+    lr = config["optimizer"]["lr"]
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"{path}: `optimizer.lr` must be a finite, non-negative number. Received: optimizer.lr={lr}")
     sizes = config["tune"]["batch_sizes"]
     if sizes is not None and (not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
                                                    for b in sizes)):
@@ -186,7 +191,12 @@ def load_arrays(config: Config, which: str) -> Any:
         if missing:
             raise ConfigError(f"`data.{which}`: {path} has no array {missing[0]!r} (has {sorted(arrays)}); "
                               f"set data.x / data.y")
-        return arrays[data["x"]], arrays[data["y"]]
+        x, y = arrays[data["x"]], arrays[data["y"]]
+        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y) or len(x) == 0:
+            shapes = f"{data['x']} {x.shape}, {data['y']} {y.shape}"
+            raise ConfigError(f"`data.{which}`: {path} must hold x and y with the same number of samples (at least "
+                              f"one) in their first dimension. Received: {shapes}")
+        return x, y
     unknown = sorted(set(spec) - {"x", "y"})
     if unknown or "x" not in spec or "y" not in spec:
         raise ConfigError(f"`data.{which}` as a table needs exactly the keys x and y (.npy paths). Received: {spec}")
@@ -210,16 +220,30 @@ def _load_npy(config: Config, which: str, name: str) -> np.ndarray:
     if not path.is_file():
         raise ConfigError(f"`data.{which}`: data file not found: {path}")
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as error:
-        raise ConfigError(f"`data.{which}`: {path} is not a NumPy .npy file of numbers: {error}") from error
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        why = "it holds Python objects, not numbers" if "allow_pickle" in str(error) else str(error)
+        raise ConfigError(f"`data.{which}`: {path} is not a NumPy .npy file of numbers: {why}") from error
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise ConfigError(f"`data.{which}`: {path} must hold numbers. Received: "
+                          f"{getattr(array, 'dtype', type(array).__name__)}")
+    return array
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ConfigError(f"data file not found: {path}")
-    with np.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        why = "an array holds Python objects, not numbers" if "allow_pickle" in str(error) else \
+            f"{type(error).__name__}: {error}"
+        raise ConfigError(f"{path} is not an .npz of numeric arrays: {why}") from None
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise ConfigError(f"{path}: array {name!r} must hold numbers. Received: dtype {array.dtype}")
+    return arrays
 
 
 def split_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -234,6 +258,10 @@ def split_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple
         val_idx = rng.permutation(len(y))[: max(1, round(fraction * len(y)))]
     mask = np.zeros(len(y), dtype=bool)
     mask[val_idx] = True
+    if mask.all() or not mask.any():
+        raise ConfigError(f"`data.val_split` = {fraction} of {len(y)} sample(s) leaves no "
+                          f"{'training' if mask.all() else 'validation'} sample (every class keeps at least one for "
+                          f"validation): give more data, a smaller val_split, or data.val")
     return x[~mask], y[~mask], x[mask], y[mask]
 
 
@@ -331,7 +359,7 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
         raise ConfigError(f"`optimizer.name` must be one of {sorted(OPTIMIZERS)}. Received: optimizer.name={name!r}")
     try:
         return OPTIMIZERS[name](model.parameters(), lr=config["optimizer"]["lr"], **config["optimizer"]["args"])
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # torch's own refusals (betas, momentum, ...) are ValueErrors
         raise ConfigError(f"`optimizer.args` do not fit {name!r}: {error}") from error
 
 

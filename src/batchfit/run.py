@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,17 @@ from .config import (
     trainer_options,
 )
 from .core.durable import atomic_write
+from .data.sources import as_source
+from .data.text import TEXT_SUFFIXES
 from .errors import ConfigError
 from .report import tune
 from .train.callbacks import CSVLogger
+from .train.first_batch import check_first_batch
 from .train.history import History
 from .train.saving import load_model
 from .train.trainer import Trainer
+
+logger = logging.getLogger("batchfit")
 
 
 def new_run_dir(out: str | Path) -> Path:
@@ -102,25 +109,127 @@ def evaluate_config(config: Config, model_path: str | Path) -> dict[str, float]:
     return trainer.evaluate(val if val is not None else train)
 
 
-def predict_config(config: Config, model_path: str | Path, data_path: str | Path, out: str | Path) -> Path:
-    """``batchfit predict``: outputs of the saved model for the inputs in ``data_path`` (.npy, or the x of an .npz)."""
-    trainer, _, _ = build_run(config)
-    load_model(model_path, trainer.module)
-    path = Path(data_path)
+def predict_config(config: Config, model_path: str | Path, data_path: str | Path, out: str | Path,
+                   classes: bool = False) -> Path:
+    """``batchfit predict``: outputs of the saved model for the inputs in ``data_path`` (.npy, or the x of an .npz).
+
+    ``out`` is an .npy file of the outputs, or with ``classes`` of each sample's predicted class
+    (its name where the training data names classes) — an .npy of names, or a .csv of
+    ``class,probability`` lines. Nothing is written over an input (``--data``, ``--model``, the
+    config), and nothing at all when the inputs are refused.
+    """
+    path, out = Path(data_path), Path(out)
     if not path.is_file():
         raise ConfigError(f"`--data`: file not found: {path}")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            key = config["data"]["x"]
-            if key not in archive.files:
-                raise ConfigError(f"`--data`: {path} has no array {key!r} (has {sorted(archive.files)})")
-            inputs = archive[key]
+    _refuse_overwriting_inputs(out, {"--data": path, "--model": Path(model_path), "config": config.path})
+    suffixes = (".npy", ".csv") if classes else (".npy",)
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"`--out` must be a {' or '.join(suffixes)} file. Received: --out {out}")
+    if out.is_dir():
+        raise ConfigError(f"`--out` must be a file to write. Received: --out {out}, which is a folder")
+    text_model = config["model"]["name"] == "text"
+    inputs: Any
+    if text_model and path.suffix.lower() in TEXT_SUFFIXES:  # texts, tokenised as the training shards were
+        inputs = _tokenised(load_train_val(config)[0], path)
     else:
-        inputs = np.load(path, allow_pickle=False)
+        inputs = _read_inputs(config, path)
+        if text_model and (inputs.dtype.kind not in "iu" or inputs.ndim != 2):
+            raise ConfigError(f"`--data`: a text model takes texts (a .txt, .csv or .jsonl file) or token ids (an "
+                              f"integer array of shape (samples, tokens)). Received: {path}, an array of shape "
+                              f"{inputs.shape} and dtype {inputs.dtype}")
+    trainer, train, _ = build_run(config)
+    load_model(model_path, trainer.module)
     outputs = trainer.predict(inputs).numpy()
-    out = Path(out)
-    atomic_write(out, lambda handle: np.save(handle, outputs))
+    write: Any
+    if classes:
+        names = getattr(train, "classes", None) if not isinstance(train, tuple) else None
+        if outputs.ndim != 2 or outputs.shape[1] < 2:
+            raise ConfigError(f"`--classes` needs a classifier's outputs (one score per class); this model outputs "
+                              f"shape {outputs.shape[1:]} a sample")
+        scores = torch.softmax(torch.from_numpy(outputs).float(), dim=1)
+        probability, index = scores.max(dim=1)
+        labels = [str(names[i]) if names and i < len(names) else str(i) for i in index.tolist()]
+        if out.suffix.lower() == ".csv":
+            lines = "class,probability\n" + "".join(f"{_csv_field(n)},{p:.6g}\n"
+                                                    for n, p in zip(labels, probability.tolist()))
+
+            def write(handle: Any) -> None:
+                handle.write(lines)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out, write, text=True)
+            return out
+        array = np.asarray(labels) if names else index.numpy()
+
+        def write(handle: Any) -> None:
+            np.save(handle, array)
+    else:
+        def write(handle: Any) -> None:
+            np.save(handle, outputs)
+    out.parent.mkdir(parents=True, exist_ok=True)  # a new folder for the predictions is made
+    atomic_write(out, write)
     return out
+
+
+def _tokenised(train: Any, path: Path) -> dict[str, np.ndarray]:
+    """The texts of ``path`` (its ``text`` column, or its lines) as padded token ids and their lengths, by the
+    tokenizer (and ``max_length``) the training shards were written with."""
+    from .data.text import default_max_length, load_tokenizer, read_records
+
+    metadata = getattr(train, "metadata", None) or {}
+    name = metadata.get("tokenizer")
+    if not name:
+        raise ConfigError(f"`--data`: {path} holds texts, but the training data records no tokenizer to read them "
+                          f"with; give token ids (an .npy of integers) instead")
+    tokenizer = load_tokenizer(name)
+    texts = [str(record.get("text") or "") for _, record in read_records(path, ["text"])]
+    if not texts:
+        raise ConfigError(f"`--data`: {path} holds no text")
+    limit = metadata.get("max_length") or default_max_length(tokenizer)
+    encoded = tokenizer(texts, truncation=limit is not None, max_length=limit)["input_ids"]
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    ids = np.full((len(encoded), max(1, int(lengths.max()))), int(metadata.get("pad_token_id") or 0), np.int64)
+    for row, sequence in enumerate(encoded):
+        ids[row, : len(sequence)] = sequence
+    return {"input_ids": ids, "input_ids_lengths": lengths}
+
+
+def _csv_field(text: str) -> str:
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+def _refuse_overwriting_inputs(out: Path, inputs: dict[str, Path]) -> None:
+    """``--out`` must not be one of the command's input files (it would be replaced by the outputs)."""
+    for name, path in inputs.items():
+        same = out.resolve() == path.resolve()
+        if not same and out.exists() and path.exists():
+            same = out.samefile(path)
+        if same:
+            raise ConfigError(f"`--out` {out} is the {name} file: predictions never overwrite an input. "
+                              f"Give another --out (e.g. predictions.npy)")
+
+
+def _read_inputs(config: Config, path: Path) -> np.ndarray:
+    """The inputs of ``batchfit predict --data``: an .npy array, or an .npz's x array; numbers only."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                key = config["data"]["x"]
+                if key not in archive.files:
+                    raise ConfigError(f"`--data`: {path} has no array {key!r} (has {sorted(archive.files)})")
+                inputs = archive[key]
+        else:
+            inputs = np.load(path, allow_pickle=False)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        why = "it holds Python objects (an object array), not numbers" if "allow_pickle" in str(error) else \
+            f"{type(error).__name__}: {error}"
+        raise ConfigError(f"`--data`: {path} is not a NumPy array of numbers: {why}") from None
+    if not isinstance(inputs, np.ndarray) or inputs.dtype.kind not in "biuf" or inputs.ndim == 0:
+        what = f"dtype {inputs.dtype}" if isinstance(inputs, np.ndarray) else type(inputs).__name__
+        raise ConfigError(f"`--data`: {path} must hold an array of numbers with a sample dimension. Received: "
+                          f"{what}" + (", 0-d" if isinstance(inputs, np.ndarray) and inputs.ndim == 0 else ""))
+    return inputs
 
 
 def tune_config(config: Config) -> str:
@@ -134,7 +243,12 @@ def tune_config(config: Config) -> str:
 
     options = config["tune"]
     base = config["train"]["base_batch_size"] or config["train"]["batch_size"]
-    report = tune(make_model, build_loss(config), lambda model: build_optimizer(config, model), train, val=val,
+    # The loss checked against the data as training checks it (targets (N,) for outputs (N, 1) reshaped, not broadcast).
+    loss = build_loss(config)
+    if isinstance(train, tuple) or hasattr(train, "gather"):
+        loss, _ = check_first_batch(make_model(), loss, as_source(train, "train"), None, torch.device("cpu"),
+                                    logger.info)
+    report = tune(make_model, loss, lambda model: build_optimizer(config, model), train, val=val,
                   base_batch_size=base if isinstance(base, int) else 32, epochs=options["epochs"],
                   target_loss=options["target_loss"], device=config["train"]["device"], seed=seed,
                   batch_sizes=options["batch_sizes"], precision=config["train"]["precision"])

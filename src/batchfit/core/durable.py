@@ -7,7 +7,9 @@ renamed over the final name, then the folder fsynced. A file with its final name
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -41,6 +43,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
             tmp.unlink()
     fsync_dir(final.parent)
     return final
+
+
+def failed_write(error: BaseException, path: Path, what: str) -> OSError | None:
+    """The ``OSError`` to raise for a failed write of ``what`` to ``path`` — a full disk named as such
+    (torch reports one as an obscure ``RuntimeError`` from ``inline_container.cc``) — or ``None``
+    when ``error`` is not a failed write."""
+    code = getattr(error, "errno", None)
+    text = str(error).strip()
+    if not isinstance(error, OSError) and "inline_container" not in text and "unexpected pos" not in text \
+            and "file write failed" not in text:
+        return None
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    except OSError:
+        free = -1
+    if code in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in text or 0 <= free < 1 << 20:
+        return OSError(errno.ENOSPC, f"cannot write {what} {path}: the disk is full ({max(free, 0):,} bytes free); "
+                                     f"nothing was written there")
+    first = text.splitlines()[0] if text else ""
+    return OSError(code or errno.EIO, f"cannot write {what} {path}: {type(error).__name__}: {first}")
 
 
 def process_alive(pid: int) -> bool:

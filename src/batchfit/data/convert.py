@@ -10,7 +10,7 @@ Inputs are read piece by piece, so they may be larger than memory:
   index, default the last column) becomes ``y``, the other columns ``x`` (float32). ``y`` is
   int64 when the first rows hold whole numbers (class labels), else float32.
 - a folder with one sub-folder per class: images decoded with Pillow to ``uint8`` arrays of
-  shape ``(channels, height, width)`` (grayscale when the first image is, else RGB), with
+  shape ``(channels, height, width)`` (grayscale when every image is, else RGB), with
   ``int64`` labels in the sorted order of the class names, which the manifest keeps; or, with
   ``encoded=True``, each file's encoded bytes (see :mod:`batchfit.data.images`).
 """
@@ -47,13 +47,16 @@ def convert(
     on_corrupt: str = "error",
     workers: int | None = None,
     progress: bool = False,
+    mode: str | None = None,
+    follow_symlinks: bool = False,
 ) -> ShardSource:
     """Write the ``.npy``/``.npz``/``.csv``/``.tsv`` file or image folder ``in_path`` as shards.
 
     ``target`` picks the target array or column (see the module docstring); ``image_size``
     (``int`` or ``(height, width)``) resizes images, which must otherwise all have the size of
     the first one. An image folder is stored decoded, or with ``encoded=True`` as each file's
-    bytes (re-encoded past ``max_side``); ``on_corrupt``, ``workers`` and ``progress`` are those
+    bytes (re-encoded past ``max_side``); ``on_corrupt``, ``workers``, ``progress``, ``mode`` and
+    ``follow_symlinks`` are those
     of :func:`~batchfit.data.images.write_image_shards`. Returns the new folder opened as a
     :class:`ShardSource`.
     """
@@ -71,7 +74,7 @@ def convert(
             raise expected("target", "None for an image folder (labels come from sub-folders)", target)
         return write_image_shards(in_path, out_path, decode=not encoded, image_size=image_size, max_side=max_side,
                                   on_corrupt=on_corrupt, workers=workers, progress=progress, shard_size=shard_size,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, mode=mode, follow_symlinks=follow_symlinks)
     batches: Iterator[Any]
     if suffix == ".npy":
         batches = _npy_batches(in_path, target)
@@ -185,7 +188,18 @@ def _npz_batches(path: Path, target: str | int | None) -> Iterator[Any]:
 
 
 def _csv_batches(path: Path, target: str | int | None, delimiter: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    with open(path, encoding="utf-8") as f:
+    try:
+        yield from _csv_rows(path, target, delimiter)
+    except UnicodeDecodeError as error:
+        from .text import first_bad_line
+
+        line, raw = first_bad_line(path)
+        raise BatchfitError(f"{path}" + (f", line {line}" if line else "") + f" is not UTF-8 text ({error.reason} "
+                            f"near {raw[:60]!r}): save the file as UTF-8") from None
+
+
+def _csv_rows(path: Path, target: str | int | None, delimiter: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    with open(path, encoding="utf-8-sig") as f:
         first = f.readline()
         fields = [field.strip().strip('"') for field in first.rstrip("\r\n").split(delimiter)]
         header = None if all(_is_number(field) for field in fields) else fields
@@ -225,7 +239,11 @@ def _parse_csv(lines: list[str], delimiter: str, columns: int, path: Path, line:
     try:
         rows = np.loadtxt(lines, delimiter=delimiter, dtype=np.float64, ndmin=2, quotechar='"')
     except ValueError as error:
-        raise BatchfitError(f"{path}, lines {line}-{line + len(lines) - 1}: {error}") from None
+        hint = ""
+        if "could not convert" in str(error):
+            hint = (" (shards write reads a .csv as numbers; for a .csv of texts give --tokenizer and "
+                    "--text-column/--label-column, see docs/text.md)")
+        raise BatchfitError(f"{path}, lines {line}-{line + len(lines) - 1}: {error}{hint}") from None
     if rows.shape[1] != columns:
         raise expected(f"{path}, lines {line}-{line + len(lines) - 1}", f"{columns} columns", rows.shape[1])
     return rows

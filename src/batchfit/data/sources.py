@@ -47,7 +47,13 @@ def _as_tensor(name: str, array: Any) -> torch.Tensor:
             warnings.filterwarnings("ignore", message=".*not writable.*")
             tensor = torch.from_numpy(array)
     elif isinstance(array, (list, tuple)) or _is_pandas(array):
-        return _as_tensor(name, np.asarray(array))
+        try:
+            converted = np.asarray(array)
+        except ValueError as error:  # a ragged list: rows of different lengths
+            first = str(error).split(". ")[-1].strip() if "inhomogeneous" in str(error) else str(error)
+            raise expected(name, "a rectangular array (every sample of the same shape; pad variable-length rows, "
+                           "or write them as ragged shards)", f"a ragged {type(array).__name__} ({first})") from None
+        return _as_tensor(name, converted)
     else:
         raise expected(name, "a numpy array or a torch tensor", type(array).__name__)
     if tensor.dim() == 0:

@@ -198,8 +198,31 @@ def _text_file_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _csv_header(path: Path) -> list[str]:
     csv.field_size_limit(2**31 - 1)
-    with open(path, encoding="utf-8", newline="") as f:
+    with _decoding(path), open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM is not a column name
         return list(csv.DictReader(f, delimiter=_delimiter(path)).fieldnames or [])
+
+
+def first_bad_line(path: Path) -> tuple[int, bytes]:
+    """The number and bytes of the first line of ``path`` that is not UTF-8 (``(0, b"")`` when none is)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number, raw
+    return 0, b""
+
+
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """A file that is not UTF-8 refused naming it and its first such line, not a raw UnicodeDecodeError."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        line, raw = first_bad_line(path)
+        bad = raw[:60] if raw else error.object[max(0, error.start - 20): error.start + 20]
+        raise BatchfitError(f"{path}" + (f", line {line}" if line else "") + f" is not UTF-8 text ({error.reason} "
+                            f"near {bad!r}): save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _delimiter(path: Path) -> str:
@@ -207,14 +230,14 @@ def _delimiter(path: Path) -> str:
 
 
 def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with _decoding(path), open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=_delimiter(path))
         for row in reader:
             yield reader.line_num, row
 
 
 def _jsonl_records(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
+    with _decoding(path), open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -300,7 +323,17 @@ def class_names(path: str | os.PathLike[str], task: TextTask) -> list[str]:
 
 
 def _label_text(value: Any) -> str:
-    return str(value).strip() if value is not None else ""
+    """A label as a class name: stripped, and a whole number written one way ("1", "1.0", 1 and 1.0 are "1")."""
+    if value is None or isinstance(value, bool):
+        return "" if value is None else str(value).lower()
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if number.is_integer() and abs(number) < 2**53:
+        return str(int(number))
+    return text
 
 
 def _is_int(text: str) -> bool:
@@ -428,10 +461,34 @@ def _task_classes(task: TextTask, classes: Sequence[str] | None, path: Path) -> 
         if classes is not None:
             raise expected("classes", "None without a label_column", classes)
         return None
-    names = [str(c) for c in classes] if classes is not None else class_names(path, task)
+    names = [_label_text(c) for c in classes] if classes is not None else class_names(path, task)
+    if classes is None and len(names) < 2:
+        found = "no labelled sample (only a header line?)" if not names else f"only one class, {names[0]!r}"
+        raise BatchfitError(f"{path}: classification needs at least two classes in column "
+                            f"{task.label_column!r}, but the file holds {found}")
     if len(set(names)) != len(names) or len(names) < 2:
-        raise expected("classes", "at least two distinct class names", names)
+        raise expected("classes", "at least two distinct class names", list(classes or names))
     return names
+
+
+def default_max_length(tokenizer: Any) -> int | None:
+    """The tokenizer's own limit (``model_max_length``) when it states a real one, else ``None``."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 1 < limit < 1_000_000:
+        return limit
+    return None
+
+
+def _max_length(tokenizer: Any, task: TextTask, max_length: int | None) -> int | None:
+    """``max_length``, else the tokenizer's own limit; refused when a classifier's special tokens leave no room."""
+    if max_length is None:
+        max_length = default_max_length(tokenizer)
+    special = getattr(tokenizer, "num_special_tokens_to_add", None)
+    least = (int(special(pair=False)) if callable(special) else 0) + 1
+    if task.kind == "classification" and max_length is not None and max_length < least:
+        raise expected("max_length", f"at least {least} for this tokenizer ({least - 1} special tokens and one of "
+                       f"the text's)", max_length)
+    return max_length
 
 
 def write_text_shards(
@@ -468,6 +525,8 @@ def write_text_shards(
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     names = _task_classes(task, classes, path)
+    defaulted = max_length is None and default_max_length(tokenizer) is not None
+    max_length = _max_length(tokenizer, task, max_length)
     tokeniser = _Tokeniser(tokenizer, task, max_length, names, path)
     bar = _progress_bar(path, progress)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -503,6 +562,9 @@ def write_text_shards(
     finally:
         bar.close()
     counts = tokeniser.counts.as_dict()
+    if defaulted and counts["truncated"]:
+        log.warning("%s: %d samples cut to %d tokens, the tokenizer's model_max_length (no max_length given; "
+                    "the model cannot take longer ones)", path, counts["truncated"], max_length)
     skipped = counts["skipped_empty"] + counts["skipped_no_target"]
     if skipped:
         log.warning("%s: skipped %d samples (%d empty, %d with no target token left after max_length)",

@@ -26,6 +26,10 @@ def error_at_step(error: BaseException, step: int, epoch: int) -> BaseException:
     if isinstance(error, IndexError) and "out of bounds" in text:
         return BatchfitError(f"{where}: {text} The targets must be class indices from 0 to "
                              f"the number of the model's outputs - 1: check the labels, or the model's output size")
+    if isinstance(error, IndexError) and "index out of range in self" in text:
+        return BatchfitError(f"{where}: {text}: an embedding got an index past its table, most often token ids "
+                             f"beyond the model's vocabulary. Write the shards with the model's own tokenizer "
+                             f"(or give the model a larger vocabulary)")
     found = re.search(r"expected target dtype to be Long or Byte, but got (\w+)", text)
     if found:
         return BatchfitError(f"{where}: the labels are {found.group(1).lower()}, but cross-entropy needs class "

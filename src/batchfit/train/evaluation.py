@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from ..core.batch import Batch, LossFn, batch_len, forward, has_token_labels, loss_of, target_of, token_count
@@ -15,7 +18,11 @@ from ..data.prefetch import device_prefetch
 from ..data.sources import Source
 from ..distributed import DistContext
 from ..errors import BatchfitError
+from .first_batch import explain_forward_error
+from .guards import non_finite_data
 from .metrics import Metric, MetricSums, correct_count, is_classification, is_stateful
+
+logger = logging.getLogger("batchfit")
 
 
 @dataclass
@@ -36,7 +43,22 @@ class Evaluator:
 
     def evaluate(self, src: Source, batch_size: int | None = None) -> dict[str, float]:
         """Mean loss over ``src`` (and accuracy for class-index targets, and user metrics)."""
-        return self.sums(src, batch_size).result()
+        return self._told(self.sums(src, batch_size).result(), src)
+
+    def _told(self, result: dict[str, float], src: Source) -> dict[str, float]:
+        """``result``; when its loss is not finite, the data is searched (only then) and the NaN/inf named."""
+        loss = result.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            batcher = Batcher(src, min(1024, len(src)), shuffle=False, seed=0)
+            done = 0
+            for batch, position in batcher.positioned():
+                found = non_finite_data(batch, np.arange(done, position.samples_done))
+                done = position.samples_done
+                if found:
+                    logger.warning("the evaluation loss is %s because %s", loss,
+                                   found.replace("the batch's data", "the data"))
+                    break
+        return result
 
     def validate(self, src: Source, dist: DistContext) -> dict[str, float]:
         """Validation metrics, the same on every rank.
@@ -49,7 +71,7 @@ class Evaluator:
             return self.evaluate(src)
         sums = self.sums(src, None, dist.rank, dist.world_size)
         sums.all_reduce(dist.all_reduce_sum)
-        return sums.result()
+        return self._told(sums.result(), src) if dist.is_main else sums.result()
 
     def sums(self, src: Source, batch_size: int | None, rank: int = 0, world_size: int = 1) -> MetricSums:
         """Loss, accuracy and metric sums over ``src`` (this rank's share of each batch)."""
@@ -62,6 +84,8 @@ class Evaluator:
             # The mean over tokens when the loss counts tokens, as in training.
             sums.add("loss", loss, self._count(batch, n))
             target = target_of(batch)
+            if target is not None and getattr(self.loss_fn, "flatten", False):  # class indices of shape (N, 1)
+                target = target.reshape(target.shape[0])
             scores = _scores(output)  # a Hugging Face classifier's .logits count too
             if scores is not None and not has_token_labels(batch) and is_classification(scores, target):
                 assert target is not None
@@ -107,9 +131,15 @@ class Evaluator:
                     n = batch_len(batch)
                     if n == 0:  # this rank's share of a last batch smaller than the world
                         continue
-                    with autocast(self.precision, self.device.type):
-                        output = forward(self.module, batch) if targets or isinstance(batch, dict) \
-                            else self.module(*batch)
+                    try:
+                        with autocast(self.precision, self.device.type):
+                            output = forward(self.module, batch) if targets or isinstance(batch, dict) \
+                                else self.module(*batch)
+                    except (RuntimeError, IndexError) as error:  # the data's width against the first layer, in words
+                        explained = explain_forward_error(self.module, batch, error, targets)
+                        if explained is None:
+                            raise
+                        raise explained from error
                     yield output, batch, n
         finally:
             self.module.train(was_training)

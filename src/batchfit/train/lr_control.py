@@ -59,7 +59,12 @@ class LRControl:
         if o.warmup_steps:
             factor *= warmup(step, o.warmup_steps)
         if self.schedule is not None:
-            scheduled = float(self.schedule(step))
+            value = self.schedule(step)
+            try:
+                scheduled = float(value)
+            except (TypeError, ValueError):
+                raise BatchfitError(f"`lr_schedule` must return a number, the factor of the learning rate at a step. "
+                                    f"Received: lr_schedule({step})={value!r}") from None
             if not (math.isfinite(scheduled) and scheduled >= 0):
                 raise BatchfitError(f"`lr_schedule` must return a finite, non-negative factor. Received: "
                                     f"lr_schedule({step})={scheduled}")

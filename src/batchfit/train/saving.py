@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..core.durable import atomic_write
+from ..core.durable import atomic_write, failed_write
 from ..errors import CheckpointError, expected
 
 FORMAT = "batchfit-model"
@@ -68,7 +68,13 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike[str], config: dic
               "model_class": f"{kind.__module__}.{kind.__qualname__}"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda handle: torch.save(record, handle))
+    try:
+        return atomic_write(path, lambda handle: torch.save(record, handle))
+    except (OSError, RuntimeError) as error:
+        failure = failed_write(error, path, "the model")
+        if failure is None:
+            raise
+        raise failure from error
 
 
 def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:

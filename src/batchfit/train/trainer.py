@@ -49,7 +49,8 @@ from .callbacks import HOOKS, Callback, overriding
 from .checks import check_objects, error_at_step, options_from
 from .epochs import EpochFeed
 from .evaluation import Evaluator
-from .guards import SignalGuard, check_losses, exit_for, non_finite_error
+from .first_batch import batch_dependent, check_first_batch, check_lengths, summary
+from .guards import SignalGuard, check_losses, exit_for, non_finite_data, non_finite_error
 from .history import History
 from .lr_control import LRControl
 from .metrics import Metric
@@ -79,7 +80,7 @@ class Trainer:
         self,
         model: torch.nn.Module,
         loss_fn: LossFn | None,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
         lr_schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
         callbacks: Sequence[Callback] = (),
@@ -91,6 +92,10 @@ class Trainer:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise expected("model", "a torch.nn.Module", type(model).__name__)
+        self.can_train = optimizer is not None  # without an optimizer: evaluate and predict only
+        if optimizer is None:  # a placeholder that never steps, so that everything else stays as it is
+            params = [p for p in model.parameters()] or [torch.nn.Parameter(torch.zeros(0))]
+            optimizer = torch.optim.SGD(params, lr=0.0)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise expected("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__)
         if loss_fn is not None and not callable(loss_fn):
@@ -112,6 +117,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
         self.loss_fn, self.optimizer = loss_fn, optimizer
+        self._given_loss_fn = loss_fn  # as passed; self.loss_fn may be it adapted to the data's targets
         self.callbacks = list(callbacks)
         self.loss_count = loss_count
         self.transform = transform
@@ -179,6 +185,9 @@ class Trainer:
         ``until(trainer) -> bool`` asked before each batch) or SIGTERM/SIGINT; events are
         acknowledged only after a checkpoint that includes their updates (see :mod:`.stream_loop`).
         """
+        if not self.can_train:
+            raise expected("optimizer", "a torch.optim.Optimizer to train with (this Trainer was made without one: "
+                           "it evaluates and predicts only)", None)
         check_resume(resume, self.checkpoint_dir)
         stream = isinstance(train, StreamSource)
         if stream:
@@ -222,7 +231,10 @@ class Trainer:
         This process evaluates all of ``data`` by itself (no collectives), so in a distributed run
         any rank may call it, alone or with the others.
         """
-        return self.evaluator.evaluate(as_source(data, "data"), batch_size)
+        src = as_source(data, "data")
+        if self._feed is None:  # a model evaluated before (or without) training: outputs and targets checked
+            self._check_loss(src)
+        return self.evaluator.evaluate(src, batch_size)
 
     def predict(self, data: Any, batch_size: int | None = None, *, targets: bool = True) -> torch.Tensor:
         """Model outputs for every sample of ``data`` in order, concatenated on the CPU.
@@ -319,6 +331,7 @@ class Trainer:
     def _prepare(self, src: Source, saved: dict[str, Any] | None = None) -> Batcher:
         """Resolve the batch plan for ``src`` and build the batcher and the step for it."""
         o = self.options
+        described = self._check_loss(src)
         self.plan = plan = plan_batches(o, self.module, self.loss_fn, self.optimizer, src, self.device, self.dist,
                                         self.lr.base_lrs, saved)
         if plan.choice is not None:
@@ -343,6 +356,7 @@ class Trainer:
                             micro_batch_size=plan.micro_batch_size, micro_batch_tokens=plan.micro_batch_tokens,
                             max_grad_norm=o.max_grad_norm, world_size=self.dist.world_size,
                             loss_count=self.loss_count, sum_over_ranks=self.dist.sum_later)
+        self._tell_plan(src, described, plan, self.batcher)
         self._agreement = distributed.StepAgreement(self.dist, self.device) if self.dist.enabled else None
         if plan.adaptive is not None:
             self.noise_tracker = plan.adaptive.tracker
@@ -353,6 +367,33 @@ class Trainer:
         self.lr.rule_cap = math.inf if plan.choice is None else plan.choice.lr_cap
         self.lr.begin(plan.batch_size)
         return self.batcher
+
+    def _check_loss(self, src: Source) -> str:
+        """Output, target and loss checked on two samples (one forward); the loss adapted where Keras would.
+        Returns the data's shapes and dtypes, in words."""
+        check_lengths(self.module, src)
+        self.loss_fn, described = check_first_batch(self.module, self._given_loss_fn, src, self.transform,
+                                                    self.device, self.announce)
+        self.evaluator.loss_fn = self.loss_fn
+        return described
+
+    def _tell_plan(self, src: Source, described: str, plan: BatchPlan, batcher: Batcher) -> None:
+        """The run's summary (with the progress bar only), and a warning where micro-batches change the result."""
+        if self.progress:
+            self.announce(summary(self.module, self.optimizer, src, described, plan.batch_size,
+                                  plan.micro_batch_size, len(batcher), self.device))
+        split = plan.micro_batch_size is not None or plan.micro_batch_tokens is not None
+        if split:
+            found = batch_dependent(self.module)
+            if found:
+                how = (f"micro_batch_size={plan.micro_batch_size}" if plan.micro_batch_size is not None
+                       else f"micro_batch_tokens={plan.micro_batch_tokens}")
+                names = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+                logger.warning("%s splits each batch of %d, and the model has modules that normalise by the "
+                               "batch's statistics (%s): each piece is normalised by its own, so the outputs, "
+                               "gradients and running statistics differ from one whole batch's. Splitting keeps "
+                               "the result only for models without batch statistics: use GroupNorm or LayerNorm, "
+                               "or train without micro-batches", how, plan.batch_size, names)
 
     def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
@@ -436,7 +477,7 @@ class Trainer:
             if result.stop:
                 break  # a rank asked to stop after the previous step: every rank drops this one
             if not result.applied:
-                self._non_finite(result.value, epoch, feed, mark)
+                self._non_finite(result.value, epoch, feed, mark, batch)
                 continue
             after(batch, mark, result, used_lr)
             if distributed:
@@ -503,12 +544,19 @@ class Trainer:
         """Read back pending losses and raise on the first non-finite one (on_nan='raise')."""
         self._checked = check_losses(self.history, self._checked)
 
-    def _non_finite(self, value: float | None, epoch: int, feed: Feed, mark: Any) -> None:
-        """A step whose loss is NaN/inf: raise, or skip its batch (after rolling back, with on_nan='rollback')."""
+    def _non_finite(self, value: float | None, epoch: int, feed: Feed, mark: Any, batch: Any = None) -> None:
+        """A step whose loss is NaN/inf: raise, or skip its batch (after rolling back, with on_nan='rollback').
+
+        The batch's data is checked first (only now, when the loss went bad): NaN or inf in the
+        inputs or targets is what the error names then, with the samples, not the learning rate.
+        """
         assert value is not None
         step = self.step + 1
+        data = None if batch is None else non_finite_data(batch, sample_ids(feed, mark))
         if self.options.on_nan == "raise":
-            raise non_finite_error(value, step, epoch)
+            raise non_finite_error(value, step, epoch, data, self.dist.world_size)
+        if data:
+            logger.warning("step %d (epoch %d): %s", step, epoch, data)
         self.skipped_steps += 1
         feed.skipped(mark)  # the batch is used up: a checkpoint continues after it
         if self.options.on_nan == "rollback":
@@ -540,6 +588,16 @@ class Trainer:
         if self.dist.is_main:  # the rank that wrote the checkpoint
             logger.warning("received %s: saved %s and stopped", signal.Signals(signum).name, path)
         raise exit_for(signum)
+
+
+def sample_ids(feed: Feed, mark: Any) -> Any:
+    """The data set's indices of the batch that ended at ``mark`` (one process, batches of samples), else ``None``."""
+    batcher = getattr(feed, "batcher", None)
+    if not isinstance(feed, EpochFeed) or batcher is None or batcher.world_size != 1 \
+            or batcher.batch_tokens is not None:
+        return None
+    done = int(mark.samples_done)
+    return batcher.order()[done - int(mark.batch_size): done]
 
 
 class AfterStep:

@@ -22,11 +22,11 @@ import numpy as np
 
 from ...errors import BatchfitError, check_choice, check_positive_int, expected
 from ..shards import ShardSource, write_shards
-from .transforms import pillow
+from .transforms import convert_mode, pillow
 
 ON_CORRUPT = ("error", "skip")
 FILES_PER_TASK = 64  # files one writer process decodes per task; results come back in file order
-GRAYSCALE = ("1", "L", "LA", "I", "I;16", "F")
+GRAYSCALE = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 def write_image_shards(
@@ -41,6 +41,8 @@ def write_image_shards(
     progress: bool = True,
     shard_size: int | None = None,
     overwrite: bool = False,
+    mode: str | None = None,
+    follow_symlinks: bool = False,
 ) -> ShardSource:
     """Write the image folder ``folder`` (one sub-folder per class) as a shard folder at ``out``.
 
@@ -55,6 +57,12 @@ def write_image_shards(
     manifest's ``metadata["images"]["skipped"]``. ``workers`` processes decode and encode in
     parallel (default: the CPU count, at most 8; 0 works in this process); ``progress`` shows a
     progress bar. Returns the new folder opened as a :class:`~batchfit.ShardSource`.
+
+    ``mode`` is the colour mode of the whole set, ``"RGB"`` or ``"L"`` (grayscale); by default
+    ``"L"`` only when every image is grayscale, else ``"RGB"`` (one grayscale file among colour
+    ones does not make the set grayscale). Images of 16 bits a channel are scaled to 8.
+    Symbolic links that lead out of ``folder`` are refused unless ``follow_symlinks``; a class
+    sub-folder without images is refused (it would be a class without samples).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -71,17 +79,23 @@ def write_image_shards(
     check_positive_int("workers", workers, allow_zero=True)
     if not isinstance(progress, bool):
         raise expected("progress", "True or False", progress)
+    if mode is not None:
+        check_choice("mode", mode, ("RGB", "L"))
     image_module = pillow()
     classes = class_names(folder)
     files = list(image_files(folder, classes, set(image_module.registered_extensions())))
     if not files:
         raise expected("folder", "image files in its class sub-folders", f"{folder}, which has none")
-    mode = _first_mode([path for path, _ in files])
+    _check_files(folder, classes, files, follow_symlinks)
+    if mode is None and decode:  # pixels are converted while writing: the set's mode is needed first
+        mode = _set_mode([path for path, _ in files])
     skipped: list[dict[str, str]] = []
-    info: dict[str, Any] = {"encoded": not decode, "mode": mode, "max_side": max_side, "skipped": skipped}
-    # write_shards stores the metadata when it finishes, so files skipped while writing are listed.
+    # Encoded images keep their own bytes: without a given mode the set's is learnt while writing,
+    # from every file (write_shards stores the metadata when it finishes, with the skipped files too).
+    info: dict[str, Any] = {"encoded": not decode, "mode": mode or "RGB", "max_side": max_side, "skipped": skipped}
     metadata = {"converted_from": folder.name, "classes": classes, "images": info}
-    batches = _batches(files, mode, decode, size, max_side, on_corrupt, workers, progress, skipped)
+    batches = _batches(files, mode or "RGB", decode, size, max_side, on_corrupt, workers, progress, skipped,
+                       info if mode is None else None)
     return write_shards(out, batches, shard_size=shard_size, overwrite=overwrite, metadata=metadata)
 
 
@@ -112,22 +126,46 @@ def image_files(folder: Path, classes: list[str], extensions: set[str]) -> Itera
                 yield path, label
 
 
-def _first_mode(paths: list[Path]) -> str:
-    """``"L"`` when the first readable image is grayscale, else ``"RGB"``."""
+def _check_files(folder: Path, classes: list[str], files: list[tuple[Path, int]], follow_symlinks: bool) -> None:
+    """Refuse class sub-folders without images, and (unless ``follow_symlinks``) links out of ``folder``."""
+    counts = np.bincount(np.array([label for _, label in files], dtype=np.int64), minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise BatchfitError(f"class sub-folder(s) {', '.join(str(folder / name) for name in empty[:3])} of {folder} "
+                            f"hold no images: each would be a class without samples. Remove the empty folder(s), or "
+                            f"put images in them")
+    if follow_symlinks:
+        return
+    root = folder.resolve()
+    outside = [path for path, _ in files if path.is_symlink() or path.parent.is_symlink()
+               if not path.resolve().is_relative_to(root)]
+    if outside:
+        raise BatchfitError(f"{len(outside)} image(s) of {folder} are symbolic links out of it, e.g. {outside[0]} -> "
+                            f"{outside[0].resolve()}: pass follow_symlinks=True (--follow-symlinks) to read them")
+
+
+def _set_mode(paths: list[Path]) -> str:
+    """``"L"`` when every readable image is grayscale, else ``"RGB"`` (headers only: nothing decoded)."""
     image_module = pillow()
     for path in paths:
         try:
             with image_module.open(path) as image:
-                return "L" if image.mode in GRAYSCALE else "RGB"
-        except (OSError, ValueError):
+                if image.mode not in GRAYSCALE:
+                    return "RGB"
+        except Exception:  # noqa: BLE001 - a damaged file (or a bomb) is named when it is decoded
             continue
-    return "RGB"
+    return "L"
 
 
 def _batches(files: list[tuple[Path, int]], mode: str, decode: bool, size: tuple[int, int] | None,
              max_side: int | None, on_corrupt: str, workers: int, progress: bool,
-             skipped: list[dict[str, str]]) -> Iterator[tuple[Any, np.ndarray]]:
-    """``(images, labels)`` per task of files, in file order, as the writer processes finish them."""
+             skipped: list[dict[str, str]], learn_mode: dict[str, Any] | None = None
+             ) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(images, labels)`` per task of files, in file order, as the writer processes finish them.
+
+    With ``learn_mode`` (the metadata's images entry), its ``mode`` ends ``"L"`` when every file
+    written was grayscale, else ``"RGB"``."""
+    all_gray = True
     from tqdm.auto import tqdm
 
     tasks = [files[lo : lo + FILES_PER_TASK] for lo in range(0, len(files), FILES_PER_TASK)]
@@ -145,7 +183,7 @@ def _batches(files: list[tuple[Path, int]], mode: str, decode: bool, size: tuple
             results = (_prepare_files(*job) for job in jobs)
         for task, prepared in zip(tasks, results):
             images, labels = [], []
-            for (path, label), (result, reason) in zip(task, prepared):
+            for (path, label), (result, reason, gray) in zip(task, prepared):
                 if reason is not None:
                     if on_corrupt == "error":
                         raise BatchfitError(f"Image {path} cannot be read: {reason} "
@@ -161,9 +199,12 @@ def _batches(files: list[tuple[Path, int]], mode: str, decode: bool, size: tuple
                                        "(or pass image_size)", f"{result.shape[1]}x{result.shape[2]}")
                 images.append(result)
                 labels.append(label)
+                all_gray = all_gray and gray
             bar.update(len(task))
             if images:
                 yield (np.stack(images) if decode else images), np.array(labels, dtype=np.int64)
+        if learn_mode is not None:
+            learn_mode["mode"] = "L" if all_gray else "RGB"
     finally:
         bar.close()
         if pool is not None:
@@ -171,19 +212,27 @@ def _batches(files: list[tuple[Path, int]], mode: str, decode: bool, size: tuple
 
 
 def _prepare_files(paths: list[str], mode: str, decode: bool, size: tuple[int, int] | None,
-                   max_side: int | None) -> list[tuple[np.ndarray | None, str | None]]:
-    """``(encoded bytes or pixels, None)`` or ``(None, reason)`` per file (in a writer process)."""
-    out: list[tuple[np.ndarray | None, str | None]] = []
+                   max_side: int | None) -> list[tuple[np.ndarray | None, str | None, bool]]:
+    """``(encoded bytes or pixels, None, grayscale)`` or ``(None, reason, False)`` per file (in a writer process)."""
+    out: list[tuple[np.ndarray | None, str | None, bool]] = []
     for path in paths:
         try:
-            out.append((_prepare(Path(path), mode, decode, size, max_side), None))
+            out.append(_prepared(Path(path), mode, decode, size, max_side))
         except Exception as error:  # noqa: BLE001 (Pillow raises many kinds for a damaged file)
-            out.append((None, f"{type(error).__name__}: {error}"))
+            out.append((None, f"{type(error).__name__}: {error}", False))
     return out
 
 
-def _prepare(path: Path, mode: str, decode: bool, size: tuple[int, int] | None, max_side: int | None) -> np.ndarray:
-    """One file's bytes (re-encoded past ``max_side``) or its decoded pixels ``(channels, height, width)``.
+def _prepared(path: Path, mode: str, decode: bool, size: tuple[int, int] | None,
+              max_side: int | None) -> tuple[np.ndarray, None, bool]:
+    data, gray = _prepare(path, mode, decode, size, max_side)
+    return data, None, gray
+
+
+def _prepare(path: Path, mode: str, decode: bool, size: tuple[int, int] | None,
+             max_side: int | None) -> tuple[np.ndarray, bool]:
+    """One file's bytes (re-encoded past ``max_side``) or its decoded pixels ``(channels, height, width)``,
+    and whether it is grayscale.
 
     Every file is decoded in full, so a truncated or damaged one raises here.
     """
@@ -191,16 +240,17 @@ def _prepare(path: Path, mode: str, decode: bool, size: tuple[int, int] | None, 
     with image_module.open(path) as image:  # by path, so that Pillow's messages name the file
         image.load()
         data = path.read_bytes()
+        gray = image.mode in GRAYSCALE
         if image.width < 1 or image.height < 1:
             raise ValueError("the image has no pixels")
         if decode:
-            converted = image.convert(mode)
+            converted = convert_mode(image, mode)
             if size is not None:
                 converted = converted.resize((size[1], size[0]), image_module.Resampling.BILINEAR)
             pixels = np.asarray(converted, dtype=np.uint8)
-            return pixels.reshape(converted.height, converted.width, -1).transpose(2, 0, 1)
+            return pixels.reshape(converted.height, converted.width, -1).transpose(2, 0, 1), gray
         if max_side is not None and max(image.size) > max_side:
-            smaller = image.convert(mode)
+            smaller = convert_mode(image, "L" if gray else "RGB")  # each file keeps its own mode
             smaller.thumbnail((max_side, max_side), image_module.Resampling.LANCZOS)
             buffer = io.BytesIO()
             if image.format == "JPEG":
@@ -208,4 +258,4 @@ def _prepare(path: Path, mode: str, decode: bool, size: tuple[int, int] | None, 
             else:
                 smaller.save(buffer, format="PNG")
             data = buffer.getvalue()
-    return np.frombuffer(data, dtype=np.uint8).copy()
+    return np.frombuffer(data, dtype=np.uint8).copy(), gray

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from ...core.batch import Batch
-from ...errors import expected
+from ...errors import BatchfitError, expected
 from ..shards import ShardSource
 from .transforms import ImageTransform
 
@@ -68,10 +70,21 @@ class ImageSource:
                epoch: int = 0) -> Batch:
         """The decoded, transformed samples at ``indices``: ``(images, labels)``."""
         indices, batch = self._read(indices)
-        if isinstance(self.transform, ImageTransform):
-            return self.transform(batch, seed=seed, epoch=epoch, indices=indices, pin_memory=pin_memory,
-                                  mode=self.mode)
-        return self.transform(batch, seed=seed, epoch=epoch, indices=indices, pin_memory=pin_memory)
+        with self._naming_the_folder():
+            if isinstance(self.transform, ImageTransform):
+                return self.transform(batch, seed=seed, epoch=epoch, indices=indices, pin_memory=pin_memory,
+                                      mode=self.mode)
+            return self.transform(batch, seed=seed, epoch=epoch, indices=indices, pin_memory=pin_memory)
+
+    @contextlib.contextmanager
+    def _naming_the_folder(self) -> Iterator[None]:
+        """An image that cannot be decoded is named with its shard folder as well as its sample."""
+        try:
+            yield
+        except BatchfitError as error:
+            if str(error).startswith("the image of sample"):
+                raise BatchfitError(f"{self.src.path}: {error}") from error
+            raise
 
     # Worker processes write the pixels of a batch into a shared buffer that is reused from batch to
     # batch (see data/worker_slots.py): 4x fewer bytes than float32 images, and no new shared segment
@@ -90,8 +103,9 @@ class ImageSource:
         """Decode, crop and flip the samples at ``indices`` into ``out[:len(indices)]``; their labels."""
         assert isinstance(self.transform, ImageTransform)
         indices, batch = self._read(indices)
-        _, labels = self.transform.pixels(batch, seed=seed, epoch=epoch, indices=indices, mode=self.mode,
-                                          out=out[: len(indices)])
+        with self._naming_the_folder():
+            _, labels = self.transform.pixels(batch, seed=seed, epoch=epoch, indices=indices, mode=self.mode,
+                                              out=out[: len(indices)])
         return labels.numpy()
 
     def finish(self, pixels: np.ndarray, labels: np.ndarray, pin_memory: bool = False) -> Batch:

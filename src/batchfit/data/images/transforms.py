@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...core.batch import Batch
-from ...errors import expected
+from ...errors import BatchfitError, expected
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,10 +178,17 @@ class ImageTransform:
         elif out.shape != shape or out.dtype != np.uint8:
             raise expected("out", f"a uint8 array of shape {shape}", f"{out.dtype} {out.shape}")
         for row in range(count):
-            image = images(row)
-            box = self._box(image, None if uniforms is None else uniforms[row])
-            flip = uniforms is not None and self.flip and uniforms[row, -1] < 0.5
-            out[row] = _crop_resize(image, box, self.size, self.draft, channels, flip)
+            try:
+                image = images(row)
+                box = self._box(image, None if uniforms is None else uniforms[row])
+                flip = uniforms is not None and self.flip and uniforms[row, -1] < 0.5
+                out[row] = _crop_resize(image, box, self.size, self.draft, channels, flip)
+            except Exception as error:  # Pillow raises many kinds for bytes that are no image (or a bomb)
+                if isinstance(error, BatchfitError):
+                    raise
+                raise BatchfitError(f"the image of sample {int(indices[row])} cannot be decoded "
+                                    f"({type(error).__name__}: {error}): the shard folder is damaged (find the "
+                                    f"file with `batchfit shards verify`, and write the folder again)") from error
         return out, labels
 
     def _box(self, image: Any, u: np.ndarray | None) -> tuple[float, float, float, float]:
@@ -199,7 +206,9 @@ class ImageTransform:
         mean = (0.0,) * channels if self.mean is None else self.mean
         std = (1.0,) * channels if self.std is None else self.std
         if len(mean) != channels or len(std) != channels:
-            raise expected("mean", f"{channels} values, one per channel of the images", mean)
+            hint = (" (the images are grayscale: the shard folder's mode is 'L'; give one mean and std, e.g. "
+                    "mean=(0.449,), std=(0.226,), or write the folder with mode='RGB')") if channels == 1 else ""
+            raise expected("mean", f"{channels} values, one per channel of the images{hint}", mean)
         # (x / 255 - mean) / std in one multiply and one subtract
         out.mul_(torch.tensor([1 / (255 * s) for s in std]).reshape(1, -1, 1, 1))
         out.sub_(torch.tensor([m / s for m, s in zip(mean, std)]).reshape(1, -1, 1, 1))
@@ -229,6 +238,23 @@ def eval_transform(size: int, *, resize: int | None = None, mean: Sequence[float
     return ImageTransform(size, train=False, resize=resize, mean=mean, std=std, draft=draft)
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel of more than 8 bits
+
+
+def convert_mode(image: Any, mode: str) -> Any:
+    """``image.convert(mode)``, but an image of more than 8 bits a pixel (a 16-bit PNG) scaled to 8 bits
+    first: Pillow's own conversion clips it, which turns a 16-bit image nearly all white."""
+    if image.mode in WIDE_MODES:
+        pixels = np.asarray(image)
+        if image.mode == "F":
+            top = 1.0 if float(pixels.max(initial=0.0)) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or int(pixels.max(initial=0)) > 255 else 255.0
+        scaled = np.clip(np.rint(pixels.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+        image = pillow().fromarray(scaled, "L")
+    return image if image.mode == mode else image.convert(mode)
+
+
 def decode(batch: Batch, mode: str | None = None) -> list[np.ndarray]:
     """The images of an encoded batch ``(bytes, lengths, ...)`` as ``uint8`` arrays ``(height, width, channels)``.
 
@@ -241,7 +267,7 @@ def decode(batch: Batch, mode: str | None = None) -> list[np.ndarray]:
     out = []
     for row in range(len(images)):
         image = images(row)
-        pixels = np.asarray(image.convert(mode or image.mode_wanted))
+        pixels = np.asarray(convert_mode(image, mode or image.mode_wanted))
         out.append(pixels.reshape(pixels.shape[0], pixels.shape[1], -1))
     return out
 
@@ -270,7 +296,7 @@ class _Images:
             assert self.lengths is not None
             encoded = self.data[row, : int(self.lengths[row])].tobytes()
         image = image_module.open(io.BytesIO(encoded))
-        image.mode_wanted = "L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+        image.mode_wanted = "L" if image.mode in ("1", "L", "LA", *WIDE_MODES) else "RGB"
         return image
 
 
@@ -318,7 +344,7 @@ def _crop_resize(image: Any, box: tuple[float, float, float, float], size: int, 
             sx, sy = image.size[0] / width, image.size[1] / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     if image.mode != mode:
-        image = image.convert(mode)
+        image = convert_mode(image, mode)
     out = image.resize((size, size), image_module.Resampling.BILINEAR, box=box)
     if flip:
         out = out.transpose(image_module.Transpose.FLIP_LEFT_RIGHT)

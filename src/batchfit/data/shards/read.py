@@ -262,7 +262,10 @@ class ShardSource:
             raise ShardError(f"Shard file {path} {problem}")
         count = self.shard_sizes[shard]
         if part.endswith(".offsets"):
-            return _MappedArray(path, np.dtype(np.int64), (count + 1,))
+            offsets = _MappedArray(path, np.dtype(np.int64), (count + 1,))
+            values = self.manifest["shards"][shard]["files"].get(part[: -len(".offsets")], {})
+            _check_offsets(offsets.array, path, values.get("bytes"))
+            return offsets
         spec = next(s for s in self.specs if s.key == part)
         if spec.ragged:
             count = int(self._map(shard, f"{part}.offsets").array[-1])
@@ -611,6 +614,21 @@ def _empty(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> torch.Tensor:
     if pin:
         return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
     return torch.from_numpy(np.empty(shape, dtype))
+
+
+def _check_offsets(offsets: np.ndarray, path: Path, value_bytes: Any) -> None:
+    """Refuse sample offsets that no writer makes (tampered with, or damaged past the size check): they
+    must start at 0, never decrease, and end within the values file. One pass when the file is mapped."""
+    if len(offsets) == 0:
+        return
+    last = int(offsets[-1])
+    bad = int(offsets[0]) != 0 or (len(offsets) > 1 and bool(np.any(np.diff(offsets) < 0)))
+    if isinstance(value_bytes, int) and last > value_bytes:
+        bad = True
+    if bad:
+        raise ShardError(f"Shard file {path} holds sample offsets that do not fit its values (they must start at 0, "
+                         f"never decrease, and stay within the values file): the folder is damaged or was changed "
+                         f"after it was written; write it again, or find the damage with verify='full'")
 
 
 def verify(path: str | os.PathLike, mode: str = "full") -> ShardSource:

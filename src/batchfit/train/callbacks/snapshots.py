@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from ...core.durable import atomic_write
+from ...core.durable import atomic_write, failed_write
 from ...errors import BatchfitError, check_positive_int, expected
 from .base import Callback
 
@@ -75,8 +75,14 @@ class PublishSnapshots(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"snapshot-{step:09d}.pt"
         weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        path = atomic_write(self.folder / name, lambda handle: torch.save({"model": weights, "step": step,
-                                                                         "samples": samples}, handle))
+        try:
+            path = atomic_write(self.folder / name, lambda handle: torch.save({"model": weights, "step": step,
+                                                                             "samples": samples}, handle))
+        except (OSError, RuntimeError) as error:  # a full disk: named, and LATEST still names the last good one
+            failure = failed_write(error, self.folder / name, "snapshot")
+            if failure is None:
+                raise
+            raise failure from error
         info = {"file": name, "step": step, "samples": samples, "time": time.time()}
 
         def write_pointer(handle: IO[Any]) -> None:
@@ -100,6 +106,25 @@ class PublishSnapshots(Callback):
         self._last_step = int(state.get("last_step", -1))
 
 
+def _read_pointer(folder: Path) -> dict[str, Any]:
+    """The ``LATEST`` pointer of ``folder``, checked: JSON naming a snapshot file inside ``folder``."""
+    pointer = folder / POINTER
+    try:
+        info = json.loads(pointer.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BatchfitError(f"no snapshot published in {folder} yet (no {POINTER} file)") from None
+    except (ValueError, OSError) as error:  # JSONDecodeError, UnicodeDecodeError, a folder named LATEST
+        raise BatchfitError(f"{pointer} is not a snapshot pointer (JSON written by PublishSnapshots): "
+                            f"{type(error).__name__}: {error}") from None
+    name = info.get("file") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not name:
+        raise BatchfitError(f"{pointer} names no snapshot file (expected JSON with \"file\"). Received: {info!r}")
+    if Path(name).name != name or name in (".", "..") or not name.endswith(".pt"):
+        raise BatchfitError(f"{pointer} names {name!r}, which is not a snapshot file in {folder}: a pointer "
+                            f"never leaves its folder")
+    return info
+
+
 def load_snapshot(folder: str | os.PathLike[str], map_location: Any = "cpu",
                   attempts: int = 5) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The newest published snapshot in ``folder``: ``(model state dict, info)``.
@@ -110,14 +135,19 @@ def load_snapshot(folder: str | os.PathLike[str], map_location: Any = "cpu",
     """
     folder = Path(folder)
     for _ in range(attempts):
+        info = _read_pointer(folder)
+        path = folder / info["file"]
         try:
-            info = json.loads((folder / POINTER).read_text())
-        except FileNotFoundError:
-            raise BatchfitError(f"no snapshot published in {folder} yet (no {POINTER} file)") from None
-        try:
-            state = torch.load(folder / info["file"], map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             continue  # pruned after the pointer moved on: read the pointer again
+        except Exception as error:  # noqa: BLE001 - garbage, a truncated file, or one that is not weights only
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise BatchfitError(f"snapshot {path} (named by {folder / POINTER}) cannot be read as weights: "
+                                f"{type(error).__name__}: {first}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise BatchfitError(f"snapshot {path} (named by {folder / POINTER}) is not a snapshot written by "
+                                f"PublishSnapshots (no 'model' weights in it)")
         return state["model"], info
     raise BatchfitError(f"the snapshot named by {folder / POINTER} kept disappearing ({attempts} attempts): "
                         f"raise PublishSnapshots(keep=...)")
