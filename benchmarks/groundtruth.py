@@ -43,6 +43,7 @@ from benchmarks.groundtruth_loop import initial_state, next_check, plain_run, st
 from benchmarks.groundtruth_tasks import TASKS, Task  # noqa: E402
 
 BASE_BATCH = 32
+WARMUP_STEPS = 25  # choose_batch_size's default warm-up
 USER_LR = {"Adam": 1e-3, "AdamW": 1e-3, "SGD m=0.9": 0.01, "SGD": 0.01}  # what a user writes without tuning
 RULE = {"Adam": "sqrt", "AdamW": "sqrt", "SGD m=0.9": "linear", "SGD": "linear"}
 
@@ -111,7 +112,7 @@ def make_model(task: Task, init: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 
 def noise_scales(task: Task, init: dict[str, torch.Tensor], lr: float, steps: int | None) -> dict[str, float]:
-    """B_simple at the initial weights and half-way along the run at batch 32 with its best lr."""
+    """B_simple at the initial weights, after "auto"'s warm-up and half-way along the run at batch 32 (best lr)."""
     model = make_model(task, init)
     out = {"b_simple_init": bf.estimate_noise_scale(model, task.loss_fn, task.train, small_batch=16, big_batch=256,
                                                     num_batches=20, device="cpu").b_simple}
@@ -121,7 +122,10 @@ def noise_scales(task: Task, init: dict[str, torch.Tensor], lr: float, steps: in
         optimizer = task.make_optimizer(model, lr)
         x, y = task.train
         generator = torch.Generator().manual_seed(0)
-        for _ in range(int(steps) // 2):
+        for step in range(int(steps) // 2):
+            if step == WARMUP_STEPS:  # where "auto" measures
+                out["b_simple_warm"] = bf.estimate_noise_scale(model, task.loss_fn, task.train, small_batch=16,
+                                                               big_batch=256, num_batches=20, device="cpu").b_simple
             index = torch.randint(len(y), (BASE_BATCH,), generator=generator)
             task.loss_fn(model(x[index]), y[index]).backward()
             optimizer.step()
@@ -291,7 +295,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         return f"{p['batch_size']}, {p['lr']:.3g} → {ratio}"
 
     lines = ["| task | grid best (B, lr, time) | tune (B, lr → ratio) | tune cost / grid (wall) | "
-             "auto (B, lr → ratio) | adaptive → ratio | B_crit (fit) | B_simple init / mid | ratio to B_crit |",
+             "auto (B, lr → ratio) | adaptive → ratio | B_crit (fit) | B_simple init / 25 steps / mid | "
+             "ratio to B_crit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         best, noise = r["best"], r["noise"]
@@ -299,14 +304,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
         sizes = "→".join(str(s) for s in adaptive["sizes"])
         adaptive_text = f"{sizes} → " + ("not reached" if adaptive["ratio"] is None else f"{adaptive['ratio']:.2f}×")
         b_crit = r["fit"]["b_crit"]
-        mid = noise.get("b_simple_mid", math.nan)
+        mid, warm = noise.get("b_simple_mid", math.nan), noise.get("b_simple_warm", math.nan)
         lines.append(
             f"| {r['task']} | {best['batch_size']}, {best['lr']:.3g}, {best['seconds']:.3g} s "
             f"({best['steps']:.0f} st.) | "
             f"{pick(r, 'tune')} | {100 * r['tune']['cost_share']:.0f} % ({100 * r['tune']['wall_share']:.0f} %, "
             f"{r['tune']['runs']} runs) | "
-            f"{pick(r, 'auto')} | {adaptive_text} | {b_crit:.0f} | {noise['b_simple_init']:.0f} / {mid:.0f} | "
-            f"{noise['b_simple_init'] / b_crit:.2f} / {mid / b_crit:.2f} |")
+            f"{pick(r, 'auto')} | {adaptive_text} | {b_crit:.0f} | {noise['b_simple_init']:.0f} / {warm:.0f} / "
+            f"{mid:.0f} | {noise['b_simple_init'] / b_crit:.2f} / {warm / b_crit:.2f} / {mid / b_crit:.2f} |")
     return "\n".join(lines)
 
 

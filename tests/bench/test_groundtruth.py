@@ -46,7 +46,7 @@ def test_markdown_gives_each_answer_its_ratio_and_names_a_miss():
     row = {"task": "t", "best": {"batch_size": 64, "lr": 0.1, "seconds": 1.0, "steps": 10},
            "tune": {"batch_size": 64, "lr": 0.1, "ratio": 1.0, "cost_share": 0.03, "wall_share": 0.08, "runs": 12},
            "auto": {"batch_size": 128, "lr": 0.2, "ratio": None}, "adaptive": {"sizes": [64, 128], "ratio": 1.1},
-           "fit": {"b_crit": 100.0}, "noise": {"b_simple_init": 50.0, "b_simple_mid": 200.0}}
+           "fit": {"b_crit": 100.0}, "noise": {"b_simple_init": 50.0, "b_simple_warm": 80.0, "b_simple_mid": 200.0}}
     line = markdown([row]).splitlines()[2]
     assert "| 64, 0.1 → 1.00× | 3 % (8 %, 12 runs) | 128, 0.2 → not reached | 64→128 → 1.10× |" in line
-    assert line.endswith("| 100 | 50 / 200 | 0.50 / 2.00 |")
+    assert line.endswith("| 100 | 50 / 80 / 200 | 0.50 / 0.80 / 2.00 |")
