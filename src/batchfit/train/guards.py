@@ -35,6 +35,9 @@ def non_finite_data(batch: Any, ids: Any = None, most: int = 5) -> str:
     and the samples — their indices in the data set when ``ids`` maps rows to them, else rows of the batch."""
     if batch is None:
         return ""
+    batch = getattr(batch, "batch", batch)  # a stream's batch carries its tensors with the events' ids
+    if not isinstance(batch, (dict, tuple, list)):
+        return ""
     items = list(batch.items()) if isinstance(batch, dict) else [
         (f"arrays[{i}]" + (" (the target)" if i == len(batch) - 1 and len(batch) > 1 else ""), t)
         for i, t in enumerate(batch)]
