@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.batch import Batch, LossFn, forward, param_dtype, to_device
+from ..core.precision import autocast
 from ..core.rng import rng_state, set_rng_state
 from ..data.sources import Source, source_lengths
 from ..errors import BatchfitError
@@ -123,13 +124,13 @@ def summary(model: torch.nn.Module, optimizer: Any, src: Source, described: str,
 
 def check_first_batch(model: torch.nn.Module, loss_fn: LossFn | None, src: Source,
                       transform: Callable[[Batch], Batch] | None, device: torch.device,
-                      tell: Callable[[str], None]) -> tuple[LossFn | None, str]:
+                      tell: Callable[[str], None], precision: str = "fp32") -> tuple[LossFn | None, str]:
     """The loss to train with — ``loss_fn``, or it adapted to the data's targets (told through ``tell``) —
     and the shapes and dtypes of a sample batch (for the run's summary; ``""`` when none was gathered).
 
     Raises :class:`~batchfit.BatchfitError` naming the shapes when output, target and loss
     do not fit. Tuple batches with a ``loss_fn`` only: dict batches (a model computing its own
-    loss) are the model's business.
+    loss) are the model's business. The forward runs in ``precision``, as training will.
     """
     if len(src) == 0 or isinstance(loss_fn, AdaptedLoss):
         return loss_fn, ""
@@ -145,7 +146,8 @@ def check_first_batch(model: torch.nn.Module, loss_fn: LossFn | None, src: Sourc
         batch = to_device(batch, device, param_dtype(model))
         model.eval()
         try:
-            output = forward(model, batch)
+            with autocast(precision, device.type):
+                output = forward(model, batch)
         except (RuntimeError, ValueError, IndexError) as error:
             if isinstance(error, BatchfitError):
                 raise

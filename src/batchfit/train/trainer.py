@@ -373,7 +373,7 @@ class Trainer:
         Returns the data's shapes and dtypes, in words."""
         check_lengths(self.module, src)
         self.loss_fn, described = check_first_batch(self.module, self._given_loss_fn, src, self.transform,
-                                                    self.device, self.announce)
+                                                    self.device, self.announce, self.options.precision)
         self.evaluator.loss_fn = self.loss_fn
         return described
 
