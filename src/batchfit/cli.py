@@ -75,6 +75,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchfit", description="Mini-batch training that measures batch size "
                                      "and learning rate instead of guessing them.")
@@ -98,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="a run described by a TOML file")
     train.add_argument("config", help="the TOML file (see examples/)")
-    train.add_argument("--nproc", type=int, default=1, help="local processes (torch.distributed, gloo/nccl)")
+    train.add_argument("--nproc", type=_positive, default=1, help="local processes (torch.distributed, gloo/nccl)")
+    train.add_argument("--max-restarts", type=_non_negative, default=0,
+                       help="restart every process up to this many times when one fails (torchrun's elastic agent); "
+                            "each restart resumes from the newest checkpoint of train.checkpoint_dir")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--out", help="override train.out")
     train.add_argument("--threads", type=_positive, help=THREADS_HELP)
@@ -185,7 +195,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.nproc > 1:
+    if args.nproc > 1 or args.max_restarts:
         return _launch(args)
     from .config import load_config
     from .run import run_config
@@ -221,7 +231,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     """Start ``nproc`` local processes through torch.distributed.run (torchrun)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "batchfit", "train", args.config]
+               f"--max-restarts={args.max_restarts}", "-m", "batchfit", "train", args.config]
     if args.epochs is not None:
         command += ["--epochs", str(args.epochs)]
     if args.out is not None:

@@ -275,10 +275,25 @@ def setup(device_type: str, timeout_s: float | None = None) -> DistContext:
         torch.cuda.set_device(local)
     timeout = timeout_from_env() if timeout_s is None else timeout_s
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
+                            timeout=datetime.timedelta(seconds=timeout), store=_attempt_store(world, timeout))
     context = DistContext(rank, world, local, owns_group=True)
     atexit.register(context.close)
     return context
+
+
+def _attempt_store(world: int, timeout: float) -> Any:
+    """Under torchrun's elastic agent, the agent's store seen through a prefix of this attempt; else ``None``.
+
+    The agent keeps one store across restarts, so the keys of the group that failed are still in
+    it: a rank of the restarted group that asks for a peer's address before the peer has written
+    its new one reads the dead process's, and the connection is refused. A prefix per attempt
+    (``TORCHELASTIC_RESTART_COUNT``) keeps every attempt's keys apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    return dist.PrefixStore(f"batchfit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _store() -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import zipfile
@@ -70,7 +71,21 @@ def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...]
 
 
 def run_config(config: Config) -> dict[str, Any] | None:
-    """Train as configured; rank 0 writes the run folder and returns the summary."""
+    """Train as configured; rank 0 writes the run folder and returns the summary.
+
+    Under torchrun's elastic agent (``batchfit train --max-restarts K``), a restarted group
+    resumes from the newest checkpoint of ``train.checkpoint_dir``; without one it would start
+    over, so a restart refuses instead.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart:
+        if config["train"]["checkpoint_dir"] is None:
+            raise ConfigError(f"{config.path}: restarted after a failure (restart {restart}) but "
+                              f"`train.checkpoint_dir` is not set, so the run would start over; set it "
+                              f"(with `train.checkpoint_every`) to resume after a failure")
+        config["train"]["resume"] = True
+        logger.warning("restart %d after a failure: resuming from the newest checkpoint in %s", restart,
+                       config["train"]["checkpoint_dir"])
     trainer, train, val = build_run(config)
     try:
         return _train_and_write(trainer, train, val, config)
