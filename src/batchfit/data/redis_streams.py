@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import BatchfitError, expected
-from .streams import Event
+from .streams import DeadLetter, Event
 
 ACK_CHUNK = 1000
 
@@ -54,18 +54,26 @@ class RedisStream:
     replaces this (``fields`` maps ``bytes`` names to ``bytes`` values). ``start`` is where a new
     group starts reading (``"0"``: the whole stream; ``"$"``: only events added from now).
     ``idle_timeout`` ends the stream after that many seconds without a new event (``None``: never).
+    An entry that cannot be read (a missing field, a value that is not a number, a ``decode`` that raises)
+    or that :class:`~batchfit.StreamSource` refuses is written to the dead-letter stream ``dead_letters``
+    (``"<stream>:dead"`` by default; ``None``: none) with its reason and original id, then acknowledged
+    with the batch after it.
     Give each consumer a name that stays the same across restarts, so that a restarted trainer
     re-reads its own pending events at once.
     """
 
     def __init__(self, client: Any, stream: str, group: str = "batchfit", consumer: str = "batchfit-0", *,
                  fields: Sequence[str] | None = None, decode: Callable[[Mapping[bytes, bytes]], Any] | None = None,
-                 start: str = "0", claim_idle: float = 30.0, idle_timeout: float | None = None) -> None:
+                 start: str = "0", claim_idle: float = 30.0, idle_timeout: float | None = None,
+                 dead_letters: str | None = "") -> None:
         for name, value in (("stream", stream), ("group", group), ("consumer", consumer), ("start", start)):
             if not isinstance(value, str) or not value:
                 raise expected(name, "a non-empty string", value)
         if fields is not None and (isinstance(fields, str) or not all(isinstance(f, str) for f in fields)):
             raise expected("fields", "a sequence of field names, e.g. ('user', 'item', 'rating')", fields)
+        if dead_letters is not None and not isinstance(dead_letters, str):
+            raise expected("dead_letters", "the name of a stream, '' (the default: '<stream>:dead') or None",
+                           dead_letters)
         if decode is not None and not callable(decode):
             raise expected("decode", "a callable fields -> sample, or None", decode)
         for name, seconds in (("claim_idle", claim_idle), ("idle_timeout", idle_timeout)):
@@ -80,6 +88,8 @@ class RedisStream:
         self.fields = None if fields is None else tuple(fields)
         self.decode = decode
         self.start = start
+        # Where poison events go ("<stream>:dead" by default); None: nowhere but the StreamSource's dead_letters.
+        self.dead_letters = None if dead_letters is None else dead_letters or f"{stream}:dead"
         self.claim_idle = float(claim_idle)
         self.idle_timeout = idle_timeout
         self._phase = "new"  # "new" -> "pending" (own pending events) -> "live" (new events, claims)
@@ -190,7 +200,8 @@ class RedisStream:
             if values is None or not values:  # deleted from the stream while pending: nothing to train on
                 gone.append(event_id)
                 continue
-            events.append(Event(_text(event_id), self._sample(event_id, values), id_time(event_id), redelivered))
+            sample, error = self._sample(event_id, values)
+            events.append(Event(_text(event_id), sample, id_time(event_id), redelivered, error, values))
             self._held[_text(event_id)] = None
         if gone:
             self.ack(gone)
@@ -198,21 +209,44 @@ class RedisStream:
             self.redelivered += len(events)
         return events
 
-    def _sample(self, event_id: Any, values: Mapping[bytes, bytes]) -> Any:
+    def _sample(self, event_id: Any, values: Mapping[bytes, bytes]) -> tuple[Any, str | None]:
+        """The sample of an entry, or ``(None, why)`` for an entry that cannot be read (a poison event)."""
         if self.decode is not None:
-            return self.decode(values)
-        try:
-            if self.fields is None:
-                return {_text(k): number(v) for k, v in values.items()}
-            return tuple(number(values[f.encode()]) for f in self.fields)
-        except KeyError as error:
-            raise BatchfitError(f"Redis stream {self.stream}: event {_text(event_id)} has no field "
-                                f"{error.args[0].decode()!r}; expected fields {list(self.fields or ())}. "
-                                f"Received: fields {[_text(k) for k in values]}") from None
-        except ValueError:
-            raise BatchfitError(f"Redis stream {self.stream}: event {_text(event_id)} has a value that is not a "
-                                f"number; pass decode= for other encodings. Received: "
-                                f"{ {_text(k): v for k, v in values.items()} }") from None
+            try:
+                return self.decode(values), None
+            except Exception as error:  # the user's decoder refused this entry: quarantined, not fatal
+                return None, f"decode failed: {type(error).__name__}: {error}"
+        if self.fields is None:
+            items = list(values.items())
+        else:
+            missing = [f for f in self.fields if f.encode() not in values]
+            if missing:
+                return None, (f"has no field {missing[0]!r} (expected fields {list(self.fields)}; "
+                              f"received {[_text(k) for k in values]})")
+            items = [(f.encode(), values[f.encode()]) for f in self.fields]
+        parsed = []
+        for key, value in items:
+            try:
+                parsed.append(number(value))
+            except ValueError:
+                return None, f"field {_text(key)!r} = {value!r} is not a number (pass decode= for other encodings)"
+        if self.fields is None:
+            return {_text(k): v for (k, _), v in zip(items, parsed)}, None
+        return tuple(parsed), None
+
+    def quarantine(self, letters: Sequence[DeadLetter]) -> None:
+        """``XADD`` each letter to the dead-letter stream: the entry's own fields, and ``batchfit.id`` (its id in
+        the stream), ``batchfit.reason``, ``batchfit.stream``, ``batchfit.group`` and ``batchfit.consumer``."""
+        if not letters or self.dead_letters is None:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for letter in letters:
+            fields: dict[Any, Any] = dict(letter.raw) if isinstance(letter.raw, Mapping) else {}
+            fields.update({"batchfit.id": _text(letter.id), "batchfit.reason": letter.reason,
+                           "batchfit.stream": self.stream, "batchfit.group": self.group,
+                           "batchfit.consumer": self.consumer})
+            pipe.xadd(self.dead_letters, fields)
+        pipe.execute()
 
 
 def _text(value: Any) -> str:

@@ -156,6 +156,9 @@ class EpochFeed:
     def shown_loss(self) -> float:
         return self.trainer.history.losses()[-1]
 
+    def shown_note(self) -> str:
+        return ""
+
     def before_checkpoint(self) -> None:
         pass
 

@@ -99,6 +99,9 @@ class Feed(Protocol):
     def shown_loss(self) -> float:
         """The loss the progress bar shows."""
 
+    def shown_note(self) -> str:
+        """What else the progress bar shows after the samples/s (a stream: its dead letters), or ``""``."""
+
     def before_checkpoint(self) -> None:
         """Collect what the checkpoint holds of every rank (a collective in a distributed run)."""
 

@@ -29,13 +29,13 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.batch import Batch, forward, param_dtype, target_of, to_device
+from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, to_device
 from ..core.step import Step, StepResult
-from ..data.streams import IterableEvents, StreamBatch, StreamSource
+from ..data.streams import Event, IterableEvents, StreamBatch, StreamSource
 from ..errors import BatchfitError, CheckpointError, check_positive_int, expected
 from .metrics import is_stateful
 from .options import TrainerOptions
@@ -122,8 +122,10 @@ def check_stream_fit(options: TrainerOptions, max_steps: Any, until: Any) -> Non
     check_until(until)
 
 
-class Closed(NamedTuple):
-    """A stream batch as the loop sees it: its size over all ranks (the broker keeps the position)."""
+@dataclasses.dataclass
+class Closed:
+    """A stream batch as the loop sees it: its size over all ranks (the broker keeps the position); smaller
+    after the step when poison events were taken out of it."""
 
     batch_size: int
 
@@ -148,6 +150,11 @@ class StreamFeed:
         self.epoch = len(trainer.history.epochs) + 1  # this fit's number: what callbacks and schedulers see
         self.included: list[Any] = []  # ids trained on since the last ack
         self.redelivered = 0  # events trained on that had been delivered before (all ranks)
+        # Events quarantined in this run (this rank): the count a checkpoint restored, plus the source's since.
+        dead = trainer.history.column("dead_letters") if "dead_letters" in trainer.history.columns() else []
+        self.dead_before = int(dead[-1]) if dead and not math.isnan(dead[-1]) else 0
+        self.dead_mark = source.quarantined
+        self.mark: Closed | None = None  # of the batch being trained
         self.prequential = Prequential()
         self.ranks: StreamRanks | None = None  # a distributed run's agreement
         self.rank_states: list[dict[str, Any]] = []  # distributed: every rank's consumer state, for the checkpoint
@@ -203,7 +210,8 @@ class StreamFeed:
                     if source.ended:
                         return
                     continue  # an idle tick: look at signals and budgets again
-                yield local, Closed(local.size)
+                self.mark = Closed(local.size)
+                yield local, self.mark
                 continue
             plan = self.ranks.plan(trainer.stop_training or budget, trainer.signals.received is not None)
             if plan.signal:  # every rank learns it at the same step: all checkpoint together and stop
@@ -224,7 +232,125 @@ class StreamFeed:
         return size
 
     def step(self, local: StreamBatch | None, size: int, stop_requested: bool) -> StepResult:
-        """Score this rank's events with the current weights, then train on the step's batch."""
+        """Score this rank's events with the current weights, then train on the step's batch.
+
+        One process: when the step fails (an exception, or a non-finite loss), the batch is searched by halves
+        for the events that fail on their own (:meth:`_find_poison`); they are quarantined and the step runs
+        again on the rest. A batch that fails although none of its events does on its own (the weights
+        diverged) goes to the non-finite loss policy: ``on_nan="raise"`` raises (its events stay pending,
+        delivered again after a restart), ``on_nan="skip"`` quarantines every event of it.
+        """
+        if self.ranks is not None:
+            return self._ranks_step(local, size)
+        assert local is not None and self.mark is not None
+        self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
+        local.quarantined = []
+        failure: BaseException | None = None
+        try:
+            result = self._attempt(local, size)
+            if result.value is None or math.isfinite(result.value):
+                self.included += local.ids
+                return result
+        except (IndexError, RuntimeError) as error:
+            self.step_fn.skip()
+            failure = error
+        poison = self._find_poison(local)
+        if poison:
+            self._take_out(local, poison)
+            if not local.size:
+                return StepResult(0.0, empty=True)
+            return self.step(local, local.size, stop_requested)
+        if failure is not None:
+            raise BatchfitError(f"step {self.trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
+                                f"{str(failure).strip().splitlines()[0]}") from failure
+        if self.trainer.options.on_nan == "skip":
+            self._take_out(local, {i: f"the loss of its batch (step {self.trainer.step + 1}) is {result.value}, "
+                                      f"though no event's is on its own; on_nan='skip' quarantined the batch"
+                                   for i in range(local.size)}, shrink=False)
+        return result
+
+    def _attempt(self, local: StreamBatch, size: int) -> StepResult:
+        """Forward, backward and (for a finite loss) update on ``local``; its prequential scores for the history."""
+        trainer = self.trainer
+        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        output = _eval_output(trainer, batch)  # with the weights that have not seen the batch
+        result = self.step_fn.step(batch, size)  # the loss is computed before the update: a test-then-train score
+        if result.value is None or math.isfinite(result.value):
+            scores, running = _prequential_metrics(trainer, output, target_of(batch))
+            self.scored = (scores, running, local.redelivered)
+        return result
+
+    def _find_poison(self, local: StreamBatch) -> dict[int, str]:
+        """The events of ``local`` whose loss alone raises or is not finite (with the current weights, in eval mode,
+        without gradients), found by halving the batch; none when the weights themselves are not finite or
+        every event of a batch of several fails (then the model is at fault, not the events)."""
+        trainer = self.trainer
+        if not all(torch.isfinite(p).all() for p in trainer.module.parameters()):
+            return {}
+        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        found: dict[int, str] = {}
+
+        def failing(rows: list[int]) -> str | None:
+            index = torch.tensor(rows, device=trainer.device)
+            part = {k: v.index_select(0, index) for k, v in batch.items()} if isinstance(batch, dict) else tuple(
+                v.index_select(0, index) for v in batch)
+            try:
+                loss, _ = forward_loss(trainer.module, trainer.loss_fn, part)
+                value = float(loss)
+            except (IndexError, RuntimeError, ValueError) as error:
+                text = str(error).strip()
+                return f"the model raised {type(error).__name__}: {text.splitlines()[0] if text else ''}"
+            return None if math.isfinite(value) else f"its loss alone is {value}"
+
+        def search(rows: list[int], why: str) -> None:
+            if len(rows) == 1:
+                found[rows[0]] = why
+                return
+            for part in (rows[: len(rows) // 2], rows[len(rows) // 2 :]):
+                reason = failing(part)
+                if reason is not None:
+                    search(part, reason)
+
+        trainer.module.eval()
+        try:
+            with torch.no_grad():
+                rows = list(range(local.size))
+                reason = failing(rows)
+                if reason is not None:
+                    search(rows, reason)
+        finally:
+            trainer.module.train()
+        if len(found) == local.size > 1:
+            return {}
+        return found
+
+    def _take_out(self, local: StreamBatch, poison: dict[int, str], shrink: bool = True) -> None:
+        """Quarantine the events ``poison`` names (index -> reason) and, with ``shrink``, take them out of ``local``."""
+        rows = sorted(poison)
+        step = self.trainer.step + 1
+        self.source.quarantine([local.events[i] for i in rows] if local.events else
+                               [Event(local.ids[i], None, local.times[i]) for i in rows],
+                               [f"{poison[i]} (step {step})" for i in rows])
+        self.included += [local.ids[i] for i in rows]
+        if not shrink:
+            self.included += [i for r, i in enumerate(local.ids) if r not in poison]
+            return
+        keep = [r for r in range(local.size) if r not in poison]
+        index = torch.tensor(keep, dtype=torch.long)
+        batch = local.batch
+        local.batch = {k: v.index_select(0, index) for k, v in batch.items()} if isinstance(batch, dict) else tuple(
+            v.index_select(0, index) for v in batch)
+        local.ids = [local.ids[r] for r in keep]
+        local.times = [local.times[r] for r in keep]
+        if local.events:
+            local.events = [local.events[r] for r in keep]
+            local.redelivered = sum(e.redelivered for e in local.events)
+        local.size = len(keep)
+        assert self.mark is not None
+        self.mark.batch_size = local.size
+
+    def _ranks_step(self, local: StreamBatch | None, size: int) -> StepResult:
+        """A distributed step: the ranks' batches are screened as they arrive, not searched for poison."""
         trainer = self.trainer
         scores: dict[str, float] = {}
         running: dict[str, float] = {}
@@ -232,13 +358,11 @@ class StreamFeed:
         redelivered = 0
         if local is not None:
             batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
-            scores, running = _prequential_metrics(trainer, batch)
-            self.included += local.ids  # used up, trained on or skipped
+            scores, running = _prequential_metrics(trainer, _eval_output(trainer, batch), target_of(batch))
+            self.included += local.ids + local.quarantined  # used up, trained on or skipped
             redelivered = local.redelivered
-        numbers: list[float] = []
-        if self.ranks is not None:
-            count = 0 if local is None else local.size
-            numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
+        count = 0 if local is None else local.size
+        numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
         try:
             # The loss is computed before the update: a test-then-train score.
             result = self.step_fn.step(batch, size, numbers=numbers)
@@ -268,7 +392,12 @@ class StreamFeed:
         if self.trainer.checkpoint_dir is None and len(self.included) >= ACK_EVERY:
             self._ack()  # nothing durable to wait for; acknowledged in bulk (one round trip to the broker each)
         lag = math.nan if local is None else time.time() - min(local.times)
-        return {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered}
+        return {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered,
+                "dead_letters": self.dead_letters()}
+
+    def dead_letters(self) -> int:
+        """Events quarantined in this run so far (this rank's)."""
+        return self.dead_before + self.source.quarantined - self.dead_mark
 
     def end_steps(self) -> None:
         self.source.drop_buffer()  # read but not trained on: the broker delivers them again
@@ -284,7 +413,7 @@ class StreamFeed:
                                                        history.column("epoch")) if e == epoch]
         events = sum(size for _, size in mine)
         record = {"loss": sum(loss * size for loss, size in mine) / events if events else math.nan,
-                  "redelivered": self.redelivered}
+                  "redelivered": self.redelivered, "dead_letters": self.dead_letters()}
         record.update({k: v for k, v in self.prequential.columns().items() if not k.endswith("_window")})
         return record
 
@@ -297,7 +426,12 @@ class StreamFeed:
     def shown_loss(self) -> float:
         return float(self.trainer.history.column("preq_loss_window")[-1])
 
+    def shown_note(self) -> str:
+        dead = self.dead_letters()
+        return f" {dead:,} dead letters" if dead else ""
+
     def _ack(self) -> None:
+        self.included += self.source.take_quarantined()
         if self.included:
             self.source.ack(self.included)
             self.included = []
@@ -308,6 +442,7 @@ class StreamFeed:
             self.rank_states = gathered(self.trainer.dist, self._consumer_state())
 
     def _consumer_state(self) -> dict[str, Any]:
+        self.included += self.source.take_quarantined()
         return {**self.source.state_dict(), "included": list(self.included)}
 
     def after_checkpoint(self) -> None:
@@ -322,7 +457,7 @@ class StreamFeed:
             "batcher": {},  # a stream has no position of its own: the broker keeps it
             # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
             "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
-                       "redelivered": self.redelivered,
+                       "redelivered": self.redelivered, "dead_letters": self.dead_letters(),
                        "prequential": self.prequential.state_dict()},
             "config": self.config(),
         }
@@ -351,6 +486,7 @@ class StreamFeed:
         consumer = {**(mine[0] if mine else {}), "included": [i for s in mine for i in s.get("included", [])]}
         self.prequential.load_state_dict(stream["prequential"])
         self.redelivered = int(stream["redelivered"])
+        self.dead_before, self.dead_mark = int(stream.get("dead_letters", 0)), self.source.quarantined
         self.epoch = len(self.trainer.history.epochs) + 1
         self.source.load_state_dict(consumer)  # events the checkpoint includes are acknowledged, not trained on again
 
@@ -365,8 +501,21 @@ class StreamFeed:
         return config
 
 
-def _prequential_metrics(trainer: Trainer, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
-    """The user's metrics on a batch the model has not trained on yet (eval mode, no gradients).
+def _eval_output(trainer: Trainer, batch: Batch) -> Any:
+    """The model's output on a batch it has not trained on yet (eval mode, no gradients); ``None`` without
+    user metrics."""
+    if not trainer.evaluator.metrics:
+        return None
+    trainer.module.eval()
+    try:
+        with torch.no_grad():
+            return forward(trainer.module, batch)
+    finally:
+        trainer.module.train()
+
+
+def _prequential_metrics(trainer: Trainer, output: Any, target: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """The user's metrics of an output of weights that had not seen the batch (:func:`_eval_output`).
 
     Returns the batch values of callables (averaged over the stream by :class:`Prequential`) and the
     values of stateful metrics (``update``/``compute``), which accumulate every batch of the stream.
@@ -374,18 +523,12 @@ def _prequential_metrics(trainer: Trainer, batch: Batch) -> tuple[dict[str, floa
     metrics = trainer.evaluator.metrics
     if not metrics:
         return {}, {}
-    target = target_of(batch)
     means, running = {}, {}
-    trainer.module.eval()
-    try:
-        with torch.no_grad():
-            output = forward(trainer.module, batch)
-            for name, metric in metrics.items():
-                if is_stateful(metric):
-                    metric.update(output, target)
-                    running[f"preq_{name}"] = float(metric.compute())
-                else:
-                    means[name] = float(metric(output, target))
-    finally:
-        trainer.module.train()
+    with torch.no_grad():
+        for name, metric in metrics.items():
+            if is_stateful(metric):
+                metric.update(output, target)
+                running[f"preq_{name}"] = float(metric.compute())
+            else:
+                means[name] = float(metric(output, target))
     return means, running

@@ -434,6 +434,8 @@ class Trainer:
             result = feed.step(batch, size, stop_requested)  # forward, backward, sync, check, update
             if result.stop:
                 break  # a rank asked to stop after the previous step: every rank drops this one
+            if result.empty:
+                continue  # a stream batch whose every event was quarantined: no step
             if not result.applied:
                 self._non_finite(result.value, epoch, feed, mark)
                 continue
@@ -593,7 +595,7 @@ class AfterStep:
         """Refresh the progress bar: steps done in the epoch, samples/s, the feed's loss, the lr."""
         self.trainer._check_losses()
         rate = (self.trainer.samples_seen - self.start_samples) / max(now - self.start_time, 1e-9)
-        self.progress.refresh(now, self.done, rate, self.feed.shown_loss(), self.last_lr)
+        self.progress.refresh(now, self.done, rate, self.feed.shown_loss(), self.last_lr, self.feed.shown_note())
 
     def finish(self) -> None:
         """After the epoch's steps: an open-ended bar (a stream has no total) shows its last state."""
