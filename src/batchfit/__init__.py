@@ -11,7 +11,7 @@ from .data.redis_streams import RedisStream
 from .data.shards import ShardSource, write_shards
 from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
-from .data.streams import EventConsumer, StreamSource
+from .data.streams import DeadLetter, EventConsumer, StreamSource
 from .data.text import load_tokenizer, write_text_shards
 from .data.transforms import ToFloat
 from .errors import (
@@ -44,6 +44,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetSource",
+    "DeadLetter",
     "DistributedError",
     "EarlyStopping",
     "EventConsumer",
