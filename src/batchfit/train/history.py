@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -22,6 +22,9 @@ READBACK_EVERY = 1024
 class History:
     """What happened during :meth:`Trainer.fit`.
 
+    A stream's run keeps the newest step rows only (:attr:`keep`; the older ones are in the
+    ``CSVLogger``'s ``metrics.csv``), so that its memory and checkpoints do not grow with its age.
+
     ``steps`` is a list of per-step records (step, epoch, samples seen, batch size, loss, lr,
     seconds since the start of training, plus any extra per-step columns such as the noise
     scale); ``epochs`` is a list of per-epoch records (train loss and validation metrics).
@@ -35,9 +38,32 @@ class History:
         self.epochs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # decisions such as batch-size changes
         self.validations: list[dict[str, Any]] = []  # every `val_every` steps: step, epoch, val_* metrics
+        # Step rows kept in memory (None: all). A stream keeps the newest ones, so that memory and checkpoints
+        # stay flat; before older rows are dropped, ``before_drop`` hooks (the CSVLogger) write them out.
+        self.keep: int | None = None
+        self.dropped = 0  # step rows dropped from the front
+        self.before_drop: list[Callable[[History], None]] = []
 
     def __len__(self) -> int:
+        """Step rows held (the newest ones when :attr:`keep` bounds them)."""
         return len(self._columns["step"])
+
+    @property
+    def total(self) -> int:
+        """Step rows recorded, those dropped from memory included (the position of the next row)."""
+        return self.dropped + len(self)
+
+    def _drop_old(self) -> None:
+        """Keep the newest :attr:`keep` rows, after the ``before_drop`` hooks had a last look at the older ones."""
+        assert self.keep is not None
+        count = len(self) - self.keep
+        self.losses()
+        for hook in self.before_drop:
+            hook(self)
+        for column in self._columns.values():
+            del column[:count]
+        self._pending_from = max(0, self._pending_from - count)
+        self.dropped += count
 
     def add_step(self, step: int, epoch: int, samples: int, batch_size: int, loss: Any, lr: float,
                  seconds: float, **extra: Any) -> None:
@@ -59,6 +85,8 @@ class History:
                     column.append(math.nan)
         if len(columns["loss"]) - self._pending_from >= READBACK_EVERY:
             self.losses()
+        if self.keep is not None and len(columns["step"]) > self.keep + max(1, self.keep // 4):
+            self._drop_old()  # in chunks of a quarter of what is kept: dropping copies the columns
 
     def losses(self) -> list[float]:
         """Every step's loss as floats (reads pending device values back in one transfer)."""
@@ -131,7 +159,7 @@ class History:
         """
         self.losses()
         return {"columns": {k: _packed(v) for k, v in self._columns.items()}, "epochs": list(self.epochs),
-                "events": list(self.events), "validations": list(self.validations)}
+                "events": list(self.events), "validations": list(self.validations), "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore records saved by :meth:`state_dict` (also those saved as plain lists)."""
@@ -141,6 +169,7 @@ class History:
         self.epochs = list(state["epochs"])
         self.events = list(state["events"])
         self.validations = list(state.get("validations", []))
+        self.dropped = int(state.get("dropped", 0))
 
 
 def _packed(column: list[Any]) -> torch.Tensor | list[Any]:

@@ -50,6 +50,11 @@ logger = logging.getLogger("batchfit")
 # Samples in the window of the windowed prequential metrics.
 PREQUENTIAL_WINDOW = 1000
 STREAM_RESUME_KEYS = ("batch_size", "optimizer")
+# With a checkpoint_dir and neither checkpoint_every nor checkpoint_seconds, a stream checkpoints (and so
+# acknowledges) every this many seconds: an endless stream would otherwise never do either.
+STREAM_CHECKPOINT_SECONDS = 60.0
+# Step rows a stream's history keeps (older ones go to the CSVLogger's metrics.csv before they are dropped).
+STREAM_HISTORY_ROWS = 10_000
 # Without a checkpoint_dir, events are acknowledged once this many have been trained on (and at the end).
 ACK_EVERY = 1024
 
@@ -82,9 +87,11 @@ class Prequential:
         """``preq_<name>`` (the mean over every sample so far) and ``preq_<name>_window`` (the last samples)."""
         found = {}
         for name, total in self.sums.items():
-            found[f"preq_{name}"] = total / self.counts[name]
+            count = self.counts[name]
+            found[f"preq_{name}"] = total / count if count else math.nan
             window_sum, window_count = self.recent_sums[name]
-            found[f"preq_{name}_window"] = window_sum / window_count
+            # Empty after a resume until the next batch: a restart with nothing new to read has no window.
+            found[f"preq_{name}_window"] = window_sum / window_count if window_count else math.nan
         return found
 
     def state_dict(self) -> dict[str, Any]:
@@ -155,6 +162,9 @@ class StreamFeed:
         self.dead_before = int(dead[-1]) if dead and not math.isnan(dead[-1]) else 0
         self.dead_mark = source.quarantined
         self.mark: Closed | None = None  # of the batch being trained
+        if trainer.history.keep is None:
+            trainer.history.keep = STREAM_HISTORY_ROWS
+        self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
         self.prequential = Prequential()
         self.ranks: StreamRanks | None = None  # a distributed run's agreement
         self.rank_states: list[dict[str, Any]] = []  # distributed: every rank's consumer state, for the checkpoint
@@ -387,6 +397,8 @@ class StreamFeed:
         assert result.value is not None
         self.redelivered += redelivered
         self.prequential.add("loss", result.value, size)
+        self.fit_loss[0] += result.value * size
+        self.fit_loss[1] += size
         for name, value in scores.items():
             self.prequential.add(name, value, size)
         if self.trainer.checkpoint_dir is None and len(self.included) >= ACK_EVERY:
@@ -408,11 +420,8 @@ class StreamFeed:
     def epoch_record(self, epoch: int) -> dict[str, Any]:
         """``loss``, the prequential loss of this fit's events; ``redelivered`` and the prequential metrics of the
         whole run (``preq_<name>``)."""
-        history = self.trainer.history
-        mine = [(loss, size) for loss, size, e in zip(history.losses(), history.column("batch_size"),
-                                                       history.column("epoch")) if e == epoch]
-        events = sum(size for _, size in mine)
-        record = {"loss": sum(loss * size for loss, size in mine) / events if events else math.nan,
+        total, events = self.fit_loss
+        record = {"loss": total / events if events else math.nan,
                   "redelivered": self.redelivered, "dead_letters": self.dead_letters()}
         record.update({k: v for k, v in self.prequential.columns().items() if not k.endswith("_window")})
         return record
@@ -458,6 +467,7 @@ class StreamFeed:
             # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
             "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
                        "redelivered": self.redelivered, "dead_letters": self.dead_letters(),
+                       "fit_loss": [self.epoch, *self.fit_loss],
                        "prequential": self.prequential.state_dict()},
             "config": self.config(),
         }
@@ -488,6 +498,8 @@ class StreamFeed:
         self.redelivered = int(stream["redelivered"])
         self.dead_before, self.dead_mark = int(stream.get("dead_letters", 0)), self.source.quarantined
         self.epoch = len(self.trainer.history.epochs) + 1
+        epoch, total, events = stream.get("fit_loss", [0, 0.0, 0])
+        self.fit_loss = [float(total), int(events)] if int(epoch) == self.epoch else [0.0, 0]
         self.source.load_state_dict(consumer)  # events the checkpoint includes are acknowledged, not trained on again
 
     def resumed_at(self) -> str:

@@ -58,7 +58,7 @@ from .plan import BatchPlan, plan_batches
 from .progress import Progress
 from .saving import load_model_state, model_state, save_model
 from .session import LOG_EVERY, Feed, Mark, check_resume, session
-from .stream_loop import StreamFeed, check_stream_fit
+from .stream_loop import STREAM_CHECKPOINT_SECONDS, StreamFeed, check_stream_fit
 
 logger = logging.getLogger("batchfit")
 
@@ -267,7 +267,7 @@ class Trainer:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.history.load_state_dict(state["history"])
-        self._checked = len(self.history)
+        self._checked = self.history.total
         self._elapsed_before = float(state["elapsed"])
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
@@ -555,9 +555,16 @@ class AfterStep:
         self.history = trainer.history
         self.per_step_scheduler = trainer.lr.scheduler is not None
         self.checkpoint_every = trainer.options.checkpoint_every
+        # Seconds between checkpoints: the option, or a stream's default when it has a folder and no interval.
+        self.checkpoint_seconds = trainer.options.checkpoint_seconds
+        if (self.checkpoint_seconds is None and self.checkpoint_every is None and feed.open_ended
+                and trainer.checkpoint_dir is not None):
+            self.checkpoint_seconds = STREAM_CHECKPOINT_SECONDS
         self.val_every = trainer.options.val_every if val is not None else None
         self.start_samples, self.start_time = trainer.samples_seen, time.perf_counter()
         self.next_log = self.start_time + LOG_EVERY
+        seconds = self.checkpoint_seconds
+        self.next_checkpoint = math.inf if seconds is None else self.start_time + seconds
         self.done = feed.start_epoch(progress, self.start_time)  # steps of this epoch already done (a resume)
         self.last_lr = math.nan
 
@@ -586,8 +593,11 @@ class AfterStep:
             for hook in self.log_hooks:
                 hook(trainer)
             self.next_log = now + LOG_EVERY
-        if self.checkpoint_every is not None and trainer.step % self.checkpoint_every == 0:
+        every = self.checkpoint_every
+        if every is not None and trainer.step % every == 0 or now >= self.next_checkpoint:
             trainer.save_checkpoint()
+            if self.checkpoint_seconds is not None:
+                self.next_checkpoint = time.perf_counter() + self.checkpoint_seconds
         if self.progress.due(now):
             self.show(now)
 

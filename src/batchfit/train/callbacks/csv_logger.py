@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from ...core.durable import atomic_write
 from ...errors import expected
 from ..history import write_records
 from .base import Callback
@@ -15,6 +18,8 @@ if TYPE_CHECKING:
     from ..history import History
     from ..trainer import Trainer
 
+logger = logging.getLogger("batchfit")
+
 
 class CSVLogger(Callback):
     """Writes ``metrics.csv`` (one row per step), ``epochs.csv`` and ``validation.csv`` into ``folder``.
@@ -22,7 +27,9 @@ class CSVLogger(Callback):
     Step rows are appended and flushed every few seconds (the trainer's ``on_log``), at each
     epoch end and at the end of ``fit``; the epoch and validation files are rewritten whole
     (atomically) when they change. A resumed run starts the files again from its history, so
-    they always match the run's records.
+    they always match the run's records. A stream's history keeps only its newest rows
+    (:attr:`History.keep <batchfit.History>`): the older ones are written here before they are dropped,
+    and a resumed run keeps them from the file (its first ``history.dropped`` rows).
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
@@ -42,6 +49,8 @@ class CSVLogger(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rewrite(trainer.history)
         self._epochs = self._validations = -1
+        if self._append not in trainer.history.before_drop:
+            trainer.history.before_drop.append(self._append)
 
     def on_log(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
@@ -58,20 +67,38 @@ class CSVLogger(Callback):
             self._small_files(history)
 
     def _rewrite(self, history: History) -> None:
-        history.to_csv(self.steps_path)
-        self._written, self._columns = len(history), history.columns()
+        columns = history.columns()
+        if not history.dropped:
+            history.to_csv(self.steps_path)
+        else:  # the rows the history dropped are only in the file: keep them, under the current columns
+            def write(handle: IO[Any]) -> None:
+                writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                kept = 0
+                if self.steps_path.exists():
+                    with open(self.steps_path, newline="") as old:
+                        for row in itertools.islice(csv.DictReader(old), history.dropped):
+                            writer.writerow(row)
+                            kept += 1
+                if kept < history.dropped:
+                    logger.warning("%s held %d of the %d step rows before those the history keeps; they are lost",
+                                   self.steps_path, kept, history.dropped)
+                writer.writerows(history.record(index) for index in range(len(history)))
+
+            atomic_write(self.steps_path, write, text=True)
+        self._written, self._columns = history.total, columns
 
     def _append(self, history: History) -> None:
         if history.columns() != self._columns:  # a column appeared (e.g. the noise scale): start again
             self._rewrite(history)
             return
-        if len(history) == self._written:
+        if history.total == self._written:
             return
-        rows = [history.record(index) for index in range(self._written, len(history))]
+        rows = [history.record(index) for index in range(max(0, self._written - history.dropped), len(history))]
         with open(self.steps_path, "a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=self._columns, extrasaction="ignore").writerows(rows)
             handle.flush()
-        self._written = len(history)
+        self._written = history.total
 
     def _small_files(self, history: History) -> None:
         if history.epochs and len(history.epochs) != self._epochs:
