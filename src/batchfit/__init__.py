@@ -21,6 +21,7 @@ from .errors import (
     DistributedError,
     NonFiniteLossError,
     ShardError,
+    StreamError,
 )
 from .measure.lr import adascale_gain, scale_lr, warmup
 from .measure.memory import find_micro_batch_size, find_micro_batch_tokens
@@ -58,6 +59,7 @@ __all__ = [
     "RedisStream",
     "ShardError",
     "ShardSource",
+    "StreamError",
     "StreamSource",
     "TensorBoardLogger",
     "ToFloat",

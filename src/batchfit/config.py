@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "stream": {"redis": (_STR, "redis://127.0.0.1:6379/0"), "stream": (_STR, None), "group": (_STR, "batchfit"),
                "consumer": (_STR, "trainer"), "fields": (_LIST, None), "start": (_STR, "0"),
                "max_latency": (_FLOAT, None), "idle_timeout": (_FLOAT, None), "claim_idle": (_FLOAT, 30.0),
-               "ranges": (_TABLE, None), "dead_letters": (_STR, "")},
+               "ranges": (_TABLE, None), "dead_letters": (_STR, ""), "retry_for": (_FLOAT, 30.0)},
 }
 TRAINER_KEYS = option_names()
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -437,7 +437,8 @@ def build_stream(config: Config) -> Any:
     consumer = RedisStream(options["redis"], options["stream"], options["group"],
                            f"{options['consumer']}-{os.environ.get('RANK', '0')}", fields=fields,
                            start=options["start"], claim_idle=options["claim_idle"],
-                           idle_timeout=options["idle_timeout"], dead_letters=options["dead_letters"])
+                           idle_timeout=options["idle_timeout"], dead_letters=options["dead_letters"],
+                           retry_for=options["retry_for"])
     ranges = options["ranges"]
     try:
         return StreamSource(consumer, max_latency=options["max_latency"],

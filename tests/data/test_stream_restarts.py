@@ -15,7 +15,6 @@ import batchfit as bf
 from batchfit.config import load_config
 from batchfit.run import run_config
 
-
 TOML = """
 [stream]
 redis = "{url}"

@@ -12,12 +12,18 @@ consumer renews its hold on them (``XCLAIM ... JUSTID`` of its own pending event
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..errors import BatchfitError, expected
+from ..errors import BatchfitError, StreamError, expected, mask_secrets
 from .streams import DeadLetter, Event
+
+logger = logging.getLogger("batchfit")
+# What `start` may be: "0", "$", or a stream id "<ms>" / "<ms>-<seq>".
+_STREAM_ID = re.compile(r"^(\$|\d+(-\d+)?)$")
 
 ACK_CHUNK = 1000
 
@@ -65,7 +71,7 @@ class RedisStream:
     def __init__(self, client: Any, stream: str, group: str = "batchfit", consumer: str = "batchfit-0", *,
                  fields: Sequence[str] | None = None, decode: Callable[[Mapping[bytes, bytes]], Any] | None = None,
                  start: str = "0", claim_idle: float = 30.0, idle_timeout: float | None = None,
-                 dead_letters: str | None = "") -> None:
+                 dead_letters: str | None = "", retry_for: float = 30.0) -> None:
         for name, value in (("stream", stream), ("group", group), ("consumer", consumer), ("start", start)):
             if not isinstance(value, str) or not value:
                 raise expected(name, "a non-empty string", value)
@@ -76,14 +82,24 @@ class RedisStream:
                            dead_letters)
         if decode is not None and not callable(decode):
             raise expected("decode", "a callable fields -> sample, or None", decode)
-        for name, seconds in (("claim_idle", claim_idle), ("idle_timeout", idle_timeout)):
+        if not _STREAM_ID.match(start):
+            raise expected("start", "'0' (the whole stream), '$' (only new events) or a stream id such as "
+                           "'1700000000000-0'", start)
+        for name, seconds in (("claim_idle", claim_idle), ("idle_timeout", idle_timeout), ("retry_for", retry_for)):
             if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                         or seconds < 0):
                 raise expected(name, "a non-negative number of seconds", seconds)
         if isinstance(client, str):
-            client = _redis().Redis.from_url(client)
+            self.url = mask_secrets(client)
+            try:
+                client = _redis().Redis.from_url(client)
+            except ValueError as error:
+                raise expected("client", f"a redis.Redis client or a URL such as redis://host:6379/0 (rediss:// for "
+                               f"TLS, unix:///path.sock): {error}", self.url) from None
         elif not hasattr(client, "xreadgroup"):
             raise expected("client", "a redis.Redis client or a redis:// URL", type(client).__name__)
+        else:
+            self.url = _client_url(client)
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.fields = None if fields is None else tuple(fields)
         self.decode = decode
@@ -91,6 +107,7 @@ class RedisStream:
         # Where poison events go ("<stream>:dead" by default); None: nowhere but the StreamSource's dead_letters.
         self.dead_letters = None if dead_letters is None else dead_letters or f"{stream}:dead"
         self.claim_idle = float(claim_idle)
+        self.retry_for = float(retry_for)  # seconds to keep reconnecting before a StreamError
         self.idle_timeout = idle_timeout
         self._phase = "new"  # "new" -> "pending" (own pending events) -> "live" (new events, claims)
         self._pending_from = "0"
@@ -100,6 +117,7 @@ class RedisStream:
         self._last_renewal = time.monotonic()
         self._last_event = time.monotonic()
         self._included: list[Any] = []
+        self._resumed = False
         self.redelivered = 0  # events read again: own pending ones after a restart, or claimed
 
     # ------------------------------------------------------------------ EventConsumer
@@ -135,7 +153,7 @@ class RedisStream:
         """``XACK`` the events (in chunks)."""
         ids = list(ids)
         for start in range(0, len(ids), ACK_CHUNK):
-            self.client.xack(self.stream, self.group, *ids[start : start + ACK_CHUNK])
+            self._do("XACK", self.client.xack, self.stream, self.group, *ids[start : start + ACK_CHUNK])
         for event_id in ids:
             self._held.pop(_text(event_id), None)
 
@@ -146,36 +164,109 @@ class RedisStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: events the checkpoint includes are acknowledged when the group is joined, not re-read."""
         self._included = [i.decode() if isinstance(i, bytes) else str(i) for i in state.get("included", [])]
+        self._resumed = "group" in state  # a checkpoint written while reading the group: it must still exist
         self._phase = "new"
         self._held = {}  # the pending events are read again when the group is joined
 
     def close(self) -> None:
         """Close the connection pool."""
-        self.client.close()
+        try:
+            self.client.close()
+        except Exception as error:  # a server gone already: nothing left to release
+            logger.debug("closing %s: %s", self.url, error)
+
+    # ------------------------------------------------------------------ faults
+    def _where(self) -> str:
+        return f"Redis at {self.url}, stream {self.stream!r}, group {self.group!r}"
+
+    def _do(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)``; a lost connection is retried with backoff for ``retry_for`` seconds, and
+        every Redis error becomes a :class:`~batchfit.StreamError` naming the server, stream and group."""
+        redis = _redis()
+        first_failure: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                result = call(*args, **kwargs)
+            except redis.AuthenticationError as error:  # a ConnectionError too: never retried
+                raise StreamError(f"{self._where()}: the server refused the credentials ({error}); give the "
+                                  f"password in the URL, redis://:PASSWORD@host:port/db (or "
+                                  f"redis://USER:PASSWORD@...)") from None
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    logger.warning("%s: %s failed (%s); reconnecting for up to %g s", self._where(), what, error,
+                                   self.retry_for)
+                if now - first_failure >= self.retry_for:
+                    raise StreamError(f"{self._where()}: cannot reach the server ({type(error).__name__}: {error}); "
+                                      f"retried for {self.retry_for:g} s (retry_for=). Is redis-server running "
+                                      f"at that host and port?") from None
+                time.sleep(min(delay, max(0.0, first_failure + self.retry_for - now)))
+                delay = min(2 * delay, 2.0)
+                continue
+            except redis.ResponseError as error:
+                raise self._refused(what, error) from None
+            if first_failure is not None:
+                logger.warning("%s: reconnected after %.1f s", self._where(), time.monotonic() - first_failure)
+            return result
+
+    def _refused(self, what: str, error: Exception) -> Exception:
+        text = str(error)
+        if "BUSYGROUP" in text:
+            return error  # the group exists: what _join expects
+        if "NOGROUP" in text:
+            return StreamError(f"{self._where()}: the stream or its consumer group no longer exists ({text}); it was "
+                               f"deleted, or the server restarted without persistence. The group's position and "
+                               f"pending events are gone with it: recreate the group where training stopped "
+                               f"(XGROUP CREATE {self.stream} {self.group} <last trained id> MKSTREAM), or start "
+                               f"over in a new checkpoint_dir")
+        if "NOAUTH" in text or "WRONGPASS" in text or "NOPERM" in text:
+            return StreamError(f"{self._where()}: {what} refused: {text}; give the password (and user) in the URL, "
+                               f"redis://USER:PASSWORD@host:port/db")
+        if "Invalid stream ID" in text and what == "XGROUP CREATE":
+            return StreamError(f"{self._where()}: start={self.start!r} is not a valid stream id ({text})")
+        if "WRONGTYPE" in text:
+            return StreamError(f"{self._where()}: the key {self.stream!r} holds something else than a stream ({text})")
+        return StreamError(f"{self._where()}: {what} failed: {text}")
 
     # ------------------------------------------------------------------ steps
     def _join(self) -> None:
+        if self._resumed and not self._group_exists():
+            raise StreamError(f"{self._where()}: the checkpoint was written while reading this group, which no "
+                              f"longer exists (deleted, or the server restarted without persistence): where it "
+                              f"stood and its pending events are lost, and a new group would train on the stream "
+                              f"again from start={self.start!r}. Recreate the group where training stopped "
+                              f"(XGROUP CREATE {self.stream} {self.group} <last trained id> MKSTREAM), or start "
+                              f"over in a new checkpoint_dir")
         try:
-            self.client.xgroup_create(self.stream, self.group, id=self.start, mkstream=True)
-        except _redis().ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+            self._do("XGROUP CREATE", self.client.xgroup_create, self.stream, self.group, id=self.start, mkstream=True)
+        except _redis().ResponseError as error:  # only BUSYGROUP comes through: the group exists
+            assert "BUSYGROUP" in str(error)
         if self._included:
             self.ack(self._included)  # a crash came between the checkpoint and its XACK
             self._included = []
         self._phase, self._pending_from = "pending", "0"
         self._last_event = time.monotonic()
 
+    def _group_exists(self) -> bool:
+        try:
+            groups = self._do("XINFO GROUPS", self.client.xinfo_groups, self.stream)
+        except StreamError:  # no such stream
+            return False
+        return any(_text(g.get("name", g.get(b"name", b""))) == self.group for g in groups)
+
     def _read_pending(self, count: int) -> list[Event]:
-        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=count)
+        reply = self._do("XREADGROUP", self.client.xreadgroup, self.group, self.consumer,
+                         {self.stream: self._pending_from}, count=count)
         entries = reply[0][1] if reply else []
         if entries:
             self._pending_from = _text(entries[-1][0])
         return self._events(entries, redelivered=True)
 
     def _claim(self, count: int) -> list[Event]:
-        reply = self.client.xautoclaim(self.stream, self.group, self.consumer, int(self.claim_idle * 1000),
-                                       start_id=self._claim_from, count=count)
+        reply = self._do("XAUTOCLAIM", self.client.xautoclaim, self.stream, self.group, self.consumer,
+                         int(self.claim_idle * 1000), start_id=self._claim_from, count=count)
         self._claim_from = _text(reply[0])
         # Own events (held longer than claim_idle between two renewals) are in flight here already.
         entries = [entry for entry in (reply[1] if len(reply) > 1 else []) if _text(entry[0]) not in self._held]
@@ -185,13 +276,14 @@ class RedisStream:
         """Reset the idle time of this consumer's pending events, so that no other consumer claims them."""
         held = list(self._held)
         for start in range(0, len(held), ACK_CHUNK):
-            self.client.xclaim(self.stream, self.group, self.consumer, 0, held[start : start + ACK_CHUNK],
-                               justid=True)
+            self._do("XCLAIM", self.client.xclaim, self.stream, self.group, self.consumer, 0,
+                     held[start : start + ACK_CHUNK], justid=True)
         self._last_renewal = time.monotonic()
 
     def _read_new(self, count: int, timeout: float | None) -> list[Event]:
         block = None if timeout == 0 else (0 if timeout is None else max(1, int(timeout * 1000 + 0.999)))
-        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block)
+        reply = self._do("XREADGROUP", self.client.xreadgroup, self.group, self.consumer, {self.stream: ">"},
+                         count=count, block=block)
         return self._events(reply[0][1] if reply else [], redelivered=False)
 
     def _events(self, entries: list[Any], redelivered: bool) -> list[Event]:
@@ -239,14 +331,32 @@ class RedisStream:
         the stream), ``batchfit.reason``, ``batchfit.stream``, ``batchfit.group`` and ``batchfit.consumer``."""
         if not letters or self.dead_letters is None:
             return
-        pipe = self.client.pipeline(transaction=False)
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for fields in entries:
+                pipe.xadd(dead, fields)
+            pipe.execute()
+
+        dead = self.dead_letters
+        entries = []
         for letter in letters:
             fields: dict[Any, Any] = dict(letter.raw) if isinstance(letter.raw, Mapping) else {}
             fields.update({"batchfit.id": _text(letter.id), "batchfit.reason": letter.reason,
                            "batchfit.stream": self.stream, "batchfit.group": self.group,
                            "batchfit.consumer": self.consumer})
-            pipe.xadd(self.dead_letters, fields)
-        pipe.execute()
+            entries.append(fields)
+        self._do(f"XADD to the dead-letter stream {dead!r}", write)
+
+
+def _client_url(client: Any) -> str:
+    """Where a ``redis.Redis`` client connects, as a URL without its password."""
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+    except AttributeError:
+        return type(client).__name__
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
 def _text(value: Any) -> str:
