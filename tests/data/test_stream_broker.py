@@ -130,7 +130,7 @@ def test_stream_or_group_deleted_mid_run_is_a_clear_error_and_resume_refuses(ser
 
     class Delete(bf.Callback):
         def on_step_end(self, trainer, record):
-            if record["step"] == 2:
+            if record["step"] == 3:  # after the checkpoint of step 2
                 if delete == "stream":
                     client.delete("events")
                 else:
@@ -141,6 +141,7 @@ def test_stream_or_group_deleted_mid_run_is_a_clear_error_and_resume_refuses(ser
     with pytest.raises(bf.StreamError, match=r"stream 'events', group 'g': the stream or its consumer group no "
                                              r"longer exists \(NOGROUP"):
         _trainer(tmp_path, [Delete()]).fit(source)
+    assert [p.name for p in (tmp_path / "ckpt").glob("step-*.pt")] == ["step-000000002.pt"]
     # The checkpoint of step 2 was written reading group g: a new group would train the stream again.
     with pytest.raises(bf.StreamError, match=r"the checkpoint was written while reading this group, which no longer "
                                              r"exists .*\(XGROUP CREATE events g <last trained id> MKSTREAM\)"):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..errors import BatchfitError, StreamError, expected, mask_secrets
+from ..errors import BatchfitError, CheckpointError, StreamError, expected, mask_secrets
 from .streams import DeadLetter, Event
 
 logger = logging.getLogger("batchfit")
@@ -118,6 +118,8 @@ class RedisStream:
         self._last_event = time.monotonic()
         self._included: list[Any] = []
         self._resumed = False
+        self._replay_from: dict[str, Any] | None = None  # a checkpoint's position, after a fall-back to it
+        self._replay: list[Event] = []  # acknowledged events to train on again, delivered before anything else
         self.redelivered = 0  # events read again: own pending ones after a restart, or claimed
 
     # ------------------------------------------------------------------ EventConsumer
@@ -125,6 +127,9 @@ class RedisStream:
         """Up to ``max_events`` events: own pending ones first, then claimed ones, then new ones."""
         if self._phase == "new":
             self._join()
+        if self._replay:
+            events, self._replay = self._replay[:max_events], self._replay[max_events:]
+            return events
         if self._phase == "pending":
             events = self._read_pending(max_events)
             if events:
@@ -158,8 +163,30 @@ class RedisStream:
             self._held.pop(_text(event_id), None)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this consumer reads: the broker keeps the rest (pending events, the group's position)."""
-        return {"stream": self.stream, "group": self.group, "consumer": self.consumer}
+        """Where this consumer reads: the broker keeps the rest (pending events, the group's position).
+
+        Once the group is joined, also ``position``: the group's last delivered id and its pending ids now, from
+        which :meth:`replay` finds the events acknowledged after this checkpoint should a newer one be lost.
+        """
+        state: dict[str, Any] = {"stream": self.stream, "group": self.group, "consumer": self.consumer}
+        if self._phase != "new":
+            group = self._group_info()
+            state["position"] = {"last_delivered": group["last-delivered-id"],
+                                 "entries_read": group.get("entries-read"), "pending": self._pending_ids()}
+        return state
+
+    def replay(self, state: dict[str, Any]) -> int:
+        """The checkpoint ``state`` (loaded already) is older than unreadable ones: read the events acknowledged
+        after it again, before anything else. Those are the events pending at the checkpoint that it did not
+        include, and those delivered after it, less the ones pending now (delivered again anyway). Raises
+        :class:`~batchfit.CheckpointError` when the stream no longer holds every one of them. Returns how many."""
+        position = state.get("position")
+        if not isinstance(position, dict):
+            raise CheckpointError("that checkpoint holds no stream position (written before the consumer read)")
+        self._replay_from = position
+        self._phase = "new"
+        self._join()
+        return len(self._replay)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: events the checkpoint includes are acknowledged when the group is joined, not re-read."""
@@ -211,16 +238,19 @@ class RedisStream:
                 logger.warning("%s: reconnected after %.1f s", self._where(), time.monotonic() - first_failure)
             return result
 
+    def _gone(self, text: str) -> StreamError:
+        return StreamError(f"{self._where()}: the stream or its consumer group no longer exists ({text}); it was "
+                           f"deleted, or the server restarted without persistence. The group's position and "
+                           f"pending events are gone with it: recreate the group where training stopped "
+                           f"(XGROUP CREATE {self.stream} {self.group} <last trained id> MKSTREAM), or start "
+                           f"over in a new checkpoint_dir")
+
     def _refused(self, what: str, error: Exception) -> Exception:
         text = str(error)
         if "BUSYGROUP" in text:
             return error  # the group exists: what _join expects
-        if "NOGROUP" in text:
-            return StreamError(f"{self._where()}: the stream or its consumer group no longer exists ({text}); it was "
-                               f"deleted, or the server restarted without persistence. The group's position and "
-                               f"pending events are gone with it: recreate the group where training stopped "
-                               f"(XGROUP CREATE {self.stream} {self.group} <last trained id> MKSTREAM), or start "
-                               f"over in a new checkpoint_dir")
+        if "NOGROUP" in text or "no such key" in text:
+            return self._gone(text)
         if "NOAUTH" in text or "WRONGPASS" in text or "NOPERM" in text:
             return StreamError(f"{self._where()}: {what} refused: {text}; give the password (and user) in the URL, "
                                f"redis://USER:PASSWORD@host:port/db")
@@ -243,11 +273,76 @@ class RedisStream:
             self._do("XGROUP CREATE", self.client.xgroup_create, self.stream, self.group, id=self.start, mkstream=True)
         except _redis().ResponseError as error:  # only BUSYGROUP comes through: the group exists
             assert "BUSYGROUP" in str(error)
+        if self._replay_from is not None:
+            self._replay = self._lost_since(self._replay_from)
+            self._replay_from = None
         if self._included:
             self.ack(self._included)  # a crash came between the checkpoint and its XACK
             self._included = []
         self._phase, self._pending_from = "pending", "0"
         self._last_event = time.monotonic()
+
+    def _group_info(self) -> dict[str, Any]:
+        groups = self._do("XINFO GROUPS", self.client.xinfo_groups, self.stream)
+        for group in groups:
+            if _text(group.get("name", b"")) == self.group:
+                return {_text(k): _text(v) if isinstance(v, bytes) else v for k, v in group.items()}
+        raise self._gone(f"NOGROUP: XINFO GROUPS {self.stream} lists no group {self.group!r}")
+
+    def _pending_ids(self) -> list[str]:
+        """Every id pending in the group (of any consumer), in order."""
+        found: list[str] = []
+        start = "-"
+        while True:
+            page = self._do("XPENDING", self.client.xpending_range, self.stream, self.group, min=start, max="+",
+                            count=ACK_CHUNK)
+            found += [_text(entry["message_id"]) for entry in page]
+            if len(page) < ACK_CHUNK:
+                return found
+            start = "(" + found[-1]
+
+    def _lost_since(self, position: dict[str, Any]) -> list[Event]:
+        """The events acknowledged after a checkpoint at ``position``, read again from the stream (see replay)."""
+        then = str(position["last_delivered"])
+        group = self._group_info()
+        now = group["last-delivered-id"]
+        skip = set(self._pending_ids()) | set(self._included)
+        wanted = [i for i in map(str, position.get("pending", [])) if i not in skip]
+        entries: dict[str, Any] = {}
+        if _order(now) > _order(then):  # delivered since the checkpoint: the whole range, in pages
+            info = self._do("XINFO STREAM", self.client.xinfo_stream, self.stream)
+            deleted = _text(info.get("max-deleted-entry-id", b"0-0"))
+            if _order(deleted) > _order(then):
+                raise CheckpointError(
+                    f"{self._where()}: entries after the checkpoint's last delivered id {then} were deleted or "
+                    f"trimmed from the stream (its max-deleted-entry-id is {deleted}), so the events acknowledged "
+                    f"since may be gone")
+            start = "(" + then
+            while True:
+                page = self._do("XRANGE", self.client.xrange, self.stream, start, now, count=ACK_CHUNK)
+                entries.update((_text(i), v) for i, v in page)
+                if len(page) < ACK_CHUNK:
+                    break
+                start = "(" + _text(page[-1][0])
+            delivered = _delivered_since(position.get("entries_read"), group.get("entries-read"))
+            first = _text(info["first-entry"][0]) if info.get("first-entry") else now
+            if delivered is not None and len(entries) < delivered or delivered is None and _order(first) > _order(then):
+                raise CheckpointError(
+                    f"{self._where()}: the group was delivered {delivered if delivered is not None else 'more'} "
+                    f"events after the checkpoint's last delivered id {then}, and the stream holds {len(entries)} of "
+                    f"them: the others were deleted or trimmed (its first entry is {first})")
+        for event_id in wanted:  # pending at the checkpoint, not in it, acknowledged since
+            page = self._do("XRANGE", self.client.xrange, self.stream, event_id, event_id, count=1)
+            if not page:
+                raise CheckpointError(f"{self._where()}: event {event_id}, acknowledged after the checkpoint, is no "
+                                      f"longer in the stream (deleted or trimmed)")
+            entries[event_id] = page[0][1]
+        events = []
+        for event_id in sorted((i for i in entries if i not in skip), key=_order):
+            sample, error = self._sample(event_id, entries[event_id])
+            events.append(Event(event_id, sample, id_time(event_id), True, error, entries[event_id]))
+        self.redelivered += len(events)
+        return events
 
     def _group_exists(self) -> bool:
         try:
@@ -346,6 +441,19 @@ class RedisStream:
                            "batchfit.consumer": self.consumer})
             entries.append(fields)
         self._do(f"XADD to the dead-letter stream {dead!r}", write)
+
+
+def _delivered_since(then: Any, now: Any) -> int | None:
+    """Entries the group was delivered between two of its ``entries-read`` counters (``None``: unknown)."""
+    if isinstance(then, int) and isinstance(now, int) and now >= then:
+        return now - then
+    return None
+
+
+def _order(event_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair (``"1700000000000-3"`` -> ``(1700000000000, 3)``)."""
+    ms, _, seq = str(event_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _client_url(client: Any) -> str:

@@ -189,6 +189,11 @@ class IterableEvents:
         self._used = max([used] + [i + 1 for i in pending])
         self._iterator, self._queue, self._ended = None, None, False
 
+    def replay(self, state: dict[str, Any]) -> int:
+        """After a fall-back to an older checkpoint: nothing to do, its ``used`` count is where reading starts
+        again (acknowledgements of an iterable live only in checkpoints). Returns 0."""
+        return 0
+
     def close(self) -> None:
         """Nothing to release."""
 

@@ -159,6 +159,9 @@ class EpochFeed:
     def shown_note(self) -> str:
         return ""
 
+    def fell_back(self, state: dict[str, Any], path: Path, skipped: list[Path]) -> None:
+        pass  # the batches after the checkpoint come again, in the same order
+
     def before_checkpoint(self) -> None:
         pass
 

@@ -138,6 +138,7 @@ class Trainer:
         self._checked = 0  # steps whose losses have been checked for NaN
         self._fingerprint = ""  # of the training data (see data.sources.fingerprint)
         self._feed: Feed | None = None  # what the current (or last) fit trains on
+        self._skipped: list[Path] = []  # unreadable checkpoints newer than the one resumed
 
     @property
     def base_lrs(self) -> list[float]:
@@ -355,7 +356,14 @@ class Trainer:
 
     def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
-        found = ckpt.load_latest(self.checkpoint_dir)
+        skipped: list[Path] = []
+        found = ckpt.load_latest(self.checkpoint_dir, skipped=skipped)
+        self._skipped = skipped
+        if found is None and skipped:
+            names = ", ".join(p.name for p in skipped)
+            raise CheckpointError(f"every checkpoint in {self.checkpoint_dir} is unreadable ({names}); resume=True "
+                                  f"does not start over in their place. To start fresh, move them away (or use "
+                                  f"another checkpoint_dir), or call fit(resume=False)")
         if found is None:
             logger.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
         return found
@@ -371,6 +379,8 @@ class Trainer:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {error}") from error
+        if self._skipped:  # newer checkpoints were unreadable: what they held must not be lost
+            self._feed.fell_back(state, path, self._skipped)
         self.announce(f"Resumed from {path} at step {self.step} ({self._feed.resumed_at()})")
         finished = self._feed.nothing_left()
         if finished is not None:
