@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -46,7 +46,11 @@ def write_run_files(run_dir: Path, history: History, summary: dict[str, Any], co
         history.plot(run_dir / "curves.png")
     if config_path is not None:  # a copy without the passwords of its URLs (a [stream] redis = "redis://:pw@...")
         text = mask_secrets(config_path.read_text())
-        atomic_write(run_dir / config_path.name, lambda handle: handle.write(text), text=True)
+
+        def write(handle: IO[Any]) -> None:
+            handle.write(text)
+
+        atomic_write(run_dir / config_path.name, write, text=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 

@@ -212,3 +212,17 @@ progress = false
         assert PASSWORD.encode() not in file.read_bytes(), file
     copy = next(p for p in written if p.name == "run.toml").read_text()
     assert f'redis = "redis://:***@127.0.0.1:{server.port}/0"' in copy
+
+
+def test_mask_secrets_and_the_cli_log_filter():
+    import logging
+
+    from batchfit.cli import not_shown
+    from batchfit.errors import mask_secrets
+
+    assert mask_secrets('redis = "redis://:pw@h:1/0"') == 'redis = "redis://:***@h:1/0"'
+    assert mask_secrets("rediss://alice:p@ss@h/0 unix:///s.sock?password=x&db=1") == \
+        "rediss://alice:***@h/0 unix:///s.sock?password=***&db=1"
+    assert mask_secrets("redis://h:6379/0 http://a/b") == "redis://h:6379/0 http://a/b"
+    record = logging.LogRecord("batchfit", logging.WARNING, __file__, 1, "lost %s", ("redis://:pw@h:1/0",), None)
+    assert not_shown(record) and record.getMessage() == "lost redis://:***@h:1/0"
