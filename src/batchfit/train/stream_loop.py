@@ -424,6 +424,11 @@ class StreamFeed:
         record = {"loss": total / events if events else math.nan,
                   "redelivered": self.redelivered, "dead_letters": self.dead_letters()}
         record.update({k: v for k, v in self.prequential.columns().items() if not k.endswith("_window")})
+        # Embeddings that hash ids into buckets (e.g. workloads.stream.HashedEmbedding) report their collisions.
+        for name, module in self.trainer.module.named_modules():
+            rate = getattr(module, "collision_rate", None)
+            if callable(rate):
+                record[f"collision_rate.{name}"] = float(rate())
         return record
 
     def next_epoch(self) -> None:
