@@ -197,3 +197,23 @@ def test_plain_iterable_dead_letters_go_to_the_source_and_the_callback():
     assert "field '0': nan is not a finite number" == seen[0].reason
     assert "field '0': 'abc' is not a number" == seen[1].reason
     assert trainer.samples_seen == 8 and history.column("dead_letters")[-1] == 2
+
+
+def test_progress_bar_shows_the_dead_letters(capsys):
+    events = [(float(i), float(i)) for i in range(12)]
+    events[2] = (float("inf"), 1.0)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1, 1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return self.linear(x.unsqueeze(1)).squeeze(1)
+
+    trainer = bf.Trainer(Net(), F.mse_loss, torch.optim.SGD(linear.parameters(), lr=0.001), batch_size=4,
+                         progress=True)
+    trainer.fit(bf.StreamSource(events))
+    assert "samples/s 1 dead letters" in capsys.readouterr().err
