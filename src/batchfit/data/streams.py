@@ -420,7 +420,9 @@ class SampleCheck:
     def __call__(self, sample: Any) -> str | None:
         if isinstance(sample, Mapping):
             fields: Any = tuple(sample)
-            values = list(sample.values())
+            if self.fields is not None and isinstance(self.fields, tuple) and set(fields) == set(self.fields):
+                fields = self.fields  # the same fields in another order: the same event
+            values = [sample[k] for k in fields]
         elif isinstance(sample, (tuple, list)):
             fields, values = len(sample), list(sample)
         else:
@@ -504,7 +506,7 @@ def collate(samples: list[Any], ids: Sequence[Any] = ()) -> Batch:
     if isinstance(first, Mapping):
         keys = tuple(first)
         for index, sample in enumerate(samples):
-            if not isinstance(sample, Mapping) or tuple(sample) != keys:
+            if not isinstance(sample, Mapping) or len(sample) != len(keys) or any(k not in sample for k in keys):
                 raise _mismatch(index, ids, f"a dict with keys {list(keys)}", sample)
         return {k: _stack([s[k] for s in samples], k) for k in keys}
     if isinstance(first, (tuple, list)):
