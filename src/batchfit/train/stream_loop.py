@@ -7,7 +7,9 @@ stream has. Each step, in the order of the algorithm:
 2. score it with the weights that have not seen it (the prequential, test-then-train metrics:
    the step's own forward pass computes the loss before the update; user metrics take one more
    forward pass without gradients);
-3. forward, backward and update (:meth:`~batchfit.core.step.Step.step`);
+3. forward, backward and update (:meth:`~batchfit.core.step.Step.step`); a step that raises or whose loss
+   is not finite is searched by halves for the events that fail on their own, which are quarantined (the
+   dead letters), and runs again on the rest of its batch;
 4. every ``checkpoint_every`` steps: write a checkpoint that lists the events it includes, then
    acknowledge them. A crash between the two re-acknowledges them on resume; a crash before the
    checkpoint leaves them pending at the broker, which delivers them again: no event is lost, and
