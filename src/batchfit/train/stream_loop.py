@@ -232,7 +232,8 @@ class StreamFeed:
             if plan.stop or plan.ended:
                 return
             if plan.global_size > 0:
-                yield self.ranks.take(plan), Closed(plan.global_size)
+                self.mark = Closed(plan.global_size)
+                yield self.ranks.take(plan), self.mark
 
     def _budget_spent(self) -> bool:
         until = self.until
@@ -358,20 +359,50 @@ class StreamFeed:
             local.events = [local.events[r] for r in keep]
             local.redelivered = sum(e.redelivered for e in local.events)
         local.size = len(keep)
-        assert self.mark is not None
-        self.mark.batch_size = local.size
+        if self.ranks is None:  # a distributed step's size is agreed by the ranks (see _ranks_step)
+            assert self.mark is not None
+            self.mark.batch_size = local.size
 
     def _ranks_step(self, local: StreamBatch | None, size: int) -> StepResult:
-        """A distributed step: the ranks' batches are screened as they arrive, not searched for poison."""
+        """A distributed step. When its loss (over all ranks) is not finite, every rank searches its own events for
+        poison, and the ranks run the step again on what they have left; an exception is not searched (a rank
+        that raises leaves the others in the step's collective): give ``StreamSource(ranges=...)``."""
+        assert self.mark is not None
+        if local is not None:
+            self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
+            local.quarantined = []
+        result = self._ranks_attempt(local, size)
+        if result.value is None or math.isfinite(result.value):
+            if local is not None:
+                self.included += local.ids
+            return result
+        poison = self._find_poison(local) if local is not None and local.size else {}
+        if poison:
+            assert local is not None
+            self._take_out(local, poison)
+        agreed = gathered(self.trainer.dist, [0 if local is None else local.size, len(poison)])
+        left, found = sum(a for a, _ in agreed), sum(b for _, b in agreed)
+        if found:
+            self.mark.batch_size = left
+            if not left:
+                return StepResult(0.0, empty=True)
+            return self._ranks_step(local if local is not None and local.size else None, left)
+        if local is not None and self.trainer.options.on_nan == "skip":
+            self._take_out(local, {i: f"the loss of its step ({self.trainer.step + 1}, all ranks) is {result.value}, "
+                                      f"though no event's is on its own; on_nan='skip' quarantined the batch"
+                                   for i in range(local.size)}, shrink=False)
+        return result
+
+    def _ranks_attempt(self, local: StreamBatch | None, size: int) -> StepResult:
+        """THE step of this rank's part; the batch's scores ride with the gradients' all-reduce."""
         trainer = self.trainer
         scores: dict[str, float] = {}
-        running: dict[str, float] = {}
-        batch = None
+        batch = output = None
         redelivered = 0
         if local is not None:
             batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
-            scores, running = _prequential_metrics(trainer, _eval_output(trainer, batch), target_of(batch))
-            self.included += local.ids + local.quarantined  # used up, trained on or skipped
+            output = _eval_output(trainer, batch)
+            scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
             redelivered = local.redelivered
         count = 0 if local is None else local.size
         numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
@@ -387,6 +418,9 @@ class StreamFeed:
         if result.numbers is not None:
             redelivered = int(result.numbers[0])
             scores = {name: total / size for name, total in zip(self.shared_metrics, result.numbers[1:])}
+        running: dict[str, float] = {}
+        if batch is not None and (result.value is None or math.isfinite(result.value)):
+            running = _prequential_metrics(trainer, output, target_of(batch), means=False)[1]
         self.scored = (scores, running, redelivered)
         return result
 
@@ -551,21 +585,24 @@ def _eval_output(trainer: Trainer, batch: Batch) -> Any:
         trainer.module.train()
 
 
-def _prequential_metrics(trainer: Trainer, output: Any, target: Any) -> tuple[dict[str, float], dict[str, float]]:
+def _prequential_metrics(trainer: Trainer, output: Any, target: Any, means: bool = True,
+                         stateful: bool = True) -> tuple[dict[str, float], dict[str, float]]:
     """The user's metrics of an output of weights that had not seen the batch (:func:`_eval_output`).
 
-    Returns the batch values of callables (averaged over the stream by :class:`Prequential`) and the
-    values of stateful metrics (``update``/``compute``), which accumulate every batch of the stream.
+    Returns the batch values of callables (averaged over the stream by :class:`Prequential`; with ``means``) and
+    the values of stateful metrics (``update``/``compute``, with ``stateful``: called once the batch's step is
+    known to stand), which accumulate every batch of the stream.
     """
     metrics = trainer.evaluator.metrics
     if not metrics:
         return {}, {}
-    means, running = {}, {}
+    found, running = {}, {}
     with torch.no_grad():
         for name, metric in metrics.items():
             if is_stateful(metric):
-                metric.update(output, target)
-                running[f"preq_{name}"] = float(metric.compute())
-            else:
-                means[name] = float(metric(output, target))
-    return means, running
+                if stateful:
+                    metric.update(output, target)
+                    running[f"preq_{name}"] = float(metric.compute())
+            elif means:
+                found[name] = float(metric(output, target))
+    return found, running
