@@ -227,3 +227,20 @@ def test_dict_events_may_list_their_fields_in_any_order_but_not_miss_one():
     assert [(d.id, d.reason) for d in source.dead_letters] == [
         (2, "its fields ['a'] differ from the stream's ['a', 'b']"),
         (3, "field 'b': has shape [1]; the stream's has []")]
+
+
+def test_the_column_check_of_a_chunk_agrees_with_the_check_of_each_event():
+    from batchfit.data.streams import SampleCheck
+
+    check = SampleCheck({"user": (0, 10)}, names=("user", "x", "y"))
+    assert check((1, 0.5, 2)) is None  # the first event sets the fields
+    good = [(1, 0.5, 2), (9, -3, 4.5), [0, 2.0, True]]
+    assert check.all_good(good) and all(check(s) is None for s in good)
+    for bad in [(10, 0.5, 1.0), (-1, 0.5, 1.0), (1, float("nan"), 1.0), (1, 0.5, 2**63), (1, 0.5, 10**400),
+                (1, "abc", 1.0), (1, 0.5), (1, 0.5, np.float64(1.0))]:
+        chunk = good + [bad]
+        assert not check.all_good(chunk), bad
+        assert [check(s) is None for s in chunk] == [True, True, True, isinstance(bad[-1], np.floating)], bad
+    assert check.all_good([(1, 1e300, 2.0)])  # a column of floats may hold any finite one
+    mixed = [(1, 1e300, 2.0), (1, 3, 2.0)]  # ints and floats, a float past int64: not proven, yet fine one by one
+    assert not check.all_good(mixed) and all(check(s) is None for s in mixed)
