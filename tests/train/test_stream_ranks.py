@@ -294,3 +294,25 @@ def test_stream_ranks_quarantine_poison_events_and_train_the_rest_as_one_process
         assert_close(result["weights"], expected.module.state_dict())
     assert int(client.xpending("events", "g")["pending"]) == 0
     client.close()
+
+
+def test_stream_ranks_fall_back_past_a_damaged_checkpoint_and_read_the_acknowledged_events_again(
+        redis_server, tmp_path, assert_close):
+    import redis
+
+    rows = _rows(160)
+    ids = _produce(redis_server, rows)
+    folder = tmp_path / "checkpoints"
+    first = _run(redis_server, tmp_path, checkpoint_dir=str(folder), stop_at=7)  # checkpoints at steps 3, 6, 7
+    assert [p.name for p in sorted(folder.glob("step-*.pt"))][-1] == "step-000000007.pt"
+    os.truncate(folder / "step-000000007.pt", 1000)  # the events of step 7 are acknowledged, and in no checkpoint
+    second = _run(redis_server, tmp_path, checkpoint_dir=str(folder))
+    steps = [a + b for a, b in zip(first[0]["steps"], first[1]["steps"])][:6]
+    steps += [a + b for a, b in zip(second[0]["steps"], second[1]["steps"])]
+    assert sorted(i for step in steps for i in step) == sorted(ids)  # every event once: step 7's read again
+    expected = _single_process(dict(zip(ids, rows)), steps)
+    for result in second:
+        assert_close(result["weights"], expected.module.state_dict())
+    client = redis.Redis.from_url(redis_server)
+    assert int(client.xpending("events", "g")["pending"]) == 0
+    client.close()

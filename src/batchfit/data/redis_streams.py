@@ -183,7 +183,7 @@ class RedisStream:
         position = state.get("position")
         if not isinstance(position, dict):
             raise CheckpointError("that checkpoint holds no stream position (written before the consumer read)")
-        self._replay_from = position
+        self._replay_from = {**position, "included": [str(i) for i in state.get("included", [])]}
         self._phase = "new"
         self._join()
         return len(self._replay)
@@ -306,7 +306,7 @@ class RedisStream:
         then = str(position["last_delivered"])
         group = self._group_info()
         now = group["last-delivered-id"]
-        skip = set(self._pending_ids()) | set(self._included)
+        skip = set(self._pending_ids()) | set(self._included) | set(position.get("included", []))
         wanted = [i for i in map(str, position.get("pending", [])) if i not in skip]
         entries: dict[str, Any] = {}
         if _order(now) > _order(then):  # delivered since the checkpoint: the whole range, in pages

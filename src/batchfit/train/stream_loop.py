@@ -545,21 +545,27 @@ class StreamFeed:
 
     def fell_back(self, state: dict[str, Any], path: Path, skipped: list[Path]) -> None:
         """Newer checkpoints are unreadable: the events acknowledged after ``path`` are read again (the consumer's
-        ``replay``), or the run is refused when they cannot be."""
+        ``replay``), or the run is refused when they cannot be.
+
+        The events to read again are those of the whole group (every rank's), so in a distributed run rank 0 reads
+        them all; the events the checkpoint includes are those of every saved rank.
+        """
         consumer = self.source.consumer
         why = (f"the newer checkpoints {', '.join(p.name for p in skipped)} are unreadable and {path.name} is older: "
                f"the events acknowledged after it are in none of the readable checkpoints")
         replay = getattr(consumer, "replay", None)
-        if self.ranks is not None or not callable(replay):
-            who = "a distributed run" if self.ranks is not None else f"{type(consumer).__name__} (it has no replay())"
-            raise CheckpointError(f"{why}, and {who} cannot read them again. Restore the damaged files, or move them "
-                                  f"away to resume from {path.name} without those events")
-        saved = state["stream"].get("ranks", [state["stream"]])[0]
-        try:
-            count = replay({**saved, "included": list(saved.get("included", []))})
-        except CheckpointError as error:
-            raise CheckpointError(f"{why}; {error}") from None
-        logger.warning("%s: %s events acknowledged after it are read from the stream again", why, count)
+        if not callable(replay):
+            raise CheckpointError(f"{why}, and {type(consumer).__name__} cannot read them again (it has no replay()). "
+                                  f"Restore the damaged files, or move them away to resume from {path.name} without "
+                                  f"those events")
+        saved = state["stream"].get("ranks", [state["stream"]])
+        count = 0
+        if self.trainer.dist.rank == 0:
+            try:
+                count = replay({**saved[0], "included": [i for rank in saved for i in rank.get("included", [])]})
+            except CheckpointError as error:
+                raise CheckpointError(f"{why}; {error}") from None
+            logger.warning("%s: %s events acknowledged after it are read from the stream again", why, count)
 
     def resumed_at(self) -> str:
         return f"{self.trainer.samples_seen} events"
