@@ -87,6 +87,11 @@ class EventConsumer(Protocol):
     after a checkpoint that includes their updates). ``state_dict()`` is what a checkpoint keeps to
     resume (given to ``load_state_dict`` before the first poll of a resumed run, with ``included``:
     the ids of events whose updates the checkpoint includes but which may not be acknowledged yet).
+
+    Two methods are optional: ``quarantine(letters)`` stores poison events (:class:`DeadLetter`) at the broker
+    before they are acknowledged (a Redis dead-letter stream); ``replay(state) -> int`` is called after a resume
+    fell back past unreadable checkpoints to the one whose consumer state is ``state``, and reads again, before
+    anything else, the events acknowledged after it (without it, such a fall-back is refused).
     """
 
     def poll(self, max_events: int, timeout: float | None) -> list[Event] | None: ...
