@@ -150,3 +150,24 @@ def test_history_of_a_long_stream_stays_bounded_and_metrics_csv_keeps_every_row(
     assert len(sizes) == 5 and max(sizes) < 1.05 * min(sizes), sizes  # steps 25, 50, 60, 75, 100: flat
     state = torch.load(sorted((tmp_path / "ckpt").glob("step-*.pt"))[-1], weights_only=True)
     assert len(state["history"]["columns"]["step"]) <= 12 and state["history"]["dropped"] >= 88
+
+
+def test_the_run_folder_metrics_csv_of_a_bounded_history_keeps_every_row(redis_server, tmp_path, monkeypatch):
+    import redis
+
+    import batchfit.train.stream_loop as stream_loop
+
+    monkeypatch.setattr(stream_loop, "STREAM_HISTORY_ROWS", 4)
+    client = redis.Redis.from_url(redis_server)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        client.xadd("ratings", {"user": int(rng.integers(5)), "item": int(rng.integers(6)),
+                                "rating": float(rng.integers(1, 6))})
+    client.close()
+    path = tmp_path / "run.toml"
+    path.write_text(TOML.format(url=redis_server, folder=tmp_path).replace("batch_size = 8", "batch_size = 2"))
+    summary = run_config(load_config(path))
+    assert summary is not None and summary["steps"] == 20
+    with open(tmp_path / "runs" / summary["run_dir"].rsplit("/", 1)[-1] / "metrics.csv", newline="") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == list(range(1, 21))  # written by the CSVLogger before they were dropped, kept by the end

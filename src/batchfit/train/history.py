@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -12,6 +14,8 @@ import numpy as np
 import torch
 
 from ..core.durable import atomic_write
+
+logger = logging.getLogger("batchfit")
 
 STEP_FIELDS = ("step", "epoch", "samples", "batch_size", "loss", "lr", "seconds")
 # Losses held as tensors are read back once this many are pending: one device sync per that many
@@ -134,8 +138,32 @@ class History:
         return list(self._columns)
 
     def to_csv(self, path: str | os.PathLike[str], epochs_path: str | os.PathLike[str] | None = None) -> None:
-        """Write the per-step records to ``path`` (and per-epoch records to ``epochs_path``)."""
-        _write_csv(path, self.steps, list(self._columns))
+        """Write the per-step records to ``path`` (and per-epoch records to ``epochs_path``).
+
+        When older rows were dropped (:attr:`keep`), the file's first :attr:`dropped` rows — written there
+        before they were dropped (the ``CSVLogger``) — are kept ahead of the rows held, under the current
+        columns; a file that holds fewer is completed with what is held (and a warning).
+        """
+        if not self.dropped:
+            _write_csv(path, self.steps, list(self._columns))
+        else:
+            names = list(self._columns)
+
+            def write(handle: IO[Any]) -> None:
+                writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
+                writer.writeheader()
+                kept = 0
+                if os.path.exists(path):
+                    with open(path, newline="") as old:
+                        for row in itertools.islice(csv.DictReader(old), self.dropped):
+                            writer.writerow(row)
+                            kept += 1
+                if kept < self.dropped:
+                    logger.warning("%s held %d of the %d step rows before those the history keeps; they are lost",
+                                   path, kept, self.dropped)
+                writer.writerows(self.record(index) for index in range(len(self)))
+
+            atomic_write(path, write, text=True)
         if epochs_path is not None and self.epochs:
             write_records(epochs_path, self.epochs)
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import csv
-import itertools
-import logging
 import os
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from ...core.durable import atomic_write
 from ...errors import expected
 from ..history import write_records
 from .base import Callback
@@ -17,8 +14,6 @@ from .base import Callback
 if TYPE_CHECKING:
     from ..history import History
     from ..trainer import Trainer
-
-logger = logging.getLogger("batchfit")
 
 
 class CSVLogger(Callback):
@@ -67,26 +62,8 @@ class CSVLogger(Callback):
             self._small_files(history)
 
     def _rewrite(self, history: History) -> None:
-        columns = history.columns()
-        if not history.dropped:
-            history.to_csv(self.steps_path)
-        else:  # the rows the history dropped are only in the file: keep them, under the current columns
-            def write(handle: IO[Any]) -> None:
-                writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-                writer.writeheader()
-                kept = 0
-                if self.steps_path.exists():
-                    with open(self.steps_path, newline="") as old:
-                        for row in itertools.islice(csv.DictReader(old), history.dropped):
-                            writer.writerow(row)
-                            kept += 1
-                if kept < history.dropped:
-                    logger.warning("%s held %d of the %d step rows before those the history keeps; they are lost",
-                                   self.steps_path, kept, history.dropped)
-                writer.writerows(history.record(index) for index in range(len(history)))
-
-            atomic_write(self.steps_path, write, text=True)
-        self._written, self._columns = history.total, columns
+        history.to_csv(self.steps_path)  # the rows the history dropped are kept from the file
+        self._written, self._columns = history.total, history.columns()
 
     def _append(self, history: History) -> None:
         if history.columns() != self._columns:  # a column appeared (e.g. the noise scale): start again
