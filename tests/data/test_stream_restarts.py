@@ -171,3 +171,11 @@ def test_the_run_folder_metrics_csv_of_a_bounded_history_keeps_every_row(redis_s
     with open(tmp_path / "runs" / summary["run_dir"].rsplit("/", 1)[-1] / "metrics.csv", newline="") as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle)]
     assert steps == list(range(1, 21))  # written by the CSVLogger before they were dropped, kept by the end
+
+
+def test_checkpoint_seconds_works_for_data_sets_too(tmp_path):
+    x = np.random.default_rng(0).standard_normal((16, 3)).astype(np.float32)
+    trainer = _trainer(tmp_path, checkpoint_seconds=1e-9, keep_checkpoints=100)
+    trainer.fit((x, x[:, :1]), epochs=1)  # 4 steps of 4, each past the (tiny) interval
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*.pt")) == [
+        f"step-{step:09d}.pt" for step in (1, 2, 3, 4)]
