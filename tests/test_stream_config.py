@@ -79,3 +79,18 @@ def test_stream_example_script_trains_and_reports_the_prequential_rmse(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "800 events, prequential RMSE" in done.stdout and (tmp_path / "curves.png").is_file()
     assert (tmp_path / "snapshots" / "LATEST").is_file()
+
+
+def test_stream_config_ranges_reach_the_source_and_bad_ones_are_named(tmp_path):
+    from batchfit.config import build_stream
+
+    pytest.importorskip("redis")
+    base = {"stream": {"stream": "ratings", "redis": "redis://127.0.0.1:1/0", "fields": ["user", "item", "rating"],
+                       "ranges": {"user": [0, 943]}, "dead_letters": "poison"},
+            "model": {"name": "batchfit.workloads.stream:MatrixFactorization", "args": {"users": 3, "items": 4}}}
+    source = build_stream(check_config(base, tmp_path / "run.toml"))
+    assert source.check((5000, 1, 4.0)) == "field 'user': 5000 is outside its range [0, 943)"
+    assert source.check((5, 1, 4.0)) is None and source.consumer.dead_letters == "poison"
+    base["stream"]["ranges"] = {"user": [943, 0]}
+    with pytest.raises(ConfigError, match=r"`stream.ranges` must map field names to \[low, high\]"):
+        build_stream(check_config(base, tmp_path / "run.toml"))

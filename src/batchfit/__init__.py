@@ -11,7 +11,7 @@ from .data.redis_streams import RedisStream
 from .data.shards import ShardSource, write_shards
 from .data.shards import verify as verify_shards
 from .data.sources import ArraySource, DatasetSource
-from .data.streams import EventConsumer, StreamSource
+from .data.streams import DeadLetter, EventConsumer, StreamSource
 from .data.text import load_tokenizer, write_text_shards
 from .data.transforms import ToFloat
 from .errors import (
@@ -21,6 +21,7 @@ from .errors import (
     DistributedError,
     NonFiniteLossError,
     ShardError,
+    StreamError,
 )
 from .measure.lr import adascale_gain, scale_lr, warmup
 from .measure.memory import find_micro_batch_size, find_micro_batch_tokens
@@ -44,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetSource",
+    "DeadLetter",
     "DistributedError",
     "EarlyStopping",
     "EventConsumer",
@@ -57,6 +59,7 @@ __all__ = [
     "RedisStream",
     "ShardError",
     "ShardSource",
+    "StreamError",
     "StreamSource",
     "TensorBoardLogger",
     "ToFloat",

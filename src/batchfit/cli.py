@@ -21,12 +21,17 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .errors import BatchfitError
+from .errors import BatchfitError, mask_secrets
 
 
 def not_shown(record: logging.LogRecord) -> bool:
-    """Whether a log record still needs printing: not one the trainer already wrote under its progress bar."""
-    return not getattr(record, "shown", False)
+    """Whether a log record still needs printing: not one the trainer already wrote under its progress bar.
+
+    A record printed has the passwords of the URLs in it masked."""
+    if getattr(record, "shown", False):
+        return False
+    record.msg, record.args = mask_secrets(record.getMessage()), None
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except BatchfitError as error:
-        print(f"batchfit: error: {error}", file=sys.stderr)
+        print(f"batchfit: error: {mask_secrets(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:  # a file that cannot be read or written (missing, no permission, a full disk)
         print(f"batchfit: error: {error}", file=sys.stderr)

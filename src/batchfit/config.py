@@ -60,7 +60,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     # Training from a Redis stream instead of [data] (each rank is consumer "<consumer>-<rank>" of the group).
     "stream": {"redis": (_STR, "redis://127.0.0.1:6379/0"), "stream": (_STR, None), "group": (_STR, "batchfit"),
                "consumer": (_STR, "trainer"), "fields": (_LIST, None), "start": (_STR, "0"),
-               "max_latency": (_FLOAT, None), "idle_timeout": (_FLOAT, None), "claim_idle": (_FLOAT, 30.0)},
+               "max_latency": (_FLOAT, None), "idle_timeout": (_FLOAT, None), "claim_idle": (_FLOAT, 30.0),
+               "ranges": (_TABLE, None), "dead_letters": (_STR, ""), "retry_for": (_FLOAT, 30.0)},
 }
 TRAINER_KEYS = option_names()
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -464,5 +465,12 @@ def build_stream(config: Config) -> Any:
     consumer = RedisStream(options["redis"], options["stream"], options["group"],
                            f"{options['consumer']}-{os.environ.get('RANK', '0')}", fields=fields,
                            start=options["start"], claim_idle=options["claim_idle"],
-                           idle_timeout=options["idle_timeout"])
-    return StreamSource(consumer, max_latency=options["max_latency"])
+                           idle_timeout=options["idle_timeout"], dead_letters=options["dead_letters"],
+                           retry_for=options["retry_for"])
+    ranges = options["ranges"]
+    try:
+        return StreamSource(consumer, max_latency=options["max_latency"],
+                            ranges=None if ranges is None else {k: tuple(v) for k, v in ranges.items()})
+    except (TypeError, BatchfitError) as error:
+        raise ConfigError(f"`stream.ranges` must map field names to [low, high], e.g. {{ user = [0, 943] }}. "
+                          f"Received: stream.ranges={ranges!r}") from error

@@ -9,11 +9,13 @@ working::
         ├── CheckpointError      a checkpoint that cannot be read or does not fit the run
         ├── NonFiniteLossError   a NaN or infinite loss (names the step and epoch)
         ├── DistributedError     another rank failed or stopped answering
+        ├── StreamError          a stream's broker cannot be used (unreachable, refused, stream or group gone)
         └── ConfigError          a run configuration (TOML) that cannot be used (names the key)
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -42,8 +44,24 @@ class DistributedError(BatchfitError):
     """A rank of a distributed run failed, so every rank stops."""
 
 
+class StreamError(BatchfitError):
+    """A stream's broker cannot be used: unreachable for longer than the retries last, credentials refused,
+    the stream or consumer group gone; the message names the URL (password masked), stream and group."""
+
+
 class ConfigError(BatchfitError):
     """A configuration file that cannot be used; the message names the key."""
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it (``scheme://user:password@host``, ``?password=...``)
+    replaced by ``***``: what batchfit writes to files and logs never holds one."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}***@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}***", text)
+
+
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s\"']*:)[^\s\"']+@")  # to the token's last @
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s\"']+")
 
 
 def expected(name: str, what: str, received: Any) -> BatchfitError:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from .config import (
 from .core.durable import atomic_write
 from .data.sources import as_source
 from .data.text import TEXT_SUFFIXES
-from .errors import ConfigError
+from .errors import ConfigError, mask_secrets
 from .report import tune
 from .train.callbacks import CSVLogger
 from .train.first_batch import check_first_batch
@@ -49,12 +48,17 @@ def new_run_dir(out: str | Path) -> Path:
 
 
 def write_run_files(run_dir: Path, history: History, summary: dict[str, Any], config_path: Path | None = None) -> None:
-    """metrics.csv, epochs.csv, curves.png, summary.json (and a copy of the config) in ``run_dir``."""
+    """metrics.csv, epochs.csv, curves.png, summary.json (and a copy of the config, passwords masked) in ``run_dir``."""
     history.to_csv(run_dir / "metrics.csv", run_dir / "epochs.csv")
     if len(history):
         history.plot(run_dir / "curves.png")
-    if config_path is not None:
-        shutil.copyfile(config_path, run_dir / config_path.name)
+    if config_path is not None:  # a copy without the passwords of its URLs (a [stream] redis = "redis://:pw@...")
+        text = mask_secrets(config_path.read_text())
+
+        def write(handle: IO[Any]) -> None:
+            handle.write(text)
+
+        atomic_write(run_dir / config_path.name, write, text=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 

@@ -1,5 +1,5 @@
-"""At-least-once for real: kill -9 the trainer at random moments while a producer writes events to Redis,
-restart it each time, and count what the final weights learnt from."""
+"""At-least-once for real: kill -9 the trainer at random moments while a producer writes events to Redis (one in
+50 of them poison), restart it each time, and count what the final weights learnt from."""
 
 from __future__ import annotations
 
@@ -54,14 +54,20 @@ def test_stream_kill9_loses_no_event_and_trains_none_twice(redis_server, tmp_pat
 
     client = redis.Redis.from_url(redis_server)
     produced: list[str] = []
+    poison: set[str] = set()
 
     def produce():
         rng = random.Random(1)
-        for _ in range(0, EVENTS, 50):  # about 250 events/s: the producer writes while the trainer is killed
+        for chunk in range(0, EVENTS, 50):  # about 250 events/s: the producer writes while the trainer is killed
             pipe = client.pipeline(transaction=False)
-            for _ in range(50):
-                pipe.xadd("events", {f: repr(rng.gauss(0, 1)) for f in ("x0", "x1", "x2", "y")})
-            produced.extend(i.decode() for i in pipe.execute())
+            for index in range(50):
+                fields = {f: repr(rng.gauss(0, 1)) for f in ("x0", "x1", "x2", "y")}
+                if index == 17:  # poison: quarantined as it arrives (NaN), or by the step (its loss alone is inf)
+                    fields["y" if chunk % 100 else "x0"] = "nan" if chunk % 100 else "1e200"
+                pipe.xadd("events", fields)
+            ids = [i.decode() for i in pipe.execute()]
+            produced.extend(ids)
+            poison.add(ids[17])
             time.sleep(0.2)
 
     producer = threading.Thread(target=produce)
@@ -87,14 +93,19 @@ def test_stream_kill9_loses_no_event_and_trains_none_twice(redis_server, tmp_pat
     assert log.read_text().endswith("done\n")
     lineage, logged = _lineage(log)
     counts = collections.Counter(i for ids in lineage.values() for i in ids)
-    assert len(produced) == EVENTS and kills >= 1
-    assert set(counts) == set(produced), "events lost"
+    assert len(produced) == EVENTS and kills >= 1 and len(poison) == EVENTS // 50
+    assert set(counts) == set(produced) - poison, "events lost, or a poison event trained"
     assert max(counts.values()) == 1, "an event is in the final weights twice"
     trained = sum(len(lineage[s]) for s in lineage)
     assert sorted(lineage) == list(range(1, len(lineage) + 1))
     # Steps trained again after a kill: at most one checkpoint interval per kill.
     assert logged - len(lineage) <= kills * CHECKPOINT_EVERY, (logged, len(lineage), kills)
-    assert trained == EVENTS
+    assert trained == EVENTS - len(poison)
+    # Every poison event is in the dead-letter stream (again, when a kill lost its acknowledgement).
+    letters = [(f[b"batchfit.id"].decode(), f[b"batchfit.reason"].decode()) for _, f in client.xrange("events:dead")]
+    assert {event_id for event_id, _ in letters} == poison
+    assert any("its loss alone is" in reason for _, reason in letters)  # found by the step
+    assert any("field 'y': nan is not a finite number" in reason for _, reason in letters)  # as it arrived
     assert int(client.xpending("events", "g")["pending"]) == 0
     print(f"kills {kills}, steps logged {logged}, in the final lineage {len(lineage)}, "
           f"produced while killing: {len(produced)}")

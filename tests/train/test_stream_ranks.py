@@ -254,3 +254,65 @@ def test_stream_ranks_a_killed_rank_resumes_on_one_process_without_losing_an_eve
     assert sorted(lineage) == sorted(ids)  # every event in the final weights exactly once
     assert result["redelivered"] > 0 and int(client.xpending("events", "g")["pending"]) == 0
     client.close()
+
+
+def test_stream_ranks_quarantine_poison_events_and_train_the_rest_as_one_process_would(redis_server, tmp_path,
+                                                                                      assert_close):
+    import redis
+
+    rows = _rows(200)
+    ids = _produce(redis_server, rows[:30])
+    client = redis.Redis.from_url(redis_server)
+    poison = [client.xadd("events", {"x0": "1.0", "x1": "0.5", "x2": "0.1", "y": "nan"}).decode()]  # on arrival
+    ids += _produce(redis_server, rows[30:77])
+    poison.append(client.xadd("events", {"x0": "1e200", "x1": "0.5", "x2": "0.1", "y": "1"}).decode())  # by the step
+    ids += _produce(redis_server, rows[77:150])
+    poison.append(client.xadd("events", {"x0": "-1e200", "x1": "0.5", "x2": "0.1", "y": "1"}).decode())
+    ids += _produce(redis_server, rows[150:])
+    results = _run(redis_server, tmp_path)
+    per_rank = [[i for step in result["steps"] for i in step] for result in results]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # every good event once, no poison one
+    dead = {fields[b"batchfit.id"].decode(): fields[b"batchfit.reason"].decode()
+            for _, fields in client.xrange("events:dead")}
+    assert sorted(dead) == sorted(poison)
+    assert "its loss alone is" in dead[poison[1]] and "nan is not a finite number" in dead[poison[0]]
+    assert results[0]["history"][-1]["dead_letters"] + results[1]["history"][-1]["dead_letters"] == 3
+    assert_close(results[0]["weights"], results[1]["weights"])
+    # One process trained on the same steps (one fit of one step each: the same lr schedule and momentum).
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        from _stream_ranks_worker import make_trainer
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    by_id = dict(zip(ids, rows))
+    expected = make_trainer()
+    steps = [a + b for a, b in zip(results[0]["steps"], results[1]["steps"])]
+    assert sorted(len(step) for step in steps)[:3] == [10, 15, 15]  # two steps lost a poison event; the last
+    for step in steps:
+        expected.fit(bf.StreamSource([by_id[i] for i in step]))
+    for result in results:
+        assert_close(result["weights"], expected.module.state_dict())
+    assert int(client.xpending("events", "g")["pending"]) == 0
+    client.close()
+
+
+def test_stream_ranks_fall_back_past_a_damaged_checkpoint_and_read_the_acknowledged_events_again(
+        redis_server, tmp_path, assert_close):
+    import redis
+
+    rows = _rows(160)
+    ids = _produce(redis_server, rows)
+    folder = tmp_path / "checkpoints"
+    first = _run(redis_server, tmp_path, checkpoint_dir=str(folder), stop_at=7)  # checkpoints at steps 3, 6, 7
+    assert [p.name for p in sorted(folder.glob("step-*.pt"))][-1] == "step-000000007.pt"
+    os.truncate(folder / "step-000000007.pt", 1000)  # the events of step 7 are acknowledged, and in no checkpoint
+    second = _run(redis_server, tmp_path, checkpoint_dir=str(folder))
+    steps = [a + b for a, b in zip(first[0]["steps"], first[1]["steps"])][:6]
+    steps += [a + b for a, b in zip(second[0]["steps"], second[1]["steps"])]
+    assert sorted(i for step in steps for i in step) == sorted(ids)  # every event once: step 7's read again
+    expected = _single_process(dict(zip(ids, rows)), steps)
+    for result in second:
+        assert_close(result["weights"], expected.module.state_dict())
+    client = redis.Redis.from_url(redis_server)
+    assert int(client.xpending("events", "g")["pending"]) == 0
+    client.close()

@@ -67,6 +67,7 @@ class StepResult:
     numbers: list[float] | None = None
     stop: bool = False
     applied: bool = False
+    empty: bool = False  # nothing to train on (every event of a stream batch was quarantined): no step
 
 
 class Step:

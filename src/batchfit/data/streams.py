@@ -9,16 +9,26 @@ Redis stream in a consumer group; a Kafka or NATS consumer plugs in the same way
 A batch closes when it holds ``batch_size`` events or ``max_latency`` seconds after its first
 event arrived, whichever comes first; a batch cut on time keeps its true size, so its loss is the
 exact mean over the events it holds.
+
+An event that cannot be trained on — one its consumer could not parse (``Event.error``), one whose
+fields differ from the stream's, a value that is not a number, an integer beyond int64, a NaN or
+infinite number, or a value outside ``ranges`` — is *quarantined* as it arrives: it never takes a
+place in a batch, is handed to the consumer's ``quarantine`` (a :class:`~batchfit.RedisStream`
+writes it to its dead-letter stream), to ``on_dead_letter`` and to :attr:`StreamSource.dead_letters`,
+and is acknowledged with the batch that follows it.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import itertools
+import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,10 +38,16 @@ import torch
 from ..core.batch import Batch
 from ..errors import BatchfitError, expected
 
+logger = logging.getLogger("batchfit")
+
 # How long one wait for events lasts at most, so that the loop can look at signals and budgets.
 TICK_SECONDS = 0.1
 # Events asked of a consumer at once (at least a batch): a broker answers many small batches in one round trip.
 READ_AHEAD = 512
+# Quarantined events a StreamSource keeps in memory (dead_letters), and how many are logged one by one.
+DEAD_LETTERS_KEPT = 1000
+LOGGED_DEAD_LETTERS = 20
+INT64 = (-(2**63), 2**63)
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,19 @@ class Event:
     sample: Any
     time: float
     redelivered: bool = False  # delivered before (left pending by a crash, or claimed from a dead consumer)
+    error: str | None = None  # why the consumer could not read a sample from it (a poison event), else None
+    raw: Any = None  # what the broker delivered, for the dead-letter stream (a Redis entry's fields)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event taken out of training: its ``id``, the ``reason`` in words, the ``sample`` as read (``None`` when
+    it could not be parsed) and the ``raw`` fields the broker delivered (``None`` for a plain iterable)."""
+
+    id: Any
+    reason: str
+    sample: Any = None
+    raw: Any = None
 
 
 @runtime_checkable
@@ -58,6 +87,11 @@ class EventConsumer(Protocol):
     after a checkpoint that includes their updates). ``state_dict()`` is what a checkpoint keeps to
     resume (given to ``load_state_dict`` before the first poll of a resumed run, with ``included``:
     the ids of events whose updates the checkpoint includes but which may not be acknowledged yet).
+
+    Two methods are optional: ``quarantine(letters)`` stores poison events (:class:`DeadLetter`) at the broker
+    before they are acknowledged (a Redis dead-letter stream); ``replay(state) -> int`` is called after a resume
+    fell back past unreadable checkpoints to the one whose consumer state is ``state``, and reads again, before
+    anything else, the events acknowledged after it (without it, such a fall-back is refused).
     """
 
     def poll(self, max_events: int, timeout: float | None) -> list[Event] | None: ...
@@ -160,6 +194,11 @@ class IterableEvents:
         self._used = max([used] + [i + 1 for i in pending])
         self._iterator, self._queue, self._ended = None, None, False
 
+    def replay(self, state: dict[str, Any]) -> int:
+        """After a fall-back to an older checkpoint: nothing to do, its ``used`` count is where reading starts
+        again (acknowledgements of an iterable live only in checkpoints). Returns 0."""
+        return 0
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -174,6 +213,8 @@ class StreamBatch:
     size: int
     reason: str  # "size", "latency" or "end"
     redelivered: int = 0  # events of the batch that had been delivered before
+    quarantined: list[Any] = dataclasses.field(default_factory=list)  # poison events acknowledged with the batch
+    events: list[Event] = dataclasses.field(default_factory=list)  # the events themselves, in order
 
 
 class StreamSource:
@@ -185,7 +226,9 @@ class StreamSource:
     whichever comes first.
     """
 
-    def __init__(self, events: Any, max_latency: float | None = None) -> None:
+    def __init__(self, events: Any, max_latency: float | None = None, *,
+                 ranges: Mapping[str | int, tuple[float, float]] | None = None,
+                 on_dead_letter: Callable[[DeadLetter], Any] | None = None) -> None:
         if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float))
                                         or not max_latency > 0 or max_latency == float("inf")):
             raise expected("max_latency", "a positive number of seconds or None", max_latency)
@@ -196,14 +239,23 @@ class StreamSource:
         else:
             raise expected("events", "an iterable of events or an EventConsumer (e.g. bf.RedisStream)",
                            type(events).__name__)
+        if on_dead_letter is not None and not callable(on_dead_letter):
+            raise expected("on_dead_letter", "a callable dead_letter -> None, or None", on_dead_letter)
         self.max_latency = None if max_latency is None else float(max_latency)
         self.names: tuple[str, ...] | None = None
         self.last_batch: StreamBatch | None = None  # the batch handed out last (a callback may read its ids)
         self._buffer: list[Event] = []
         self._arrived: list[float] = []  # when each buffered event was received (time.monotonic())
+        self._order: list[int] = []  # each buffered event's number in the order of arrival
         self._opened: float | None = None  # when the first event of the batch being filled arrived
         self.ended = False
         self.read_ahead = READ_AHEAD  # events asked of the consumer at once (at least what a batch is missing)
+        self.check = SampleCheck(ranges, getattr(events, "fields", None))
+        self.on_dead_letter = on_dead_letter
+        self.dead_letters: collections.deque[DeadLetter] = collections.deque(maxlen=DEAD_LETTERS_KEPT)
+        self.quarantined = 0  # events this source has quarantined
+        self._arrivals = 0  # events read so far (numbers the order of arrival)
+        self._poison: list[tuple[int, Any]] = []  # (arrival number, id) of quarantined events not yet acknowledged
 
     def next_batch(self, batch_size: int, wait: float = TICK_SECONDS) -> StreamBatch | None:
         """The next batch, or ``None`` when none closed within about ``wait`` seconds (or the stream ended).
@@ -245,10 +297,64 @@ class StreamSource:
                 self.ended = True
                 return
             received = time.monotonic()
+            events = self._admit(events)
             if events and not self._buffer:
                 self._opened = received
             self._buffer += events
             self._arrived += [received] * len(events)
+
+    def _admit(self, events: list[Event]) -> list[Event]:
+        """The events that can be trained on; the others are quarantined (see :meth:`quarantine`)."""
+        if self.check.all_good([event.sample for event in events if event.error is None]) and not any(
+                event.error is not None for event in events):
+            first = self._arrivals
+            self._arrivals += len(events)
+            self._order += range(first, self._arrivals)
+            return events
+        good: list[Event] = []
+        bad: list[tuple[int, Event, str]] = []
+        for event in events:
+            number = self._arrivals
+            self._arrivals += 1
+            reason = event.error if event.error is not None else self.check(event.sample)
+            if reason is None:
+                good.append(event)
+                self._order.append(number)
+            else:
+                bad.append((number, event, reason))
+        if bad:
+            self.quarantine([event for _, event, _ in bad], [reason for _, _, reason in bad])
+            self._poison += [(number, event.id) for number, event, _ in bad]
+        return good
+
+    def quarantine(self, events: Sequence[Event], reasons: Sequence[str]) -> None:
+        """Take ``events`` out of training for good: to the consumer's dead letters (``quarantine(letters)``, e.g.
+        a Redis dead-letter stream), ``on_dead_letter``, :attr:`dead_letters` (the newest 1,000) and the log.
+
+        The caller acknowledges them at the broker afterwards, with the trained events around them.
+        """
+        letters = [DeadLetter(e.id, reason, None if e.error is not None else e.sample, e.raw)
+                   for e, reason in zip(events, reasons)]
+        handler = getattr(self.consumer, "quarantine", None)
+        if callable(handler):
+            handler(letters)  # stored at the broker before anything acknowledges the events
+        for letter in letters:
+            if self.on_dead_letter is not None:
+                self.on_dead_letter(letter)
+            self.dead_letters.append(letter)
+            self.quarantined += 1
+            if self.quarantined <= LOGGED_DEAD_LETTERS or self.quarantined % 1000 == 0:
+                logger.warning("quarantined event %r (never trained on): %s%s", letter.id, letter.reason,
+                               "" if self.quarantined < LOGGED_DEAD_LETTERS else
+                               f" ({self.quarantined} so far; further ones are logged every 1,000th)")
+
+    def take_quarantined(self) -> list[Any]:
+        """The ids of quarantined events that may be acknowledged now: those read before every buffered event
+        (a consumer that acknowledges a position, such as :class:`IterableEvents`, must not skip one)."""
+        limit = self._order[0] if self._order else math.inf
+        ready = [event_id for number, event_id in self._poison if number < limit]
+        self._poison = [(number, event_id) for number, event_id in self._poison if number >= limit]
+        return ready
 
     @property
     def buffered(self) -> int:
@@ -268,17 +374,20 @@ class StreamSource:
         if not self._buffer:
             raise BatchfitError("StreamSource.cut: no event is buffered (call fill() or next_batch() first)")
         events, self._buffer = self._buffer[:count], self._buffer[count:]
-        self._arrived = self._arrived[count:]
+        self._arrived, self._order = self._arrived[count:], self._order[count:]
         self._opened = self._arrived[0] if self._buffer else None
         batch = collate([e.sample for e in events], [e.id for e in events])
         self.names = tuple(batch) if isinstance(batch, dict) else None
         self.last_batch = StreamBatch(batch, [e.id for e in events], [e.time for e in events], len(events), reason,
-                                      sum(e.redelivered for e in events))
+                                      sum(e.redelivered for e in events), self.take_quarantined(), events)
         return self.last_batch
 
     def drop_buffer(self) -> None:
-        """Forget events read but not yet in a batch (a stopped run re-reads them after resuming)."""
-        self._buffer, self._arrived, self._opened = [], [], None
+        """Forget events read but not yet in a batch (a stopped run re-reads them after resuming), and the
+        quarantined ones among them (in the dead letters already; read again, they are quarantined again)."""
+        ready = self.take_quarantined()  # read before every dropped event: may be acknowledged
+        self._poison = [(-1, event_id) for event_id in ready]
+        self._buffer, self._arrived, self._order, self._opened = [], [], [], None
 
     def ack(self, ids: Sequence[Any]) -> None:
         """Acknowledge events whose updates a durable checkpoint includes."""
@@ -299,6 +408,129 @@ class StreamSource:
         self.consumer.close()
 
 
+class SampleCheck:
+    """Whether an event can be trained on: ``None`` when it can, else the reason in words.
+
+    The first event that passes sets the stream's fields (a dict's keys or a tuple's width) and each field's
+    shape; every later event must have the same. Every value is a number or a numeric array, integers fit
+    int64, floats are finite, and a field named in ``ranges`` (by name: a dict's key or one of the
+    consumer's ``fields``; or by position) lies in ``[low, high)``.
+    """
+
+    def __init__(self, ranges: Mapping[str | int, tuple[float, float]] | None = None,
+                 names: Sequence[str] | None = None) -> None:
+        if ranges is not None:
+            if not isinstance(ranges, Mapping) or not all(_is_range(r) for r in ranges.values()):
+                raise expected("ranges", "a dict of field -> (low, high), e.g. {'user': (0, 943)}", ranges)
+        self.ranges = dict(ranges or {})
+        self.names = None if names is None else tuple(names)
+        self.fields: Any = None  # a dict's keys or a tuple's width, of the first event that passed
+        self.shapes: list[tuple[int, ...]] = []
+        self.bounds: list[tuple[float, float] | None] = []
+
+    def __call__(self, sample: Any) -> str | None:
+        if isinstance(sample, Mapping):
+            fields: Any = tuple(sample)
+            if self.fields is not None and isinstance(self.fields, tuple) and set(fields) == set(self.fields):
+                fields = self.fields  # the same fields in another order: the same event
+            values = [sample[k] for k in fields]
+        elif isinstance(sample, (tuple, list)):
+            fields, values = len(sample), list(sample)
+        else:
+            return f"an event must be a tuple (inputs..., target) or a dict, not a {type(sample).__name__}"
+        if self.fields is not None and fields != self.fields:
+            if isinstance(fields, tuple) and isinstance(self.fields, tuple):
+                return f"its fields {list(fields)} differ from the stream's {list(self.fields)}"
+            return f"it has {fields!r} fields; the stream's events have {self.fields!r}"
+        labels = list(fields) if isinstance(fields, tuple) else [
+            self.names[i] if self.names is not None and i < len(self.names) else str(i) for i in range(fields)]
+        bounds = self.bounds if self.fields is not None else self._bounds(fields, labels)
+        shapes = []
+        for index, value in enumerate(values):
+            shape, why = _check_value(value)
+            if why is None and self.fields is not None and shape != self.shapes[index]:
+                why = f"has shape {list(shape)}; the stream's has {list(self.shapes[index])}"
+            limit = bounds[index]
+            if why is None and limit is not None and not _within(value, limit):
+                why = f"{_short(value)} is outside its range [{limit[0]:g}, {limit[1]:g})"
+            if why is not None:
+                return f"field {labels[index]!r}: {why}"
+            shapes.append(shape)
+        if self.fields is None:
+            self.fields, self.shapes, self.bounds = fields, shapes, bounds
+        return None
+
+    def all_good(self, samples: list[Any]) -> bool:
+        """Whether every one of ``samples`` passes, proven column by column in C loops (``False``: not proven; ask
+        each sample). Tuples of Python numbers only, once the stream's fields are known: what a broker delivers."""
+        width = self.fields
+        if not samples or not isinstance(width, int) or any(self.shapes):
+            return False
+        if set(map(type, samples)) - {tuple, list} or set(map(len, samples)) != {width}:
+            return False
+        for column, limit in zip(zip(*samples), self.bounds):
+            kinds = set(map(type, column))
+            if not kinds <= {int, float, bool}:
+                return False
+            try:
+                if float in kinds and not all(map(math.isfinite, column)):
+                    return False
+            except OverflowError:  # an int too large for a float: beyond int64 too
+                return False
+            # Ints fit int64 (a float of a mixed column outside that span: not proven here, asked one by one).
+            if kinds != {float} and (min(column) < INT64[0] or max(column) >= INT64[1]):
+                return False
+            if limit is not None and (min(column) < limit[0] or max(column) >= limit[1]):
+                return False
+        return True
+
+    def _bounds(self, fields: Any, labels: list[str]) -> list[tuple[float, float] | None]:
+        unknown = [k for k in self.ranges if k not in labels and not (isinstance(k, int) and 0 <= k < len(labels))]
+        if unknown:
+            raise expected("ranges", f"ranges of the stream's fields {labels}", self.ranges)
+        return [self.ranges.get(label, self.ranges.get(index)) for index, label in enumerate(labels)]
+
+
+def _is_range(value: Any) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value[0] < value[1])
+
+
+def _check_value(value: Any) -> tuple[tuple[int, ...], str | None]:
+    """A value's shape, and what is wrong with it (``None``: nothing)."""
+    kind = type(value)
+    if kind is float:
+        return (), None if math.isfinite(value) else f"{value} is not a finite number"
+    if kind is int or kind is bool:
+        return (), None if INT64[0] <= value < INT64[1] else f"{value} does not fit in int64"
+    if isinstance(value, torch.Tensor):
+        array: Any = value.detach().cpu().numpy() if value.dtype != torch.bfloat16 else value.float().numpy()
+    elif isinstance(value, (np.ndarray, np.generic, list)):
+        try:
+            array = np.asarray(value)
+        except (ValueError, OverflowError):
+            return (), f"{_short(value)} is not a numeric array"
+    else:
+        return (), f"{_short(value)} is not a number"
+    if array.dtype.kind not in "biuf":
+        return tuple(array.shape), f"{_short(value)} is not a number (dtype {array.dtype})"
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return tuple(array.shape), f"{_short(value)} holds a value that is not finite"
+    return tuple(array.shape), None
+
+
+def _within(value: Any, limit: tuple[float, float]) -> bool:
+    if isinstance(value, (int, float)):
+        return bool(limit[0] <= value < limit[1])
+    array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+    return bool((array >= limit[0]).all() and (array < limit[1]).all())
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def collate(samples: list[Any], ids: Sequence[Any] = ()) -> Batch:
     """Stack samples (all tuples of the same length, or all dicts with the same keys) into one batch.
 
@@ -309,7 +541,7 @@ def collate(samples: list[Any], ids: Sequence[Any] = ()) -> Batch:
     if isinstance(first, Mapping):
         keys = tuple(first)
         for index, sample in enumerate(samples):
-            if not isinstance(sample, Mapping) or tuple(sample) != keys:
+            if not isinstance(sample, Mapping) or len(sample) != len(keys) or any(k not in sample for k in keys):
                 raise _mismatch(index, ids, f"a dict with keys {list(keys)}", sample)
         return {k: _stack([s[k] for s in samples], k) for k in keys}
     if isinstance(first, (tuple, list)):

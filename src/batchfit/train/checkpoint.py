@@ -153,16 +153,20 @@ def _lock_owner(inode: int) -> str:
     return "unknown"
 
 
-def load_latest(folder: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[dict[str, Any], Path] | None:
+def load_latest(folder: str | os.PathLike[str], map_location: Any = "cpu",
+                skipped: list[Path] | None = None) -> tuple[dict[str, Any], Path] | None:
     """The newest readable checkpoint in ``folder``, or None when there is none.
 
-    An unreadable file is skipped with a warning in favour of the one before it.
+    An unreadable file is skipped with a warning in favour of the one before it (and appended to
+    ``skipped``, when given).
     """
     for path in list_checkpoints(folder):
         try:
             return torch.load(path, map_location=map_location, weights_only=True), path
         except Exception as error:  # a damaged file of any kind: fall back to an older one
             warnings.warn(f"skipping unreadable checkpoint {path}: {error}", RuntimeWarning, stacklevel=2)
+            if skipped is not None:
+                skipped.append(path)
     return None
 
 

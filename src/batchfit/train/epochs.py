@@ -157,6 +157,12 @@ class EpochFeed:
     def shown_loss(self) -> float:
         return self.trainer.history.losses()[-1]
 
+    def shown_note(self) -> str:
+        return ""
+
+    def fell_back(self, state: dict[str, Any], path: Path, skipped: list[Path]) -> None:
+        pass  # the batches after the checkpoint come again, in the same order
+
     def before_checkpoint(self) -> None:
         pass
 

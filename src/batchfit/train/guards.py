@@ -66,11 +66,11 @@ def check_losses(history: History, checked: int) -> int:
     checks them here, whenever they are read back anyway.
     """
     losses = history.losses()
-    for index in range(checked, len(losses)):
+    for index in range(max(0, checked - history.dropped), len(losses)):  # ``checked`` counts dropped rows too
         if not math.isfinite(losses[index]):
-            record = history.steps[index]
+            record = history.record(index)
             raise non_finite_error(losses[index], record["step"], record["epoch"])
-    return max(checked, len(losses))
+    return max(checked, history.total)
 
 
 class SignalGuard:

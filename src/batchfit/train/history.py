@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import numpy as np
 import torch
 
 from ..core.durable import atomic_write
+
+logger = logging.getLogger("batchfit")
 
 STEP_FIELDS = ("step", "epoch", "samples", "batch_size", "loss", "lr", "seconds")
 # Losses held as tensors are read back once this many are pending: one device sync per that many
@@ -21,6 +25,9 @@ READBACK_EVERY = 1024
 
 class History:
     """What happened during :meth:`Trainer.fit`.
+
+    A stream's run keeps the newest step rows only (:attr:`keep`; the older ones are in the
+    ``CSVLogger``'s ``metrics.csv``), so that its memory and checkpoints do not grow with its age.
 
     ``steps`` is a list of per-step records (step, epoch, samples seen, batch size, loss, lr,
     seconds since the start of training, plus any extra per-step columns such as the noise
@@ -35,9 +42,32 @@ class History:
         self.epochs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # decisions such as batch-size changes
         self.validations: list[dict[str, Any]] = []  # every `val_every` steps: step, epoch, val_* metrics
+        # Step rows kept in memory (None: all). A stream keeps the newest ones, so that memory and checkpoints
+        # stay flat; before older rows are dropped, ``before_drop`` hooks (the CSVLogger) write them out.
+        self.keep: int | None = None
+        self.dropped = 0  # step rows dropped from the front
+        self.before_drop: list[Callable[[History], None]] = []
 
     def __len__(self) -> int:
+        """Step rows held (the newest ones when :attr:`keep` bounds them)."""
         return len(self._columns["step"])
+
+    @property
+    def total(self) -> int:
+        """Step rows recorded, those dropped from memory included (the position of the next row)."""
+        return self.dropped + len(self)
+
+    def _drop_old(self) -> None:
+        """Keep the newest :attr:`keep` rows, after the ``before_drop`` hooks had a last look at the older ones."""
+        assert self.keep is not None
+        count = len(self) - self.keep
+        self.losses()
+        for hook in self.before_drop:
+            hook(self)
+        for column in self._columns.values():
+            del column[:count]
+        self._pending_from = max(0, self._pending_from - count)
+        self.dropped += count
 
     def add_step(self, step: int, epoch: int, samples: int, batch_size: int, loss: Any, lr: float,
                  seconds: float, **extra: Any) -> None:
@@ -59,6 +89,8 @@ class History:
                     column.append(math.nan)
         if len(columns["loss"]) - self._pending_from >= READBACK_EVERY:
             self.losses()
+        if self.keep is not None and len(columns["step"]) > self.keep + max(1, self.keep // 4):
+            self._drop_old()  # in chunks of a quarter of what is kept: dropping copies the columns
 
     def losses(self) -> list[float]:
         """Every step's loss as floats (reads pending device values back in one transfer)."""
@@ -106,8 +138,32 @@ class History:
         return list(self._columns)
 
     def to_csv(self, path: str | os.PathLike[str], epochs_path: str | os.PathLike[str] | None = None) -> None:
-        """Write the per-step records to ``path`` (and per-epoch records to ``epochs_path``)."""
-        _write_csv(path, self.steps, list(self._columns))
+        """Write the per-step records to ``path`` (and per-epoch records to ``epochs_path``).
+
+        When older rows were dropped (:attr:`keep`), the file's first :attr:`dropped` rows — written there
+        before they were dropped (the ``CSVLogger``) — are kept ahead of the rows held, under the current
+        columns; a file that holds fewer is completed with what is held (and a warning).
+        """
+        if not self.dropped:
+            _write_csv(path, self.steps, list(self._columns))
+        else:
+            names = list(self._columns)
+
+            def write(handle: IO[Any]) -> None:
+                writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
+                writer.writeheader()
+                kept = 0
+                if os.path.exists(path):
+                    with open(path, newline="") as old:
+                        for row in itertools.islice(csv.DictReader(old), self.dropped):
+                            writer.writerow(row)
+                            kept += 1
+                if kept < self.dropped:
+                    logger.warning("%s held %d of the %d step rows before those the history keeps; they are lost",
+                                   path, kept, self.dropped)
+                writer.writerows(self.record(index) for index in range(len(self)))
+
+            atomic_write(path, write, text=True)
         if epochs_path is not None and self.epochs:
             write_records(epochs_path, self.epochs)
 
@@ -131,7 +187,7 @@ class History:
         """
         self.losses()
         return {"columns": {k: _packed(v) for k, v in self._columns.items()}, "epochs": list(self.epochs),
-                "events": list(self.events), "validations": list(self.validations)}
+                "events": list(self.events), "validations": list(self.validations), "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore records saved by :meth:`state_dict` (also those saved as plain lists)."""
@@ -141,6 +197,7 @@ class History:
         self.epochs = list(state["epochs"])
         self.events = list(state["events"])
         self.validations = list(state.get("validations", []))
+        self.dropped = int(state.get("dropped", 0))
 
 
 def _packed(column: list[Any]) -> torch.Tensor | list[Any]:

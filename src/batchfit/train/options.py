@@ -57,6 +57,7 @@ class TrainerOptions:
     on_nan: OnNaN = "raise"
     checkpoint_dir: str | os.PathLike[str] | None = None
     checkpoint_every: int | None = None
+    checkpoint_seconds: float | None = None
     keep_checkpoints: int = 3
     eval_batch_size: int | None = None
     noise_scale: bool = False
@@ -149,6 +150,12 @@ class TrainerOptions:
             check_positive_int("checkpoint_every", self.checkpoint_every)
             if self.checkpoint_dir is None:
                 raise expected("checkpoint_dir", "a folder when checkpoint_every is set", None)
+        seconds = self.checkpoint_seconds
+        if seconds is not None:
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+                raise expected("checkpoint_seconds", "a positive number of seconds or None", seconds)
+            if self.checkpoint_dir is None:
+                raise expected("checkpoint_dir", "a folder when checkpoint_seconds is set", None)
         if self.on_nan == "rollback" and self.checkpoint_dir is None:
             raise expected("checkpoint_dir", "a folder when on_nan='rollback'", None)
         check_positive_int("keep_checkpoints", self.keep_checkpoints)

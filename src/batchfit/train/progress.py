@@ -52,11 +52,12 @@ class Progress:
         """Whether a refresh is due (cheap; called every step)."""
         return now >= self.next_refresh
 
-    def refresh(self, now: float, batches_done: int, samples_per_s: float, loss: float, lr: float) -> None:
-        """Show the state at ``batches_done`` batches into the epoch."""
+    def refresh(self, now: float, batches_done: int, samples_per_s: float, loss: float, lr: float,
+                note: str = "") -> None:
+        """Show the state at ``batches_done`` batches into the epoch (``note``: the feed's own, e.g. dead letters)."""
         if self._bar is None:
             return
-        self._bar.set_postfix_str(f"loss={loss:.4g} lr={lr:.3g} {samples_per_s:,.0f} samples/s", refresh=False)
+        self._bar.set_postfix_str(f"loss={loss:.4g} lr={lr:.3g} {samples_per_s:,.0f} samples/s{note}", refresh=False)
         self._bar.update(batches_done - self._shown)
         self._shown = batches_done
         self.next_refresh = now + self.interval

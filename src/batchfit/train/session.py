@@ -99,6 +99,9 @@ class Feed(Protocol):
     def shown_loss(self) -> float:
         """The loss the progress bar shows."""
 
+    def shown_note(self) -> str:
+        """What else the progress bar shows after the samples/s (a stream: its dead letters), or ``""``."""
+
     def before_checkpoint(self) -> None:
         """Collect what the checkpoint holds of every rank (a collective in a distributed run)."""
 
@@ -113,6 +116,10 @@ class Feed(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the feed's part of a checkpoint."""
+
+    def fell_back(self, state: dict[str, Any], path: Path, skipped: list[Path]) -> None:
+        """The checkpoint loaded from ``path`` is older than the unreadable ``skipped`` ones: recover what was
+        done after it (a data set replays its batches; a stream reads the events acknowledged since again)."""
 
     def resumed_at(self) -> str:
         """Where a resume continues, in words."""

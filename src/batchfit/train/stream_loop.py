@@ -7,7 +7,9 @@ stream has. Each step, in the order of the algorithm:
 2. score it with the weights that have not seen it (the prequential, test-then-train metrics:
    the step's own forward pass computes the loss before the update; user metrics take one more
    forward pass without gradients);
-3. forward, backward and update (:meth:`~batchfit.core.step.Step.step`);
+3. forward, backward and update (:meth:`~batchfit.core.step.Step.step`); a step that raises or whose loss
+   is not finite is searched by halves for the events that fail on their own, which are quarantined (the
+   dead letters), and runs again on the rest of its batch;
 4. every ``checkpoint_every`` steps: write a checkpoint that lists the events it includes, then
    acknowledge them. A crash between the two re-acknowledges them on resume; a crash before the
    checkpoint leaves them pending at the broker, which delivers them again: no event is lost, and
@@ -29,13 +31,13 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.batch import Batch, forward, param_dtype, target_of, to_device
+from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, to_device
 from ..core.step import Step, StepResult
-from ..data.streams import IterableEvents, StreamBatch, StreamSource
+from ..data.streams import Event, IterableEvents, StreamBatch, StreamSource
 from ..errors import BatchfitError, CheckpointError, check_positive_int, expected
 from .metrics import is_stateful
 from .options import TrainerOptions
@@ -50,6 +52,11 @@ logger = logging.getLogger("batchfit")
 # Samples in the window of the windowed prequential metrics.
 PREQUENTIAL_WINDOW = 1000
 STREAM_RESUME_KEYS = ("batch_size", "optimizer")
+# With a checkpoint_dir and neither checkpoint_every nor checkpoint_seconds, a stream checkpoints (and so
+# acknowledges) every this many seconds: an endless stream would otherwise never do either.
+STREAM_CHECKPOINT_SECONDS = 60.0
+# Step rows a stream's history keeps (older ones go to the CSVLogger's metrics.csv before they are dropped).
+STREAM_HISTORY_ROWS = 10_000
 # Without a checkpoint_dir, events are acknowledged once this many have been trained on (and at the end).
 ACK_EVERY = 1024
 
@@ -82,9 +89,11 @@ class Prequential:
         """``preq_<name>`` (the mean over every sample so far) and ``preq_<name>_window`` (the last samples)."""
         found = {}
         for name, total in self.sums.items():
-            found[f"preq_{name}"] = total / self.counts[name]
+            count = self.counts[name]
+            found[f"preq_{name}"] = total / count if count else math.nan
             window_sum, window_count = self.recent_sums[name]
-            found[f"preq_{name}_window"] = window_sum / window_count
+            # Empty after a resume until the next batch: a restart with nothing new to read has no window.
+            found[f"preq_{name}_window"] = window_sum / window_count if window_count else math.nan
         return found
 
     def state_dict(self) -> dict[str, Any]:
@@ -122,8 +131,10 @@ def check_stream_fit(options: TrainerOptions, max_steps: Any, until: Any) -> Non
     check_until(until)
 
 
-class Closed(NamedTuple):
-    """A stream batch as the loop sees it: its size over all ranks (the broker keeps the position)."""
+@dataclasses.dataclass
+class Closed:
+    """A stream batch as the loop sees it: its size over all ranks (the broker keeps the position); smaller
+    after the step when poison events were taken out of it."""
 
     batch_size: int
 
@@ -148,6 +159,14 @@ class StreamFeed:
         self.epoch = len(trainer.history.epochs) + 1  # this fit's number: what callbacks and schedulers see
         self.included: list[Any] = []  # ids trained on since the last ack
         self.redelivered = 0  # events trained on that had been delivered before (all ranks)
+        # Events quarantined in this run (this rank): the count a checkpoint restored, plus the source's since.
+        dead = trainer.history.column("dead_letters") if "dead_letters" in trainer.history.columns() else []
+        self.dead_before = int(dead[-1]) if dead and not math.isnan(dead[-1]) else 0
+        self.dead_mark = source.quarantined
+        self.mark: Closed | None = None  # of the batch being trained
+        if trainer.history.keep is None:
+            trainer.history.keep = STREAM_HISTORY_ROWS
+        self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
         self.prequential = Prequential()
         self.ranks: StreamRanks | None = None  # a distributed run's agreement
         self.rank_states: list[dict[str, Any]] = []  # distributed: every rank's consumer state, for the checkpoint
@@ -203,7 +222,8 @@ class StreamFeed:
                     if source.ended:
                         return
                     continue  # an idle tick: look at signals and budgets again
-                yield local, Closed(local.size)
+                self.mark = Closed(local.size)
+                yield local, self.mark
                 continue
             plan = self.ranks.plan(trainer.stop_training or budget, trainer.signals.received is not None)
             if plan.signal:  # every rank learns it at the same step: all checkpoint together and stop
@@ -212,7 +232,8 @@ class StreamFeed:
             if plan.stop or plan.ended:
                 return
             if plan.global_size > 0:
-                yield self.ranks.take(plan), Closed(plan.global_size)
+                self.mark = Closed(plan.global_size)
+                yield self.ranks.take(plan), self.mark
 
     def _budget_spent(self) -> bool:
         until = self.until
@@ -224,21 +245,167 @@ class StreamFeed:
         return size
 
     def step(self, local: StreamBatch | None, size: int, stop_requested: bool) -> StepResult:
-        """Score this rank's events with the current weights, then train on the step's batch."""
+        """Score this rank's events with the current weights, then train on the step's batch.
+
+        One process: when the step fails (an exception, or a non-finite loss), the batch is searched by halves
+        for the events that fail on their own (:meth:`_find_poison`); they are quarantined and the step runs
+        again on the rest. A batch that fails although none of its events does on its own (the weights
+        diverged) goes to the non-finite loss policy: ``on_nan="raise"`` raises (its events stay pending,
+        delivered again after a restart), ``on_nan="skip"`` quarantines every event of it.
+        """
+        if self.ranks is not None:
+            return self._ranks_step(local, size)
+        assert local is not None and self.mark is not None
+        self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
+        local.quarantined = []
+        failure: BaseException | None = None
+        try:
+            result = self._attempt(local, size)
+            if result.value is None or math.isfinite(result.value):
+                self.included += local.ids
+                return result
+        except (IndexError, RuntimeError) as error:
+            self.step_fn.skip()
+            failure = error
+        poison = self._find_poison(local)
+        if poison:
+            self._take_out(local, poison)
+            if not local.size:
+                return StepResult(0.0, empty=True)
+            return self.step(local, local.size, stop_requested)
+        if failure is not None:
+            raise BatchfitError(f"step {self.trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
+                                f"{str(failure).strip().splitlines()[0]}") from failure
+        if self.trainer.options.on_nan == "skip":
+            self._take_out(local, {i: f"the loss of its batch (step {self.trainer.step + 1}) is {result.value}, "
+                                      f"though no event's is on its own; on_nan='skip' quarantined the batch"
+                                   for i in range(local.size)}, shrink=False)
+        return result
+
+    def _attempt(self, local: StreamBatch, size: int) -> StepResult:
+        """Forward, backward and (for a finite loss) update on ``local``; its prequential scores for the history."""
+        trainer = self.trainer
+        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        output = _eval_output(trainer, batch)  # with the weights that have not seen the batch
+        result = self.step_fn.step(batch, size)  # the loss is computed before the update: a test-then-train score
+        if result.value is None or math.isfinite(result.value):
+            scores, running = _prequential_metrics(trainer, output, target_of(batch))
+            self.scored = (scores, running, local.redelivered)
+        return result
+
+    def _find_poison(self, local: StreamBatch) -> dict[int, str]:
+        """The events of ``local`` whose loss alone raises or is not finite (with the current weights, in eval mode,
+        without gradients), found by halving the batch; none when the weights themselves are not finite or
+        every event of a batch of several fails (then the model is at fault, not the events)."""
+        trainer = self.trainer
+        if not all(torch.isfinite(p).all() for p in trainer.module.parameters()):
+            return {}
+        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        found: dict[int, str] = {}
+
+        def failing(rows: list[int]) -> str | None:
+            index = torch.tensor(rows, device=trainer.device)
+            part = {k: v.index_select(0, index) for k, v in batch.items()} if isinstance(batch, dict) else tuple(
+                v.index_select(0, index) for v in batch)
+            try:
+                loss, _ = forward_loss(trainer.module, trainer.loss_fn, part)
+                value = float(loss)
+            except (IndexError, RuntimeError, ValueError) as error:
+                text = str(error).strip()
+                return f"the model raised {type(error).__name__}: {text.splitlines()[0] if text else ''}"
+            return None if math.isfinite(value) else f"its loss alone is {value}"
+
+        def search(rows: list[int], why: str) -> None:
+            if len(rows) == 1:
+                found[rows[0]] = why
+                return
+            for part in (rows[: len(rows) // 2], rows[len(rows) // 2 :]):
+                reason = failing(part)
+                if reason is not None:
+                    search(part, reason)
+
+        trainer.module.eval()
+        try:
+            with torch.no_grad():
+                rows = list(range(local.size))
+                reason = failing(rows)
+                if reason is not None:
+                    search(rows, reason)
+        finally:
+            trainer.module.train()
+        if len(found) == local.size > 1:
+            return {}
+        return found
+
+    def _take_out(self, local: StreamBatch, poison: dict[int, str], shrink: bool = True) -> None:
+        """Quarantine the events ``poison`` names (index -> reason) and, with ``shrink``, take them out of ``local``."""
+        rows = sorted(poison)
+        step = self.trainer.step + 1
+        self.source.quarantine([local.events[i] for i in rows] if local.events else
+                               [Event(local.ids[i], None, local.times[i]) for i in rows],
+                               [f"{poison[i]} (step {step})" for i in rows])
+        self.included += [local.ids[i] for i in rows]
+        if not shrink:
+            self.included += [i for r, i in enumerate(local.ids) if r not in poison]
+            return
+        keep = [r for r in range(local.size) if r not in poison]
+        index = torch.tensor(keep, dtype=torch.long)
+        batch = local.batch
+        local.batch = {k: v.index_select(0, index) for k, v in batch.items()} if isinstance(batch, dict) else tuple(
+            v.index_select(0, index) for v in batch)
+        local.ids = [local.ids[r] for r in keep]
+        local.times = [local.times[r] for r in keep]
+        if local.events:
+            local.events = [local.events[r] for r in keep]
+            local.redelivered = sum(e.redelivered for e in local.events)
+        local.size = len(keep)
+        if self.ranks is None:  # a distributed step's size is agreed by the ranks (see _ranks_step)
+            assert self.mark is not None
+            self.mark.batch_size = local.size
+
+    def _ranks_step(self, local: StreamBatch | None, size: int) -> StepResult:
+        """A distributed step. When its loss (over all ranks) is not finite, every rank searches its own events for
+        poison, and the ranks run the step again on what they have left; an exception is not searched (a rank
+        that raises leaves the others in the step's collective): give ``StreamSource(ranges=...)``."""
+        assert self.mark is not None
+        if local is not None:
+            self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
+            local.quarantined = []
+        result = self._ranks_attempt(local, size)
+        if result.value is None or math.isfinite(result.value):
+            if local is not None:
+                self.included += local.ids
+            return result
+        poison = self._find_poison(local) if local is not None and local.size else {}
+        if poison:
+            assert local is not None
+            self._take_out(local, poison)
+        agreed = gathered(self.trainer.dist, [0 if local is None else local.size, len(poison)])
+        left, found = sum(a for a, _ in agreed), sum(b for _, b in agreed)
+        if found:
+            self.mark.batch_size = left
+            if not left:
+                return StepResult(0.0, empty=True)
+            return self._ranks_step(local if local is not None and local.size else None, left)
+        if local is not None and self.trainer.options.on_nan == "skip":
+            self._take_out(local, {i: f"the loss of its step ({self.trainer.step + 1}, all ranks) is {result.value}, "
+                                      f"though no event's is on its own; on_nan='skip' quarantined the batch"
+                                   for i in range(local.size)}, shrink=False)
+        return result
+
+    def _ranks_attempt(self, local: StreamBatch | None, size: int) -> StepResult:
+        """THE step of this rank's part; the batch's scores ride with the gradients' all-reduce."""
         trainer = self.trainer
         scores: dict[str, float] = {}
-        running: dict[str, float] = {}
-        batch = None
+        batch = output = None
         redelivered = 0
         if local is not None:
             batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
-            scores, running = _prequential_metrics(trainer, batch)
-            self.included += local.ids  # used up, trained on or skipped
+            output = _eval_output(trainer, batch)
+            scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
             redelivered = local.redelivered
-        numbers: list[float] = []
-        if self.ranks is not None:
-            count = 0 if local is None else local.size
-            numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
+        count = 0 if local is None else local.size
+        numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
         try:
             # The loss is computed before the update: a test-then-train score.
             result = self.step_fn.step(batch, size, numbers=numbers)
@@ -251,6 +418,9 @@ class StreamFeed:
         if result.numbers is not None:
             redelivered = int(result.numbers[0])
             scores = {name: total / size for name, total in zip(self.shared_metrics, result.numbers[1:])}
+        running: dict[str, float] = {}
+        if batch is not None and (result.value is None or math.isfinite(result.value)):
+            running = _prequential_metrics(trainer, output, target_of(batch), means=False)[1]
         self.scored = (scores, running, redelivered)
         return result
 
@@ -263,12 +433,19 @@ class StreamFeed:
         assert result.value is not None
         self.redelivered += redelivered
         self.prequential.add("loss", result.value, size)
+        self.fit_loss[0] += result.value * size
+        self.fit_loss[1] += size
         for name, value in scores.items():
             self.prequential.add(name, value, size)
         if self.trainer.checkpoint_dir is None and len(self.included) >= ACK_EVERY:
             self._ack()  # nothing durable to wait for; acknowledged in bulk (one round trip to the broker each)
         lag = math.nan if local is None else time.time() - min(local.times)
-        return {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered}
+        return {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered,
+                "dead_letters": self.dead_letters()}
+
+    def dead_letters(self) -> int:
+        """Events quarantined in this run so far (this rank's)."""
+        return self.dead_before + self.source.quarantined - self.dead_mark
 
     def end_steps(self) -> None:
         self.source.drop_buffer()  # read but not trained on: the broker delivers them again
@@ -279,13 +456,15 @@ class StreamFeed:
     def epoch_record(self, epoch: int) -> dict[str, Any]:
         """``loss``, the prequential loss of this fit's events; ``redelivered`` and the prequential metrics of the
         whole run (``preq_<name>``)."""
-        history = self.trainer.history
-        mine = [(loss, size) for loss, size, e in zip(history.losses(), history.column("batch_size"),
-                                                       history.column("epoch")) if e == epoch]
-        events = sum(size for _, size in mine)
-        record = {"loss": sum(loss * size for loss, size in mine) / events if events else math.nan,
-                  "redelivered": self.redelivered}
+        total, events = self.fit_loss
+        record = {"loss": total / events if events else math.nan,
+                  "redelivered": self.redelivered, "dead_letters": self.dead_letters()}
         record.update({k: v for k, v in self.prequential.columns().items() if not k.endswith("_window")})
+        # Embeddings that hash ids into buckets (e.g. workloads.stream.HashedEmbedding) report their collisions.
+        for name, module in self.trainer.module.named_modules():
+            rate = getattr(module, "collision_rate", None)
+            if callable(rate):
+                record[f"collision_rate.{name}"] = float(rate())
         return record
 
     def next_epoch(self) -> None:
@@ -297,7 +476,12 @@ class StreamFeed:
     def shown_loss(self) -> float:
         return float(self.trainer.history.column("preq_loss_window")[-1])
 
+    def shown_note(self) -> str:
+        dead = self.dead_letters()
+        return f" {dead:,} dead letters" if dead else ""
+
     def _ack(self) -> None:
+        self.included += self.source.take_quarantined()
         if self.included:
             self.source.ack(self.included)
             self.included = []
@@ -308,6 +492,7 @@ class StreamFeed:
             self.rank_states = gathered(self.trainer.dist, self._consumer_state())
 
     def _consumer_state(self) -> dict[str, Any]:
+        self.included += self.source.take_quarantined()
         return {**self.source.state_dict(), "included": list(self.included)}
 
     def after_checkpoint(self) -> None:
@@ -322,7 +507,8 @@ class StreamFeed:
             "batcher": {},  # a stream has no position of its own: the broker keeps it
             # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
             "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
-                       "redelivered": self.redelivered,
+                       "redelivered": self.redelivered, "dead_letters": self.dead_letters(),
+                       "fit_loss": [self.epoch, *self.fit_loss],
                        "prequential": self.prequential.state_dict()},
             "config": self.config(),
         }
@@ -351,8 +537,35 @@ class StreamFeed:
         consumer = {**(mine[0] if mine else {}), "included": [i for s in mine for i in s.get("included", [])]}
         self.prequential.load_state_dict(stream["prequential"])
         self.redelivered = int(stream["redelivered"])
+        self.dead_before, self.dead_mark = int(stream.get("dead_letters", 0)), self.source.quarantined
         self.epoch = len(self.trainer.history.epochs) + 1
+        epoch, total, events = stream.get("fit_loss", [0, 0.0, 0])
+        self.fit_loss = [float(total), int(events)] if int(epoch) == self.epoch else [0.0, 0]
         self.source.load_state_dict(consumer)  # events the checkpoint includes are acknowledged, not trained on again
+
+    def fell_back(self, state: dict[str, Any], path: Path, skipped: list[Path]) -> None:
+        """Newer checkpoints are unreadable: the events acknowledged after ``path`` are read again (the consumer's
+        ``replay``), or the run is refused when they cannot be.
+
+        The events to read again are those of the whole group (every rank's), so in a distributed run rank 0 reads
+        them all; the events the checkpoint includes are those of every saved rank.
+        """
+        consumer = self.source.consumer
+        why = (f"the newer checkpoints {', '.join(p.name for p in skipped)} are unreadable and {path.name} is older: "
+               f"the events acknowledged after it are in none of the readable checkpoints")
+        replay = getattr(consumer, "replay", None)
+        if not callable(replay):
+            raise CheckpointError(f"{why}, and {type(consumer).__name__} cannot read them again (it has no replay()). "
+                                  f"Restore the damaged files, or move them away to resume from {path.name} without "
+                                  f"those events")
+        saved = state["stream"].get("ranks", [state["stream"]])
+        count = 0
+        if self.trainer.dist.rank == 0:
+            try:
+                count = replay({**saved[0], "included": [i for rank in saved for i in rank.get("included", [])]})
+            except CheckpointError as error:
+                raise CheckpointError(f"{why}; {error}") from None
+            logger.warning("%s: %s events acknowledged after it are read from the stream again", why, count)
 
     def resumed_at(self) -> str:
         return f"{self.trainer.samples_seen} events"
@@ -365,27 +578,37 @@ class StreamFeed:
         return config
 
 
-def _prequential_metrics(trainer: Trainer, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
-    """The user's metrics on a batch the model has not trained on yet (eval mode, no gradients).
+def _eval_output(trainer: Trainer, batch: Batch) -> Any:
+    """The model's output on a batch it has not trained on yet (eval mode, no gradients); ``None`` without
+    user metrics."""
+    if not trainer.evaluator.metrics:
+        return None
+    trainer.module.eval()
+    try:
+        with torch.no_grad():
+            return forward(trainer.module, batch)
+    finally:
+        trainer.module.train()
 
-    Returns the batch values of callables (averaged over the stream by :class:`Prequential`) and the
-    values of stateful metrics (``update``/``compute``), which accumulate every batch of the stream.
+
+def _prequential_metrics(trainer: Trainer, output: Any, target: Any, means: bool = True,
+                         stateful: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """The user's metrics of an output of weights that had not seen the batch (:func:`_eval_output`).
+
+    Returns the batch values of callables (averaged over the stream by :class:`Prequential`; with ``means``) and
+    the values of stateful metrics (``update``/``compute``, with ``stateful``: called once the batch's step is
+    known to stand), which accumulate every batch of the stream.
     """
     metrics = trainer.evaluator.metrics
     if not metrics:
         return {}, {}
-    target = target_of(batch)
-    means, running = {}, {}
-    trainer.module.eval()
-    try:
-        with torch.no_grad():
-            output = forward(trainer.module, batch)
-            for name, metric in metrics.items():
-                if is_stateful(metric):
+    found, running = {}, {}
+    with torch.no_grad():
+        for name, metric in metrics.items():
+            if is_stateful(metric):
+                if stateful:
                     metric.update(output, target)
                     running[f"preq_{name}"] = float(metric.compute())
-                else:
-                    means[name] = float(metric(output, target))
-    finally:
-        trainer.module.train()
-    return means, running
+            elif means:
+                found[name] = float(metric(output, target))
+    return found, running

@@ -59,7 +59,7 @@ from .plan import BatchPlan, plan_batches
 from .progress import Progress
 from .saving import load_model_state, model_state, save_model
 from .session import LOG_EVERY, Feed, Mark, check_resume, session
-from .stream_loop import StreamFeed, check_stream_fit
+from .stream_loop import STREAM_CHECKPOINT_SECONDS, StreamFeed, check_stream_fit
 
 logger = logging.getLogger("batchfit")
 
@@ -144,6 +144,7 @@ class Trainer:
         self._checked = 0  # steps whose losses have been checked for NaN
         self._fingerprint = ""  # of the training data (see data.sources.fingerprint)
         self._feed: Feed | None = None  # what the current (or last) fit trains on
+        self._skipped: list[Path] = []  # unreadable checkpoints newer than the one resumed
 
     @property
     def base_lrs(self) -> list[float]:
@@ -279,7 +280,7 @@ class Trainer:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.history.load_state_dict(state["history"])
-        self._checked = len(self.history)
+        self._checked = self.history.total
         self._elapsed_before = float(state["elapsed"])
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
@@ -397,7 +398,14 @@ class Trainer:
 
     def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
-        found = ckpt.load_latest(self.checkpoint_dir)
+        skipped: list[Path] = []
+        found = ckpt.load_latest(self.checkpoint_dir, skipped=skipped)
+        self._skipped = skipped
+        if found is None and skipped:
+            names = ", ".join(p.name for p in skipped)
+            raise CheckpointError(f"every checkpoint in {self.checkpoint_dir} is unreadable ({names}); resume=True "
+                                  f"does not start over in their place. To start fresh, move them away (or use "
+                                  f"another checkpoint_dir), or call fit(resume=False)")
         if found is None:
             logger.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
         return found
@@ -413,6 +421,8 @@ class Trainer:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {error}") from error
+        if self._skipped:  # newer checkpoints were unreadable: what they held must not be lost
+            self._feed.fell_back(state, path, self._skipped)
         self.announce(f"Resumed from {path} at step {self.step} ({self._feed.resumed_at()})")
         finished = self._feed.nothing_left()
         if finished is not None:
@@ -476,6 +486,8 @@ class Trainer:
             result = feed.step(batch, size, stop_requested)  # forward, backward, sync, check, update
             if result.stop:
                 break  # a rank asked to stop after the previous step: every rank drops this one
+            if result.empty:
+                continue  # a stream batch whose every event was quarantined: no step
             if not result.applied:
                 self._non_finite(result.value, epoch, feed, mark, batch)
                 continue
@@ -612,9 +624,16 @@ class AfterStep:
         self.history = trainer.history
         self.per_step_scheduler = trainer.lr.scheduler is not None
         self.checkpoint_every = trainer.options.checkpoint_every
+        # Seconds between checkpoints: the option, or a stream's default when it has a folder and no interval.
+        self.checkpoint_seconds = trainer.options.checkpoint_seconds
+        if (self.checkpoint_seconds is None and self.checkpoint_every is None and feed.open_ended
+                and trainer.checkpoint_dir is not None):
+            self.checkpoint_seconds = STREAM_CHECKPOINT_SECONDS
         self.val_every = trainer.options.val_every if val is not None else None
         self.start_samples, self.start_time = trainer.samples_seen, time.perf_counter()
         self.next_log = self.start_time + LOG_EVERY
+        seconds = self.checkpoint_seconds
+        self.next_checkpoint = math.inf if seconds is None else self.start_time + seconds
         self.done = feed.start_epoch(progress, self.start_time)  # steps of this epoch already done (a resume)
         self.last_lr = math.nan
 
@@ -643,8 +662,11 @@ class AfterStep:
             for hook in self.log_hooks:
                 hook(trainer)
             self.next_log = now + LOG_EVERY
-        if self.checkpoint_every is not None and trainer.step % self.checkpoint_every == 0:
+        every = self.checkpoint_every
+        if every is not None and trainer.step % every == 0 or now >= self.next_checkpoint:
             trainer.save_checkpoint()
+            if self.checkpoint_seconds is not None:
+                self.next_checkpoint = time.perf_counter() + self.checkpoint_seconds
         if self.progress.due(now):
             self.show(now)
 
@@ -652,7 +674,7 @@ class AfterStep:
         """Refresh the progress bar: steps done in the epoch, samples/s, the feed's loss, the lr."""
         self.trainer._check_losses()
         rate = (self.trainer.samples_seen - self.start_samples) / max(now - self.start_time, 1e-9)
-        self.progress.refresh(now, self.done, rate, self.feed.shown_loss(), self.last_lr)
+        self.progress.refresh(now, self.done, rate, self.feed.shown_loss(), self.last_lr, self.feed.shown_note())
 
     def finish(self) -> None:
         """After the epoch's steps: an open-ended bar (a stream has no total) shows its last state."""

@@ -45,29 +45,124 @@ def load_movielens_100k() -> dict[str, np.ndarray]:
             "rating": frame["rating"].to_numpy(np.float32), "timestamp": frame["timestamp"].to_numpy(np.int64)}
 
 
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64's finaliser (Steele et al. 2014), in wrapping int64 arithmetic: ids that differ by one land far apart.
+_MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def hash_ids(ids: torch.Tensor, buckets: int, salt: int = 0) -> torch.Tensor:
+    """Each int64 id (any value: negative, past any table) mapped to a bucket in ``[0, buckets)``, the same on
+    every run and device."""
+    x = ids.to(torch.int64) + _signed(_GOLDEN * (salt + 1) % (1 << 64))
+    x = (x ^ (x >> 30)) * _MIX[0]
+    x = (x ^ (x >> 27)) * _MIX[1]
+    x = x ^ (x >> 31)
+    return torch.remainder(x, buckets)
+
+
+class HashedEmbedding(torch.nn.Module):
+    """An embedding for ids from an open set (users and items that keep arriving): each id is hashed into one of
+    ``buckets`` rows (:func:`hash_ids`), so that no id is ever out of range and the table never grows: a
+    checkpoint has the same shapes all run long, and a resume is exact.
+
+    Two ids that share a bucket share a row. The module counts how often that happens, in buffers saved with
+    the weights (while training; not in eval mode): :meth:`stats` gives the buckets used, those shared by two
+    ids or more, and ``collision_rate``, the fraction of training lookups that went to a shared bucket. Give
+    ``buckets`` a few times the ids expected (with 4x, about 22 % of ids share their bucket: 1 - e^-1/4).
+    """
+
+    owner: torch.Tensor
+    used: torch.Tensor
+    shared: torch.Tensor
+    lookups: torch.Tensor
+
+    def __init__(self, buckets: int, dim: int, sparse: bool = False, salt: int = 0) -> None:
+        super().__init__()
+        check_positive_int("buckets", buckets)
+        self.buckets, self.salt = buckets, int(salt)
+        self.table = torch.nn.Embedding(buckets, dim, sparse=sparse)
+        self.register_buffer("owner", torch.zeros(buckets, dtype=torch.int64))  # the smallest id seen in a bucket
+        self.register_buffer("used", torch.zeros(buckets, dtype=torch.bool))
+        self.register_buffer("shared", torch.zeros(buckets, dtype=torch.bool))  # two ids or more seen in it
+        self.register_buffer("lookups", torch.zeros(2, dtype=torch.int64))  # training lookups; of them in shared
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table's rows (one per bucket)."""
+        return self.table.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of the ids' buckets (``ids``: any int64 values)."""
+        rows = hash_ids(ids, self.buckets, self.salt)
+        if self.training:
+            with torch.no_grad():
+                self._observe(ids.reshape(-1).to(torch.int64), rows.reshape(-1))
+        return self.table(rows)
+
+    def _observe(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Count the lookups of a batch; touches only its buckets."""
+        if not len(ids):
+            return
+        touched, where = torch.unique(rows, return_inverse=True)
+        smallest = torch.full(touched.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=ids.device)
+        smallest.scatter_reduce_(0, where, ids, reduce="amin")
+        owner = torch.where(self.used[touched], self.owner[touched], smallest)  # a new bucket: its smallest id
+        self.owner[touched] = owner
+        self.used[touched] = True
+        self.shared[touched[where[ids != owner[where]]]] = True
+        self.lookups[0] += len(ids)
+        self.lookups[1] += self.shared[rows].sum()
+
+    def collision_rate(self) -> float:
+        """The fraction of training lookups so far that went to a bucket shared by two ids or more."""
+        lookups, shared = (int(v) for v in self.lookups.tolist())
+        return shared / lookups if lookups else 0.0
+
+    def stats(self) -> dict[str, float]:
+        """``buckets``, ``used`` (buckets an id went to), ``shared`` (buckets two ids or more went to) and
+        ``collision_rate``."""
+        return {"buckets": self.buckets, "used": int(self.used.sum()), "shared": int(self.shared.sum()),
+                "collision_rate": self.collision_rate()}
+
+
 class MatrixFactorization(torch.nn.Module):
     """rating ≈ mean + user bias + item bias + <user vector, item vector> (Koren et al. 2009, biased MF).
 
     ``sparse=True`` makes the embedding gradients sparse (only the rows of a batch's users and items),
-    for ``torch.optim.SparseAdam`` or plain SGD.
+    for ``torch.optim.SparseAdam`` or plain SGD. ``hashed=True`` takes ids from an open set: ``users``
+    and ``items`` are then numbers of buckets of :class:`HashedEmbedding` tables, and an id never seen,
+    past any size or negative trains a (shared) row instead of failing.
     """
 
     def __init__(self, users: int, items: int, dim: int = 16, mean: float = 3.5, sparse: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, hashed: bool = False) -> None:
         super().__init__()
         check_positive_int("users", users)
         check_positive_int("items", items)
         check_positive_int("dim", dim)
         generator = torch.Generator().manual_seed(seed)
-        self.user_vectors = torch.nn.Embedding(users, dim, sparse=sparse)
-        self.item_vectors = torch.nn.Embedding(items, dim, sparse=sparse)
-        self.user_bias = torch.nn.Embedding(users, 1, sparse=sparse)
-        self.item_bias = torch.nn.Embedding(items, 1, sparse=sparse)
+        def table(rows: int, width: int, salt: int) -> torch.nn.Module:
+            if hashed:  # a user's vector and bias share their bucket (salt 0); an item's too (salt 1)
+                return HashedEmbedding(rows, width, sparse=sparse, salt=salt)
+            return torch.nn.Embedding(rows, width, sparse=sparse)
+
+        self.user_vectors = table(users, dim, 0)
+        self.item_vectors = table(items, dim, 1)
+        self.user_bias = table(users, 1, 0)
+        self.item_bias = table(items, 1, 1)
         with torch.no_grad():
-            for table in (self.user_vectors, self.item_vectors):
-                table.weight.copy_(0.01 * torch.randn(table.weight.shape, generator=generator))
-            self.user_bias.weight.zero_()
-            self.item_bias.weight.zero_()
+            for vectors in (self.user_vectors, self.item_vectors):
+                weight = vectors.weight
+                assert isinstance(weight, torch.Tensor)
+                weight.copy_(0.01 * torch.randn(weight.shape, generator=generator))
+            for bias in (self.user_bias, self.item_bias):
+                weight = bias.weight
+                assert isinstance(weight, torch.Tensor)
+                weight.zero_()
         self.mean = float(mean)
 
     def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

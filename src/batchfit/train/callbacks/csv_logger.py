@@ -22,7 +22,9 @@ class CSVLogger(Callback):
     Step rows are appended and flushed every few seconds (the trainer's ``on_log``), at each
     epoch end and at the end of ``fit``; the epoch and validation files are rewritten whole
     (atomically) when they change. A resumed run starts the files again from its history, so
-    they always match the run's records.
+    they always match the run's records. A stream's history keeps only its newest rows
+    (:attr:`History.keep <batchfit.History>`): the older ones are written here before they are dropped,
+    and a resumed run keeps them from the file (its first ``history.dropped`` rows).
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
@@ -42,6 +44,8 @@ class CSVLogger(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rewrite(trainer.history)
         self._epochs = self._validations = -1
+        if self._append not in trainer.history.before_drop:
+            trainer.history.before_drop.append(self._append)
 
     def on_log(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
@@ -58,20 +62,20 @@ class CSVLogger(Callback):
             self._small_files(history)
 
     def _rewrite(self, history: History) -> None:
-        history.to_csv(self.steps_path)
-        self._written, self._columns = len(history), history.columns()
+        history.to_csv(self.steps_path)  # the rows the history dropped are kept from the file
+        self._written, self._columns = history.total, history.columns()
 
     def _append(self, history: History) -> None:
         if history.columns() != self._columns:  # a column appeared (e.g. the noise scale): start again
             self._rewrite(history)
             return
-        if len(history) == self._written:
+        if history.total == self._written:
             return
-        rows = [history.record(index) for index in range(self._written, len(history))]
+        rows = [history.record(index) for index in range(max(0, self._written - history.dropped), len(history))]
         with open(self.steps_path, "a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=self._columns, extrasaction="ignore").writerows(rows)
             handle.flush()
-        self._written = len(history)
+        self._written = history.total
 
     def _small_files(self, history: History) -> None:
         if history.epochs and len(history.epochs) != self._epochs:

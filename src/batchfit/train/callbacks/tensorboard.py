@@ -38,7 +38,9 @@ class TensorBoardLogger(Callback):
     def on_fit_begin(self, trainer: Trainer) -> None:
         if trainer.dist.is_main and self._writer is None:
             self._writer = self._writer_class(self.log_dir)
-        self._steps = len(trainer.history)  # a resumed run logs from where it goes on
+        self._steps = trainer.history.total  # a resumed run logs from where it goes on
+        if self._flush not in trainer.history.before_drop:  # a stream's history drops its older rows
+            trainer.history.before_drop.append(self._flush)
         self._epochs, self._validations = len(trainer.history.epochs), len(trainer.history.validations)
 
     def on_log(self, trainer: Trainer) -> None:
@@ -56,13 +58,13 @@ class TensorBoardLogger(Callback):
         writer = self._writer
         if writer is None:
             return
-        for index in range(self._steps, len(history)):
+        for index in range(max(0, self._steps - history.dropped), len(history)):
             record = history.record(index)
             for name in ("loss", "lr", "batch_size", "noise_scale"):
                 value = record.get(name)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     writer.add_scalar(f"train/{name}", value, record["step"])
-        self._steps = len(history)
+        self._steps = history.total
         for record in history.epochs[self._epochs:]:
             for name, value in record.items():
                 if name not in ("epoch", "steps", "samples", "seconds") and isinstance(value, (int, float)):
