@@ -44,6 +44,7 @@ from ..data.sources import Source, as_source, fingerprint
 from ..data.streams import StreamSource
 from ..errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, check_positive_int, expected
 from ..measure.noise import NoiseScaleTracker
+from ..sharding import ShardPolicy, check_shard, shard_model
 from . import checkpoint as ckpt
 from .callbacks import HOOKS, Callback, overriding
 from .checks import check_objects, error_at_step, options_from
@@ -87,6 +88,7 @@ class Trainer:
         metrics: dict[str, Metric] | None = None,
         loss_count: Callable[[Batch], Any] | None = None,
         transform: Callable[[Batch], Batch] | None = None,
+        shard: ShardPolicy | None = None,
         options: TrainerOptions | None = None,
         **option_values: Any,
     ) -> None:
@@ -101,6 +103,7 @@ class Trainer:
         if loss_fn is not None and not callable(loss_fn):
             raise expected("loss_fn", "a callable (output, target) -> loss, or None", loss_fn)
         check_objects(model, optimizer, lr_schedule, callbacks, metrics, loss_count, transform)
+        check_shard(shard)
         self.options = o = options_from(options, option_values)
 
         self.device = resolve_device(o.device)
@@ -111,7 +114,10 @@ class Trainer:
         if o.gradient_checkpointing:
             logger.info("gradient checkpointing: %s", enable_gradient_checkpointing(self.module))
         self.model: torch.nn.Module = self.module
-        if self.dist.enabled:
+        self.sharded = self.dist.enabled and o.strategy == "fsdp"  # the weights are split over the ranks
+        if self.sharded:  # fully_shard wraps the module in place: self.model is self.module
+            logger.info("fsdp: sharded %s and the root", shard_model(self.module, optimizer, shard) or "no blocks")
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -125,7 +131,7 @@ class Trainer:
         self.progress = bool(o.progress) and self.dist.is_main
         self.lr = LRControl(optimizer, o, lr_schedule)
         self.evaluator = Evaluator(self.module, loss_fn, self.device, o.precision, self.resolved_eval_size,
-                                   o.eval_batch_size, loss_count, dict(metrics or {}))
+                                   o.eval_batch_size, loss_count, dict(metrics or {}), collective=self.sharded)
 
         self.history = History()
         self.step = 0  # completed weight updates

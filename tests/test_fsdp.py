@@ -1,0 +1,261 @@
+"""Sharded data parallelism (``strategy="fsdp"``, FSDP2) on 2 CPU processes (gloo): what one process does.
+
+1. Batch means batch: an MLP trained with micro-batches and gradient clipping (both ranks, each
+   Linear sharded on its own) ends on the weights of one process, and validation agrees; a
+   tiny Llama (``transformers`` config, no download) with a token-weighted loss over uneven
+   ranks ends on the weights of a hand-written loop over whole batches.
+2. The parameters really are sharded: each rank holds half of every sharded weight.
+3. What FSDP does not support is refused with a batchfit error.
+
+Ranks fork from a forkserver that has imported torch, transformers and batchfit (the worktree's,
+through the inherited ``sys.path``); each returns what it measured through a file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchfit
+from batchfit import ArraySource, BatchfitError, Trainer
+from batchfit.sharding import blocks, full_model_state, local_bytes
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+RANK_TIMEOUT = 90.0
+WORLD = 2
+LLAMA_BATCH, LLAMA_SAMPLES, LLAMA_LR = 32, 64, 0.5
+
+
+# ---------------------------------------------------------------- models and data
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3))
+
+
+def mlp_data(num: int = 203, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num, 5)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 0.5).astype(np.int64)
+    return x, y
+
+
+def mlp_run(**options: Any) -> tuple[Trainer, torch.nn.Module, Any]:
+    """2 epochs of 203 samples in batches of 64, SGD with momentum; returns the trainer, model, history."""
+    model = mlp()
+    trainer = Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                      batch_size=64, device="cpu", progress=False, seed=3, **options)
+    history = trainer.fit(mlp_data(), epochs=2, val=mlp_data(37, seed=1))
+    return trainer, model, history
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def token_data(num: int = LLAMA_SAMPLES, seed: int = 0) -> dict[str, np.ndarray]:
+    """Sequences of 2-24 tokens with an ignored (-100) prompt of 0-5 labels, padded with token 3."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 25, num)
+    ids = np.full((num, 24), 3, dtype=np.int64)
+    labels = np.full((num, 24), 3, dtype=np.int64)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(4, 61, length)
+        labels[row, :length] = ids[row, :length]
+        labels[row, :rng.integers(0, 6)] = -100
+    return {"input_ids": ids, "input_ids_lengths": lengths, "labels": labels, "labels_lengths": lengths}
+
+
+def llama_reference() -> dict[str, torch.Tensor]:
+    """One epoch of whole batches of 32 by hand: the loss is the mean over every target token of a batch."""
+    data, model = token_data(), tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LLAMA_LR)
+    for lo in range(0, LLAMA_SAMPLES, LLAMA_BATCH):
+        ids = torch.from_numpy(data["input_ids"][lo:lo + LLAMA_BATCH])
+        inside = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(data["input_ids_lengths"][lo:lo + 32])[:, None]
+        labels = torch.from_numpy(data["labels"][lo:lo + LLAMA_BATCH]).masked_fill(~inside, -100)
+        model(input_ids=ids, attention_mask=inside.long(), labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return weights(model)
+
+
+def llama_run(**options: Any) -> tuple[Trainer, torch.nn.Module]:
+    model = tiny_llama()
+    trainer = Trainer(model, None, torch.optim.SGD(model.parameters(), lr=LLAMA_LR), batch_size=LLAMA_BATCH,
+                      shuffle=False, device="cpu", progress=False, **options)
+    trainer.fit(ArraySource(**token_data()), epochs=1)
+    return trainer, model
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- what each rank runs
+
+
+def scenario_equivalence(rank: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"batchfit": batchfit.__file__}
+    trainer, model, history = mlp_run(strategy="fsdp", micro_batch_size=16, max_grad_norm=0.1,
+                                      shard=[torch.nn.Linear])
+    out["mlp_local_shapes"] = {k: tuple(v.to_local().shape) for k, v in model.state_dict().items()}
+    out["mlp"] = full_model_state(model)
+    out["mlp_epochs"] = history.epochs
+    out["mlp_evaluate"] = trainer.evaluate(mlp_data(37, seed=1))  # a collective: both ranks call it
+    trainer, model = llama_run(strategy="fsdp", micro_batch_size=8)
+    out["llama_blocks"] = type(model.model.layers[0]).__mro__[1].__name__  # FSDPModule
+    out["llama"] = full_model_state(model)
+    out["llama_bytes"] = local_bytes(model, trainer.optimizer)
+    return out
+
+
+def run_rank(rank: int, port: int, scenario: str, kwargs: dict[str, Any], result: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    start = time.monotonic()
+    try:
+        outcome = {"result": globals()[f"scenario_{scenario}"](rank, **kwargs)}
+    except BaseException as error:
+        outcome = {"error": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
+    outcome["seconds"] = time.monotonic() - start
+    torch.save(outcome, result + ".tmp")
+    os.replace(result + ".tmp", result)
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.fsdp", "transformers", "batchfit",
+                                    __name__])
+    warm_up = context.Process(target=time.sleep, args=(0,))
+    warm_up.start()
+    warm_up.join(RANK_TIMEOUT * 2)
+    return context
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(forkserver, folder: Path, scenario: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Run ``scenario`` on 2 ranks; each rank's outcome."""
+    port, start = free_port(), time.monotonic()
+    results = [str(folder / f"{scenario}-{time.monotonic_ns()}-rank{rank}.pt") for rank in range(WORLD)]
+    ranks = [forkserver.Process(target=run_rank, args=(rank, port, scenario, kwargs, results[rank]))
+             for rank in range(WORLD)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(max(0.1, start + RANK_TIMEOUT - time.monotonic()))
+    hung = [rank for rank, process in enumerate(ranks) if process.is_alive()]
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    assert not hung, f"ranks {hung} of {scenario!r} still ran after {RANK_TIMEOUT} s"
+    return [torch.load(path, weights_only=False) if os.path.exists(path) else {"exitcode": process.exitcode}
+            for path, process in zip(results, ranks)]
+
+
+def result_of(outcome: dict[str, Any]) -> Any:
+    assert "result" in outcome, outcome.get("traceback", outcome)
+    return outcome["result"]
+
+
+def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def equivalence(forkserver, tmp_path_factory):
+    return [result_of(outcome) for outcome in launch(forkserver, tmp_path_factory.mktemp("fsdp"), "equivalence")]
+
+
+def test_ranks_run_this_checkout(equivalence):
+    assert equivalence[0]["batchfit"] == batchfit.__file__
+
+
+def test_fsdp_mlp_with_micro_batches_and_clipping_equals_one_process(equivalence):
+    _, expected, history = mlp_run(micro_batch_size=16, max_grad_norm=0.1)
+    _, unclipped, _ = mlp_run(micro_batch_size=16)
+    assert largest_difference(weights(unclipped), weights(expected)) > 1e-2  # clipping is at work
+    assert equivalence[1]["mlp"] == {}  # the full weights are gathered on rank 0 only
+    assert_same(equivalence[0]["mlp"], weights(expected))
+    for rank_result in equivalence:
+        for record, single in zip(rank_result["mlp_epochs"], history.epochs, strict=True):
+            for key in ("loss", "val_loss", "val_accuracy"):
+                assert record[key] == pytest.approx(single[key], rel=1e-5)
+        assert rank_result["mlp_evaluate"]["loss"] == pytest.approx(history.epochs[-1]["val_loss"], rel=1e-5)
+
+
+def test_fsdp_shards_every_weight_over_the_ranks(equivalence):
+    shapes = equivalence[0]["mlp_local_shapes"]
+    assert shapes["0.weight"] == (8, 5) and shapes["2.weight"] == (8, 16)  # rows of (16, 5) and (16, 16) split
+    assert shapes["4.weight"] == (2, 16) and equivalence[1]["mlp_local_shapes"]["4.weight"] == (1, 16)  # 3 rows
+    assert equivalence[0]["llama_blocks"] == "FSDPModule"
+
+
+def test_fsdp_tiny_llama_token_weighted_equals_whole_batches(equivalence):
+    reference = llama_reference()
+    assert_same(equivalence[0]["llama"], reference)
+    assert largest_difference(equivalence[0]["llama"], weights(tiny_llama())) > 1e-3  # it trained
+
+
+def test_fsdp_finds_the_blocks_of_a_hugging_face_model():
+    model = tiny_llama()
+    assert blocks(model) == list(model.model.layers)
+    net = mlp()
+    assert blocks(net, [torch.nn.Linear]) == [net[0], net[2], net[4]]
+    assert blocks(net) == []  # no blocks found: the root alone is sharded
+    assert [type(m).__name__ for m in blocks(mlp(), lambda m: isinstance(m, torch.nn.Tanh))] == ["Tanh", "Tanh"]
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"strategy": "zero"}, "strategy"),
+    ({"strategy": "fsdp", "batch_size": "adaptive"}, "batch_size='adaptive'"),
+    ({"strategy": "fsdp", "noise_scale": True}, "noise scale"),
+    ({"strategy": "fsdp", "precision": "fp16"}, "fp16"),
+])
+def test_fsdp_refuses_what_it_does_not_support(options, words):
+    model = mlp()
+    with pytest.raises(BatchfitError, match=words):
+        Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), progress=False, **options)
+
+
+def test_shard_policy_is_checked():
+    model = mlp()
+    with pytest.raises(BatchfitError, match="shard"):
+        Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), shard=["Linear"])
