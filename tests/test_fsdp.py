@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -27,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import batchfit
-from batchfit import ArraySource, BatchfitError, Trainer
+from batchfit import ArraySource, BatchfitError, Callback, CheckpointError, Trainer
 from batchfit.sharding import blocks, full_model_state, local_bytes
+from batchfit.train import sharded_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,12 +57,12 @@ def mlp_data(num: int = 203, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def mlp_run(**options: Any) -> tuple[Trainer, torch.nn.Module, Any]:
+def mlp_run(resume: bool = False, **options: Any) -> tuple[Trainer, torch.nn.Module, Any]:
     """2 epochs of 203 samples in batches of 64, SGD with momentum; returns the trainer, model, history."""
     model = mlp()
     trainer = Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                       batch_size=64, device="cpu", progress=False, seed=3, **options)
-    history = trainer.fit(mlp_data(), epochs=2, val=mlp_data(37, seed=1))
+    history = trainer.fit(mlp_data(), epochs=2, val=mlp_data(37, seed=1), resume=resume)
     return trainer, model, history
 
 
@@ -116,8 +118,7 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def scenario_equivalence(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {"batchfit": batchfit.__file__}
-    trainer, model, history = mlp_run(strategy="fsdp", micro_batch_size=16, max_grad_norm=0.1,
-                                      shard=[torch.nn.Linear])
+    trainer, model, history = mlp_run(strategy="fsdp", shard=[torch.nn.Linear], **FSDP_MLP)
     out["mlp_local_shapes"] = {k: tuple(v.to_local().shape) for k, v in model.state_dict().items()}
     out["mlp"] = full_model_state(model)
     out["mlp_epochs"] = history.epochs
@@ -127,6 +128,29 @@ def scenario_equivalence(rank: int) -> dict[str, Any]:
     out["llama"] = full_model_state(model)
     out["llama_bytes"] = local_bytes(model, trainer.optimizer)
     return out
+
+
+class StopAt(Callback):
+    """Asks to stop after step ``step`` (on rank 0: every rank stops at the same step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        if record["step"] == self.step and trainer.dist.rank == 0:
+            trainer.stop_training = True
+
+
+FSDP_MLP = {"micro_batch_size": 16, "max_grad_norm": 0.1}
+
+
+def scenario_checkpoint(rank: int, folder: str, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+    """The MLP of the equivalence run with a sharded checkpoint at every step; saved at the end."""
+    callbacks = [StopAt(stop_at)] if stop_at else []
+    trainer, model, _ = mlp_run(strategy="fsdp", shard=[torch.nn.Linear], checkpoint_dir=folder, checkpoint_every=1,
+                                resume=resume, callbacks=callbacks, **FSDP_MLP)
+    saved = trainer.save(os.path.join(folder, "model.pt") if rank == 0 else None)
+    return {"steps": trainer.step, "weights": full_model_state(model), "saved": saved}
 
 
 def run_rank(rank: int, port: int, scenario: str, kwargs: dict[str, Any], result: str) -> None:
@@ -161,10 +185,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(forkserver, folder: Path, scenario: str, **kwargs: Any) -> list[dict[str, Any]]:
+def launch(forkserver, results_in: Path, scenario: str, **kwargs: Any) -> list[dict[str, Any]]:
     """Run ``scenario`` on 2 ranks; each rank's outcome."""
     port, start = free_port(), time.monotonic()
-    results = [str(folder / f"{scenario}-{time.monotonic_ns()}-rank{rank}.pt") for rank in range(WORLD)]
+    results = [str(results_in / f"{scenario}-{time.monotonic_ns()}-rank{rank}.pt") for rank in range(WORLD)]
     ranks = [forkserver.Process(target=run_rank, args=(rank, port, scenario, kwargs, results[rank]))
              for rank in range(WORLD)]
     for process in ranks:
@@ -259,3 +283,75 @@ def test_shard_policy_is_checked():
     model = mlp()
     with pytest.raises(BatchfitError, match="shard"):
         Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), shard=["Linear"])
+
+
+# ---------------------------------------------------------------- sharded checkpoints
+
+
+def test_fsdp_checkpoint_resumes_on_two_ranks_bit_identical_and_on_one_process(forkserver, tmp_path, equivalence):
+    folder = tmp_path / "two"
+    stopped = [result_of(o) for o in launch(forkserver, tmp_path, "checkpoint", folder=str(folder), stop_at=5)]
+    assert [r["steps"] for r in stopped] == [5, 5]
+    newest = folder / "step-000000005"
+    assert sorted(p.name for p in newest.iterdir()) == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp",
+                                                        "trainer.pt"]  # each rank wrote its shard
+    assert [p.name for p in sharded_checkpoint.list_sharded(folder)] == [f"step-00000000{s}" for s in (5, 4, 3)]
+    assert not list(folder.glob(".step-*"))  # no temporary folder left
+    shutil.copytree(folder, tmp_path / "one")
+
+    resumed = [result_of(o) for o in launch(forkserver, tmp_path, "checkpoint", folder=str(folder), resume=True)]
+    assert [r["steps"] for r in resumed] == [8, 8]
+    uninterrupted = equivalence[0]["mlp"]  # the same run on 2 ranks, never stopped
+    assert all(torch.equal(resumed[0]["weights"][k], uninterrupted[k]) for k in uninterrupted)  # bit-identical
+
+    # 2 -> 1: the same checkpoint resumed by one process (no process group: DCP reshards into plain tensors).
+    trainer, model, _ = mlp_run(strategy="fsdp", checkpoint_dir=tmp_path / "one", resume=True, **FSDP_MLP)
+    _, single, _ = mlp_run(**FSDP_MLP)
+    assert trainer.step == 8
+    assert_same(weights(model), weights(single))
+    assert_same(weights(model), uninterrupted)
+
+
+def test_fsdp_save_writes_one_ordinary_file(forkserver, tmp_path):
+    results = [result_of(o) for o in launch(forkserver, tmp_path, "checkpoint", folder=str(tmp_path))]
+    assert results[1]["saved"] is None and results[0]["saved"] == tmp_path / "model.pt"
+    record = torch.load(tmp_path / "model.pt", weights_only=True)  # no torch.distributed, no DTensor
+    assert all(type(v) is torch.Tensor for v in record["model"].values())
+    loaded = batchfit.load_model(tmp_path / "model.pt", mlp(seed=1))
+    assert all(torch.equal(weights(loaded)[k], results[0]["weights"][k]) for k in results[0]["weights"])
+
+
+def test_fsdp_checkpoint_is_complete_or_absent(tmp_path, monkeypatch):
+    """A save that fails midway (after the shards, before the rename) leaves no checkpoint that loads."""
+    import torch.distributed.checkpoint as dcp
+
+    real_save, calls = dcp.save, []
+
+    def failing_save(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        real_save(*args, **kwargs)
+        if len(calls) == 3:
+            raise OSError("the disk went away")
+
+    monkeypatch.setattr(dcp, "save", failing_save)
+    with pytest.raises(OSError, match="went away"):
+        mlp_run(strategy="fsdp", checkpoint_dir=tmp_path, checkpoint_every=1, **FSDP_MLP)
+    assert (tmp_path / ".step-000000003.sharded-tmp" / ".metadata").exists()  # shards written, never completed
+    (tmp_path / "step-000000007").mkdir()  # a folder without the marker
+    assert [p.name for p in sharded_checkpoint.list_sharded(tmp_path)] == ["step-000000002", "step-000000001"]
+    monkeypatch.setattr(dcp, "save", real_save)
+    trainer, model, _ = mlp_run(strategy="fsdp", checkpoint_dir=tmp_path, checkpoint_every=1, resume=True,
+                                **FSDP_MLP)
+    _, single, _ = mlp_run(**FSDP_MLP)
+    assert trainer.step == 8
+    assert_same(weights(model), weights(single))
+    assert not (tmp_path / ".step-000000003.sharded-tmp").exists()  # the next save of step 3 replaced it
+
+
+def test_fsdp_checkpoint_of_another_model_is_refused(tmp_path):
+    mlp_run(strategy="fsdp", checkpoint_dir=tmp_path, **FSDP_MLP)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    trainer = Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=64,
+                      progress=False, strategy="fsdp", checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="another model"):
+        trainer.fit(mlp_data(), epochs=3, resume=True)

@@ -44,8 +44,9 @@ from ..data.sources import Source, as_source, fingerprint
 from ..data.streams import StreamSource
 from ..errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, check_positive_int, expected
 from ..measure.noise import NoiseScaleTracker
-from ..sharding import ShardPolicy, check_shard, shard_model
+from ..sharding import ShardPolicy, check_shard, full_model_state, shard_model
 from . import checkpoint as ckpt
+from . import sharded_checkpoint as sharded
 from .callbacks import HOOKS, Callback, overriding
 from .checks import check_objects, error_at_step, options_from
 from .epochs import EpochFeed
@@ -255,13 +256,23 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, counters, RNGs, history, callbacks — and what
-        the data set or stream it trains on needs (position, config; see the feeds)."""
+        the data set or stream it trains on needs (position, config; see the feeds).
+
+        With ``strategy="fsdp"`` the weights and optimizer state are those of
+        :func:`torch.distributed.checkpoint.state_dict.get_state_dict` (this rank's shards, keyed by
+        parameter names), what a sharded checkpoint saves through ``torch.distributed.checkpoint``.
+        """
+        if self.options.strategy == "fsdp":
+            return {**self._trainer_state(), **sharded.tensor_state(self.module, self.optimizer)}
+        return {**self._trainer_state(), "model": model_state(self.module), "optimizer": self.optimizer.state_dict()}
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` but the weights and the optimizer state."""
         assert self._feed is not None and self.step_fn is not None
         scaler = self.step_fn.scaler
         return {
             "format": 1,
-            "model": model_state(self.module),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer_groups": [len(group["params"]) for group in self.optimizer.param_groups],
             "scaler": None if scaler is None else scaler.state_dict(),
             "lr_scheduler": self.lr.state_dict(),
             "step": self.step,
@@ -278,8 +289,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (the trainer must be prepared for the same data)."""
         assert self._feed is not None and self.step_fn is not None
-        load_model_state(self.module, state["model"], "checkpoint")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharded.SHARDED_KEY in state:  # a sharded checkpoint: the tensors are read from its folder now
+            sharded.load_tensors(state[sharded.SHARDED_KEY], self.module, self.optimizer)
+        else:
+            load_model_state(self.module, state["model"], "checkpoint")
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.step_fn.scaler is not None and state["scaler"] is not None:
             self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
@@ -307,15 +321,34 @@ class Trainer:
         self._check_losses()
         self._feed.before_checkpoint()
         path = None
-        if self.dist.is_main:
+        if self.options.strategy == "fsdp":  # every rank writes its shard
+            trainer_state = self._trainer_state() if self.dist.is_main else {}
+            written = sharded.save_sharded(trainer_state, self.module, self.optimizer, self.checkpoint_dir,
+                                           self.step, self.options.keep_checkpoints, self.dist)
+            path = None if written is None else os.fspath(written)
+        elif self.dist.is_main:
             path = os.fspath(ckpt.save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step,
                                                   self.options.keep_checkpoints))
         self._feed.after_checkpoint()
         return path
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the trained model's weights and this run's configuration to ``path`` (load with ``bf.load_model``)."""
+    def save(self, path: str | os.PathLike[str] | None) -> Path | None:
+        """Write the trained model's weights and this run's configuration to ``path`` (load with ``bf.load_model``).
+
+        A sharded model (``strategy="fsdp"`` on several ranks) is gathered first: every rank calls
+        ``save``, and rank 0 writes one ordinary file (the other ranks' ``path`` may be ``None``;
+        they return ``None``).
+        """
         config = self._feed.config() if self._feed is not None else dataclasses.asdict(self.options)
+        if self.sharded:
+            state = full_model_state(self.module)  # a collective: on every rank, the whole weights on rank 0
+            if not self.dist.is_main:
+                return None
+            if path is None:
+                raise expected("path", "a file to write the model to (on rank 0)", None)
+            return save_model(self.module, path, config, state=state)
+        if path is None:
+            raise expected("path", "a file to write the model to", None)
         return save_model(self.module, path, config)
 
     def announce(self, message: str) -> None:
@@ -403,16 +436,26 @@ class Trainer:
 
     def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
-        found = ckpt.load_latest(self.checkpoint_dir)
+        found = self._load_latest()
         if found is None:
             logger.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
         return found
+
+    def _load_latest(self) -> tuple[dict[str, Any], Any] | None:
+        """The newest readable checkpoint: sharded folders with ``strategy="fsdp"``, else files."""
+        assert self.checkpoint_dir is not None
+        if self.options.strategy == "fsdp":
+            return sharded.load_latest_sharded(self.checkpoint_dir)
+        return ckpt.load_latest(self.checkpoint_dir)
 
     def _resume(self, state: dict[str, Any], path: Any, check_data: bool = True) -> None:
         """Load a checkpoint, after checking all of it fits this run (nothing is changed when it does not)."""
         assert self._feed is not None
         self._feed.check(state, path)
-        ckpt.check_fits(state, self.module, self.optimizer, path)
+        if sharded.SHARDED_KEY in state:
+            sharded.check_fits_sharded(state, self.module, self.optimizer, path)
+        else:
+            ckpt.check_fits(state, self.module, self.optimizer, path)
         keys = tuple(k for k in self._feed.resume_keys if check_data or k != "data_fingerprint")
         ckpt.check_compatible(state.get("config", {}), self._feed.config(), keys, path)
         try:
@@ -566,7 +609,7 @@ class Trainer:
         self.skipped_steps += 1
         feed.skipped(mark)  # the batch is used up: a checkpoint continues after it
         if self.options.on_nan == "rollback":
-            found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
+            found = self._load_latest() if self.checkpoint_dir else None
             if not self.dist.all_equal(-1 if found is None else int(found[0]["step"])):
                 raise DistributedError(f"rank {self.dist.rank}: the ranks found different checkpoints to roll back "
                                        f"to; every rank must see the same checkpoint_dir (a shared folder)")
