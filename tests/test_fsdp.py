@@ -101,9 +101,16 @@ def llama_reference() -> dict[str, torch.Tensor]:
     return weights(model)
 
 
-def llama_run(**options: Any) -> tuple[Trainer, torch.nn.Module]:
-    model = tiny_llama()
-    trainer = Trainer(model, None, torch.optim.SGD(model.parameters(), lr=LLAMA_LR), batch_size=LLAMA_BATCH,
+def lora_llama() -> torch.nn.Module:
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return peft.get_peft_model(tiny_llama(), config)
+
+
+def llama_run(lora: bool = False, **options: Any) -> tuple[Trainer, torch.nn.Module]:
+    model = lora_llama() if lora else tiny_llama()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer = Trainer(model, None, torch.optim.SGD(trainable, lr=LLAMA_LR), batch_size=LLAMA_BATCH,
                       shuffle=False, device="cpu", progress=False, **options)
     trainer.fit(ArraySource(**token_data()), epochs=1)
     return trainer, model
@@ -127,6 +134,8 @@ def scenario_equivalence(rank: int) -> dict[str, Any]:
     out["llama_blocks"] = type(model.model.layers[0]).__mro__[1].__name__  # FSDPModule
     out["llama"] = full_model_state(model)
     out["llama_bytes"] = local_bytes(model, trainer.optimizer)
+    trainer, model = llama_run(lora=True, strategy="fsdp", micro_batch_size=8)
+    out["lora"] = full_model_state(model)
     return out
 
 
@@ -256,6 +265,15 @@ def test_fsdp_tiny_llama_token_weighted_equals_whole_batches(equivalence):
     reference = llama_reference()
     assert_same(equivalence[0]["llama"], reference)
     assert largest_difference(equivalence[0]["llama"], weights(tiny_llama())) > 1e-3  # it trained
+
+
+def test_fsdp_lora_trains_only_the_adapters_as_one_process_does(equivalence):
+    _, model = llama_run(lora=True, micro_batch_size=8)
+    expected, base = weights(model), weights(lora_llama())
+    assert_same(equivalence[0]["lora"], expected)
+    adapters = [k for k in expected if "lora_" in k]
+    assert adapters and all(torch.equal(equivalence[0]["lora"][k], base[k]) for k in expected if k not in adapters)
+    assert largest_difference({k: equivalence[0]["lora"][k] for k in adapters}, base) > 1e-3  # the adapters moved
 
 
 def test_fsdp_finds_the_blocks_of_a_hugging_face_model():
