@@ -13,10 +13,13 @@ through the inherited ``sys.path``); each returns what it measured through a fil
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -373,3 +376,20 @@ def test_fsdp_checkpoint_of_another_model_is_refused(tmp_path):
                       progress=False, strategy="fsdp", checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointError, match="another model"):
         trainer.fit(mlp_data(), epochs=3, resume=True)
+
+
+def test_cli_train_nproc_2_fsdp(tmp_path):
+    """``[train] strategy = "fsdp"`` end to end: rank 0 writes the run folder and one ordinary model file."""
+    x, y = mlp_data()
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    config = tmp_path / "run.toml"
+    config.write_text('[data]\ntrain = "train.npz"\nval_split = 0.2\n\n[model]\nname = "mlp"\n\n'
+                      '[train]\nepochs = 1\nbatch_size = 32\nprogress = false\ndevice = "cpu"\nstrategy = "fsdp"\n')
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(batchfit.__file__)))
+    done = subprocess.run([sys.executable, "-m", "batchfit", "train", str(config), "--nproc", "2",
+                           "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["world_size"] == 2 and summary["steps"] == 6  # ceil(162 / 32)
+    record = torch.load(Path(summary["run_dir"]) / "model.pt", weights_only=True)
+    assert all(type(v) is torch.Tensor for v in record["model"].values()) and record["model"]
