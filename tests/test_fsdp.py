@@ -378,6 +378,15 @@ def test_fsdp_checkpoint_of_another_model_is_refused(tmp_path):
         trainer.fit(mlp_data(), epochs=3, resume=True)
 
 
+def test_checkpoints_of_the_other_strategy_are_refused(tmp_path):
+    mlp_run(strategy="fsdp", checkpoint_dir=tmp_path / "fsdp", **FSDP_MLP)
+    with pytest.raises(CheckpointError, match="checkpoints of strategy='fsdp'"):
+        mlp_run(checkpoint_dir=tmp_path / "fsdp", resume=True)
+    mlp_run(checkpoint_dir=tmp_path / "ddp")
+    with pytest.raises(CheckpointError, match="checkpoints of strategy='ddp'"):
+        mlp_run(strategy="fsdp", checkpoint_dir=tmp_path / "ddp", resume=True)
+
+
 def test_cli_train_nproc_2_fsdp(tmp_path):
     """``[train] strategy = "fsdp"`` end to end: rank 0 writes the run folder and one ordinary model file."""
     x, y = mlp_data()

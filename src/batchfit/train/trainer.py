@@ -444,9 +444,15 @@ class Trainer:
     def _load_latest(self) -> tuple[dict[str, Any], Any] | None:
         """The newest readable checkpoint: sharded folders with ``strategy="fsdp"``, else files."""
         assert self.checkpoint_dir is not None
-        if self.options.strategy == "fsdp":
-            return sharded.load_latest_sharded(self.checkpoint_dir)
-        return ckpt.load_latest(self.checkpoint_dir)
+        fsdp = self.options.strategy == "fsdp"
+        found = sharded.load_latest_sharded(self.checkpoint_dir) if fsdp else ckpt.load_latest(self.checkpoint_dir)
+        other = ckpt.list_checkpoints(self.checkpoint_dir) if fsdp else sharded.list_sharded(self.checkpoint_dir)
+        if found is None and other:
+            raise CheckpointError(f"{self.checkpoint_dir} holds checkpoints of strategy="
+                                  f"{'ddp' if fsdp else 'fsdp'!r} ({other[0].name}), which this run "
+                                  f"(strategy={self.options.strategy!r}) cannot read: use the same strategy, "
+                                  f"or another checkpoint_dir")
+        return found
 
     def _resume(self, state: dict[str, Any], path: Any, check_data: bool = True) -> None:
         """Load a checkpoint, after checking all of it fits this run (nothing is changed when it does not)."""
