@@ -153,6 +153,26 @@ class StopAt(Callback):
             trainer.stop_training = True
 
 
+class RaiseAt(Callback):
+    """Raises after step ``step`` on rank 1 only."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None:
+        if record["step"] == self.step and trainer.dist.rank == 1:
+            raise ValueError("rank 1 cannot go on")
+
+
+def scenario_failure(rank: int) -> dict[str, Any]:
+    start = time.monotonic()
+    try:
+        mlp_run(strategy="fsdp", callbacks=[RaiseAt(3)], **FSDP_MLP)
+    except BatchfitError as error:  # the other rank's failure, named
+        return {"error": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
+    return {}
+
+
 FSDP_MLP = {"micro_batch_size": 16, "max_grad_norm": 0.1}
 
 
@@ -376,6 +396,15 @@ def test_fsdp_checkpoint_of_another_model_is_refused(tmp_path):
                       progress=False, strategy="fsdp", checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointError, match="another model"):
         trainer.fit(mlp_data(), epochs=3, resume=True)
+
+
+def test_fsdp_exception_on_one_rank_fails_the_other_fast(forkserver, tmp_path):
+    outcomes = launch(forkserver, tmp_path, "failure")
+    assert outcomes[1]["error"] == "ValueError" and "rank 1 cannot go on" in outcomes[1]["message"]
+    other = result_of(outcomes[0])
+    assert other["error"] == "DistributedError"
+    assert "rank 1 failed: ValueError: rank 1 cannot go on" in other["message"]
+    assert other["seconds"] < 30  # not the 300 s timeout
 
 
 def test_checkpoints_of_the_other_strategy_are_refused(tmp_path):
