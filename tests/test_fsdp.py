@@ -4,8 +4,14 @@
    Linear sharded on its own) ends on the weights of one process, and validation agrees; a
    tiny Llama (``transformers`` config, no download) with a token-weighted loss over uneven
    ranks ends on the weights of a hand-written loop over whole batches.
+   LoRA on it (only the adapters trainable) ends where one process does.
 2. The parameters really are sharded: each rank holds half of every sharded weight.
 3. What FSDP does not support is refused with a batchfit error.
+4. Sharded checkpoints (torch.distributed.checkpoint): each rank writes its shard; a run stopped
+   at step 5 resumes on 2 ranks bit-identical to the uninterrupted run, and on one process to
+   1e-5; a save that fails midway leaves no checkpoint that loads; ``Trainer.save`` writes one
+   ordinary file; a folder of the other strategy is refused.
+5. An exception on one rank stops the other at once; ``batchfit train --nproc 2`` end to end.
 
 Ranks fork from a forkserver that has imported torch, transformers and batchfit (the worktree's,
 through the inherited ``sys.path``); each returns what it measured through a file.
