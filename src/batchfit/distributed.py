@@ -2,7 +2,8 @@
 
 A run started by ``torchrun`` has ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in its
 environment; the trainer then initialises the process group (nccl on CUDA, gloo on CPU)
-unless the user already did, and wraps the model in ``DistributedDataParallel``.
+unless the user already did, and wraps the model in ``DistributedDataParallel`` (or, with
+``strategy="fsdp"``, shards it: :mod:`batchfit.sharding`).
 
 Failures: a rank that raises leaves the process group at once (:meth:`DistContext.abort`),
 after posting its error in the group's key-value store, so that the other ranks stop within

@@ -108,6 +108,8 @@ def _train_and_write(trainer: Trainer, train: Any, val: Any, config: Config) -> 
     start = time.perf_counter()
     history = trainer.fit(train, epochs=config["train"]["epochs"], val=val, resume=config["train"]["resume"])
     if run_dir is None:
+        if trainer.sharded:
+            trainer.save(None)  # the sharded weights are gathered by every rank, written by rank 0
         return None
     summary: dict[str, Any] = {"steps": trainer.step, "samples": trainer.samples_seen,
                                "seconds": round(time.perf_counter() - start, 3),

@@ -194,9 +194,7 @@ class Step:
         correction: Any = None
         for index, ((micro, _), count) in enumerate(zip(pieces, counts)):
             last = index == len(pieces) - 1
-            no_sync = getattr(self.model, "no_sync", None)
-            sync = no_sync() if not last and no_sync is not None else contextlib.nullcontext()
-            with sync:
+            with _gradient_sync(self.model, last):
                 with autocast(self.precision, self.device.type):
                     loss, _ = forward_loss(self.model, self.loss_fn, micro)
                 weight = count * scale
@@ -272,6 +270,17 @@ class Step:
         loss = self.step(batch, batch_len(batch), check_finite=False).loss
         assert isinstance(loss, torch.Tensor)
         return loss
+
+
+def _gradient_sync(model: torch.nn.Module, sync: bool) -> Any:
+    """The context of a backward that sums the gradients over ranks only when ``sync``: DDP's ``no_sync``,
+    or FSDP2's ``set_requires_gradient_sync`` (which stays set: it is set before every backward)."""
+    set_sync = getattr(model, "set_requires_gradient_sync", None)
+    if set_sync is not None:
+        set_sync(sync)
+        return contextlib.nullcontext()
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if not sync and no_sync is not None else contextlib.nullcontext()
 
 
 def _share(loss: torch.Tensor, weight: Any, count: Any) -> torch.Tensor:

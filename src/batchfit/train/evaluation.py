@@ -40,6 +40,7 @@ class Evaluator:
     batch_size: int | None = None
     loss_count: Callable[[Batch], Any] | None = None
     metrics: dict[str, Metric] = field(default_factory=dict)
+    collective: bool = False  # a sharded model: every forward gathers weights from all ranks
 
     def evaluate(self, src: Source, batch_size: int | None = None) -> dict[str, float]:
         """Mean loss over ``src`` (and accuracy for class-index targets, and user metrics)."""
@@ -65,9 +66,10 @@ class Evaluator:
 
         In a distributed run each rank evaluates its share of ``src`` and one all-reduce sums the
         shares: world-size times less work than each rank evaluating everything, and the sums
-        that every rank divides are the same numbers.
+        that every rank divides are the same numbers. A sharded model's forward is a collective,
+        which every rank must run as often as the others: then every rank evaluates all of ``src``.
         """
-        if not dist.enabled or len(src) < dist.world_size:
+        if not dist.enabled or len(src) < dist.world_size or self.collective:
             return self.evaluate(src)
         sums = self.sums(src, None, dist.rank, dist.world_size)
         sums.all_reduce(dist.all_reduce_sum)

@@ -22,6 +22,7 @@ import torch
 from ..core.precision import PRECISIONS, Precision
 from ..data.order import SHUFFLES
 from ..errors import check_choice, check_positive_int, check_seed, expected
+from ..sharding import STRATEGIES, Strategy
 
 BatchMode = Literal["full", "auto", "adaptive"]
 LRRule = Literal["linear", "sqrt", "adascale"]
@@ -67,6 +68,7 @@ class TrainerOptions:
     progress: bool | Literal["epochs"] = True
     val_every: int | None = None
     gradient_checkpointing: bool = False
+    strategy: Strategy = "ddp"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +91,22 @@ class TrainerOptions:
         if self.val_every is not None:
             check_positive_int("val_every", self.val_every)
         check_seed(self.seed)
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        """``"ddp"`` or ``"fsdp"``; what FSDP does not support yet is refused, not done otherwise."""
+        check_choice("strategy", self.strategy, STRATEGIES)
+        if self.strategy != "fsdp":
+            return
+        unsupported = [(self.measured_batch, f"batch_size={self.batch_size!r}"),
+                       (self.micro_batch_size == "auto", "micro_batch_size='auto'"),
+                       (self.micro_batch_tokens == "auto", "micro_batch_tokens='auto'"),
+                       (self.tracks_noise, "the gradient noise scale (noise_scale, 'adaptive', 'adascale')"),
+                       (self.precision == "fp16", "precision='fp16' (its GradScaler is not shard-aware)")]
+        for found, what in unsupported:
+            if found:
+                raise expected("strategy", f"'ddp' with {what}: strategy='fsdp' does not support it yet",
+                               self.strategy)
 
     def _check_batching(self) -> None:
         """Batch and micro-batch sizes, token budgets, order."""

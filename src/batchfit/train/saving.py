@@ -57,12 +57,22 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], where: str) 
     module.load_state_dict(state, strict=not is_adapter_model(module))
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike[str], config: dict[str, Any] | None = None) -> Path:
-    """Write ``model``'s weights (and ``config``) to ``path`` atomically; returns the path."""
+def save_model(model: torch.nn.Module, path: str | os.PathLike[str], config: dict[str, Any] | None = None,
+               *, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model``'s weights (and ``config``) to ``path`` atomically; returns the path.
+
+    ``state``: the whole weights when ``model``'s own are sharded (gathered by the caller); an
+    adapter model keeps only its trained weights of them, as always.
+    """
     if not isinstance(model, torch.nn.Module):
         raise expected("model", "a torch.nn.Module", type(model).__name__)
     module = plain_module(model)
-    state = {k.removeprefix(COMPILED_PREFIX): v.detach().cpu() for k, v in model_state(module).items()}
+    if state is None:
+        state = model_state(module)
+    elif is_adapter_model(module):
+        trained = {name for name, p in module.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+    state = {k.removeprefix(COMPILED_PREFIX): v.detach().cpu() for k, v in state.items()}
     kind = type(module)
     record = {"format": FORMAT, "version": 1, "model": state, "config": dict(config or {}),
               "model_class": f"{kind.__module__}.{kind.__qualname__}"}

@@ -44,7 +44,9 @@ from ..data.sources import Source, as_source, fingerprint
 from ..data.streams import StreamSource
 from ..errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, check_positive_int, expected
 from ..measure.noise import NoiseScaleTracker
+from ..sharding import ShardPolicy, check_shard, full_model_state, shard_model
 from . import checkpoint as ckpt
+from . import sharded_checkpoint as sharded
 from .callbacks import HOOKS, Callback, overriding
 from .checks import check_objects, error_at_step, options_from
 from .epochs import EpochFeed
@@ -87,6 +89,7 @@ class Trainer:
         metrics: dict[str, Metric] | None = None,
         loss_count: Callable[[Batch], Any] | None = None,
         transform: Callable[[Batch], Batch] | None = None,
+        shard: ShardPolicy | None = None,
         options: TrainerOptions | None = None,
         **option_values: Any,
     ) -> None:
@@ -101,6 +104,7 @@ class Trainer:
         if loss_fn is not None and not callable(loss_fn):
             raise expected("loss_fn", "a callable (output, target) -> loss, or None", loss_fn)
         check_objects(model, optimizer, lr_schedule, callbacks, metrics, loss_count, transform)
+        check_shard(shard)
         self.options = o = options_from(options, option_values)
 
         self.device = resolve_device(o.device)
@@ -111,7 +115,10 @@ class Trainer:
         if o.gradient_checkpointing:
             logger.info("gradient checkpointing: %s", enable_gradient_checkpointing(self.module))
         self.model: torch.nn.Module = self.module
-        if self.dist.enabled:
+        self.sharded = self.dist.enabled and o.strategy == "fsdp"  # the weights are split over the ranks
+        if self.sharded:  # fully_shard wraps the module in place: self.model is self.module
+            logger.info("fsdp: sharded %s and the root", shard_model(self.module, optimizer, shard) or "no blocks")
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -125,7 +132,7 @@ class Trainer:
         self.progress = bool(o.progress) and self.dist.is_main
         self.lr = LRControl(optimizer, o, lr_schedule)
         self.evaluator = Evaluator(self.module, loss_fn, self.device, o.precision, self.resolved_eval_size,
-                                   o.eval_batch_size, loss_count, dict(metrics or {}))
+                                   o.eval_batch_size, loss_count, dict(metrics or {}), collective=self.sharded)
 
         self.history = History()
         self.step = 0  # completed weight updates
@@ -250,13 +257,23 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, counters, RNGs, history, callbacks — and what
-        the data set or stream it trains on needs (position, config; see the feeds)."""
+        the data set or stream it trains on needs (position, config; see the feeds).
+
+        With ``strategy="fsdp"`` the weights and optimizer state are those of
+        :func:`torch.distributed.checkpoint.state_dict.get_state_dict` (this rank's shards, keyed by
+        parameter names), what a sharded checkpoint saves through ``torch.distributed.checkpoint``.
+        """
+        if self.options.strategy == "fsdp":
+            return {**self._trainer_state(), **sharded.tensor_state(self.module, self.optimizer)}
+        return {**self._trainer_state(), "model": model_state(self.module), "optimizer": self.optimizer.state_dict()}
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` but the weights and the optimizer state."""
         assert self._feed is not None and self.step_fn is not None
         scaler = self.step_fn.scaler
         return {
             "format": 1,
-            "model": model_state(self.module),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer_groups": [len(group["params"]) for group in self.optimizer.param_groups],
             "scaler": None if scaler is None else scaler.state_dict(),
             "lr_scheduler": self.lr.state_dict(),
             "step": self.step,
@@ -273,8 +290,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (the trainer must be prepared for the same data)."""
         assert self._feed is not None and self.step_fn is not None
-        load_model_state(self.module, state["model"], "checkpoint")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharded.SHARDED_KEY in state:  # a sharded checkpoint: the tensors are read from its folder now
+            sharded.load_tensors(state[sharded.SHARDED_KEY], self.module, self.optimizer)
+        else:
+            load_model_state(self.module, state["model"], "checkpoint")
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.step_fn.scaler is not None and state["scaler"] is not None:
             self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
@@ -302,15 +322,34 @@ class Trainer:
         self._check_losses()
         self._feed.before_checkpoint()
         path = None
-        if self.dist.is_main:
+        if self.options.strategy == "fsdp":  # every rank writes its shard
+            trainer_state = self._trainer_state() if self.dist.is_main else {}
+            written = sharded.save_sharded(trainer_state, self.module, self.optimizer, self.checkpoint_dir,
+                                           self.step, self.options.keep_checkpoints, self.dist)
+            path = None if written is None else os.fspath(written)
+        elif self.dist.is_main:
             path = os.fspath(ckpt.save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step,
                                                   self.options.keep_checkpoints))
         self._feed.after_checkpoint()
         return path
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the trained model's weights and this run's configuration to ``path`` (load with ``bf.load_model``)."""
+    def save(self, path: str | os.PathLike[str] | None) -> Path | None:
+        """Write the trained model's weights and this run's configuration to ``path`` (load with ``bf.load_model``).
+
+        A sharded model (``strategy="fsdp"`` on several ranks) is gathered first: every rank calls
+        ``save``, and rank 0 writes one ordinary file (the other ranks' ``path`` may be ``None``;
+        they return ``None``).
+        """
         config = self._feed.config() if self._feed is not None else dataclasses.asdict(self.options)
+        if self.sharded:
+            state = full_model_state(self.module)  # a collective: on every rank, the whole weights on rank 0
+            if not self.dist.is_main:
+                return None
+            if path is None:
+                raise expected("path", "a file to write the model to (on rank 0)", None)
+            return save_model(self.module, path, config, state=state)
+        if path is None:
+            raise expected("path", "a file to write the model to", None)
         return save_model(self.module, path, config)
 
     def announce(self, message: str) -> None:
@@ -399,7 +438,7 @@ class Trainer:
     def _find_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
         assert self.checkpoint_dir is not None
         skipped: list[Path] = []
-        found = ckpt.load_latest(self.checkpoint_dir, skipped=skipped)
+        found = self._load_latest(skipped)
         self._skipped = skipped
         if found is None and skipped:
             names = ", ".join(p.name for p in skipped)
@@ -410,11 +449,29 @@ class Trainer:
             logger.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
         return found
 
+    def _load_latest(self, skipped: list[Path]) -> tuple[dict[str, Any], Any] | None:
+        """The newest readable checkpoint: sharded folders with ``strategy="fsdp"``, else files (the
+        unreadable files passed over are appended to ``skipped``)."""
+        assert self.checkpoint_dir is not None
+        fsdp = self.options.strategy == "fsdp"
+        found = sharded.load_latest_sharded(self.checkpoint_dir) if fsdp else \
+            ckpt.load_latest(self.checkpoint_dir, skipped=skipped)
+        other = ckpt.list_checkpoints(self.checkpoint_dir) if fsdp else sharded.list_sharded(self.checkpoint_dir)
+        if found is None and other:
+            raise CheckpointError(f"{self.checkpoint_dir} holds checkpoints of strategy="
+                                  f"{'ddp' if fsdp else 'fsdp'!r} ({other[0].name}), which this run "
+                                  f"(strategy={self.options.strategy!r}) cannot read: use the same strategy, "
+                                  f"or another checkpoint_dir")
+        return found
+
     def _resume(self, state: dict[str, Any], path: Any, check_data: bool = True) -> None:
         """Load a checkpoint, after checking all of it fits this run (nothing is changed when it does not)."""
         assert self._feed is not None
         self._feed.check(state, path)
-        ckpt.check_fits(state, self.module, self.optimizer, path)
+        if sharded.SHARDED_KEY in state:
+            sharded.check_fits_sharded(state, self.module, self.optimizer, path)
+        else:
+            ckpt.check_fits(state, self.module, self.optimizer, path)
         keys = tuple(k for k in self._feed.resume_keys if check_data or k != "data_fingerprint")
         ckpt.check_compatible(state.get("config", {}), self._feed.config(), keys, path)
         try:
@@ -572,7 +629,7 @@ class Trainer:
         self.skipped_steps += 1
         feed.skipped(mark)  # the batch is used up: a checkpoint continues after it
         if self.options.on_nan == "rollback":
-            found = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
+            found = self._load_latest([]) if self.checkpoint_dir else None
             if not self.dist.all_equal(-1 if found is None else int(found[0]["step"])):
                 raise DistributedError(f"rank {self.dist.rank}: the ranks found different checkpoints to roll back "
                                        f"to; every rank must see the same checkpoint_dir (a shared folder)")
