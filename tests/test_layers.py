@@ -24,7 +24,7 @@ PACKAGE = "batchfit"
 LAYERS: list[tuple[str, ...]] = [
     ("batchfit.errors",),
     ("batchfit.core",),
-    ("batchfit.data", "batchfit.distributed"),
+    ("batchfit.data", "batchfit.distributed", "batchfit.sharding"),
     ("batchfit.measure",),
     ("batchfit.train",),
     ("batchfit.report",),

@@ -16,9 +16,21 @@ def test_all_has_no_duplicates():
     assert len(set(batchfit.__all__)) == len(batchfit.__all__)
 
 
-def test_errors_subclass_value_error():
-    for name in ("BatchfitError", "CheckpointError", "NonFiniteLossError", "ShardError", "DistributedError"):
+def test_refusals_are_value_errors_and_failures_while_training_are_not():
+    for name in ("InputError", "CheckpointError", "ShardError", "ConfigError"):
         assert issubclass(getattr(batchfit, name), ValueError), name
+    for name in ("NonFiniteLossError", "DistributedError", "StreamError"):
+        error = getattr(batchfit, name)
+        assert issubclass(error, RuntimeError) and not issubclass(error, ValueError), name
+    for name in ("InputError", "CheckpointError", "ShardError", "ConfigError", "NonFiniteLossError",
+                 "DistributedError", "StreamError"):
+        assert issubclass(getattr(batchfit, name), batchfit.BatchfitError), name
+    try:
+        batchfit.Batcher(batchfit.ArraySource(__import__("numpy").zeros((4, 2))), batch_size=0)
+    except ValueError as error:  # a refused argument is still caught as a ValueError
+        assert isinstance(error, batchfit.InputError) and "batch_size" in str(error)
+    else:
+        raise AssertionError("batch_size=0 was accepted")
 
 
 def test_check_choice_refuses_ints_posing_as_bools():

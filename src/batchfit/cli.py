@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .errors import BatchfitError, mask_secrets
+from .errors import BatchfitError, InputError, mask_secrets
 
 
 def not_shown(record: logging.LogRecord) -> bool:
@@ -263,7 +263,7 @@ def _shards_write(args: argparse.Namespace) -> int:
                                                                 "classes_from", "max_length")
                     if getattr(args, name) is not None] + (["--text-column"] if args.text_column != "text" else [])
     if args.tokenizer is None and text_options:
-        raise BatchfitError(f"`--tokenizer` is required with {text_options[0]}: texts are stored as the model's "
+        raise InputError(f"`--tokenizer` is required with {text_options[0]}: texts are stored as the model's "
                             f"token ids (give smollm2, minilm, a local folder or .gguf file)")
     if args.tokenizer is not None or args.input.lower().endswith((".txt", ".jsonl")):
         return _text_shards_write(args, start)
@@ -276,7 +276,7 @@ def _shards_write(args: argparse.Namespace) -> int:
         source = convert(args.input, args.output, target=args.target, image_size=args.image_size,
                          shard_size=args.shard_size, overwrite=args.overwrite, **images)
     except ImportError as error:  # Pillow, for image folders
-        raise BatchfitError(f"{error} (pip install 'batchfit[images]')") from error
+        raise InputError(f"{error} (pip install 'batchfit[images]')") from error
     print(f"wrote {len(source)} samples to {args.output} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -286,16 +286,16 @@ def _text_shards_write(args: argparse.Namespace, start: float) -> int:
     from .data.text import write_text_shards
 
     if args.tokenizer is None:
-        raise BatchfitError(f"`--tokenizer` is required to write text ({args.input}) as token shards: the model's "
+        raise InputError(f"`--tokenizer` is required to write text ({args.input}) as token shards: the model's "
                             "tokenizer (smollm2, minilm, a local folder or .gguf file)")
     if args.target is not None:
-        raise BatchfitError("`--target` is for numbers; for text give --label-column (or --prompt-column and "
+        raise InputError("`--target` is for numbers; for text give --label-column (or --prompt-column and "
                             "--response-column)")
     classes = None
     if args.classes_from is not None:
         classes = ShardSource(args.classes_from).classes
         if classes is None:
-            raise BatchfitError(f"`--classes-from` must be a shard folder with class names. Received: "
+            raise InputError(f"`--classes-from` must be a shard folder with class names. Received: "
                                 f"{args.classes_from}, which has none")
     source = write_text_shards(args.input, args.output, args.tokenizer, text_column=args.text_column,
                                label_column=args.label_column, prompt_column=args.prompt_column,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BatchfitError, check_positive_int, expected
+from .errors import InputError, check_positive_int, expected
 from .models import cnn
 from .run import new_run_dir, write_run_files
 from .train.callbacks import CSVLogger
@@ -26,7 +26,7 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[np.nda
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as error:
-        raise BatchfitError("the demo needs scikit-learn: pip install 'batchfit[demo]'") from error
+        raise InputError("the demo needs scikit-learn: pip install 'batchfit[demo]'") from error
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int64)

@@ -1,16 +1,21 @@
 """Errors raised by batchfit.
 
-Every error is a ``ValueError`` so that code written against plain argument checks keeps
-working::
+A refused input is a ``ValueError``, so that code written against plain argument checks keeps
+working; a run that fails while training is a ``RuntimeError``; every one is a
+:class:`BatchfitError`::
 
-    ValueError
-    └── BatchfitError            any refused input or broken promise of batchfit
-        ├── ShardError           a shard folder that is missing, corrupt or of unknown format
-        ├── CheckpointError      a checkpoint that cannot be read or does not fit the run
-        ├── NonFiniteLossError   a NaN or infinite loss (names the step and epoch)
-        ├── DistributedError     another rank failed or stopped answering
-        ├── StreamError          a stream's broker cannot be used (unreachable, refused, stream or group gone)
-        └── ConfigError          a run configuration (TOML) that cannot be used (names the key)
+    BatchfitError                  every error batchfit raises
+    ├── InputError (ValueError)    a refused input: argument, data, file, model or loss that do not fit
+    │   ├── ShardError             a shard folder that is missing, corrupt or of unknown format
+    │   ├── CheckpointError        a checkpoint that cannot be read or does not fit the run
+    │   └── ConfigError            a run configuration (TOML) that cannot be used (names the key)
+    ├── NonFiniteLossError (RuntimeError)  a NaN or infinite loss (names the step and epoch)
+    ├── DistributedError (RuntimeError)    another rank failed or stopped answering
+    └── StreamError (RuntimeError)         a stream's broker cannot be used (unreachable, refused,
+                                           stream or group gone)
+
+In 0.1 every one was a ``ValueError``; ``except ValueError`` no longer catches a
+non-finite loss, another rank's failure or a broker fault (``except bf.BatchfitError`` does).
 """
 
 from __future__ import annotations
@@ -19,19 +24,24 @@ import re
 from typing import Any
 
 
-class BatchfitError(ValueError):
+class BatchfitError(Exception):
     """Base class of batchfit's errors."""
 
 
-class ShardError(BatchfitError):
+class InputError(BatchfitError, ValueError):
+    """A refused input: an argument, data, a file, a model or a loss that cannot be used as given; the message
+    names it, what was expected and what was received."""
+
+
+class ShardError(InputError):
     """A shard folder or file is missing, truncated, corrupt or of an unknown format."""
 
 
-class CheckpointError(BatchfitError):
+class CheckpointError(InputError):
     """A checkpoint cannot be read, or was written by a run that does not match."""
 
 
-class NonFiniteLossError(BatchfitError):
+class NonFiniteLossError(BatchfitError, RuntimeError):
     """The loss of a step was NaN or infinite."""
 
     def __init__(self, message: str, *, step: int, epoch: int) -> None:
@@ -40,16 +50,16 @@ class NonFiniteLossError(BatchfitError):
         self.epoch = epoch
 
 
-class DistributedError(BatchfitError):
+class DistributedError(BatchfitError, RuntimeError):
     """A rank of a distributed run failed, so every rank stops."""
 
 
-class StreamError(BatchfitError):
+class StreamError(BatchfitError, RuntimeError):
     """A stream's broker cannot be used: unreachable for longer than the retries last, credentials refused,
     the stream or consumer group gone; the message names the URL (password masked), stream and group."""
 
 
-class ConfigError(BatchfitError):
+class ConfigError(InputError):
     """A configuration file that cannot be used; the message names the key."""
 
 
@@ -64,9 +74,9 @@ _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:@/\s\"']*:)[^\s\"']+@
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s\"']+")
 
 
-def expected(name: str, what: str, received: Any) -> BatchfitError:
+def expected(name: str, what: str, received: Any) -> InputError:
     """The standard refusal: names the argument, what was expected and what was received."""
-    return BatchfitError(f"`{name}` must be {what}. Received: {name}={received!r}")
+    return InputError(f"`{name}` must be {what}. Received: {name}={received!r}")
 
 
 def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:

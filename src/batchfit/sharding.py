@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 
 import torch
 
-from .errors import BatchfitError, expected
+from .errors import InputError, expected
 
 Strategy = Literal["ddp", "fsdp"]
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
@@ -77,14 +77,14 @@ def shard_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     from torch.distributed.fsdp import fully_shard
 
     if optimizer.state:
-        raise BatchfitError("strategy='fsdp' needs an optimizer that has not stepped yet (it holds state for "
+        raise InputError("strategy='fsdp' needs an optimizer that has not stepped yet (it holds state for "
                             "the unsharded parameters, which sharding replaces): build the Trainer before training")
     by_id = {id(p): name for name, p in model.named_parameters()}
     group_names = []
     for group in optimizer.param_groups:
         missing = [p for p in group["params"] if id(p) not in by_id]
         if missing:
-            raise BatchfitError(f"strategy='fsdp': the optimizer holds {len(missing)} tensors that are not "
+            raise InputError(f"strategy='fsdp': the optimizer holds {len(missing)} tensors that are not "
                                 f"parameters of the model; sharding can only replace the model's own")
         group_names.append([by_id[id(p)] for p in group["params"]])
     named = {id(m): name for name, m in model.named_modules()}

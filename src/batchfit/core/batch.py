@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import torch
 
-from ..errors import BatchfitError
+from ..errors import InputError
 
 Batch = Union[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # noqa: UP007 (runtime alias, 3.10)
 LossFn = Callable[..., torch.Tensor]
@@ -183,12 +183,12 @@ def loss_of(output: Any, batch: Batch, loss_fn: LossFn | None) -> torch.Tensor:
         if loss is not None:
             return loss
         if loss_fn is None:
-            raise BatchfitError("`loss_fn` is required when the model output has no `.loss`. Received: loss_fn=None")
+            raise InputError("`loss_fn` is required when the model output has no `.loss`. Received: loss_fn=None")
         return loss_fn(output, batch)
     if loss_fn is None:
-        raise BatchfitError("`loss_fn` is required for tuple batches. Received: loss_fn=None")
+        raise InputError("`loss_fn` is required for tuple batches. Received: loss_fn=None")
     if len(batch) == 1:
-        raise BatchfitError(
+        raise InputError(
             "A tuple batch needs a target as its last element. Received: a batch with 1 element"
         )
     return loss_fn(output, batch[-1])
@@ -200,7 +200,7 @@ def forward_loss(model: torch.nn.Module, loss_fn: LossFn | None, batch: Batch) -
     loss = loss_of(output, batch, loss_fn)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         received = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
-        raise BatchfitError(f"`loss_fn` must return a scalar tensor, the mean loss of the batch (reduce it with "
+        raise InputError(f"`loss_fn` must return a scalar tensor, the mean loss of the batch (reduce it with "
                             f".mean(), or use reduction='mean'). Received: {received}")
     return loss, output
 
@@ -241,7 +241,7 @@ def sample_lengths(batch: Batch) -> torch.Tensor:
     """Each sample's length: the longest of its variable-length arrays (``NAME_lengths`` keys)."""
     keys = _length_keys(batch)
     if not keys:
-        raise BatchfitError(
+        raise InputError(
             "micro_batch_tokens needs variable-length arrays: a dict batch with NAME and NAME_lengths "
             "(as ragged shards give), to count tokens by. Received: a batch with keys "
             f"{sorted(batch) if isinstance(batch, dict) else f'(tuple of {len(batch)})'}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BatchfitError, expected
+from ..errors import InputError, expected
 
 
 def resolve_device(device: str | torch.device, model: torch.nn.Module | None = None) -> torch.device:
@@ -28,7 +28,7 @@ def resolve_device(device: str | torch.device, model: torch.nn.Module | None = N
         raise expected("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise BatchfitError(f"`device` must be a device this machine has. Received: device={device!r}, "
+            raise InputError(f"`device` must be a device this machine has. Received: device={device!r}, "
                                 f"but CUDA is not available")
         index = torch.cuda.current_device() if resolved.index is None else resolved.index
         if index >= torch.cuda.device_count():

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import BatchfitError
+from ..errors import InputError
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
@@ -35,7 +35,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> str:
         return f"the model's own {enable.__name__}()"
     blocks = _blocks(model)
     if blocks is None:
-        raise BatchfitError(
+        raise InputError(
             "gradient_checkpointing=True needs blocks to recompute: a Hugging Face model, or a model with an "
             f"nn.ModuleList or nn.Sequential of two or more modules. Received: {type(model).__name__} without either")
     name, container = blocks

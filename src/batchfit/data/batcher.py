@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..errors import BatchfitError, check_choice, check_positive_int, check_seed, expected
+from ..errors import InputError, check_choice, check_positive_int, check_seed, expected
 from .order import SHUFFLES, epoch_order
 from .prefetch import prefetch_iter
 from .sources import Batch, Source, as_source, slice_batch, source_lengths
@@ -339,7 +339,7 @@ class Batcher:
         """Continue exactly where the batcher that produced ``state`` stopped."""
         for key in ("seed", "shuffle", "num_samples", "batch_tokens"):
             if state.get(key) != getattr(self, key):
-                raise BatchfitError(
+                raise InputError(
                     f"Batcher state was saved with {key}={state[key]!r}, but this Batcher has "
                     f"{key}={getattr(self, key)!r}; the sample order would differ."
                 )

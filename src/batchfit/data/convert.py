@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..errors import BatchfitError, expected
+from ..errors import InputError, expected
 from .images.folder import write_image_shards
 from .shards import CHUNK_BYTES, ShardSource, verify, write_shards
 from .shards.format import read_npy_header
@@ -110,7 +110,7 @@ class _NpyReader:
         try:
             shape, fortran, dtype = read_npy_header(stream)
         except ValueError as error:
-            raise BatchfitError(f"{where} is not a readable .npy array: {error}") from None
+            raise InputError(f"{where} is not a readable .npy array: {error}") from None
         if dtype.hasobject or fortran or not shape:
             got = "object dtype" if dtype.hasobject else "Fortran order" if fortran else "a 0-d array"
             raise expected(where, "a C-ordered numeric array with a sample dimension", got)
@@ -123,7 +123,7 @@ class _NpyReader:
     def read(self, rows: int) -> np.ndarray:
         data = self.stream.read(rows * self.row_bytes)
         if len(data) != rows * self.row_bytes:
-            raise BatchfitError(f"{self.where} ends early: expected {len(self)} rows of {self.row_bytes} bytes")
+            raise InputError(f"{self.where} ends early: expected {len(self)} rows of {self.row_bytes} bytes")
         return np.frombuffer(data, dtype=self.dtype).reshape(rows, *self.shape[1:])
 
 
@@ -175,7 +175,7 @@ def _npz_batches(path: Path, target: str | int | None) -> Iterator[Any]:
         readers = [_NpyReader(s, f"{path}[{n}]") for s, n in zip(streams, names)]
         lengths = {n: len(r) for n, r in zip(names, readers)}
         if len(set(lengths.values())) > 1:
-            raise BatchfitError(f"The arrays of {path} must have the same number of samples. Received: {lengths}")
+            raise InputError(f"The arrays of {path} must have the same number of samples. Received: {lengths}")
         for blocks in _read_in_step(readers):
             if target is None:
                 yield dict(zip(names, blocks))
@@ -194,7 +194,7 @@ def _csv_batches(path: Path, target: str | int | None, delimiter: str) -> Iterat
         from .text import first_bad_line
 
         line, raw = first_bad_line(path)
-        raise BatchfitError(f"{path}" + (f", line {line}" if line else "") + f" is not UTF-8 text ({error.reason} "
+        raise InputError(f"{path}" + (f", line {line}" if line else "") + f" is not UTF-8 text ({error.reason} "
                             f"near {raw[:60]!r}): save the file as UTF-8") from None
 
 
@@ -217,7 +217,7 @@ def _csv_rows(path: Path, target: str | int | None, delimiter: str) -> Iterator[
             integral = whole if integral is None else integral
             if integral and not whole:
                 bad = line + int(np.flatnonzero(labels != np.round(labels))[0])
-                raise BatchfitError(
+                raise InputError(
                     f"{path}, line {bad}: the target column held whole numbers (class labels) so far, "
                     f"but this line holds {labels[bad - line]}"
                 )
@@ -243,7 +243,7 @@ def _parse_csv(lines: list[str], delimiter: str, columns: int, path: Path, line:
         if "could not convert" in str(error):
             hint = (" (shards write reads a .csv as numbers; for a .csv of texts give --tokenizer and "
                     "--text-column/--label-column, see docs/text.md)")
-        raise BatchfitError(f"{path}, lines {line}-{line + len(lines) - 1}: {error}{hint}") from None
+        raise InputError(f"{path}, lines {line}-{line + len(lines) - 1}: {error}{hint}") from None
     if rows.shape[1] != columns:
         raise expected(f"{path}, lines {line}-{line + len(lines) - 1}", f"{columns} columns", rows.shape[1])
     return rows

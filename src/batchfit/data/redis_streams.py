@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..errors import BatchfitError, CheckpointError, StreamError, expected, mask_secrets
+from ..errors import CheckpointError, InputError, StreamError, expected, mask_secrets
 from .streams import DeadLetter, Event
 
 logger = logging.getLogger("batchfit")
@@ -32,7 +32,7 @@ def _redis() -> Any:
     try:
         import redis
     except ImportError as error:
-        raise BatchfitError('RedisStream needs the redis client: pip install "batchfit[stream]" '
+        raise InputError('RedisStream needs the redis client: pip install "batchfit[stream]" '
                             '(or: pip install redis hiredis)') from error
     return redis
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core.batch import LENGTHS, Batch, slice_batch
-from ..errors import BatchfitError, expected
+from ..errors import InputError, expected
 
 __all__ = ["ArraySource", "Batch", "DatasetSource", "Source", "as_source", "fingerprint", "pack", "slice_batch"]
 
@@ -72,7 +72,7 @@ class ArraySource:
 
     def __init__(self, *arrays: Any, **named: Any) -> None:
         if arrays and named:
-            raise BatchfitError(
+            raise InputError(
                 "`ArraySource` takes either positional arrays or named arrays, not both. "
                 f"Received: {len(arrays)} positional and names {sorted(named)}"
             )
@@ -87,7 +87,7 @@ class ArraySource:
         self.tensors = tuple(_as_tensor(name, a) for name, a in items)
         lengths = {name: t.shape[0] for (name, _), t in zip(items, self.tensors)}
         if len(set(lengths.values())) > 1:
-            raise BatchfitError(
+            raise InputError(
                 "All arrays of a source must have the same number of samples (first dimension). "
                 f"Received lengths: {lengths}"
             )

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..core.batch import Batch
-from ..errors import BatchfitError, expected
+from ..errors import BatchfitError, InputError, expected
 
 logger = logging.getLogger("batchfit")
 
@@ -372,7 +372,7 @@ class StreamSource:
     def cut(self, count: int, reason: str) -> StreamBatch:
         """A batch of the first ``count`` buffered events (fewer when fewer are buffered; at least one)."""
         if not self._buffer:
-            raise BatchfitError("StreamSource.cut: no event is buffered (call fill() or next_batch() first)")
+            raise InputError("StreamSource.cut: no event is buffered (call fill() or next_batch() first)")
         events, self._buffer = self._buffer[:count], self._buffer[count:]
         self._arrived, self._order = self._arrived[count:], self._order[count:]
         self._opened = self._arrived[0] if self._buffer else None
@@ -565,5 +565,5 @@ def _stack(values: list[Any], name: str) -> torch.Tensor:
 
 def _mismatch(index: int, ids: Sequence[Any], what: str, sample: Any) -> BatchfitError:
     where = f"event {ids[index]!r}" if index < len(ids) else f"event {index} of the batch"
-    return BatchfitError(f"every event of a stream must have the same fields: expected {what}. "
+    return InputError(f"every event of a stream must have the same fields: expected {what}. "
                          f"Received: {where} = {sample!r}")

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BatchfitError, check_positive_int, expected
+from ..errors import InputError, check_positive_int, expected
 from .shards import ShardSource, write_shards
 
 log = logging.getLogger("batchfit")
@@ -96,7 +96,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> Pretrained:
         module, folder, gguf = PACKAGED[name]
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
-            raise BatchfitError(f"the packaged model {name!r} needs its package, which is not installed: "
+            raise InputError(f"the packaged model {name!r} needs its package, which is not installed: "
                                 f"pip install --no-deps {_PACKAGE_NAMES[module]}")
         return Pretrained(str(Path(list(spec.submodule_search_locations)[0]) / folder), gguf)
     path = Path(name).expanduser()
@@ -119,7 +119,7 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError as error:
-        raise BatchfitError("text models and tokenizers need Hugging Face transformers: "
+        raise InputError("text models and tokenizers need Hugging Face transformers: "
                             "pip install 'batchfit[text]'") from error
     return transformers
 
@@ -162,7 +162,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, verbose: bool = Fals
         with quiet_loading(transformers, verbose):
             tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **where.kwargs())
     except (OSError, ValueError, KeyError) as error:
-        raise BatchfitError(
+        raise InputError(
             f"the tokenizer of {os.fspath(name_or_path)!r} cannot be loaded offline ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Give a local folder or .gguf file, one of "
             f"{sorted(PACKAGED)}, or a hub name already in the local cache"
@@ -221,7 +221,7 @@ def _decoding(path: Path) -> Iterator[None]:
     except UnicodeDecodeError as error:
         line, raw = first_bad_line(path)
         bad = raw[:60] if raw else error.object[max(0, error.start - 20): error.start + 20]
-        raise BatchfitError(f"{path}" + (f", line {line}" if line else "") + f" is not UTF-8 text ({error.reason} "
+        raise InputError(f"{path}" + (f", line {line}" if line else "") + f" is not UTF-8 text ({error.reason} "
                             f"near {bad!r}): save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
@@ -244,7 +244,7 @@ def _jsonl_records(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, di
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise BatchfitError(f"{path}, line {number} is not JSON: {error}") from None
+                raise InputError(f"{path}, line {number} is not JSON: {error}") from None
             if not isinstance(record, dict):
                 raise expected(f"{path}, line {number}", "a JSON object", type(record).__name__)
             _check_columns(columns, list(record), path, number)
@@ -255,7 +255,7 @@ def _check_columns(columns: Sequence[str], present: Sequence[str], path: Path, l
     for column in columns:
         if column not in present:
             where = f"{path}" + (f", line {line}" if line is not None else "")
-            raise BatchfitError(f"column {column!r} is not in {where}; its columns are {list(present)} "
+            raise InputError(f"column {column!r} is not in {where}; its columns are {list(present)} "
                                 f"(choose with --text-column / --label-column / --prompt-column / --response-column)")
 
 
@@ -413,7 +413,7 @@ class _Tokeniser:
         if not text:
             return None  # counted as empty
         if text not in self.classes:
-            raise BatchfitError(f"{self.path}, line {line}: label {text!r} is not one of the classes "
+            raise InputError(f"{self.path}, line {line}: label {text!r} is not one of the classes "
                                 f"{list(self.classes)}")
         return self.classes[text]
 
@@ -464,7 +464,7 @@ def _task_classes(task: TextTask, classes: Sequence[str] | None, path: Path) -> 
     names = [_label_text(c) for c in classes] if classes is not None else class_names(path, task)
     if classes is None and len(names) < 2:
         found = "no labelled sample (only a header line?)" if not names else f"only one class, {names[0]!r}"
-        raise BatchfitError(f"{path}: classification needs at least two classes in column "
+        raise InputError(f"{path}: classification needs at least two classes in column "
                             f"{task.label_column!r}, but the file holds {found}")
     if len(set(names)) != len(names) or len(names) < 2:
         raise expected("classes", "at least two distinct class names", list(classes or names))

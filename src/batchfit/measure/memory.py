@@ -36,7 +36,7 @@ from ..core.precision import PRECISIONS
 from ..core.step import Step
 from ..data.batcher import Batcher
 from ..data.sources import Source, as_source, source_lengths
-from ..errors import BatchfitError, check_choice, check_positive_int, check_seed, expected
+from ..errors import InputError, check_choice, check_positive_int, check_seed, expected
 from .state import probe
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def available_host_memory() -> int:
         with contextlib.suppress(AttributeError, ValueError, OSError):
             candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     if not candidates:
-        raise BatchfitError("Cannot tell how much host memory is available; pass `memory_budget` in bytes.")
+        raise InputError("Cannot tell how much host memory is available; pass `memory_budget` in bytes.")
     return max(0, min(candidates))
 
 
@@ -389,7 +389,7 @@ def find_micro_batch_size(
     ):
         size = search_largest(peak_of, (1 - MARGIN) * budget, cap)
     if size == 0:
-        raise BatchfitError(
+        raise InputError(
             f"Even a micro-batch of 1 sample does not fit in memory_budget={budget:.0f} bytes "
             f"({budget / MiB:.1f} MiB, keeping {MARGIN:.0%} free) on {target}. Free memory or use a smaller model."
         )

@@ -26,7 +26,7 @@ from ..core.precision import PRECISIONS
 from ..core.step import Step
 from ..data.batcher import Batcher
 from ..data.sources import as_source
-from ..errors import BatchfitError, check_choice, check_positive_int, expected
+from ..errors import InputError, check_choice, check_positive_int, expected
 from .state import probe
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def lr_range_test(
                 diverged = True
                 break
     if not math.isfinite(raw[0]):
-        raise BatchfitError(f"The loss is not finite even at min_lr={min_lr}: lower `min_lr` or check the model.")
+        raise InputError(f"The loss is not finite even at min_lr={min_lr}: lower `min_lr` or check the model.")
     finite = len(smoothed) - (not math.isfinite(smoothed[-1]))
     # The moving average rests on ~1/smoothing losses; skip the steps before it has half of them.
     skip = min(math.ceil(0.5 / smoothing), finite // 4)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..core.rng import rng_state, set_rng_state
-from ..errors import BatchfitError
+from ..errors import InputError
 
 
 def _host_copy(value: Any) -> Any:
@@ -105,7 +105,7 @@ def _optimizer_for(
     """A copy of ``optimizer`` (same class, hyperparameters and state) over ``twin``'s parameters."""
     twin_of = {id(p): q for p, q in zip(model.parameters(), twin.parameters())}
     if any(id(p) not in twin_of for group in optimizer.param_groups for p in group["params"]):
-        raise BatchfitError(
+        raise InputError(
             "`optimizer` holds parameters that are not the model's, so the probe cannot move it to another "
             "device. Move the model to the probe device before creating the optimizer."
         )

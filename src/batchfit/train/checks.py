@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchfitError, expected
+from ..errors import InputError, expected
 from .callbacks import Callback
 from .metrics import is_stateful
 from .options import TrainerOptions, option_names
@@ -24,24 +24,24 @@ def error_at_step(error: BaseException, step: int, epoch: int) -> BaseException:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = f"step {step} (epoch {epoch})"
     if isinstance(error, IndexError) and "out of bounds" in text:
-        return BatchfitError(f"{where}: {text} The targets must be class indices from 0 to "
+        return InputError(f"{where}: {text} The targets must be class indices from 0 to "
                              f"the number of the model's outputs - 1: check the labels, or the model's output size")
     if isinstance(error, IndexError) and "index out of range in self" in text:
-        return BatchfitError(f"{where}: {text}: an embedding got an index past its table, most often token ids "
+        return InputError(f"{where}: {text}: an embedding got an index past its table, most often token ids "
                              f"beyond the model's vocabulary. Write the shards with the model's own tokenizer "
                              f"(or give the model a larger vocabulary)")
     found = re.search(r"expected target dtype to be Long or Byte, but got (\w+)", text)
     if found:
-        return BatchfitError(f"{where}: the labels are {found.group(1).lower()}, but cross-entropy needs class "
+        return InputError(f"{where}: the labels are {found.group(1).lower()}, but cross-entropy needs class "
                              f"indices (int64): pass y.astype('int64') (or use a loss for real-valued targets)")
     found = re.search(r"must have the same dtype, but got (Byte|Char|Short|Int|Long|Bool) and (\w+)", text)
     if found:
-        return BatchfitError(f"{where}: the inputs are integers ({found.group(1).lower()}) but the model computes "
+        return InputError(f"{where}: the inputs are integers ({found.group(1).lower()}) but the model computes "
                              f"in {found.group(2).lower()}: convert them, e.g. transform=bf.ToFloat() (uint8 "
                              f"images to floats in [0, 1]) or x.astype('float32')")
     found = re.search(r"got an unexpected keyword argument '(\w+)'", text)
     if isinstance(error, TypeError) and found:
-        return BatchfitError(f"{where}: the model takes no argument {found.group(1)!r}: dict batches are passed as "
+        return InputError(f"{where}: the model takes no argument {found.group(1)!r}: dict batches are passed as "
                              f"model(**batch); pass the data as a tuple (inputs..., target) instead, or name the "
                              f"arrays after the model's forward() parameters")
     add_note = getattr(error, "add_note", None)  # Python 3.11+
@@ -86,11 +86,11 @@ def options_from(options: TrainerOptions | None, values: dict[str, Any]) -> Trai
         if not isinstance(options, TrainerOptions):
             raise expected("options", "a TrainerOptions", type(options).__name__)
         if values:
-            raise BatchfitError(f"Pass the Trainer's options either as `options=` or as keywords, not both. "
+            raise InputError(f"Pass the Trainer's options either as `options=` or as keywords, not both. "
                                 f"Received: options and {sorted(values)}")
         return options
     unknown = sorted(set(values) - set(option_names()))
     if unknown:
-        raise BatchfitError(f"`{unknown[0]}` is not an option of Trainer; expected one of "
+        raise InputError(f"`{unknown[0]}` is not an option of Trainer; expected one of "
                             f"{sorted(option_names())}. Received: {unknown[0]}={values[unknown[0]]!r}")
     return TrainerOptions(**values)

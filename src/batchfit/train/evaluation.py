@@ -17,7 +17,7 @@ from ..data.batcher import Batcher
 from ..data.prefetch import device_prefetch
 from ..data.sources import Source
 from ..distributed import DistContext
-from ..errors import BatchfitError
+from ..errors import InputError
 from .first_batch import explain_forward_error
 from .guards import non_finite_data
 from .metrics import Metric, MetricSums, correct_count, is_classification, is_stateful
@@ -173,6 +173,6 @@ def prediction_of(output: Any) -> torch.Tensor:
         for value in output:
             if isinstance(value, torch.Tensor):
                 return value
-    raise BatchfitError(f"predict() cannot tell which part of the model's output is its prediction. Received: "
+    raise InputError(f"predict() cannot tell which part of the model's output is its prediction. Received: "
                         f"{type(output).__name__}" + (f" with keys {sorted(output)}" if isinstance(output, Mapping)
                                                       else "") + "; return a tensor, or a dict with 'logits'")

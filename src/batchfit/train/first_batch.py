@@ -33,7 +33,7 @@ from ..core.batch import Batch, LossFn, forward, param_dtype, to_device
 from ..core.precision import autocast
 from ..core.rng import rng_state, set_rng_state
 from ..data.sources import Source, source_lengths
-from ..errors import BatchfitError
+from ..errors import BatchfitError, InputError
 
 logger = logging.getLogger("batchfit")
 
@@ -95,7 +95,7 @@ def check_lengths(model: torch.nn.Module, src: Source) -> None:
         return
     longest = int(np.argmax(lengths))
     if int(lengths[longest]) > limit:
-        raise BatchfitError(f"sample {longest} has {int(lengths[longest]):,} tokens, but the model takes at most "
+        raise InputError(f"sample {longest} has {int(lengths[longest]):,} tokens, but the model takes at most "
                             f"{limit:,} (its config.max_position_embeddings): write the shards with --max-length "
                             f"{limit} (max_length={limit}) or less")
 
@@ -174,7 +174,7 @@ def _check_output(model: torch.nn.Module, loss_fn: LossFn, output: Any, batch: t
             if isinstance(output, (tuple, list)):
                 parts = " of " + ", ".join(f"{tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__
                                            for o in output)
-            raise BatchfitError(
+            raise InputError(
                 f"the model returns a {returned}{parts}, which `loss_fn` ({loss_name(loss_fn)}) cannot take "
                 f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}). "
                 f"Return one tensor from forward(), or pass a loss that picks the output, e.g. "
@@ -195,7 +195,7 @@ def _check_output(model: torch.nn.Module, loss_fn: LossFn, output: Any, batch: t
     trainable = any(p.requires_grad for p in model.parameters())
     if isinstance(loss, torch.Tensor) and loss.dim() == 0 and trainable and not loss.requires_grad \
             and torch.is_grad_enabled():
-        raise BatchfitError(f"the loss has no gradient: `loss_fn` ({loss_name(loss_fn)}) returned a tensor that "
+        raise InputError(f"the loss has no gradient: `loss_fn` ({loss_name(loss_fn)}) returned a tensor that "
                             f"does not depend on the model's output (a .item(), .detach(), torch.tensor(...) or "
                             f"NumPy round trip inside it?). Compute the loss with torch operations on the output")
     return adapted
@@ -234,7 +234,7 @@ def _elementwise(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor, te
         return AdaptedLoss(loss_fn, False, True) if cast else loss_fn
     name = loss_name(loss_fn)
     if not _same_size(output, target):
-        raise BatchfitError(
+        raise InputError(
             f"`loss_fn` ({name}) compares the model's output of shape {tuple(output.shape)} with targets of shape "
             f"{tuple(target.shape)}: they differ in size per sample ({output[0].numel() if len(output) else 0} "
             f"against {target[0].numel() if len(target) else 0}) and would broadcast into nonsense. Make the "
@@ -251,7 +251,7 @@ def _classes(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor, tell: 
     if output.dim() == 2 and output.shape[1] == 1:
         regression = " For real-valued targets (regression) use mse (loss.name = \"mse\")." \
             if target.is_floating_point() else ""
-        raise BatchfitError(
+        raise InputError(
             f"`loss_fn` ({name}) needs one output per class, but the model outputs shape {tuple(output.shape)}: "
             f"one class, whose cross-entropy is always 0. Give the model as many outputs as classes "
             f"(out_features = the number of classes), or for a yes/no "
@@ -264,7 +264,7 @@ def _classes(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor, tell: 
     if output.dim() == target.dim() + 1 and output.shape[0] == target.shape[0] \
             and tuple(output.shape[2:]) == tuple(target.shape[1:]):
         return loss_fn
-    raise BatchfitError(
+    raise InputError(
         f"`loss_fn` ({name}) needs one class index per sample: targets of shape (N,) with an output of shape "
         f"(N, classes). Received: output {tuple(output.shape)}, targets {tuple(target.shape)} "
         f"({str(target.dtype).removeprefix('torch.')}). Give y of shape (N,) holding class indices")
@@ -297,7 +297,7 @@ def explain_forward_error(model: torch.nn.Module, batch: Batch, error: BaseExcep
         width = x.shape[-1] if x.dim() >= 2 else 1
         if layer.in_features in (width, features):
             return None  # the data fits the first layer: the mismatch is inside the model
-        return BatchfitError(
+        return InputError(
             f"the data does not fit the model: its samples have shape {sample} ({features} features), but the "
             f"model's first layer {layer} takes {layer.in_features}. Build the model with "
             f"in_features={features if x.dim() > 2 else width}, or give data with {layer.in_features} features a "
@@ -306,13 +306,13 @@ def explain_forward_error(model: torch.nn.Module, batch: Batch, error: BaseExcep
         channels = x.shape[1] if x.dim() >= 2 else 1
         if channels == layer.in_channels:
             return None
-        return BatchfitError(
+        return InputError(
             f"the data does not fit the model: its samples have shape {sample} ({channels} channels first), but "
             f"the model's first layer {layer} takes {layer.in_channels} channels. Build the model with "
             f"in_channels={channels}, or give images of {layer.in_channels} channels ({text})")
     if isinstance(layer, torch.nn.Embedding) and "index out of range" in text:
         top = int(x.max()) if x.numel() and not x.is_floating_point() else None
-        return BatchfitError(
+        return InputError(
             f"the data does not fit the model: token ids go up to {top}, but the model's embedding {layer} has "
             f"{layer.num_embeddings} rows (ids 0 to {layer.num_embeddings - 1}). Were the shards written with "
             f"another tokenizer than the model's? ({text})")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchfitError, expected
+from ..errors import InputError, expected
 from ..measure.lr import adascale_gain, scale_lr, warmup
 from ..measure.noise import NoiseScaleTracker
 from .options import TrainerOptions
@@ -63,10 +63,10 @@ class LRControl:
             try:
                 scheduled = float(value)
             except (TypeError, ValueError):
-                raise BatchfitError(f"`lr_schedule` must return a number, the factor of the learning rate at a step. "
+                raise InputError(f"`lr_schedule` must return a number, the factor of the learning rate at a step. "
                                     f"Received: lr_schedule({step})={value!r}") from None
             if not (math.isfinite(scheduled) and scheduled >= 0):
-                raise BatchfitError(f"`lr_schedule` must return a finite, non-negative factor. Received: "
+                raise InputError(f"`lr_schedule` must return a finite, non-negative factor. Received: "
                                     f"lr_schedule({step})={scheduled}")
             factor *= scheduled
         return factor

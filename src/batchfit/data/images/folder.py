@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import BatchfitError, check_choice, check_positive_int, expected
+from ...errors import InputError, check_choice, check_positive_int, expected
 from ..shards import ShardSource, write_shards
 from .transforms import convert_mode, pillow
 
@@ -131,7 +131,7 @@ def _check_files(folder: Path, classes: list[str], files: list[tuple[Path, int]]
     counts = np.bincount(np.array([label for _, label in files], dtype=np.int64), minlength=len(classes))
     empty = [classes[i] for i in np.flatnonzero(counts == 0)]
     if empty:
-        raise BatchfitError(f"class sub-folder(s) {', '.join(str(folder / name) for name in empty[:3])} of {folder} "
+        raise InputError(f"class sub-folder(s) {', '.join(str(folder / name) for name in empty[:3])} of {folder} "
                             f"hold no images: each would be a class without samples. Remove the empty folder(s), or "
                             f"put images in them")
     if follow_symlinks:
@@ -140,7 +140,7 @@ def _check_files(folder: Path, classes: list[str], files: list[tuple[Path, int]]
     outside = [path for path, _ in files if path.is_symlink() or path.parent.is_symlink()
                if not path.resolve().is_relative_to(root)]
     if outside:
-        raise BatchfitError(f"{len(outside)} image(s) of {folder} are symbolic links out of it, e.g. {outside[0]} -> "
+        raise InputError(f"{len(outside)} image(s) of {folder} are symbolic links out of it, e.g. {outside[0]} -> "
                             f"{outside[0].resolve()}: pass follow_symlinks=True (--follow-symlinks) to read them")
 
 
@@ -186,7 +186,7 @@ def _batches(files: list[tuple[Path, int]], mode: str, decode: bool, size: tuple
             for (path, label), (result, reason, gray) in zip(task, prepared):
                 if reason is not None:
                     if on_corrupt == "error":
-                        raise BatchfitError(f"Image {path} cannot be read: {reason} "
+                        raise InputError(f"Image {path} cannot be read: {reason} "
                                             "(on_corrupt='skip', --on-corrupt skip, leaves such files out)")
                     warnings.warn(f"skipped image {path}: {reason}", stacklevel=2)
                     skipped.append({"file": str(path), "reason": reason})

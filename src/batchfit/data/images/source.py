@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...core.batch import Batch
-from ...errors import BatchfitError, expected
+from ...errors import BatchfitError, InputError, expected
 from ..shards import ShardSource
 from .transforms import ImageTransform
 
@@ -83,7 +83,7 @@ class ImageSource:
             yield
         except BatchfitError as error:
             if str(error).startswith("the image of sample"):
-                raise BatchfitError(f"{self.src.path}: {error}") from error
+                raise InputError(f"{self.src.path}: {error}") from error
             raise
 
     # Worker processes write the pixels of a batch into a shared buffer that is reused from batch to

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...core.batch import Batch
-from ...errors import BatchfitError, expected
+from ...errors import BatchfitError, InputError, expected
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,7 +186,7 @@ class ImageTransform:
             except Exception as error:  # Pillow raises many kinds for bytes that are no image (or a bomb)
                 if isinstance(error, BatchfitError):
                     raise
-                raise BatchfitError(f"the image of sample {int(indices[row])} cannot be decoded "
+                raise InputError(f"the image of sample {int(indices[row])} cannot be decoded "
                                     f"({type(error).__name__}: {error}): the shard folder is damaged (find the "
                                     f"file with `batchfit shards verify`, and write the folder again)") from error
         return out, labels

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from ...core.durable import atomic_write, failed_write
-from ...errors import BatchfitError, check_positive_int, expected
+from ...errors import InputError, check_positive_int, expected
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -112,15 +112,15 @@ def _read_pointer(folder: Path) -> dict[str, Any]:
     try:
         info = json.loads(pointer.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BatchfitError(f"no snapshot published in {folder} yet (no {POINTER} file)") from None
+        raise InputError(f"no snapshot published in {folder} yet (no {POINTER} file)") from None
     except (ValueError, OSError) as error:  # JSONDecodeError, UnicodeDecodeError, a folder named LATEST
-        raise BatchfitError(f"{pointer} is not a snapshot pointer (JSON written by PublishSnapshots): "
+        raise InputError(f"{pointer} is not a snapshot pointer (JSON written by PublishSnapshots): "
                             f"{type(error).__name__}: {error}") from None
     name = info.get("file") if isinstance(info, dict) else None
     if not isinstance(name, str) or not name:
-        raise BatchfitError(f"{pointer} names no snapshot file (expected JSON with \"file\"). Received: {info!r}")
+        raise InputError(f"{pointer} names no snapshot file (expected JSON with \"file\"). Received: {info!r}")
     if Path(name).name != name or name in (".", "..") or not name.endswith(".pt"):
-        raise BatchfitError(f"{pointer} names {name!r}, which is not a snapshot file in {folder}: a pointer "
+        raise InputError(f"{pointer} names {name!r}, which is not a snapshot file in {folder}: a pointer "
                             f"never leaves its folder")
     return info
 
@@ -143,11 +143,11 @@ def load_snapshot(folder: str | os.PathLike[str], map_location: Any = "cpu",
             continue  # pruned after the pointer moved on: read the pointer again
         except Exception as error:  # noqa: BLE001 - garbage, a truncated file, or one that is not weights only
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise BatchfitError(f"snapshot {path} (named by {folder / POINTER}) cannot be read as weights: "
+            raise InputError(f"snapshot {path} (named by {folder / POINTER}) cannot be read as weights: "
                                 f"{type(error).__name__}: {first}") from None
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise BatchfitError(f"snapshot {path} (named by {folder / POINTER}) is not a snapshot written by "
+            raise InputError(f"snapshot {path} (named by {folder / POINTER}) is not a snapshot written by "
                                 f"PublishSnapshots (no 'model' weights in it)")
         return state["model"], info
-    raise BatchfitError(f"the snapshot named by {folder / POINTER} kept disappearing ({attempts} attempts): "
+    raise InputError(f"the snapshot named by {folder / POINTER} kept disappearing ({attempts} attempts): "
                         f"raise PublishSnapshots(keep=...)")

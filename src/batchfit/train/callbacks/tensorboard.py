@@ -6,7 +6,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BatchfitError, expected
+from ...errors import InputError, expected
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class TensorBoardLogger(Callback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
-            raise BatchfitError("TensorBoardLogger needs the tensorboard package: pip install "
+            raise InputError("TensorBoardLogger needs the tensorboard package: pip install "
                                 "'batchfit[tensorboard]'") from error
         self.log_dir = os.fspath(log_dir)
         self._writer_class = SummaryWriter
