@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("batchfit.train",),
     ("batchfit.report",),
     ("batchfit.workloads",),  # docs/design.md lists it after report.py and before config.py
+    ("batchfit.text", "batchfit.streams", "batchfit.shards", "batchfit.callbacks"),  # the public namespaces
     ("batchfit.config", "batchfit.run", "batchfit.models", "batchfit.demo", "batchfit.bench"),
     ("batchfit.cli",),
 ]
