@@ -184,6 +184,8 @@ class StreamFeed:
         if dist.enabled:
             self.ranks = StreamRanks(dist, source, o.batch_size, trainer.device)
             self.step_fn.reduce_grads = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
+        # What floating inputs are cast to, found once (a walk over the parameters each step costs microseconds).
+        self.dtype = param_dtype(trainer.module)
         # The user's metrics of one batch, summed over ranks (stateful ones accumulate on each rank).
         self.shared_metrics = [name for name, metric in trainer.evaluator.metrics.items() if not is_stateful(metric)]
 
@@ -285,7 +287,7 @@ class StreamFeed:
     def _attempt(self, local: StreamBatch, size: int) -> StepResult:
         """Forward, backward and (for a finite loss) update on ``local``; its prequential scores for the history."""
         trainer = self.trainer
-        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        batch = to_device(local.batch, trainer.device, self.dtype)
         output = _eval_output(trainer, batch)  # with the weights that have not seen the batch
         result = self.step_fn.step(batch, size)  # the loss is computed before the update: a test-then-train score
         if result.value is None or math.isfinite(result.value):
@@ -300,7 +302,7 @@ class StreamFeed:
         trainer = self.trainer
         if not all(torch.isfinite(p).all() for p in trainer.module.parameters()):
             return {}
-        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        batch = to_device(local.batch, trainer.device, self.dtype)
         found: dict[int, str] = {}
 
         def failing(rows: list[int]) -> str | None:
@@ -400,7 +402,7 @@ class StreamFeed:
         batch = output = None
         redelivered = 0
         if local is not None:
-            batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+            batch = to_device(local.batch, trainer.device, self.dtype)
             output = _eval_output(trainer, batch)
             scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
             redelivered = local.redelivered
