@@ -24,7 +24,7 @@ import torch
 
 from batchfit.data.streams import StreamSource
 from batchfit.train.trainer import Trainer
-from batchfit.workloads.stream import MatrixFactorization, load_movielens_100k, rmse_loss
+from batchfit.workloads.stream import MatrixFactorization, Recipe, load_movielens_100k, rmse_loss
 
 
 def _events(columns: dict[str, np.ndarray], count: int) -> list[tuple[int, int, float]]:
@@ -92,24 +92,25 @@ def pace_table(columns: dict[str, np.ndarray], batch_sizes: Sequence[int] = (1, 
 def format_pace_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"Stream loop against a hand-written loop (SGD, MF d=16, one torch thread), median of "
              f"{rows[0]['repeats']} interleaved runs:", "",
-             "| batch | events | stream loop samples/s | hand loop samples/s | ratio |", "| --- | --- | --- | --- | --- |"]
+             "| batch | events | stream loop samples/s | hand loop samples/s | ratio |",
+             "| --- | --- | --- | --- | --- |"]
     for row in rows:
         lines.append(f"| {row['batch_size']} | {row['events']:,} | {row['stream_per_s']:,.0f} | "
                      f"{row['hand_per_s']:,.0f} | {row['ratio']:.2f} |")
     return "\n".join(lines)
 
 
-def shipped_recipe(columns: dict[str, np.ndarray], count: int | None = None) -> dict[str, Any]:
-    """The prequential RMSE and events/s of the recipe's defaults over the ratings in time order."""
+def shipped_recipe(columns: dict[str, np.ndarray], count: int | None = None,
+                   recipe: Recipe | None = None) -> dict[str, Any]:
+    """The prequential RMSE and events/s of the recipe (its defaults) over the ratings in time order."""
     events = _events(columns, len(columns["user"]) if count is None else count)
-    settings = recipe()
-    model = MatrixFactorization(943, 1682, dim=settings["dim"], init=settings["init"])
-    optimizer = settings["optimizer"](model.parameters(), **settings["optimizer_options"])
-    trainer = Trainer(model, settings["loss"], optimizer, batch_size=settings["batch_size"], progress=False)
+    recipe = recipe or Recipe()
+    model = recipe.model()
+    trainer = Trainer(model, rmse_loss, recipe.optimizer(model), batch_size=recipe.batch_size, progress=False)
     start = time.perf_counter()
     history = trainer.fit(StreamSource(events))
     seconds = time.perf_counter() - start
-    return {"model": f"batchfit recipe (batch {settings['batch_size']}, {settings['describe']})",
+    return {"model": f"batchfit recipe, batch {recipe.batch_size}, {recipe.describe()}",
             "preq_rmse": math.sqrt(history.column("preq_loss")[-1]), "events_per_s": len(events) / seconds,
             "events": len(events)}
 
@@ -138,3 +139,57 @@ def river_biased_mf(columns: dict[str, np.ndarray], count: int | None = None) ->
     seconds = time.perf_counter() - start
     return {"model": "river BiasedMF (its documented recipe)", "preq_rmse": math.sqrt(squared / n),
             "events_per_s": n / seconds, "events": n}
+
+
+def river_table(columns: dict[str, np.ndarray], repeats: int = 3, count: int | None = None) -> dict[str, Any]:
+    """The shipped recipe and river's ``BiasedMF``, run in turn ``repeats`` times (the order alternating): the RMSE
+    (the same every run) and the median events/s of each; the river row is ``None`` without river."""
+    ours, theirs = [], []
+    for repeat in range(repeats):
+        runs = [lambda: ours.append(shipped_recipe(columns, count)),
+                lambda: theirs.append(river_biased_mf(columns, count))]
+        for run in runs if repeat % 2 == 0 else runs[::-1]:
+            run()
+    rows = {"recipe": {**ours[0], "events_per_s": float(np.median([r["events_per_s"] for r in ours]))},
+            "river": None, "repeats": repeats}
+    if theirs[0] is not None:
+        rows["river"] = {**theirs[0], "events_per_s": float(np.median([r["events_per_s"] for r in theirs]))}
+    return rows
+
+
+def format_river_table(result: dict[str, Any]) -> str:
+    lines = [f"MovieLens-100k in time order, prequential (score, then train), median events/s of "
+             f"{result['repeats']} interleaved runs:", "", "| model | prequential RMSE | events/s |",
+             "| --- | --- | --- |"]
+    for key in ("recipe", "river"):
+        row = result[key]
+        if row is None:
+            lines.append("| river BiasedMF | skipped: river is not installed (pip install river) | - |")
+        else:
+            lines.append(f"| {row['model']} | {row['preq_rmse']:.4f} | {row['events_per_s']:,.0f} |")
+    if result["river"] is not None:
+        ratio = result["recipe"]["events_per_s"] / result["river"]["events_per_s"]
+        lines += ["", f"recipe / river events/s: {ratio:.2f}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/run.py --only stream_pace [--quick] [--json FILE]``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer events and repeats (a rough check)")
+    parser.add_argument("--repeats", type=int, help="interleaved runs of each loop (default 7; --quick 3)")
+    parser.add_argument("--json", help="write every result to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    columns = load_movielens_100k()
+    repeats = args.repeats or (3 if args.quick else 7)
+    pace = pace_table(columns, events=10_000 if args.quick else 100_000, repeats=repeats)
+    print(format_pace_table(pace), "\n", flush=True)
+    river = river_table(columns, repeats=1 if args.quick else 3, count=20_000 if args.quick else None)
+    print(format_river_table(river), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"pace": pace, "river": river}, handle, indent=2)

@@ -117,7 +117,7 @@ class Segment:
         a, b = self.start, min(self.start + count, len(self.ids))
         self.start = b
         batch = self.batch
-        part = ({k: v[a:b] for k, v in batch.items()} if isinstance(batch, dict) else tuple(v[a:b] for v in batch))
+        part = {k: v[a:b] for k, v in batch.items()} if isinstance(batch, dict) else tuple([v[a:b] for v in batch])
         times = self.times[a:b] if isinstance(self.times, list) else [self.times] * (b - a)
         redelivered = 0 if self.redelivered is None else sum(self.redelivered[a:b])
         return part, list(self.ids[a:b]), times, None if self.events is None else self.events[a:b], redelivered
@@ -326,6 +326,9 @@ class StreamSource:
         self.ended = False
         self.read_ahead = READ_AHEAD  # events asked of the consumer at once (at least what a batch is missing)
         self.check = SampleCheck(ranges, getattr(events, "fields", None))
+        # Floating fields are cast to this dtype as they are admitted (once per read, not per batch): the trainer
+        # sets the model's, to which every batch is cast on its way to it anyway.
+        self.float_dtype: torch.dtype | None = None
         self.on_dead_letter = on_dead_letter
         self.dead_letters: collections.deque[DeadLetter] = collections.deque(maxlen=DEAD_LETTERS_KEPT)
         self.quarantined = 0  # events this source has quarantined
@@ -401,8 +404,7 @@ class StreamSource:
         if columns is not None:  # proven good column by column: no Python object per event
             self._arrivals += len(samples)
             self.names = None
-            return Segment(tuple(_stack(list(c), f"field {i}") if not isinstance(c, np.ndarray) else
-                                 torch.from_numpy(c) for i, c in enumerate(columns)),
+            return Segment(self._cast(tuple([_stack(list(c), f"field {i}") for i, c in enumerate(columns)])),
                            chunk.ids, chunk.times, first, received)
         times = chunk.times if isinstance(chunk.times, list) else [chunk.times] * len(samples)
         return self._admit([Event(i, sample, t) for i, sample, t in zip(chunk.ids, samples, times)], received,
@@ -435,11 +437,22 @@ class StreamSource:
                 self._poison += [(number, event.id) for number, event, _ in bad]
             if not good:
                 return None
-        batch = collate([e.sample for e in good], [e.id for e in good])
+        batch = self._cast(collate([e.sample for e in good], [e.id for e in good]))
         self.names = tuple(batch) if isinstance(batch, dict) else None
         redelivered = [e.redelivered for e in good]
         return Segment(batch, [e.id for e in good], [e.time for e in good], numbers, received,
                        good if keep_events else None, redelivered if any(redelivered) else None)
+
+    def _cast(self, batch: Batch) -> Batch:
+        """``batch`` with its floating tensors cast to :attr:`float_dtype` (when set)."""
+        dtype = self.float_dtype
+        if dtype is None:
+            return batch
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+        return {k: cast(v) for k, v in batch.items()} if isinstance(batch, dict) else tuple([cast(v) for v in batch])
 
     def quarantine(self, events: Sequence[Event], reasons: Sequence[str]) -> None:
         """Take ``events`` out of training for good: to the consumer's dead letters (``quarantine(letters)``, e.g.

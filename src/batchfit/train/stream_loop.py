@@ -66,6 +66,7 @@ class Prequential:
 
     def __init__(self, window: int = PREQUENTIAL_WINDOW) -> None:
         self.window = window
+        self.names: dict[str, tuple[str, str]] = {}  # each metric's two column names
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.recent: dict[str, collections.deque[tuple[float, int]]] = {}
@@ -88,12 +89,16 @@ class Prequential:
     def columns(self) -> dict[str, float]:
         """``preq_<name>`` (the mean over every sample so far) and ``preq_<name>_window`` (the last samples)."""
         found = {}
+        names = self.names
         for name, total in self.sums.items():
+            if name not in names:
+                names[name] = (f"preq_{name}", f"preq_{name}_window")
+            whole, window = names[name]
             count = self.counts[name]
-            found[f"preq_{name}"] = total / count if count else math.nan
+            found[whole] = total / count if count else math.nan
             window_sum, window_count = self.recent_sums[name]
             # Empty after a resume until the next batch: a restart with nothing new to read has no window.
-            found[f"preq_{name}_window"] = window_sum / window_count if window_count else math.nan
+            found[window] = window_sum / window_count if window_count else math.nan
         return found
 
     def state_dict(self) -> dict[str, Any]:
@@ -186,6 +191,7 @@ class StreamFeed:
             self.step_fn.reduce_grads = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
         # What floating inputs are cast to, found once (a walk over the parameters each step costs microseconds).
         self.dtype = param_dtype(trainer.module)
+        source.float_dtype = self.dtype  # floating fields cast once per read of the source, not per batch
         # The user's metrics of one batch, summed over ranks (stateful ones accumulate on each rank).
         self.shared_metrics = [name for name, metric in trainer.evaluator.metrics.items() if not is_stateful(metric)]
 
