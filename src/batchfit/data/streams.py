@@ -515,9 +515,10 @@ class StreamSource:
         if len(parts) == 1:
             batch, ids, times, events, redelivered = parts[0]
         else:  # the batch spans segments: their columns joined (dtypes promoted as one collate would)
-            first = parts[0][0]
-            batch = ({k: torch.cat([p[0][k] for p in parts]) for k in first} if isinstance(first, dict) else
-                     tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(first))))
+            pieces: list[Any] = [p[0] for p in parts]
+            first = pieces[0]
+            batch = ({k: torch.cat([piece[k] for piece in pieces]) for k in first} if isinstance(first, dict) else
+                     tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(first))))
             ids = [i for p in parts for i in p[1]]
             times = [t for p in parts for t in p[2]]
             events = None if any(p[3] is None for p in parts) else [e for p in parts for e in p[3]]  # type: ignore[union-attr]
