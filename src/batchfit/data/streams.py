@@ -114,11 +114,11 @@ class Segment:
 
     def take(self, count: int) -> tuple[Batch, list[Any], list[float], list[Event] | None, int]:
         """The next ``count`` events (at most what is left): their batch (views), ids, times, events, redelivered."""
-        a, b = self.start, min(self.start + count, len(self.ids))
-        self.start = b
-        batch = self.batch
-        part = {k: v[a:b] for k, v in batch.items()} if isinstance(batch, dict) else tuple([v[a:b] for v in batch])
-        times = self.times[a:b] if isinstance(self.times, list) else [self.times] * (b - a)
+        a = self.start
+        b = self.start = min(a + count, len(self.ids))
+        batch, times = self.batch, self.times
+        part = tuple([v[a:b] for v in batch]) if type(batch) is tuple else {k: v[a:b] for k, v in batch.items()}
+        times = [times] * (b - a) if type(times) is float else times[a:b]  # type: ignore[index]
         redelivered = 0 if self.redelivered is None else sum(self.redelivered[a:b])
         return part, list(self.ids[a:b]), times, None if self.events is None else self.events[a:b], redelivered
 
@@ -478,6 +478,8 @@ class StreamSource:
     def take_quarantined(self) -> list[Any]:
         """The ids of quarantined events that may be acknowledged now: those read before every buffered event
         (a consumer that acknowledges a position, such as :class:`IterableEvents`, must not skip one)."""
+        if not self._poison:
+            return []
         limit = self._segments[0].first_number() if self._segments else math.inf
         ready = [event_id for number, event_id in self._poison if number < limit]
         self._poison = [(number, event_id) for number, event_id in self._poison if number >= limit]
