@@ -117,7 +117,7 @@ class Segment:
         a = self.start
         b = self.start = min(a + count, len(self.ids))
         batch, times = self.batch, self.times
-        part = tuple([v[a:b] for v in batch]) if type(batch) is tuple else {k: v[a:b] for k, v in batch.items()}
+        part = tuple([v[a:b] for v in batch]) if type(batch) is tuple else {k: v[a:b] for k, v in batch.items()}  # type: ignore[union-attr]
         times = [times] * (b - a) if type(times) is float else times[a:b]  # type: ignore[index]
         redelivered = 0 if self.redelivered is None else sum(self.redelivered[a:b])
         return part, list(self.ids[a:b]), times, None if self.events is None else self.events[a:b], redelivered
