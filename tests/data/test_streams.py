@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import batchfit as bf
+from batchfit.data.streams import Event
 
 
 def _events(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -388,3 +390,39 @@ def test_a_resumed_list_skips_what_the_checkpoint_used():
     assert source.next_batch(8).ids == list(range(8))
     source.load_state_dict({"used": 5, "included": [5, 6]})
     assert source.next_batch(8).ids == list(range(7, 15))
+
+
+def test_a_trainer_behind_the_stream_doubles_its_batch_up_to_max_batch_size_then_returns():
+    """Events produced long ago (a backlog: their times are set 10 s back) make the batch grow 4 -> 8 -> 16 -> 16;
+    once the backlog is drained and new events are fresh, it halves back to batch_size (16 -> 8 -> 4)."""
+    class Backlog:
+        def __init__(self) -> None:
+            one = np.ones(1, np.float32)
+            self.events = [Event(i, (np.array([i % 5], np.float32), one), time.time() - 10.0) for i in range(44)]
+            self.fresh = 0
+
+        def poll(self, max_events, timeout):
+            if self.events:
+                taken, self.events = self.events[:max_events], self.events[max_events:]
+                return taken
+            if self.fresh >= 12:
+                return None
+            self.fresh += 4
+            one = np.ones(1, np.float32)
+            return [Event(100 + self.fresh + i, (one, one), time.time()) for i in range(4)]
+
+        def ack(self, ids): pass
+        def state_dict(self): return {}
+        def load_state_dict(self, state): pass
+        def close(self): pass
+
+    with pytest.raises(ValueError, match="max_batch_size"):
+        bf.StreamSource([(1.0, 1.0)], max_batch_size=8)
+    source = bf.StreamSource(Backlog(), max_latency=0.5, max_batch_size=16)
+    source.read_ahead = 64
+    model = torch.nn.Linear(1, 1)
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.01), batch_size=4,
+                         progress=False)
+    history = trainer.fit(source)
+    assert history.column("batch_size") == [4, 8, 16, 16, 8, 4]
+    assert trainer.samples_seen == 56

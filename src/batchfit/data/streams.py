@@ -300,11 +300,19 @@ class StreamSource:
     :class:`EventConsumer` such as :class:`~batchfit.RedisStream`. A batch closes at the
     trainer's ``batch_size`` events, or ``max_latency`` seconds after its first event arrived,
     whichever comes first.
+
+    ``max_batch_size`` (with ``max_latency``; one process) lets a trainer that falls behind catch up: while the
+    oldest buffered event was produced more than ``max_latency`` seconds ago, each batch doubles, up to
+    ``max_batch_size`` (fewer, larger steps drain the backlog faster: a step's fixed cost is shared by more
+    events); once the lag is back under ``max_latency`` it halves back to ``batch_size``. Give a
+    ``max_batch_size`` at which the model still learns per event (at most the critical batch size that
+    ``bf.tune`` or the noise scale measures); the optimizer's lr is unchanged, so each event's step shrinks.
     """
 
     def __init__(self, events: Any, max_latency: float | None = None, *,
                  ranges: Mapping[str | int, tuple[float, float]] | None = None,
-                 on_dead_letter: Callable[[DeadLetter], Any] | None = None) -> None:
+                 on_dead_letter: Callable[[DeadLetter], Any] | None = None,
+                 max_batch_size: int | None = None) -> None:
         if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float))
                                         or not max_latency > 0 or max_latency == float("inf")):
             raise expected("max_latency", "a positive number of seconds or None", max_latency)
@@ -318,6 +326,13 @@ class StreamSource:
         if on_dead_letter is not None and not callable(on_dead_letter):
             raise expected("on_dead_letter", "a callable dead_letter -> None, or None", on_dead_letter)
         self.max_latency = None if max_latency is None else float(max_latency)
+        if max_batch_size is not None:
+            if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+                raise expected("max_batch_size", "a positive integer or None", max_batch_size)
+            if max_latency is None:
+                raise expected("max_batch_size", "None without a max_latency (the lag it reacts to is measured "
+                               "against max_latency)", max_batch_size)
+        self.max_batch_size = max_batch_size
         self.names: tuple[str, ...] | None = None
         self.last_batch: StreamBatch | None = None  # the batch handed out last (a callback may read its ids)
         self._segments: collections.deque[Segment] = collections.deque()  # buffered events, as columns
@@ -489,6 +504,14 @@ class StreamSource:
     def buffered(self) -> int:
         """Events read from the consumer and not yet handed out in a batch."""
         return self._buffered
+
+    def lag(self) -> float:
+        """Seconds since the oldest buffered event was produced (its ``time``); 0 when none is buffered."""
+        if not self._segments:
+            return 0.0
+        segment = self._segments[0]
+        times = segment.times
+        return time.time() - (times if isinstance(times, float) else times[segment.start])
 
     def age(self) -> float:
         """Seconds since the first buffered event arrived (0 when none is buffered)."""

@@ -169,6 +169,7 @@ class StreamFeed:
         self.dead_before = int(dead[-1]) if dead and not math.isnan(dead[-1]) else 0
         self.dead_mark = source.quarantined
         self.mark: Closed | None = None  # of the batch being trained
+        self.size = o.batch_size  # events asked for the next batch: grows past batch_size to catch up (max_batch_size)
         if trainer.history.keep is None:
             trainer.history.keep = STREAM_HISTORY_ROWS
         self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
@@ -225,7 +226,7 @@ class StreamFeed:
             if self.ranks is None:
                 if trainer.signals.received is not None or trainer.stop_training or budget:
                     return
-                local = source.next_batch(self.batch_size)
+                local = source.next_batch(self._next_size())
                 if local is None:
                     if source.ended:
                         return
@@ -242,6 +243,20 @@ class StreamFeed:
             if plan.global_size > 0:
                 self.mark = Closed(plan.global_size)
                 yield self.ranks.take(plan), self.mark
+
+    def _next_size(self) -> int:
+        """The next batch's size: ``batch_size``, or while the oldest buffered event is older than ``max_latency``
+        (the trainer has fallen behind), twice the last, up to the source's ``max_batch_size``; halved back once the
+        lag is under ``max_latency``."""
+        source = self.source
+        cap = source.max_batch_size
+        if cap is None or source.max_latency is None:
+            return self.batch_size
+        if source.lag() > source.max_latency:
+            self.size = min(max(cap, self.batch_size), self.size * 2)
+        else:
+            self.size = max(self.batch_size, self.size // 2)
+        return self.size
 
     def _budget_spent(self) -> bool:
         until = self.until
