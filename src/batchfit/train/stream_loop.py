@@ -37,7 +37,7 @@ import torch
 
 from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, to_device
 from ..core.step import Step, StepResult
-from ..data.streams import Event, IterableEvents, StreamBatch, StreamSource
+from ..data.streams import IterableEvents, StreamBatch, StreamSource
 from ..errors import CheckpointError, InputError, check_positive_int, expected
 from .metrics import is_stateful
 from .options import TrainerOptions
@@ -364,8 +364,7 @@ class StreamFeed:
         """Quarantine the events ``poison`` names (index -> reason) and, with ``shrink``, take them out of ``local``."""
         rows = sorted(poison)
         step = self.trainer.step + 1
-        self.source.quarantine([local.events[i] for i in rows] if local.events else
-                               [Event(local.ids[i], None, local.times[i]) for i in rows],
+        self.source.quarantine([local.event(i) for i in rows],  # a plain iterable's rebuilt from the columns
                                [f"{poison[i]} (step {step})" for i in rows])
         self.included += [local.ids[i] for i in rows]
         if not shrink:
