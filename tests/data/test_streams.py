@@ -426,3 +426,16 @@ def test_a_trainer_behind_the_stream_doubles_its_batch_up_to_max_batch_size_then
     history = trainer.fit(source)
     assert history.column("batch_size") == [4, 8, 16, 16, 8, 4]
     assert trainer.samples_seen == 56
+
+
+def test_production_rates_are_the_events_between_oldest_events_over_their_production_times():
+    from batchfit.train.stream_plots import production_rates
+
+    # Steps of 10 events produced at 1,000 events/s (the oldest of step i at 0.01 * i), trained later and later.
+    seconds = [0.5 + 0.02 * i for i in range(6)]
+    lags = [s - 0.01 * i for i, s in enumerate(seconds)]
+    assert production_rates([10] * 6, seconds, lags, window=2) == pytest.approx([1000.0] * 5)
+    # A producer that doubles its rate after step 3.
+    produced = [0.0, 0.01, 0.02, 0.03, 0.035, 0.04]
+    lags = [s - p for s, p in zip(seconds, produced)]
+    assert production_rates([10] * 6, seconds, lags, window=1) == pytest.approx([1000, 1000, 1000, 2000, 2000])
