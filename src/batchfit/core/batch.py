@@ -56,7 +56,7 @@ def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None = No
 
     if isinstance(batch, dict):
         return {k: move(v) for k, v in batch.items()}
-    return tuple(move(t) for t in batch)
+    return tuple([move(t) for t in batch])
 
 
 def param_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -309,6 +309,10 @@ class StreamFeed:
         """Forward, backward and (for a finite loss) update on ``local``; its prequential scores for the history."""
         trainer = self.trainer
         batch = to_device(local.batch, trainer.device, self.dtype)
+        if not trainer.evaluator.metrics:  # the loss alone: the step's own forward pass scores the batch
+            result = self.step_fn.step(batch, size)
+            self.scored = ({}, {}, local.redelivered)
+            return result
         output = _eval_output(trainer, batch)  # with the weights that have not seen the batch
         result = self.step_fn.step(batch, size)  # the loss is computed before the update: a test-then-train score
         if result.value is None or math.isfinite(result.value):
