@@ -18,6 +18,7 @@ Benchmarks (docs/benchmarks.md says what each measures, its baseline and its tar
     images        images/s against a per-sample DataLoader pipeline, disk size, peak RSS
     text          padding and tokens/s by batching mode, against transformers.Trainer, memory
     stream        the MovieLens recipe's RMSE, events/s and lag through a redis-server of its own
+    stream_pace   the stream loop against a hand-written loop (batch 1, 32, 256); the recipe against river
 
 Torch's CPU threads follow the rule of the ``batchfit`` command (``--threads``, else ``OMP_NUM_THREADS``,
 else half the cores), printed in each table's first line; benchmarks that compare work on a busy machine
@@ -41,7 +42,8 @@ for path in (ROOT / "src", ROOT):
 
 TABLE = ("data", "train", "shards", "shuffle", "distributed")  # the default run, one table
 # Each a module of this folder with its own main(argv): ``--only NAME`` passes the remaining options to it.
-ON_THEIR_OWN = ("shards", "shuffle", "distributed", "prefetch", "batchsize", "groundtruth", "images", "text", "stream")
+ON_THEIR_OWN = ("shards", "shuffle", "distributed", "prefetch", "batchsize", "groundtruth", "images", "text", "stream",
+                "stream_pace")
 NAMES = tuple(dict.fromkeys(TABLE + ON_THEIR_OWN))
 
 

@@ -193,8 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write every result to this JSON file")
     parser.add_argument("--plot", help="PNG of the prequential RMSE per window against the offline model")
     parser.add_argument("--skip-recipe", action="store_true", help="only the rows through Redis")
+    parser.add_argument("--catch-up", action="store_true", help="only the lag at 5k, 10k and 20k events/s, without "
+                        "and with max_batch_size=512 (batch 32, max_latency 50 ms)")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
+    if args.catch_up:
+        results["catch_up"] = catch_up_table(events=args.events or (5000 if args.quick else 20000))
+        print(format_catch_up_table(results["catch_up"]))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(results, handle, indent=2)
+        return
     if not args.skip_recipe:
         results["recipe"] = recipe_table(plot=args.plot)
         print(format_recipe_table(results["recipe"]), "\n", flush=True)
@@ -206,3 +215,61 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
+
+
+def catch_up(url: str, columns: dict[str, np.ndarray], stream: str, rate: float, events: int,
+             max_batch_size: int | None, batch_size: int = 32, max_latency: float = 0.05) -> dict[str, Any]:
+    """The lag from an event's ``XADD`` to the end of the step that trained on it, with a producer at ``rate`` events
+    per second, with or without ``max_batch_size`` (a trainer behind the stream grows its batch to catch up).
+
+    Each step's ``lag`` column is that of its oldest event; every event of the step is counted with it (an
+    upper bound by at most the batch's fill time). Also: the producer's true events/s (from the stream ids'
+    times) and the trainer's (events over the span of its steps)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    ids: list[str] = []
+    producer = threading.Thread(target=lambda: ids.extend(replay(client, stream, columns, rate=rate, chunk=10,
+                                                                 limit=events)))
+    trainer = _trainer(batch_size, 0.01)
+    consumer = RedisStream(url, stream, group="bench", fields=ML100K_FIELDS, idle_timeout=1.0)
+    source = StreamSource(consumer, max_latency=max_latency, max_batch_size=max_batch_size)
+    producer.start()
+    history = trainer.fit(source)
+    producer.join()
+    client.close()
+    sizes = np.array(history.column("batch_size"), dtype=int)
+    lags = np.repeat(np.array(history.column("lag")), sizes)
+    produced = [id_time(i) for i in ids]
+    seconds = history.column("seconds")
+    return {"rate": rate, "max_batch_size": max_batch_size, "batch_size": batch_size, "max_latency": max_latency,
+            "events": len(ids), "true_rate": (len(ids) - 1) / max(produced[-1] - produced[0], 1e-9),
+            "trained_per_s": trainer.samples_seen / max(seconds[-1] - seconds[0], 1e-9),
+            "p50_ms": 1000 * float(np.percentile(lags, 50)), "p99_ms": 1000 * float(np.percentile(lags, 99)),
+            "steps": trainer.step, "largest_batch": int(sizes.max()),
+            "preq_rmse": math.sqrt(history.column("preq_loss")[-1])}
+
+
+def catch_up_table(rates: Sequence[float] = (5000.0, 10000.0, 20000.0), events: int = 20000,
+                   caps: Sequence[int | None] = (None, 512)) -> list[dict[str, Any]]:
+    """:func:`catch_up` at each producer rate, without and with ``max_batch_size``, on one redis-server."""
+    torch.set_num_threads(1)
+    columns = load_movielens_100k()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, temporary_redis_server(Path(tmp) / "redis") as url:
+        for count, (rate, cap) in enumerate((r, c) for r in rates for c in caps):
+            rows.append(catch_up(url, columns, f"catch-{count}", rate, events, cap))
+    return rows
+
+
+def format_catch_up_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| producer rate asked | true rate | max_batch_size | trained events/s | largest batch | lag p50 "
+             "| lag p99 | prequential RMSE |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        cap = "-" if row["max_batch_size"] is None else str(row["max_batch_size"])
+        lines.append(f"| {row['rate']:,.0f} ev/s | {row['true_rate']:,.0f} ev/s | {cap} | "
+                     f"{row['trained_per_s']:,.0f} | "
+                     f"{row['largest_batch']} | {row['p50_ms']:,.0f} ms | {row['p99_ms']:,.0f} ms | "
+                     f"{row['preq_rmse']:.3f} |")
+    return "\n".join(lines)

@@ -94,3 +94,17 @@ def test_stream_config_ranges_reach_the_source_and_bad_ones_are_named(tmp_path):
     base["stream"]["ranges"] = {"user": [943, 0]}
     with pytest.raises(ConfigError, match=r"`stream.ranges` must map field names to \[low, high\]"):
         build_stream(check_config(base, tmp_path / "run.toml"))
+
+
+def test_stream_config_max_batch_size_reaches_the_source_and_needs_a_max_latency(tmp_path):
+    from batchfit.config import build_stream
+
+    pytest.importorskip("redis")
+    base = {"stream": {"stream": "ratings", "redis": "redis://127.0.0.1:1/0", "fields": ["user", "item", "rating"],
+                       "max_latency": 0.05, "max_batch_size": 512},
+            "model": {"name": "batchfit.workloads.stream:MatrixFactorization", "args": {"users": 3, "items": 4}}}
+    source = build_stream(check_config(base, tmp_path / "run.toml"))
+    assert source.max_batch_size == 512 and source.max_latency == 0.05
+    del base["stream"]["max_latency"]
+    with pytest.raises(ConfigError, match=r"`stream.max_batch_size` must be a positive integer, with a "):
+        build_stream(check_config(base, tmp_path / "run.toml"))

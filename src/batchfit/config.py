@@ -61,7 +61,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "stream": {"redis": (_STR, "redis://127.0.0.1:6379/0"), "stream": (_STR, None), "group": (_STR, "batchfit"),
                "consumer": (_STR, "trainer"), "fields": (_LIST, None), "start": (_STR, "0"),
                "max_latency": (_FLOAT, None), "idle_timeout": (_FLOAT, None), "claim_idle": (_FLOAT, 30.0),
-               "ranges": (_TABLE, None), "dead_letters": (_STR, ""), "retry_for": (_FLOAT, 30.0)},
+               "ranges": (_TABLE, None), "dead_letters": (_STR, ""), "retry_for": (_FLOAT, 30.0),
+               "max_batch_size": (_INT, None)},
 }
 TRAINER_KEYS = option_names()
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -467,9 +468,13 @@ def build_stream(config: Config) -> Any:
                            start=options["start"], claim_idle=options["claim_idle"],
                            idle_timeout=options["idle_timeout"], dead_letters=options["dead_letters"],
                            retry_for=options["retry_for"])
-    ranges = options["ranges"]
+    ranges, cap = options["ranges"], options["max_batch_size"]
+    if cap is not None and (cap < 1 or options["max_latency"] is None):
+        raise ConfigError(f"`stream.max_batch_size` must be a positive integer, with a `stream.max_latency` (the lag "
+                          f"it reacts to), e.g. max_latency = 0.05, max_batch_size = 512. Received: "
+                          f"stream.max_batch_size={cap!r}, stream.max_latency={options['max_latency']!r}")
     try:
-        return StreamSource(consumer, max_latency=options["max_latency"],
+        return StreamSource(consumer, max_latency=options["max_latency"], max_batch_size=cap,
                             ranges=None if ranges is None else {k: tuple(v) for k, v in ranges.items()})
     except (TypeError, BatchfitError) as error:
         raise ConfigError(f"`stream.ranges` must map field names to [low, high], e.g. {{ user = [0, 943] }}. "

@@ -244,3 +244,30 @@ def test_the_column_check_of_a_chunk_agrees_with_the_check_of_each_event():
     assert check.all_good([(1, 1e300, 2.0)])  # a column of floats may hold any finite one
     mixed = [(1, 1e300, 2.0), (1, 3, 2.0)]  # ints and floats, a float past int64: not proven, yet fine one by one
     assert not check.all_good(mixed) and all(check(s) is None for s in mixed)
+
+
+def test_a_list_event_the_model_fails_on_is_quarantined_with_its_sample_rebuilt_from_the_columns():
+    """From a plain list the events are only columns; the dead letter of an id past the embedding table still
+    names it and carries its sample, and the other events of its batch train."""
+    events = [(i % 4, 1.0) for i in range(12)]
+    events[6] = (99, 2.5)  # past the 4 rows of the table: the model raises IndexError on it alone
+    seen = []
+    source = bf.StreamSource(events, on_dead_letter=seen.append)
+    model = torch.nn.Embedding(4, 1)
+    trainer = bf.Trainer(lambda_module(model), F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.01),
+                         batch_size=4, progress=False)
+    trainer.fit(source)
+    assert [(d.id, d.sample) for d in seen] == [(6, (99, 2.5))]
+    assert "IndexError" in seen[0].reason and trainer.samples_seen == 11
+
+
+def lambda_module(embedding: torch.nn.Embedding) -> torch.nn.Module:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = embedding
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.embedding(ids).squeeze(-1)
+
+    return Net()

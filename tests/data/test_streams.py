@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import batchfit as bf
+from batchfit.data.streams import Event
 
 
 def _events(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -355,3 +357,85 @@ def test_stream_history_plot_shows_the_prequential_metrics(tmp_path):
     plot_stream_history(history, tmp_path / "with_reference.png", reference={"offline": 0.5})
     for name in ("curves.png", "with_reference.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_list_is_read_ahead_as_columns_and_batches_span_reads():
+    """A list is read in chunks (here 3 events) admitted as columns; a batch of 4 joins two reads, in order, with
+    the ids, the dtypes one collate would give, and floating fields cast to ``float_dtype`` once per read."""
+    events = [(i, float(i) / 2) for i in range(10)]
+    source = bf.StreamSource(events)
+    source.read_ahead = 3
+    source.float_dtype = torch.float32
+    batches = list(iter(lambda: source.next_batch(4), None))
+    assert [b.ids for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b.reason for b in batches] == ["size", "size", "end"]
+    assert batches[0].batch[0].dtype == torch.int64 and batches[0].batch[1].dtype == torch.float32
+    assert torch.cat([b.batch[0] for b in batches]).tolist() == list(range(10))
+    assert torch.cat([b.batch[1] for b in batches]).tolist() == [i / 2 for i in range(10)]
+    assert batches[1].event(2).sample == (6, 3.0) and batches[1].event(2).id == 6 and not batches[1].events
+
+
+def test_a_poison_event_inside_a_read_is_quarantined_and_the_rest_trained_in_order():
+    events = [(i, 1.0) for i in range(6)] + [(6, float("nan"))] + [(i, 1.0) for i in range(7, 12)]
+    source = bf.StreamSource(events)
+    batches = list(iter(lambda: source.next_batch(4), None))
+    assert [b.ids for b in batches] == [[0, 1, 2, 3], [4, 5, 7, 8], [9, 10, 11]]
+    assert [d.id for d in source.dead_letters] == [6]
+    # Quarantined event 6 is acknowledged with the first batch cut after every event read before it was.
+    assert [b.quarantined for b in batches] == [[], [6], []]
+
+
+def test_a_resumed_list_skips_what_the_checkpoint_used():
+    source = bf.StreamSource([(i, 0.5) for i in range(20)])
+    assert source.next_batch(8).ids == list(range(8))
+    source.load_state_dict({"used": 5, "included": [5, 6]})
+    assert source.next_batch(8).ids == list(range(7, 15))
+
+
+def test_a_trainer_behind_the_stream_doubles_its_batch_up_to_max_batch_size_then_returns():
+    """Events produced long ago (a backlog: their times are set 10 s back) make the batch grow 4 -> 8 -> 16 -> 16;
+    once the backlog is drained and new events are fresh, it halves back to batch_size (16 -> 8 -> 4)."""
+    class Backlog:
+        def __init__(self) -> None:
+            one = np.ones(1, np.float32)
+            self.events = [Event(i, (np.array([i % 5], np.float32), one), time.time() - 10.0) for i in range(44)]
+            self.fresh = 0
+
+        def poll(self, max_events, timeout):
+            if self.events:
+                taken, self.events = self.events[:max_events], self.events[max_events:]
+                return taken
+            if self.fresh >= 12:
+                return None
+            self.fresh += 4
+            one = np.ones(1, np.float32)
+            return [Event(100 + self.fresh + i, (one, one), time.time()) for i in range(4)]
+
+        def ack(self, ids): pass
+        def state_dict(self): return {}
+        def load_state_dict(self, state): pass
+        def close(self): pass
+
+    with pytest.raises(ValueError, match="max_batch_size"):
+        bf.StreamSource([(1.0, 1.0)], max_batch_size=8)
+    source = bf.StreamSource(Backlog(), max_latency=0.5, max_batch_size=16)
+    source.read_ahead = 64
+    model = torch.nn.Linear(1, 1)
+    trainer = bf.Trainer(model, F.mse_loss, torch.optim.SGD(model.parameters(), lr=0.01), batch_size=4,
+                         progress=False)
+    history = trainer.fit(source)
+    assert history.column("batch_size") == [4, 8, 16, 16, 8, 4]
+    assert trainer.samples_seen == 56
+
+
+def test_production_rates_are_the_events_between_oldest_events_over_their_production_times():
+    from batchfit.train.stream_plots import production_rates
+
+    # Steps of 10 events produced at 1,000 events/s (the oldest of step i at 0.01 * i), trained later and later.
+    seconds = [0.5 + 0.02 * i for i in range(6)]
+    lags = [s - 0.01 * i for i, s in enumerate(seconds)]
+    assert production_rates([10] * 6, seconds, lags, window=2) == pytest.approx([1000.0] * 5)
+    # A producer that doubles its rate after step 3.
+    produced = [0.0, 0.01, 0.02, 0.03, 0.035, 0.04]
+    lags = [s - p for s, p in zip(seconds, produced)]
+    assert production_rates([10] * 6, seconds, lags, window=1) == pytest.approx([1000, 1000, 1000, 2000, 2000])

@@ -13,7 +13,7 @@ import batchfit as bf
 pytest.importorskip("pandas")
 pytest.importorskip("recbole")  # only its data file is used; recbole itself is never imported by batchfit
 
-from batchfit.workloads.stream import MatrixFactorization, load_movielens_100k, replay, rmse_loss  # noqa: E402
+from batchfit.workloads.stream import MatrixFactorization, Recipe, load_movielens_100k, replay, rmse_loss  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,25 @@ def test_replay_writes_the_rows_in_order(redis_server, ratings):
     entries = client.xrange("ml")
     assert [e[0].decode() for e in entries] == ids and len(ids) == 50
     assert float(entries[3][1][b"rating"]) == ratings["rating"][3] and int(entries[3][1][b"user"]) == ratings["user"][3]
+
+
+def test_recipe_optimizer_steps_per_event_and_beats_adam(ratings):
+    """The shipped recipe (SGD, per-event steps times the batch) against the former Adam recipe, on the same first
+    10,000 ratings: a lower prequential RMSE (measured 0.989 against 1.045)."""
+    count = 10_000
+    events = list(zip(ratings["user"][:count].tolist(), ratings["item"][:count].tolist(),
+                      ratings["rating"][:count].tolist()))
+    recipe = Recipe()
+    model = recipe.model()
+    optimizer = recipe.optimizer(model)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05 * recipe.batch_size, 0.025 * recipe.batch_size]
+    assert model.user_vectors.weight.shape == (943, recipe.dim)
+    assert abs(float(model.user_vectors.weight.detach().std()) - recipe.init) < 0.01
+    history = bf.Trainer(model, rmse_loss, optimizer, batch_size=recipe.batch_size, progress=False).fit(
+        bf.StreamSource(events))
+    ours = math.sqrt(history.column("preq_loss")[-1])
+    adam_model = MatrixFactorization(943, 1682, dim=16)
+    adam = bf.Trainer(adam_model, rmse_loss, torch.optim.Adam(adam_model.parameters(), lr=0.01), batch_size=32,
+                      progress=False).fit(bf.StreamSource(events))
+    theirs = math.sqrt(adam.column("preq_loss")[-1])
+    assert ours < theirs - 0.02, (ours, theirs)

@@ -50,11 +50,13 @@ def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None = No
         if not isinstance(t, torch.Tensor):
             return t
         cast = dtype if (dtype is not None and t.is_floating_point() and t.dtype != dtype) else None
+        if cast is None and t.device == device:
+            return t  # what .to() would return, without its call
         return t.to(device=device, dtype=cast, non_blocking=non_blocking)
 
     if isinstance(batch, dict):
         return {k: move(v) for k, v in batch.items()}
-    return tuple(move(t) for t in batch)
+    return tuple([move(t) for t in batch])
 
 
 def param_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -77,6 +77,52 @@ class DeadLetter:
     raw: Any = None
 
 
+@dataclass
+class Chunk:
+    """Events read together, without an :class:`Event` each: their ``samples``, ``ids`` and production ``times``
+    (one number for all when they were read at once). What :meth:`IterableEvents.poll_chunk` returns."""
+
+    samples: list[Any]
+    ids: Sequence[Any]
+    times: list[float] | float
+
+
+@dataclass
+class Segment:
+    """Buffered events admitted together, as columns: ``batch`` holds them collated once (each batch cut from it is
+    a view), ``ids`` and ``times`` theirs (``times`` one number for all), ``numbers`` their order of arrival (the
+    first's number when consecutive), ``arrived`` when they were received (``time.monotonic()``), ``events`` the
+    :class:`Event` objects when the consumer gave some (a broker's: for the dead letters' raw fields), and
+    ``redelivered`` which of them had been delivered before (``None``: none). ``start`` events are cut already."""
+
+    batch: Batch
+    ids: Sequence[Any]
+    times: list[float] | float
+    numbers: list[int] | int
+    arrived: float
+    events: list[Event] | None = None
+    redelivered: list[bool] | None = None
+    start: int = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.ids) - self.start
+
+    def first_number(self) -> int:
+        """The arrival number of the first event not cut yet."""
+        return self.numbers + self.start if isinstance(self.numbers, int) else self.numbers[self.start]
+
+    def take(self, count: int) -> tuple[Batch, list[Any], list[float], list[Event] | None, int]:
+        """The next ``count`` events (at most what is left): their batch (views), ids, times, events, redelivered."""
+        a = self.start
+        b = self.start = min(a + count, len(self.ids))
+        batch, times = self.batch, self.times
+        part = tuple([v[a:b] for v in batch]) if type(batch) is tuple else {k: v[a:b] for k, v in batch.items()}  # type: ignore[union-attr]
+        times = [times] * (b - a) if type(times) is float else times[a:b]  # type: ignore[index]
+        redelivered = 0 if self.redelivered is None else sum(self.redelivered[a:b])
+        return part, list(self.ids[a:b]), times, None if self.events is None else self.events[a:b], redelivered
+
+
 @runtime_checkable
 class EventConsumer(Protocol):
     """What :class:`StreamSource` needs from a broker's consumer (the interface a Kafka consumer implements).
@@ -116,6 +162,8 @@ class IterableEvents:
     def __init__(self, events: Iterable[Any], threaded: bool = False) -> None:
         self._events = events
         self._threaded = threaded
+        # A list or tuple is sliced (no wait on it ever blocks): it may be read ahead of the batch.
+        self.never_blocks = not threaded and isinstance(events, Sequence)
         self._iterator: Iterator[Any] | None = None
         self._queue: queue.Queue[Any] | None = None
         self._next_id = 0  # id of the next event read
@@ -143,17 +191,31 @@ class IterableEvents:
 
     def poll(self, max_events: int, timeout: float | None) -> list[Event] | None:
         """Up to ``max_events`` events; waits at most ``timeout`` seconds for the first (threaded only)."""
+        chunk = self.poll_chunk(max_events, timeout)
+        if chunk is None:
+            return None
+        times = chunk.times if isinstance(chunk.times, list) else [chunk.times] * len(chunk.samples)
+        return [Event(i, sample, t) for i, sample, t in zip(chunk.ids, chunk.samples, times)]
+
+    def poll_chunk(self, max_events: int, timeout: float | None) -> Chunk | None:
+        """:meth:`poll` without an :class:`Event` per event: the samples, their ids (a ``range``) and times."""
         if self._ended:
             return None
-        if self._iterator is None and self._queue is None:
+        if self._iterator is None and self._queue is None and not self.never_blocks:
             self._start()
-        if self._queue is None:
+        times: list[float] | float
+        if self.never_blocks:
+            assert isinstance(self._events, Sequence)
+            if self._next_id < self._used:
+                self._next_id = self._used
+            samples = list(self._events[self._next_id : self._next_id + max_events])
+            times = time.time()
+        elif self._queue is None:
             assert self._iterator is not None
             samples = list(itertools.islice(self._iterator, max_events))
-            now = time.time()
-            found = [self._event(sample, now) for sample in samples]
+            times = time.time()
         else:
-            found = []
+            samples, times = [], []
             try:
                 item = self._queue.get(timeout=timeout)
                 while True:
@@ -162,21 +224,19 @@ class IterableEvents:
                         if isinstance(item, BaseException):
                             raise item
                         break
-                    found.append(self._event(*item))
-                    if len(found) == max_events:
+                    samples.append(item[0])
+                    times.append(item[1])
+                    if len(samples) == max_events:
                         break
                     item = self._queue.get_nowait()
             except queue.Empty:
                 pass
-        if not found and (self._queue is None or self._ended):
+        if not samples and (self._queue is None or self._ended):
             self._ended = True
             return None
-        return found
-
-    def _event(self, sample: Any, now: float) -> Event:
-        event = Event(self._next_id, sample, now)
-        self._next_id += 1
-        return event
+        first = self._next_id
+        self._next_id += len(samples)
+        return Chunk(samples, range(first, self._next_id), times)
 
     def ack(self, ids: Sequence[Any]) -> None:
         """Count acknowledged events (ids are consecutive from where the last ack ended)."""
@@ -193,6 +253,7 @@ class IterableEvents:
         pending = [int(i) for i in state.get("included", [])]
         self._used = max([used] + [i + 1 for i in pending])
         self._iterator, self._queue, self._ended = None, None, False
+        self._next_id = self._used
 
     def replay(self, state: dict[str, Any]) -> int:
         """After a fall-back to an older checkpoint: nothing to do, its ``used`` count is where reading starts
@@ -214,7 +275,22 @@ class StreamBatch:
     reason: str  # "size", "latency" or "end"
     redelivered: int = 0  # events of the batch that had been delivered before
     quarantined: list[Any] = dataclasses.field(default_factory=list)  # poison events acknowledged with the batch
-    events: list[Event] = dataclasses.field(default_factory=list)  # the events themselves, in order
+    # The events themselves, in order, when the consumer gave Event objects (a broker's); empty for a plain
+    # iterable, whose events are only columns (:meth:`event` rebuilds one).
+    events: list[Event] = dataclasses.field(default_factory=list)
+
+    def event(self, row: int) -> Event:
+        """The event of ``row``: the consumer's, or one rebuilt from the batch's columns."""
+        if self.events:
+            return self.events[row]
+        batch = self.batch
+        sample = ({k: _item(v[row]) for k, v in batch.items()} if isinstance(batch, dict)
+                  else tuple(_item(v[row]) for v in batch))
+        return Event(self.ids[row], sample, self.times[row])
+
+
+def _item(value: torch.Tensor) -> Any:
+    return value.item() if value.dim() == 0 else value
 
 
 class StreamSource:
@@ -224,11 +300,19 @@ class StreamSource:
     :class:`EventConsumer` such as :class:`~batchfit.RedisStream`. A batch closes at the
     trainer's ``batch_size`` events, or ``max_latency`` seconds after its first event arrived,
     whichever comes first.
+
+    ``max_batch_size`` (with ``max_latency``; one process) lets a trainer that falls behind catch up: while the
+    oldest buffered event was produced more than ``max_latency`` seconds ago, each batch doubles, up to
+    ``max_batch_size`` (fewer, larger steps drain the backlog faster: a step's fixed cost is shared by more
+    events); once the lag is back under ``max_latency`` it halves back to ``batch_size``. Give a
+    ``max_batch_size`` at which the model still learns per event (at most the critical batch size that
+    ``bf.tune`` or the noise scale measures); the optimizer's lr is unchanged, so each event's step shrinks.
     """
 
     def __init__(self, events: Any, max_latency: float | None = None, *,
                  ranges: Mapping[str | int, tuple[float, float]] | None = None,
-                 on_dead_letter: Callable[[DeadLetter], Any] | None = None) -> None:
+                 on_dead_letter: Callable[[DeadLetter], Any] | None = None,
+                 max_batch_size: int | None = None) -> None:
         if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float))
                                         or not max_latency > 0 or max_latency == float("inf")):
             raise expected("max_latency", "a positive number of seconds or None", max_latency)
@@ -242,15 +326,24 @@ class StreamSource:
         if on_dead_letter is not None and not callable(on_dead_letter):
             raise expected("on_dead_letter", "a callable dead_letter -> None, or None", on_dead_letter)
         self.max_latency = None if max_latency is None else float(max_latency)
+        if max_batch_size is not None:
+            if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+                raise expected("max_batch_size", "a positive integer or None", max_batch_size)
+            if max_latency is None:
+                raise expected("max_batch_size", "None without a max_latency (the lag it reacts to is measured "
+                               "against max_latency)", max_batch_size)
+        self.max_batch_size = max_batch_size
         self.names: tuple[str, ...] | None = None
         self.last_batch: StreamBatch | None = None  # the batch handed out last (a callback may read its ids)
-        self._buffer: list[Event] = []
-        self._arrived: list[float] = []  # when each buffered event was received (time.monotonic())
-        self._order: list[int] = []  # each buffered event's number in the order of arrival
+        self._segments: collections.deque[Segment] = collections.deque()  # buffered events, as columns
+        self._buffered = 0  # events in the segments
         self._opened: float | None = None  # when the first event of the batch being filled arrived
         self.ended = False
         self.read_ahead = READ_AHEAD  # events asked of the consumer at once (at least what a batch is missing)
         self.check = SampleCheck(ranges, getattr(events, "fields", None))
+        # Floating fields are cast to this dtype as they are admitted (once per read, not per batch): the trainer
+        # sets the model's, to which every batch is cast on its way to it anyway.
+        self.float_dtype: torch.dtype | None = None
         self.on_dead_letter = on_dead_letter
         self.dead_letters: collections.deque[DeadLetter] = collections.deque(maxlen=DEAD_LETTERS_KEPT)
         self.quarantined = 0  # events this source has quarantined
@@ -263,12 +356,13 @@ class StreamSource:
         Events read stay buffered between calls, so a caller may look at signals and budgets
         between two calls without losing any.
         """
-        self.fill(batch_size, wait)
-        if len(self._buffer) >= batch_size:
+        if self._buffered < batch_size:
+            self.fill(batch_size, wait)
+        if self._buffered >= batch_size:
             return self.cut(batch_size, "size")
-        if self._buffer and self.latency_due():
+        if self._buffered and self.latency_due():
             return self.cut(batch_size, "latency")
-        if self._buffer and self.ended:
+        if self._buffered and self.ended:
             return self.cut(batch_size, "end")
         return None
 
@@ -276,12 +370,15 @@ class StreamSource:
         """Read events until ``wanted`` are buffered, ``max_latency`` has passed since the first buffered one
         arrived, about ``wait`` seconds have passed (after one read at least) or the stream has ended."""
         give_up = time.monotonic() + wait
-        blocking = self.max_latency is None and isinstance(self.consumer, IterableEvents)
+        consumer = self.consumer
+        blocking = self.max_latency is None and isinstance(consumer, IterableEvents)
+        ahead = not blocking or getattr(consumer, "never_blocks", False)
+        chunks = getattr(consumer, "poll_chunk", None)
         polled = False
-        while not self.ended and len(self._buffer) < wanted:
+        while not self.ended and self._buffered < wanted:
             now = time.monotonic()
             close_at = math.inf
-            if self._buffer and self.max_latency is not None:
+            if self._buffered and self.max_latency is not None:
                 assert self._opened is not None
                 close_at = self._opened + self.max_latency
             if now >= close_at or polled and now >= give_up:
@@ -290,42 +387,87 @@ class StreamSource:
             timeout = None if blocking else max(0.0, min(close_at, give_up) - now)
             # Read ahead (one round trip to a broker for many small batches; what is read stays buffered), but
             # never wait on a blocking iterable for more events than the batch needs.
-            missing = wanted - len(self._buffer)
-            events = self.consumer.poll(missing if blocking else max(missing, self.read_ahead), timeout)
+            missing = wanted - self._buffered
+            count = max(missing, self.read_ahead) if ahead else missing
             polled = True
-            if events is None:
-                self.ended = True
-                return
-            received = time.monotonic()
-            events = self._admit(events)
-            if events and not self._buffer:
-                self._opened = received
-            self._buffer += events
-            self._arrived += [received] * len(events)
+            if callable(chunks):
+                chunk = chunks(count, timeout)
+                if chunk is None:
+                    self.ended = True
+                    return
+                segment = self._admit_chunk(chunk, time.monotonic())
+            else:
+                events = consumer.poll(count, timeout)
+                if events is None:
+                    self.ended = True
+                    return
+                segment = self._admit(events, time.monotonic())
+            if segment is not None:
+                if not self._buffered:
+                    self._opened = segment.arrived
+                self._segments.append(segment)
+                self._buffered += segment.left
 
-    def _admit(self, events: list[Event]) -> list[Event]:
-        """The events that can be trained on; the others are quarantined (see :meth:`quarantine`)."""
+    def _admit_chunk(self, chunk: Chunk, received: float) -> Segment | None:
+        """The chunk's events that can be trained on, collated once into a :class:`Segment` (``None``: none can);
+        the others are quarantined (see :meth:`quarantine`)."""
+        samples = chunk.samples
+        if not samples:
+            return None
+        first = self._arrivals
+        columns = self.check.columns(samples)
+        if columns is not None:  # proven good column by column: no Python object per event
+            self._arrivals += len(samples)
+            self.names = None
+            return Segment(self._cast(tuple([_stack(list(c), f"field {i}") for i, c in enumerate(columns)])),
+                           chunk.ids, chunk.times, first, received)
+        times = chunk.times if isinstance(chunk.times, list) else [chunk.times] * len(samples)
+        return self._admit([Event(i, sample, t) for i, sample, t in zip(chunk.ids, samples, times)], received,
+                           keep_events=False)
+
+    def _admit(self, events: list[Event], received: float, keep_events: bool = True) -> Segment | None:
+        """The events that can be trained on, collated once into a :class:`Segment` (``None``: none can); the others
+        are quarantined (see :meth:`quarantine`)."""
+        if not events:
+            return None
+        numbers: list[int] | int = self._arrivals
         if self.check.all_good([event.sample for event in events if event.error is None]) and not any(
                 event.error is not None for event in events):
-            first = self._arrivals
             self._arrivals += len(events)
-            self._order += range(first, self._arrivals)
-            return events
-        good: list[Event] = []
-        bad: list[tuple[int, Event, str]] = []
-        for event in events:
-            number = self._arrivals
-            self._arrivals += 1
-            reason = event.error if event.error is not None else self.check(event.sample)
-            if reason is None:
-                good.append(event)
-                self._order.append(number)
-            else:
-                bad.append((number, event, reason))
-        if bad:
-            self.quarantine([event for _, event, _ in bad], [reason for _, _, reason in bad])
-            self._poison += [(number, event.id) for number, event, _ in bad]
-        return good
+            good = events
+        else:
+            good, numbers = [], []
+            bad: list[tuple[int, Event, str]] = []
+            for event in events:
+                number = self._arrivals
+                self._arrivals += 1
+                reason = event.error if event.error is not None else self.check(event.sample)
+                if reason is None:
+                    good.append(event)
+                    numbers.append(number)
+                else:
+                    bad.append((number, event, reason))
+            if bad:
+                self.quarantine([event for _, event, _ in bad], [reason for _, _, reason in bad])
+                self._poison += [(number, event.id) for number, event, _ in bad]
+            if not good:
+                return None
+        batch = self._cast(collate([e.sample for e in good], [e.id for e in good]))
+        self.names = tuple(batch) if isinstance(batch, dict) else None
+        redelivered = [e.redelivered for e in good]
+        return Segment(batch, [e.id for e in good], [e.time for e in good], numbers, received,
+                       good if keep_events else None, redelivered if any(redelivered) else None)
+
+    def _cast(self, batch: Batch) -> Batch:
+        """``batch`` with its floating tensors cast to :attr:`float_dtype` (when set)."""
+        dtype = self.float_dtype
+        if dtype is None:
+            return batch
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+        return {k: cast(v) for k, v in batch.items()} if isinstance(batch, dict) else tuple([cast(v) for v in batch])
 
     def quarantine(self, events: Sequence[Event], reasons: Sequence[str]) -> None:
         """Take ``events`` out of training for good: to the consumer's dead letters (``quarantine(letters)``, e.g.
@@ -351,7 +493,9 @@ class StreamSource:
     def take_quarantined(self) -> list[Any]:
         """The ids of quarantined events that may be acknowledged now: those read before every buffered event
         (a consumer that acknowledges a position, such as :class:`IterableEvents`, must not skip one)."""
-        limit = self._order[0] if self._order else math.inf
+        if not self._poison:
+            return []
+        limit = self._segments[0].first_number() if self._segments else math.inf
         ready = [event_id for number, event_id in self._poison if number < limit]
         self._poison = [(number, event_id) for number, event_id in self._poison if number >= limit]
         return ready
@@ -359,7 +503,15 @@ class StreamSource:
     @property
     def buffered(self) -> int:
         """Events read from the consumer and not yet handed out in a batch."""
-        return len(self._buffer)
+        return self._buffered
+
+    def lag(self) -> float:
+        """Seconds since the oldest buffered event was produced (its ``time``); 0 when none is buffered."""
+        if not self._segments:
+            return 0.0
+        segment = self._segments[0]
+        times = segment.times
+        return time.time() - (times if isinstance(times, float) else times[segment.start])
 
     def age(self) -> float:
         """Seconds since the first buffered event arrived (0 when none is buffered)."""
@@ -371,15 +523,33 @@ class StreamSource:
 
     def cut(self, count: int, reason: str) -> StreamBatch:
         """A batch of the first ``count`` buffered events (fewer when fewer are buffered; at least one)."""
-        if not self._buffer:
+        if not self._buffered:
             raise InputError("StreamSource.cut: no event is buffered (call fill() or next_batch() first)")
-        events, self._buffer = self._buffer[:count], self._buffer[count:]
-        self._arrived, self._order = self._arrived[count:], self._order[count:]
-        self._opened = self._arrived[0] if self._buffer else None
-        batch = collate([e.sample for e in events], [e.id for e in events])
-        self.names = tuple(batch) if isinstance(batch, dict) else None
-        self.last_batch = StreamBatch(batch, [e.id for e in events], [e.time for e in events], len(events), reason,
-                                      sum(e.redelivered for e in events), self.take_quarantined(), events)
+        segments = self._segments
+        parts = []
+        wanted = count
+        while wanted and segments:
+            segment = segments[0]
+            parts.append(segment.take(wanted))
+            wanted -= len(parts[-1][1])
+            if not segment.left:
+                segments.popleft()
+        size = count - wanted
+        self._buffered -= size
+        self._opened = segments[0].arrived if segments else None
+        if len(parts) == 1:
+            batch, ids, times, events, redelivered = parts[0]
+        else:  # the batch spans segments: their columns joined (dtypes promoted as one collate would)
+            pieces: list[Any] = [p[0] for p in parts]
+            first = pieces[0]
+            batch = ({k: torch.cat([piece[k] for piece in pieces]) for k in first} if isinstance(first, dict) else
+                     tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(first))))
+            ids = [i for p in parts for i in p[1]]
+            times = [t for p in parts for t in p[2]]
+            events = None if any(p[3] is None for p in parts) else [e for p in parts for e in p[3]]  # type: ignore[union-attr]
+            redelivered = sum(p[4] for p in parts)
+        self.last_batch = StreamBatch(batch, ids, times, size, reason, redelivered, self.take_quarantined(),
+                                      events or [])
         return self.last_batch
 
     def drop_buffer(self) -> None:
@@ -387,7 +557,7 @@ class StreamSource:
         quarantined ones among them (in the dead letters already; read again, they are quarantined again)."""
         ready = self.take_quarantined()  # read before every dropped event: may be acknowledged
         self._poison = [(-1, event_id) for event_id in ready]
-        self._buffer, self._arrived, self._order, self._opened = [], [], [], None
+        self._segments, self._buffered, self._opened = collections.deque(), 0, None
 
     def ack(self, ids: Sequence[Any]) -> None:
         """Acknowledge events whose updates a durable checkpoint includes."""
@@ -463,26 +633,31 @@ class SampleCheck:
     def all_good(self, samples: list[Any]) -> bool:
         """Whether every one of ``samples`` passes, proven column by column in C loops (``False``: not proven; ask
         each sample). Tuples of Python numbers only, once the stream's fields are known: what a broker delivers."""
+        return self.columns(samples) is not None
+
+    def columns(self, samples: list[Any]) -> list[tuple[Any, ...]] | None:
+        """:meth:`all_good`, returning the samples' columns when they all pass (``None``: not proven)."""
         width = self.fields
         if not samples or not isinstance(width, int) or any(self.shapes):
-            return False
+            return None
         if set(map(type, samples)) - {tuple, list} or set(map(len, samples)) != {width}:
-            return False
-        for column, limit in zip(zip(*samples), self.bounds):
+            return None
+        columns = list(zip(*samples))
+        for column, limit in zip(columns, self.bounds):
             kinds = set(map(type, column))
             if not kinds <= {int, float, bool}:
-                return False
+                return None
             try:
                 if float in kinds and not all(map(math.isfinite, column)):
-                    return False
+                    return None
             except OverflowError:  # an int too large for a float: beyond int64 too
-                return False
+                return None
             # Ints fit int64 (a float of a mixed column outside that span: not proven here, asked one by one).
             if kinds != {float} and (min(column) < INT64[0] or max(column) >= INT64[1]):
-                return False
+                return None
             if limit is not None and (min(column) < limit[0] or max(column) >= limit[1]):
-                return False
-        return True
+                return None
+        return columns
 
     def _bounds(self, fields: Any, labels: list[str]) -> list[tuple[float, float] | None]:
         unknown = [k for k in self.ranges if k not in labels and not (isinstance(k, int) and 0 <= k < len(labels))]

@@ -73,6 +73,7 @@ class History:
                  seconds: float, **extra: Any) -> None:
         """Append one step's record; ``loss`` may be a float or a 0-d tensor."""
         columns = self._columns
+        rows = len(columns["step"])
         columns["step"].append(step)
         columns["epoch"].append(epoch)
         columns["samples"].append(samples)
@@ -81,11 +82,13 @@ class History:
         columns["lr"].append(lr)
         columns["seconds"].append(seconds)
         for name, value in extra.items():
-            column = columns.setdefault(name, [math.nan] * (len(columns["step"]) - 1))
+            column = columns.get(name)
+            if column is None:
+                column = columns[name] = [math.nan] * rows
             column.append(value)
-        if extra or len(columns) > len(STEP_FIELDS):
+        if len(columns) != len(STEP_FIELDS) + len(extra):  # a column this step did not give: NaN in it
             for column in columns.values():
-                if len(column) < len(columns["step"]):
+                if len(column) <= rows:
                     column.append(math.nan)
         if len(columns["loss"]) - self._pending_from >= READBACK_EVERY:
             self.losses()

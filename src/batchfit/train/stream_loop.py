@@ -37,7 +37,7 @@ import torch
 
 from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, to_device
 from ..core.step import Step, StepResult
-from ..data.streams import Event, IterableEvents, StreamBatch, StreamSource
+from ..data.streams import IterableEvents, StreamBatch, StreamSource
 from ..errors import CheckpointError, InputError, check_positive_int, expected
 from .metrics import is_stateful
 from .options import TrainerOptions
@@ -66,6 +66,7 @@ class Prequential:
 
     def __init__(self, window: int = PREQUENTIAL_WINDOW) -> None:
         self.window = window
+        self.names: dict[str, tuple[str, str]] = {}  # each metric's two column names
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.recent: dict[str, collections.deque[tuple[float, int]]] = {}
@@ -88,12 +89,16 @@ class Prequential:
     def columns(self) -> dict[str, float]:
         """``preq_<name>`` (the mean over every sample so far) and ``preq_<name>_window`` (the last samples)."""
         found = {}
+        names = self.names
         for name, total in self.sums.items():
+            if name not in names:
+                names[name] = (f"preq_{name}", f"preq_{name}_window")
+            whole, window = names[name]
             count = self.counts[name]
-            found[f"preq_{name}"] = total / count if count else math.nan
+            found[whole] = total / count if count else math.nan
             window_sum, window_count = self.recent_sums[name]
             # Empty after a resume until the next batch: a restart with nothing new to read has no window.
-            found[f"preq_{name}_window"] = window_sum / window_count if window_count else math.nan
+            found[window] = window_sum / window_count if window_count else math.nan
         return found
 
     def state_dict(self) -> dict[str, Any]:
@@ -164,6 +169,7 @@ class StreamFeed:
         self.dead_before = int(dead[-1]) if dead and not math.isnan(dead[-1]) else 0
         self.dead_mark = source.quarantined
         self.mark: Closed | None = None  # of the batch being trained
+        self.size = o.batch_size  # events asked for the next batch: grows past batch_size to catch up (max_batch_size)
         if trainer.history.keep is None:
             trainer.history.keep = STREAM_HISTORY_ROWS
         self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
@@ -184,6 +190,9 @@ class StreamFeed:
         if dist.enabled:
             self.ranks = StreamRanks(dist, source, o.batch_size, trainer.device)
             self.step_fn.reduce_grads = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
+        # What floating inputs are cast to, found once (a walk over the parameters each step costs microseconds).
+        self.dtype = param_dtype(trainer.module)
+        source.float_dtype = self.dtype  # floating fields cast once per read of the source, not per batch
         # The user's metrics of one batch, summed over ranks (stateful ones accumulate on each rank).
         self.shared_metrics = [name for name, metric in trainer.evaluator.metrics.items() if not is_stateful(metric)]
 
@@ -217,7 +226,7 @@ class StreamFeed:
             if self.ranks is None:
                 if trainer.signals.received is not None or trainer.stop_training or budget:
                     return
-                local = source.next_batch(self.batch_size)
+                local = source.next_batch(self._next_size())
                 if local is None:
                     if source.ended:
                         return
@@ -234,6 +243,20 @@ class StreamFeed:
             if plan.global_size > 0:
                 self.mark = Closed(plan.global_size)
                 yield self.ranks.take(plan), self.mark
+
+    def _next_size(self) -> int:
+        """The next batch's size: ``batch_size``, or while the oldest buffered event is older than ``max_latency``
+        (the trainer has fallen behind), twice the last, up to the source's ``max_batch_size``; halved back once the
+        lag is under ``max_latency``."""
+        source = self.source
+        cap = source.max_batch_size
+        if cap is None or source.max_latency is None:
+            return self.batch_size
+        if source.lag() > source.max_latency:
+            self.size = min(max(cap, self.batch_size), self.size * 2)
+        else:
+            self.size = max(self.batch_size, self.size // 2)
+        return self.size
 
     def _budget_spent(self) -> bool:
         until = self.until
@@ -285,7 +308,11 @@ class StreamFeed:
     def _attempt(self, local: StreamBatch, size: int) -> StepResult:
         """Forward, backward and (for a finite loss) update on ``local``; its prequential scores for the history."""
         trainer = self.trainer
-        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        batch = to_device(local.batch, trainer.device, self.dtype)
+        if not trainer.evaluator.metrics:  # the loss alone: the step's own forward pass scores the batch
+            result = self.step_fn.step(batch, size)
+            self.scored = ({}, {}, local.redelivered)
+            return result
         output = _eval_output(trainer, batch)  # with the weights that have not seen the batch
         result = self.step_fn.step(batch, size)  # the loss is computed before the update: a test-then-train score
         if result.value is None or math.isfinite(result.value):
@@ -300,7 +327,7 @@ class StreamFeed:
         trainer = self.trainer
         if not all(torch.isfinite(p).all() for p in trainer.module.parameters()):
             return {}
-        batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+        batch = to_device(local.batch, trainer.device, self.dtype)
         found: dict[int, str] = {}
 
         def failing(rows: list[int]) -> str | None:
@@ -341,8 +368,7 @@ class StreamFeed:
         """Quarantine the events ``poison`` names (index -> reason) and, with ``shrink``, take them out of ``local``."""
         rows = sorted(poison)
         step = self.trainer.step + 1
-        self.source.quarantine([local.events[i] for i in rows] if local.events else
-                               [Event(local.ids[i], None, local.times[i]) for i in rows],
+        self.source.quarantine([local.event(i) for i in rows],  # a plain iterable's rebuilt from the columns
                                [f"{poison[i]} (step {step})" for i in rows])
         self.included += [local.ids[i] for i in rows]
         if not shrink:
@@ -400,7 +426,7 @@ class StreamFeed:
         batch = output = None
         redelivered = 0
         if local is not None:
-            batch = to_device(local.batch, trainer.device, param_dtype(trainer.module))
+            batch = to_device(local.batch, trainer.device, self.dtype)
             output = _eval_output(trainer, batch)
             scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
             redelivered = local.redelivered

@@ -13,6 +13,26 @@ if TYPE_CHECKING:
     from .history import History
 
 
+# Steps over which the producer's events/s is measured in the plot (one step's gap is noisy).
+PRODUCED_WINDOW = 20
+
+
+def production_rates(sizes: list[int], seconds: list[float], lags: list[float],
+                     window: int = PRODUCED_WINDOW) -> list[float]:
+    """The stream's true events/s, from the rows of a stream fit: each step's oldest event was produced at
+    ``seconds - lag`` (on the run's clock), and between the oldest events of steps ``i - 1`` and ``i`` lie the
+    ``sizes[i - 1]`` events of step ``i - 1``. One value per step from the second, over the last ``window`` steps
+    (fewer at the start); NaN where the times are missing or do not advance."""
+    produced = [s - lag for s, lag in zip(seconds, lags)]
+    rates = []
+    for i in range(1, len(produced)):
+        first = max(0, i - window)
+        span = produced[i] - produced[first]
+        events = sum(sizes[first:i])
+        rates.append(events / span if span > 0 and not math.isnan(span) else math.nan)
+    return rates
+
+
 def is_stream_history(history: History) -> bool:
     """Whether ``history`` was recorded by training from a stream (it has prequential columns)."""
     return "preq_loss" in history.columns()
@@ -38,11 +58,16 @@ def plot_stream_history(history: History, path: str | os.PathLike[str],
     if names:
         for name in names:
             _prequential(ax_metrics, samples, history, name)
-    else:  # no metric besides the loss: how fast the events were trained on
+    else:  # no metric besides the loss: how fast the events were trained on, and produced
         seconds = history.column("seconds")
         rates = [(samples[i] - samples[i - 1]) / max(seconds[i] - seconds[i - 1], 1e-9) for i in range(1, len(samples))]
-        ax_metrics.plot(samples[1:], ema(rates), lw=1, color="tab:blue")
-        ax_metrics.set(xlabel="events seen", ylabel="events/s", title="events trained per second (smoothed)")
+        ax_metrics.plot(samples[1:], ema(rates), lw=1, color="tab:blue", label="trained (smoothed)")
+        if "lag" in history.columns():
+            produced = production_rates(history.column("batch_size"), seconds, history.column("lag"))
+            ax_metrics.plot(samples[1:], produced, lw=1, color="tab:orange",
+                            label=f"produced, over {PRODUCED_WINDOW} steps (from the events' times)")
+            ax_metrics.legend(fontsize=8)
+        ax_metrics.set(xlabel="events seen", ylabel="events/s", title="events per second: trained and produced")
     steps = history.column("step")
     lag = history.column("lag") if "lag" in history.columns() else []
     ax_lag.plot(steps, [v if v is not None else math.nan for v in lag], lw=0.8, color="tab:red")

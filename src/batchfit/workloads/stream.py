@@ -8,6 +8,7 @@ ACM TiiS 5(4), 2015.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 from collections.abc import Mapping, Sequence
@@ -132,6 +133,7 @@ class HashedEmbedding(torch.nn.Module):
 class MatrixFactorization(torch.nn.Module):
     """rating ≈ mean + user bias + item bias + <user vector, item vector> (Koren et al. 2009, biased MF).
 
+    The vectors start as normal noise of standard deviation ``init``, the biases at zero.
     ``sparse=True`` makes the embedding gradients sparse (only the rows of a batch's users and items),
     for ``torch.optim.SparseAdam`` or plain SGD. ``hashed=True`` takes ids from an open set: ``users``
     and ``items`` are then numbers of buckets of :class:`HashedEmbedding` tables, and an id never seen,
@@ -139,7 +141,7 @@ class MatrixFactorization(torch.nn.Module):
     """
 
     def __init__(self, users: int, items: int, dim: int = 16, mean: float = 3.5, sparse: bool = False,
-                 seed: int = 0, hashed: bool = False) -> None:
+                 seed: int = 0, hashed: bool = False, init: float = 0.01) -> None:
         super().__init__()
         check_positive_int("users", users)
         check_positive_int("items", items)
@@ -158,7 +160,7 @@ class MatrixFactorization(torch.nn.Module):
             for vectors in (self.user_vectors, self.item_vectors):
                 weight = vectors.weight
                 assert isinstance(weight, torch.Tensor)
-                weight.copy_(0.01 * torch.randn(weight.shape, generator=generator))
+                weight.copy_(init * torch.randn(weight.shape, generator=generator))
             for bias in (self.user_bias, self.item_bias):
                 weight = bias.weight
                 assert isinstance(weight, torch.Tensor)
@@ -197,3 +199,35 @@ def replay(client: Any, stream: str, columns: Mapping[str, np.ndarray], fields: 
 def rmse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of predicted ratings (its prequential mean's square root is the prequential RMSE)."""
     return torch.nn.functional.mse_loss(output, target.to(output.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The MovieLens recipe's settings: plain SGD at a small batch, the step sizes given per event.
+
+    The loss is the batch's mean, so the optimizer's lr is the per-event step times ``batch_size``: each event
+    moves its user's and item's rows as one SGD step of its own would (river's ``BiasedMF`` recipe, batched).
+    Measured on MovieLens-100k in time order (docs/streams.md): prequential RMSE 0.962 at batch 8 against
+    0.974 at 16 and 0.987 at 32 with the same per-event steps; Adam (dim 16, init 0.01) gave 1.02-1.05.
+    """
+
+    batch_size: int = 8
+    dim: int = 10
+    init: float = 0.1
+    lr_vectors: float = 0.05  # per event
+    lr_biases: float = 0.025  # per event
+
+    def model(self, users: int = 943, items: int = 1682, **options: Any) -> MatrixFactorization:
+        """A :class:`MatrixFactorization` of the recipe's ``dim`` and ``init``."""
+        return MatrixFactorization(users, items, dim=self.dim, init=self.init, **options)
+
+    def optimizer(self, model: MatrixFactorization) -> torch.optim.SGD:
+        """SGD with the vectors and the biases in two groups, each lr the per-event step times ``batch_size``."""
+        vectors = [model.user_vectors.weight, model.item_vectors.weight]
+        biases = [model.user_bias.weight, model.item_bias.weight]
+        return torch.optim.SGD([{"params": vectors, "lr": self.lr_vectors * self.batch_size},
+                                {"params": biases, "lr": self.lr_biases * self.batch_size}])
+
+    def describe(self) -> str:
+        return (f"SGD, {self.lr_vectors:g}/{self.lr_biases:g} per event (vectors/biases), dim {self.dim}, "
+                f"init {self.init:g}")

@@ -1,0 +1,195 @@
+"""The stream loop against a hand-written PyTorch loop doing the same maths, and the shipped recipe against river.
+
+Pace: ``Trainer.fit(StreamSource(events))`` from a plain list of ``(user, item, rating)`` tuples against a
+hand-written loop over the same list (the same model, optimizer, batches; collate with ``torch.tensor``, forward,
+loss, backward, step, the loss summed on the device): samples/s of each and their ratio, the median of
+interleaved repeats, at batch 1, 32 and 256. One torch thread.
+
+River: the prequential RMSE and events/s over MovieLens-100k in time order of the shipped recipe
+(:func:`batchfit.workloads.stream.recipe`) and of river's ``BiasedMF`` (its own recipe) in the same run; the
+river row is skipped, with a note, when river is not installed.
+
+Run with ``python benchmarks/run.py --only stream_pace [--quick]``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchfit.data.streams import StreamSource
+from batchfit.train.trainer import Trainer
+from batchfit.workloads.stream import MatrixFactorization, Recipe, load_movielens_100k, rmse_loss
+
+
+def _events(columns: dict[str, np.ndarray], count: int) -> list[tuple[int, int, float]]:
+    return list(zip(columns["user"][:count].tolist(), columns["item"][:count].tolist(),
+                    columns["rating"][:count].tolist()))
+
+
+def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = MatrixFactorization(943, 1682, dim=16)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def stream_loop(events: list[tuple[int, int, float]], batch_size: int) -> float:
+    """Samples/s of ``Trainer.fit`` on a ``StreamSource`` of the list (construction excluded)."""
+    model, optimizer = _model_and_optimizer()
+    trainer = Trainer(model, rmse_loss, optimizer, batch_size=batch_size, progress=False)
+    start = time.perf_counter()
+    trainer.fit(StreamSource(events))
+    return len(events) / (time.perf_counter() - start)
+
+
+def hand_loop(events: list[tuple[int, int, float]], batch_size: int) -> float:
+    """Samples/s of the hand-written loop: the same batches, model, optimizer and loss."""
+    model, optimizer = _model_and_optimizer()
+    start = time.perf_counter()
+    total = torch.zeros(())
+    for first in range(0, len(events), batch_size):
+        users, items, ratings = zip(*events[first : first + batch_size])
+        user, item = torch.tensor(users), torch.tensor(items)
+        rating = torch.tensor(ratings, dtype=torch.float64)
+        loss = rmse_loss(model(user, item), rating)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.detach() * len(users)
+    float(total)
+    return len(events) / (time.perf_counter() - start)
+
+
+def pace_table(columns: dict[str, np.ndarray], batch_sizes: Sequence[int] = (1, 32, 256), events: int = 20_000,
+               repeats: int = 7) -> list[dict[str, Any]]:
+    """Per batch size: the medians of ``repeats`` interleaved runs of each loop (the order alternating), and the
+    median of the per-repeat ratios stream / hand."""
+    torch.set_num_threads(1)
+    rows = []
+    for batch_size in batch_sizes:
+        count = min(events, 4000) if batch_size == 1 else events
+        data = _events(columns, count)
+        stream, hand, ratios = [], [], []
+        for repeat in range(repeats):
+            pair = []
+            for which in ((stream_loop, hand_loop) if repeat % 2 == 0 else (hand_loop, stream_loop)):
+                pair.append((which, which(data, batch_size)))
+            s = next(v for f, v in pair if f is stream_loop)
+            h = next(v for f, v in pair if f is hand_loop)
+            stream.append(s)
+            hand.append(h)
+            ratios.append(s / h)
+        rows.append({"batch_size": batch_size, "events": count, "repeats": repeats,
+                     "stream_per_s": float(np.median(stream)), "hand_per_s": float(np.median(hand)),
+                     "ratio": float(np.median(ratios))})
+    return rows
+
+
+def format_pace_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"Stream loop against a hand-written loop (SGD, MF d=16, one torch thread), median of "
+             f"{rows[0]['repeats']} interleaved runs:", "",
+             "| batch | events | stream loop samples/s | hand loop samples/s | ratio |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['batch_size']} | {row['events']:,} | {row['stream_per_s']:,.0f} | "
+                     f"{row['hand_per_s']:,.0f} | {row['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def shipped_recipe(columns: dict[str, np.ndarray], count: int | None = None,
+                   recipe: Recipe | None = None) -> dict[str, Any]:
+    """The prequential RMSE and events/s of the recipe (its defaults) over the ratings in time order."""
+    events = _events(columns, len(columns["user"]) if count is None else count)
+    recipe = recipe or Recipe()
+    model = recipe.model()
+    trainer = Trainer(model, rmse_loss, recipe.optimizer(model), batch_size=recipe.batch_size, progress=False)
+    start = time.perf_counter()
+    history = trainer.fit(StreamSource(events))
+    seconds = time.perf_counter() - start
+    return {"model": f"batchfit recipe, batch {recipe.batch_size}, {recipe.describe()}",
+            "preq_rmse": math.sqrt(history.column("preq_loss")[-1]), "events_per_s": len(events) / seconds,
+            "events": len(events)}
+
+
+def river_biased_mf(columns: dict[str, np.ndarray], count: int | None = None) -> dict[str, Any] | None:
+    """river's ``BiasedMF`` with its documented recipe (n_factors 10, SGD lr 0.025, l2 0.1 / 0.005, normal init
+    0.1), prequential: ``predict_one`` then ``learn_one`` for each rating in time order; ``None`` without river."""
+    try:
+        from river import optim, reco
+    except ImportError:
+        return None
+    model = reco.BiasedMF(n_factors=10, bias_optimizer=optim.SGD(0.025), latent_optimizer=optim.SGD(0.05),
+                          loss=optim.losses.Squared(), l2_bias=0.0, l2_latent=0.0,
+                          weight_initializer=optim.initializers.Zeros(),
+                          latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=73))
+    users = columns["user"].tolist()
+    items = columns["item"].tolist()
+    ratings = columns["rating"].tolist()
+    n = len(users) if count is None else count
+    squared = 0.0
+    start = time.perf_counter()
+    for user, item, rating in zip(users[:n], items[:n], ratings[:n]):
+        predicted = model.predict_one(user, item)
+        squared += (predicted - rating) ** 2
+        model.learn_one(user, item, rating)
+    seconds = time.perf_counter() - start
+    return {"model": "river BiasedMF (its documented recipe)", "preq_rmse": math.sqrt(squared / n),
+            "events_per_s": n / seconds, "events": n}
+
+
+def river_table(columns: dict[str, np.ndarray], repeats: int = 3, count: int | None = None) -> dict[str, Any]:
+    """The shipped recipe and river's ``BiasedMF``, run in turn ``repeats`` times (the order alternating): the RMSE
+    (the same every run) and the median events/s of each; the river row is ``None`` without river."""
+    ours, theirs = [], []
+    for repeat in range(repeats):
+        runs = [lambda: ours.append(shipped_recipe(columns, count)),
+                lambda: theirs.append(river_biased_mf(columns, count))]
+        for run in runs if repeat % 2 == 0 else runs[::-1]:
+            run()
+    rows = {"recipe": {**ours[0], "events_per_s": float(np.median([r["events_per_s"] for r in ours]))},
+            "river": None, "repeats": repeats}
+    if theirs[0] is not None:
+        rows["river"] = {**theirs[0], "events_per_s": float(np.median([r["events_per_s"] for r in theirs]))}
+    return rows
+
+
+def format_river_table(result: dict[str, Any]) -> str:
+    lines = [f"MovieLens-100k in time order, prequential (score, then train), median events/s of "
+             f"{result['repeats']} interleaved runs:", "", "| model | prequential RMSE | events/s |",
+             "| --- | --- | --- |"]
+    for key in ("recipe", "river"):
+        row = result[key]
+        if row is None:
+            lines.append("| river BiasedMF | skipped: river is not installed (pip install river) | - |")
+        else:
+            lines.append(f"| {row['model']} | {row['preq_rmse']:.4f} | {row['events_per_s']:,.0f} |")
+    if result["river"] is not None:
+        ratio = result["recipe"]["events_per_s"] / result["river"]["events_per_s"]
+        lines += ["", f"recipe / river events/s: {ratio:.2f}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/run.py --only stream_pace [--quick] [--json FILE]``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer events and repeats (a rough check)")
+    parser.add_argument("--repeats", type=int, help="interleaved runs of each loop (default 7; --quick 3)")
+    parser.add_argument("--json", help="write every result to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    columns = load_movielens_100k()
+    repeats = args.repeats or (3 if args.quick else 7)
+    pace = pace_table(columns, events=10_000 if args.quick else 100_000, repeats=repeats)
+    print(format_pace_table(pace), "\n", flush=True)
+    river = river_table(columns, repeats=1 if args.quick else 3, count=20_000 if args.quick else None)
+    print(format_river_table(river), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"pace": pace, "river": river}, handle, indent=2)
