@@ -67,8 +67,9 @@ def plan_batches(options: TrainerOptions, module: torch.nn.Module, loss_fn: Loss
                            batch_size)
     micro = options.micro_batch_size
     if micro == "auto":
+        # Every rank measures (a sharded module: its sharded step); all agree on the size that fits on each.
         fits = find_micro_batch_size(module, loss_fn, src, device=device, optimizer=optimizer, max_size=batch_size,
-                                     precision=options.precision)
+                                     precision=options.precision, ranks=dist)
         logger.info("micro_batch_size='auto': %d fits in memory (batch_size stays %d)", fits, batch_size)
         micro = fits
     if isinstance(micro, int) and micro >= batch_size:
@@ -78,7 +79,7 @@ def plan_batches(options: TrainerOptions, module: torch.nn.Module, loss_fn: Loss
     if tokens == "auto":
         rows = -(-batch_size // dist.world_size) if micro is None else micro
         tokens = find_micro_batch_tokens(module, loss_fn, src, device=device, optimizer=optimizer, max_rows=rows,
-                                         precision=options.precision)
+                                         precision=options.precision, ranks=dist)
         logger.info("micro_batch_tokens='auto': %d tokens fit in memory", tokens)
     assert tokens is None or isinstance(tokens, int)
     return BatchPlan(batch_size, micro, adaptive, choice, tokens)
