@@ -42,7 +42,8 @@ for path in (ROOT / "src", ROOT):
 
 TABLE = ("data", "train", "shards", "shuffle", "distributed")  # the default run, one table
 # Each a module of this folder with its own main(argv): ``--only NAME`` passes the remaining options to it.
-ON_THEIR_OWN = ("shards", "shuffle", "distributed", "memory", "prefetch", "batchsize", "groundtruth", "images", "text", "stream")
+ON_THEIR_OWN = ("shards", "shuffle", "distributed", "memory", "prefetch", "batchsize", "groundtruth", "images", "text",
+                "stream")
 NAMES = tuple(dict.fromkeys(TABLE + ON_THEIR_OWN))
 
 

@@ -210,6 +210,7 @@ class StepAgreement:
     def __init__(self, context: DistContext, device: torch.device, carrier: GradientCarrier | None = None) -> None:
         self.context, self.device, self.carrier = context, device, carrier
         self._pending: tuple[torch.Tensor, Any] | None = None
+        self._flags: dict[tuple[bool, bool, torch.dtype], torch.Tensor] = {}  # stop and signal flags, made once
 
     def start(self, loss: torch.Tensor | None, noise: NoiseSample | None, stop: bool, signal: bool,
               ride: bool = False) -> None:
@@ -219,11 +220,15 @@ class StepAgreement:
         """
         small_sq, inverse_b = (noise.small_sq, 1.0 / noise.b_small) if noise is not None else (0.0, 0.0)
         if ride and noise is None and self.carrier is not None:
-            values = torch.tensor([0.0, float(stop), float(signal)], dtype=torch.float32, device=self.device)
-            if loss is not None:
-                values[0] = loss.detach()
-            self.carrier.load(values)
-            self._pending = (values, None)
+            dtype = torch.float64 if loss is not None and loss.dtype == torch.float64 else torch.float32
+            flags = self._flags.get((stop, signal, dtype))
+            if flags is None:
+                flags = torch.tensor([float(stop), float(signal)], dtype=dtype, device=self.device)
+                self._flags[stop, signal, dtype] = flags
+            share = torch.zeros(1, dtype=dtype, device=self.device) if loss is None else \
+                loss.detach().reshape(1).to(dtype)
+            self.carrier.load(torch.cat([share, flags]))  # in the loss share's precision (float32 at least)
+            self._pending = (flags, None)
             return
         values = torch.tensor([0.0, float(stop), float(signal), small_sq, inverse_b, float(noise is not None)],
                               dtype=torch.float64, device=self.device)
@@ -238,11 +243,9 @@ class StepAgreement:
         self._pending = None
         if work is None:  # handed to the gradient all-reduce
             assert self.carrier is not None
-            carried = self.carrier.unload()
-            if carried is None:  # the buckets could not carry them (on every rank alike): on their own
+            values, carried = self.carrier.unload()
+            if not carried:  # the buckets could not carry them (on every rank alike): on their own
                 work = self.context.start_all_reduce_sum(values)
-            else:
-                values = carried
         if work is not None:
             self.context.wait(work)
         numbers = values.tolist()
@@ -267,6 +270,7 @@ class GradientCarrier:
         self.world_size = world_size
         self._loaded: torch.Tensor | None = None
         self._summed: torch.Tensor | None = None
+        self._held: torch.Tensor | None = None  # numbers the last bucket could not carry
         self._used = False  # the last backward's hook saw the loaded numbers
 
     @classmethod
@@ -283,12 +287,17 @@ class GradientCarrier:
     def load(self, values: torch.Tensor) -> None:
         self._loaded, self._summed, self._used = values, None, False
 
-    def unload(self) -> torch.Tensor | None:
-        """The sums of the loaded numbers, or None when no bucket could carry them."""
-        summed, self._loaded, self._summed = self._summed, None, None
-        if summed is None and not self._used:
+    def unload(self) -> tuple[torch.Tensor, bool]:
+        """The sums of the loaded numbers and True, or the numbers themselves and False when no bucket could
+        carry them."""
+        summed = self._summed
+        self._loaded, self._summed = None, None
+        if summed is not None:
+            return summed, True
+        if not self._used or self._held is None:
             raise RuntimeError("batchfit: the step's agreement was to ride on a gradient all-reduce that never ran")
-        return summed
+        held, self._held = self._held, None
+        return held, False
 
     @staticmethod
     def hook(carrier: GradientCarrier, bucket: Any) -> torch.futures.Future[torch.Tensor]:
@@ -296,20 +305,22 @@ class GradientCarrier:
         loaded = carrier._loaded if bucket.is_last() else None
         buffer.div_(carrier.world_size)  # DDP's default: the mean over ranks
         if loaded is not None:
-            carrier._loaded, carrier._used = None, True
+            carrier._loaded, carrier._held, carrier._used = None, loaded, True
         if loaded is None or buffer.dtype not in (loaded.dtype, torch.float64):
             # the numbers, if any, go on their own after the backward
-            return _all_reduce_future(buffer).then(lambda future: future.value()[0])
+            return _all_reduce_future(buffer).then(_first)
         size = buffer.numel()
         joined = torch.cat([buffer, loaded.to(device=buffer.device, dtype=buffer.dtype)])
+        carrier._summed, carrier._held = joined[size:], None  # summed in place by the time the backward returns
 
-        def split(future: torch.futures.Future[Any]) -> torch.Tensor:
-            summed = future.value()[0]
-            carrier._summed = summed[size:].to(loaded.dtype)
-            buffer.copy_(summed[:size])
-            return buffer
+        def bucket_part(future: torch.futures.Future[Any]) -> torch.Tensor:
+            return future.value()[0][:size]  # DDP copies the gradients out of this view
 
-        return _all_reduce_future(joined).then(split)
+        return _all_reduce_future(joined).then(bucket_part)
+
+
+def _first(future: torch.futures.Future[Any]) -> torch.Tensor:
+    return future.value()[0]
 
 
 # DDP checks the hook's annotations as objects (this module's are strings).
@@ -318,7 +329,7 @@ GradientCarrier.hook.__annotations__.update(bucket=dist.GradBucket, **{"return":
 
 def _all_reduce_future(tensor: torch.Tensor) -> torch.futures.Future[Any]:
     """Sum ``tensor`` over the default group in the background; a future of the list ``[tensor]``."""
-    return dist.all_reduce(tensor, async_op=True).get_future()  # type: ignore[union-attr]
+    return dist.all_reduce(tensor, async_op=True).get_future()
 
 
 def _leave_group(seconds: float) -> None:

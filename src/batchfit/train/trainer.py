@@ -406,7 +406,8 @@ class Trainer:
                             max_grad_norm=o.max_grad_norm, world_size=self.dist.world_size,
                             loss_count=self.loss_count, sum_over_ranks=self.dist.sum_later)
         self._tell_plan(src, described, plan, self.batcher)
-        self._agreement = distributed.StepAgreement(self.dist, self.device, self._carrier) if self.dist.enabled else None
+        self._agreement = (distributed.StepAgreement(self.dist, self.device, self._carrier) if self.dist.enabled
+                           else None)
         if plan.adaptive is not None:
             self.noise_tracker = plan.adaptive.tracker
         elif o.tracks_noise:
