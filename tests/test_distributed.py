@@ -127,7 +127,7 @@ def scenario_equivalence(rank: int) -> dict[str, Any]:
         trainer.callbacks.append(recorder)
         collectives: list[int] = []  # the agreement's all-reduces of its own (not riding with the gradients)
         own = trainer.dist.start_all_reduce_sum
-        trainer.dist.start_all_reduce_sum = lambda t: (collectives.append(t.numel()), own(t))[1]  # type: ignore
+        trainer.dist.start_all_reduce_sum = lambda t, calls=collectives, own=own: (calls.append(t.numel()), own(t))[1]  # type: ignore
         history = trainer.fit((x, ids, y), epochs=2, val=val)
         out[name] = {"weights": weights(model), "ids": recorder.epochs, "epochs": history.epochs,
                      "steps": trainer.step, "collectives": collectives,
