@@ -488,3 +488,23 @@ def test_cli_train_nproc_2_fsdp(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 6  # ceil(162 / 32)
     record = torch.load(Path(summary["run_dir"]) / "model.pt", weights_only=True)
     assert all(type(v) is torch.Tensor for v in record["model"].values()) and record["model"]
+
+
+@pytest.mark.parametrize("option", ["micro_batch_size", "micro_batch_tokens"])
+def test_fsdp_auto_fit_on_cuda_is_refused_with_the_reason(monkeypatch, option):
+    """On CUDA the search runs into out-of-memory errors, which a sharded step cannot survive on one rank alone."""
+    from batchfit.distributed import DistContext
+    from batchfit.train import plan
+    from batchfit.train.options import TrainerOptions
+
+    monkeypatch.setattr(plan, "is_sharded", lambda module: True)  # as if fully_shard had wrapped it
+    model = mlp()
+    options = TrainerOptions(batch_size=64, strategy="fsdp", **{option: "auto"})
+    with pytest.raises(BatchfitError, match="leaves the other ranks waiting"):
+        plan.plan_batches(options, model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                          ArraySource(*mlp_data()), torch.device("cuda"), DistContext(), [0.1])
+    monkeypatch.setattr(plan, "is_sharded", lambda module: False)  # DDP's unwrapped module: measured on CUDA
+    with pytest.raises(Exception) as other:
+        plan.plan_batches(options, model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                          ArraySource(*mlp_data()), torch.device("cuda"), DistContext(), [0.1])
+    assert "leaves the other ranks waiting" not in str(other.value)

@@ -324,7 +324,9 @@ def _first(future: torch.futures.Future[Any]) -> torch.Tensor:
 
 
 # DDP checks the hook's annotations as objects (this module's are strings).
-GradientCarrier.hook.__annotations__.update(bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]})
+if dist.is_available():
+    GradientCarrier.hook.__annotations__.update(bucket=dist.GradBucket,
+                                                **{"return": torch.futures.Future[torch.Tensor]})
 
 
 def _all_reduce_future(tensor: torch.Tensor) -> torch.futures.Future[Any]:
