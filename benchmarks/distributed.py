@@ -5,7 +5,8 @@ shuffled, batch 256 — the global batch, so the 2-process run makes the same up
 process gets one intra-op thread, so 2 processes use twice the cores of 1, and the scaling
 efficiency is ``samples/s with 2 / (2 x samples/s with 1)``; 1 means no cost for the gradient
 all-reduce. A hand-written DistributedDataParallel loop on 2 processes shows what of that
-cost is batchfit's (its per-step loss all-reduce) and what is the machine's.
+cost is batchfit's (the Python around its step; its per-step agreement rides in the gradient
+all-reduce) and what is the machine's.
 
 Each measurement starts fresh processes (as torchrun would: MASTER_ADDR, RANK, WORLD_SIZE),
 which train one epoch to warm up and then ``epochs`` timed epochs; the runs of the different
