@@ -5,11 +5,17 @@ shuffled, batch 256 — the global batch, so the 2-process run makes the same up
 process gets one intra-op thread, so 2 processes use twice the cores of 1, and the scaling
 efficiency is ``samples/s with 2 / (2 x samples/s with 1)``; 1 means no cost for the gradient
 all-reduce. A hand-written DistributedDataParallel loop on 2 processes shows what of that
-cost is batchfit's (its per-step loss all-reduce) and what is the machine's.
+cost is batchfit's (the Python around its step; its per-step agreement rides in the gradient
+all-reduce) and what is the machine's.
 
 Each measurement starts fresh processes (as torchrun would: MASTER_ADDR, RANK, WORLD_SIZE),
 which train one epoch to warm up and then ``epochs`` timed epochs; the runs of the different
 setups alternate, and the rows give medians.
+
+Against the hand-written loops (DDP, and FSDP2's ``fully_shard`` for ``strategy="fsdp"``) the two
+run side by side in the same 2 processes: a warm-up epoch of each, then ``pairs`` epochs of each,
+alternating which goes first; the ratio is the median of the pairs' ratios, so a change in the
+machine's load between launches does not enter it.
 """
 
 from __future__ import annotations
@@ -41,17 +47,35 @@ def distributed_rows(quick: bool = False) -> list[Row]:
         two.append(measure(job, processes=2))
         hand.append(measure({**job, "loop": "hand"}, processes=2))
     what = "Trainer.fit, 2 processes (gloo), batch 256"
-    return [
+    rows = [
         # The baseline is twice the 1-process rate, so the ratio is the scaling efficiency.
         Row(what, "2 x Trainer.fit, 1 process", statistics.median(two), 2 * statistics.median(one),
             statistics.median([b / (2 * a) for a, b in zip(one, two)]), ""),
-        Row(what, "hand-written DDP loop, 2 processes", statistics.median(two), statistics.median(hand),
-            statistics.median([a / b for a, b in zip(two, hand)]), ""),
+        Row(what, "hand-written DDP loop, 2 processes (separate launches)", statistics.median(two),
+            statistics.median(hand), statistics.median([a / b for a, b in zip(two, hand)]), ""),
     ]
+    pairs = {**job, "epochs": 3 if quick else 9}
+    for strategy, baseline in (("ddp", "hand-written DDP loop"), ("fsdp", "hand-written FSDP2 loop")):
+        side = measure_pairs({**pairs, "strategy": strategy})
+        rows.append(Row(f"Trainer.fit strategy={strategy!r}, 2 processes, batch 256",
+                        f"{baseline}, same processes, alternating epochs", statistics.median(side["fit"]),
+                        statistics.median(side["hand"]),
+                        statistics.median([a / b for a, b in zip(side["fit"], side["hand"])]), ""))
+    return rows
+
+
+def measure_pairs(job: dict[str, Any]) -> dict[str, list[float]]:
+    """Samples/s of ``Trainer.fit`` and of the hand-written loop, epoch by epoch, side by side in 2 processes."""
+    return launch({**job, "loop": "pair"}, processes=2)  # type: ignore[return-value]
 
 
 def measure(job: dict[str, Any], processes: int, timeout: float = 900.0) -> float:
     """Median samples/s over the timed epochs of one launch of ``processes`` fresh processes."""
+    return float(launch(job, processes, timeout)["samples_per_s"])
+
+
+def launch(job: dict[str, Any], processes: int, timeout: float = 900.0) -> dict[str, Any]:
+    """What rank 0 of one launch of ``processes`` fresh processes running ``job`` reported."""
     command, env = child_command("distributed", WORKER_FLAG, json.dumps(job))
     env = {k: v for k, v in env.items() if k not in _TORCHRUN_ENV}
     env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -72,7 +96,7 @@ def measure(job: dict[str, Any], processes: int, timeout: float = 900.0) -> floa
     for process, (_, stderr) in zip(ranks, outputs):
         if process.returncode:
             raise RuntimeError(f"a benchmark process failed (exit {process.returncode}):\n{stderr[-3000:]}")
-    return float(json.loads(outputs[0][0].strip().splitlines()[-1])["samples_per_s"])
+    return dict(json.loads(outputs[0][0].strip().splitlines()[-1]))
 
 
 def _free_port() -> int:
@@ -81,7 +105,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def worker(job: dict[str, Any]) -> dict[str, float]:
+def worker(job: dict[str, Any]) -> dict[str, Any]:
     """One process of a measurement: warm-up epoch, then timed epochs; rank 0's rate is the run's."""
     import torch
     import torch.nn.functional as F
@@ -91,6 +115,8 @@ def worker(job: dict[str, Any]) -> dict[str, float]:
 
     torch.set_num_threads(1)
     x, y = reference_data(job["num_samples"])
+    if job.get("loop") == "pair":
+        return _pair_worker(job, x, y)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if job.get("loop") == "hand":
@@ -111,15 +137,54 @@ def worker(job: dict[str, Any]) -> dict[str, float]:
     return {"samples_per_s": statistics.median(rates)}
 
 
-def _hand_ddp_epoch(model: Any, optimizer: Any, x: Any, y: Any, batch_size: int) -> Any:
-    """The baseline: torch.distributed and DDP by hand, each rank indexing its share of every batch."""
+def _pair_worker(job: dict[str, Any], x: Any, y: Any) -> dict[str, Any]:
+    """``Trainer.fit`` and the hand-written loop of ``job["strategy"]`` side by side, epoch by epoch."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from batchfit.bench import mlp
+    from batchfit.train.trainer import Trainer
+
+    strategy = job["strategy"]
+    model = mlp()
+    hand = _hand_ddp_epoch(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y,
+                           job["batch_size"], sharded=strategy == "fsdp")
+    model = mlp()  # the trainer joins the process group the hand-written loop started
+    trainer = Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                      batch_size=job["batch_size"], device="cpu", progress=False, seed=0, strategy=strategy)
+
+    def fit() -> None:
+        trainer.fit((x, y), epochs=1)
+
+    hand()  # warm-up of each
+    fit()
+    rates: dict[str, list[float]] = {"hand": [], "fit": []}
+    for pair in range(job["epochs"]):
+        for name, run in (("hand", hand), ("fit", fit)) if pair % 2 == 0 else (("fit", fit), ("hand", hand)):
+            dist.barrier()  # both ranks start together
+            start = time.perf_counter()
+            run()
+            rates[name].append(len(x) / (time.perf_counter() - start))
+    return rates
+
+
+def _hand_ddp_epoch(model: Any, optimizer: Any, x: Any, y: Any, batch_size: int, sharded: bool = False) -> Any:
+    """The baseline: torch.distributed and DDP (or FSDP2's ``fully_shard``, ``sharded``) by hand, each rank
+    indexing its share of every batch."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    net = torch.nn.parallel.DistributedDataParallel(model)
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        net = fully_shard(model)  # the root alone, as the Trainer shards an MLP without blocks
+        optimizer = type(optimizer)(net.parameters(), **optimizer.defaults)
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model)
     generator = torch.Generator().manual_seed(0)
 
     def run_epoch() -> None:
@@ -149,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     row = rows[0]
     print(f"1 process: {row.baseline_rate / 2:,.0f} samples/s; 2 processes: {row.rate:,.0f} samples/s; "
           f"scaling efficiency: {row.ratio:.2f}")
+    for row in rows[2:]:
+        print(f"{row.what} against the {row.baseline}: {row.ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -125,9 +125,13 @@ def scenario_equivalence(rank: int) -> dict[str, Any]:
         trainer, model = make_trainer(micro)
         recorder = EpochIds(model)
         trainer.callbacks.append(recorder)
+        collectives: list[int] = []  # the agreement's all-reduces of its own (not riding with the gradients)
+        own = trainer.dist.start_all_reduce_sum
+        trainer.dist.start_all_reduce_sum = lambda t, calls=collectives, own=own: (calls.append(t.numel()), own(t))[1]  # type: ignore
         history = trainer.fit((x, ids, y), epochs=2, val=val)
         out[name] = {"weights": weights(model), "ids": recorder.epochs, "epochs": history.epochs,
-                     "steps": trainer.step}
+                     "steps": trainer.step, "collectives": collectives,
+                     "losses": [record["loss"] for record in history.steps]}
     trainer, model = make_trainer(16, noise_scale=True)
     history = trainer.fit((x, ids, y), epochs=1)
     out["noise"] = [record["noise_scale"] for record in history.steps]
@@ -249,6 +253,18 @@ def test_ddp_weights_equal_single_process(equivalence, split):
         assert_same_weights(rank_result[split]["weights"], weights(expected))
     assert all(torch.equal(a, b) for a, b in zip(equivalence[0][split]["weights"].values(),
                                                  equivalence[1][split]["weights"].values()))
+
+
+@pytest.mark.parametrize("split", ["2x32", "2x(2x16)"])
+def test_ddp_step_agreement_rides_in_the_gradient_all_reduce(equivalence, split):
+    """The per-step loss, stop and signal agreement costs no collective of its own under DDP (it rides in the
+    last gradient bucket), and the losses it sums are one process's."""
+    single, _ = single_process(None)
+    expected = [record["loss"] for record in single.history.steps]
+    for rank_result in equivalence:
+        assert rank_result[split]["collectives"] == [6, 6]  # the stop checks before each epoch; none of the 8 steps
+        assert rank_result[split]["losses"] == pytest.approx(expected, rel=1e-6)
+    assert equivalence[0][split]["losses"] == equivalence[1][split]["losses"]
 
 
 @pytest.mark.parametrize("split", ["2x32", "2x(2x16)"])

@@ -170,6 +170,31 @@ class RaiseAt(Callback):
             raise ValueError("rank 1 cannot go on")
 
 
+SMALL_BUDGET, LARGE_BUDGET = 2.0e6, 1.0e9  # bytes: the tiny Llama's step fits 8-ish of 32 samples / all of them
+
+
+def scenario_auto_fit(rank: int) -> dict[str, Any]:
+    """``micro_batch_size="auto"`` (and ``micro_batch_tokens``) under DDP and FSDP, one rank given less memory."""
+    from batchfit.measure import memory
+
+    out: dict[str, Any] = {}
+    for strategy, budgets, option in [("fsdp", (LARGE_BUDGET, LARGE_BUDGET), "micro_batch_size"),
+                                      ("fsdp", (SMALL_BUDGET, SMALL_BUDGET), "micro_batch_size"),
+                                      ("fsdp", (LARGE_BUDGET, SMALL_BUDGET), "micro_batch_size"),
+                                      ("fsdp", (SMALL_BUDGET, LARGE_BUDGET), "micro_batch_size"),
+                                      ("fsdp", (LARGE_BUDGET, SMALL_BUDGET), "micro_batch_tokens"),
+                                      ("ddp", (SMALL_BUDGET, SMALL_BUDGET), "micro_batch_size"),
+                                      ("ddp", (LARGE_BUDGET, SMALL_BUDGET), "micro_batch_size")]:
+        memory.host_budget = lambda budget=budgets[rank]: budget  # type: ignore[misc]
+        trainer, model = llama_run(strategy=strategy, **{option: "auto"})
+        plan = trainer.plan
+        key = f"{strategy} {option} {budgets[0]:.0e}/{budgets[1]:.0e}"
+        out[key] = {"micro": plan.micro_batch_size, "tokens": plan.micro_batch_tokens,
+                    "batch": plan.batch_size, "steps": trainer.step,
+                    "weights": full_model_state(model) if strategy == "fsdp" else weights(model)}
+    return out
+
+
 def scenario_failure(rank: int) -> dict[str, Any]:
     start = time.monotonic()
     try:
@@ -404,6 +429,32 @@ def test_fsdp_checkpoint_of_another_model_is_refused(tmp_path):
         trainer.fit(mlp_data(), epochs=3, resume=True)
 
 
+def test_auto_micro_batch_is_measured_on_every_rank_and_the_smallest_fit_wins(forkserver, tmp_path):
+    """``micro_batch_size="auto"`` with DDP and FSDP: every rank measures its own (sharded) step, and the
+    ranks agree on the fit of the rank with the least memory, whichever rank that is; batch means batch."""
+    ranks = [result_of(o) for o in launch(forkserver, tmp_path, "auto_fit")]
+    small, large = f"{SMALL_BUDGET:.0e}", f"{LARGE_BUDGET:.0e}"
+    for result in ranks:
+        assert result[f"fsdp micro_batch_size {large}/{large}"]["micro"] is None  # the whole share fits
+        fit = result[f"fsdp micro_batch_size {small}/{small}"]["micro"]
+        assert fit is not None and 1 <= fit < LLAMA_BATCH  # the small budget binds
+        for key in (f"{large}/{small}", f"{small}/{large}"):  # one rank small: both use the small fit
+            assert result[f"fsdp micro_batch_size {key}"]["micro"] == fit
+        tokens = result[f"fsdp micro_batch_tokens {large}/{small}"]["tokens"]
+        longest = int(token_data()["input_ids_lengths"].max())  # a token budget is rows of the longest sample
+        assert tokens is not None and tokens % longest == 0 and longest <= tokens < longest * LLAMA_BATCH // WORLD
+        ddp_fit = result[f"ddp micro_batch_size {small}/{small}"]["micro"]
+        assert ddp_fit is not None and 1 <= ddp_fit < LLAMA_BATCH
+        assert result[f"ddp micro_batch_size {large}/{small}"]["micro"] == ddp_fit
+        assert all(run["batch"] == LLAMA_BATCH and run["steps"] == LLAMA_SAMPLES // LLAMA_BATCH
+                   for run in result.values())  # batch_size unchanged
+    for key in ranks[0]:
+        assert ranks[0][key]["micro"] == ranks[1][key]["micro"] and ranks[0][key]["tokens"] == ranks[1][key]["tokens"]
+    reference = llama_reference()  # whole batches by hand: the measured split does not change the result
+    assert_same(ranks[0][f"fsdp micro_batch_size {large}/{small}"]["weights"], reference)
+    assert_same(ranks[0][f"ddp micro_batch_size {large}/{small}"]["weights"], reference)
+
+
 def test_fsdp_exception_on_one_rank_fails_the_other_fast(forkserver, tmp_path):
     outcomes = launch(forkserver, tmp_path, "failure")
     assert outcomes[1]["error"] == "ValueError" and "rank 1 cannot go on" in outcomes[1]["message"]
@@ -437,3 +488,23 @@ def test_cli_train_nproc_2_fsdp(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 6  # ceil(162 / 32)
     record = torch.load(Path(summary["run_dir"]) / "model.pt", weights_only=True)
     assert all(type(v) is torch.Tensor for v in record["model"].values()) and record["model"]
+
+
+@pytest.mark.parametrize("option", ["micro_batch_size", "micro_batch_tokens"])
+def test_fsdp_auto_fit_on_cuda_is_refused_with_the_reason(monkeypatch, option):
+    """On CUDA the search runs into out-of-memory errors, which a sharded step cannot survive on one rank alone."""
+    from batchfit.distributed import DistContext
+    from batchfit.train import plan
+    from batchfit.train.options import TrainerOptions
+
+    monkeypatch.setattr(plan, "is_sharded", lambda module: True)  # as if fully_shard had wrapped it
+    model = mlp()
+    options = TrainerOptions(batch_size=64, strategy="fsdp", **{option: "auto"})
+    with pytest.raises(BatchfitError, match="leaves the other ranks waiting"):
+        plan.plan_batches(options, model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                          ArraySource(*mlp_data()), torch.device("cuda"), DistContext(), [0.1])
+    monkeypatch.setattr(plan, "is_sharded", lambda module: False)  # DDP's unwrapped module: measured on CUDA
+    with pytest.raises(Exception) as other:
+        plan.plan_batches(options, model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                          ArraySource(*mlp_data()), torch.device("cuda"), DistContext(), [0.1])
+    assert "leaves the other ranks waiting" not in str(other.value)

@@ -185,6 +185,9 @@ class Step:
                 loss, _ = forward_loss(self.model, self.loss_fn, batch)
             self._backward(loss)  # one process, one micro-batch: the batch is the whole global batch
             return StepResult(loss.detach())
+        if counter is None and self.micro_batch_size is None and self.micro_batch_tokens is None \
+                and not measure_noise:
+            return self._one_piece(batch, global_size, before_last_backward)
         pieces = list(micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens))
         if measure_noise and len(pieces) == 1 and batch_len(batch) >= 2:
             pieces = list(micro_batches(batch, -(-batch_len(batch) // 2)))
@@ -215,6 +218,20 @@ class Step:
             self._rescale(correction)
         assert share is not None
         return StepResult(share, noise)
+
+    def _one_piece(self, batch: Batch, global_size: int, before_last_backward: BeforeLastBackward | None) -> StepResult:
+        """The loop of :meth:`accumulate` for a batch that is one micro-batch of samples, without its generality
+        (the same operations in the same order, so the same numbers)."""
+        size = batch_len(batch)
+        weight = size * (1.0 / global_size)
+        with _gradient_sync(self.model, True):
+            with autocast(self.precision, self.device.type):
+                loss, _ = forward_loss(self.model, self.loss_fn, batch)
+            share = _share(loss.detach(), weight, size)
+            if before_last_backward is not None:
+                before_last_backward(share, None)
+            self._backward(loss * (weight * self.world_size))
+        return StepResult(share)
 
     def _counts(self, pieces: list[tuple[Batch, int]], counter: Callable[[Batch], Any] | None,
                 global_size: int) -> tuple[list[Any], Any, Callable[[], torch.Tensor] | None]:

@@ -25,7 +25,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -120,7 +120,9 @@ def _drawer(source: Source, seed: int, device: torch.device, dtype: torch.dtype 
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> dict[int, int]:
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    """Bytes of each distinct storage of ``tensors`` (of a sharded DTensor, this rank's local shard)."""
+    local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer | None) -> Iterator[torch.Tensor]:
@@ -330,8 +332,14 @@ def _step_peaks(
     max_size: int | None,
     seed: int,
     precision: str,
+    ranks: Ranks | None = None,
 ) -> Iterator[tuple[Callable[[int], float], float, int, torch.device]]:
-    """``(size -> peak bytes, budget, largest size allowed, device)`` inside a probe of the model."""
+    """``(size -> peak bytes, budget, largest size allowed, device)`` inside a probe of the model.
+
+    With ``ranks`` (a distributed run) every rank measures, and each peak is the largest over the
+    ranks and the budget the smallest: every rank sees the same numbers, so the search takes the
+    same steps on every rank (a sharded model's trial steps are collectives) and ends on the same size.
+    """
     source = as_source(src, "src")
     budget = _check_budget(memory_budget)
     if max_size is not None:
@@ -350,10 +358,32 @@ def _step_peaks(
         draw = _drawer(source, seed, target, param_dtype(net))
         if target.type == "cuda":
             budget = cuda_budget(target) if budget is None else budget
-            yield _cuda_peak(step, draw, target), budget, cap, target
+            peak_of = _cuda_peak(step, draw, target)
         else:
             budget = host_budget() if budget is None else budget
-            yield _cpu_peak(step, draw, cap), budget, cap, target
+            peak_of = _cpu_peak(step, draw, cap)
+        if ranks is not None and ranks.enabled:
+            yield _largest_over(ranks, peak_of), ranks.reduce_min(budget), cap, target
+        else:
+            yield peak_of, budget, cap, target
+
+
+class Ranks(Protocol):
+    """What a distributed measurement needs of :class:`~batchfit.distributed.DistContext`."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def reduce_min(self, value: float) -> float: ...
+
+    def reduce_max(self, value: float) -> float: ...
+
+
+def _largest_over(ranks: Ranks, peak_of: Callable[[int], float]) -> Callable[[int], float]:
+    def agreed(size: int) -> float:
+        return ranks.reduce_max(peak_of(size))
+
+    return agreed
 
 
 def find_micro_batch_size(
@@ -366,6 +396,7 @@ def find_micro_batch_size(
     max_size: int | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    ranks: Ranks | None = None,
 ) -> int:
     """The largest micro-batch whose forward pass, backward pass and ``optimizer`` step fit in memory.
 
@@ -380,8 +411,13 @@ def find_micro_batch_size(
     gradients, optimizer state and random state are restored afterwards. Each trial is the
     training step itself under ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``), with the
     batch cast to the model's dtype, so the memory measured is the memory training will use.
+
+    ``ranks`` (a :class:`~batchfit.distributed.DistContext`; every rank calls this at once): each
+    rank measures its own steps, and the ranks agree on the largest peak of each trial and the
+    smallest budget, so every rank returns the same size, the one that fits on every rank. A
+    sharded (FSDP) ``model`` measures its sharded step, weights gathered block by block included.
     """
-    with _step_peaks(model, loss_fn, src, device, memory_budget, optimizer, max_size, seed, precision) as (
+    with _step_peaks(model, loss_fn, src, device, memory_budget, optimizer, max_size, seed, precision, ranks) as (
         peak_of,
         budget,
         cap,
@@ -407,6 +443,7 @@ def find_micro_batch_tokens(
     max_rows: int | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    ranks: Ranks | None = None,
 ) -> int:
     """The largest token budget for ``micro_batch_tokens``: padded tokens a micro-batch may hold and fit in memory.
 
@@ -415,7 +452,7 @@ def find_micro_batch_tokens(
     longest sequences. The trials are therefore real steps (as :func:`find_micro_batch_size`
     runs them, under the same budget rules) on ``n`` copies of the source's longest sample, for
     the largest ``n`` up to ``max_rows`` that fits; the budget is ``n`` times that length.
-    ``src`` must have variable-length arrays (``NAME_lengths``).
+    ``src`` must have variable-length arrays (``NAME_lengths``). ``ranks``: as :func:`find_micro_batch_size`.
     """
     source = as_source(src, "src")
     lengths = source_lengths(source)
@@ -425,7 +462,8 @@ def find_micro_batch_tokens(
     longest = int(np.argmax(lengths))
     rows = max_rows if max_rows is not None else len(source)
     copies = _Repeated(source, longest, check_positive_int("max_rows", rows))
-    fits = find_micro_batch_size(model, loss_fn, copies, device, memory_budget, optimizer, rows, seed, precision)
+    fits = find_micro_batch_size(model, loss_fn, copies, device, memory_budget, optimizer, rows, seed, precision,
+                                 ranks)
     tokens = fits * int(lengths[longest])
     logger.info("largest token budget that fits: %d (%d rows of the longest sample, %d tokens)",
                 tokens, fits, int(lengths[longest]))

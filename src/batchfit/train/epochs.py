@@ -94,7 +94,7 @@ class EpochFeed:
         signalled = trainer.signals.received is not None
 
         def start(share: torch.Tensor, sample: NoiseSample | None) -> None:
-            agreement.start(share, sample, stop_requested, signalled)  # rides on the last backward
+            agreement.start(share, sample, stop_requested, signalled, ride=True)  # rides on the last backward
 
         def finish(result: StepResult) -> StepResult:
             agreed = agreement.finish()

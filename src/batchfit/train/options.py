@@ -99,8 +99,6 @@ class TrainerOptions:
         if self.strategy != "fsdp":
             return
         unsupported = [(self.measured_batch, f"batch_size={self.batch_size!r}"),
-                       (self.micro_batch_size == "auto", "micro_batch_size='auto'"),
-                       (self.micro_batch_tokens == "auto", "micro_batch_tokens='auto'"),
                        (self.tracks_noise, "the gradient noise scale (noise_scale, 'adaptive', 'adascale')"),
                        (self.precision == "fp16", "precision='fp16' (its GradScaler is not shard-aware)")]
         for found, what in unsupported:

@@ -12,9 +12,10 @@ import torch
 from ..core.batch import LossFn
 from ..data.sources import Source
 from ..distributed import DistContext
-from ..errors import expected
+from ..errors import InputError, expected
 from ..measure.auto import AdaptiveBatch, BatchChoice, choose_batch_size
 from ..measure.memory import find_micro_batch_size, find_micro_batch_tokens
+from ..sharding import is_sharded
 from .options import TrainerOptions
 
 logger = logging.getLogger("batchfit")
@@ -66,9 +67,15 @@ def plan_batches(options: TrainerOptions, module: torch.nn.Module, loss_fn: Loss
             raise expected("batch_size", f"at most the number of samples ({len(src)}) when drop_last=True",
                            batch_size)
     micro = options.micro_batch_size
+    if "auto" in (micro, options.micro_batch_tokens) and device.type == "cuda" and is_sharded(module):
+        raise InputError("micro_batch_size='auto'/micro_batch_tokens='auto' with strategy='fsdp' are measured on the "
+                         "CPU only: on CUDA the search runs trials until one runs out of memory, and a rank that "
+                         "does so inside a sharded step leaves the other ranks waiting in its collectives. Give "
+                         "micro_batch_size (or micro_batch_tokens) as a number, or use strategy='ddp'")
     if micro == "auto":
+        # Every rank measures (a sharded module: its sharded step); all agree on the size that fits on each.
         fits = find_micro_batch_size(module, loss_fn, src, device=device, optimizer=optimizer, max_size=batch_size,
-                                     precision=options.precision)
+                                     precision=options.precision, ranks=dist)
         logger.info("micro_batch_size='auto': %d fits in memory (batch_size stays %d)", fits, batch_size)
         micro = fits
     if isinstance(micro, int) and micro >= batch_size:
@@ -78,7 +85,7 @@ def plan_batches(options: TrainerOptions, module: torch.nn.Module, loss_fn: Loss
     if tokens == "auto":
         rows = -(-batch_size // dist.world_size) if micro is None else micro
         tokens = find_micro_batch_tokens(module, loss_fn, src, device=device, optimizer=optimizer, max_rows=rows,
-                                         precision=options.precision)
+                                         precision=options.precision, ranks=dist)
         logger.info("micro_batch_tokens='auto': %d tokens fit in memory", tokens)
     assert tokens is None or isinstance(tokens, int)
     return BatchPlan(batch_size, micro, adaptive, choice, tokens)

@@ -130,6 +130,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
+        # Under DDP the per-step agreement rides in the gradient all-reduce (its communication hook).
+        self._carrier = distributed.GradientCarrier.attach(self.model, self.dist.world_size)
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self._given_loss_fn = loss_fn  # as passed; self.loss_fn may be it adapted to the data's targets
         self.callbacks = list(callbacks)
@@ -404,7 +406,8 @@ class Trainer:
                             max_grad_norm=o.max_grad_norm, world_size=self.dist.world_size,
                             loss_count=self.loss_count, sum_over_ranks=self.dist.sum_later)
         self._tell_plan(src, described, plan, self.batcher)
-        self._agreement = distributed.StepAgreement(self.dist, self.device) if self.dist.enabled else None
+        self._agreement = (distributed.StepAgreement(self.dist, self.device, self._carrier) if self.dist.enabled
+                           else None)
         if plan.adaptive is not None:
             self.noise_tracker = plan.adaptive.tracker
         elif o.tracks_noise:
