@@ -21,18 +21,14 @@ machine's load between launches does not enter it.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-from .common import Row, child_command
+from .common import Row, child_command, launch_ranks
 
 WORKER_FLAG = "--worker"
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID")
 
 
 def distributed_rows(quick: bool = False) -> list[Row]:
@@ -77,32 +73,7 @@ def measure(job: dict[str, Any], processes: int, timeout: float = 900.0) -> floa
 def launch(job: dict[str, Any], processes: int, timeout: float = 900.0) -> dict[str, Any]:
     """What rank 0 of one launch of ``processes`` fresh processes running ``job`` reported."""
     command, env = child_command("distributed", WORKER_FLAG, json.dumps(job))
-    env = {k: v for k, v in env.items() if k not in _TORCHRUN_ENV}
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    ranks = []
-    for rank in range(processes):
-        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes)) if processes > 1 else env
-        ranks.append(subprocess.Popen(command, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    deadline = time.monotonic() + timeout
-    outputs = []
-    for process in ranks:
-        try:
-            outputs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for other in ranks:
-                other.kill()
-            raise RuntimeError(f"the {processes}-process benchmark run took over {timeout} s") from None
-    for process, (_, stderr) in zip(ranks, outputs):
-        if process.returncode:
-            raise RuntimeError(f"a benchmark process failed (exit {process.returncode}):\n{stderr[-3000:]}")
-    return dict(json.loads(outputs[0][0].strip().splitlines()[-1]))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return launch_ranks(command, env, processes, timeout, "benchmark run")[0]
 
 
 def worker(job: dict[str, Any]) -> dict[str, Any]:

@@ -24,48 +24,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-from .common import ROOT, child_command
+from .common import ROOT, child_command, launch_ranks
 
 WORKER_FLAG = "--worker"
 SEQS_PER_RANK = 4
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID")
 MiB = 2**20
 
 
 def launch(job: dict[str, Any], ranks: int, timeout: float = 900.0) -> list[dict[str, Any]]:
     """Run ``job`` on ``ranks`` fresh processes; each rank's measurements."""
     command, env = child_command("memory", WORKER_FLAG, json.dumps(job))
-    env = {k: v for k, v in env.items() if k not in _TORCHRUN_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env["PYTHONPATH"]])  # this checkout's batchfit
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    processes = [subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
-    deadline, outputs = time.monotonic() + timeout, []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise RuntimeError(f"the {ranks}-rank memory run took over {timeout} s") from None
-    for process, (_, stderr) in zip(processes, outputs):
-        if process.returncode:
-            raise RuntimeError(f"a memory benchmark rank failed (exit {process.returncode}):\n{stderr[-3000:]}")
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return launch_ranks(command, env, ranks, timeout, "memory run")
 
 
 def _proc_status(field: str) -> int:
