@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,17 @@ def checkpoint_path(folder: str | os.PathLike[str], step: int) -> Path:
 
 def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoint files in ``folder``, newest (highest step) first."""
+    return list_steps(folder, _NAME)
+
+
+def list_steps(folder: str | os.PathLike[str], name: re.Pattern[str],
+               complete: Callable[[Path], bool] = lambda path: True) -> list[Path]:
+    """The entries of ``folder`` whose name ``name`` matches (its group 1: the step) and that are
+    ``complete``, highest step first; none when the folder does not exist."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := name.match(p.name)) and complete(p)]
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -30,6 +30,7 @@ import torch
 from ..core.durable import atomic_write, fsync_dir
 from ..distributed import DistContext
 from ..errors import CheckpointError
+from .checkpoint import list_steps
 from .saving import model_state, refuse_other_weights
 
 MARKER = "COMPLETE"
@@ -45,12 +46,7 @@ def sharded_path(folder: str | os.PathLike[str], step: int) -> Path:
 
 def list_sharded(folder: str | os.PathLike[str]) -> list[Path]:
     """Complete sharded checkpoints (with their marker) in ``folder``, newest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := _NAME.match(p.name)) and (p / MARKER).is_file()]
-    return [p for _, p in sorted(found, reverse=True)]
+    return list_steps(folder, _NAME, lambda path: (path / MARKER).is_file())
 
 
 def tensor_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
