@@ -29,7 +29,7 @@ def test_stream_config_example_trains_from_redis_and_publishes_snapshots(redis_s
     config["train"].update(checkpoint_dir=str(tmp_path / "checkpoints"), out=str(tmp_path / "runs"), progress=False)
     config["callbacks"]["snapshots"] = {"folder": str(tmp_path / "snapshots"), "every_steps": 10}
     summary = run_config(config)
-    assert summary is not None and summary["samples"] == 1500 and summary["steps"] == math.ceil(1500 / 32)
+    assert summary is not None and summary["samples"] == 1500 and summary["steps"] == math.ceil(1500 / 8)
     assert 0.5 < math.sqrt(summary["preq_loss"]) < 1.5  # ratings 1-5: a prequential RMSE, not a placeholder
     _, info = bf.load_snapshot(tmp_path / "snapshots")
     assert info["samples"] == 1500
@@ -108,3 +108,29 @@ def test_stream_config_max_batch_size_reaches_the_source_and_needs_a_max_latency
     del base["stream"]["max_latency"]
     with pytest.raises(ConfigError, match=r"`stream.max_batch_size` must be a positive integer, with a "):
         build_stream(check_config(base, tmp_path / "run.toml"))
+
+
+def test_optimizer_named_by_a_function_builds_the_recipe_and_refuses_non_optimizers(tmp_path):
+    import torch
+
+    from batchfit.config import build_optimizer
+    from batchfit.workloads.stream import MatrixFactorization, Recipe
+
+    config = load_config(EXAMPLE)
+    model = MatrixFactorization(**config["model"]["args"])
+    optimizer = build_optimizer(config, model)
+    expected = Recipe().optimizer(Recipe().model())  # the example's TOML is the shipped recipe
+    assert [(g["lr"], len(g["params"])) for g in optimizer.param_groups] == \
+        [(g["lr"], len(g["params"])) for g in expected.param_groups] == [(0.4, 2), (0.2, 2)]
+    assert optimizer.param_groups[0]["params"][0] is model.user_vectors.weight
+
+    (tmp_path / "opt.py").write_text("def not_one(model, lr):\n    return [lr]\n")
+    path = tmp_path / "run.toml"
+    bad = check_config({"stream": {"stream": "ratings"}, "model": config["model"],
+                        "optimizer": {"name": "opt:not_one", "lr": 0.1}}, path)
+    with pytest.raises(ConfigError, match="must return a torch.optim.Optimizer"):
+        build_optimizer(bad, torch.nn.Linear(2, 1))
+    unknown = check_config({"stream": {"stream": "ratings"}, "model": config["model"],
+                            "optimizer": {"name": "adamax", "lr": 0.1}}, path)
+    with pytest.raises(ConfigError, match="one of .* or 'package.module:function'"):
+        build_optimizer(unknown, torch.nn.Linear(2, 1))

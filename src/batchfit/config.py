@@ -355,14 +355,23 @@ def _data_shapes(config: Config, train: tuple[Any, ...]) -> tuple[np.ndarray, in
 
 
 def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of ``[optimizer]`` over the model's parameters."""
-    name = config["optimizer"]["name"]
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"`optimizer.name` must be one of {sorted(OPTIMIZERS)}. Received: optimizer.name={name!r}")
+    """The optimizer of ``[optimizer]``: a built-in name over the model's parameters, or a
+    ``package.module:function`` called as ``function(model, lr=lr, **args)`` (an optimizer with parameter
+    groups of its own, such as :func:`batchfit.workloads.stream.recipe_optimizer`)."""
+    name, lr, args = config["optimizer"]["name"], config["optimizer"]["lr"], config["optimizer"]["args"]
+    if name not in OPTIMIZERS and ":" not in name:
+        raise ConfigError(f"`optimizer.name` must be one of {sorted(OPTIMIZERS)} or 'package.module:function'. "
+                          f"Received: optimizer.name={name!r}")
     try:
-        return OPTIMIZERS[name](model.parameters(), lr=config["optimizer"]["lr"], **config["optimizer"]["args"])
+        if name in OPTIMIZERS:
+            return OPTIMIZERS[name](model.parameters(), lr=lr, **args)
+        optimizer = import_object(name, "optimizer.name", config.path.parent.resolve())(model, lr=lr, **args)
     except (TypeError, ValueError) as error:  # torch's own refusals (betas, momentum, ...) are ValueErrors
         raise ConfigError(f"`optimizer.args` do not fit {name!r}: {error}") from error
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"`optimizer.name`: {name!r} must return a torch.optim.Optimizer. "
+                          f"Received: {type(optimizer).__name__}")
+    return optimizer
 
 
 def build_loss(config: Config) -> Callable[..., torch.Tensor] | None:

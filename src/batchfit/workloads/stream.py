@@ -223,11 +223,22 @@ class Recipe:
 
     def optimizer(self, model: MatrixFactorization) -> torch.optim.SGD:
         """SGD with the vectors and the biases in two groups, each lr the per-event step times ``batch_size``."""
-        vectors = [model.user_vectors.weight, model.item_vectors.weight]
-        biases = [model.user_bias.weight, model.item_bias.weight]
-        return torch.optim.SGD([{"params": vectors, "lr": self.lr_vectors * self.batch_size},
-                                {"params": biases, "lr": self.lr_biases * self.batch_size}])
+        return recipe_optimizer(model, lr=self.lr_vectors * self.batch_size, bias_lr=self.lr_biases * self.batch_size)
 
     def describe(self) -> str:
         return (f"SGD, {self.lr_vectors:g}/{self.lr_biases:g} per event (vectors/biases), dim {self.dim}, "
                 f"init {self.init:g}")
+
+
+def recipe_optimizer(model: MatrixFactorization, lr: float, bias_lr: float | None = None) -> torch.optim.SGD:
+    """Plain SGD over a :class:`MatrixFactorization` with two parameter groups: the user and item vectors at
+    ``lr``, the biases at ``bias_lr`` (half of ``lr`` when not given, as in :class:`Recipe`).
+
+    The loss is the batch's mean, so for a per-event step ``s`` at batch ``b`` give ``lr = s * b``. This is the
+    form a configuration file names: ``[optimizer] name = "batchfit.workloads.stream:recipe_optimizer"``,
+    ``lr = 0.4``, ``args = { bias_lr = 0.2 }`` is the recipe at batch 8.
+    """
+    vectors = [model.user_vectors.weight, model.item_vectors.weight]
+    biases = [model.user_bias.weight, model.item_bias.weight]
+    return torch.optim.SGD([{"params": vectors, "lr": lr},
+                            {"params": biases, "lr": lr / 2 if bias_lr is None else bias_lr}])
