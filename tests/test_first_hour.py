@@ -138,6 +138,29 @@ def test_a_shape_bug_inside_the_model_is_not_blamed_on_the_data() -> None:
     assert "batchfit: raised during step 1 (epoch 1)" in getattr(raised.value, "__notes__", [])
 
 
+class RunsOutOfMemory(torch.nn.Module):
+    """Raises CUDA's out-of-memory error (a RuntimeError torch lets the CPU raise too) on more than 2 samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > 2:  # the check before step 1 runs on 2 samples; the step itself on 16
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return self.layer(x)
+
+
+def test_out_of_memory_in_a_step_points_at_micro_batches() -> None:
+    model = RunsOutOfMemory()
+    trainer = bf.Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=16,
+                         progress=False)
+    with pytest.raises(bf.InputError, match=r"step 1 \(epoch 1\): the device ran out of memory \(CUDA out of "
+                                            r"memory.*micro_batch_size='auto'") as raised:
+        trainer.fit((np.zeros((32, 5), np.float32), np.zeros(32, np.int64)), epochs=1)
+    assert isinstance(raised.value.__cause__, torch.cuda.OutOfMemoryError)
+
+
 # ------------------------------------------------------------------ non-finite data, not the learning rate
 @pytest.mark.parametrize("rows, named", [([7], r"1 sample\(s\) \(samples \[7\]\)"), ([3, 9, 20, 40, 41, 50, 60],
                                                                    r"7 sample\(s\) \(samples \[3, 9, 20, 40, 41\]"

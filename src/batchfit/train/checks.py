@@ -44,6 +44,11 @@ def error_at_step(error: BaseException, step: int, epoch: int) -> BaseException:
         return InputError(f"{where}: the model takes no argument {found.group(1)!r}: dict batches are passed as "
                              f"model(**batch); pass the data as a tuple (inputs..., target) instead, or name the "
                              f"arrays after the model's forward() parameters")
+    if isinstance(error, torch.cuda.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                         and "out of memory" in text.lower()):
+        return InputError(f"{where}: the device ran out of memory ({text[:200]}). Split each batch into "
+                          f"micro-batches that fit: micro_batch_size='auto' (micro_batch_tokens='auto' for text) "
+                          f"measures the largest; batch_size, and so the training, stays as it is")
     add_note = getattr(error, "add_note", None)  # Python 3.11+
     if add_note is not None:
         add_note(f"batchfit: raised during step {step} (epoch {epoch})")
