@@ -8,7 +8,7 @@ A producer thread replays MovieLens-100k (from the recbole package) into a Redis
 at --rate events/s; the trainer reads it in a consumer group, cuts batches of 32 events or whatever came
 within 50 ms, scores each batch before training on it (prequential RMSE), acknowledges events once a
 checkpoint holds their update, and publishes snapshots that a serving process loads with
-bf.load_snapshot. Needs: pip install "batchfit[stream]" pandas; pip install --no-deps recbole.
+bf.streams.load_snapshot. Needs: pip install "batchfit[stream]" pandas; pip install --no-deps recbole.
 """
 
 from __future__ import annotations
@@ -65,20 +65,20 @@ def produce(url: str, rate: float, limit: int | None) -> None:
 def train(url: str, folder: Path, rate: float, limit: int | None) -> None:
     recipe = Recipe()  # plain SGD at batch 8, river's per-event steps (docs/streams.md)
     model = recipe.model()
-    snapshots = bf.PublishSnapshots(folder / "snapshots", every_seconds=2.0)
+    snapshots = bf.streams.PublishSnapshots(folder / "snapshots", every_seconds=2.0)
     trainer = bf.Trainer(model, rmse_loss, recipe.optimizer(model), batch_size=recipe.batch_size,
                          checkpoint_dir=folder / "checkpoints", checkpoint_every=800, callbacks=[snapshots])
-    events = bf.RedisStream(url, "ratings", group="recs", consumer="trainer-0", fields=ML100K_FIELDS,
+    events = bf.streams.RedisStream(url, "ratings", group="recs", consumer="trainer-0", fields=ML100K_FIELDS,
                             idle_timeout=3.0)
     producer = threading.Thread(target=produce, args=(url, rate, limit), daemon=True)
     producer.start()
-    history = trainer.fit(bf.StreamSource(events, max_latency=0.05), resume=True)
+    history = trainer.fit(bf.streams.StreamSource(events, max_latency=0.05), resume=True)
     rmse = [math.sqrt(v) for v in history.column("preq_loss")]
     window = [math.sqrt(v) for v in history.column("preq_loss_window")]
     for step in range(0, len(rmse), max(1, len(rmse) // 10)):
         print(f"step {step + 1:6d}: prequential RMSE {rmse[step]:.3f} (last 1000 events {window[step]:.3f})")
     print(f"{trainer.samples_seen} events, prequential RMSE {rmse[-1]:.3f}; newest snapshot: "
-          f"{bf.load_snapshot(folder / 'snapshots')[1]}")
+          f"{bf.streams.load_snapshot(folder / 'snapshots')[1]}")
     history.plot(folder / "curves.png")
     print(f"curves: {folder / 'curves.png'}")
 

@@ -176,7 +176,7 @@ def test_publish_snapshots_reader_never_sees_a_half_written_snapshot(tmp_path):
     (lambda: bf.StreamSource([], max_latency=0), r"`max_latency` must be a positive number of seconds or None"),
     (lambda: bf.StreamSource(5), r"`events` must be an iterable of events or an EventConsumer"),
     (lambda: _trainer(_linear(), batch_size=4).fit((np.zeros((4, 5)), np.zeros((4, 1))), max_steps=3),
-     r"`train` must be a bf.StreamSource when max_steps or until is given"),
+     r"`train` must be a bf.streams.StreamSource when max_steps or until is given"),
     (lambda: _trainer(_linear(), batch_size="full").fit(bf.StreamSource([])),
      r"`batch_size` must be a positive integer when training from a stream"),
     (lambda: _trainer(_linear(), batch_size=4).fit(bf.StreamSource([]), until=-1), r"`until` must be None, a"),

@@ -321,7 +321,7 @@ class StreamSource:
         elif isinstance(events, Iterable) and not isinstance(events, (str, bytes, Mapping)):
             self.consumer = IterableEvents(events, threaded=max_latency is not None)
         else:
-            raise expected("events", "an iterable of events or an EventConsumer (e.g. bf.RedisStream)",
+            raise expected("events", "an iterable of events or an EventConsumer (e.g. bf.streams.RedisStream)",
                            type(events).__name__)
         if on_dead_letter is not None and not callable(on_dead_letter):
             raise expected("on_dead_letter", "a callable dead_letter -> None, or None", on_dead_letter)
