@@ -117,7 +117,8 @@ def shipped_recipe(columns: dict[str, np.ndarray], count: int | None = None,
 
 def river_biased_mf(columns: dict[str, np.ndarray], count: int | None = None) -> dict[str, Any] | None:
     """river's ``BiasedMF`` with the recipe of its documentation's example (n_factors 10, SGD 0.05 for the vectors
-    and 0.025 for the biases, no l2: river's defaults, normal init 0.1), prequential: ``predict_one`` then ``learn_one`` for each rating in time order; ``None`` without river."""
+    and 0.025 for the biases, no l2: river's defaults, normal init 0.1), prequential: ``predict_one`` then
+    ``learn_one`` for each rating in time order; ``None`` without river."""
     try:
         from river import optim, reco
     except ImportError:

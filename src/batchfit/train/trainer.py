@@ -211,7 +211,8 @@ class Trainer:
             check_stream_fit(self.options, max_steps, until)
         else:
             if max_steps is not None or until is not None:
-                raise expected("train", "a bf.streams.StreamSource when max_steps or until is given", type(train).__name__)
+                raise expected("train", "a bf.streams.StreamSource when max_steps or until is given",
+                               type(train).__name__)
             check_positive_int("epochs", epochs, allow_zero=True)
             train = as_source(train, "train")
         val_src = None if val is None else as_source(val, "val")
