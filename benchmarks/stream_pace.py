@@ -106,7 +106,8 @@ def shipped_recipe(columns: dict[str, np.ndarray], count: int | None = None,
     events = _events(columns, len(columns["user"]) if count is None else count)
     recipe = recipe or Recipe()
     model = recipe.model()
-    trainer = Trainer(model, rmse_loss, recipe.optimizer(model), batch_size=recipe.batch_size, progress=False)
+    trainer = Trainer(model, recipe.loss(model), recipe.optimizer(model), batch_size=recipe.batch_size,
+                      progress=False)
     start = time.perf_counter()
     history = trainer.fit(StreamSource(events))
     seconds = time.perf_counter() - start

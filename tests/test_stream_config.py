@@ -119,7 +119,8 @@ def test_optimizer_named_by_a_function_builds_the_recipe_and_refuses_non_optimiz
     config = load_config(EXAMPLE)
     model = MatrixFactorization(**config["model"]["args"])
     optimizer = build_optimizer(config, model)
-    expected = Recipe().optimizer(Recipe().model())  # the example's TOML is the shipped recipe
+    recipe = Recipe(batch_size=8, sequential=False)  # the example's TOML: the recipe's steps at batch 8
+    expected = recipe.optimizer(recipe.model())
     assert [(g["lr"], len(g["params"])) for g in optimizer.param_groups] == \
         [(g["lr"], len(g["params"])) for g in expected.param_groups] == [(0.4, 2), (0.2, 2)]
     assert optimizer.param_groups[0]["params"][0] is model.user_vectors.weight

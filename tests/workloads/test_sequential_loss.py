@@ -1,0 +1,110 @@
+"""SequentialMSE: each event of a batch scored after the SGD steps of the batch's earlier events (to first order),
+checked against a hand-written loop that trains one event at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchfit as bf
+from batchfit.workloads.stream import MatrixFactorization, Recipe, SequentialMSE, rmse_loss
+
+# Six events; user 0 rates three items, item 2 is rated by three users, event 5 repeats event 0's pair.
+USER = torch.tensor([0, 0, 1, 0, 2, 0])
+ITEM = torch.tensor([1, 2, 2, 3, 2, 1])
+RATING = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 5.0])
+
+
+def model(seed: int = 0) -> MatrixFactorization:
+    return MatrixFactorization(3, 4, dim=4, init=0.3, seed=seed)
+
+
+def one_at_a_time(mf: MatrixFactorization, vector_step: float, bias_step: float) -> torch.Tensor:
+    """Each event predicted with the weights after the previous events' own SGD steps (gradient 2e), as a
+    per-event learner does; returns the predictions."""
+    predicted = []
+    for k in range(len(USER)):
+        u, i = USER[k : k + 1], ITEM[k : k + 1]
+        out = mf(u, i)
+        predicted.append(out.detach())
+        error = (out - RATING[k : k + 1]).sum()
+        mf.zero_grad()
+        out.sum().backward()
+        with torch.no_grad():
+            for table, step in ((mf.user_vectors, vector_step), (mf.item_vectors, vector_step),
+                                (mf.user_bias, bias_step), (mf.item_bias, bias_step)):
+                table.weight -= 2 * step * float(error) * table.weight.grad
+    return torch.cat(predicted)
+
+
+def corrected(mf: MatrixFactorization, vector_step: float, bias_step: float) -> torch.Tensor:
+    loss = SequentialMSE(mf, vector_step, bias_step, batch_size=len(USER))
+    mf.train()
+    out = mf(USER, ITEM)
+    kept = mf.kept
+    assert kept is not None
+    return out.detach() + loss.correction(out.detach(), RATING, *kept)
+
+
+def test_with_biases_alone_the_correction_is_exact():
+    # Without vector steps the prediction is linear in the biases: one event at a time is reproduced exactly.
+    reference = one_at_a_time(model(), 0.0, 0.1)
+    stale = model()(USER, ITEM).detach()
+    assert (reference - stale).abs().max() > 0.3  # the stale scores really are off
+    torch.testing.assert_close(corrected(model(), 0.0, 0.1), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [1e-2, 1e-3])
+def test_the_correction_is_right_to_first_order_in_the_step(step):
+    reference = one_at_a_time(model(), step, step / 2)
+    stale = model()(USER, ITEM).detach()
+    off = float((corrected(model(), step, step / 2) - reference).abs().max())
+    stale_off = float((stale - reference).abs().max())
+    assert stale_off > step  # the stale scores are off by order step
+    assert off < 10 * step**2 and off < stale_off / 20, (off, stale_off)
+
+
+def test_the_update_is_each_events_step_at_its_sequential_error():
+    # A Trainer step on the six events with lr = step x batch equals a hand-written step whose loss is
+    # sum_k e_k * prediction_k (e_k: the corrected, sequential errors), times 2 / batch.
+    vector_step, bias_step = 0.05, 0.025
+    ours = model()
+    recipe = Recipe(batch_size=6, lr_vectors=vector_step, lr_biases=bias_step, sequential=True)
+    trainer = bf.Trainer(ours, recipe.loss(ours), recipe.optimizer(ours), batch_size=6, shuffle=False,
+                         progress=False)
+    trainer.fit((USER.numpy(), ITEM.numpy(), RATING.numpy()), epochs=1)
+
+    hand = model()
+    errors = corrected(model(), vector_step, bias_step) - RATING
+    out = hand(USER, ITEM)
+    (2 / 6 * (errors * out).sum()).backward()
+    with torch.no_grad():
+        for table, step in ((hand.user_vectors, vector_step), (hand.item_vectors, vector_step),
+                            (hand.user_bias, bias_step), (hand.item_bias, bias_step)):
+            table.weight -= step * 6 * table.weight.grad
+    for (name, a), b in zip(ours.state_dict().items(), hand.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    first = trainer.history.column("loss")[0]
+    assert abs(first - float((errors**2).mean())) < 1e-5  # the score is that of the sequential predictions
+
+
+def test_outside_training_and_for_single_events_it_is_the_plain_error():
+    mf = model()
+    loss = SequentialMSE(mf, 0.05, 0.025, batch_size=6)
+    mf.eval()
+    out = mf(USER, ITEM)
+    assert mf.kept is None
+    torch.testing.assert_close(loss(out, RATING), rmse_loss(out, RATING))
+    mf.train()
+    out = mf(USER[:1], ITEM[:1])
+    torch.testing.assert_close(loss(out, RATING[:1]), rmse_loss(out, RATING[:1]))
+    assert mf.kept is None  # used once: a later eval-mode forward never meets stale rows
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(bf.InputError, match="model"):
+        SequentialMSE(torch.nn.Linear(2, 1), 0.05, 0.025, 8)  # type: ignore[arg-type]
+    with pytest.raises(bf.InputError, match="vector_step"):
+        SequentialMSE(model(), -1.0, 0.025, 8)
+    with pytest.raises(bf.InputError, match="batch_size"):
+        SequentialMSE(model(), 0.05, 0.025, 0)
