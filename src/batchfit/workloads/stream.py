@@ -166,14 +166,14 @@ class MatrixFactorization(torch.nn.Module):
                 assert isinstance(weight, torch.Tensor)
                 weight.zero_()
         self.mean = float(mean)
-        # What SequentialMSE needs of the last training forward: its ids and (detached) vectors; set only then.
+        # What SequentialMSE needs of the last training forward: its ids and vectors; set only then.
         self.keep_rows = False
         self.kept: tuple[torch.Tensor, ...] | None = None
 
     def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """Predicted ratings of ``(user, item)`` pairs."""
         users, items = self.user_vectors(user), self.item_vectors(item)
-        self.kept = (user, item, users.detach(), items.detach()) if self.keep_rows and self.training else None
+        self.kept = (user, item, users, items) if self.keep_rows and self.training else None
         dot = (users * items).sum(-1)
         return self.mean + self.user_bias(user).squeeze(-1) + self.item_bias(item).squeeze(-1) + dot
 
@@ -207,24 +207,28 @@ def rmse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class SequentialMSE:
-    """Mean squared error of a :class:`MatrixFactorization`'s ratings, each event scored as if the events before it
-    in its batch had already been trained on, one at a time, with plain SGD (to first order).
+    """Mean squared error of a :class:`MatrixFactorization`'s ratings, each event of a batch scored and trained as
+    if the events before it in the batch had already been trained on, one at a time, with plain SGD.
 
     A batch's predictions all come from the weights before the batch, so an event cannot profit from the events
-    just before it: in time order, a user rates many films in a row, and a batch of 32 or more scores most of
-    them stale (prequential RMSE 1.00 at batch 32, against 0.95 one event at a time). This loss corrects each
-    prediction for the updates of the batch's earlier events of the same user or the same item: one event's SGD
-    step moves a later prediction of its user by ``-c_b e_j - c_v e_j <q_j, q_k>`` (and of its item alike, with
-    the user vectors), where ``e_j`` is the earlier event's own corrected error, so the errors are the solution
-    of a unit lower-triangular system, solved exactly (one ``solve_triangular`` of the batch's size). The
-    correction uses only the ratings of earlier events (it is causal: a prequential score), and it does not
-    take part in the gradient: the update is the plain SGD step of every event with its sequential error.
+    just before it: in time order a user rates many films in a row, and a batch of 32 or more scores most of them
+    stale (prequential RMSE 1.00 at batch 32 on MovieLens-100k, against 0.95 one event at a time). This loss
+    follows the batch's events in order, to first order in the step size:
 
-    ``vector_step`` and ``bias_step`` are the per-event steps of the optimizer (the recipe's ``lr_vectors`` and
-    ``lr_biases``: the optimizer's lr divided by ``batch_size``), so that the correction is the update SGD
-    makes; with another optimizer (momentum, Adam) it is only an approximation. Give it the model it scores::
+    - **the score**: an earlier event ``j`` of the same user moves event ``k``'s prediction by
+      ``-c_b e_j - c_v e_j <q_j, q_k>`` (an earlier event of the same item alike, with the user vectors), where
+      ``e_j`` is ``j``'s own sequential error; the errors solve a unit lower-triangular system of the batch's
+      size (one ``solve_triangular``). Only earlier events' ratings enter: it is a prequential score.
+    - **the update**: each event's SGD step at its sequential error, taken with its user's vector as the earlier
+      events of that user left it (and its item's alike), instead of the batch's stale vectors.
 
-        loss = SequentialMSE(model, vector_step=0.05, bias_step=0.025, batch_size=32)
+    Neither correction takes part in the gradient otherwise: the step is the sum of the events' own SGD steps.
+    ``vector_step`` and ``bias_step`` are the optimizer's per-event steps (the recipe's ``lr_vectors`` and
+    ``lr_biases``: the optimizer's lr over ``batch_size``), so that the corrections follow the update SGD makes;
+    with momentum or Adam they are only an approximation. The cost is a few passes over a batch x batch matrix
+    per step. Give it the model it scores::
+
+        loss = SequentialMSE(model, vector_step=0.05, bias_step=0.025, batch_size=256)
     """
 
     def __init__(self, model: MatrixFactorization, vector_step: float, bias_step: float, batch_size: int) -> None:
@@ -240,29 +244,39 @@ class SequentialMSE:
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.to(output.dtype)
         kept, self.model.kept = self.model.kept, None
-        if kept is not None and len(kept[0]) == len(output) > 1:
-            with torch.no_grad():
-                correction = self.correction(output.detach(), target, *kept)
-            output = output + correction  # the gradient is each event's own, at its sequential error
-        return torch.nn.functional.mse_loss(output, target)
+        if kept is None or len(kept[0]) != len(output) or len(output) < 2:
+            return torch.nn.functional.mse_loss(output, target)
+        user, item, users, items = kept
+        with torch.no_grad():
+            errors, moved_users, moved_items = self.sequential(output.detach(), target, user, item, users.detach(),
+                                                               items.detach())
+        # Zero-valued terms whose gradients are those of the moved vectors: event k's item vector learns from
+        # its user's vector as the batch's earlier events of that user left it, and the other way round.
+        moved = (items * moved_users).sum(-1) + (users * moved_items).sum(-1)
+        scored = output + (errors - (output.detach() - target)) + (moved - moved.detach())
+        return torch.nn.functional.mse_loss(scored, target)
 
-    def correction(self, predicted: torch.Tensor, target: torch.Tensor, user: torch.Tensor, item: torch.Tensor,
-                   users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """What each prediction gains from the SGD steps of the batch's earlier events (see the class)."""
+    def sequential(self, predicted: torch.Tensor, target: torch.Tensor, user: torch.Tensor, item: torch.Tensor,
+                   users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's sequential errors, and how much the earlier events of each event's user (item) moved that
+        user's (item's) vector before the event (see the class)."""
         size = len(predicted)
         # The optimizer's lr is the per-event step times batch_size, over the mean of this batch's squared errors
         # (gradient 2e): one event moves its rows by 2 * step * batch_size / size times its error.
         scale = 2.0 * self.batch_size / size
         bias, vector = scale * self.bias_step, scale * self.vector_step
-        # effect[k, j] = [same user] (bias + vector <q_j, q_k>) + [same item] (bias + vector <p_j, p_k>), for j < k;
-        # built in place (a few passes over size x size numbers: the correction's cost).
+        earlier_user = torch.tril(user[:, None] == user[None, :], -1).to(predicted.dtype)  # [k, j]: j < k, same user
+        earlier_item = torch.tril(item[:, None] == item[None, :], -1).to(predicted.dtype)
+        # effect[k, j] = [same user] (bias + vector <q_j, q_k>) + [same item] (bias + vector <p_j, p_k>), j < k
         rest = torch.full((size, size), bias, dtype=predicted.dtype, device=predicted.device)
-        effect = torch.addmm(rest, items, items.T, alpha=vector).mul_(user[:, None] == user[None, :])
-        effect.addcmul_(torch.addmm(rest, users, users.T, alpha=vector, out=rest), item[:, None] == item[None, :])
-        effect.tril_(-1).diagonal().fill_(1.0)
+        effect = torch.addmm(rest, items, items.T, alpha=vector).mul_(earlier_user)
+        effect.addcmul_(torch.addmm(rest, users, users.T, alpha=vector, out=rest), earlier_item)
+        effect.diagonal().fill_(1.0)
         stale = predicted - target
         errors = torch.linalg.solve_triangular(effect, stale[:, None], upper=False, unitriangular=True)[:, 0]
-        return errors - stale
+        moved_users = (earlier_user @ (errors[:, None] * items)).mul_(-vector)
+        moved_items = (earlier_item @ (errors[:, None] * users)).mul_(-vector)
+        return errors, moved_users, moved_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,9 +286,11 @@ class Recipe:
 
     The loss is the batch's mean, so the optimizer's lr is the per-event step times ``batch_size``: each event
     moves its user's and item's rows as one SGD step of its own would (river's ``BiasedMF`` recipe, batched).
-    Measured on MovieLens-100k in time order (docs/streams.md): prequential RMSE 0.950 at batch 32 with
-    ``sequential`` (a learner that takes one event at a time: 0.949), against 1.00 at batch 32 and 0.962 at
-    batch 8 without it; Adam (dim 16, init 0.01) gave 1.02-1.05. Use :meth:`loss` as the Trainer's loss.
+    Measured on MovieLens-100k in time order (docs/streams.md): prequential RMSE 0.9485-0.9487 at batches of 32
+    to 512 with ``sequential`` (river's ``BiasedMF``, one event at a time with the same steps: 0.9485), against
+    1.00 at batch 32 and 0.962 at batch 8 without it; Adam (dim 16, init 0.01) gave 1.02-1.05. Use :meth:`loss`
+    as the Trainer's loss; ``sequential`` assumes one process without micro-batches (each piece would be
+    corrected as if it were the whole batch).
     """
 
     batch_size: int = 32
