@@ -136,9 +136,9 @@ def worker(url: str, stream: str, folder: str, log_path: str, options: dict[str,
 
     settings = Settings(**options)
     torch.set_num_threads(1)
-    consumer = bf.RedisStream(url, stream, group=GROUP, consumer="trainer", fields=FIELDS,
+    consumer = bf.streams.RedisStream(url, stream, group=GROUP, consumer="trainer", fields=FIELDS,
                               idle_timeout=settings.idle_timeout)
-    source = bf.StreamSource(consumer, max_latency=settings.max_latency, max_batch_size=settings.max_batch_size)
+    source = bf.streams.StreamSource(consumer, max_latency=settings.max_latency, max_batch_size=settings.max_batch_size)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
     class SoakLog(bf.Callback):
@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100,000 events, 2 kills every 5-10 s, 10,000 events "
                         "a rate segment")
-    parser.add_argument("--events", type=int, help="events of the soak (default 1,000,000; --quick 100,000)")
+    parser.add_argument("--events", type=int, help="events of the soak (default 1,000,000; --quick 100,000; 0: "
+                        "only the lag segments)")
     parser.add_argument("--rate", type=float, default=5000.0, help="the soak producer's events/s (0: as fast as "
                         "possible; default 5,000)")
     parser.add_argument("--kill-every", default=None, help="seconds between kills, 'LOW,HIGH' (default 20,40; "
@@ -503,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     kill_every = tuple(float(v) for v in (args.kill_every or ("5,10" if args.quick else "20,40")).split(","))
     assert len(kill_every) == 2, "--kill-every LOW,HIGH"
     settings = Settings(checkpoint_seconds=args.checkpoint_seconds)
-    results = run(events=args.events or (100_000 if args.quick else 1_000_000), rate=args.rate or None,
+    events = args.events if args.events is not None else (100_000 if args.quick else 1_000_000)
+    results = run(events=events, rate=args.rate or None,
                   kill_every=(kill_every[0], kill_every[1]), max_kills=args.kills if args.kills is not None else
                   (2 if args.quick else None), rates=[float(r) for r in args.rates.split(",") if r],
                   segment_events=args.segment_events or (10_000 if args.quick else 60_000), settings=settings,
