@@ -401,6 +401,8 @@ def _mib(value: float) -> str:
 def format_report(results: dict[str, Any]) -> str:
     """The soak's figures as Markdown: the run, lineage, memory per 100k events, flatness, per incarnation, lag."""
     run, lineage = results["soak"], results["soak"]["lineage"]
+    if not run["events"]:  # --events 0: the lag segments alone
+        return "\n".join(_lag_lines(results["lag"]))
     rate = "as fast as possible" if not run["rate"] else f"{run['rate']:,.0f} events/s"
     lines = [f"Soak: {run['events']:,} events produced at {rate} in {run['produce_seconds']:.0f} s; the trainer killed "
              f"(SIGKILL) {run['kills']} times, every {run['kill_every'][0]:g}-{run['kill_every'][1]:g} s at random, "
@@ -432,13 +434,17 @@ def format_report(results: dict[str, Any]) -> str:
     for row in results["incarnations"]:
         lines.append(f"| {row['incarnation']} | {row['samples_from']:,}-{row['samples_to']:,} | {row['seconds']:.0f} | "
                      f"{_mib(row['rss_first'])} | {_mib(row['rss_last'])} | {_mib(row['rss_max'])} |")
-    lines += ["", "| producer rate asked | true rate | trained events/s | steps | largest batch | lag p50 | lag p99 "
-              "| lag max | lineage |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in results["lag"]:
+    return "\n".join([*lines, "", *_lag_lines(results["lag"])])
+
+
+def _lag_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| producer rate asked | true rate | trained events/s | steps | largest batch | lag p50 | lag p99 "
+             "| lag max | lineage |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
         lines.append(f"| {row['rate']:,.0f} ev/s | {row['true_rate']:,.0f} ev/s | {row['trained_per_s']:,.0f} | "
                      f"{row['steps']:,} | {row['largest_batch']} | {row['p50_ms']:,.0f} ms | {row['p99_ms']:,.0f} ms "
                      f"| {row['max_ms']:,.0f} ms | {'exact' if row['exact'] else 'NOT EXACT'} |")
-    return "\n".join(lines)
+    return lines
 
 
 def plot_memory(results: dict[str, Any], path: str | Path) -> None:
