@@ -42,8 +42,9 @@ def test_auto_cap_lands_near_the_analytic_noise_scale():
     trainer = _trainer()  # lr 0: the weights stay where B_simple is known
     history = trainer.fit(bf.StreamSource(_samples(48_000), max_latency=60.0, max_batch_size="auto"))
     noise, caps = history.column("noise_scale"), history.column("batch_cap")
-    assert expected / 2 <= noise[-1] <= expected * 2, (noise[-1], expected)  # measured: 63.6
-    # batch_size times a power of two, at or under the estimate: 64 for an estimate in [64, 128), else 32 or 128.
+    # Measured: 60.9 (other draws of the data: 28 to 1,064, docs/streams.md; the estimate is noisy at 8 x the batch).
+    assert expected / 2 <= noise[-1] <= expected * 2, (noise[-1], expected)
+    # batch_size times a power of two, at or under the estimate: 32 for an estimate in [32, 64).
     assert caps[-1] == BATCH * 2 ** int(np.log2(noise[-1] / BATCH))
     assert expected / 4 <= caps[-1] <= expected * 2
     assert caps[0] == BATCH and set(history.column("batch_size")) == {BATCH}  # never behind: the batch stays put

@@ -281,8 +281,9 @@ class StreamFeed:
 
     def _train(self, batch: Batch, size: int) -> StepResult:
         """The step on ``batch``; with ``max_batch_size="auto"``, every ``AUTO_EVERY`` steps the batch's two halves
-        give one measurement of the noise scale (the same update, the gradient summed from the halves)."""
-        if self.noise is None or size < 2 or self.trainer.step % AUTO_EVERY:
+        give one measurement of the noise scale (the same update, the gradient summed from the halves). Not while
+        catching up (the batch past ``batch_size``): the cap measured before holds, and catching up costs nothing."""
+        if self.noise is None or size < 2 or self.trainer.step % AUTO_EVERY or self.size > self.batch_size:
             return self.step_fn.step(batch, size)
         result = self.step_fn.step(batch, size, measure_noise=True)
         if result.noise is not None and result.grad_sq is not None and result.noise.b_small < size:

@@ -183,7 +183,7 @@ class HashedEmbedding(torch.nn.Module):
             return
         self.lookups[0] += len(ids)
         if warm is not None:
-            self.events[0] += int((~warm).sum())
+            self.events[0] += (~warm).sum()
             ids, rows = ids[warm], rows[warm]
             if not len(ids):
                 return
