@@ -20,6 +20,7 @@ Benchmarks (docs/benchmarks.md says what each measures, its baseline and its tar
     text          padding and tokens/s by batching mode, against transformers.Trainer, memory
     stream        the MovieLens recipe's RMSE, events/s and lag through a redis-server of its own
     stream_pace   the stream loop against a hand-written loop (batch 1, 32, 256); the recipe against river
+    stream_tables hashed tables for unseen ids on MovieLens-100k: buckets, min_count and expiry against exact tables
     stream_soak   1,000,000 events through Redis, the trainer killed every 20-40 s: lineage, RSS, checkpoint size, lag
     gpu_check     the CUDA path (FSDP over NCCL, pinned copies, bf16 autocast, the memory fit, out of memory): PASS/FAIL
 
@@ -46,7 +47,7 @@ for path in (ROOT / "src", ROOT):
 TABLE = ("data", "train", "shards", "shuffle", "distributed")  # the default run, one table
 # Each a module of this folder with its own main(argv): ``--only NAME`` passes the remaining options to it.
 ON_THEIR_OWN = ("shards", "shuffle", "distributed", "memory", "prefetch", "batchsize", "groundtruth", "images", "text",
-                "stream", "stream_pace", "stream_soak", "gpu_check")
+                "stream", "stream_pace", "stream_tables", "stream_soak", "gpu_check")
 NAMES = tuple(dict.fromkeys(TABLE + ON_THEIR_OWN))
 
 

@@ -9,7 +9,11 @@ River: the prequential RMSE and events/s over MovieLens-100k in time order of th
 (:func:`batchfit.workloads.stream.recipe`) and of river's ``BiasedMF`` (its own recipe) in the same run; the
 river row is skipped, with a note, when river is not installed.
 
-Run with ``python benchmarks/run.py --only stream_pace [--quick]``.
+Auto cap (``--auto-cap``): ``StreamSource(max_latency=..., max_batch_size="auto")`` against a fixed
+``max_batch_size=512`` at batch 32, samples/s of each, the median of interleaved repeats and their ratio: the cost
+of measuring the noise scale.
+
+Run with ``python benchmarks/run.py --only stream_pace [--quick] [--auto-cap]``.
 """
 
 from __future__ import annotations
@@ -100,6 +104,39 @@ def format_pace_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def capped_loop(events: list[tuple[int, int, float]], batch_size: int, cap: int | str) -> float:
+    """Samples/s of ``Trainer.fit`` on a ``StreamSource`` with ``max_latency`` and ``max_batch_size=cap``: a fixed
+    cap, or ``"auto"`` (the noise scale measured every few steps). ``max_latency`` is a minute, so that the batch
+    never grows and both runs do the same steps: what differs is the measurement alone."""
+    model, optimizer = _model_and_optimizer()
+    trainer = Trainer(model, rmse_loss, optimizer, batch_size=batch_size, progress=False)
+    start = time.perf_counter()
+    trainer.fit(StreamSource(events, max_latency=60.0, max_batch_size=cap))
+    return len(events) / (time.perf_counter() - start)
+
+
+def auto_cap_overhead(columns: dict[str, np.ndarray], batch_size: int = 32, events: int = 20_000,
+                      repeats: int = 7) -> dict[str, Any]:
+    """``max_batch_size="auto"`` against ``max_batch_size=512``: the medians of ``repeats`` interleaved runs of each
+    (the order alternating) and the median of the per-repeat ratios auto / fixed."""
+    torch.set_num_threads(1)
+    data = _events(columns, events)
+    fixed, auto, ratios = [], [], []
+    for repeat in range(repeats):
+        order = ((512, fixed), ("auto", auto)) if repeat % 2 == 0 else (("auto", auto), (512, fixed))
+        for cap, rates in order:
+            rates.append(capped_loop(data, batch_size, cap))
+        ratios.append(auto[-1] / fixed[-1])
+    return {"batch_size": batch_size, "events": events, "repeats": repeats, "fixed_per_s": float(np.median(fixed)),
+            "auto_per_s": float(np.median(auto)), "ratio": float(np.median(ratios))}
+
+
+def format_auto_cap(row: dict[str, Any]) -> str:
+    return (f"max_batch_size=\"auto\" against 512 (batch {row['batch_size']}, {row['events']:,} events, SGD, MF d=16, "
+            f"one torch thread, median of {row['repeats']} interleaved runs): {row['auto_per_s']:,.0f} against "
+            f"{row['fixed_per_s']:,.0f} samples/s, ratio {row['ratio']:.3f}")
+
+
 def shipped_recipe(columns: dict[str, np.ndarray], count: int | None = None,
                    recipe: Recipe | None = None) -> dict[str, Any]:
     """The prequential RMSE and events/s of the recipe (its defaults) over the ratings in time order."""
@@ -184,9 +221,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer events and repeats (a rough check)")
     parser.add_argument("--repeats", type=int, help="interleaved runs of each loop (default 7; --quick 3)")
     parser.add_argument("--json", help="write every result to this JSON file")
+    parser.add_argument("--auto-cap", action="store_true",
+                        help='only the cost of max_batch_size="auto" against a fixed cap at batch 32')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     columns = load_movielens_100k()
+    if args.auto_cap:
+        row = auto_cap_overhead(columns, events=5_000 if args.quick else 20_000,
+                                repeats=args.repeats or (3 if args.quick else 7))
+        print(format_auto_cap(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"auto_cap": row}, handle, indent=2)
+        return
     repeats = args.repeats or (3 if args.quick else 7)
     pace = pace_table(columns, events=10_000 if args.quick else 100_000, repeats=repeats)
     print(format_pace_table(pace), "\n", flush=True)

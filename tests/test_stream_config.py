@@ -106,7 +106,7 @@ def test_stream_config_max_batch_size_reaches_the_source_and_needs_a_max_latency
     source = build_stream(check_config(base, tmp_path / "run.toml"))
     assert source.max_batch_size == 512 and source.max_latency == 0.05
     del base["stream"]["max_latency"]
-    with pytest.raises(ConfigError, match=r"`stream.max_batch_size` must be a positive integer, with a "):
+    with pytest.raises(ConfigError, match=r"`stream.max_batch_size` must be a positive integer or \"auto\", with a "):
         build_stream(check_config(base, tmp_path / "run.toml"))
 
 

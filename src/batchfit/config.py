@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
                "consumer": (_STR, "trainer"), "fields": (_LIST, None), "start": (_STR, "0"),
                "max_latency": (_FLOAT, None), "idle_timeout": (_FLOAT, None), "claim_idle": (_FLOAT, 30.0),
                "ranges": (_TABLE, None), "dead_letters": (_STR, ""), "retry_for": (_FLOAT, 30.0),
-               "max_batch_size": (_INT, None)},
+               "max_batch_size": (_INT + _STR, None)},
 }
 TRAINER_KEYS = option_names()
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -478,9 +478,10 @@ def build_stream(config: Config) -> Any:
                            idle_timeout=options["idle_timeout"], dead_letters=options["dead_letters"],
                            retry_for=options["retry_for"])
     ranges, cap = options["ranges"], options["max_batch_size"]
-    if cap is not None and (cap < 1 or options["max_latency"] is None):
-        raise ConfigError(f"`stream.max_batch_size` must be a positive integer, with a `stream.max_latency` (the lag "
-                          f"it reacts to), e.g. max_latency = 0.05, max_batch_size = 512. Received: "
+    if cap is not None and ((cap != "auto" if isinstance(cap, str) else cap < 1) or options["max_latency"] is None):
+        raise ConfigError(f"`stream.max_batch_size` must be a positive integer or \"auto\", with a "
+                          f"`stream.max_latency` (the lag it reacts to), e.g. max_latency = 0.05, "
+                          f"max_batch_size = 512. Received: "
                           f"stream.max_batch_size={cap!r}, stream.max_latency={options['max_latency']!r}")
     try:
         return StreamSource(consumer, max_latency=options["max_latency"], max_batch_size=cap,

@@ -307,12 +307,15 @@ class StreamSource:
     events); once the lag is back under ``max_latency`` it halves back to ``batch_size``. Give a
     ``max_batch_size`` at which the model still learns per event (at most the critical batch size that
     ``bf.tune`` or the noise scale measures); the optimizer's lr is unchanged, so each event's step shrinks.
+    ``max_batch_size="auto"`` measures that bound on the stream itself: the cap is ``batch_size`` times the
+    largest power of two that stays at or under the simple noise scale, estimated every few steps from the
+    gradients of the two halves of the step's batch (history column ``batch_cap``; docs/streams.md).
     """
 
     def __init__(self, events: Any, max_latency: float | None = None, *,
                  ranges: Mapping[str | int, tuple[float, float]] | None = None,
                  on_dead_letter: Callable[[DeadLetter], Any] | None = None,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | str | None = None) -> None:
         if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float))
                                         or not max_latency > 0 or max_latency == float("inf")):
             raise expected("max_latency", "a positive number of seconds or None", max_latency)
@@ -327,8 +330,9 @@ class StreamSource:
             raise expected("on_dead_letter", "a callable dead_letter -> None, or None", on_dead_letter)
         self.max_latency = None if max_latency is None else float(max_latency)
         if max_batch_size is not None:
-            if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-                raise expected("max_batch_size", "a positive integer or None", max_batch_size)
+            if max_batch_size != "auto" and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                             or max_batch_size < 1):
+                raise expected("max_batch_size", 'a positive integer, "auto" or None', max_batch_size)
             if max_latency is None:
                 raise expected("max_batch_size", "None without a max_latency (the lag it reacts to is measured "
                                "against max_latency)", max_batch_size)

@@ -39,6 +39,7 @@ from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, t
 from ..core.step import Step, StepResult
 from ..data.streams import IterableEvents, StreamBatch, StreamSource
 from ..errors import CheckpointError, InputError, check_positive_int, expected
+from ..measure.noise import NoiseScaleTracker
 from .metrics import is_stateful
 from .options import TrainerOptions
 from .progress import Progress
@@ -59,6 +60,10 @@ STREAM_CHECKPOINT_SECONDS = 60.0
 STREAM_HISTORY_ROWS = 10_000
 # Without a checkpoint_dir, events are acknowledged once this many have been trained on (and at the end).
 ACK_EVERY = 1024
+# max_batch_size="auto": the noise scale is measured every AUTO_EVERY steps (the step's batch halved), averaged
+# with AUTO_BETA (about the last 2 / (1 - AUTO_BETA) measurements count); the cap stays at batch_size until
+# AUTO_MIN_MEASURES measurements, and is at most batch_size times 2**AUTO_MAX_DOUBLINGS.
+AUTO_EVERY, AUTO_BETA, AUTO_MIN_MEASURES, AUTO_MAX_DOUBLINGS = 8, 0.995, 25, 10
 
 
 class Prequential:
@@ -170,6 +175,8 @@ class StreamFeed:
         self.dead_mark = source.quarantined
         self.mark: Closed | None = None  # of the batch being trained
         self.size = o.batch_size  # events asked for the next batch: grows past batch_size to catch up (max_batch_size)
+        # max_batch_size="auto": the stream's own noise scale, which bounds the catch-up batch.
+        self.noise = NoiseScaleTracker(AUTO_BETA) if source.max_batch_size == "auto" else None
         if trainer.history.keep is None:
             trainer.history.keep = STREAM_HISTORY_ROWS
         self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
@@ -249,14 +256,39 @@ class StreamFeed:
         (the trainer has fallen behind), twice the last, up to the source's ``max_batch_size``; halved back once the
         lag is under ``max_latency``."""
         source = self.source
-        cap = source.max_batch_size
+        cap = self.auto_cap() if self.noise is not None else source.max_batch_size
         if cap is None or source.max_latency is None:
             return self.batch_size
+        assert isinstance(cap, int)
         if source.lag() > source.max_latency:
             self.size = min(max(cap, self.batch_size), self.size * 2)
         else:
             self.size = max(self.batch_size, self.size // 2)
         return self.size
+
+    def auto_cap(self) -> int:
+        """``max_batch_size="auto"``'s cap: ``batch_size`` times the largest power of two (at most
+        ``2**AUTO_MAX_DOUBLINGS``) at or under the simple noise scale measured so far; ``batch_size`` before
+        ``AUTO_MIN_MEASURES`` measurements, and while the estimate of ``|G|²`` is not positive (the mean
+        gradient is still lost in the noise of the measurements: no evidence that a larger batch learns)."""
+        assert self.noise is not None
+        if self.noise.count < AUTO_MIN_MEASURES or not self.noise.grad_sq > 0:
+            return self.batch_size
+        ratio = self.noise.b_simple / self.batch_size
+        if not ratio >= 2:
+            return self.batch_size
+        return self.batch_size << min(AUTO_MAX_DOUBLINGS, int(math.log2(ratio)))
+
+    def _train(self, batch: Batch, size: int) -> StepResult:
+        """The step on ``batch``; with ``max_batch_size="auto"``, every ``AUTO_EVERY`` steps the batch's two halves
+        give one measurement of the noise scale (the same update, the gradient summed from the halves). Not while
+        catching up (the batch past ``batch_size``): the cap measured before holds, and catching up costs nothing."""
+        if self.noise is None or size < 2 or self.trainer.step % AUTO_EVERY or self.size > self.batch_size:
+            return self.step_fn.step(batch, size)
+        result = self.step_fn.step(batch, size, measure_noise=True)
+        if result.noise is not None and result.grad_sq is not None and result.noise.b_small < size:
+            self.noise.update(result.noise.small_sq, result.grad_sq, result.noise.b_small, size)
+        return result
 
     def _budget_spent(self) -> bool:
         until = self.until
@@ -310,11 +342,11 @@ class StreamFeed:
         trainer = self.trainer
         batch = to_device(local.batch, trainer.device, self.dtype)
         if not trainer.evaluator.metrics:  # the loss alone: the step's own forward pass scores the batch
-            result = self.step_fn.step(batch, size)
+            result = self._train(batch, size)
             self.scored = ({}, {}, local.redelivered)
             return result
         output = _eval_output(trainer, batch)  # with the weights that have not seen the batch
-        result = self.step_fn.step(batch, size)  # the loss is computed before the update: a test-then-train score
+        result = self._train(batch, size)  # the loss is computed before the update: a test-then-train score
         if result.value is None or math.isfinite(result.value):
             scores, running = _prequential_metrics(trainer, output, target_of(batch))
             self.scored = (scores, running, local.redelivered)
@@ -466,8 +498,11 @@ class StreamFeed:
         if self.trainer.checkpoint_dir is None and len(self.included) >= ACK_EVERY:
             self._ack()  # nothing durable to wait for; acknowledged in bulk (one round trip to the broker each)
         lag = math.nan if local is None else time.time() - min(local.times)
-        return {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered,
-                "dead_letters": self.dead_letters()}
+        found = {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered,
+                 "dead_letters": self.dead_letters()}
+        if self.noise is not None:  # max_batch_size="auto": the cap in force for the next batch, and its source
+            found.update(batch_cap=self.auto_cap(), noise_scale=self.noise.b_simple)
+        return found
 
     def dead_letters(self) -> int:
         """Events quarantined in this run so far (this rank's)."""
@@ -535,7 +570,8 @@ class StreamFeed:
             "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
                        "redelivered": self.redelivered, "dead_letters": self.dead_letters(),
                        "fit_loss": [self.epoch, *self.fit_loss],
-                       "prequential": self.prequential.state_dict()},
+                       "prequential": self.prequential.state_dict(),
+                       "noise": None if self.noise is None else self.noise.state_dict()},
             "config": self.config(),
         }
 
@@ -562,6 +598,8 @@ class StreamFeed:
         mine = list(each_rank(saved, dist.rank, dist.world_size))
         consumer = {**(mine[0] if mine else {}), "included": [i for s in mine for i in s.get("included", [])]}
         self.prequential.load_state_dict(stream["prequential"])
+        if self.noise is not None and stream.get("noise") is not None:
+            self.noise.load_state_dict(stream["noise"])
         self.redelivered = int(stream["redelivered"])
         self.dead_before, self.dead_mark = int(stream.get("dead_letters", 0)), self.source.quarantined
         self.epoch = len(self.trainer.history.epochs) + 1

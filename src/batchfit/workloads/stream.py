@@ -74,49 +74,146 @@ class HashedEmbedding(torch.nn.Module):
     the weights (while training; not in eval mode): :meth:`stats` gives the buckets used, those shared by two
     ids or more, and ``collision_rate``, the fraction of training lookups that went to a shared bucket. Give
     ``buckets`` a few times the ids expected (with 4x, about 22 % of ids share their bucket: 1 - e^-1/4).
+
+    ``min_count`` (1: off): an id gets its bucket's row only once training has seen it ``min_count`` times
+    (this batch's sightings included); before that it reads and trains one shared *cold* row (an extra row,
+    index ``buckets``), so that ids seen once or twice neither collide with nor disturb the rows of frequent
+    ids. Sightings are counted in a count-min sketch (``sketch_depth`` rows of ``sketch_width`` saturating
+    uint8 counters, hashed with salts of their own): it never undercounts, so an id seen ``min_count`` times
+    always gets its row; it may overcount, so a rare id may get its row early, about as often as
+    ``sketch_fill ** sketch_depth`` (:meth:`stats`).
+
+    ``expire_after`` (``None``: off): a bucket that no training lookup touched for ``expire_after`` training
+    forward calls is reset when it is next touched: its row re-drawn from the table's init (``N(0, init_std²)``,
+    zeros for 0; from a generator seeded by the module's clock, so a resumed run draws the same values) and
+    its collision bookkeeping cleared, so that a new id does not inherit a stale id's row. The optimizer's
+    state for that row (momentum, Adam moments) is not reset: plain SGD sees the reset exactly.
     """
 
     owner: torch.Tensor
     used: torch.Tensor
     shared: torch.Tensor
     lookups: torch.Tensor
+    events: torch.Tensor
+    sketch: torch.Tensor
+    last_seen: torch.Tensor
+    clock: torch.Tensor
 
-    def __init__(self, buckets: int, dim: int, sparse: bool = False, salt: int = 0) -> None:
+    def __init__(self, buckets: int, dim: int, sparse: bool = False, salt: int = 0, min_count: int = 1,
+                 expire_after: int | None = None, init_std: float = 1.0, sketch_width: int | None = None,
+                 sketch_depth: int = 4) -> None:
         super().__init__()
         check_positive_int("buckets", buckets)
+        check_positive_int("min_count", min_count)
+        if min_count > 255:
+            raise expected("min_count", "at most 255 (the sketch's counters are 8 bits)", min_count)
+        if expire_after is not None:
+            check_positive_int("expire_after", expire_after)
+        if not (isinstance(init_std, (int, float)) and init_std >= 0):
+            raise expected("init_std", "a number >= 0", init_std)
+        check_positive_int("sketch_depth", sketch_depth)
         self.buckets, self.salt = buckets, int(salt)
-        self.table = torch.nn.Embedding(buckets, dim, sparse=sparse)
+        self.min_count, self.expire_after, self.init_std = min_count, expire_after, float(init_std)
+        self.cold_row = buckets if min_count > 1 else None  # the shared row of ids not yet seen min_count times
+        self.table = torch.nn.Embedding(buckets + (self.cold_row is not None), dim, sparse=sparse)
         self.register_buffer("owner", torch.zeros(buckets, dtype=torch.int64))  # the smallest id seen in a bucket
         self.register_buffer("used", torch.zeros(buckets, dtype=torch.bool))
         self.register_buffer("shared", torch.zeros(buckets, dtype=torch.bool))  # two ids or more seen in it
         self.register_buffer("lookups", torch.zeros(2, dtype=torch.int64))  # training lookups; of them in shared
+        if min_count > 1 or expire_after is not None:
+            self.register_buffer("events", torch.zeros(2, dtype=torch.int64))  # cold lookups; rows expired
+        if min_count > 1:
+            width = 4 * buckets if sketch_width is None else check_positive_int("sketch_width", sketch_width)
+            self.register_buffer("sketch", torch.zeros(sketch_depth, width, dtype=torch.uint8))
+        if expire_after is not None:
+            self.register_buffer("last_seen", torch.zeros(buckets, dtype=torch.int64))  # the clock at its last lookup
+            self.register_buffer("clock", torch.zeros((), dtype=torch.int64))  # training forward calls
 
     @property
     def weight(self) -> torch.Tensor:
-        """The table's rows (one per bucket)."""
+        """The table's rows (one per bucket, then the cold row when ``min_count > 1``)."""
         return self.table.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """The rows of the ids' buckets (``ids``: any int64 values)."""
-        rows = hash_ids(ids, self.buckets, self.salt)
+        """The rows of the ids' buckets (``ids``: any int64 values); the cold row for ids not yet seen
+        ``min_count`` times."""
+        flat = ids.reshape(-1).to(torch.int64)
+        rows = hash_ids(flat, self.buckets, self.salt)
         if self.training:
             with torch.no_grad():
-                self._observe(ids.reshape(-1).to(torch.int64), rows.reshape(-1))
-        return self.table(rows)
+                warm = self._count(flat) if self.cold_row is not None else None
+                self._observe(flat, rows, warm)
+        else:
+            warm = self.seen_count(flat) >= self.min_count if self.cold_row is not None else None
+        if warm is not None:
+            rows = torch.where(warm, rows, torch.full_like(rows, self.buckets))
+        return self.table(rows.reshape(ids.shape))
 
-    def _observe(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        """Count the lookups of a batch; touches only its buckets."""
+    def _sketch_cells(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each id's cell in every row of the sketch, as indices into the flattened sketch: ``(depth, len(ids))``."""
+        depth, width = self.sketch.shape
+        # Salts apart from the bucket hashes' (small integers): row r of the sketch of the table of salt s.
+        cells = [hash_ids(ids, width, 7919 * (self.salt + 1) + 104729 * (r + 1)) + r * width for r in range(depth)]
+        return torch.stack(cells)
+
+    def seen_count(self, ids: torch.Tensor) -> torch.Tensor:
+        """The sketch's count of training sightings of each id (capped at ``min_count``): never below the true
+        count (or ``min_count``), sometimes above it. Only with ``min_count > 1``."""
+        if self.cold_row is None:
+            raise InputError("seen_count() needs a HashedEmbedding with min_count > 1 (ids are not counted)")
+        cells = self._sketch_cells(ids.reshape(-1).to(torch.int64))
+        return self.sketch.view(-1)[cells].amin(0).to(torch.int64).reshape(ids.shape)
+
+    def _count(self, ids: torch.Tensor) -> torch.Tensor:
+        """Add a training batch's sightings to the sketch; whether each id has now been seen ``min_count`` times."""
+        if not len(ids):
+            return torch.zeros(0, dtype=torch.bool, device=ids.device)
+        cells = self._sketch_cells(ids)
+        flat = self.sketch.view(-1)
+        touched, times = torch.unique(cells.reshape(-1), return_counts=True)  # exact, whatever the repeats
+        flat[touched] = torch.clamp(flat[touched].to(torch.int64) + times, max=self.min_count).to(torch.uint8)
+        return flat[cells].amin(0) >= self.min_count
+
+    def _observe(self, ids: torch.Tensor, rows: torch.Tensor, warm: torch.Tensor | None) -> None:
+        """Count the lookups of a batch (those of ``warm`` ids go to their buckets); reset expired buckets before
+        they are read. Touches only the batch's buckets."""
+        if self.expire_after is not None:
+            self.clock += 1
         if not len(ids):
             return
+        self.lookups[0] += len(ids)
+        if warm is not None:
+            self.events[0] += (~warm).sum()
+            ids, rows = ids[warm], rows[warm]
+            if not len(ids):
+                return
         touched, where = torch.unique(rows, return_inverse=True)
+        if self.expire_after is not None:
+            self._expire(touched)
+            self.last_seen[touched] = self.clock
         smallest = torch.full(touched.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=ids.device)
         smallest.scatter_reduce_(0, where, ids, reduce="amin")
         owner = torch.where(self.used[touched], self.owner[touched], smallest)  # a new bucket: its smallest id
         self.owner[touched] = owner
         self.used[touched] = True
         self.shared[touched[where[ids != owner[where]]]] = True
-        self.lookups[0] += len(ids)
         self.lookups[1] += self.shared[rows].sum()
+
+    def _expire(self, touched: torch.Tensor) -> None:
+        """Reset the buckets of ``touched`` that no training lookup touched for ``expire_after`` forward calls."""
+        assert self.expire_after is not None
+        stale = self.used[touched] & (self.clock - self.last_seen[touched] > self.expire_after)
+        if not bool(stale.any()):
+            return
+        gone = touched[stale]
+        weight = self.table.weight
+        generator = torch.Generator().manual_seed((int(self.clock) * 1_000_003 + self.salt) % (1 << 62))
+        fresh = torch.randn(len(gone), weight.shape[1], generator=generator, dtype=torch.float32) * self.init_std
+        weight[gone] = fresh.to(weight.device, weight.dtype)
+        self.owner[gone] = 0
+        self.used[gone] = False
+        self.shared[gone] = False
+        self.events[1] += len(gone)
 
     def collision_rate(self) -> float:
         """The fraction of training lookups so far that went to a bucket shared by two ids or more."""
@@ -125,9 +222,20 @@ class HashedEmbedding(torch.nn.Module):
 
     def stats(self) -> dict[str, float]:
         """``buckets``, ``used`` (buckets an id went to), ``shared`` (buckets two ids or more went to) and
-        ``collision_rate``."""
-        return {"buckets": self.buckets, "used": int(self.used.sum()), "shared": int(self.shared.sum()),
-                "collision_rate": self.collision_rate()}
+        ``collision_rate``; with ``min_count > 1`` also ``cold_lookups``, ``cold_rate`` (their fraction of
+        training lookups) and ``sketch_fill`` (the fraction of the sketch's counters at ``min_count``); with
+        ``expire_after`` also ``expired`` (rows reset so far) and ``stale`` (used buckets that the next training
+        lookup would reset)."""
+        found: dict[str, float] = {"buckets": self.buckets, "used": int(self.used.sum()),
+                                   "shared": int(self.shared.sum()), "collision_rate": self.collision_rate()}
+        if self.cold_row is not None:
+            lookups = int(self.lookups[0])
+            found.update(cold_lookups=int(self.events[0]), cold_rate=int(self.events[0]) / lookups if lookups else 0.0,
+                         sketch_fill=float((self.sketch >= self.min_count).float().mean()))
+        if self.expire_after is not None:
+            found.update(expired=int(self.events[1]),
+                         stale=int((self.used & (self.clock + 1 - self.last_seen > self.expire_after)).sum()))
+        return found
 
 
 class MatrixFactorization(torch.nn.Module):
@@ -137,25 +245,32 @@ class MatrixFactorization(torch.nn.Module):
     ``sparse=True`` makes the embedding gradients sparse (only the rows of a batch's users and items),
     for ``torch.optim.SparseAdam`` or plain SGD. ``hashed=True`` takes ids from an open set: ``users``
     and ``items`` are then numbers of buckets of :class:`HashedEmbedding` tables, and an id never seen,
-    past any size or negative trains a (shared) row instead of failing.
+    past any size or negative trains a (shared) row instead of failing. With ``hashed=True``, ``min_count``
+    and ``expire_after`` go to every table (see :class:`HashedEmbedding`): an id trains its own rows once seen
+    ``min_count`` times (a shared cold row before), and a bucket unseen for ``expire_after`` training steps
+    starts again from the init.
     """
 
     def __init__(self, users: int, items: int, dim: int = 16, mean: float = 3.5, sparse: bool = False,
-                 seed: int = 0, hashed: bool = False, init: float = 0.01) -> None:
+                 seed: int = 0, hashed: bool = False, init: float = 0.01, min_count: int = 1,
+                 expire_after: int | None = None) -> None:
         super().__init__()
         check_positive_int("users", users)
         check_positive_int("items", items)
         check_positive_int("dim", dim)
+        if not hashed and (min_count != 1 or expire_after is not None):
+            raise InputError("min_count and expire_after apply to hashed tables: pass hashed=True")
         generator = torch.Generator().manual_seed(seed)
-        def table(rows: int, width: int, salt: int) -> torch.nn.Module:
+        def table(rows: int, width: int, salt: int, std: float) -> torch.nn.Module:
             if hashed:  # a user's vector and bias share their bucket (salt 0); an item's too (salt 1)
-                return HashedEmbedding(rows, width, sparse=sparse, salt=salt)
+                return HashedEmbedding(rows, width, sparse=sparse, salt=salt, min_count=min_count,
+                                       expire_after=expire_after, init_std=std)
             return torch.nn.Embedding(rows, width, sparse=sparse)
 
-        self.user_vectors = table(users, dim, 0)
-        self.item_vectors = table(items, dim, 1)
-        self.user_bias = table(users, 1, 0)
-        self.item_bias = table(items, 1, 1)
+        self.user_vectors = table(users, dim, 0, init)
+        self.item_vectors = table(items, dim, 1, init)
+        self.user_bias = table(users, 1, 0, 0.0)
+        self.item_bias = table(items, 1, 1, 0.0)
         with torch.no_grad():
             for vectors in (self.user_vectors, self.item_vectors):
                 weight = vectors.weight
