@@ -152,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     nodes = train.add_argument_group(
         "several machines (torchrun's c10d rendezvous; run the same command on each machine, see docs/distributed.md)")
     nodes.add_argument("--nnodes", type=_nnodes, metavar="N|MIN:MAX",
-                       help="machines taking part (default 1); MIN:MAX lets the group shrink to MIN machines and "
-                            "grow back to MAX, restarting from the newest checkpoint (with --max-restarts)")
+                       help="machines taking part (default 1); with MIN:MAX and --max-restarts the machines left after "
+                            "one fails (at least MIN) go on, resuming from the newest checkpoint")
     nodes.add_argument("--rdzv-endpoint", type=_endpoint, metavar="HOST:PORT",
                        help="where the machines meet: an address of one of them (its agent holds the "
                             "rendezvous); required with more than one machine")
@@ -292,7 +292,8 @@ def launch_command(args: argparse.Namespace) -> list[str]:
     low, high = args.nnodes if args.nnodes is not None else (1, 1)
     if args.rdzv_endpoint is None:
         if high > 1:
-            raise InputError(f"`--nnodes {low}:{high}` needs `--rdzv-endpoint HOST:PORT`: the address where the "
+            nnodes = str(low) if low == high else f"{low}:{high}"
+            raise InputError(f"`--nnodes {nnodes}` needs `--rdzv-endpoint HOST:PORT`: the address where the "
                              f"machines meet (the same on every machine)")
         if args.rdzv_conf is not None:
             raise InputError("`--rdzv-conf` needs `--rdzv-endpoint HOST:PORT`: on one machine without an endpoint "
