@@ -229,7 +229,9 @@ def scenario_killed_write(rank: int, folder: str, step: int, where: str) -> dict
     holding = os.path.join(folder, f".step-{step:09d}.sharded-tmp")
 
     def hold() -> None:
-        Path(folder).parent.joinpath(f"held-{rank}").write_text(str(os.getpid()))
+        marker = Path(folder).parent / f"held-{rank}"
+        marker.with_suffix(".tmp").write_text(str(os.getpid()))
+        os.replace(marker.with_suffix(".tmp"), marker)  # the test never reads it half-written
         time.sleep(RANK_TIMEOUT * 2)
 
     if where == "shards" and rank == 1:
