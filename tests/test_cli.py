@@ -251,3 +251,47 @@ def test_cli_prints_a_message_shown_under_the_progress_bar_once():
     assert not_shown(record)
     record.shown = True  # the trainer wrote it under its progress bar already
     assert not not_shown(record)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nnodes", "0"], "1 <= MIN <= MAX"),
+    (["--nnodes", "3:2"], "1 <= MIN <= MAX"),
+    (["--nnodes", "a:2"], "N or MIN:MAX"),
+    (["--nnodes", "1:2:3"], "N or MIN:MAX"),
+    (["--rdzv-endpoint", "127.0.0.1"], "HOST:PORT"),
+    (["--rdzv-endpoint", "host:70000"], "1 to 65535"),
+    (["--rdzv-endpoint", ":29500"], "HOST:PORT"),
+    (["--rdzv-conf", "last_call_timeout"], "KEY=VALUE"),
+    (["--rdzv-id", "two words"], "without spaces"),
+])
+def test_train_refuses_bad_machine_options(argv, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "run.toml", *argv])
+    assert stop.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nnodes", "2"], "needs `--rdzv-endpoint HOST:PORT`"),
+    (["--nnodes", "1:4"], "needs `--rdzv-endpoint HOST:PORT`"),
+    (["--nproc", "2", "--rdzv-conf", "join_timeout=60"], "`--rdzv-conf` needs `--rdzv-endpoint"),
+])
+def test_train_on_several_machines_needs_an_endpoint(argv, words, capsys):
+    assert main(["train", "run.toml", *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_train_launch_command_passes_the_rendezvous_to_torchrun():
+    from batchfit.cli import _parser, launch_command
+
+    def command(*argv: str) -> list[str]:
+        full = launch_command(_parser().parse_args(["train", "run.toml", *argv]))
+        return full[full.index("torch.distributed.run") + 1:full.index("-m", 3)]
+
+    assert command("--nproc", "2") == ["--standalone", "--nproc-per-node=2", "--max-restarts=0"]
+    assert command("--nnodes", "1:2", "--rdzv-endpoint", "10.0.0.1:29400", "--max-restarts", "3",
+                   "--rdzv-conf", "last_call_timeout=5") == [
+        "--nnodes=1:2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=batchfit",
+        "--rdzv-conf=last_call_timeout=5", "--nproc-per-node=1", "--max-restarts=3"]
+    assert command("--nnodes", "2", "--rdzv-endpoint", "[::1]:29400", "--rdzv-id", "job7")[:4] == [
+        "--nnodes=2:2", "--rdzv-backend=c10d", "--rdzv-endpoint=[::1]:29400", "--rdzv-id=job7"]

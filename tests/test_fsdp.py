@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +42,7 @@ import batchfit
 from batchfit import ArraySource, BatchfitError, Callback, CheckpointError, Trainer
 from batchfit.sharding import blocks, full_model_state, local_bytes
 from batchfit.train import sharded_checkpoint
+from batchfit.train.checkpoint import list_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -216,6 +219,44 @@ def scenario_checkpoint(rank: int, folder: str, resume: bool = False, stop_at: i
     return {"steps": trainer.step, "weights": full_model_state(model), "saved": saved}
 
 
+def scenario_killed_write(rank: int, folder: str, step: int, where: str) -> dict[str, Any]:
+    """The checkpointed MLP run, held still in the middle of writing the checkpoint of ``step`` for the test to
+    SIGKILL it: ``where="shards"``, rank 1 once its DCP shard file is written (before the ``.metadata`` that rank 0
+    writes when every shard is in); ``where="trainer state"``, rank 0 once the DCP save is complete, before
+    ``trainer.pt`` and the marker. The held rank writes ``held-<rank>`` next to the folder, then sleeps."""
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    holding = os.path.join(folder, f".step-{step:09d}.sharded-tmp")
+
+    def hold() -> None:
+        marker = Path(folder).parent / f"held-{rank}"
+        marker.with_suffix(".tmp").write_text(str(os.getpid()))
+        os.replace(marker.with_suffix(".tmp"), marker)  # the test never reads it half-written
+        time.sleep(RANK_TIMEOUT * 2)
+
+    if where == "shards" and rank == 1:
+        real_write = dcp_files._FileSystemWriter.write_data
+
+        def write_then_hold(self: Any, *args: Any, **kwargs: Any) -> Any:
+            written = real_write(self, *args, **kwargs)
+            if str(self.path) == holding:
+                written.wait()  # the shard file is on disk
+                hold()
+            return written
+
+        dcp_files._FileSystemWriter.write_data = write_then_hold  # type: ignore[method-assign]
+    elif where == "trainer state" and rank == 0:
+        real_atomic = sharded_checkpoint.atomic_write
+
+        def hold_then_write(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if str(path) == os.path.join(holding, sharded_checkpoint.TRAINER_FILE):
+                hold()
+            return real_atomic(path, *args, **kwargs)
+
+        sharded_checkpoint.atomic_write = hold_then_write  # type: ignore[assignment]
+    return scenario_checkpoint(rank, folder)
+
+
 def run_rank(rank: int, port: int, scenario: str, kwargs: dict[str, Any], result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -382,6 +423,60 @@ def test_fsdp_checkpoint_resumes_on_two_ranks_bit_identical_and_on_one_process(f
     assert trainer.step == 8
     assert_same(weights(model), weights(single))
     assert_same(weights(model), uninterrupted)
+
+
+@pytest.mark.parametrize("where, held", [("shards", 1), ("trainer state", 0)])
+def test_fsdp_run_killed_in_the_middle_of_a_checkpoint_write_resumes_bit_identical(forkserver, tmp_path, equivalence,
+                                                                                    where, held):
+    """A real SIGKILL of the rank that is writing step 6's checkpoint: the half-written folder is never listed,
+    the other rank stops with a DistributedError, and a resume from step 5 ends on the uninterrupted weights."""
+    folder = tmp_path / "checkpoints"
+    port, start = free_port(), time.monotonic()
+    results = [tmp_path / f"rank{rank}.pt" for rank in range(WORLD)]
+    ranks = [forkserver.Process(target=run_rank, args=(rank, port, "killed_write",
+                                                       {"folder": str(folder), "step": 6, "where": where},
+                                                       str(results[rank]))) for rank in range(WORLD)]
+    for process in ranks:
+        process.start()
+    try:
+        marker = tmp_path / f"held-{held}"
+        while not marker.exists():
+            assert time.monotonic() < start + RANK_TIMEOUT and not any(r.exists() for r in results), \
+                [torch.load(r, weights_only=False) for r in results if r.exists()]
+            time.sleep(0.01)
+        assert int(marker.read_text()) == ranks[held].pid
+        os.kill(ranks[held].pid, signal.SIGKILL)
+        ranks[held].join(RANK_TIMEOUT)
+        other = ranks[1 - held]
+        other.join(RANK_TIMEOUT)
+        assert not other.is_alive(), "the other rank still waits for the killed one"
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert ranks[held].exitcode == -signal.SIGKILL and not results[held].exists()
+    outcome = torch.load(results[1 - held], weights_only=False)
+    assert outcome.get("error") == "DistributedError", outcome  # it noticed, it did not finish
+
+    half = folder / ".step-000000006.sharded-tmp"
+    written = sorted(p.name for p in half.iterdir())
+    if where == "shards":  # both shards are on disk; the DCP metadata and everything after are not
+        assert "__1_0.distcp" in written and ".metadata" not in written, written
+    else:  # the DCP save is complete; trainer.pt and the marker are not
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(written), written
+    assert sharded_checkpoint.MARKER not in written and sharded_checkpoint.TRAINER_FILE not in written
+    assert not (folder / "step-000000006").exists()
+    listed = [p.name for p in sharded_checkpoint.list_sharded(folder)]
+    assert listed == ["step-000000005", "step-000000004", "step-000000003"]
+    assert [p.name for p in list_steps(folder, re.compile(r"^step-(\d+)$"), lambda p: (p / "COMPLETE").is_file())] \
+        == listed
+
+    resumed = [result_of(o) for o in launch(forkserver, tmp_path, "checkpoint", folder=str(folder), resume=True)]
+    assert [r["steps"] for r in resumed] == [8, 8]
+    uninterrupted = equivalence[0]["mlp"]
+    assert all(torch.equal(resumed[0]["weights"][k], uninterrupted[k]) for k in uninterrupted)  # bit-identical
+    assert not half.exists()  # the resumed run wrote step 6 again, replacing the leftover
 
 
 def test_fsdp_save_writes_one_ordinary_file(forkserver, tmp_path):

@@ -87,6 +87,41 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _nnodes(text: str) -> tuple[int, int]:
+    """``--nnodes``: ``N`` or ``MIN:MAX`` machines (agents), as (min, max)."""
+    parts = text.split(":")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        low, high = int(parts[0]), int(parts[-1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be N or MIN:MAX (positive integers), got {text!r}") from None
+    if low < 1 or high < low:
+        raise argparse.ArgumentTypeError(f"must be N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def _endpoint(text: str) -> str:
+    """``--rdzv-endpoint``: ``HOST:PORT`` (an IPv6 address in brackets)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port from 1 to 65535, got {text!r}")
+    return text
+
+
+def _rdzv_conf(text: str) -> str:
+    """``--rdzv-conf``: ``KEY=VALUE[,KEY=VALUE...]``, handed to the c10d rendezvous as given."""
+    if not all(key.strip() and sep for key, sep, _ in (item.partition("=") for item in text.split(","))):
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return text
+
+
+def _rdzv_id(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be a non-empty name without spaces, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchfit", description="Mini-batch training that measures batch size "
                                      "and learning rate instead of guessing them.")
@@ -114,6 +149,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-restarts", type=_non_negative, default=0,
                        help="restart every process up to this many times when one fails (torchrun's elastic agent); "
                             "each restart resumes from the newest checkpoint of train.checkpoint_dir")
+    nodes = train.add_argument_group(
+        "several machines (torchrun's c10d rendezvous; run the same command on each machine, see docs/distributed.md)")
+    nodes.add_argument("--nnodes", type=_nnodes, metavar="N|MIN:MAX",
+                       help="machines taking part (default 1); with MIN:MAX and --max-restarts the machines left after "
+                            "one fails (at least MIN) go on, resuming from the newest checkpoint")
+    nodes.add_argument("--rdzv-endpoint", type=_endpoint, metavar="HOST:PORT",
+                       help="where the machines meet: an address of one of them (its agent holds the "
+                            "rendezvous); required with more than one machine")
+    nodes.add_argument("--rdzv-id", type=_rdzv_id, default="batchfit",
+                       help="the run's name, the same on every machine (default: batchfit)")
+    nodes.add_argument("--rdzv-conf", type=_rdzv_conf, metavar="KEY=VALUE,...",
+                       help="settings of the c10d rendezvous, e.g. last_call_timeout=10,join_timeout=300")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--out", help="override train.out")
     train.add_argument("--threads", type=_positive, help=THREADS_HELP)
@@ -200,7 +247,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.nproc > 1 or args.max_restarts:
+    if args.nproc > 1 or args.max_restarts or args.nnodes is not None or args.rdzv_endpoint is not None:
         return _launch(args)
     from .config import load_config
     from .run import run_config
@@ -233,10 +280,37 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_command(args: argparse.Namespace) -> list[str]:
+    """The torch.distributed.run (torchrun) command that ``batchfit train`` runs for ``--nproc``/``--nnodes``.
+
+    One machine without ``--rdzv-endpoint``: torchrun's ``--standalone`` (a rendezvous on a free
+    local port). Otherwise the c10d rendezvous at ``--rdzv-endpoint``, which every machine's
+    command names alike (with the same ``--rdzv-id``); torchrun's elastic agent on each machine
+    starts ``--nproc`` workers, and with ``--nnodes MIN:MAX`` restarts the group on the machines
+    left (at least MIN) when one fails, ``--max-restarts`` times at most.
+    """
+    low, high = args.nnodes if args.nnodes is not None else (1, 1)
+    if args.rdzv_endpoint is None:
+        if high > 1:
+            nnodes = str(low) if low == high else f"{low}:{high}"
+            raise InputError(f"`--nnodes {nnodes}` needs `--rdzv-endpoint HOST:PORT`: the address where the "
+                             f"machines meet (the same on every machine)")
+        if args.rdzv_conf is not None:
+            raise InputError("`--rdzv-conf` needs `--rdzv-endpoint HOST:PORT`: on one machine without an endpoint "
+                             "the rendezvous is torchrun's --standalone one")
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [f"--nnodes={low}:{high}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                      f"--rdzv-id={args.rdzv_id}"]
+        if args.rdzv_conf is not None:
+            rendezvous.append(f"--rdzv-conf={args.rdzv_conf}")
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={args.nproc}",
+            f"--max-restarts={args.max_restarts}", "-m", "batchfit", "train", args.config]
+
+
 def _launch(args: argparse.Namespace) -> int:
-    """Start ``nproc`` local processes through torch.distributed.run (torchrun)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               f"--max-restarts={args.max_restarts}", "-m", "batchfit", "train", args.config]
+    """Start ``nproc`` local processes through torch.distributed.run (torchrun), alone or with other machines."""
+    command = launch_command(args)
     if args.epochs is not None:
         command += ["--epochs", str(args.epochs)]
     if args.out is not None:
