@@ -116,7 +116,8 @@ class Prequential:
 
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts (the window starts empty again after a resume)."""
-        return {"sums": {k: r.total for k, r in self.runs.items()}, "counts": {k: r.count for k, r in self.runs.items()}}
+        runs = self.runs
+        return {"sums": {k: r.total for k, r in runs.items()}, "counts": {k: r.count for k, r in runs.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -234,7 +235,7 @@ class StreamFeed:
 
     def batches(self) -> Iterator[tuple[StreamBatch | None, Closed]]:
         """Close the next batch (this rank's part of it: ``None`` when it holds no event of the step)."""
-        trainer, source = self.trainer, self.source
+        trainer = self.trainer
         if self.ranks is None:
             yield from self._local_batches()
             return
