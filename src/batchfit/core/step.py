@@ -108,6 +108,11 @@ class Step:
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        # The common case (one process, one micro-batch of samples, fp32, no clipping, an optimizer): what
+        # :meth:`step` can run as a hand-written loop would, when its call asks for nothing more.
+        self.plain = (world_size == 1 and micro_batch_size is None and micro_batch_tokens is None
+                      and loss_count is None and sum_over_ranks is None and precision == "fp32"
+                      and max_grad_norm is None and optimizer is not None)
 
     def step(self, batch: Batch | None, global_size: int, *, check_finite: bool = True, measure_noise: bool = False,
              before_last_backward: BeforeLastBackward | None = None,
@@ -121,6 +126,9 @@ class Step:
         ride with ``reduce_grads``. With ``check_finite`` the loss is read back and a NaN or
         infinite one drops the gradients instead of updating (the caller decides what follows).
         """
+        if (self.plain and type(batch) is tuple and self.reduce_grads is None and after_sync is None and check_finite
+                and not measure_noise and before_last_backward is None and self.loss_fn is not None):
+            return self._plain_step(batch)
         # Forward, loss and backward of each micro-batch; DDP sums the gradients over ranks in the last backward.
         if batch is not None:
             result = self.accumulate(batch, global_size, measure_noise=measure_noise,
@@ -160,6 +168,22 @@ class Step:
         else:
             self.model.zero_grad(set_to_none=True)
         return result
+
+    def _plain_step(self, batch: tuple[Any, ...]) -> StepResult:
+        """:meth:`step` of the common case (see :attr:`plain`): the same operations in the same order, without
+        the branches that do not apply."""
+        loss, _ = forward_loss(self.model, self.loss_fn, batch)
+        loss.backward()
+        loss = loss.detach()
+        value = float(loss)  # the non-finite check: a NaN or infinite loss never reaches the weights
+        optimizer = self.optimizer
+        assert optimizer is not None
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, value=value)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, value=value, applied=True)
 
     def counter(self, batch: Batch) -> Callable[[Batch], Any] | None:
         """What counts the loss terms of ``batch``'s pieces: ``loss_count``, tokens of per-token labels

@@ -112,15 +112,20 @@ class Segment:
         """The arrival number of the first event not cut yet."""
         return self.numbers + self.start if isinstance(self.numbers, int) else self.numbers[self.start]
 
-    def take(self, count: int) -> tuple[Batch, list[Any], list[float], list[Event] | None, int]:
-        """The next ``count`` events (at most what is left): their batch (views), ids, times, events, redelivered."""
+    def take(self, count: int) -> tuple[Batch, Sequence[Any], list[float], list[Event] | None, int, float]:
+        """The next ``count`` events (at most what is left): their batch (views), ids (a ``range`` for numbered
+        events), times, events, how many were redelivered, and the oldest time."""
         a = self.start
         b = self.start = min(a + count, len(self.ids))
         batch, times = self.batch, self.times
         part = tuple([v[a:b] for v in batch]) if type(batch) is tuple else {k: v[a:b] for k, v in batch.items()}  # type: ignore[union-attr]
-        times = [times] * (b - a) if type(times) is float else times[a:b]  # type: ignore[index]
+        if type(times) is float:
+            oldest, times = times, [times] * (b - a)
+        else:
+            times = times[a:b]  # type: ignore[index]
+            oldest = min(times)
         redelivered = 0 if self.redelivered is None else sum(self.redelivered[a:b])
-        return part, list(self.ids[a:b]), times, None if self.events is None else self.events[a:b], redelivered
+        return part, self.ids[a:b], times, None if self.events is None else self.events[a:b], redelivered, oldest
 
 
 @runtime_checkable
@@ -269,7 +274,7 @@ class StreamBatch:
     """A batch cut from a stream: the tensors, the events' ids and production times, and why it closed."""
 
     batch: Batch
-    ids: list[Any]
+    ids: Sequence[Any]  # a list, or a range for the numbered events of a plain iterable
     times: list[float]
     size: int
     reason: str  # "size", "latency" or "end"
@@ -278,6 +283,11 @@ class StreamBatch:
     # The events themselves, in order, when the consumer gave Event objects (a broker's); empty for a plain
     # iterable, whose events are only columns (:meth:`event` rebuilds one).
     events: list[Event] = dataclasses.field(default_factory=list)
+    oldest_time: float | None = None  # the smallest of ``times``, when known as the batch was cut
+
+    def oldest(self) -> float:
+        """When the oldest event of the batch was produced (the smallest of ``times``)."""
+        return min(self.times) if self.oldest_time is None else self.oldest_time
 
     def event(self, row: int) -> Event:
         """The event of ``row``: the consumer's, or one rebuilt from the batch's columns."""
@@ -347,7 +357,7 @@ class StreamSource:
         self.check = SampleCheck(ranges, getattr(events, "fields", None))
         # Floating fields are cast to this dtype as they are admitted (once per read, not per batch): the trainer
         # sets the model's, to which every batch is cast on its way to it anyway.
-        self.float_dtype: torch.dtype | None = None
+        self._float_dtype: torch.dtype | None = None
         self.on_dead_letter = on_dead_letter
         self.dead_letters: collections.deque[DeadLetter] = collections.deque(maxlen=DEAD_LETTERS_KEPT)
         self.quarantined = 0  # events this source has quarantined
@@ -423,7 +433,7 @@ class StreamSource:
         if columns is not None:  # proven good column by column: no Python object per event
             self._arrivals += len(samples)
             self.names = None
-            return Segment(self._cast(tuple([_stack(list(c), f"field {i}") for i, c in enumerate(columns)])),
+            return Segment(self._cast(tuple([torch.from_numpy(c) for c in columns])),
                            chunk.ids, chunk.times, first, received)
         times = chunk.times if isinstance(chunk.times, list) else [chunk.times] * len(samples)
         return self._admit([Event(i, sample, t) for i, sample, t in zip(chunk.ids, samples, times)], received,
@@ -461,6 +471,18 @@ class StreamSource:
         redelivered = [e.redelivered for e in good]
         return Segment(batch, [e.id for e in good], [e.time for e in good], numbers, received,
                        good if keep_events else None, redelivered if any(redelivered) else None)
+
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """What floating fields are cast to as they are admitted (``None``: left as read); setting it casts the events
+        buffered already too, so that every buffered batch is in it."""
+        return self._float_dtype
+
+    @float_dtype.setter
+    def float_dtype(self, dtype: torch.dtype | None) -> None:
+        self._float_dtype = dtype
+        for segment in self._segments:
+            segment.batch = self._cast(segment.batch)
 
     def _cast(self, batch: Batch) -> Batch:
         """``batch`` with its floating tensors cast to :attr:`float_dtype` (when set)."""
@@ -542,7 +564,7 @@ class StreamSource:
         self._buffered -= size
         self._opened = segments[0].arrived if segments else None
         if len(parts) == 1:
-            batch, ids, times, events, redelivered = parts[0]
+            batch, ids, times, events, redelivered, oldest = parts[0]
         else:  # the batch spans segments: their columns joined (dtypes promoted as one collate would)
             pieces: list[Any] = [p[0] for p in parts]
             first = pieces[0]
@@ -552,8 +574,9 @@ class StreamSource:
             times = [t for p in parts for t in p[2]]
             events = None if any(p[3] is None for p in parts) else [e for p in parts for e in p[3]]  # type: ignore[union-attr]
             redelivered = sum(p[4] for p in parts)
-        self.last_batch = StreamBatch(batch, ids, times, size, reason, redelivered, self.take_quarantined(),
-                                      events or [])
+            oldest = min(p[5] for p in parts)
+        self.last_batch = StreamBatch(batch, ids, times, size, reason, redelivered,
+                                      self.take_quarantined() if self._poison else [], events or [], oldest)
         return self.last_batch
 
     def drop_buffer(self) -> None:
@@ -639,29 +662,39 @@ class SampleCheck:
         each sample). Tuples of Python numbers only, once the stream's fields are known: what a broker delivers."""
         return self.columns(samples) is not None
 
-    def columns(self, samples: list[Any]) -> list[tuple[Any, ...]] | None:
-        """:meth:`all_good`, returning the samples' columns when they all pass (``None``: not proven)."""
+    def columns(self, samples: list[Any]) -> list[np.ndarray] | None:
+        """:meth:`all_good`, returning the samples' columns as arrays when they all pass (``None``: not proven).
+
+        Each column holds Python numbers only, converted by NumPy once and checked in its C loops: finite, within
+        its range, and integers fit int64 (NumPy gives an unsigned or object array otherwise).
+        """
         width = self.fields
         if not samples or not isinstance(width, int) or any(self.shapes):
             return None
-        if set(map(type, samples)) - {tuple, list} or set(map(len, samples)) != {width}:
+        if not set(map(type, samples)) <= {tuple, list} or set(map(len, samples)) != {width}:
             return None
-        columns = list(zip(*samples))
-        for column, limit in zip(columns, self.bounds):
+        arrays = []
+        for column, limit in zip(zip(*samples), self.bounds):
             kinds = set(map(type, column))
             if not kinds <= {int, float, bool}:
                 return None
             try:
-                if float in kinds and not all(map(math.isfinite, column)):
+                array = np.asarray(column)
+            except OverflowError:
+                return None
+            kind = array.dtype.kind
+            if kind not in "bif":  # ints past int64: an unsigned or object array
+                return None
+            if kind == "f":
+                if not np.isfinite(array).all():
                     return None
-            except OverflowError:  # an int too large for a float: beyond int64 too
+                # Ints among floats fit int64 (one outside that span: not proven here, asked one by one).
+                if kinds != {float} and (array.min() < INT64[0] or array.max() >= INT64[1]):
+                    return None
+            if limit is not None and (array.min() < limit[0] or array.max() >= limit[1]):
                 return None
-            # Ints fit int64 (a float of a mixed column outside that span: not proven here, asked one by one).
-            if kinds != {float} and (min(column) < INT64[0] or max(column) >= INT64[1]):
-                return None
-            if limit is not None and (min(column) < limit[0] or max(column) >= limit[1]):
-                return None
-        return columns
+            arrays.append(array)
+        return arrays
 
     def _bounds(self, fields: Any, labels: list[str]) -> list[tuple[float, float] | None]:
         unknown = [k for k in self.ranges if k not in labels and not (isinstance(k, int) and 0 <= k < len(labels))]

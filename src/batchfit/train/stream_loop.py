@@ -66,56 +66,67 @@ ACK_EVERY = 1024
 AUTO_EVERY, AUTO_BETA, AUTO_MIN_MEASURES, AUTO_MAX_DOUBLINGS = 8, 0.995, 25, 10
 
 
+class _Running:
+    """One metric's running sums: over the whole run, and over the newest ``window`` samples."""
+
+    __slots__ = ("whole", "windowed", "total", "count", "recent", "recent_total", "recent_count")
+
+    def __init__(self, name: str, total: float = 0.0, count: int = 0) -> None:
+        self.whole, self.windowed = f"preq_{name}", f"preq_{name}_window"  # its two column names
+        self.total, self.count = total, count
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()
+        self.recent_total, self.recent_count = 0.0, 0
+
+
+# What a step of the loss alone, none of whose events was delivered before, scored: no metric, none redelivered.
+NO_SCORES: tuple[dict[str, float], dict[str, float], int] = ({}, {}, 0)
+
+
 class Prequential:
     """Sample-weighted running means of per-batch metrics, over the whole run and over a recent window."""
 
     def __init__(self, window: int = PREQUENTIAL_WINDOW) -> None:
         self.window = window
-        self.names: dict[str, tuple[str, str]] = {}  # each metric's two column names
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.recent: dict[str, collections.deque[tuple[float, int]]] = {}
-        self.recent_sums: dict[str, list[float]] = {}
+        self.runs: dict[str, _Running] = {}
 
     def add(self, name: str, value: float, size: int) -> None:
         """Fold one batch's mean ``value`` over ``size`` samples in."""
-        self.sums[name] = self.sums.get(name, 0.0) + value * size
-        self.counts[name] = self.counts.get(name, 0) + size
-        recent = self.recent.setdefault(name, collections.deque())
-        totals = self.recent_sums.setdefault(name, [0.0, 0])
-        recent.append((value * size, size))
-        totals[0] += value * size
-        totals[1] += size
-        while totals[1] - recent[0][1] >= self.window:
+        run = self.runs.get(name)
+        if run is None:
+            run = self.runs[name] = _Running(name)
+        weighted = value * size
+        run.total += weighted
+        run.count += size
+        recent = run.recent
+        recent.append((weighted, size))
+        run.recent_total += weighted
+        run.recent_count += size
+        window = self.window
+        while run.recent_count - recent[0][1] >= window:
             dropped, count = recent.popleft()
-            totals[0] -= dropped
-            totals[1] -= count
+            run.recent_total -= dropped
+            run.recent_count -= count
+
+    def into(self, found: dict[str, float]) -> dict[str, float]:
+        """:meth:`columns`, written into ``found`` (returned)."""
+        for run in self.runs.values():
+            found[run.whole] = run.total / run.count if run.count else math.nan
+            # Empty after a resume until the next batch: a restart with nothing new to read has no window.
+            found[run.windowed] = run.recent_total / run.recent_count if run.recent_count else math.nan
+        return found
 
     def columns(self) -> dict[str, float]:
         """``preq_<name>`` (the mean over every sample so far) and ``preq_<name>_window`` (the last samples)."""
-        found = {}
-        names = self.names
-        for name, total in self.sums.items():
-            if name not in names:
-                names[name] = (f"preq_{name}", f"preq_{name}_window")
-            whole, window = names[name]
-            count = self.counts[name]
-            found[whole] = total / count if count else math.nan
-            window_sum, window_count = self.recent_sums[name]
-            # Empty after a resume until the next batch: a restart with nothing new to read has no window.
-            found[window] = window_sum / window_count if window_count else math.nan
-        return found
+        return self.into({})
 
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts (the window starts empty again after a resume)."""
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+        runs = self.runs
+        return {"sums": {k: r.total for k, r in runs.items()}, "counts": {k: r.count for k, r in runs.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.sums = {k: float(v) for k, v in state["sums"].items()}
-        self.counts = {k: int(v) for k, v in state["counts"].items()}
-        self.recent = {k: collections.deque() for k in self.sums}
-        self.recent_sums = {k: [0.0, 0] for k in self.sums}
+        self.runs = {k: _Running(k, float(v), int(state["counts"][k])) for k, v in state["sums"].items()}
 
 
 def check_until(until: Any) -> None:
@@ -200,6 +211,10 @@ class StreamFeed:
         # What floating inputs are cast to, found once (a walk over the parameters each step costs microseconds).
         self.dtype = param_dtype(trainer.module)
         source.float_dtype = self.dtype  # floating fields cast once per read of the source, not per batch
+        # On the CPU a batch cut from the source is the model's already (its floats cast as they were read): no
+        # to_device per step.
+        self.ready = trainer.device.type == "cpu"
+        self.timed = isinstance(until, (int, float))  # a budget in seconds (else None or a callable)
         # The user's metrics of one batch, summed over ranks (stateful ones accumulate on each rank).
         self.shared_metrics = [name for name, metric in trainer.evaluator.metrics.items() if not is_stateful(metric)]
 
@@ -227,20 +242,12 @@ class StreamFeed:
 
     def batches(self) -> Iterator[tuple[StreamBatch | None, Closed]]:
         """Close the next batch (this rank's part of it: ``None`` when it holds no event of the step)."""
-        trainer, source = self.trainer, self.source
+        trainer = self.trainer
+        if self.ranks is None:
+            yield from self._local_batches()
+            return
         while self.max_steps is None or trainer.step < self.end_step:
             budget = self._budget_spent()
-            if self.ranks is None:
-                if trainer.signals.received is not None or trainer.stop_training or budget:
-                    return
-                local = source.next_batch(self._next_size())
-                if local is None:
-                    if source.ended:
-                        return
-                    continue  # an idle tick: look at signals and budgets again
-                self.mark = Closed(local.size)
-                yield local, self.mark
-                continue
             plan = self.ranks.plan(trainer.stop_training or budget, trainer.signals.received is not None)
             if plan.signal:  # every rank learns it at the same step: all checkpoint together and stop
                 trainer.note_signal(True)
@@ -250,6 +257,23 @@ class StreamFeed:
             if plan.global_size > 0:
                 self.mark = Closed(plan.global_size)
                 yield self.ranks.take(plan), self.mark
+
+    def _local_batches(self) -> Iterator[tuple[StreamBatch, Closed]]:
+        """:meth:`batches` of one process (what is asked each step hoisted out of the loop)."""
+        trainer, source, signals = self.trainer, self.source, self.trainer.signals
+        end_step = math.inf if self.max_steps is None else self.end_step
+        fixed = source.max_batch_size is None or source.max_latency is None  # every batch asks for batch_size
+        size, budget, next_batch = self.batch_size, self.until is not None, source.next_batch
+        while trainer.step < end_step:
+            if signals.received is not None or trainer.stop_training or budget and self._budget_spent():
+                return
+            local = next_batch(size if fixed else self._next_size())
+            if local is None:
+                if source.ended:
+                    return
+                continue  # an idle tick: look at signals and budgets again
+            self.mark = mark = Closed(local.size)
+            yield local, mark
 
     def _next_size(self) -> int:
         """The next batch's size: ``batch_size``, or while the oldest buffered event is older than ``max_latency``
@@ -311,8 +335,9 @@ class StreamFeed:
         if self.ranks is not None:
             return self._ranks_step(local, size)
         assert local is not None and self.mark is not None
-        self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
-        local.quarantined = []
+        if local.quarantined:
+            self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
+            local.quarantined = []
         failure: BaseException | None = None
         try:
             result = self._attempt(local, size)
@@ -340,10 +365,10 @@ class StreamFeed:
     def _attempt(self, local: StreamBatch, size: int) -> StepResult:
         """Forward, backward and (for a finite loss) update on ``local``; its prequential scores for the history."""
         trainer = self.trainer
-        batch = to_device(local.batch, trainer.device, self.dtype)
+        batch = local.batch if self.ready else to_device(local.batch, trainer.device, self.dtype)
         if not trainer.evaluator.metrics:  # the loss alone: the step's own forward pass scores the batch
             result = self._train(batch, size)
-            self.scored = ({}, {}, local.redelivered)
+            self.scored = NO_SCORES if not local.redelivered else ({}, {}, local.redelivered)
             return result
         output = _eval_output(trainer, batch)  # with the weights that have not seen the batch
         result = self._train(batch, size)  # the loss is computed before the update: a test-then-train score
@@ -413,6 +438,7 @@ class StreamFeed:
             v.index_select(0, index) for v in batch)
         local.ids = [local.ids[r] for r in keep]
         local.times = [local.times[r] for r in keep]
+        local.oldest_time = None
         if local.events:
             local.events = [local.events[r] for r in keep]
             local.redelivered = sum(e.redelivered for e in local.events)
@@ -488,21 +514,27 @@ class StreamFeed:
     def columns(self, local: StreamBatch | None, mark: Closed, result: StepResult) -> dict[str, Any]:
         scores, running, redelivered = self.scored
         size = mark.batch_size
-        assert result.value is not None
+        value = result.value
+        assert value is not None
         self.redelivered += redelivered
-        self.prequential.add("loss", result.value, size)
-        self.fit_loss[0] += result.value * size
-        self.fit_loss[1] += size
-        for name, value in scores.items():
-            self.prequential.add(name, value, size)
-        if self.trainer.checkpoint_dir is None and len(self.included) >= ACK_EVERY:
+        prequential = self.prequential
+        prequential.add("loss", value, size)
+        fit_loss = self.fit_loss
+        fit_loss[0] += value * size
+        fit_loss[1] += size
+        for name, found in scores.items():
+            prequential.add(name, found, size)
+        if len(self.included) >= ACK_EVERY and self.trainer.checkpoint_dir is None:
             self._ack()  # nothing durable to wait for; acknowledged in bulk (one round trip to the broker each)
-        lag = math.nan if local is None else time.time() - min(local.times)
-        found = {**self.prequential.columns(), **running, "lag": lag, "redelivered": self.redelivered,
-                 "dead_letters": self.dead_letters()}
+        columns = prequential.into({})
+        if running:
+            columns.update(running)
+        columns["lag"] = math.nan if local is None else time.time() - local.oldest()
+        columns["redelivered"] = self.redelivered
+        columns["dead_letters"] = self.dead_before + self.source.quarantined - self.dead_mark
         if self.noise is not None:  # max_batch_size="auto": the cap in force for the next batch, and its source
-            found.update(batch_cap=self.auto_cap(), noise_scale=self.noise.b_simple)
-        return found
+            columns.update(batch_cap=self.auto_cap(), noise_scale=self.noise.b_simple)
+        return columns
 
     def dead_letters(self) -> int:
         """Events quarantined in this run so far (this rank's)."""
