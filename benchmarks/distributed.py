@@ -13,9 +13,12 @@ which train one epoch to warm up and then ``epochs`` timed epochs; the runs of t
 setups alternate, and the rows give medians.
 
 Against the hand-written loops (DDP, and FSDP2's ``fully_shard`` for ``strategy="fsdp"``) the two
-run side by side in the same 2 processes: a warm-up epoch of each, then ``pairs`` epochs of each,
-alternating which goes first; the ratio is the median of the pairs' ratios, so a change in the
-machine's load between launches does not enter it.
+run side by side in the same 2 processes, alternating in chunks of a few steps (~2,560 samples: 10
+steps at batch 256, 80 at batch 32): ``Trainer.fit`` trains, and a callback runs the hand-written
+loop's chunk between two of its steps (:func:`measure_chunks`). The ratio is the median of the
+chunks' ratios, so a change in the machine's load (minutes of it on a shared machine) does not fall
+on one side only; the trainer's chunks include its epoch ends (one ``fit`` call covers all epochs).
+:func:`measure_pairs` alternates whole epochs instead (each one ``fit`` call).
 """
 
 from __future__ import annotations
@@ -50,14 +53,23 @@ def distributed_rows(quick: bool = False) -> list[Row]:
         Row(what, "hand-written DDP loop, 2 processes (separate launches)", statistics.median(two),
             statistics.median(hand), statistics.median([a / b for a, b in zip(two, hand)]), ""),
     ]
-    pairs = {**job, "epochs": 3 if quick else 9}
-    for strategy, baseline in (("ddp", "hand-written DDP loop"), ("fsdp", "hand-written FSDP2 loop")):
-        side = measure_pairs({**pairs, "strategy": strategy})
-        rows.append(Row(f"Trainer.fit strategy={strategy!r}, 2 processes, batch 256",
-                        f"{baseline}, same processes, alternating epochs", statistics.median(side["fit"]),
-                        statistics.median(side["hand"]),
-                        statistics.median([a / b for a, b in zip(side["fit"], side["hand"])]), ""))
+    for strategy, size in (("ddp", 256), ("ddp", 32), ("fsdp", 256)):
+        rows.append(chunk_row(strategy, size, quick))
     return rows
+
+
+def chunk_row(strategy: str, batch_size: int, quick: bool = False) -> Row:
+    """``Trainer.fit`` against the hand-written loop of ``strategy``, alternating chunks of ~2,560 samples
+    (:func:`measure_chunks`): samples/s, and the median of the chunks' ratios."""
+    chunk = max(5, 2560 // batch_size)
+    found = measure_chunks({"num_samples": 50_000 if quick else 200_000, "batch_size": batch_size,
+                            "epochs": 1 if quick else 2, "strategy": strategy, "chunk": chunk})
+    samples = chunk * batch_size
+    baseline = "hand-written DDP loop" if strategy == "ddp" else "hand-written FSDP2 loop"
+    return Row(f"Trainer.fit strategy={strategy!r}, 2 processes, batch {batch_size}",
+               f"{baseline}, same processes, alternating chunks of {chunk} steps",
+               samples / statistics.median(found["fit"]), samples / statistics.median(found["hand"]),
+               statistics.median([h / f for f, h in zip(found["fit"], found["hand"])]), "")
 
 
 def measure_pairs(job: dict[str, Any]) -> dict[str, list[float]]:
@@ -88,6 +100,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     x, y = reference_data(job["num_samples"])
     if job.get("loop") == "pair":
         return _pair_worker(job, x, y)
+    if job.get("loop") == "chunks":
+        return _chunk_worker(job, x, y)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if job.get("loop") == "hand":
@@ -140,14 +154,80 @@ def _pair_worker(job: dict[str, Any], x: Any, y: Any) -> dict[str, Any]:
     return rates
 
 
+def measure_chunks(job: dict[str, Any]) -> dict[str, list[float]]:
+    """Seconds of ``chunk`` steps of ``Trainer.fit`` and of the hand-written loop, alternating chunk by chunk in
+    the same 2 processes (rank 0's clock)."""
+    return launch({**job, "loop": "chunks"}, processes=2)  # type: ignore[return-value]
+
+
+def _chunk_worker(job: dict[str, Any], x: Any, y: Any) -> dict[str, Any]:
+    """``Trainer.fit`` with the hand-written loop run between its steps: every ``chunk`` steps of the trainer
+    (timed from step to step, its bookkeeping and epoch ends included), ``chunk`` steps of the hand-written
+    loop (timed alone). Interleaving in chunks of a few milliseconds, not epochs, keeps a change in the
+    machine's load from falling on one side only. A step's time counts once its collective is done, so the
+    ranks' clocks agree to a step."""
+    import torch
+    import torch.nn.functional as F
+
+    from batchfit import Callback
+    from batchfit.bench import mlp
+    from batchfit.train.trainer import Trainer
+
+    strategy, chunk, size = job["strategy"], job["chunk"], job["batch_size"]
+    model = mlp()
+    hand = _hand_ddp_steps(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y, size,
+                           sharded=strategy == "fsdp")
+    times: dict[str, list[float]] = {"hand": [], "fit": []}
+
+    class Alternate(Callback):
+        """After every ``chunk`` trainer steps, ``chunk`` hand-written steps."""
+
+        mark = 0.0
+
+        def on_step_begin(self, trainer: Any, step: int) -> None:
+            if step % chunk or not step:
+                if not step:
+                    self.mark = time.perf_counter()
+                return
+            now = time.perf_counter()
+            times["fit"].append(now - self.mark)
+            hand(chunk)
+            self.mark = time.perf_counter()
+            times["hand"].append(self.mark - now)
+
+    model = mlp()
+    trainer = Trainer(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                      batch_size=size, device="cpu", progress=False, seed=0, strategy=strategy,
+                      callbacks=[Alternate()])
+    hand(chunk)  # warm-up of each
+    trainer.fit((x, y), epochs=1)
+    times = {"hand": [], "fit": []}
+    trainer.fit((x, y), epochs=job["epochs"])
+    warm = 2  # the first chunks of the fit: its start (loss check, batcher) is not a step
+    return {name: values[warm:] for name, values in times.items()}
+
+
 def _hand_ddp_epoch(model: Any, optimizer: Any, x: Any, y: Any, batch_size: int, sharded: bool = False) -> Any:
+    """The baseline, an epoch a call: :func:`_hand_ddp_steps`."""
+    steps = _hand_ddp_steps(model, optimizer, x, y, batch_size, sharded)
+    per_epoch = -(-len(x) // batch_size)
+
+    def run_epoch() -> None:
+        steps(per_epoch)
+
+    return run_epoch
+
+
+def _hand_ddp_steps(model: Any, optimizer: Any, x: Any, y: Any, batch_size: int, sharded: bool = False) -> Any:
     """The baseline: torch.distributed and DDP (or FSDP2's ``fully_shard``, ``sharded``) by hand, each rank
-    indexing its share of every batch."""
+    indexing its share of every batch; the returned function runs the next ``n`` steps, a new order each
+    epoch."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if sharded:
         from torch.distributed.fsdp import fully_shard
@@ -157,18 +237,22 @@ def _hand_ddp_epoch(model: Any, optimizer: Any, x: Any, y: Any, batch_size: int,
     else:
         net = torch.nn.parallel.DistributedDataParallel(model)
     generator = torch.Generator().manual_seed(0)
+    at = {"start": len(x), "order": torch.arange(0)}
 
-    def run_epoch() -> None:
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            batch = order[start : start + batch_size]
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            if at["start"] >= len(x):
+                at["order"], at["start"] = torch.randperm(len(x), generator=generator), 0
+            start = at["start"]
+            batch = at["order"][start : start + batch_size]
+            at["start"] = start + batch_size
             share = batch[rank * len(batch) // world_size : (rank + 1) * len(batch) // world_size]
             loss = F.cross_entropy(net(x[share]), y[share])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
-    return run_epoch
+    return run_steps
 
 
 def main(argv: list[str] | None = None) -> None:

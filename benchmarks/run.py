@@ -14,6 +14,7 @@ Benchmarks (docs/benchmarks.md says what each measures, its baseline and its tar
     prefetch      prefetch=2 against prefetch=0 (the prefetch rows of "data", with their own options)
     distributed   the same training on 1 and 2 processes, and against a hand-written DDP loop
     memory        per-rank memory (weights, gradients, AdamW state, RSS) and tokens/s, DDP against FSDP, SmolLM2-135M
+    fsdp_pace     tokens/s of DDP and FSDP, Trainer.fit and hand-written loops, side by side (SmolLM2 widths, 4 layers)
     batchsize     fixed batch sizes against "auto" and "adaptive": time and steps to a target
     groundtruth   the batch-size ground truth: a batch x lr grid against tune() (docs/batch-size.md)
     images        images/s against a per-sample DataLoader pipeline, disk size, peak RSS
@@ -46,8 +47,8 @@ for path in (ROOT / "src", ROOT):
 
 TABLE = ("data", "train", "shards", "shuffle", "distributed")  # the default run, one table
 # Each a module of this folder with its own main(argv): ``--only NAME`` passes the remaining options to it.
-ON_THEIR_OWN = ("shards", "shuffle", "distributed", "memory", "prefetch", "batchsize", "groundtruth", "images", "text",
-                "stream", "stream_pace", "stream_tables", "stream_soak", "gpu_check")
+ON_THEIR_OWN = ("shards", "shuffle", "distributed", "memory", "fsdp_pace", "prefetch", "batchsize", "groundtruth",
+                "images", "text", "stream", "stream_pace", "stream_tables", "stream_soak", "gpu_check")
 NAMES = tuple(dict.fromkeys(TABLE + ON_THEIR_OWN))
 
 

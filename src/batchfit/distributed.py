@@ -201,10 +201,10 @@ class StepAgreement:
     so that the all-reduce travels while the backward computes instead of adding a wait of its own.
 
     Under DDP (given the model's :class:`GradientCarrier`) the values ride in the gradient all-reduce
-    itself (:class:`GradientCarrier`): appended to the last gradient bucket, they cost no
-    collective of their own — on a busy CPU each extra collective costs far more than its bytes.
-    They ride only where they fit the bucket's dtype exactly (float32 or float64 gradients, no
-    noise sample); otherwise, identically on every rank, they travel in an all-reduce of their own.
+    itself, as the gradient of a parameter of their own: they cost no collective and no Python on
+    DDP's path — on a busy CPU each extra collective costs far more than its bytes. They ride only
+    where they fit the carrier's dtype exactly (float32 or float64 gradients, no noise sample, no
+    fp16 loss scale); otherwise, identically on every rank, they travel in an all-reduce of their own.
     """
 
     def __init__(self, context: DistContext, device: torch.device, carrier: GradientCarrier | None = None) -> None:
@@ -213,125 +213,106 @@ class StepAgreement:
         self._flags: dict[tuple[bool, bool, torch.dtype], torch.Tensor] = {}  # stop and signal flags, made once
 
     def start(self, loss: torch.Tensor | None, noise: NoiseSample | None, stop: bool, signal: bool,
-              ride: bool = False) -> None:
+              ride: bool = False) -> torch.Tensor | None:
         """Start summing this rank's ``loss`` share, ``stop``/``signal`` flags and ``noise`` over ranks.
 
         ``ride``: the gradient all-reduce of a DDP backward follows on every rank, and may carry them.
+        Returns what the caller must add to the loss of that backward (``None`` without ``ride``): a
+        term whose value is zero and whose gradient is the carrier's numbers (zeros when they do not ride).
         """
         small_sq, inverse_b = (noise.small_sq, 1.0 / noise.b_small) if noise is not None else (0.0, 0.0)
-        if ride and noise is None and self.carrier is not None:
-            dtype = torch.float64 if loss is not None and loss.dtype == torch.float64 else torch.float32
+        carrier = self.carrier if ride else None
+        if carrier is not None and noise is None and carrier.exact:
+            dtype = carrier.dtype
             flags = self._flags.get((stop, signal, dtype))
             if flags is None:
                 flags = torch.tensor([float(stop), float(signal)], dtype=dtype, device=self.device)
                 self._flags[stop, signal, dtype] = flags
             share = torch.zeros(1, dtype=dtype, device=self.device) if loss is None else \
                 loss.detach().reshape(1).to(dtype)
-            self.carrier.load(torch.cat([share, flags]))  # in the loss share's precision (float32 at least)
             self._pending = (flags, None)
-            return
+            return carrier.term(torch.cat([share, flags]))  # in the carrier's precision (float32 at least)
         values = torch.tensor([0.0, float(stop), float(signal), small_sq, inverse_b, float(noise is not None)],
                               dtype=torch.float64, device=self.device)
         if loss is not None:
             values[0] = loss.detach()
         self._pending = (values, self.context.start_all_reduce_sum(values))
+        return None if carrier is None else carrier.term(None)  # DDP expects a gradient of every parameter
 
     def finish(self) -> Agreed:
         """Wait for the all-reduce :meth:`start` began; what every rank now knows."""
         assert self._pending is not None, "finish() without start()"
         values, work = self._pending
         self._pending = None
-        if work is None:  # handed to the gradient all-reduce
+        if work is None:  # carried by the gradient all-reduce
             assert self.carrier is not None
-            values, carried = self.carrier.unload()
-            if not carried:  # the buckets could not carry them (on every rank alike): on their own
-                work = self.context.start_all_reduce_sum(values)
-        if work is not None:
+            values = self.carrier.unload()
+        else:
             self.context.wait(work)
+            if self.carrier is not None:
+                self.carrier.clear()
         numbers = values.tolist()
         loss, stops, signals = numbers[:3]
         small_sum, inverse_b_sum, measured = numbers[3:] if len(numbers) == 6 else (0.0, 0.0, 0.0)
         # E|G_b|² = |G|² + tr(Σ)/b, so the mean over ranks of measurements at sizes b_r is one
         # at their harmonic mean.
         noise = NoiseSample(small_sum / measured, measured / inverse_b_sum) if measured else None
-        return Agreed(values[0].float(), stops > 0, signals > 0, noise)
+        return Agreed(values[0].float(), stops > 0.5, signals > 0.5, noise)
+
+
+class AgreementSlot(torch.nn.Module):
+    """The user's module (``.module``, called as it is) beside one parameter of three numbers, ``slot``,
+    whose gradient carries the step's agreement through DDP's own gradient all-reduce."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.module = module
+        self.slot = torch.nn.Parameter(torch.zeros(3, dtype=dtype, device=device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The user's module's forward, untouched."""
+        return self.module(*args, **kwargs)
 
 
 class GradientCarrier:
-    """A DDP communication hook that sums a few numbers over ranks together with the last gradient bucket.
+    """Sums a few numbers over ranks in the gradient all-reduce of a DDP backward, without a hook.
 
-    The gradients are reduced as DDP's default hook does (divided by the world size, then summed);
-    numbers :meth:`load`-ed before a backward are appended to the last bucket when its dtype is
-    theirs or float64 (bucket layouts are the same on every rank, so all ranks decide alike), summed
-    with it, and taken off again: :meth:`unload` returns their sums after the backward.
+    :attr:`slot` (an :class:`AgreementSlot` around the user's module) is what DDP wraps. The
+    slot's parameter is not the optimizer's; the loss of every synchronising backward gets the term
+    ``slot · values`` (:meth:`term`), whose value is zero and whose gradient is ``values``, so DDP's
+    built-in all-reduce sums them with the model's gradients, in the same bucket, as a hand-written
+    DDP loop does (divided by the world size, as DDP does, and multiplied back: exact for 2, 4, 8 ...
+    ranks, within one rounding of the sum otherwise). The parameter has the dtype of the model's
+    first parameter, so that it joins a bucket that exists anyway; the numbers ride only where that
+    dtype holds them exactly (float32, float64): :attr:`exact`.
     """
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, module: torch.nn.Module, world_size: int) -> None:
+        first = next((p for p in module.parameters() if p.is_floating_point()), None)
+        dtype = torch.float32 if first is None else first.dtype
+        device = torch.device("cpu") if first is None else first.device
+        self.slot = AgreementSlot(module, dtype, device)
         self.world_size = world_size
-        self._loaded: torch.Tensor | None = None
-        self._summed: torch.Tensor | None = None
-        self._held: torch.Tensor | None = None  # numbers the last bucket could not carry
-        self._used = False  # the last backward's hook saw the loaded numbers
+        self.dtype = dtype
+        self.exact = dtype in (torch.float32, torch.float64)
+        self._zeros = torch.zeros(3, dtype=dtype, device=device)
 
-    @classmethod
-    def attach(cls, model: torch.nn.Module, world_size: int) -> GradientCarrier | None:
-        """A carrier registered as ``model``'s communication hook, or None when ``model`` is not DDP."""
-        from torch.nn.parallel import DistributedDataParallel
+    def term(self, values: torch.Tensor | None) -> torch.Tensor:
+        """What to add to the loss of the next synchronising backward: zero, with ``values`` (or zeros) as the
+        gradient of the slot."""
+        return torch.dot(self.slot.slot, self._zeros if values is None else values)
 
-        if not isinstance(model, DistributedDataParallel):
-            return None
-        carrier = cls(world_size)
-        model.register_comm_hook(carrier, GradientCarrier.hook)
-        return carrier
-
-    def load(self, values: torch.Tensor) -> None:
-        self._loaded, self._summed, self._used = values, None, False
-
-    def unload(self) -> tuple[torch.Tensor, bool]:
-        """The sums of the loaded numbers and True, or the numbers themselves and False when no bucket could
-        carry them."""
-        summed = self._summed
-        self._loaded, self._summed = None, None
-        if summed is not None:
-            return summed, True
-        if not self._used or self._held is None:
+    def unload(self) -> torch.Tensor:
+        """The sums over ranks of the values of the last :meth:`term`, after its backward."""
+        grad = self.slot.slot.grad
+        if grad is None:
             raise RuntimeError("batchfit: the step's agreement was to ride on a gradient all-reduce that never ran")
-        held, self._held = self._held, None
-        return held, False
+        self.slot.slot.grad = None  # the next backward starts from nothing
+        return grad * self.world_size
 
-    @staticmethod
-    def hook(carrier: GradientCarrier, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-        buffer = bucket.buffer()
-        loaded = carrier._loaded if bucket.is_last() else None
-        buffer.div_(carrier.world_size)  # DDP's default: the mean over ranks
-        if loaded is not None:
-            carrier._loaded, carrier._held, carrier._used = None, loaded, True
-        if loaded is None or buffer.dtype not in (loaded.dtype, torch.float64):
-            # the numbers, if any, go on their own after the backward
-            return _all_reduce_future(buffer).then(_first)
-        size = buffer.numel()
-        joined = torch.cat([buffer, loaded.to(device=buffer.device, dtype=buffer.dtype)])
-        carrier._summed, carrier._held = joined[size:], None  # summed in place by the time the backward returns
-
-        def bucket_part(future: torch.futures.Future[Any]) -> torch.Tensor:
-            return future.value()[0][:size]  # DDP copies the gradients out of this view
-
-        return _all_reduce_future(joined).then(bucket_part)
-
-
-def _first(future: torch.futures.Future[Any]) -> torch.Tensor:
-    return future.value()[0]
-
-
-# DDP checks the hook's annotations as objects (this module's are strings).
-if dist.is_available():
-    GradientCarrier.hook.__annotations__.update(bucket=dist.GradBucket,
-                                                **{"return": torch.futures.Future[torch.Tensor]})
-
-
-def _all_reduce_future(tensor: torch.Tensor) -> torch.futures.Future[Any]:
-    """Sum ``tensor`` over the default group in the background; a future of the list ``[tensor]``."""
-    return dist.all_reduce(tensor, async_op=True).get_future()
+    def clear(self) -> None:
+        """Drop the slot's gradient of a backward whose numbers did not ride."""
+        self.slot.slot.grad = None
 
 
 def _leave_group(seconds: float) -> None:

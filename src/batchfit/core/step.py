@@ -27,8 +27,9 @@ from .precision import autocast
 
 # Called just before the last backward (whose gradient all-reduce syncs the ranks) with this
 # rank's loss share and its noise sample, so that a small all-reduce of the caller's own can
-# travel while the backward computes.
-BeforeLastBackward = Callable[[torch.Tensor, "NoiseSample | None"], None]
+# travel while the backward computes; what it returns (a zero-valued term, or None) is added to
+# that backward's loss, so that numbers can ride in DDP's gradient all-reduce as a gradient.
+BeforeLastBackward = Callable[[torch.Tensor, "NoiseSample | None"], "torch.Tensor | None"]
 # Sums the gradients of ``params`` over ranks, as the mean DDP would give, in place (a rank without a
 # sample in the step counts as zeros), together with ``numbers`` (this rank's loss share first), in one
 # collective; returns the sums of ``numbers``. For runs that cannot use DDP (a stream's ranks).
@@ -232,9 +233,10 @@ class Step:
                 if last and total_later is not None:
                     correction = global_size / total_later()  # long arrived: it was sent before the first forward
                     share = share * correction.to(share.device)
+                scaled = loss * (weight * self.world_size)
                 if last and before_last_backward is not None:
-                    before_last_backward(share, noise)
-                self._backward(loss * (weight * self.world_size))
+                    scaled = _plus(scaled, before_last_backward(share, noise))
+                self._backward(scaled)
                 if measure_noise and index == 0 and len(pieces) > 1:
                     # The accumulated gradient is still the first micro-batch's alone (and local).
                     noise = NoiseSample(self.grad_sq() / float(weight * self.world_size) ** 2, pieces[0][1])
@@ -252,9 +254,10 @@ class Step:
             with autocast(self.precision, self.device.type):
                 loss, _ = forward_loss(self.model, self.loss_fn, batch)
             share = _share(loss.detach(), weight, size)
+            scaled = loss * (weight * self.world_size)
             if before_last_backward is not None:
-                before_last_backward(share, None)
-            self._backward(loss * (weight * self.world_size))
+                scaled = _plus(scaled, before_last_backward(share, None))
+            self._backward(scaled)
         return StepResult(share)
 
     def _counts(self, pieces: list[tuple[Batch, int]], counter: Callable[[Batch], Any] | None,
@@ -332,3 +335,8 @@ def _share(loss: torch.Tensor, weight: Any, count: Any) -> torch.Tensor:
     if isinstance(count, torch.Tensor):
         return torch.where(count.to(loss.device) > 0, loss * weight, 0.0)
     return loss * weight if count else torch.zeros_like(loss)
+
+
+def _plus(loss: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+    """``loss + term`` for a backward (``term`` is zero-valued: the loss and the model's gradients stay the same)."""
+    return loss if term is None else loss + term.to(loss.dtype)

@@ -92,9 +92,10 @@ class EpochFeed:
         if agreement is None:
             return self.step_fn.step(batch, size, check_finite=self.check_each_step, measure_noise=measure)
         signalled = trainer.signals.received is not None
+        ride = self.step_fn.scaler is None  # a loss scale would multiply the numbers riding as a gradient
 
-        def start(share: torch.Tensor, sample: NoiseSample | None) -> None:
-            agreement.start(share, sample, stop_requested, signalled, ride=True)  # rides on the last backward
+        def start(share: torch.Tensor, sample: NoiseSample | None) -> torch.Tensor | None:
+            return agreement.start(share, sample, stop_requested, signalled, ride=ride)  # rides on the last backward
 
         def finish(result: StepResult) -> StepResult:
             agreed = agreement.finish()

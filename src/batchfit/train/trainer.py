@@ -122,6 +122,7 @@ class Trainer:
         if o.gradient_checkpointing:
             logger.info("gradient checkpointing: %s", enable_gradient_checkpointing(self.module))
         self.model: torch.nn.Module = self.module
+        self._carrier: distributed.GradientCarrier | None = None
         self.sharded = self.dist.enabled and o.strategy == "fsdp"  # the weights are split over the ranks
         if self.sharded:  # fully_shard wraps the module in place: self.model is self.module
             logger.info("fsdp: sharded %s and the root", shard_model(self.module, optimizer, shard) or "no blocks")
@@ -129,9 +130,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
-        # Under DDP the per-step agreement rides in the gradient all-reduce (its communication hook).
-        self._carrier = distributed.GradientCarrier.attach(self.model, self.dist.world_size)
+            # Under DDP the per-step agreement rides in the gradient all-reduce, as a parameter's gradient.
+            self._carrier = distributed.GradientCarrier(self.module, self.dist.world_size)
+            self.model = DistributedDataParallel(self._carrier.slot, device_ids=ids)
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self._given_loss_fn = loss_fn  # as passed; self.loss_fn may be it adapted to the data's targets
         self.callbacks = list(callbacks)
