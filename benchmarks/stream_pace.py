@@ -180,35 +180,44 @@ def river_biased_mf(columns: dict[str, np.ndarray], count: int | None = None) ->
             "events_per_s": n / seconds, "events": n}
 
 
-def river_table(columns: dict[str, np.ndarray], repeats: int = 3, count: int | None = None) -> dict[str, Any]:
-    """The shipped recipe and river's ``BiasedMF``, run in turn ``repeats`` times (the order alternating): the RMSE
-    (the same every run) and the median events/s of each; the river row is ``None`` without river."""
-    ours, theirs = [], []
+RIVER_RECIPES = (Recipe(), Recipe(batch_size=256), Recipe(batch_size=8, sequential=False))
+
+
+def river_table(columns: dict[str, np.ndarray], repeats: int = 3, count: int | None = None,
+                recipes: Sequence[Recipe] = RIVER_RECIPES) -> dict[str, Any]:
+    """Each recipe (the shipped one first) and river's ``BiasedMF``, run in turn ``repeats`` times (the order
+    rotating): the RMSE (the same every run) and the median events/s of each; ``river`` is ``None`` without
+    river."""
+    ours: list[list[dict[str, Any]]] = [[] for _ in recipes]
+    theirs: list[Any] = []
+    runs = [lambda k=k: ours[k].append(shipped_recipe(columns, count, recipe)) for k, recipe in enumerate(recipes)]
+    runs.append(lambda: theirs.append(river_biased_mf(columns, count)))
     for repeat in range(repeats):
-        runs = [lambda: ours.append(shipped_recipe(columns, count)),
-                lambda: theirs.append(river_biased_mf(columns, count))]
-        for run in runs if repeat % 2 == 0 else runs[::-1]:
+        for run in runs[repeat % len(runs):] + runs[:repeat % len(runs)]:
             run()
-    rows = {"recipe": {**ours[0], "events_per_s": float(np.median([r["events_per_s"] for r in ours]))},
-            "river": None, "repeats": repeats}
+
+    def median(results: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**results[0], "events_per_s": float(np.median([r["events_per_s"] for r in results]))}
+
+    rows: dict[str, Any] = {"recipes": [median(r) for r in ours], "river": None, "repeats": repeats}
+    rows["recipe"] = rows["recipes"][0]
     if theirs[0] is not None:
-        rows["river"] = {**theirs[0], "events_per_s": float(np.median([r["events_per_s"] for r in theirs]))}
+        rows["river"] = median(theirs)
     return rows
 
 
 def format_river_table(result: dict[str, Any]) -> str:
+    river = result["river"]
     lines = [f"MovieLens-100k in time order, prequential (score, then train), median events/s of "
-             f"{result['repeats']} interleaved runs:", "", "| model | prequential RMSE | events/s |",
-             "| --- | --- | --- |"]
-    for key in ("recipe", "river"):
-        row = result[key]
-        if row is None:
-            lines.append("| river BiasedMF | skipped: river is not installed (pip install river) | - |")
-        else:
-            lines.append(f"| {row['model']} | {row['preq_rmse']:.4f} | {row['events_per_s']:,.0f} |")
-    if result["river"] is not None:
-        ratio = result["recipe"]["events_per_s"] / result["river"]["events_per_s"]
-        lines += ["", f"recipe / river events/s: {ratio:.2f}"]
+             f"{result['repeats']} interleaved runs:", "", "| model | prequential RMSE | events/s | / river |",
+             "| --- | --- | --- | --- |"]
+    for row in result["recipes"]:
+        ratio = f"{row['events_per_s'] / river['events_per_s']:.2f}" if river is not None else "-"
+        lines.append(f"| {row['model']} | {row['preq_rmse']:.4f} | {row['events_per_s']:,.0f} | {ratio} |")
+    if river is None:
+        lines.append("| river BiasedMF | skipped: river is not installed (pip install river) | - | - |")
+    else:
+        lines.append(f"| {river['model']} | {river['preq_rmse']:.4f} | {river['events_per_s']:,.0f} | 1.00 |")
     return "\n".join(lines)
 
 

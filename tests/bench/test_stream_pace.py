@@ -28,4 +28,5 @@ def test_without_river_the_river_row_is_skipped_with_a_note(monkeypatch):
     assert result["river"] is None and result["recipe"]["events"] == 64
     assert result["recipe"]["preq_rmse"] > 0
     text = stream_pace.format_river_table(result)
-    assert "skipped: river is not installed" in text and "recipe / river" not in text
+    assert "skipped: river is not installed" in text and "| 1.00 |" not in text
+    assert len(result["recipes"]) == len(stream_pace.RIVER_RECIPES) and "sequential scoring" in text

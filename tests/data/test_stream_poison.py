@@ -222,7 +222,7 @@ def test_progress_bar_shows_the_dead_letters(capsys):
 def test_dict_events_may_list_their_fields_in_any_order_but_not_miss_one():
     source = bf.StreamSource([{"a": 1, "b": 2.0}, {"b": 3.0, "a": 4}, {"a": 1}, {"a": 5, "b": [1.0]}])
     batch = source.next_batch(4)
-    assert batch is not None and batch.ids == [0, 1]
+    assert batch is not None and list(batch.ids) == [0, 1]
     assert batch.batch["a"].tolist() == [1, 4] and batch.batch["b"].tolist() == [2.0, 3.0]
     assert [(d.id, d.reason) for d in source.dead_letters] == [
         (2, "its fields ['a'] differ from the stream's ['a', 'b']"),
