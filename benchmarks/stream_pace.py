@@ -180,7 +180,7 @@ def river_biased_mf(columns: dict[str, np.ndarray], count: int | None = None) ->
             "events_per_s": n / seconds, "events": n}
 
 
-RIVER_RECIPES = (Recipe(), Recipe(batch_size=256), Recipe(batch_size=8, sequential=False))
+RIVER_RECIPES = (Recipe(), Recipe(batch_size=256), Recipe(sequential=False), Recipe(batch_size=8, sequential=False))
 
 
 def river_table(columns: dict[str, np.ndarray], repeats: int = 3, count: int | None = None,
@@ -190,7 +190,7 @@ def river_table(columns: dict[str, np.ndarray], repeats: int = 3, count: int | N
     river."""
     ours: list[list[dict[str, Any]]] = [[] for _ in recipes]
     theirs: list[Any] = []
-    runs = [lambda k=k: ours[k].append(shipped_recipe(columns, count, recipe)) for k, recipe in enumerate(recipes)]
+    runs = [lambda k=k, r=recipe: ours[k].append(shipped_recipe(columns, count, r)) for k, recipe in enumerate(recipes)]
     runs.append(lambda: theirs.append(river_biased_mf(columns, count)))
     for repeat in range(repeats):
         for run in runs[repeat % len(runs):] + runs[:repeat % len(runs)]:
