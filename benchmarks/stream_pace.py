@@ -180,7 +180,8 @@ def river_biased_mf(columns: dict[str, np.ndarray], count: int | None = None) ->
             "events_per_s": n / seconds, "events": n}
 
 
-RIVER_RECIPES = (Recipe(), Recipe(batch_size=256), Recipe(sequential=False), Recipe(batch_size=8, sequential=False))
+RIVER_RECIPES = (Recipe(), Recipe(batch_size=32), Recipe(batch_size=32, sequential=False),
+                 Recipe(batch_size=8, sequential=False))
 
 
 def river_table(columns: dict[str, np.ndarray], repeats: int = 3, count: int | None = None,

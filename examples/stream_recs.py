@@ -63,11 +63,11 @@ def produce(url: str, rate: float, limit: int | None) -> None:
 
 
 def train(url: str, folder: Path, rate: float, limit: int | None) -> None:
-    recipe = Recipe()  # plain SGD at river's per-event steps, batch 32, sequential scoring (docs/streams.md)
+    recipe = Recipe()  # plain SGD at river's per-event steps, batch 256, sequential scoring (docs/streams.md)
     model = recipe.model()
     snapshots = bf.streams.PublishSnapshots(folder / "snapshots", every_seconds=2.0)
     trainer = bf.Trainer(model, recipe.loss(model), recipe.optimizer(model), batch_size=recipe.batch_size,
-                         checkpoint_dir=folder / "checkpoints", checkpoint_every=200, callbacks=[snapshots])
+                         checkpoint_dir=folder / "checkpoints", checkpoint_every=25, callbacks=[snapshots])
     events = bf.streams.RedisStream(url, "ratings", group="recs", consumer="trainer-0", fields=ML100K_FIELDS,
                             idle_timeout=3.0)
     producer = threading.Thread(target=produce, args=(url, rate, limit), daemon=True)
