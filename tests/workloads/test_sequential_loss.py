@@ -111,6 +111,45 @@ def test_outside_training_and_for_single_events_it_is_the_plain_error():
     assert mf.kept is None  # used once: a later eval-mode forward never meets stale rows
 
 
+def forward_substitution(stale, user, item, users, items, vector: float, bias: float):
+    """The sequential errors and moved vectors by the definition, one event after another (double loop)."""
+    errors, moved_users, moved_items = [], [], []
+    for k in range(len(stale)):
+        error = float(stale[k])
+        moved_user, moved_item = torch.zeros_like(users[k]), torch.zeros_like(items[k])
+        for j in range(k):
+            if user[j] == user[k]:
+                error -= errors[j] * (bias + vector * float(items[j] @ items[k]))
+                moved_user -= vector * errors[j] * items[j]
+            if item[j] == item[k]:
+                error -= errors[j] * (bias + vector * float(users[j] @ users[k]))
+                moved_item -= vector * errors[j] * users[j]
+        errors.append(error)
+        moved_users.append(moved_user)
+        moved_items.append(moved_item)
+    return torch.tensor(errors, dtype=stale.dtype), torch.stack(moved_users), torch.stack(moved_items)
+
+
+@pytest.mark.parametrize("block", [7, 16, 64, 200])
+def test_the_system_solved_in_blocks_is_the_system(block):
+    """70 events of 5 users and 12 items: the errors and moved vectors, solved a block at a time (running sums
+    from the earlier blocks) or whole (block 200), equal the event-by-event definition."""
+    generator = torch.Generator().manual_seed(3)
+    size = 70
+    user = torch.randint(0, 5, (size,), generator=generator)
+    item = torch.randint(0, 12, (size,), generator=generator) + 100  # ids need not start at 0
+    users = torch.randn(size, 4, generator=generator, dtype=torch.float64) * 0.3
+    items = torch.randn(size, 4, generator=generator, dtype=torch.float64) * 0.3
+    stale = torch.randn(size, generator=generator, dtype=torch.float64)
+    mf = MatrixFactorization(5, 112, dim=4)
+    loss = SequentialMSE(mf, 0.01, 0.005, batch_size=size, block=block)
+    got = loss.sequential(stale, torch.zeros(size, dtype=torch.float64), user, item, users, items)
+    want = forward_substitution(stale, user, item, users, items, vector=2 * 0.01, bias=2 * 0.005)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert loss.sequential(stale, stale, user, item, users, items)[0].abs().max() == 0  # no stale error, no move
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(bf.InputError, match="model"):
         SequentialMSE(torch.nn.Linear(2, 1), 0.05, 0.025, 8)  # type: ignore[arg-type]
@@ -118,3 +157,5 @@ def test_bad_arguments_are_refused():
         SequentialMSE(model(), -1.0, 0.025, 8)
     with pytest.raises(bf.InputError, match="batch_size"):
         SequentialMSE(model(), 0.05, 0.025, 0)
+    with pytest.raises(bf.InputError, match="block"):
+        SequentialMSE(model(), 0.05, 0.025, 8, block=0)

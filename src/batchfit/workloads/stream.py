@@ -340,20 +340,25 @@ class SequentialMSE:
     Neither correction takes part in the gradient otherwise: the step is the sum of the events' own SGD steps.
     ``vector_step`` and ``bias_step`` are the optimizer's per-event steps (the recipe's ``lr_vectors`` and
     ``lr_biases``: the optimizer's lr over ``batch_size``), so that the corrections follow the update SGD makes;
-    with momentum or Adam they are only an approximation. The cost is a few passes over a batch x batch matrix
-    per step. Give it the model it scores::
+    with momentum or Adam they are only an approximation. The system is solved ``block`` events at a time (the
+    blocks before enter through running sums per user and per item), so a step costs a few passes over
+    ``batch x block`` numbers: linear in the batch size. Give it the model it scores::
 
-        loss = SequentialMSE(model, vector_step=0.05, bias_step=0.025, batch_size=256)
+        loss = SequentialMSE(model, vector_step=0.05, bias_step=0.025, batch_size=1024)
     """
 
-    def __init__(self, model: MatrixFactorization, vector_step: float, bias_step: float, batch_size: int) -> None:
+    def __init__(self, model: MatrixFactorization, vector_step: float, bias_step: float, batch_size: int,
+                 block: int = 128) -> None:
         if not isinstance(model, MatrixFactorization):
             raise expected("model", "a MatrixFactorization", type(model).__name__)
         check_positive_int("batch_size", batch_size)
         for name, value in (("vector_step", vector_step), ("bias_step", bias_step)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise expected(name, "a finite number >= 0", value)
+        check_positive_int("block", block)
         self.model, self.vector_step, self.bias_step, self.batch_size = model, vector_step, bias_step, batch_size
+        self.block = block
+        self._masks: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         model.keep_rows = True
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -374,24 +379,76 @@ class SequentialMSE:
     def sequential(self, predicted: torch.Tensor, target: torch.Tensor, user: torch.Tensor, item: torch.Tensor,
                    users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's sequential errors, and how much the earlier events of each event's user (item) moved that
-        user's (item's) vector before the event (see the class)."""
-        size = len(predicted)
+        user's (item's) vector before the event (see the class).
+
+        The system is solved a block of :attr:`block` events at a time: inside a block densely (a
+        ``block x block`` triangular solve), and from the blocks before through running sums per user and per
+        item (their errors, and their errors times their vectors): the same system, solved in pieces, so that
+        the cost grows with ``size x block`` instead of ``size²``.
+        """
+        size, dtype = len(predicted), predicted.dtype
         # The optimizer's lr is the per-event step times batch_size, over the mean of this batch's squared errors
         # (gradient 2e): one event moves its rows by 2 * step * batch_size / size times its error.
         scale = 2.0 * self.batch_size / size
         bias, vector = scale * self.bias_step, scale * self.vector_step
-        earlier_user = torch.tril(user[:, None] == user[None, :], -1).to(predicted.dtype)  # [k, j]: j < k, same user
-        earlier_item = torch.tril(item[:, None] == item[None, :], -1).to(predicted.dtype)
-        # effect[k, j] = [same user] (bias + vector <q_j, q_k>) + [same item] (bias + vector <p_j, p_k>), j < k
-        rest = torch.full((size, size), bias, dtype=predicted.dtype, device=predicted.device)
-        effect = torch.addmm(rest, items, items.T, alpha=vector).mul_(earlier_user)
-        effect.addcmul_(torch.addmm(rest, users, users.T, alpha=vector, out=rest), earlier_item)
-        effect.diagonal().fill_(1.0)
-        stale = predicted - target
-        errors = torch.linalg.solve_triangular(effect, stale[:, None], upper=False, unitriangular=True)[:, 0]
-        moved_users = (earlier_user @ (errors[:, None] * items)).mul_(-vector)
-        moved_items = (earlier_item @ (errors[:, None] * users)).mul_(-vector)
-        return errors, moved_users, moved_items
+        # The ids renumbered 0.. in the batch: for the equality masks and the rows of the running sums.
+        user_index = torch.unique(user, return_inverse=True)[1]
+        item_index = torch.unique(item, return_inverse=True)[1]
+        # Per event: [bias, vector * its vector], what one unit of its error moves its partner's score by, with
+        # the partner's [1, vector]; the running sums are those of error x the first, per user and per item.
+        ones = torch.ones(size, 1, dtype=dtype, device=predicted.device)
+        item_step = torch.cat([ones * bias, items * vector], 1)  # an event moves its user's later events
+        user_step = torch.cat([ones * bias, users * vector], 1)  # and its item's
+        item_with_one = torch.cat([ones, items], 1)
+        user_with_one = torch.cat([ones, users], 1)
+        stale_errors = predicted - target
+        blocks = [tensor.split(self.block) for tensor in (user_index, item_index, stale_errors, item_step,
+                                                           item_with_one, user_step, user_with_one)]
+        by_user = by_item = None
+        if size > self.block:
+            by_user = torch.zeros(int(user_index.max()) + 1, item_step.shape[1], dtype=dtype, device=predicted.device)
+            by_item = torch.zeros(int(item_index.max()) + 1, user_step.shape[1], dtype=dtype, device=predicted.device)
+        errors, moved_users, moved_items = [], [], []
+        for user_part, item_part, stale, item_part_step, item_part_one, user_part_step, user_part_one in zip(*blocks):
+            earlier_user, earlier_item = self._earlier(user_part, item_part, dtype)
+            # effect[k, j] = [same user] (bias + vector <q_j, q_k>) + [same item] (bias + vector <p_j, p_k>), j < k
+            effect = torch.mm(item_part_step, item_part_one.T).mul_(earlier_user)
+            effect.addcmul_(torch.mm(user_part_step, user_part_one.T), earlier_item)
+            if by_user is not None and by_item is not None:
+                before_user = by_user[user_part]  # the sums over the earlier blocks' events
+                before_item = by_item[item_part]
+                stale = stale - (before_user * item_part_one).sum(1) - (before_item * user_part_one).sum(1)
+            solved = torch.linalg.solve_triangular(effect, stale[:, None], upper=False, unitriangular=True)
+            own_user = earlier_user @ (solved * item_part_step)
+            own_item = earlier_item @ (solved * user_part_step)
+            if by_user is not None and by_item is not None:
+                own_user += before_user
+                own_item += before_item
+                by_user.index_add_(0, user_part, solved * item_part_step)
+                by_item.index_add_(0, item_part, solved * user_part_step)
+            errors.append(solved)
+            moved_users.append(own_user)
+            moved_items.append(own_item)
+        return (torch.cat(errors)[:, 0], torch.cat(moved_users)[:, 1:].neg_(),
+                torch.cat(moved_items)[:, 1:].neg_())
+
+    def _earlier(self, user_index: torch.Tensor, item_index: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 0/1 matrices ``[k, j]``: ``j < k`` and of the same user (item), in buffers kept per size."""
+        size = len(user_index)
+        key = (size, dtype, user_index.device)
+        if key not in self._masks:
+            if len(self._masks) > 4:  # a full block and the last one of a few batch sizes
+                self._masks.clear()
+            self._masks[key] = (torch.empty(size, size, dtype=dtype, device=user_index.device),
+                                torch.empty(size, size, dtype=dtype, device=user_index.device))
+        same_user, same_item = self._masks[key]
+        # Comparing floats is the fast path; float32 holds the batch's indices exactly.
+        compare = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        users, items = user_index.to(compare), item_index.to(compare)
+        torch.eq(users[:, None], users[None, :], out=same_user).tril_(-1)
+        torch.eq(items[:, None], items[None, :], out=same_item).tril_(-1)
+        return same_user, same_item
 
 
 @dataclasses.dataclass(frozen=True)
