@@ -159,3 +159,33 @@ def test_bad_arguments_are_refused():
         SequentialMSE(model(), 0.05, 0.025, 0)
     with pytest.raises(bf.InputError, match="block"):
         SequentialMSE(model(), 0.05, 0.025, 8, block=0)
+
+
+def test_a_trainer_refuses_to_split_its_batches():
+    """Micro-batches, or half batches for the noise scale, would score each piece as if it were the batch."""
+    from batchfit.streams import StreamSource
+
+    events = [(int(u), int(i), float(r)) for u, i, r in zip(USER, ITEM, RATING)] * 4
+    recipe = Recipe(batch_size=6)
+    mf = recipe.model(users=3, items=4)
+    with pytest.raises(bf.InputError, match="SequentialMSE scores each batch as a whole.*micro_batch_size"):
+        bf.Trainer(mf, recipe.loss(mf), recipe.optimizer(mf), batch_size=6, micro_batch_size=3,
+                   progress=False).fit(StreamSource(events))
+    mf = recipe.model(users=3, items=4)
+    trainer = bf.Trainer(mf, recipe.loss(mf), recipe.optimizer(mf), batch_size=6, progress=False)
+    with pytest.raises(bf.InputError, match="noise scale"):
+        trainer.fit(StreamSource(events, max_latency=60.0, max_batch_size="auto"))
+    mf = recipe.model(users=3, items=4)  # whole batches train
+    history = bf.Trainer(mf, recipe.loss(mf), recipe.optimizer(mf), batch_size=6, progress=False).fit(
+        StreamSource(events))
+    assert history.column("samples")[-1] == len(events)
+
+
+def test_a_step_over_several_processes_is_refused():
+    from batchfit.core.step import Step
+
+    recipe = Recipe(batch_size=6)
+    mf = recipe.model(users=3, items=4)
+    with pytest.raises(bf.InputError, match="2 processes"):
+        Step(mf, recipe.loss(mf), recipe.optimizer(mf), device=torch.device("cpu"), world_size=2)
+    Step(mf, rmse_loss, recipe.optimizer(mf), device=torch.device("cpu"), world_size=2)  # a plain loss splits

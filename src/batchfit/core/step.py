@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .batch import Batch, LossFn, batch_len, forward_loss, has_token_labels, micro_batches, token_count
 from .grads import squared_grad_norm
 from .precision import autocast
@@ -71,6 +72,13 @@ class StepResult:
     empty: bool = False  # nothing to train on (every event of a stream batch was quarantined): no step
 
 
+def whole_batch(loss_fn: Any) -> str | None:
+    """The name of ``loss_fn`` when it declares ``whole_batch = True`` (a loss that scores a batch as a whole and
+    in order, such as :class:`~batchfit.streams.SequentialMSE`, which cannot be split into micro-batches or
+    ranks), else ``None``."""
+    return type(loss_fn).__name__ if getattr(loss_fn, "whole_batch", False) is True else None
+
+
 class Step:
     """Runs steps for one model/optimizer pair with a fixed precision and micro-batch size.
 
@@ -97,6 +105,13 @@ class Step:
                  sum_over_ranks: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None,
                  reduce_grads: ReduceGrads | None = None) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        whole = whole_batch(loss_fn)
+        if whole and (micro_batch_size is not None or micro_batch_tokens is not None or world_size > 1):
+            how = ("micro_batch_size" if micro_batch_size is not None else
+                   "micro_batch_tokens" if micro_batch_tokens is not None else f"{world_size} processes")
+            raise InputError(f"the loss {whole} scores each batch as a whole, in order; {how} would split the "
+                             f"batch and score each piece as if it were the batch: train it on one process "
+                             f"without micro-batches")
         self.device, self.precision = device, precision
         self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
         self.max_grad_norm = max_grad_norm
@@ -215,6 +230,10 @@ class Step:
             return self._one_piece(batch, global_size, before_last_backward)
         pieces = list(micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens))
         if measure_noise and len(pieces) == 1 and batch_len(batch) >= 2:
+            if whole_batch(self.loss_fn):
+                raise InputError(f"the loss {whole_batch(self.loss_fn)} scores each batch as a whole: the noise "
+                                 f"scale, measured from a batch's two halves (batch_size='auto' or 'adaptive', "
+                                 f"max_batch_size='auto'), would change its update; give a batch size")
             pieces = list(micro_batches(batch, -(-batch_len(batch) // 2)))
         counts, scale, total_later = self._counts(pieces, counter, global_size)
         noise = None

@@ -342,10 +342,14 @@ class SequentialMSE:
     ``lr_biases``: the optimizer's lr over ``batch_size``), so that the corrections follow the update SGD makes;
     with momentum or Adam they are only an approximation. The system is solved ``block`` events at a time (the
     blocks before enter through running sums per user and per item), so a step costs a few passes over
-    ``batch x block`` numbers: linear in the batch size. Give it the model it scores::
+    ``batch x block`` numbers: linear in the batch size. It scores a batch as a whole (``whole_batch``): a
+    Trainer refuses it with micro-batches, several processes or a noise scale measured from half batches. Give
+    it the model it scores::
 
         loss = SequentialMSE(model, vector_step=0.05, bias_step=0.025, batch_size=1024)
     """
+
+    whole_batch = True  # a Trainer refuses to split its batches (micro-batches, ranks, halves)
 
     def __init__(self, model: MatrixFactorization, vector_step: float, bias_step: float, batch_size: int,
                  block: int = 128) -> None:
@@ -358,7 +362,7 @@ class SequentialMSE:
         check_positive_int("block", block)
         self.model, self.vector_step, self.bias_step, self.batch_size = model, vector_step, bias_step, batch_size
         self.block = block
-        self._masks: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
         model.keep_rows = True
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -391,64 +395,55 @@ class SequentialMSE:
         # (gradient 2e): one event moves its rows by 2 * step * batch_size / size times its error.
         scale = 2.0 * self.batch_size / size
         bias, vector = scale * self.bias_step, scale * self.vector_step
-        # The ids renumbered 0.. in the batch: for the equality masks and the rows of the running sums.
+        # The ids renumbered 0.. in the batch: users first, then items, the rows of the running sums.
         user_index = torch.unique(user, return_inverse=True)[1]
         item_index = torch.unique(item, return_inverse=True)[1]
-        # Per event: [bias, vector * its vector], what one unit of its error moves its partner's score by, with
-        # the partner's [1, vector]; the running sums are those of error x the first, per user and per item.
+        rows = torch.stack([user_index, item_index + (int(user_index.max()) + 1)])  # [2, size]
+        # Per event and side (0: its user's later events, 1: its item's): steps[side, k] = [bias, vector * its
+        # partner's vector] is what one unit of its error moves such an event's score by, dotted with that
+        # event's partner[side] = [1, vector]. The running sums are those of error x steps, per row.
         ones = torch.ones(size, 1, dtype=dtype, device=predicted.device)
-        item_step = torch.cat([ones * bias, items * vector], 1)  # an event moves its user's later events
-        user_step = torch.cat([ones * bias, users * vector], 1)  # and its item's
-        item_with_one = torch.cat([ones, items], 1)
-        user_with_one = torch.cat([ones, users], 1)
-        stale_errors = predicted - target
-        blocks = [tensor.split(self.block) for tensor in (user_index, item_index, stale_errors, item_step,
-                                                           item_with_one, user_step, user_with_one)]
-        by_user = by_item = None
+        partner = torch.stack([torch.cat([ones, items], 1), torch.cat([ones, users], 1)])  # [2, size, dim + 1]
+        steps = partner * torch.tensor([bias] + [vector] * users.shape[1], dtype=dtype, device=predicted.device)
+        # Comparing floats is the fast path (float32 holds the indices exactly).
+        compare = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        blocks = zip(rows.split(self.block, 1), rows.to(compare).split(self.block, 1),
+                     (predicted - target).split(self.block), steps.split(self.block, 1), partner.split(self.block, 1))
+        sums = None
         if size > self.block:
-            by_user = torch.zeros(int(user_index.max()) + 1, item_step.shape[1], dtype=dtype, device=predicted.device)
-            by_item = torch.zeros(int(item_index.max()) + 1, user_step.shape[1], dtype=dtype, device=predicted.device)
-        errors, moved_users, moved_items = [], [], []
-        for user_part, item_part, stale, item_part_step, item_part_one, user_part_step, user_part_one in zip(*blocks):
-            earlier_user, earlier_item = self._earlier(user_part, item_part, dtype)
+            sums = torch.zeros(int(rows[1].max()) + 1, steps.shape[2], dtype=dtype, device=predicted.device)
+        errors, moved = [], []
+        for part_rows, part_keys, stale, part_steps, part_partner in blocks:
+            earlier = self._earlier(part_keys, dtype)
             # effect[k, j] = [same user] (bias + vector <q_j, q_k>) + [same item] (bias + vector <p_j, p_k>), j < k
-            effect = torch.mm(item_part_step, item_part_one.T).mul_(earlier_user)
-            effect.addcmul_(torch.mm(user_part_step, user_part_one.T), earlier_item)
-            if by_user is not None and by_item is not None:
-                before_user = by_user[user_part]  # the sums over the earlier blocks' events
-                before_item = by_item[item_part]
-                stale = stale - (before_user * item_part_one).sum(1) - (before_item * user_part_one).sum(1)
+            effect = torch.bmm(part_partner, part_steps.transpose(1, 2)).mul_(earlier).sum(0)
+            if sums is not None:
+                before = sums[part_rows]  # [2, block, dim + 1]: the sums over the earlier blocks' events
+                stale = stale - (before * part_partner).sum((0, 2))
             solved = torch.linalg.solve_triangular(effect, stale[:, None], upper=False, unitriangular=True)
-            own_user = earlier_user @ (solved * item_part_step)
-            own_item = earlier_item @ (solved * user_part_step)
-            if by_user is not None and by_item is not None:
-                own_user += before_user
-                own_item += before_item
-                by_user.index_add_(0, user_part, solved * item_part_step)
-                by_item.index_add_(0, item_part, solved * user_part_step)
+            weighted = part_steps * solved
+            own = torch.bmm(earlier, weighted)
+            if sums is not None:
+                own += before
+                sums.index_add_(0, part_rows.reshape(-1), weighted.reshape(-1, weighted.shape[2]))
             errors.append(solved)
-            moved_users.append(own_user)
-            moved_items.append(own_item)
-        return (torch.cat(errors)[:, 0], torch.cat(moved_users)[:, 1:].neg_(),
-                torch.cat(moved_items)[:, 1:].neg_())
+            moved.append(own)
+        total = torch.cat(moved, 1)[:, :, 1:].neg_()
+        return torch.cat(errors)[:, 0], total[0], total[1]
 
-    def _earlier(self, user_index: torch.Tensor, item_index: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 0/1 matrices ``[k, j]``: ``j < k`` and of the same user (item), in buffers kept per size."""
-        size = len(user_index)
-        key = (size, dtype, user_index.device)
+    def _earlier(self, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[side, k, j]``: 1 when ``j < k`` and events ``j`` and ``k`` share their user (side 0) or their item
+        (side 1), else 0; ``keys`` are the events' user and item rows. In a buffer kept per size."""
+        size = keys.shape[1]
+        key = (size, dtype, keys.device)
         if key not in self._masks:
             if len(self._masks) > 4:  # a full block and the last one of a few batch sizes
                 self._masks.clear()
-            self._masks[key] = (torch.empty(size, size, dtype=dtype, device=user_index.device),
-                                torch.empty(size, size, dtype=dtype, device=user_index.device))
-        same_user, same_item = self._masks[key]
-        # Comparing floats is the fast path; float32 holds the batch's indices exactly.
-        compare = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        users, items = user_index.to(compare), item_index.to(compare)
-        torch.eq(users[:, None], users[None, :], out=same_user).tril_(-1)
-        torch.eq(items[:, None], items[None, :], out=same_item).tril_(-1)
-        return same_user, same_item
+            self._masks[key] = torch.empty(2, size, size, dtype=dtype, device=keys.device)
+        same = self._masks[key]
+        torch.eq(keys[0, :, None], keys[0, None, :], out=same[0])
+        torch.eq(keys[1, :, None], keys[1, None, :], out=same[1])
+        return same.tril_(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,8 +456,8 @@ class Recipe:
     Measured on MovieLens-100k in time order (docs/streams.md): prequential RMSE 0.9486 at batch 256 with
     ``sequential``, at 1.6x the events/s of river's ``BiasedMF`` (one event at a time with the same steps:
     0.9485); without it, 1.00 at batch 32 and 0.962 at batch 8; Adam (dim 16, init 0.01) gave 1.02-1.05. Use
-    :meth:`loss` as the Trainer's loss; ``sequential`` assumes one process without micro-batches (each piece
-    would be corrected as if it were the whole batch).
+    :meth:`loss` as the Trainer's loss; with ``sequential`` a Trainer refuses micro-batches and several
+    processes (each piece would be corrected as if it were the whole batch).
     """
 
     batch_size: int = 256
