@@ -460,7 +460,7 @@ class Recipe:
     processes (each piece would be corrected as if it were the whole batch).
     """
 
-    batch_size: int = 256
+    batch_size: int = 1024
     dim: int = 10
     init: float = 0.1
     lr_vectors: float = 0.05  # per event
