@@ -63,7 +63,7 @@ def produce(url: str, rate: float, limit: int | None) -> None:
 
 
 def train(url: str, folder: Path, rate: float, limit: int | None) -> None:
-    recipe = Recipe()  # plain SGD at river's per-event steps, batch 256, sequential scoring (docs/streams.md)
+    recipe = Recipe()  # plain SGD at river's per-event steps, batch 1024, sequential scoring (docs/streams.md)
     model = recipe.model()
     snapshots = bf.streams.PublishSnapshots(folder / "snapshots", every_seconds=2.0)
     trainer = bf.Trainer(model, recipe.loss(model), recipe.optimizer(model), batch_size=recipe.batch_size,
