@@ -193,9 +193,9 @@ def river_table(columns: dict[str, np.ndarray], repeats: int = 5, count: int | N
     ours: list[list[dict[str, Any]]] = [[] for _ in recipes]
     theirs: list[Any] = []
     for repeat in range(repeats):
-        runs = [lambda k=k, r=recipe: ours[k].append(shipped_recipe(columns, count, r, seed=repeat))
+        runs = [lambda k=k, r=recipe, s=repeat: ours[k].append(shipped_recipe(columns, count, r, seed=s))
                 for k, recipe in enumerate(recipes)]
-        runs.append(lambda: theirs.append(river_biased_mf(columns, count, seed=71 + repeat)))
+        runs.append(lambda s=repeat: theirs.append(river_biased_mf(columns, count, seed=71 + s)))
         for run in runs[repeat % len(runs):] + runs[:repeat % len(runs)]:
             run()
 
