@@ -189,3 +189,23 @@ def test_a_step_over_several_processes_is_refused():
     with pytest.raises(bf.InputError, match="2 processes"):
         Step(mf, recipe.loss(mf), recipe.optimizer(mf), device=torch.device("cpu"), world_size=2)
     Step(mf, rmse_loss, recipe.optimizer(mf), device=torch.device("cpu"), world_size=2)  # a plain loss splits
+
+
+def test_hashed_ids_in_one_bucket_are_one_user():
+    """Two user ids hashed into the same row (one bucket) share their vector: the second event is scored after
+    the first's step, as one user's would be; with their own rows it is not."""
+    user, item, rating = torch.tensor([5, 9]), torch.tensor([0, 1]), torch.tensor([5.0, 1.0])
+    for buckets, corrected_second in ((1, True), (None, False)):
+        if buckets is None:
+            mf = MatrixFactorization(10, 2, dim=3, init=0.3)
+        else:
+            mf = MatrixFactorization(buckets, 2, dim=3, init=0.3, hashed=True)
+        loss = SequentialMSE(mf, 0.05, 0.025, batch_size=2)
+        out = mf(user, item)
+        keys, _, users, items = mf.kept
+        if buckets is not None:
+            assert keys.tolist() == [0, 0]  # the rows read, not the ids
+        errors, _, _ = loss.sequential(out.detach(), rating, keys, mf.kept[1], users.detach(), items.detach())
+        stale = out.detach() - rating
+        assert errors[0] == stale[0]
+        assert (abs(float(errors[1] - stale[1])) > 1e-4) == corrected_second

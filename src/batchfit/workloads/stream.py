@@ -147,7 +147,8 @@ class HashedEmbedding(torch.nn.Module):
             warm = self.seen_count(flat) >= self.min_count if self.cold_row is not None else None
         if warm is not None:
             rows = torch.where(warm, rows, torch.full_like(rows, self.buckets))
-        return self.table(rows.reshape(ids.shape))
+        self.last_rows = rows.reshape(ids.shape)  # which rows the ids read (SequentialMSE: same row, same user)
+        return self.table(self.last_rows)
 
     def _sketch_cells(self, ids: torch.Tensor) -> torch.Tensor:
         """Each id's cell in every row of the sketch, as indices into the flattened sketch: ``(depth, len(ids))``."""
@@ -288,7 +289,12 @@ class MatrixFactorization(torch.nn.Module):
     def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """Predicted ratings of ``(user, item)`` pairs."""
         users, items = self.user_vectors(user), self.item_vectors(item)
-        self.kept = (user, item, users, items) if self.keep_rows and self.training else None
+        if self.keep_rows and self.training:
+            # The rows the events read: hashed ids that share a bucket (or the cold row) share their rows.
+            self.kept = (getattr(self.user_vectors, "last_rows", user), getattr(self.item_vectors, "last_rows", item),
+                         users, items)
+        else:
+            self.kept = None
         dot = (users * items).sum(-1)
         return self.mean + self.user_bias(user).squeeze(-1) + self.item_bias(item).squeeze(-1) + dot
 
