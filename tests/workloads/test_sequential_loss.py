@@ -209,3 +209,16 @@ def test_hashed_ids_in_one_bucket_are_one_user():
         stale = out.detach() - rating
         assert errors[0] == stale[0]
         assert (abs(float(errors[1] - stale[1])) > 1e-4) == corrected_second
+
+
+def test_per_event_keeps_the_mean_and_takes_the_gradient_of_the_sum_over_the_batch_size():
+    from batchfit.workloads.stream import EventMSE, per_event
+
+    output = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    target = torch.tensor([1.5, 2.0, 3.0])
+    loss = EventMSE(batch_size=12)(output, target)
+    assert float(loss) == pytest.approx(float(((output - target) ** 2).mean()))
+    loss.backward()
+    torch.testing.assert_close(output.grad, 2 * (output - target).detach() / 12)
+    mean = torch.tensor(2.5, requires_grad=True)
+    assert per_event(mean, 12, 12) is mean  # a full batch: the mean itself

@@ -92,3 +92,21 @@ def test_sequential_scoring_takes_batches_of_32_to_the_one_at_a_time_score(ratin
         scores[batch, sequential] = math.sqrt(history.column("preq_loss")[-1])
     assert scores[32, True] < scores[8, False] < scores[32, False], scores
     assert scores[32, True] < scores[32, False] - 0.02, scores
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_batch_cut_short_trains_each_event_by_the_same_step(ratings, sequential):
+    """The recipe at batch 1024 fed batches of 256 (as max_latency cuts them on a slow stream) trains as the recipe
+    at 256 does: the steps are per event. With the mean's gradient the same run diverged (a NaN by step 16)."""
+    count = 5_000
+    events = list(zip(ratings["user"][:count].tolist(), ratings["item"][:count].tolist(),
+                      ratings["rating"][:count].tolist()))
+    weights = []
+    for recipe in (Recipe(batch_size=1024, sequential=sequential), Recipe(batch_size=256, sequential=sequential)):
+        model = recipe.model()
+        history = bf.Trainer(model, recipe.loss(model), recipe.optimizer(model), batch_size=256,
+                             progress=False).fit(bf.StreamSource(events))
+        assert math.isfinite(history.column("preq_loss")[-1])
+        weights.append(model.state_dict())
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], rtol=1e-4, atol=1e-5)

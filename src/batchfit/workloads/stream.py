@@ -327,6 +327,29 @@ def rmse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(output, target.to(output.dtype))
 
 
+def per_event(mean: torch.Tensor, size: int, batch_size: int) -> torch.Tensor:
+    """``mean``, the loss of a batch of ``size`` events, with the gradient of its sum over ``batch_size`` instead
+    (the same when ``size`` is ``batch_size``): SGD at lr = step x ``batch_size`` then moves each event's rows by
+    the same per-event step whatever the batch's size, as when ``max_latency`` cuts a batch short or a trainer
+    catching up doubles it. The value stays the batch's mean: the prequential score."""
+    if size == batch_size:
+        return mean
+    factor = size / batch_size
+    return mean * factor + mean.detach() * (1.0 - factor)
+
+
+class EventMSE:
+    """Mean squared error whose gradient is that of the events' sum over ``batch_size`` (see :func:`per_event`):
+    the recipe's loss without :class:`SequentialMSE`, each event one per-event SGD step whatever the batch's
+    size."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = check_positive_int("batch_size", batch_size)
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return per_event(rmse_loss(output, target), len(output), self.batch_size)
+
+
 class SequentialMSE:
     """Mean squared error of a :class:`MatrixFactorization`'s ratings, each event of a batch scored and trained as
     if the events before it in the batch had already been trained on, one at a time, with plain SGD.
@@ -375,7 +398,7 @@ class SequentialMSE:
         target = target.to(output.dtype)
         kept, self.model.kept = self.model.kept, None
         if kept is None or len(kept[0]) != len(output) or len(output) < 2:
-            return torch.nn.functional.mse_loss(output, target)
+            return per_event(torch.nn.functional.mse_loss(output, target), len(output), self.batch_size)
         user, item, users, items = kept
         with torch.no_grad():
             errors, moved_users, moved_items = self.sequential(output.detach(), target, user, item, users.detach(),
@@ -384,7 +407,7 @@ class SequentialMSE:
         # its user's vector as the batch's earlier events of that user left it, and the other way round.
         moved = (items * moved_users).sum(-1) + (users * moved_items).sum(-1)
         scored = output + (errors - (output.detach() - target)) + (moved - moved.detach())
-        return torch.nn.functional.mse_loss(scored, target)
+        return per_event(torch.nn.functional.mse_loss(scored, target), len(output), self.batch_size)
 
     def sequential(self, predicted: torch.Tensor, target: torch.Tensor, user: torch.Tensor, item: torch.Tensor,
                    users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -397,9 +420,9 @@ class SequentialMSE:
         the cost grows with ``size x block`` instead of ``size²``.
         """
         size, dtype = len(predicted), predicted.dtype
-        # The optimizer's lr is the per-event step times batch_size, over the mean of this batch's squared errors
-        # (gradient 2e): one event moves its rows by 2 * step * batch_size / size times its error.
-        scale = 2.0 * self.batch_size / size
+        # The optimizer's lr is the per-event step times batch_size, and the gradient that of the squared errors'
+        # sum over batch_size (per_event): one event moves its rows by 2 * step times its error, whatever the size.
+        scale = 2.0
         bias, vector = scale * self.bias_step, scale * self.vector_step
         # The ids renumbered 0.. in the batch: users first, then items, the rows of the running sums.
         user_index = torch.unique(user, return_inverse=True)[1]
@@ -484,9 +507,10 @@ class Recipe:
 
     def loss(self, model: MatrixFactorization) -> Any:
         """The loss to train ``model`` with: :class:`SequentialMSE` with the recipe's steps when ``sequential``,
-        else :func:`rmse_loss`."""
+        else :class:`EventMSE`; either way each event moves its rows by the per-event steps whatever the size of
+        its batch (one cut short by ``max_latency``, or grown to catch up)."""
         if not self.sequential:
-            return rmse_loss
+            return EventMSE(self.batch_size)
         return SequentialMSE(model, self.lr_vectors, self.lr_biases, self.batch_size)
 
     def describe(self) -> str:
