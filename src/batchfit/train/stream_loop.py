@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, to_device
-from ..core.step import Step, StepResult
+from ..core.step import ReduceGrads, Step, StepResult
 from ..data.streams import IterableEvents, StreamBatch, StreamSource
 from ..errors import CheckpointError, InputError, check_positive_int, expected
 from ..measure.noise import NoiseScaleTracker
@@ -205,9 +205,15 @@ class StreamFeed:
             trainer.module if dist.enabled else trainer.model, trainer.loss_fn, trainer.optimizer,
             device=trainer.device, precision=o.precision, micro_batch_size=micro, max_grad_norm=o.max_grad_norm,
             world_size=dist.world_size, loss_count=trainer.loss_count)
+        # Distributed: whether this rank entered the step's collective (the gradients' all-reduce) in the current
+        # attempt, and the first line of the exception a rank's step raised in it (see _ranks_attempt).
+        self.reduced = False
+        self.failure: str | None = None
+        self.reducer: ReduceGrads | None = None
         if dist.enabled:
             self.ranks = StreamRanks(dist, source, o.batch_size, trainer.device)
-            self.step_fn.reduce_grads = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
+            self.reducer = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
+            self.step_fn.reduce_grads = self._reduce_grads
         # What floating inputs are cast to, found once (a walk over the parameters each step costs microseconds).
         self.dtype = param_dtype(trainer.module)
         source.float_dtype = self.dtype  # floating fields cast once per read of the source, not per batch
@@ -448,9 +454,10 @@ class StreamFeed:
             self.mark.batch_size = local.size
 
     def _ranks_step(self, local: StreamBatch | None, size: int) -> StepResult:
-        """A distributed step. When its loss (over all ranks) is not finite, every rank searches its own events for
-        poison, and the ranks run the step again on what they have left; an exception is not searched (a rank
-        that raises leaves the others in the step's collective): give ``StreamSource(ranges=...)``."""
+        """A distributed step. When it fails on some rank (its loss over all ranks is not finite, or a rank's part
+        raised before the gradients' all-reduce), every rank searches its own events for poison, the ranks agree
+        on what they found, and run the step again on what they have left; when no rank finds any, a step that
+        raised raises on every rank, and a non-finite loss goes to the ``on_nan`` policy, as in one process."""
         assert self.mark is not None
         if local is not None:
             self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
@@ -464,44 +471,73 @@ class StreamFeed:
         if poison:
             assert local is not None
             self._take_out(local, poison)
-        agreed = gathered(self.trainer.dist, [0 if local is None else local.size, len(poison)])
-        left, found = sum(a for a, _ in agreed), sum(b for _, b in agreed)
+        # Every rank learns the same: how many events are left, how many were poison, what raised (if anything).
+        agreed = gathered(self.trainer.dist, [0 if local is None else local.size, len(poison), self.failure])
+        left, found = sum(a for a, _, _ in agreed), sum(b for _, b, _ in agreed)
+        failures = [(rank, text) for rank, (_, _, text) in enumerate(agreed) if text is not None]
+        self.failure = None
         if found:
             self.mark.batch_size = left
             if not left:
                 return StepResult(0.0, empty=True)
             return self._ranks_step(local if local is not None and local.size else None, left)
+        if failures:
+            rank, text = failures[0]
+            where = "" if local is None or not local.size else f" (events {local.ids[0]!r} to {local.ids[-1]!r})"
+            raise InputError(f"step {self.trainer.step + 1}{where}: rank {rank} raised {text}; no event of the "
+                             f"step fails on its own")
         if local is not None and self.trainer.options.on_nan == "skip":
             self._take_out(local, {i: f"the loss of its step ({self.trainer.step + 1}, all ranks) is {result.value}, "
                                       f"though no event's is on its own; on_nan='skip' quarantined the batch"
                                    for i in range(local.size)}, shrink=False)
         return result
 
+    def _reduce_grads(self, params: list[torch.nn.Parameter], numbers: list[float]) -> list[float]:
+        """The gradients' all-reduce of a distributed step (:func:`.stream_ranks.grad_reducer`), noting that this
+        rank entered it."""
+        self.reduced = True
+        assert self.reducer is not None
+        return self.reducer(params, numbers)
+
     def _ranks_attempt(self, local: StreamBatch | None, size: int) -> StepResult:
-        """THE step of this rank's part; the batch's scores ride with the gradients' all-reduce."""
+        """THE step of this rank's part; the batch's scores ride with the gradients' all-reduce.
+
+        With them rides a count of the ranks whose part raised (``IndexError``, ``RuntimeError``): a rank whose
+        forward or backward raises joins the all-reduce with no gradient and counts itself, and when the count is
+        not zero no rank updates (``after_sync`` stops the step) and every rank returns a NaN loss, which
+        :meth:`_ranks_step` searches for poison. So no rank waits in a collective another rank left."""
         trainer = self.trainer
         scores: dict[str, float] = {}
-        batch = output = None
         redelivered = 0
-        if local is not None:
-            batch = to_device(local.batch, trainer.device, self.dtype)
-            output = _eval_output(trainer, batch)
-            scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
-            redelivered = local.redelivered
         count = 0 if local is None else local.size
-        numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
+        self.reduced, self.failure = False, None
         try:
+            batch = output = None
+            if local is not None:
+                batch = to_device(local.batch, trainer.device, self.dtype)
+                output = _eval_output(trainer, batch)
+                scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
+                redelivered = local.redelivered
+            numbers = [redelivered, 0.0] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
             # The loss is computed before the update: a test-then-train score.
-            result = self.step_fn.step(batch, size, numbers=numbers)
+            result = self.step_fn.step(batch, size, numbers=numbers, after_sync=_stop_when_a_rank_raised)
         except (IndexError, RuntimeError) as error:
             self.step_fn.skip()
-            if local is None:
-                raise
-            raise InputError(f"step {trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
-                                f"{str(error).strip().splitlines()[0]}") from error
+            text = str(error).strip()
+            first = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+            if self.reduced:  # raised after the all-reduce (in the update): the ranks cannot redo the step
+                where = "" if local is None else f" (events {local.ids[0]!r} to {local.ids[-1]!r})"
+                raise InputError(f"step {trainer.step + 1}{where}: {first}") from error
+            self.failure = first
+            # Join the all-reduce the other ranks are in: no gradient, and this rank counted as one that raised.
+            self._reduce_grads(self.step_fn.params, [0.0, 0.0, 1.0] + [0.0] * len(self.shared_metrics))
+            self.step_fn.skip()  # the gradients the other ranks summed in: not applied
+            return StepResult(math.nan, value=math.nan)
         if result.numbers is not None:
+            if result.numbers[1] > 0:  # another rank raised: nobody updated
+                return StepResult(math.nan, value=math.nan)
             redelivered = int(result.numbers[0])
-            scores = {name: total / size for name, total in zip(self.shared_metrics, result.numbers[1:])}
+            scores = {name: total / size for name, total in zip(self.shared_metrics, result.numbers[2:])}
         running: dict[str, float] = {}
         if batch is not None and (result.value is None or math.isfinite(result.value)):
             running = _prequential_metrics(trainer, output, target_of(batch), means=False)[1]
@@ -672,6 +708,14 @@ class StreamFeed:
         config.update(device=str(trainer.device), optimizer=type(trainer.optimizer).__name__, stream=True,
                       num_samples=None, world_size=trainer.dist.world_size)
         return config
+
+
+def _stop_when_a_rank_raised(result: StepResult) -> StepResult:
+    """A distributed stream step's ``after_sync``: no update when some rank's part raised (its count rode with
+    the gradients, second among the numbers)."""
+    if result.numbers is not None and result.numbers[1] > 0:
+        result.stop = True
+    return result
 
 
 def _eval_output(trainer: Trainer, batch: Batch) -> Any:
