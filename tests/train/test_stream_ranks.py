@@ -202,6 +202,12 @@ def test_stream_ranks_checkpoint_stop_and_resume_lose_no_event_and_equal_one_pro
     assert trained and not pending & trained  # acknowledged once checkpointed; read but not trained: still pending
     saved = torch.load(sorted(folder.glob("step-*.pt"))[-1], weights_only=True)
     assert saved["step"] == 5 and len(saved["stream"]["ranks"]) == WORLD
+    # Each id pending at the checkpoint listed once over both ranks: the included ones (steps 4 and 5, since the
+    # checkpoint of step 3), and the others read but not trained (still pending now).
+    stored = [i for state in saved["stream"]["ranks"] for i in state["included"]]
+    stored += [i for state in saved["stream"]["ranks"] for i in state.get("position", {}).get("pending", [])]
+    since_ack = {i for result in first for step in result["steps"][3:] for i in step}
+    assert len(stored) == len(set(stored)) and set(stored) == since_ack | pending
     second = _run(redis_server, tmp_path, checkpoint_dir=str(folder))
     steps = [a + b for a, b in zip(first[0]["steps"], first[1]["steps"])]
     steps += [a + b for a, b in zip(second[0]["steps"], second[1]["steps"])]

@@ -618,7 +618,7 @@ class StreamFeed:
     def before_checkpoint(self) -> None:
         """Distributed: gather the ranks' consumer states, each with the ids its updates since its last ack used."""
         if self.ranks is not None:
-            self.rank_states = gathered(self.trainer.dist, self._consumer_state())
+            self.rank_states = pending_once(gathered(self.trainer.dist, self._consumer_state()))
 
     def _consumer_state(self) -> dict[str, Any]:
         self.included += self.source.take_quarantined()
@@ -635,7 +635,7 @@ class StreamFeed:
             "kind": "stream",
             "batcher": {},  # a stream has no position of its own: the broker keeps it
             # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
-            "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
+            "stream": {"ranks": self.rank_states if self.ranks is not None else pending_once([self._consumer_state()]),
                        "redelivered": self.redelivered, "dead_letters": self.dead_letters(),
                        "fit_loss": [self.epoch, *self.fit_loss],
                        "prequential": self.prequential.state_dict(),
@@ -708,6 +708,27 @@ class StreamFeed:
         config.update(device=str(trainer.device), optimizer=type(trainer.optimizer).__name__, stream=True,
                       num_samples=None, world_size=trainer.dist.world_size)
         return config
+
+
+def pending_once(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ranks' consumer states as a checkpoint stores them: each id pending at the broker listed once.
+
+    A consumer's ``position["pending"]`` (:class:`~batchfit.RedisStream`'s: every id pending in the group, of
+    any consumer) holds the ids each rank lists as ``included`` too, and every rank's holds the whole group's.
+    It is kept in rank 0's state only (the one a fall-back's ``replay`` reads), less the ids some rank includes
+    (which ``replay`` leaves out anyway, so a checkpoint written before this reads the same). The states are
+    changed in place, and returned.
+    """
+    included = {str(i) for state in states for i in state.get("included", [])}
+    for rank, state in enumerate(states):
+        position = state.get("position")
+        if not isinstance(position, dict) or "pending" not in position:
+            continue
+        if rank == 0:
+            state["position"] = {**position, "pending": [i for i in position["pending"] if str(i) not in included]}
+        else:
+            state["position"] = {k: v for k, v in position.items() if k != "pending"}
+    return states
 
 
 def _stop_when_a_rank_raised(result: StepResult) -> StepResult:
