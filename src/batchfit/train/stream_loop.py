@@ -62,8 +62,11 @@ STREAM_HISTORY_ROWS = 10_000
 ACK_EVERY = 1024
 # max_batch_size="auto": the noise scale is measured every AUTO_EVERY steps (the step's batch halved), averaged
 # with AUTO_BETA (about the last 2 / (1 - AUTO_BETA) measurements count); the cap stays at batch_size until
-# AUTO_MIN_MEASURES measurements, and is at most batch_size times 2**AUTO_MAX_DOUBLINGS.
+# AUTO_MIN_MEASURES measurements, and is at most batch_size times 2**AUTO_MAX_DOUBLINGS. It follows a lower
+# confidence bound of the noise scale, |G|² taken AUTO_Z standard errors high, and rises at most AUTO_GROWTH
+# times per measurement (it falls at once).
 AUTO_EVERY, AUTO_BETA, AUTO_MIN_MEASURES, AUTO_MAX_DOUBLINGS = 8, 0.995, 25, 10
+AUTO_Z, AUTO_GROWTH = 2.0, 2
 
 
 class _Running:
@@ -188,6 +191,7 @@ class StreamFeed:
         self.size = o.batch_size  # events asked for the next batch: grows past batch_size to catch up (max_batch_size)
         # max_batch_size="auto": the stream's own noise scale, which bounds the catch-up batch.
         self.noise = NoiseScaleTracker(AUTO_BETA) if source.max_batch_size == "auto" else None
+        self.cap = o.batch_size  # max_batch_size="auto": the cap in force (auto_cap)
         if trainer.history.keep is None:
             trainer.history.keep = STREAM_HISTORY_ROWS
         self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
@@ -297,17 +301,26 @@ class StreamFeed:
         return self.size
 
     def auto_cap(self) -> int:
-        """``max_batch_size="auto"``'s cap: ``batch_size`` times the largest power of two (at most
-        ``2**AUTO_MAX_DOUBLINGS``) at or under the simple noise scale measured so far; ``batch_size`` before
-        ``AUTO_MIN_MEASURES`` measurements, and while the estimate of ``|G|²`` is not positive (the mean
-        gradient is still lost in the noise of the measurements: no evidence that a larger batch learns)."""
+        """``max_batch_size="auto"``'s cap in force: set after each measurement of the noise scale
+        (:meth:`_update_cap`)."""
+        return self.cap
+
+    def _update_cap(self) -> None:
+        """After a measurement: ``batch_size`` times the largest power of two (at most ``2**AUTO_MAX_DOUBLINGS``)
+        at or under a lower confidence bound of the simple noise scale (``|G|²`` taken ``AUTO_Z`` standard errors
+        high: :meth:`~batchfit.measure.noise.NoiseScaleTracker.b_simple_lower`), and at most ``AUTO_GROWTH`` times
+        the cap before; ``batch_size`` before ``AUTO_MIN_MEASURES`` measurements and while the bound is not
+        defined (``|G|²`` still lost in the noise of the measurements: no evidence that a larger batch learns).
+
+        The ratio of the averages alone swings by factors of ten between draws of the same stream where the
+        averaged ``|G|²`` is within a few standard errors of zero; the bound does not, and errs small."""
         assert self.noise is not None
-        if self.noise.count < AUTO_MIN_MEASURES or not self.noise.grad_sq > 0:
-            return self.batch_size
-        ratio = self.noise.b_simple / self.batch_size
-        if not ratio >= 2:
-            return self.batch_size
-        return self.batch_size << min(AUTO_MAX_DOUBLINGS, int(math.log2(ratio)))
+        target = self.batch_size
+        if self.noise.count >= AUTO_MIN_MEASURES:
+            ratio = self.noise.b_simple_lower(AUTO_Z) / self.batch_size
+            if ratio >= 2:
+                target = self.batch_size << min(AUTO_MAX_DOUBLINGS, int(math.log2(ratio)))
+        self.cap = min(target, self.cap * AUTO_GROWTH)
 
     def _train(self, batch: Batch, size: int) -> StepResult:
         """The step on ``batch``; with ``max_batch_size="auto"``, every ``AUTO_EVERY`` steps the batch's two halves
@@ -318,6 +331,7 @@ class StreamFeed:
         result = self.step_fn.step(batch, size, measure_noise=True)
         if result.noise is not None and result.grad_sq is not None and result.noise.b_small < size:
             self.noise.update(result.noise.small_sq, result.grad_sq, result.noise.b_small, size)
+            self._update_cap()
         return result
 
     def _budget_spent(self) -> bool:
@@ -569,7 +583,8 @@ class StreamFeed:
         columns["redelivered"] = self.redelivered
         columns["dead_letters"] = self.dead_before + self.source.quarantined - self.dead_mark
         if self.noise is not None:  # max_batch_size="auto": the cap in force for the next batch, and its source
-            columns.update(batch_cap=self.auto_cap(), noise_scale=self.noise.b_simple)
+            columns.update(batch_cap=self.cap, noise_scale=self.noise.b_simple,
+                           noise_scale_low=self.noise.b_simple_lower(AUTO_Z))
         return columns
 
     def dead_letters(self) -> int:
@@ -639,7 +654,7 @@ class StreamFeed:
                        "redelivered": self.redelivered, "dead_letters": self.dead_letters(),
                        "fit_loss": [self.epoch, *self.fit_loss],
                        "prequential": self.prequential.state_dict(),
-                       "noise": None if self.noise is None else self.noise.state_dict()},
+                       "noise": None if self.noise is None else {**self.noise.state_dict(), "cap": self.cap}},
             "config": self.config(),
         }
 
@@ -668,6 +683,9 @@ class StreamFeed:
         self.prequential.load_state_dict(stream["prequential"])
         if self.noise is not None and stream.get("noise") is not None:
             self.noise.load_state_dict(stream["noise"])
+            # A checkpoint from before the cap was kept: it starts again from batch_size (and may double each
+            # measurement).
+            self.cap = int(stream["noise"].get("cap", self.batch_size))
         self.redelivered = int(stream["redelivered"])
         self.dead_before, self.dead_mark = int(stream.get("dead_letters", 0)), self.source.quarantined
         self.epoch = len(self.trainer.history.epochs) + 1
