@@ -137,6 +137,38 @@ def test_redis_stream_crash_between_checkpoint_and_ack_trains_nothing_twice(redi
     assert_close(resumed.module.state_dict(), whole.module.state_dict())
 
 
+def test_redis_stream_checkpoint_lists_each_pending_id_once_and_resumes_exactly(redis_server, tmp_path,
+                                                                                 assert_close):
+    """The checkpoint lists the ids its updates include (acknowledged on resume) and the group's other pending
+    ids (for a fall-back's replay): each pending id once, none twice; a resume from it is exact."""
+    rows = _rows(24)
+    _produce(redis_server, rows)
+    failing = _stream(redis_server)
+
+    def ack_fails(ids):
+        raise ConnectionError("the process died after the checkpoint was written")
+
+    failing.ack = ack_fails
+    with pytest.raises(ConnectionError):
+        _trainer(checkpoint_dir=tmp_path, checkpoint_every=2).fit(bf.StreamSource(failing))
+    client = _client(redis_server)
+    pending = [entry["message_id"].decode() for entry in client.xpending_range("events", "g", "-", "+", 1000)]
+    client.close()
+    assert len(pending) == 24  # all read ahead, none acknowledged: the group's pending list at the checkpoint
+    saved = torch.load(sorted(tmp_path.glob("step-*.pt"))[-1], weights_only=True)
+    (state,) = saved["stream"]["ranks"]
+    stored = [str(i) for i in state["included"]] + [str(i) for i in state["position"]["pending"]]
+    assert len(state["included"]) == 8  # the two steps' events
+    assert len(stored) == len(pending) and sorted(stored) == sorted(pending)  # each pending id once
+    resumed = _trainer(checkpoint_dir=tmp_path, checkpoint_every=2)
+    history = resumed.fit(bf.StreamSource(_stream(redis_server)), resume=True)
+    whole = _trainer()
+    whole.fit(bf.StreamSource(rows))
+    assert resumed.samples_seen == 24 and _pending(redis_server) == 0
+    assert history.column("redelivered")[-1] == 16  # the included 8 acknowledged on resume, the rest read again
+    assert_close(resumed.module.state_dict(), whole.module.state_dict())
+
+
 def test_redis_stream_claims_the_pending_events_of_a_dead_consumer(redis_server):
     _produce(redis_server, _rows(20))
     dead = _stream(redis_server, consumer="dead")

@@ -224,6 +224,44 @@ def test_noise_scale_tracker_state_dict_resumes_exactly():
     assert resumed.b_simple == straight.b_simple
 
 
+def test_noise_scale_tracker_stderr_and_lower_bound_equal_the_weighted_formulas():
+    """The standard error of the averaged |G|², against the weights of the debiased average written out."""
+    generator = torch.Generator().manual_seed(0)
+    beta = 0.97
+    tracker = NoiseScaleTracker(beta=beta)
+    measurements = [(20.0 + 10 * float(a), 5.0 + 3 * float(b), 4, 32)
+                    for a, b in torch.randn(60, 2, generator=generator)]
+    for m in measurements:
+        tracker.update(*m)
+    g = torch.tensor([grad_sq_estimate(*m) for m in measurements], dtype=torch.float64)
+    t = torch.tensor([trace_cov_estimate(*m) for m in measurements], dtype=torch.float64)
+    weights = beta ** torch.arange(len(g) - 1, -1, -1, dtype=torch.float64)
+    weights /= weights.sum()
+    mean = float((weights * g).sum())
+    stderr = math.sqrt(float((weights * (g - mean) ** 2).sum() * (weights**2).sum()))
+    assert tracker.grad_sq == pytest.approx(mean)
+    assert tracker.grad_sq_stderr == pytest.approx(stderr)
+    assert tracker.b_simple_lower(2.0) == pytest.approx(float((weights * t).sum()) / (mean + 2 * stderr))
+    assert tracker.b_simple_lower(2.0) < tracker.b_simple_lower(1.0) < tracker.b_simple
+    assert tracker.b_simple_lower(0.0) == pytest.approx(tracker.b_simple)
+
+
+def test_noise_scale_tracker_lower_bound_of_constant_measurements_and_of_an_older_state():
+    tracker = NoiseScaleTracker(beta=0.9)
+    assert math.isnan(tracker.grad_sq_stderr) and math.isnan(tracker.b_simple_lower())
+    for _ in range(5):
+        tracker.update(2.0 + 30.0 / 4, 2.0 + 30.0 / 32, 4, 32)
+    assert tracker.grad_sq_stderr == pytest.approx(0.0, abs=1e-6)
+    assert tracker.b_simple_lower() == pytest.approx(15.0)
+    older = {k: v for k, v in tracker.state_dict().items() if k != "grad_sq_sq"}  # written before the squares
+    resumed = NoiseScaleTracker()
+    resumed.load_state_dict(older)
+    assert resumed.grad_sq_stderr == pytest.approx(0.0, abs=1e-6) and resumed.b_simple == pytest.approx(15.0)
+    negative = NoiseScaleTracker(beta=0.0)
+    negative.update(1.0, 2.0, 4, 32)  # |G|² estimated negative: no bound
+    assert math.isnan(negative.b_simple_lower())
+
+
 def test_noise_scale_tracker_bad_beta_names_argument():
     with pytest.raises(BatchfitError, match=r"`beta` must be a number in \[0, 1\). Received: beta=1.0"):
         NoiseScaleTracker(beta=1.0)

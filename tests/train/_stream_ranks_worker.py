@@ -4,7 +4,8 @@
 
 OPTIONS_JSON: ``claim_idle`` (seconds), ``checkpoint_dir`` (with a checkpoint every 3 steps and resume=True),
 ``stop_at`` (rank 1 asks to stop after that step), ``kill_at`` (rank 1 kills itself with SIGKILL after that
-step), ``sparse`` (a matrix factorisation with sparse embedding
+step), ``fail_at`` (rank 1's model raises RuntimeError in training mode at that step, never in eval mode: no
+event fails on its own), ``sparse`` (a matrix factorisation with sparse embedding
 gradients and SparseAdam on events ``user, item, rating`` instead).
 
 Reads the Redis stream ``events`` as consumer ``rank-<RANK>`` of group ``g`` and trains the small net of
@@ -72,6 +73,12 @@ def main() -> None:
     folder = options.get("checkpoint_dir")
     checkpoints = {"checkpoint_dir": folder, "checkpoint_every": 3} if folder else {}
     trainer = (make_sparse_trainer if options.get("sparse") else make_trainer)([Record()], **checkpoints)
+    if options.get("fail_at") is not None and rank == 1:
+        def broken(module, inputs):
+            if module.training and trainer.step + 1 == options["fail_at"]:
+                raise RuntimeError("a kernel failed")
+
+        trainer.module.register_forward_pre_hook(broken)
     history = trainer.fit(source, resume=bool(folder))
     torch.save({"steps": steps, "history": history.steps, "epochs": history.epochs,
                 "weights": {k: v.clone() for k, v in trainer.module.state_dict().items()},

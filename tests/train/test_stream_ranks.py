@@ -47,8 +47,10 @@ def _produce(url: str, rows) -> list[str]:
     return ids
 
 
-def _launch(url: str, folder: Path, world: int = WORLD, expect_ok: bool = True, **options) -> list[Path]:
-    """Run the worker on ``world`` ranks (1: a plain process, no process group); returns each rank's OUT path."""
+def _launch(url: str, folder: Path, world: int = WORLD, expect_ok: bool = True, outputs: list[str] | None = None,
+            **options) -> list[Path]:
+    """Run the worker on ``world`` ranks (1: a plain process, no process group); returns each rank's OUT path
+    (and appends each rank's output to ``outputs``)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -70,6 +72,8 @@ def _launch(url: str, folder: Path, world: int = WORLD, expect_ok: bool = True, 
             for other in processes:
                 other.kill()
             raise
+    if outputs is not None:
+        outputs += logs
     if expect_ok:
         for process, log in zip(processes, logs):
             assert process.returncode == 0, log[-3000:]
@@ -198,6 +202,12 @@ def test_stream_ranks_checkpoint_stop_and_resume_lose_no_event_and_equal_one_pro
     assert trained and not pending & trained  # acknowledged once checkpointed; read but not trained: still pending
     saved = torch.load(sorted(folder.glob("step-*.pt"))[-1], weights_only=True)
     assert saved["step"] == 5 and len(saved["stream"]["ranks"]) == WORLD
+    # Each id pending at the checkpoint listed once over both ranks: the included ones (steps 4 and 5, since the
+    # checkpoint of step 3), and the others read but not trained (still pending now).
+    stored = [i for state in saved["stream"]["ranks"] for i in state["included"]]
+    stored += [i for state in saved["stream"]["ranks"] for i in state.get("position", {}).get("pending", [])]
+    since_ack = {i for result in first for step in result["steps"][3:] for i in step}
+    assert len(stored) == len(set(stored)) and set(stored) == since_ack | pending
     second = _run(redis_server, tmp_path, checkpoint_dir=str(folder))
     steps = [a + b for a, b in zip(first[0]["steps"], first[1]["steps"])]
     steps += [a + b for a, b in zip(second[0]["steps"], second[1]["steps"])]
@@ -315,4 +325,72 @@ def test_stream_ranks_fall_back_past_a_damaged_checkpoint_and_read_the_acknowled
         assert_close(result["weights"], expected.module.state_dict())
     client = redis.Redis.from_url(redis_server)
     assert int(client.xpending("events", "g")["pending"]) == 0
+    client.close()
+
+
+def test_stream_ranks_quarantine_events_whose_step_raises_on_one_rank(redis_server, tmp_path, assert_close):
+    """Ids past the embedding tables (no ranges= to catch them as they arrive) make one rank's forward raise
+    IndexError: both ranks learn it in the step's all-reduce, nobody updates, the failing rank finds its poison
+    by halves, and the step runs again on the rest; every good event is trained once, as one process would."""
+    import redis
+
+    rng = np.random.default_rng(2)
+    rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 20, 120), rng.integers(0, 30, 120),
+                                                           rng.integers(1, 6, 120))]
+    bad = {7: (25, 3, 4.0), 40: (2, 31, 1.0), 41: (99, 99, 5.0), 93: (20, 0, 2.0)}  # users < 20, items < 30
+    client = redis.Redis.from_url(redis_server)
+    ids, poison, by_id = [], [], {}
+    for index, row in enumerate(rows):
+        if index in bad:
+            u, i, r = bad[index]
+            poison.append(client.xadd("events", {"user": str(u), "item": str(i), "rating": repr(r)}).decode())
+        u, i, r = row
+        ids.append(client.xadd("events", {"user": str(u), "item": str(i), "rating": repr(r)}).decode())
+        by_id[ids[-1]] = row
+    results = _run(redis_server, tmp_path, sparse=True)
+    per_rank = [[i for step in result["steps"] for i in step] for result in results]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(ids)  # every good event once, no poison one
+    dead = {fields[b"batchfit.id"].decode(): fields[b"batchfit.reason"].decode()
+            for _, fields in client.xrange("events:dead")}
+    assert sorted(dead) == sorted(poison)
+    assert all("IndexError" in reason for reason in dead.values()), dead
+    assert results[0]["history"][-1]["dead_letters"] + results[1]["history"][-1]["dead_letters"] == len(bad)
+    assert_close(results[0]["weights"], results[1]["weights"])
+    steps = [a + b for a, b in zip(results[0]["steps"], results[1]["steps"])]
+    assert sum(len(step) < 16 for step in steps[:-1]) >= 2  # steps that lost a poison event ran on the rest
+    # One process trained on the same steps (one fit of one step each: SparseAdam's moments carry over).
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        from _stream_ranks_worker import make_sparse_trainer
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    expected = make_sparse_trainer()
+    for step in steps:
+        expected.fit(bf.StreamSource([by_id[i] for i in step]))
+    for result in results:
+        assert_close(result["weights"], expected.module.state_dict())
+    assert int(client.xpending("events", "g")["pending"]) == 0
+    client.close()
+
+
+def test_stream_ranks_a_step_that_raises_on_one_rank_without_poison_raises_on_every_rank(redis_server, tmp_path):
+    """Rank 1's step raises, but no event does on its own (the model fails only in training mode): both ranks
+    stop with the same InputError instead of one waiting in a collective; the step's events stay pending."""
+    import redis
+
+    ids = _produce(redis_server, _rows(120))
+    started = time.monotonic()
+    outputs: list[str] = []
+    outs = _launch(redis_server, tmp_path, expect_ok=False, outputs=outputs, fail_at=3)
+    assert time.monotonic() - started < 120  # nobody hung until the collective's timeout
+    for output in outputs:  # the same error on both ranks
+        assert "InputError: step 3" in output and "rank 1 raised RuntimeError: a kernel failed" in output, output
+    assert not any(out.exists() for out in outs)
+    client = redis.Redis.from_url(redis_server)
+    assert client.xlen("events:dead") == 0
+    pending = {entry["message_id"].decode() for entry in client.xpending_range("events", "g", "-", "+", 1000)}
+    trained = [_lineage(Path(str(out) + ".log")) for out in outs]
+    assert [step for step, _ in trained[0]] == [step for step, _ in trained[1]] == [1, 2]
+    assert pending <= set(ids) and len(pending) >= 16  # step 3's events (and any read after) are not acknowledged
     client.close()

@@ -318,8 +318,9 @@ class StreamSource:
     ``max_batch_size`` at which the model still learns per event (at most the critical batch size that
     ``bf.tune`` or the noise scale measures); the optimizer's lr is unchanged, so each event's step shrinks.
     ``max_batch_size="auto"`` measures that bound on the stream itself: the cap is ``batch_size`` times the
-    largest power of two that stays at or under the simple noise scale, estimated every few steps from the
-    gradients of the two halves of the step's batch (history column ``batch_cap``; docs/streams.md).
+    largest power of two that stays at or under a lower confidence bound of the simple noise scale, estimated
+    every few steps from the gradients of the two halves of the step's batch, and rising at most twofold per
+    estimate (history columns ``batch_cap``, ``noise_scale_low``; docs/streams.md).
     """
 
     def __init__(self, events: Any, max_latency: float | None = None, *,

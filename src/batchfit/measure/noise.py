@@ -119,7 +119,9 @@ class NoiseScaleTracker:
     Each :meth:`update` turns one pair of squared gradient norms into estimates of ``|G|²`` and
     ``tr(Σ)`` and folds each into its own moving average (with Adam's bias correction, so early
     values are not pulled towards zero). ``b_simple`` is the ratio of the two averages, as
-    McCandlish et al. (2018, Appendix A) recommend.
+    McCandlish et al. (2018, Appendix A) recommend. The squares of the ``|G|²`` estimates are averaged
+    too, which gives the standard error of the averaged ``|G|²`` (:attr:`grad_sq_stderr`) and a lower
+    confidence bound of the noise scale (:meth:`b_simple_lower`).
     """
 
     def __init__(self, beta: float = 0.99) -> None:
@@ -129,6 +131,7 @@ class NoiseScaleTracker:
         self.count = 0
         self._grad_sq = 0.0
         self._trace_cov = 0.0
+        self._grad_sq_sq = 0.0  # the moving average of the squared |G|² estimates
 
     def update(self, small_sq: float, big_sq: float, b_small: float, b_big: float) -> None:
         """Add one measurement: ``|G_small|²`` over ``b_small`` samples, ``|G_big|²`` over ``b_big``."""
@@ -139,6 +142,7 @@ class NoiseScaleTracker:
         self.count += 1
         self._grad_sq = self.beta * self._grad_sq + (1 - self.beta) * grad_sq
         self._trace_cov = self.beta * self._trace_cov + (1 - self.beta) * trace_cov
+        self._grad_sq_sq = self.beta * self._grad_sq_sq + (1 - self.beta) * grad_sq * grad_sq
 
     def _debiased(self, value: float) -> float:
         if self.count == 0:
@@ -162,16 +166,51 @@ class NoiseScaleTracker:
             return math.nan
         return simple_noise_scale(self.grad_sq, self.trace_cov)
 
+    @property
+    def grad_sq_stderr(self) -> float:
+        """The standard error of :attr:`grad_sq`: the spread of the ``|G|²`` estimates (their weighted variance
+        about the average) times the root of the sum of the average's squared weights, as if the measurements
+        were independent (``nan`` before the first update). The weights of the debiased average are
+        ``(1 - β) β^k / (1 - β^n)``, so the sum of their squares is
+        ``(1 - β)(1 - β^2n) / ((1 + β)(1 - β^n)²)``: ``1/n`` for ``β → 1``, 1 for ``β = 0``."""
+        if self.count == 0:
+            return math.nan
+        mean = self.grad_sq
+        variance = max(0.0, self._debiased(self._grad_sq_sq) - mean * mean)
+        beta, n = self.beta, self.count
+        weights_sq = (1 - beta) * (1 - beta ** (2 * n)) / ((1 + beta) * (1 - beta**n) ** 2)
+        return math.sqrt(variance * weights_sq)
+
+    def b_simple_lower(self, z: float = 2.0) -> float:
+        """A lower confidence bound of the simple noise scale: ``tr(Σ)`` over ``|G|²`` plus ``z`` standard errors
+        (:attr:`grad_sq_stderr`). The averaged ``|G|²`` is the noisy one of the two (a difference of two noisy
+        norms, small beside each); where it is within a few standard errors of zero, :attr:`b_simple` can be any
+        size, and this bound stays near what the measurements show at least. ``nan`` before the first update
+        and while the bound's denominator or the averaged ``tr(Σ)`` is not positive."""
+        if self.count == 0:
+            return math.nan
+        high = self.grad_sq + z * self.grad_sq_stderr
+        trace_cov = self.trace_cov
+        if not (high > 0 and trace_cov > 0):
+            return math.nan
+        return trace_cov / high
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the averages after a restart."""
-        return {"beta": self.beta, "count": self.count, "grad_sq": self._grad_sq, "trace_cov": self._trace_cov}
+        return {"beta": self.beta, "count": self.count, "grad_sq": self._grad_sq, "trace_cov": self._trace_cov,
+                "grad_sq_sq": self._grad_sq_sq}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`."""
+        """Continue from a :meth:`state_dict`. One written before the squares were averaged continues with a
+        spread of zero (new measurements bring it back, at the pace of the average)."""
         self.beta = float(state["beta"])
         self.count = int(state["count"])
         self._grad_sq = float(state["grad_sq"])
         self._trace_cov = float(state["trace_cov"])
+        if "grad_sq_sq" in state:
+            self._grad_sq_sq = float(state["grad_sq_sq"])
+        else:
+            self._grad_sq_sq = self._grad_sq**2 / (1 - self.beta**self.count) if self.count else 0.0
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.batch import Batch, forward, forward_loss, param_dtype, target_of, to_device
-from ..core.step import Step, StepResult
+from ..core.step import ReduceGrads, Step, StepResult
 from ..data.streams import IterableEvents, StreamBatch, StreamSource
 from ..errors import CheckpointError, InputError, check_positive_int, expected
 from ..measure.noise import NoiseScaleTracker
@@ -62,8 +62,11 @@ STREAM_HISTORY_ROWS = 10_000
 ACK_EVERY = 1024
 # max_batch_size="auto": the noise scale is measured every AUTO_EVERY steps (the step's batch halved), averaged
 # with AUTO_BETA (about the last 2 / (1 - AUTO_BETA) measurements count); the cap stays at batch_size until
-# AUTO_MIN_MEASURES measurements, and is at most batch_size times 2**AUTO_MAX_DOUBLINGS.
+# AUTO_MIN_MEASURES measurements, and is at most batch_size times 2**AUTO_MAX_DOUBLINGS. It follows a lower
+# confidence bound of the noise scale, |G|² taken AUTO_Z standard errors high, and rises at most AUTO_GROWTH
+# times per measurement (it falls at once).
 AUTO_EVERY, AUTO_BETA, AUTO_MIN_MEASURES, AUTO_MAX_DOUBLINGS = 8, 0.995, 25, 10
+AUTO_Z, AUTO_GROWTH = 2.0, 2
 
 
 class _Running:
@@ -188,6 +191,7 @@ class StreamFeed:
         self.size = o.batch_size  # events asked for the next batch: grows past batch_size to catch up (max_batch_size)
         # max_batch_size="auto": the stream's own noise scale, which bounds the catch-up batch.
         self.noise = NoiseScaleTracker(AUTO_BETA) if source.max_batch_size == "auto" else None
+        self.cap = o.batch_size  # max_batch_size="auto": the cap in force (auto_cap)
         if trainer.history.keep is None:
             trainer.history.keep = STREAM_HISTORY_ROWS
         self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
@@ -205,9 +209,15 @@ class StreamFeed:
             trainer.module if dist.enabled else trainer.model, trainer.loss_fn, trainer.optimizer,
             device=trainer.device, precision=o.precision, micro_batch_size=micro, max_grad_norm=o.max_grad_norm,
             world_size=dist.world_size, loss_count=trainer.loss_count)
+        # Distributed: whether this rank entered the step's collective (the gradients' all-reduce) in the current
+        # attempt, and the first line of the exception a rank's step raised in it (see _ranks_attempt).
+        self.reduced = False
+        self.failure: str | None = None
+        self.reducer: ReduceGrads | None = None
         if dist.enabled:
             self.ranks = StreamRanks(dist, source, o.batch_size, trainer.device)
-            self.step_fn.reduce_grads = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
+            self.reducer = grad_reducer(dist, sparse_parameters(trainer.module, self.step_fn.params))
+            self.step_fn.reduce_grads = self._reduce_grads
         # What floating inputs are cast to, found once (a walk over the parameters each step costs microseconds).
         self.dtype = param_dtype(trainer.module)
         source.float_dtype = self.dtype  # floating fields cast once per read of the source, not per batch
@@ -291,17 +301,26 @@ class StreamFeed:
         return self.size
 
     def auto_cap(self) -> int:
-        """``max_batch_size="auto"``'s cap: ``batch_size`` times the largest power of two (at most
-        ``2**AUTO_MAX_DOUBLINGS``) at or under the simple noise scale measured so far; ``batch_size`` before
-        ``AUTO_MIN_MEASURES`` measurements, and while the estimate of ``|G|²`` is not positive (the mean
-        gradient is still lost in the noise of the measurements: no evidence that a larger batch learns)."""
+        """``max_batch_size="auto"``'s cap in force: set after each measurement of the noise scale
+        (:meth:`_update_cap`)."""
+        return self.cap
+
+    def _update_cap(self) -> None:
+        """After a measurement: ``batch_size`` times the largest power of two (at most ``2**AUTO_MAX_DOUBLINGS``)
+        at or under a lower confidence bound of the simple noise scale (``|G|²`` taken ``AUTO_Z`` standard errors
+        high: :meth:`~batchfit.measure.noise.NoiseScaleTracker.b_simple_lower`), and at most ``AUTO_GROWTH`` times
+        the cap before; ``batch_size`` before ``AUTO_MIN_MEASURES`` measurements and while the bound is not
+        defined (``|G|²`` still lost in the noise of the measurements: no evidence that a larger batch learns).
+
+        The ratio of the averages alone swings by factors of ten between draws of the same stream where the
+        averaged ``|G|²`` is within a few standard errors of zero; the bound does not, and errs small."""
         assert self.noise is not None
-        if self.noise.count < AUTO_MIN_MEASURES or not self.noise.grad_sq > 0:
-            return self.batch_size
-        ratio = self.noise.b_simple / self.batch_size
-        if not ratio >= 2:
-            return self.batch_size
-        return self.batch_size << min(AUTO_MAX_DOUBLINGS, int(math.log2(ratio)))
+        target = self.batch_size
+        if self.noise.count >= AUTO_MIN_MEASURES:
+            ratio = self.noise.b_simple_lower(AUTO_Z) / self.batch_size
+            if ratio >= 2:
+                target = self.batch_size << min(AUTO_MAX_DOUBLINGS, int(math.log2(ratio)))
+        self.cap = min(target, self.cap * AUTO_GROWTH)
 
     def _train(self, batch: Batch, size: int) -> StepResult:
         """The step on ``batch``; with ``max_batch_size="auto"``, every ``AUTO_EVERY`` steps the batch's two halves
@@ -312,6 +331,7 @@ class StreamFeed:
         result = self.step_fn.step(batch, size, measure_noise=True)
         if result.noise is not None and result.grad_sq is not None and result.noise.b_small < size:
             self.noise.update(result.noise.small_sq, result.grad_sq, result.noise.b_small, size)
+            self._update_cap()
         return result
 
     def _budget_spent(self) -> bool:
@@ -448,9 +468,10 @@ class StreamFeed:
             self.mark.batch_size = local.size
 
     def _ranks_step(self, local: StreamBatch | None, size: int) -> StepResult:
-        """A distributed step. When its loss (over all ranks) is not finite, every rank searches its own events for
-        poison, and the ranks run the step again on what they have left; an exception is not searched (a rank
-        that raises leaves the others in the step's collective): give ``StreamSource(ranges=...)``."""
+        """A distributed step. When it fails on some rank (its loss over all ranks is not finite, or a rank's part
+        raised before the gradients' all-reduce), every rank searches its own events for poison, the ranks agree
+        on what they found, and run the step again on what they have left; when no rank finds any, a step that
+        raised raises on every rank, and a non-finite loss goes to the ``on_nan`` policy, as in one process."""
         assert self.mark is not None
         if local is not None:
             self.included += local.quarantined  # quarantined as they arrived: acknowledged with this batch
@@ -464,44 +485,73 @@ class StreamFeed:
         if poison:
             assert local is not None
             self._take_out(local, poison)
-        agreed = gathered(self.trainer.dist, [0 if local is None else local.size, len(poison)])
-        left, found = sum(a for a, _ in agreed), sum(b for _, b in agreed)
+        # Every rank learns the same: how many events are left, how many were poison, what raised (if anything).
+        agreed = gathered(self.trainer.dist, [0 if local is None else local.size, len(poison), self.failure])
+        left, found = sum(a for a, _, _ in agreed), sum(b for _, b, _ in agreed)
+        failures = [(rank, text) for rank, (_, _, text) in enumerate(agreed) if text is not None]
+        self.failure = None
         if found:
             self.mark.batch_size = left
             if not left:
                 return StepResult(0.0, empty=True)
             return self._ranks_step(local if local is not None and local.size else None, left)
+        if failures:
+            rank, text = failures[0]
+            where = "" if local is None or not local.size else f" (events {local.ids[0]!r} to {local.ids[-1]!r})"
+            raise InputError(f"step {self.trainer.step + 1}{where}: rank {rank} raised {text}; no event of the "
+                             f"step fails on its own")
         if local is not None and self.trainer.options.on_nan == "skip":
             self._take_out(local, {i: f"the loss of its step ({self.trainer.step + 1}, all ranks) is {result.value}, "
                                       f"though no event's is on its own; on_nan='skip' quarantined the batch"
                                    for i in range(local.size)}, shrink=False)
         return result
 
+    def _reduce_grads(self, params: list[torch.nn.Parameter], numbers: list[float]) -> list[float]:
+        """The gradients' all-reduce of a distributed step (:func:`.stream_ranks.grad_reducer`), noting that this
+        rank entered it."""
+        self.reduced = True
+        assert self.reducer is not None
+        return self.reducer(params, numbers)
+
     def _ranks_attempt(self, local: StreamBatch | None, size: int) -> StepResult:
-        """THE step of this rank's part; the batch's scores ride with the gradients' all-reduce."""
+        """THE step of this rank's part; the batch's scores ride with the gradients' all-reduce.
+
+        With them rides a count of the ranks whose part raised (``IndexError``, ``RuntimeError``): a rank whose
+        forward or backward raises joins the all-reduce with no gradient and counts itself, and when the count is
+        not zero no rank updates (``after_sync`` stops the step) and every rank returns a NaN loss, which
+        :meth:`_ranks_step` searches for poison. So no rank waits in a collective another rank left."""
         trainer = self.trainer
         scores: dict[str, float] = {}
-        batch = output = None
         redelivered = 0
-        if local is not None:
-            batch = to_device(local.batch, trainer.device, self.dtype)
-            output = _eval_output(trainer, batch)
-            scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
-            redelivered = local.redelivered
         count = 0 if local is None else local.size
-        numbers = [redelivered] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
+        self.reduced, self.failure = False, None
         try:
+            batch = output = None
+            if local is not None:
+                batch = to_device(local.batch, trainer.device, self.dtype)
+                output = _eval_output(trainer, batch)
+                scores, _ = _prequential_metrics(trainer, output, target_of(batch), stateful=False)
+                redelivered = local.redelivered
+            numbers = [redelivered, 0.0] + [scores[name] * count if count else 0.0 for name in self.shared_metrics]
             # The loss is computed before the update: a test-then-train score.
-            result = self.step_fn.step(batch, size, numbers=numbers)
+            result = self.step_fn.step(batch, size, numbers=numbers, after_sync=_stop_when_a_rank_raised)
         except (IndexError, RuntimeError) as error:
             self.step_fn.skip()
-            if local is None:
-                raise
-            raise InputError(f"step {trainer.step + 1} (events {local.ids[0]!r} to {local.ids[-1]!r}): "
-                                f"{str(error).strip().splitlines()[0]}") from error
+            text = str(error).strip()
+            first = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+            if self.reduced:  # raised after the all-reduce (in the update): the ranks cannot redo the step
+                where = "" if local is None else f" (events {local.ids[0]!r} to {local.ids[-1]!r})"
+                raise InputError(f"step {trainer.step + 1}{where}: {first}") from error
+            self.failure = first
+            # Join the all-reduce the other ranks are in: no gradient, and this rank counted as one that raised.
+            self._reduce_grads(self.step_fn.params, [0.0, 0.0, 1.0] + [0.0] * len(self.shared_metrics))
+            self.step_fn.skip()  # the gradients the other ranks summed in: not applied
+            return StepResult(math.nan, value=math.nan)
         if result.numbers is not None:
+            if result.numbers[1] > 0:  # another rank raised: nobody updated
+                return StepResult(math.nan, value=math.nan)
             redelivered = int(result.numbers[0])
-            scores = {name: total / size for name, total in zip(self.shared_metrics, result.numbers[1:])}
+            scores = {name: total / size for name, total in zip(self.shared_metrics, result.numbers[2:])}
         running: dict[str, float] = {}
         if batch is not None and (result.value is None or math.isfinite(result.value)):
             running = _prequential_metrics(trainer, output, target_of(batch), means=False)[1]
@@ -533,7 +583,8 @@ class StreamFeed:
         columns["redelivered"] = self.redelivered
         columns["dead_letters"] = self.dead_before + self.source.quarantined - self.dead_mark
         if self.noise is not None:  # max_batch_size="auto": the cap in force for the next batch, and its source
-            columns.update(batch_cap=self.auto_cap(), noise_scale=self.noise.b_simple)
+            columns.update(batch_cap=self.cap, noise_scale=self.noise.b_simple,
+                           noise_scale_low=self.noise.b_simple_lower(AUTO_Z))
         return columns
 
     def dead_letters(self) -> int:
@@ -582,7 +633,7 @@ class StreamFeed:
     def before_checkpoint(self) -> None:
         """Distributed: gather the ranks' consumer states, each with the ids its updates since its last ack used."""
         if self.ranks is not None:
-            self.rank_states = gathered(self.trainer.dist, self._consumer_state())
+            self.rank_states = pending_once(gathered(self.trainer.dist, self._consumer_state()))
 
     def _consumer_state(self) -> dict[str, Any]:
         self.included += self.source.take_quarantined()
@@ -599,11 +650,11 @@ class StreamFeed:
             "kind": "stream",
             "batcher": {},  # a stream has no position of its own: the broker keeps it
             # Each rank's consumer state, with the ids its updates since the last ack used (acknowledged on resume).
-            "stream": {"ranks": self.rank_states if self.ranks is not None else [self._consumer_state()],
+            "stream": {"ranks": self.rank_states if self.ranks is not None else pending_once([self._consumer_state()]),
                        "redelivered": self.redelivered, "dead_letters": self.dead_letters(),
                        "fit_loss": [self.epoch, *self.fit_loss],
                        "prequential": self.prequential.state_dict(),
-                       "noise": None if self.noise is None else self.noise.state_dict()},
+                       "noise": None if self.noise is None else {**self.noise.state_dict(), "cap": self.cap}},
             "config": self.config(),
         }
 
@@ -632,6 +683,9 @@ class StreamFeed:
         self.prequential.load_state_dict(stream["prequential"])
         if self.noise is not None and stream.get("noise") is not None:
             self.noise.load_state_dict(stream["noise"])
+            # A checkpoint from before the cap was kept: it starts again from batch_size (and may double each
+            # measurement).
+            self.cap = int(stream["noise"].get("cap", self.batch_size))
         self.redelivered = int(stream["redelivered"])
         self.dead_before, self.dead_mark = int(stream.get("dead_letters", 0)), self.source.quarantined
         self.epoch = len(self.trainer.history.epochs) + 1
@@ -672,6 +726,35 @@ class StreamFeed:
         config.update(device=str(trainer.device), optimizer=type(trainer.optimizer).__name__, stream=True,
                       num_samples=None, world_size=trainer.dist.world_size)
         return config
+
+
+def pending_once(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ranks' consumer states as a checkpoint stores them: each id pending at the broker listed once.
+
+    A consumer's ``position["pending"]`` (:class:`~batchfit.RedisStream`'s: every id pending in the group, of
+    any consumer) holds the ids each rank lists as ``included`` too, and every rank's holds the whole group's.
+    It is kept in rank 0's state only (the one a fall-back's ``replay`` reads), less the ids some rank includes
+    (which ``replay`` leaves out anyway, so a checkpoint written before this reads the same). The states are
+    changed in place, and returned.
+    """
+    included = {str(i) for state in states for i in state.get("included", [])}
+    for rank, state in enumerate(states):
+        position = state.get("position")
+        if not isinstance(position, dict) or "pending" not in position:
+            continue
+        if rank == 0:
+            state["position"] = {**position, "pending": [i for i in position["pending"] if str(i) not in included]}
+        else:
+            state["position"] = {k: v for k, v in position.items() if k != "pending"}
+    return states
+
+
+def _stop_when_a_rank_raised(result: StepResult) -> StepResult:
+    """A distributed stream step's ``after_sync``: no update when some rank's part raised (its count rode with
+    the gradients, second among the numbers)."""
+    if result.numbers is not None and result.numbers[1] > 0:
+        result.stop = True
+    return result
 
 
 def _eval_output(trainer: Trainer, batch: Batch) -> Any:
