@@ -482,8 +482,8 @@ class Recipe:
 
     The loss is the batch's mean, so the optimizer's lr is the per-event step times ``batch_size``: each event
     moves its user's and item's rows as one SGD step of its own would (river's ``BiasedMF`` recipe, batched).
-    Measured on MovieLens-100k in time order (docs/streams.md, mean of 5 init seeds): prequential RMSE 0.9481
-    at batch 1024 with ``sequential``, at 3.4x the events/s of river's ``BiasedMF`` (one event at a time with
+    Measured on MovieLens-100k in time order (docs/streams.md, mean of 5 init seeds): prequential RMSE 0.9482
+    at batch 1024 with ``sequential``, at 3.75x the events/s of river's ``BiasedMF`` (one event at a time with
     the same steps: 0.9490); without it, 1.00 at batch 32 and 0.962 at batch 8; Adam (dim 16, init 0.01) gave
     1.02-1.05. Use
     :meth:`loss` as the Trainer's loss; with ``sequential`` a Trainer refuses micro-batches and several
