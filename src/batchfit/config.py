@@ -43,7 +43,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     },
     "model": {"name": (_STR, "mlp"), "args": (_TABLE, {})},
     "optimizer": {"name": (_STR, "sgd"), "lr": (_FLOAT, 0.01), "args": (_TABLE, {})},
-    "loss": {"name": (_STR, "cross_entropy")},
+    # A loss built for the model: name = "package.module:Factory", args = {...} calls Factory(model, **args).
+    "loss": {"name": (_STR, "cross_entropy"), "args": (_TABLE, None)},
     # Every Trainer option (derived from TrainerOptions), plus what a run adds around the trainer.
     "train": {**toml_types(), "epochs": (_INT, 1), "resume": (_BOOL, False), "out": (_STR, "runs")},
     "tune": {
@@ -374,13 +375,31 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
     return optimizer
 
 
-def build_loss(config: Config) -> Callable[..., torch.Tensor] | None:
+def build_loss(config: Config, model: torch.nn.Module | None = None) -> Callable[..., torch.Tensor] | None:
     """The loss function of ``[loss]``; ``None`` for ``"model"``, the model's own ``.loss`` (a
-    Hugging Face model's, kept an exact token mean over micro-batches and ranks)."""
-    name = config["loss"]["name"]
-    if name == "model":
-        return None
-    return LOSSES.get(name) or import_object(name, "loss.name", config.path.parent.resolve())
+    Hugging Face model's, kept an exact token mean over micro-batches and ranks). With ``args``, the named
+    ``package.module:Factory`` builds the loss for ``model``: ``Factory(model, **args)`` (a loss that reads the
+    model, such as :class:`batchfit.workloads.stream.SequentialMSE`)."""
+    name, args = config["loss"]["name"], config["loss"]["args"]
+    if args is None:
+        if name == "model":
+            return None
+        return LOSSES.get(name) or import_object(name, "loss.name", config.path.parent.resolve())
+    if ":" not in name:
+        raise ConfigError(f"`loss.args` build a loss for the model: `loss.name` must then be 'package.module:Factory', "
+                          f"called as Factory(model, **args). Received: loss.name={name!r}")
+    if model is None:
+        raise ConfigError("`loss.args` build a loss for one model, and `batchfit tune` trains many: leave "
+                          "`loss.args` out to tune")
+    factory = import_object(name, "loss.name", config.path.parent.resolve())
+    try:
+        loss = factory(model, **args)
+    except TypeError as error:
+        raise ConfigError(f"`loss.args` do not fit {name!r}: {error}") from error
+    if not callable(loss):
+        raise ConfigError(f"`loss.name`: {name!r} with `loss.args` must return a loss function. "
+                          f"Received: {type(loss).__name__}")
+    return loss
 
 
 def trainer_options(config: Config) -> TrainerOptions:

@@ -68,7 +68,7 @@ def build_run(config: Config) -> tuple[Trainer, tuple[Any, ...], tuple[Any, ...]
     torch.manual_seed(config["train"]["seed"])
     model = build_model(config, *(train if isinstance(train, tuple) else (train,)))
     optimizer = build_optimizer(config, model)
-    trainer = Trainer(model, build_loss(config), optimizer, options=trainer_options(config),
+    trainer = Trainer(model, build_loss(config, model), optimizer, options=trainer_options(config),
                       lr_schedule=build_schedule(config, optimizer), callbacks=build_callbacks(config),
                       metrics=build_metrics(config))
     return trainer, train, val
