@@ -309,7 +309,8 @@ class Step:
             with autocast(self.precision, self.device.type):
                 loss, _ = forward_loss(self.model, self.loss_fn, batch)
             share = _share(loss.detach(), weight, size)
-            scaled = loss * (weight * self.world_size)
+            factor = weight * self.world_size
+            scaled = loss if factor == 1.0 else loss * factor  # an even share of the ranks': x * 1.0 is x
             if before_last_backward is not None:
                 scaled = _plus(scaled, before_last_backward(share, None))
             self._backward(scaled)
