@@ -42,7 +42,7 @@ def fsdp_rows(quick: bool = False) -> list[Row]:
     what = f"SmolLM2-135M widths, {LAYERS} layers, 2 ranks, tokens/s"
     pairs = (("fsdp_fit", "ddp_fit"), ("fsdp_hand", "ddp_hand"), ("ddp_fit", "ddp_hand"), ("fsdp_fit", "fsdp_hand"))
     return [Row(f"{what}: {a}", b, statistics.median(rates[a]), statistics.median(rates[b]),
-                statistics.median([x / y for x, y in zip(rates[a], rates[b])]), "") for a, b in pairs]
+                statistics.median([x / y for x, y in zip(rates[a], rates[b])]), "", unit="tokens/s") for a, b in pairs]
 
 
 def worker(job: dict[str, Any]) -> dict[str, list[float]]:
