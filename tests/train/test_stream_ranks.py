@@ -295,15 +295,9 @@ def test_stream_ranks_quarantine_poison_events_and_train_the_rest_as_one_process
     finally:
         sys.path.remove(str(WORKER.parent))
     by_id = dict(zip(ids, rows))
-    expected = make_trainer()
     steps = [a + b for a, b in zip(results[0]["steps"], results[1]["steps"])]
     assert sorted(len(step) for step in steps)[:3] == [10, 15, 15]  # two steps lost a poison event; the last
-    for step in steps:
-        expected.fit(bf.StreamSource([by_id[i] for i in step]))
-    for result in results:
-        assert_close(result["weights"], expected.module.state_dict())
-    assert int(client.xpending("events", "g")["pending"]) == 0
-    client.close()
+    assert_one_process_trains_the_same(make_trainer(), steps, by_id, results, client, assert_close)
 
 
 def test_stream_ranks_fall_back_past_a_damaged_checkpoint_and_read_the_acknowledged_events_again(
@@ -365,13 +359,7 @@ def test_stream_ranks_quarantine_events_whose_step_raises_on_one_rank(redis_serv
         from _stream_ranks_worker import make_sparse_trainer
     finally:
         sys.path.remove(str(WORKER.parent))
-    expected = make_sparse_trainer()
-    for step in steps:
-        expected.fit(bf.StreamSource([by_id[i] for i in step]))
-    for result in results:
-        assert_close(result["weights"], expected.module.state_dict())
-    assert int(client.xpending("events", "g")["pending"]) == 0
-    client.close()
+    assert_one_process_trains_the_same(make_sparse_trainer(), steps, by_id, results, client, assert_close)
 
 
 def test_stream_ranks_a_step_that_raises_on_one_rank_without_poison_raises_on_every_rank(redis_server, tmp_path):
@@ -393,4 +381,15 @@ def test_stream_ranks_a_step_that_raises_on_one_rank_without_poison_raises_on_ev
     trained = [_lineage(Path(str(out) + ".log")) for out in outs]
     assert [step for step, _ in trained[0]] == [step for step, _ in trained[1]] == [1, 2]
     assert pending <= set(ids) and len(pending) >= 16  # step 3's events (and any read after) are not acknowledged
+    client.close()
+
+
+def assert_one_process_trains_the_same(expected, steps, by_id, results, client, assert_close):
+    """One process trained on the ranks' steps (one fit of one step each) ends on every rank's weights, and
+    nothing is left pending in the group."""
+    for step in steps:
+        expected.fit(bf.StreamSource([by_id[i] for i in step]))
+    for result in results:
+        assert_close(result["weights"], expected.module.state_dict())
+    assert int(client.xpending("events", "g")["pending"]) == 0
     client.close()
