@@ -17,7 +17,7 @@ The names ``bf.StreamSource``, ``bf.RedisStream``, ``bf.EventConsumer``, ``bf.De
 from .data.redis_streams import RedisStream
 from .data.streams import DeadLetter, EventConsumer, StreamSource
 from .train.callbacks.snapshots import PublishSnapshots, load_snapshot
-from .workloads.stream import HashedEmbedding, MatrixFactorization, Recipe, SequentialMSE
+from .workloads.stream import EventMSE, HashedEmbedding, MatrixFactorization, Recipe, SequentialMSE, per_event
 
-__all__ = ["DeadLetter", "EventConsumer", "HashedEmbedding", "MatrixFactorization", "PublishSnapshots", "Recipe",
-           "RedisStream", "SequentialMSE", "StreamSource", "load_snapshot"]
+__all__ = ["DeadLetter", "EventConsumer", "EventMSE", "HashedEmbedding", "MatrixFactorization", "PublishSnapshots",
+           "Recipe", "RedisStream", "SequentialMSE", "StreamSource", "load_snapshot", "per_event"]
