@@ -217,7 +217,7 @@ def test_per_event_keeps_the_mean_and_takes_the_gradient_of_the_sum_over_the_bat
     output = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
     target = torch.tensor([1.5, 2.0, 3.0])
     loss = EventMSE(batch_size=12)(output, target)
-    assert float(loss) == pytest.approx(float(((output - target) ** 2).mean()))
+    assert float(loss.detach()) == pytest.approx(float(((output - target) ** 2).mean()))
     loss.backward()
     torch.testing.assert_close(output.grad, 2 * (output - target).detach() / 12)
     mean = torch.tensor(2.5, requires_grad=True)
