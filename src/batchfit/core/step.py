@@ -90,8 +90,11 @@ def _bare_step(optimizer: torch.optim.Optimizer | None) -> Callable[[torch.optim
 def _step_observed(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a profiler runs or a step hook is registered (on ``optimizer`` or for all): then the step goes
     through ``optimizer.step()`` and ``zero_grad`` so that they see it."""
-    return bool(torch.autograd.profiler._is_profiler_enabled or optimizer._optimizer_step_pre_hooks
-                or optimizer._optimizer_step_post_hooks or getattr(_optimizers, "_global_optimizer_pre_hooks", True)
+    # Each looked up with a default that counts as observed: a PyTorch without one of them takes the stock path.
+    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
+                or getattr(optimizer, "_optimizer_step_pre_hooks", True)
+                or getattr(optimizer, "_optimizer_step_post_hooks", True)
+                or getattr(_optimizers, "_global_optimizer_pre_hooks", True)
                 or getattr(_optimizers, "_global_optimizer_post_hooks", True) or "step" in vars(optimizer))
 
 
