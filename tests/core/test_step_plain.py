@@ -94,3 +94,16 @@ def test_an_optimizer_with_its_own_zero_grad_is_called_as_it_is():
     assert step.bare_step is None
     step.step(batch, 16)
     assert Counting.zeroed == 1
+
+
+def test_unobserved_steps_skip_the_wrapper():
+    """Without a profiler, hook or scheduler the optimizer class's own step runs, not PyTorch's wrapper around it
+    (whose hook point ``_optimizer_step_code`` would be called)."""
+    model, optimizer, batch = setup()
+    calls = []
+    optimizer._optimizer_step_code = lambda: calls.append(1)  # only the wrapper calls it
+    step = Step(model, F.cross_entropy, optimizer, device=torch.device("cpu"))
+    step.step(batch, 16)
+    assert calls == []
+    optimizer.step()  # the wrapped call, for comparison
+    assert calls == [1]
