@@ -5,7 +5,7 @@
     python examples/stream_recs.py produce --redis redis://127.0.0.1:6379/0 --rate 5000   # producer only
 
 A producer thread replays MovieLens-100k (from the recbole package) into a Redis stream in time order
-at --rate events/s; the trainer reads it in a consumer group, cuts batches of 32 events or whatever came
+at --rate events/s; the trainer reads it in a consumer group, cuts batches of 1,024 events or whatever came
 within 50 ms, scores each batch before training on it (prequential RMSE), acknowledges events once a
 checkpoint holds their update, and publishes snapshots that a serving process loads with
 bf.streams.load_snapshot. Needs: pip install "batchfit[stream]" pandas; pip install --no-deps recbole.
