@@ -131,7 +131,7 @@ class Step:
                  sum_over_ranks: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None,
                  reduce_grads: ReduceGrads | None = None) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        whole = whole_batch(loss_fn)
+        self.whole_batch = whole = whole_batch(loss_fn)
         if whole and (micro_batch_size is not None or micro_batch_tokens is not None or world_size > 1):
             how = ("micro_batch_size" if micro_batch_size is not None else
                    "micro_batch_tokens" if micro_batch_tokens is not None else f"{world_size} processes")
@@ -219,12 +219,11 @@ class Step:
         loss.backward()
         loss = loss.detach()
         value = float(loss)  # the non-finite check: a NaN or infinite loss never reaches the weights
-        optimizer = self.optimizer
-        assert optimizer is not None
         if not math.isfinite(value):
-            optimizer.zero_grad(set_to_none=True)
+            self.skip()
             return StepResult(loss, value=value)
-        self._update(optimizer)
+        assert self.optimizer is not None
+        self._update(self.optimizer)
         return StepResult(loss, value=value, applied=True)
 
     def _update(self, optimizer: torch.optim.Optimizer) -> None:
@@ -269,8 +268,8 @@ class Step:
             return self._one_piece(batch, global_size, before_last_backward)
         pieces = list(micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens))
         if measure_noise and len(pieces) == 1 and batch_len(batch) >= 2:
-            if whole_batch(self.loss_fn):
-                raise InputError(f"the loss {whole_batch(self.loss_fn)} scores each batch as a whole: the noise "
+            if self.whole_batch:
+                raise InputError(f"the loss {self.whole_batch} scores each batch as a whole: the noise "
                                  f"scale, measured from a batch's two halves (batch_size='auto' or 'adaptive', "
                                  f"max_batch_size='auto'), would change its update; give a batch size")
             pieces = list(micro_batches(batch, -(-batch_len(batch) // 2)))
