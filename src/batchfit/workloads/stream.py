@@ -362,7 +362,7 @@ class SequentialMSE:
     - **the score**: an earlier event ``j`` of the same user moves event ``k``'s prediction by
       ``-c_b e_j - c_v e_j <q_j, q_k>`` (an earlier event of the same item alike, with the user vectors), where
       ``e_j`` is ``j``'s own sequential error; the errors solve a unit lower-triangular system of the batch's
-      size (one ``solve_triangular``). Only earlier events' ratings enter: it is a prequential score.
+      size. Only earlier events' ratings enter: it is a prequential score.
     - **the update**: each event's SGD step at its sequential error, taken with its user's vector as the earlier
       events of that user left it (and its item's alike), instead of the batch's stale vectors.
 
@@ -398,7 +398,7 @@ class SequentialMSE:
         target = target.to(output.dtype)
         kept, self.model.kept = self.model.kept, None
         if kept is None or len(kept[0]) != len(output) or len(output) < 2:
-            return per_event(torch.nn.functional.mse_loss(output, target), len(output), self.batch_size)
+            return per_event(rmse_loss(output, target), len(output), self.batch_size)
         user, item, users, items = kept
         with torch.no_grad():
             errors, moved_users, moved_items = self.sequential(output.detach(), target, user, item, users.detach(),
@@ -407,7 +407,7 @@ class SequentialMSE:
         # its user's vector as the batch's earlier events of that user left it, and the other way round.
         moved = (items * moved_users).sum(-1) + (users * moved_items).sum(-1)
         scored = output + (errors - (output.detach() - target)) + (moved - moved.detach())
-        return per_event(torch.nn.functional.mse_loss(scored, target), len(output), self.batch_size)
+        return per_event(rmse_loss(scored, target), len(output), self.batch_size)
 
     def sequential(self, predicted: torch.Tensor, target: torch.Tensor, user: torch.Tensor, item: torch.Tensor,
                    users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
