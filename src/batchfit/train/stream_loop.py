@@ -191,7 +191,7 @@ class StreamFeed:
         self.size = o.batch_size  # events asked for the next batch: grows past batch_size to catch up (max_batch_size)
         # max_batch_size="auto": the stream's own noise scale, which bounds the catch-up batch.
         self.noise = NoiseScaleTracker(AUTO_BETA) if source.max_batch_size == "auto" else None
-        self.cap = o.batch_size  # max_batch_size="auto": the cap in force (auto_cap)
+        self.cap = o.batch_size  # max_batch_size="auto": the cap in force (_update_cap sets it)
         if trainer.history.keep is None:
             trainer.history.keep = STREAM_HISTORY_ROWS
         self.fit_loss = [0.0, 0]  # this fit's prequential loss: the sum over its events, and their number
@@ -290,7 +290,7 @@ class StreamFeed:
         (the trainer has fallen behind), twice the last, up to the source's ``max_batch_size``; halved back once the
         lag is under ``max_latency``."""
         source = self.source
-        cap = self.auto_cap() if self.noise is not None else source.max_batch_size
+        cap = self.cap if self.noise is not None else source.max_batch_size  # auto: set by _update_cap
         if cap is None or source.max_latency is None:
             return self.batch_size
         assert isinstance(cap, int)
@@ -299,11 +299,6 @@ class StreamFeed:
         else:
             self.size = max(self.batch_size, self.size // 2)
         return self.size
-
-    def auto_cap(self) -> int:
-        """``max_batch_size="auto"``'s cap in force: set after each measurement of the noise scale
-        (:meth:`_update_cap`)."""
-        return self.cap
 
     def _update_cap(self) -> None:
         """After a measurement: ``batch_size`` times the largest power of two (at most ``2**AUTO_MAX_DOUBLINGS``)
